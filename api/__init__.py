@@ -1,0 +1,1 @@
+"""AUTOMATIC1111-compatible HTTP API (FastAPI), served by the app process."""

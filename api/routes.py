@@ -1,0 +1,144 @@
+"""/sdapi/v1 routes, with AUTOMATIC1111's paths, fields and response shapes."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict
+
+from backend.errors import UserError
+from backend.schemas import Txt2ImgRequest
+from backend.service import EaselService, open_image_bytes
+
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
+
+
+def decode_base64_image(data: str, field: str = "image"):
+    """Base64 (optionally a data: URL) -> PIL image, with clear errors for bad input."""
+    if not isinstance(data, str) or not data:
+        raise UserError(f"{field}: expected a base64-encoded image.")
+    raw = _DATA_URL.sub("", data.strip())
+    try:
+        decoded = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UserError(f"{field}: invalid base64 data ({exc}).") from exc
+    return open_image_bytes(decoded)
+
+
+class PngInfoRequest(BaseModel):
+    image: str = ""
+
+
+class OptionsBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def build_router(service: EaselService, dependencies: list | None = None) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [])
+
+    @router.post("/txt2img")
+    def txt2img(req: Txt2ImgRequest) -> dict:
+        # A1111's API saves to disk only when asked (save_images), and then also a grid.
+        job_req = req.model_copy(update={"do_not_save_samples": not req.save_images, "do_not_save_grid": not req.save_images})
+        result = service.txt2img(job_req)
+        images = [base64.b64encode(img.png).decode() for img in result.images] if req.send_images else []
+        info = dict(result.info)
+        if result.warnings:
+            info["warnings"] = result.warnings
+        info["interrupted"] = result.interrupted
+        return {"images": images, "parameters": req.model_dump(), "info": json.dumps(info)}
+
+    @router.get("/progress")
+    def progress(skip_current_image: bool = False) -> dict:
+        state = service.client.progress_state()
+        if skip_current_image:
+            state["current_image"] = None
+        return state
+
+    @router.post("/interrupt")
+    def interrupt() -> dict:
+        service.interrupt()
+        return {}
+
+    @router.post("/skip")
+    def skip() -> dict:
+        service.skip()
+        return {}
+
+    @router.get("/sd-models")
+    def sd_models() -> list[dict]:
+        return [{"title": f.title, "model_name": f.model_name, "hash": f.shorthash, "sha256": f.sha256,
+                 "filename": str(f.path), "config": None} for f in service.registry.checkpoints]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> dict:
+        service.refresh_checkpoints()
+        return {}
+
+    @router.get("/sd-vae")
+    def sd_vae() -> list[dict]:
+        return [{"model_name": f.model_name, "filename": str(f.path)} for f in service.registry.vaes]
+
+    @router.post("/refresh-vae")
+    def refresh_vae() -> dict:
+        service.refresh_checkpoints()
+        return {}
+
+    @router.get("/options")
+    def get_options() -> dict:
+        return service.options.as_dict()
+
+    @router.post("/options")
+    def set_options(body: dict[str, Any]) -> dict:
+        service.set_options(body)
+        return {}
+
+    @router.get("/cmd-flags")
+    def cmd_flags() -> dict:
+        return {k: v for k, v in vars(service.args).items() if k not in ("gradio_auth", "api_auth", "unknown")}
+
+    @router.get("/samplers")
+    def samplers() -> list[dict]:
+        return service.sampler_list()
+
+    @router.get("/schedulers")
+    def schedulers() -> list[dict]:
+        return service.scheduler_list()
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict]:
+        from backend.pipelines.txt2img import IMAGE_UPSCALERS
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4 if name != "None" else 1}
+                for name in IMAGE_UPSCALERS]
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict]:
+        from backend.pipelines.txt2img import LATENT_UPSCALE_MODES
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+    @router.post("/png-info")
+    def png_info(req: PngInfoRequest) -> dict:
+        if not req.image.strip():
+            raise UserError("png-info: the request has no image.")
+        img = decode_base64_image(req.image)
+        text, params, extra = service.png_info(img)
+        return {"info": text, "items": extra, "parameters": params}
+
+    @router.get("/memory")
+    def memory() -> dict:
+        return service.memory()
+
+    @router.post("/unload-checkpoint")
+    def unload_checkpoint() -> dict:
+        service.unload_checkpoint()
+        return {}
+
+    @router.post("/reload-checkpoint")
+    def reload_checkpoint() -> dict:
+        return {}
+
+    return router

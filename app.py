@@ -1,0 +1,104 @@
+"""Easel's app process: starts the backend process, serves the web UI and the API.
+
+Run through `launch.py` (which prepares the environment), or directly:
+`python app.py [flags]` (see `python app.py --help`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from backend.cmd_args import parse_args, parse_logins
+
+log = logging.getLogger("easel")
+
+
+def _logins(args) -> list[tuple[str, str]]:
+    logins = parse_logins(args.gradio_auth)
+    if args.gradio_auth_path:
+        logins += parse_logins(Path(args.gradio_auth_path).read_text(encoding="utf-8"))
+    return logins
+
+
+def create_api_app(service, args):
+    """A FastAPI app with the /sdapi/v1 routes (used alone with --nowebui)."""
+    from fastapi import FastAPI
+    app = FastAPI(title="Easel API", version="0.1.0")
+    add_api(app, service, args)
+    return app
+
+
+def add_api(app, service, args) -> None:
+    from fastapi import Depends
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from api.auth import basic_auth_dependency
+    from api.errors import install_error_handlers
+    from api.routes import build_router
+
+    deps = []
+    if args.api_auth:
+        deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth))))
+    install_error_handlers(app)
+    app.include_router(build_router(service, deps))
+    if args.cors_allow_origins or args.cors_allow_origins_regex:
+        app.add_middleware(CORSMiddleware, allow_origins=(args.cors_allow_origins or "").split(",") if args.cors_allow_origins else [],
+                           allow_origin_regex=args.cors_allow_origins_regex, allow_methods=["*"], allow_credentials=True, allow_headers=["*"])
+    if args.api_log:
+        @app.middleware("http")
+        async def log_requests(request, call_next):
+            response = await call_next(request)
+            log.info("API %s %s -> %s", request.method, request.url.path, response.status_code)
+            return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.unknown:
+        log.warning("ignoring unknown flags: %s", " ".join(args.unknown))
+    from backend.service import EaselService
+
+    service = EaselService(args)
+    host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
+    service.start(wait=False)
+    msg = service.no_checkpoint_message()
+    if msg:
+        log.warning(msg)
+    try:
+        if args.nowebui:
+            import uvicorn
+            app = create_api_app(service, args)
+            log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
+            uvicorn.run(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
+                        root_path=args.subpath or "", log_level="warning")
+            return 0
+        from ui.layout import CSS, build_ui
+        demo = build_ui(service)
+        demo.queue(default_concurrency_limit=None)
+        logins = _logins(args)
+        app, local_url, share_url = demo.launch(
+            server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+            auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
+            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, quiet=True,
+        )
+        if args.api:
+            add_api(app, service, args)
+            # Gradio's catch-all routes were registered first: move ours to the front.
+            api_routes = [r for r in app.router.routes if getattr(r, "path", "").startswith("/sdapi/")]
+            others = [r for r in app.router.routes if r not in api_routes]
+            app.router.routes[:] = api_routes + others
+        print(f"Running on local URL:  {local_url}", flush=True)
+        if share_url:
+            print(f"Running on public URL: {share_url}", flush=True)
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

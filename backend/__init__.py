@@ -1,0 +1,1 @@
+"""Easel backend: everything that touches models and the device. Never imports Gradio."""

@@ -1,0 +1,242 @@
+"""The app process's handle on the backend process.
+
+Jobs from the UI and the API go into one queue here and are sent to the backend
+process one at a time. A reader thread receives its events (progress, results,
+errors). If the backend process dies, the job in flight fails with a clear
+error, a new backend process is started, and the queued jobs go on.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import UserError
+
+log = logging.getLogger("easel.client")
+
+
+class BackendError(Exception):
+    """A job failed for a reason that is not the user's input (reported as HTTP 500)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    payload: dict
+    status: str = "queued"  # queued | running | done | failed
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    step: int = 0
+    total: int = 0
+    job_no: int = 0
+    job_count: int = 1
+    preview_png: bytes | None = None
+    preview_id: int = 0
+    result: Any = None
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    listeners: list[Callable[["Job"], None]] = field(default_factory=list)
+
+    @property
+    def progress(self) -> float:
+        if self.status == "done":
+            return 1.0
+        return min(1.0, self.step / self.total) if self.total else 0.0
+
+    @property
+    def eta(self) -> float:
+        if not self.started or not self.step or not self.total:
+            return 0.0
+        elapsed = time.time() - self.started
+        return max(0.0, elapsed / self.step * (self.total - self.step))
+
+
+class BackendClient:
+    def __init__(self, args_dict: dict, start_timeout: float = 600.0):
+        self.args_dict = args_dict
+        self.start_timeout = start_timeout
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.RLock()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._current: Job | None = None
+        self._last: Job | None = None
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.process = None
+        self.pid: int | None = None
+        self.device: str | None = None
+        self.restarts = 0
+        self._interrupt = self._ctx.Value("b", 0)
+        self._skip = self._ctx.Value("b", 0)
+        self._ready = threading.Event()
+
+    # -- process lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        from .worker import worker_main
+
+        self._jobs = self._ctx.Queue()
+        self._events = self._ctx.Queue()
+        self._ready.clear()
+        self.process = self._ctx.Process(target=worker_main, name="easel-backend", daemon=True,
+                                         args=(self.args_dict, self._jobs, self._events, self._interrupt, self._skip))
+        self.process.start()
+        if not getattr(self, "_reader", None) or not self._reader.is_alive():
+            self._reader = threading.Thread(target=self._read_events, name="easel-backend-events", daemon=True)
+            self._reader.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout if timeout is not None else self.start_timeout)
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            self._jobs.put(None)
+        except Exception:
+            pass
+        if self.process is not None:
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
+
+    def _restart_after_death(self) -> None:
+        code = self.process.exitcode
+        with self._lock:
+            job, self._current = self._current, None
+        hint = " (killed: perhaps out of memory)" if code in (-9, 137) else ""
+        message = f"The backend process stopped unexpectedly (exit code {code}{hint}) and has been restarted."
+        log.error(message)
+        if job is not None:
+            self._finish(job, error=BackendError(message + " This job was lost; queued jobs go on."))
+        self.restarts += 1
+        self.start()
+
+    def _read_events(self) -> None:
+        while not self._stopping:
+            try:
+                event = self._events.get(timeout=0.5)
+            except queue.Empty:
+                if self.process is not None and not self.process.is_alive() and not self._stopping:
+                    self._restart_after_death()
+                continue
+            except (EOFError, OSError):
+                if self._stopping:
+                    return
+                time.sleep(0.2)
+                continue
+            kind = event["type"]
+            if kind == "ready":
+                self.pid, self.device = event["pid"], event["device"]
+                self._ready.set()
+                self._dispatch()
+            elif kind == "progress":
+                job = self._current
+                if job and job.job_id == event["job_id"]:
+                    job.step, job.total = event["step"], event["total"]
+                    job.job_no, job.job_count = event["job_no"], event["job_count"]
+                    if event.get("preview"):
+                        job.preview_png = event["preview"]
+                        job.preview_id += 1
+                    for listener in list(job.listeners):
+                        listener(job)
+            elif kind in ("result", "error"):
+                job = self._current
+                if job is None or job.job_id != event["job_id"]:
+                    continue
+                with self._lock:
+                    self._current = None
+                if kind == "result":
+                    self._finish(job, result=event["result"])
+                else:
+                    err_cls = UserError if event["status"] < 500 else BackendError
+                    self._finish(job, error=err_cls(event["message"], event["status"]))
+                self._dispatch()
+
+    def _finish(self, job: Job, result: Any = None, error: Exception | None = None) -> None:
+        job.result, job.error = result, error
+        job.status = "failed" if error else "done"
+        self._last = job
+        job.done.set()
+        for listener in list(job.listeners):
+            listener(job)
+
+    def _dispatch(self) -> None:
+        with self._lock:
+            if self._current is not None or not self._pending or not self._ready.is_set():
+                return
+            job = self._pending.popleft()
+            job.status, job.started = "running", time.time()
+            self._current = job
+            self._interrupt.value = 0
+            self._skip.value = 0
+        self._jobs.put({"job_id": job.job_id, "kind": job.kind, "payload": job.payload})
+
+    # -- public ---------------------------------------------------------------------------------
+    def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None) -> Job:
+        job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload)
+        if listener:
+            job.listeners.append(listener)
+        with self._lock:
+            self._pending.append(job)
+        self._dispatch()
+        return job
+
+    def run(self, kind: str, payload: dict, timeout: float | None = None) -> Any:
+        job = self.submit(kind, payload)
+        if not job.done.wait(timeout):
+            raise BackendError(f"{kind} did not finish within {timeout} s")
+        if job.error:
+            raise job.error
+        return job.result
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._interrupt.value = 1
+
+    def skip(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._skip.value = 1
+
+    @property
+    def current(self) -> Job | None:
+        return self._current
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def progress_state(self) -> dict:
+        """A1111's /sdapi/v1/progress body."""
+        job = self._current
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None, "current_task": None,
+                    "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                              "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+        per_job = job.total // max(1, job.job_count) if job.total else 0
+        return {
+            "progress": job.progress,
+            "eta_relative": job.eta,
+            "current_image": base64.b64encode(job.preview_png).decode() if job.preview_png else None,
+            "textinfo": f"Step {job.step}/{job.total}" if job.total else "Waiting...",
+            "current_task": job.job_id,
+            "state": {"skipped": bool(self._skip.value), "interrupted": bool(self._interrupt.value), "stopping_generation": False,
+                      "job": f"Batch {job.job_no + 1} out of {job.job_count}", "job_count": job.job_count,
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+                      "job_no": job.job_no, "sampling_step": job.step - job.job_no * per_job if per_job else job.step,
+                      "sampling_steps": per_job},
+        }

@@ -1,0 +1,119 @@
+"""Command-line flags, parsed in one place, named as AUTOMATIC1111 names them.
+
+`launch.py` and `app.py` both call `parse_args`; nothing else reads sys.argv.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+USE_CPU_CHOICES = ("all", "sd", "interrogate", "gfpgan", "esrgan", "codeformer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Easel: a Stable Diffusion web UI in the style of AUTOMATIC1111.",
+    )
+    net = p.add_argument_group("network and security")
+    net.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines on the LAN can connect")
+    net.add_argument("--server-name", default=None, help="host name or address to bind to (overrides --listen)")
+    net.add_argument("--port", type=int, default=None, help="port to serve on (default 7860; 7861 with --nowebui)")
+    net.add_argument("--share", action="store_true", help="create a public Gradio share link")
+    net.add_argument("--api", action="store_true", help="enable the AUTOMATIC1111-compatible HTTP API under /sdapi/v1")
+    net.add_argument("--nowebui", action="store_true", help="serve only the API, no web UI")
+    net.add_argument("--api-log", action="store_true", help="log every API request")
+    net.add_argument("--gradio-auth", default=None, help='web UI logins, "user:pass[,user2:pass2]"')
+    net.add_argument("--gradio-auth-path", default=None, help="file with web UI logins, one user:pass per line or comma separated")
+    net.add_argument("--api-auth", default=None, help='API logins (HTTP Basic), "user:pass[,user2:pass2]"')
+    net.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS")
+    net.add_argument("--cors-allow-origins-regex", default=None, help="regex of origins allowed by CORS")
+    net.add_argument("--tls-keyfile", default=None)
+    net.add_argument("--tls-certfile", default=None)
+    net.add_argument("--subpath", default=None, help="serve under this URL path prefix")
+    net.add_argument("--autolaunch", action="store_true", help="open the UI in the system browser at start")
+    net.add_argument("--freeze-settings", action="store_true", help="refuse changes to settings from the UI and API")
+    net.add_argument("--enable-insecure-extension-access", action="store_true",
+                     help="allow extension management even with --listen/--share")
+
+    paths = p.add_argument_group("paths")
+    paths.add_argument("--data-dir", default=str(REPO_ROOT), help="base folder for models/, outputs/, embeddings/, config.json")
+    paths.add_argument("--models-dir", default=None, help="folder holding the model folders (default DATA_DIR/models)")
+    paths.add_argument("--ckpt", default=None, help="checkpoint to load at start (a path or a file name)")
+    paths.add_argument("--ckpt-dir", default=None, help="extra folder with Stable Diffusion checkpoints")
+    paths.add_argument("--vae-dir", default=None, help="extra folder with VAE files")
+    paths.add_argument("--vae-path", default=None, help="VAE file to use instead of the checkpoint's own")
+    paths.add_argument("--embeddings-dir", default=None)
+    paths.add_argument("--lora-dir", default=None)
+    paths.add_argument("--controlnet-dir", default=None)
+    paths.add_argument("--gfpgan-models-path", default=None)
+    paths.add_argument("--codeformer-models-path", default=None)
+    paths.add_argument("--esrgan-models-path", default=None)
+    paths.add_argument("--realesrgan-models-path", default=None)
+    paths.add_argument("--styles-file", default=None)
+    paths.add_argument("--ui-settings-file", default=None, help="settings file (default DATA_DIR/config.json)")
+
+    mem = p.add_argument_group("device, memory and precision")
+    mem.add_argument("--use-cpu", nargs="+", default=[], choices=USE_CPU_CHOICES, metavar="{all,sd,interrogate,gfpgan,esrgan,codeformer}",
+                     help="run these parts on the CPU")
+    mem.add_argument("--medvram", action="store_true", help="keep only one of text encoder / UNet / VAE on the GPU at a time")
+    mem.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL checkpoints only")
+    mem.add_argument("--lowvram", action="store_true", help="stream the UNet to the GPU block by block")
+    mem.add_argument("--lowram", action="store_true", help="load checkpoint weights straight to the GPU")
+    mem.add_argument("--no-half", action="store_true", help="run the models in float32")
+    mem.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32")
+    mem.add_argument("--precision", choices=("full", "half", "autocast"), default="autocast")
+    mem.add_argument("--upcast-sampling", action="store_true")
+    mem.add_argument("--opt-channelslast", action="store_true")
+    mem.add_argument("--disable-nan-check", action="store_true")
+    mem.add_argument("--device-id", default=None, help="CUDA device index to use")
+    mem.add_argument("--xformers", action="store_true")
+    mem.add_argument("--force-enable-xformers", action="store_true")
+    mem.add_argument("--opt-sdp-attention", action="store_true")
+    mem.add_argument("--opt-sdp-no-mem-attention", action="store_true")
+    mem.add_argument("--opt-split-attention", action="store_true")
+    mem.add_argument("--opt-sub-quad-attention", action="store_true")
+    mem.add_argument("--disable-opt-split-attention", action="store_true")
+    mem.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+
+    launch = p.add_argument_group("launcher")
+    launch.add_argument("--skip-install", action="store_true", help="do not create the virtual environment or install requirements")
+    launch.add_argument("--skip-prepare-environment", action="store_true")
+    launch.add_argument("--skip-torch-cuda-test", action="store_true")
+    launch.add_argument("--skip-version-check", action="store_true")
+    launch.add_argument("--reinstall-torch", action="store_true")
+    launch.add_argument("--no-download-sd-model", action="store_true", help="never offer to download a default checkpoint")
+    launch.add_argument("--do-not-download-clip", action="store_true")
+    launch.add_argument("--skip-load-model-at-start", action="store_true")
+    launch.add_argument("--theme", choices=("light", "dark"), default=None)
+    launch.add_argument("--loglevel", default="INFO")
+    launch.add_argument("--run-tests", action="store_true", help="set up the test environment and run the test suite")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; unknown flags are an error, like AUTOMATIC1111's launcher when not running extensions."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    args.unknown = unknown
+    if args.port is None:
+        args.port = 7861 if args.nowebui else 7860
+    return args
+
+
+def parse_logins(text: str | None) -> list[tuple[str, str]]:
+    """"u:p,u2:p2" (commas or newlines) -> [(u, p), ...]. Raises ValueError on malformed entries."""
+    if not text:
+        return []
+    logins = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" not in item:
+            raise ValueError(f"login {item!r} is not of the form user:password")
+        user, password = item.split(":", 1)
+        logins.append((user, password))
+    return logins

@@ -1,0 +1,130 @@
+"""Saving images the way AUTOMATIC1111 does: folders per day, `NNNNN-SEED.png`
+names (or a filename pattern), the infotext in the PNG `parameters` chunk (EXIF
+UserComment for JPEG/WebP), and grids for batches.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import math
+import os
+import re
+import threading
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+_SAVE_LOCK = threading.Lock()
+_BAD_CHARS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+_TOKEN = re.compile(r"\[(\w+)(?:<([^>]*)>)?\]")
+MAX_NAME = 128
+
+
+def sanitize(text: str) -> str:
+    text = _BAD_CHARS.sub("_", text).strip(" .")
+    return text[:MAX_NAME]
+
+
+class FilenameGenerator:
+    """Expands A1111 filename-pattern tokens such as [seed], [prompt_words], [date], [model_name]."""
+
+    def __init__(self, values: dict[str, object]):
+        self.values = values
+
+    def apply(self, pattern: str) -> str:
+        def replace(m: re.Match) -> str:
+            key, arg = m.group(1).lower(), m.group(2)
+            now = _dt.datetime.now()
+            if key == "date":
+                return now.strftime("%Y-%m-%d")
+            if key == "datetime":
+                return now.strftime(arg or "%Y%m%d%H%M%S")
+            if key == "prompt_words":
+                words = re.findall(r"[\w]+", str(self.values.get("prompt", "")))[:8]
+                return " ".join(words) or "empty"
+            if key in ("prompt", "prompt_no_styles"):
+                return str(self.values.get("prompt", ""))[:MAX_NAME]
+            value = self.values.get(key)
+            return m.group(0) if value is None else str(value)
+
+        return sanitize(_TOKEN.sub(replace, pattern))
+
+
+def next_sequence_number(folder: Path) -> int:
+    """1 + the highest leading number of the files in `folder` (A1111's `get_next_sequence_number`)."""
+    result = -1
+    if folder.is_dir():
+        for name in os.listdir(folder):
+            m = re.match(r"(\d+)", name)
+            if m:
+                result = max(result, int(m.group(1)))
+    return result + 1
+
+
+def encode_png(image: Image.Image, infotext: str | None) -> bytes:
+    buf = io.BytesIO()
+    pnginfo = None
+    if infotext:
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("parameters", infotext)
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return buf.getvalue()
+
+
+def _exif_user_comment(infotext: str) -> bytes:
+    exif = Image.Exif()
+    # A1111 (via piexif) writes UNICODE\0 followed by UTF-16 big-endian text.
+    exif[0x9286] = b"UNICODE\x00" + infotext.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: str | None, fmt: str = "png",
+               pattern: str = "", name_values: dict | None = None, basename: str = "", with_pnginfo: bool = True) -> Path:
+    """Write `image` into `folder` as `NNNNN-SEED.ext` (or the pattern), never overwriting a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fmt = fmt.lower().replace("jpeg", "jpg")
+    values = dict(name_values or {})
+    values.setdefault("seed", seed)
+    decoration = FilenameGenerator(values).apply(pattern) if pattern else (str(seed) if seed is not None else "")
+    if basename:
+        decoration = f"{basename}-{decoration}" if decoration else basename
+    with _SAVE_LOCK:
+        number = next_sequence_number(folder)
+        while True:
+            stem = f"{number:05}-{decoration}" if decoration else f"{number:05}"
+            path = folder / f"{stem}.{fmt}"
+            if not path.exists():
+                break
+            number += 1
+        text = infotext if with_pnginfo else None
+        if fmt == "png":
+            pnginfo = None
+            if text:
+                pnginfo = PngImagePlugin.PngInfo()
+                pnginfo.add_text("parameters", text)
+            image.save(path, format="PNG", pnginfo=pnginfo)
+        else:
+            img = image.convert("RGB") if fmt == "jpg" else image
+            kwargs = {"quality": 90}
+            if text:
+                kwargs["exif"] = _exif_user_comment(text)
+            img.save(path, format="JPEG" if fmt == "jpg" else "WEBP", **kwargs)
+    return path
+
+
+def image_grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:
+    """Lay images out in a near-square grid (A1111's default: rows = round(sqrt(n)))."""
+    n = len(images)
+    if rows is None or rows <= 0:
+        rows = max(1, round(math.sqrt(n)))
+    rows = min(rows, n)
+    cols = math.ceil(n / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "black")
+    for i, img in enumerate(images):
+        grid.paste(img, box=((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def day_folder(root: Path, save_to_dirs: bool = True) -> Path:
+    return root / _dt.date.today().strftime("%Y-%m-%d") if save_to_dirs else root

@@ -1,0 +1,1 @@
+"""Generation pipelines: one module per job kind, readable top to bottom."""

@@ -1,0 +1,252 @@
+"""What every diffusion pipeline shares: the CFG denoiser, the sampling loop with
+progress/interrupt/skip, latent decoding and previews, tiling, and infotext.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import samplers
+from ..conditioning import ScheduledConds, TextConditioner, stack_padded
+from ..errors import UserError
+
+VERSION = "easel-0.1.0"
+
+# A1111's "Approx cheap" latent -> RGB factors (sd_vae_approx.cheap_approximation).
+_CHEAP_RGB = {
+    "sd": torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]),
+    "sdxl": torch.tensor([[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]]),
+}
+
+
+class JobControl(Protocol):
+    """What a pipeline needs from whoever runs it: stop flags and a place to report progress."""
+
+    def interrupted(self) -> bool: ...
+    def skipped(self) -> bool: ...
+    def clear_skip(self) -> None: ...
+    def begin(self, job_count: int, total_steps: int) -> None: ...
+    def set_job(self, job_no: int) -> None: ...
+    def step(self, preview: Callable[[], Image.Image] | None) -> None: ...
+
+
+class _StopSampling(Exception):
+    pass
+
+
+@dataclass
+class JobContext:
+    model: object  # backend.model_loader.SDModel, placed by the device policy
+    policy: object  # backend.devices.DevicePolicy
+    options: dict
+    outputs_root: object  # Path of the data dir (output folders are relative to it)
+    checkpoint: object  # backend.checkpoints.ModelFile, with sha256
+    vae: object | None
+    control: JobControl
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate_size(width: int, height: int, what: str = "") -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v % 8 != 0:
+            raise UserError(f"{what}{name} must be a multiple of 8, got {v}.")
+        if not 64 <= v <= 4096:
+            raise UserError(f"{what}{name} must be between 64 and 4096, got {v}.")
+
+
+def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: str) -> tuple[object, str]:
+    """-> (SamplerInfo, schedule label). Accepts A1111's combined legacy names like 'DPM++ 2M Karras'."""
+    name = sampler_name or default
+    base, legacy_schedule = samplers.split_sampler_and_schedule(name)
+    info = samplers.find_sampler(base)
+    schedule = scheduler or legacy_schedule or "automatic"
+    for s in samplers.SCHEDULERS:
+        if schedule.lower() in (s.name.lower(), s.label.lower()):
+            return info, s.label
+    raise UserError(f"Unknown schedule type {schedule!r}. Valid: {', '.join(s.label for s in samplers.SCHEDULERS)}")
+
+
+class CFGDenoiser:
+    """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules."""
+
+    def __init__(self, model, schedule: "samplers.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
+                 cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
+                 image_cond: torch.Tensor | None = None):
+        self.model = model
+        self.schedule = schedule
+        self.conds = conds
+        self.unconds = unconds
+        self.cfg_scale = float(cfg_scale)
+        self.conditioner = conditioner
+        self.device = device
+        self.dtype = dtype
+        self.image_cond = image_cond
+        self.step = 0
+        self.length = max(conds.max_tokens(), unconds.max_tokens())
+        self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
+        self.time_ids = None
+        if model.family == "sdxl":
+            # (original h, w, crop top, left, target h, w), as SDXL was trained.
+            self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+
+    def _batch_conds(self, step: int, n: int):
+        c, pc = stack_padded(self.conds.at(step)[:n], self.length, self.empty_chunk)
+        u, pu = stack_padded(self.unconds.at(step)[:n], self.length, self.empty_chunk)
+        return c, pc, u, pu
+
+    def _unet(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        c_in = 1.0 / torch.sqrt(sigma_in ** 2 + 1.0)
+        t = self.schedule.sigma_to_t(sigma_in)
+        model_input = x_in * c_in[:, None, None, None]
+        if self.image_cond is not None:
+            model_input = torch.cat([model_input, self.image_cond.repeat(x_in.shape[0] // self.image_cond.shape[0], 1, 1, 1)], dim=1)
+        kwargs = {}
+        if self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
+            }
+        out = self.model.unet(model_input.to(self.dtype), t.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
+                              return_dict=False, **kwargs)[0].float()
+        sig = sigma_in[:, None, None, None]
+        if self.model.prediction_type == "v_prediction":
+            return x_in / (sig ** 2 + 1.0) - out * sig / torch.sqrt(sig ** 2 + 1.0)
+        return x_in - out * sig
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        c, pc, u, pu = self._batch_conds(self.step, n)
+        if self.cfg_scale == 1.0:
+            return self._unet(x, sigma, c, pc)
+        x_in = torch.cat([x, x])
+        sigma_in = torch.cat([sigma, sigma])
+        context = torch.cat([c, u])
+        pooled = torch.cat([pc, pu]) if pc is not None else None
+        denoised = self._unet(x_in, sigma_in, context, pooled)
+        d_cond, d_uncond = denoised[:n], denoised[n:]
+        return d_uncond + (d_cond - d_uncond) * self.cfg_scale
+
+
+def latent_preview(model, latent: torch.Tensor) -> Image.Image:
+    """A cheap linear latent -> RGB approximation of the first image of a batch."""
+    coefs = _CHEAP_RGB["sdxl" if model.family == "sdxl" else "sd"].to(latent.device, latent.dtype)
+    rgb = torch.einsum("lxy,lr->rxy", latent[0, :4], coefs)
+    arr = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                noise_sampler: Callable, extra: dict, preview_every: int) -> tuple[torch.Tensor, str | None]:
+    """Run one sampling pass with progress, previews, Interrupt and Skip.
+
+    Returns (latents, stop reason or None). When stopped early, the latents are
+    the last x0 prediction, so the user still gets the picture as it stood (A1111).
+    """
+    state = {"denoised": None}
+    control = ctx.control
+
+    def callback(d: dict) -> None:
+        state["denoised"] = d.get("denoised")
+        i = d["i"]
+        denoiser.step = i + 1
+        preview = None
+        if preview_every > 0 and (i + 1) % preview_every == 0 and d.get("denoised") is not None:
+            latent = d["denoised"]
+            preview = lambda: latent_preview(ctx.model, latent)  # noqa: E731
+        control.step(preview)
+        if control.interrupted() or control.skipped():
+            raise _StopSampling()
+
+    denoiser.step = 0
+    if control.interrupted() or control.skipped():
+        return x, "interrupted" if control.interrupted() else "skipped"
+    try:
+        result = sampler_info.sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
+        return result, None
+    except _StopSampling:
+        reason = "interrupted" if control.interrupted() else "skipped"
+        return (state["denoised"] if state["denoised"] is not None else x), reason
+
+
+def sampler_extra_args(sampler_info, req, options: dict) -> dict:
+    """eta and the churn/noise knobs, from the request or the settings (A1111 semantics)."""
+    extra = {}
+    is_ddim = sampler_info.name == "DDIM"
+    eta = req.eta if req.eta is not None else options.get("eta_ddim" if is_ddim else "eta_ancestral", 0.0 if is_ddim else 1.0)
+    extra["eta"] = float(eta)
+    for key in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+        value = getattr(req, key, None)
+        if value is not None and not (key == "s_tmax" and value == 0):
+            extra[key] = float(value)
+    return extra
+
+
+@torch.no_grad()
+def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode latents to PIL images; retries in float32 when the half-precision VAE gives NaN (A1111)."""
+    model = ctx.model
+    vae = model.vae
+    images = []
+    for i in range(latents.shape[0]):
+        z = latents[i:i + 1] / model.vae_scale_factor
+        dtype = next(vae.parameters()).dtype
+        decoded = vae.decode(z.to(ctx.policy.device, dtype), return_dict=False)[0].float()
+        if torch.isnan(decoded).any() and dtype != torch.float32:
+            vae.to(torch.float32)
+            decoded = vae.decode(z.to(ctx.policy.device, torch.float32), return_dict=False)[0].float()
+            vae.to(dtype)
+            ctx.warnings.append("A tensor with NaNs was produced in the VAE; it was decoded again in float32.")
+        arr = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray(arr))
+    return images
+
+
+@torch.no_grad()
+def encode_images(ctx: JobContext, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix)."""
+    model = ctx.model
+    dtype = next(model.vae.parameters()).dtype
+    out = []
+    for img in images:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(ctx.policy.device, dtype)
+        dist = model.vae.encode(x, return_dict=False)[0]
+        out.append(dist.mean.float() * model.vae_scale_factor)
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def tiling(model, enabled: bool):
+    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job."""
+    if not enabled:
+        yield
+        return
+    convs = [m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    saved = [m.padding_mode for m in convs]
+    for m in convs:
+        m.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for m, mode in zip(convs, saved):
+            m.padding_mode = mode
+
+
+def format_number(value: float) -> object:
+    """7.0 -> 7, 7.5 -> 7.5 (A1111 writes integral floats without the .0)."""
+    return int(value) if float(value).is_integer() else value
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,185 @@
+"""The app process's single entry point to Easel's features, shared by the UI and the API.
+
+It holds the settings, the model registry and the backend client, turns typed
+requests into backend jobs (resolving the checkpoint, VAE and settings for the
+job), and answers the questions that need no device (model lists, PNG info).
+Importable without Gradio.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from . import infotext, samplers
+from .checkpoints import HashCache, ModelFile, ModelRegistry
+from .client import BackendClient, Job
+from .errors import UserError
+from .options import Options
+from .paths import DataPaths
+from .schemas import GenerationResult, Txt2ImgRequest
+
+log = logging.getLogger("easel")
+
+DEFAULT_MODEL_URL = "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"
+DEFAULT_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class EaselService:
+    def __init__(self, args):
+        self.args = args
+        self.paths = DataPaths.from_args(args)
+        self.paths.ensure_folders()
+        self.options = Options(self.paths.config_file, self.paths.data_dir, frozen=args.freeze_settings)
+        self.hashes = HashCache(self.paths.cache_dir / "hashes.json")
+        self.registry = ModelRegistry(self.paths.ckpt_dirs, self.paths.vae_dirs, self.hashes)
+        if args.ckpt:
+            self._select_initial_checkpoint(args.ckpt)
+        self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"})
+
+    def _select_initial_checkpoint(self, ckpt: str) -> None:
+        path = Path(ckpt).expanduser()
+        if path.is_file():
+            folder = path.resolve().parent
+            if folder not in [d.resolve() for d in self.registry.ckpt_dirs]:
+                self.registry.ckpt_dirs.append(folder)
+                self.registry.refresh()
+            ckpt = str(path.resolve())
+        try:
+            found = self.registry.find_checkpoint(ckpt)
+            self.options.update({"sd_model_checkpoint": found.title})
+        except UserError as exc:
+            log.warning("--ckpt: %s", exc.message)
+
+    def start(self, wait: bool = True) -> None:
+        self.client.start()
+        if wait and not self.client.wait_ready():
+            raise RuntimeError("the backend process did not start")
+
+    def stop(self) -> None:
+        self.client.stop()
+
+    # -- models -----------------------------------------------------------------------------------
+    def refresh_checkpoints(self) -> None:
+        self.registry.refresh()
+
+    def current_checkpoint(self, override: str | None = None) -> ModelFile:
+        wanted = override or self.options["sd_model_checkpoint"]
+        try:
+            return self.registry.find_checkpoint(wanted)
+        except UserError:
+            if override:
+                raise
+            return self.registry.find_checkpoint(None)  # the first one, as A1111 falls back
+
+    def checkpoint_titles(self) -> list[str]:
+        return [f.title for f in self.registry.checkpoints]
+
+    def vae_choices(self) -> list[str]:
+        return ["Automatic", "None"] + [f.name for f in self.registry.vaes]
+
+    def no_checkpoint_message(self) -> str | None:
+        if self.registry.checkpoints:
+            return None
+        folders = " or ".join(str(d) for d in self.paths.ckpt_dirs)
+        return (f"No Stable Diffusion checkpoint found. Put a .safetensors or .ckpt file (SD 1.x, SD 2.x or SDXL) "
+                f"in {folders}, then press the refresh button beside the checkpoint list.")
+
+    # -- settings ---------------------------------------------------------------------------------
+    def set_options(self, changes: dict) -> dict:
+        changes = dict(changes)
+        if "sd_model_checkpoint" in changes and changes["sd_model_checkpoint"]:
+            changes["sd_model_checkpoint"] = self.registry.find_checkpoint(str(changes["sd_model_checkpoint"])).title
+        if "sd_vae" in changes and changes["sd_vae"] not in ("Automatic", "None", None, ""):
+            self.registry.find_vae(str(changes["sd_vae"]))
+        return self.options.update(changes)
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _job_payload(self, req: Txt2ImgRequest) -> dict:
+        from .pipelines import txt2img  # torch-importing; only when a job is made
+        from .prompt_parser import check_brackets
+
+        txt2img.validate(req)
+        check_brackets(req.prompt)
+        check_brackets(req.negative_prompt)
+        from .pipelines.common import resolve_sampler
+        resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
+
+        overrides = dict(req.override_settings or {})
+        ckpt = self.current_checkpoint(overrides.get("sd_model_checkpoint"))
+        vae_choice = overrides.get("sd_vae", self.options["sd_vae"])
+        vae_path = self.registry.vae_for(ckpt, vae_choice, self.args.vae_path)
+        vae = None
+        if vae_path is not None:
+            vae = next((f for f in self.registry.vaes if f.path == vae_path.resolve()), ModelFile(name=vae_path.name, path=vae_path.resolve()))
+        options = self.options.as_dict()
+        for key, value in overrides.items():
+            if key in ("sd_model_checkpoint", "sd_vae"):
+                continue
+            options[key] = value
+        if not req.override_settings_restore_afterwards and overrides:
+            self.set_options(overrides)
+        return {"request": req, "checkpoint": ckpt, "vae": vae, "options": options, "data_dir": self.paths.data_dir}
+
+    def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
+        return self.client.submit("txt2img", self._job_payload(req), listener)
+
+    def txt2img(self, req: Txt2ImgRequest) -> GenerationResult:
+        job = self.submit_txt2img(req)
+        job.done.wait()
+        if job.error:
+            raise job.error
+        return job.result
+
+    def interrupt(self) -> None:
+        self.client.interrupt()
+
+    def skip(self) -> None:
+        self.client.skip()
+
+    def memory(self) -> dict:
+        return self.client.run("memory", {}, timeout=60)
+
+    def unload_checkpoint(self) -> None:
+        self.client.run("unload", {}, timeout=600)
+
+    # -- PNG info -----------------------------------------------------------------------------------
+    @staticmethod
+    def open_image(data: bytes) -> Image.Image:
+        return open_image_bytes(data)
+
+    @staticmethod
+    def png_info(image: Image.Image) -> tuple[str, dict, dict]:
+        """-> (infotext or "", parsed parameters, other text chunks)."""
+        text = infotext.read_infotext_from_image(image) or ""
+        params = infotext.parse_infotext(text) if text else {}
+        extra = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+        return text, params, extra
+
+    @staticmethod
+    def sampler_list() -> list[dict]:
+        return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in samplers.SAMPLERS]
+
+    @staticmethod
+    def scheduler_list() -> list[dict]:
+        return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for s in samplers.SCHEDULERS]
+
+
+def open_image_bytes(data: bytes) -> Image.Image:
+    """Decode an uploaded image, refusing non-images and decompression bombs with a clear message."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"The image is too large ({exc}); the limit is {MAX_IMAGE_PIXELS} pixels.", status=413) from exc
+    except Exception as exc:
+        raise UserError(f"The uploaded data is not an image Easel can read ({type(exc).__name__}).") from exc
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise UserError(f"The image is too large ({img.width}x{img.height}); the limit is {MAX_IMAGE_PIXELS} pixels.", status=413)
+    return img

@@ -1,0 +1,81 @@
+"""Easel launcher: one command sets everything up and starts the UI.
+
+    python3 launch.py [flags]          # create/use ./venv, install requirements, start app.py
+    python3 launch.py --run-tests      # the same environment plus test tools, then the whole test suite
+
+Uses only the standard library, so it runs with any Python 3.11+ before anything is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("EASEL_VENV", ROOT / "venv"))
+sys.path.insert(0, str(ROOT))
+
+from backend.cmd_args import parse_args  # noqa: E402  (standard library only)
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def run(cmd: list, **kwargs) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+
+
+def requirements_stamp(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def prepare_environment(with_tests: bool) -> Path:
+    """Create the virtual environment if needed and install the pinned requirements (once per change)."""
+    if not venv_python().exists():
+        run([sys.executable, "-m", "venv", VENV])
+    files = [ROOT / "requirements.txt"] + ([ROOT / "requirements-test.txt"] if with_tests else [])
+    stamp_file = VENV / (".easel-requirements-tests" if with_tests else ".easel-requirements")
+    stamp = requirements_stamp(files)
+    if not stamp_file.exists() or stamp_file.read_text() != stamp:
+        cmd = [venv_python(), "-m", "pip", "install", "--disable-pip-version-check"]
+        for f in files:
+            cmd += ["-r", f]
+        run(cmd)
+        stamp_file.write_text(stamp)
+    return venv_python()
+
+
+def ensure_browser() -> None:
+    """The browser tests drive Debian's Chromium; install it when missing and we may (root with apt)."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "update", "-q"], env=env)
+        run(["apt-get", "install", "-y", "-q", "chromium"], env=env)
+    else:
+        print("chromium is not installed: the browser tests will be skipped (install Debian's 'chromium' package).", flush=True)
+
+
+def main() -> int:
+    args = parse_args(sys.argv[1:])
+    rest = [a for a in sys.argv[1:] if a != "--run-tests"]
+    if args.run_tests:
+        python = prepare_environment(with_tests=True)
+        ensure_browser()
+        pytest_args = [a for a in rest if a != "--skip-install"]
+        return subprocess.call([str(python), "-m", "pytest", "-q", *pytest_args], cwd=ROOT)
+    python = Path(sys.executable) if args.skip_install else prepare_environment(with_tests=False)
+    return subprocess.call([str(python), str(ROOT / "app.py"), *[a for a in rest if a != "--skip-install"]], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

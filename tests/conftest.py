@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny real-architecture checkpoints (built once per run) and a running Easel server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD1 / SDXL checkpoints in A1111 layout, written once per test session."""
+    from model_factory import write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    made = {}
+    for key, family, fmt in (("sd1", "sd1", "safetensors"), ("sd1_ckpt", "sd1", "ckpt"), ("sdxl", "sdxl", "safetensors")):
+        path = folder / f"tiny-{key}.{fmt}"
+        write_tiny_checkpoint(path, family, fmt=fmt, seed=1)
+        made[key] = path
+    return made
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None, models: dict[str, Path] | None = None):
+        self.data_dir = data_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ckpt_dir = data_dir / "models" / "Stable-diffusion"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for name, path in (models or {}).items():
+            target = ckpt_dir / path.name
+            if not target.exists():
+                os.link(path, target) if path.stat().st_dev == ckpt_dir.stat().st_dev else target.write_bytes(path.read_bytes())
+        self.log_path = data_dir / "server.log"
+        cmd = [sys.executable, str(ROOT / "app.py"), "--api", "--data-dir", str(data_dir), "--port", str(self.port),
+               "--no-download-sd-model", *(extra_args or [])]
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait(self, timeout: float = 180) -> None:
+        import httpx
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+            try:
+                if httpx.get(self.url + "/sdapi/v1/samplers", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server did not start:\n{self.log_path.read_text(errors='replace')[-4000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_models):
+    """A real Easel server (UI + API, real backend process) with the tiny checkpoints."""
+    srv = Server(tmp_path_factory.mktemp("easel-data"), models=tiny_models)
+    try:
+        srv.wait()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture()
+def api(server):
+    import httpx
+    with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=600) as client:
+        yield client

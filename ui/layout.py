@@ -1,0 +1,99 @@
+"""The whole web UI: the quick-settings row (checkpoint, VAE) and the tabs."""
+from __future__ import annotations
+
+import gradio as gr
+
+from backend.downloads import download_file, network_available
+from backend.errors import UserError
+from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
+
+from . import pnginfo, settings_tab, txt2img
+
+CSS = """
+.easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
+.easel-progress-bar { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent); opacity: .45; transition: width .3s; }
+.easel-progress-text { position: relative; padding: 0 8px; line-height: 24px; font-size: 13px; }
+.easel-error { color: #c62828; font-weight: 600; white-space: pre-wrap; }
+.easel-infotext { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; word-break: break-word; }
+"""
+
+
+def build_ui(service: EaselService) -> gr.Blocks:
+    with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+        with gr.Row(elem_id="quicksettings"):
+            checkpoint = gr.Dropdown(service.checkpoint_titles(), value=_current_title(service), label="Stable Diffusion checkpoint",
+                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=False, scale=4)
+            refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
+            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae", scale=2)
+        notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
+        download_row = gr.Row(visible=False)
+        with download_row:
+            download = gr.Button(f"Download the default SD 1.5 checkpoint ({DEFAULT_MODEL_NAME}, about 4 GB)", elem_id="download_default_model")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                fields = txt2img.build(service, checkpoint, vae)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                pnginfo.build(service, fields, tabs)
+            with gr.Tab("Settings", id="settings"):
+                settings_tab.build(service)
+
+        def on_refresh():
+            service.refresh_checkpoints()
+            return (gr.update(choices=service.checkpoint_titles(), value=_current_title(service)),
+                    gr.update(choices=service.vae_choices()), _notice_html(service))
+
+        refresh.click(on_refresh, outputs=[checkpoint, vae, notice], queue=False)
+
+        def on_checkpoint(title):
+            if not title:
+                return gr.update()
+            try:
+                service.set_options({"sd_model_checkpoint": title})
+            except UserError as exc:
+                return f'<div class="easel-error">{exc.message}</div>'
+            return _notice_html(service)
+
+        checkpoint.change(on_checkpoint, inputs=[checkpoint], outputs=[notice], queue=False)
+
+        def on_vae(choice):
+            try:
+                service.set_options({"sd_vae": choice})
+            except UserError as exc:
+                return f'<div class="easel-error">{exc.message}</div>'
+            return _notice_html(service)
+
+        vae.change(on_vae, inputs=[vae], outputs=[notice], queue=False)
+
+        def on_load():
+            offer = bool(service.no_checkpoint_message()) and not service.args.no_download_sd_model
+            if offer and not network_available(DEFAULT_MODEL_URL):
+                msg = service.no_checkpoint_message() + " No internet connection was found, so the default checkpoint cannot be downloaded now."
+                return gr.update(visible=False), f'<div class="easel-error">{msg}</div>'
+            return gr.update(visible=offer), _notice_html(service)
+
+        demo.load(on_load, outputs=[download_row, notice])
+
+        def on_download(progress=gr.Progress()):
+            dest = service.paths.ckpt_dirs[0] / DEFAULT_MODEL_NAME
+            try:
+                download_file(DEFAULT_MODEL_URL, dest, lambda done, total: progress(done / total if total else 0, desc="Downloading"))
+            except UserError as exc:
+                return gr.update(), f'<div class="easel-error">{exc.message}</div>', gr.update()
+            service.refresh_checkpoints()
+            return (gr.update(choices=service.checkpoint_titles(), value=_current_title(service)),
+                    _notice_html(service), gr.update(visible=False))
+
+        download.click(on_download, outputs=[checkpoint, notice, download_row])
+    return demo
+
+
+def _current_title(service: EaselService) -> str | None:
+    try:
+        return service.current_checkpoint().title
+    except UserError:
+        return None
+
+
+def _notice_html(service: EaselService) -> str:
+    msg = service.no_checkpoint_message()
+    return f'<div class="easel-error">{msg}</div>' if msg else ""

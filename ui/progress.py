@@ -1,0 +1,46 @@
+"""Running a backend job from a Gradio event with a live progress bar and preview."""
+from __future__ import annotations
+
+import html
+import io
+import time
+
+from PIL import Image
+
+from backend.client import Job
+
+
+def progress_html(job: Job, queued_ahead: int = 0) -> str:
+    if job.status == "queued":
+        ahead = f" ({queued_ahead} ahead)" if queued_ahead else ""
+        return f'<div class="easel-progress"><span class="easel-progress-text">Waiting in queue{ahead}...</span></div>'
+    pct = int(job.progress * 100)
+    eta = job.eta
+    eta_text = f", ETA {int(eta // 60)}:{int(eta % 60):02d}" if eta else ""
+    batch = f" - batch {job.job_no + 1}/{job.job_count}" if job.job_count > 1 else ""
+    return (f'<div class="easel-progress"><div class="easel-progress-bar" style="width:{pct}%"></div>'
+            f'<span class="easel-progress-text">Step {job.step}/{job.total} ({pct}%){eta_text}{batch}</span></div>')
+
+
+def preview_image(job: Job) -> Image.Image | None:
+    if not job.preview_png:
+        return None
+    return Image.open(io.BytesIO(job.preview_png))
+
+
+def info_html(text: str, error: bool = False) -> str:
+    cls = "easel-error" if error else "easel-infotext"
+    body = html.escape(text).replace("\n", "<br>")
+    return f'<div class="{cls}">{body}</div>'
+
+
+def wait_with_updates(job: Job, client, interval: float = 0.4):
+    """Yield (progress html, preview or None, changed) while the job runs."""
+    last_preview = -1
+    while not job.done.wait(interval):
+        preview = None
+        if job.preview_id != last_preview:
+            last_preview = job.preview_id
+            preview = preview_image(job)
+        yield progress_html(job, client.queued()), preview
+    time.sleep(0)
