@@ -1,0 +1,1067 @@
+"""Samplers and noise schedules, in k-diffusion's formulation.
+
+Everything here works in "sigma space": a latent ``x`` at noise level ``sigma``
+is ``x0 + sigma * eps``, and the model is wrapped as a *denoiser*
+``model(x, sigma_batch) -> denoised`` that returns its prediction of ``x0``
+(``sigma_batch`` is the current sigma broadcast to shape ``[batch]``). The
+pipelines build that wrapper (classifier-free guidance, eps/v prediction) and
+start sampling from ``sigmas[0] * noise``.
+
+Public API
+----------
+``DiscreteSchedule``
+    The model's discrete noise levels (from ``alphas_cumprod``), with
+    ``sigma_to_t``/``t_to_sigma`` conversions between sigma and the (fractional)
+    UNet timestep.
+``SCHEDULERS`` / ``SchedulerInfo`` / ``find_scheduler``
+    A1111's "Schedule type" list (Automatic, Uniform, Karras, ...).
+``get_sigmas(schedule, steps, model_schedule, sampler)``
+    ``steps + 1`` descending sigmas ending in 0, for a schedule and sampler.
+``SAMPLERS`` / ``SamplerInfo`` / ``find_sampler`` / ``split_sampler_and_schedule``
+    A1111's sampler list with its names and aliases; legacy combined names such
+    as "DPM++ 2M Karras" are understood.
+
+Every sample function has the signature::
+
+    sample_fn(model, x, sigmas, *, noise_sampler, callback,
+              eta=1.0, s_churn=0.0, s_tmin=0.0, s_tmax=inf, s_noise=1.0) -> x
+
+``noise_sampler(sigma, sigma_next)`` returns a standard-normal tensor shaped
+like ``x`` (the pipeline draws it from per-image seeded generators, so results
+are reproducible; the SDE samplers use it in place of a Brownian tree, and DPM++ SDE
+combines its two draws per step as increments of one Brownian path in sigma). It is
+only called when the drawn noise is actually used, so with ``eta=0`` or
+``s_churn=0`` nothing is drawn (ancestral steps into ``sigma == 0`` draw
+nothing either); with ``s_churn > 0`` one draw is made every step, as A1111
+does. ``None`` falls back to ``torch.randn_like``. ``callback(dict(i, x,
+sigma, sigma_hat, denoised))`` is called once per step, after the step, with
+``i`` from 0 to ``len(sigmas) - 2``; an exception raised by it stops sampling
+and propagates. Scalar step coefficients are computed in float64 on the host;
+the tensors keep the dtype and device of ``x``.
+
+The module holds constant tables only: no state is shared between calls.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import UserError
+
+__all__ = [
+    "DiscreteSchedule", "SchedulerInfo", "SCHEDULERS", "find_scheduler", "get_sigmas",
+    "sigmas_karras", "sigmas_exponential", "sigmas_polyexponential", "sigmas_kl_optimal", "sigmas_beta",
+    "beta_ppf", "SamplerInfo", "SAMPLERS", "find_sampler", "split_sampler_and_schedule",
+    "get_ancestral_step", "to_d",
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
+    "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde", "sample_ddim", "sample_plms", "sample_unipc",
+    "sample_lcm", "sample_restart",
+]
+
+NoiseSampler = Callable[[float, float], torch.Tensor]
+StepCallback = Callable[[dict], None]
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------
+# The model's discrete noise levels
+# ---------------------------------------------------------------------------
+
+class DiscreteSchedule:
+    """Noise levels of a discrete-time (DDPM-trained) model.
+
+    ``sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`` ascending
+    with the timestep ``t``; between timesteps, sigma is interpolated linearly
+    in log-sigma (k-diffusion's DiscreteSchedule).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor | Sequence[float]):
+        ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if ac.numel() < 2:
+            raise ValueError("alphas_cumprod needs at least two entries")
+        if not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
+        self.alphas_cumprod = ac
+        sig = ((1.0 - ac) / ac).sqrt()
+        if not bool((sig[1:] > sig[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self._sigmas64 = sig
+        self._log_sigmas64 = sig.log()
+        self.sigmas = sig.to(torch.float32)
+        self.log_sigmas = self._log_sigmas64.to(torch.float32)
+        self.sigma_min = float(sig[0])
+        self.sigma_max = float(sig[-1])
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_betas(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000,
+                   schedule: str = "scaled_linear") -> "DiscreteSchedule":
+        """Stable Diffusion's training schedule ("scaled_linear"), or a plain "linear" one."""
+        if schedule == "scaled_linear":
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+        elif schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown beta schedule {schedule!r} (expected 'scaled_linear' or 'linear')")
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def _log_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._log_sigmas64.to(device=device, dtype=dtype)
+            self._tables[key] = table
+        return table
+
+    @staticmethod
+    def _work_dtype(value: torch.Tensor) -> torch.dtype:
+        return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Fractional timestep of each sigma (log-sigma interpolation, clamped to [0, T-1])."""
+        sigma = torch.as_tensor(sigma)
+        dtype = self._work_dtype(sigma)
+        log_sigmas = self._log_table(sigma.device, dtype)
+        s = sigma.to(dtype).reshape(-1)
+        log_s = s.clamp(min=0).log()  # sigma 0 -> -inf -> t 0
+        n = log_sigmas.shape[0]
+        low = (torch.searchsorted(log_sigmas, log_s.contiguous(), right=True) - 1).clamp(0, n - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_s - lo) / (hi - lo)).clamp(0, 1)
+        return (low.to(dtype) + w).reshape(sigma.shape)
+
+    def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Sigma at each fractional timestep (log-sigma interpolation)."""
+        t = torch.as_tensor(t)
+        dtype = self._work_dtype(t)
+        log_sigmas = self._log_table(t.device, dtype)
+        n = log_sigmas.shape[0]
+        tt = t.to(dtype).reshape(-1).clamp(0, n - 1)
+        low = tt.floor().long().clamp(max=n - 2)
+        w = tt - low.to(dtype)
+        log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
+        return log_sigma.exp().reshape(t.shape)
+
+
+# ---------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------
+
+def _append_zero(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values, values.new_zeros(1)])
+
+
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022): n sigmas evenly spaced in sigma**(1/rho), then 0."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """n sigmas evenly spaced in log-sigma, then 0."""
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """n sigmas with log-sigma following a polynomial in the step (rho=1: exponential), then 0."""
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return _append_zero((ramp * (hi - lo) + lo).exp())
+
+
+def sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """"Align Your Steps"' KL-optimal schedule: n sigmas evenly spaced in arctan(sigma), then 0."""
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    frac = torch.arange(n, dtype=torch.float64) / (n - 1)
+    angles = frac * math.atan(sigma_min) + (1 - frac) * math.atan(sigma_max)
+    return _append_zero(angles.tan())
+
+
+def _log_beta_fn(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _betainc_cf(x: float, a: float, b: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz), for x < (a+1)/(a+b+2)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        # even term
+        num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        # odd term
+        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        delta = c * d
+        f *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return f
+
+
+def _betainc(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = a * math.log(x) + b * math.log1p(-x) - _log_beta_fn(a, b)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betainc_cf(x, a, b) / a
+    return 1.0 - math.exp(log_front) * _betainc_cf(1.0 - x, b, a) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile function of the Beta(a, b) distribution (safeguarded Newton on I_x(a, b) = q)."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    x = 0.5
+    log_b = _log_beta_fn(a, b)
+    for _ in range(200):
+        err = _betainc(x, a, b) - q
+        if err > 0:
+            hi = x
+        else:
+            lo = x
+        if abs(err) < 1e-15 or hi - lo < 1e-15:
+            break
+        pdf = math.exp((a - 1) * math.log(x) + (b - 1) * math.log1p(-x) - log_b)
+        step = err / pdf if pdf > 0 and math.isfinite(pdf) else float("nan")
+        new = x - step
+        if not (lo < new < hi):  # Newton left the bracket: bisect instead
+            new = 0.5 * (lo + hi)
+        if abs(new - x) < 1e-16:
+            break
+        x = new
+    return x
+
+
+def sigmas_beta(n: int, model_schedule: "DiscreteSchedule", alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """"Beta Sampling is All You Need" (Lee et al. 2024): n timesteps from t_max down to t_min placed at the
+    Beta(alpha, beta) quantiles of evenly spaced levels (dense at both ends), as sigmas, then 0."""
+    levels = torch.linspace(1, 0, n, dtype=torch.float64).tolist() if n > 1 else [1.0]
+    frac = torch.tensor([beta_ppf(q, alpha, beta) for q in levels], dtype=torch.float64)
+    t_max = float(model_schedule.sigma_to_t(torch.tensor(model_schedule.sigma_max, dtype=torch.float64)))
+    t_min = float(model_schedule.sigma_to_t(torch.tensor(model_schedule.sigma_min, dtype=torch.float64)))
+    return _append_zero(model_schedule.t_to_sigma(t_min + frac * (t_max - t_min)))
+
+
+def _sched_uniform(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    t = torch.linspace(ms.num_timesteps - 1, 0, n, dtype=torch.float64)
+    return _append_zero(ms.t_to_sigma(t))
+
+
+def _sched_sgm_uniform(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    t = torch.linspace(ms.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(ms.t_to_sigma(t))
+
+
+def _sched_normal(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    start = ms.sigma_to_t(torch.tensor(ms.sigma_max, dtype=torch.float64))
+    end = ms.sigma_to_t(torch.tensor(ms.sigma_min, dtype=torch.float64))
+    t = torch.linspace(float(start), float(end), n, dtype=torch.float64)
+    return _append_zero(ms.t_to_sigma(t))
+
+
+def _sched_simple(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    table = ms._sigmas64
+    stride = table.shape[0] / n
+    idx = [table.shape[0] - 1 - int(i * stride) for i in range(n)]
+    return _append_zero(table[idx])
+
+
+def _sched_ddim(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    """CompVis DDIM's discretization: timesteps 0, c, 2c, ... (c = T // n), shifted by +1, reversed."""
+    table = ms._sigmas64
+    total = table.shape[0]
+    if n < total:
+        c = total // n
+        idx = [min(1 + i * c, total - 1) for i in range(n)]
+        sig = table[idx].flip(0)
+    else:  # more steps than timesteps: fall back to an even spread of fractional timesteps
+        sig = ms.t_to_sigma(torch.linspace(total - 1, 1, n, dtype=torch.float64))
+    return _append_zero(sig)
+
+
+def _sched_karras(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_karras(n, ms.sigma_min, ms.sigma_max, rho=7.0)
+
+
+def _sched_exponential(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_exponential(n, ms.sigma_min, ms.sigma_max)
+
+
+def _sched_polyexponential(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_polyexponential(n, ms.sigma_min, ms.sigma_max, rho=1.0)
+
+
+def _sched_kl_optimal(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_kl_optimal(n, ms.sigma_min, ms.sigma_max)
+
+
+def _sched_beta(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_beta(n, ms)
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """One "Schedule type": ``fn(n, model_schedule)`` returns n+1 sigmas (None for Automatic)."""
+    name: str
+    label: str
+    fn: Callable[[int, DiscreteSchedule], torch.Tensor] | None
+    default_rho: float = -1.0
+    aliases: tuple[str, ...] = ()
+
+
+SCHEDULERS: tuple[SchedulerInfo, ...] = (
+    SchedulerInfo("automatic", "Automatic", None),
+    SchedulerInfo("uniform", "Uniform", _sched_uniform),
+    SchedulerInfo("karras", "Karras", _sched_karras, default_rho=7.0),
+    SchedulerInfo("exponential", "Exponential", _sched_exponential),
+    SchedulerInfo("polyexponential", "Polyexponential", _sched_polyexponential, default_rho=1.0),
+    SchedulerInfo("sgm_uniform", "SGM Uniform", _sched_sgm_uniform, aliases=("SGMUniform",)),
+    SchedulerInfo("kl_optimal", "KL Optimal", _sched_kl_optimal),
+    SchedulerInfo("simple", "Simple", _sched_simple),
+    SchedulerInfo("normal", "Normal", _sched_normal),
+    SchedulerInfo("ddim", "DDIM", _sched_ddim),
+    SchedulerInfo("beta", "Beta", _sched_beta),
+)
+
+
+def _norm(name: str) -> str:
+    return " ".join(str(name).split()).lower()
+
+
+_SCHEDULER_LOOKUP: Mapping[str, SchedulerInfo] = MappingProxyType({
+    _norm(key): s for s in SCHEDULERS for key in (s.name, s.label, *s.aliases)
+})
+
+
+def find_scheduler(name: str) -> SchedulerInfo:
+    """Schedule type by name or label, case-insensitive ("karras", "Karras", "SGM Uniform")."""
+    found = _SCHEDULER_LOOKUP.get(_norm(name or "automatic"))
+    if found is None:
+        raise UserError(f"Unknown schedule type {name!r}. Valid schedule types: "
+                        f"{', '.join(s.label for s in SCHEDULERS)}.")
+    return found
+
+
+def get_sigmas(schedule: str | None, steps: int, model_schedule: DiscreteSchedule,
+               sampler: "str | SamplerInfo | None" = None) -> torch.Tensor:
+    """``steps + 1`` sigmas, descending, ending in 0, float32 on the CPU.
+
+    ``schedule`` is a schedule name or label (None/"automatic": the sampler's
+    default). For samplers with ``discard_next_to_last_sigma`` (DPM2, DPM2 a,
+    DPM++ 3M SDE) the schedule is computed for ``steps + 1`` and its
+    next-to-last sigma dropped, as A1111 does.
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise UserError(f"Sampling steps must be at least 1, got {steps}.")
+    info = sampler if isinstance(sampler, SamplerInfo) else (find_sampler(sampler) if sampler else None)
+    sched = find_scheduler(schedule or "automatic")
+    if sched.fn is None:
+        sched = find_scheduler(info.default_scheduler if info is not None else "uniform")
+    discard = info is not None and info.discard_next_to_last_sigma
+    sigmas = sched.fn(steps + 1 if discard else steps, model_schedule)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Shared step helpers
+# ---------------------------------------------------------------------------
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) for an ancestral step: go deterministically to sigma_down, then add
+    sigma_up of fresh noise, so that sigma_down**2 + sigma_up**2 == sigma_to**2."""
+    sigma_from, sigma_to = float(sigma_from), float(sigma_to)
+    if not eta or sigma_to <= 0 or sigma_from <= 0:
+        return sigma_to, 0.0
+    var = sigma_to ** 2 * max(sigma_from ** 2 - sigma_to ** 2, 0.0) / sigma_from ** 2
+    sigma_up = min(sigma_to, eta * math.sqrt(var))
+    sigma_down = math.sqrt(max(sigma_to ** 2 - sigma_up ** 2, 0.0))
+    return sigma_down, sigma_up
+
+
+def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE derivative dx/dsigma (= the model's eps prediction)."""
+    return (x - denoised) / sigma
+
+
+def _sigma_list(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
+    values = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1).tolist()
+    if len(values) < 2:
+        raise ValueError("sigmas needs at least two values (one step)")
+    return values
+
+
+def _denoise(model: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return model(x, x.new_full((x.shape[0],), sigma))
+
+
+def _noise(noise_sampler: NoiseSampler | None, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    if noise_sampler is None:
+        return torch.randn_like(x)
+    return noise_sampler(sigma, sigma_next)
+
+
+def _report(callback: StepCallback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor,
+            sigma_hat: float | None = None) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
+                  "denoised": denoised})
+
+
+def _lerp_to(denoised: torch.Tensor, x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """First-order exponential-integrator step in sigma space: x0 + (sigma_to / sigma_from) * (x - x0).
+    (DDIM, DPM-Solver++(1) and Euler all reduce to this.)"""
+    return denoised + ratio * (x - denoised)
+
+
+def _churn(x: torch.Tensor, sigma: float, n: int, noise_sampler: NoiseSampler | None, sigma_next: float,
+           s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple[torch.Tensor, float]:
+    """Karras et al.'s "churn": raise the noise level from sigma to sigma_hat by adding fresh noise."""
+    if s_churn <= 0:
+        return x, sigma
+    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    eps = _noise(noise_sampler, x, sigma, sigma_next)  # drawn every step, as A1111 does
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2)
+    return x, sigma_hat
+
+
+# ---------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler's method on the probability-flow ODE (Karras et al. Algorithm 2 with optional churn)."""
+    sig = _sigma_list(sigmas)
+    n = len(sig) - 1
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        x, s_hat = _churn(x, s, n, noise_sampler, sn, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _denoise(model, x, s_hat)
+        x = _lerp_to(denoised, x, sn / s_hat)
+        _report(callback, i, x, s, denoised, s_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                           s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler steps down to sigma_down, then fresh noise back up to the next sigma."""
+    sig = _sigma_list(sigmas)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        down, up = get_ancestral_step(s, sn, eta)
+        x = _lerp_to(denoised, x, down / s)
+        if sn > 0 and up > 0:
+            x = x + _noise(noise_sampler, x, s, sn) * (s_noise * up)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun's second-order method (Karras et al. Algorithm 2); Euler for the last step into sigma 0."""
+    sig = _sigma_list(sigmas)
+    n = len(sig) - 1
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        x, s_hat = _churn(x, s, n, noise_sampler, sn, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _denoise(model, x, s_hat)
+        d = to_d(x, s_hat, denoised)
+        dt = sn - s_hat
+        if sn == 0:
+            x = denoised
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sn, _denoise(model, x_2, sn))
+            x = x + (d + d_2) * (0.5 * dt)
+        _report(callback, i, x, s, denoised, s_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2 as in k-diffusion: midpoint (in log-sigma) second-order step."""
+    sig = _sigma_list(sigmas)
+    n = len(sig) - 1
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        x, s_hat = _churn(x, s, n, noise_sampler, sn, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _denoise(model, x, s_hat)
+        if sn == 0:
+            x = denoised
+        else:
+            d = to_d(x, s_hat, denoised)
+            s_mid = math.sqrt(s_hat * sn)
+            x_2 = x + d * (s_mid - s_hat)
+            d_2 = to_d(x_2, s_mid, _denoise(model, x_2, s_mid))
+            x = x + d_2 * (sn - s_hat)
+        _report(callback, i, x, s, denoised, s_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                           s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2 down to sigma_down, then fresh noise up to the next sigma."""
+    sig = _sigma_list(sigmas)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        down, up = get_ancestral_step(s, sn, eta)
+        if down == 0:
+            x = denoised
+        else:
+            d = to_d(x, s, denoised)
+            s_mid = math.sqrt(s * down)
+            x_2 = x + d * (s_mid - s)
+            d_2 = to_d(x_2, s_mid, _denoise(model, x_2, s_mid))
+            x = x + d_2 * (down - s)
+        if sn > 0 and up > 0:
+            x = x + _noise(noise_sampler, x, s, sn) * (s_noise * up)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+_GAUSS_LEGENDRE_3 = ((-math.sqrt(3 / 5), 5 / 9), (0.0, 8 / 9), (math.sqrt(3 / 5), 5 / 9))
+
+
+def _lms_coeff(nodes: Sequence[float], j: int, a: float, b: float) -> float:
+    """Integral over [a, b] of the Lagrange basis polynomial l_j through ``nodes`` (degree <= 3, so
+    3-point Gauss-Legendre quadrature is exact)."""
+    mid, half = 0.5 * (a + b), 0.5 * (b - a)
+    total = 0.0
+    for xg, w in _GAUSS_LEGENDRE_3:
+        tau = mid + half * xg
+        prod = 1.0
+        for k, node in enumerate(nodes):
+            if k != j:
+                prod *= (tau - node) / (nodes[j] - node)
+        total += w * prod
+    return half * total
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+               s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, order=4):
+    """Linear multistep (Adams-Bashforth in sigma with exact coefficients for uneven steps), order 4."""
+    sig = _sigma_list(sigmas)
+    ds: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        ds.append(to_d(x, s, denoised))
+        if len(ds) > order:
+            ds.pop(0)
+        cur = min(i + 1, order)
+        while cur > 1 and len(set(sig[i - k] for k in range(cur))) < cur:  # repeated sigmas: lower the order
+            cur -= 1
+        nodes = [sig[i - k] for k in range(cur)]
+        update = None
+        for j in range(cur):
+            term = ds[-1 - j] * _lms_coeff(nodes, j, s, sn)
+            update = term if update is None else update + term
+        x = x + update
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                              s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver++(2S) single-step second order to sigma_down, then ancestral noise."""
+    sig = _sigma_list(sigmas)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        down, up = get_ancestral_step(s, sn, eta)
+        if down == 0:
+            x = denoised
+        else:
+            s_mid = math.sqrt(s * down)  # half-way in lambda = -log(sigma)
+            x_2 = _lerp_to(denoised, x, s_mid / s)
+            denoised_2 = _denoise(model, x_2, s_mid)
+            x = _lerp_to(denoised_2, x, down / s)
+        if sn > 0 and up > 0:
+            x = x + _noise(noise_sampler, x, s, sn) * (s_noise * up)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                     s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, r=0.5):
+    """DPM-Solver++ (stochastic, two stages per step: to the lambda-midpoint, then to the next sigma)."""
+    sig = _sigma_list(sigmas)
+    fac = 1 / (2 * r)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        if sn == 0:
+            x = denoised
+        else:
+            h = math.log(s / sn)
+            s_mid = s * math.exp(-r * h)
+            down, up = get_ancestral_step(s, s_mid, eta)
+            x_2 = _lerp_to(denoised, x, down / s)
+            z_1 = None
+            if up > 0:
+                z_1 = _noise(noise_sampler, x, s, s_mid)
+                x_2 = x_2 + z_1 * (s_noise * up)
+            denoised_2 = _denoise(model, x_2, s_mid)
+            down, up = get_ancestral_step(s, sn, eta)
+            denoised_d = denoised_2 if fac == 1 else (1 - fac) * denoised + fac * denoised_2
+            x = _lerp_to(denoised_d, x, down / s)
+            if up > 0:
+                # The noise over [sn, s] contains the noise already used over [s_mid, s], as increments of
+                # one Brownian path in sigma (what k-diffusion's Brownian tree gives): draw only the rest.
+                z_rest = _noise(noise_sampler, x, s_mid, sn)
+                if z_1 is not None:
+                    frac = (s - s_mid) / (s - sn)
+                    z_rest = z_1 * math.sqrt(frac) + z_rest * math.sqrt(1 - frac)
+                x = x + z_rest * (s_noise * up)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                    s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver++(2M): second-order multistep in lambda = -log(sigma), one model call per step."""
+    sig = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        if sn == 0:
+            x = denoised
+            h = None
+        else:
+            h = math.log(s / sn)
+            if old_denoised is None or not h_last or not h:
+                x = _lerp_to(denoised, x, sn / s)
+            else:
+                half_inv_r = h / (2 * h_last)
+                denoised_d = denoised * (1 + half_inv_r) - old_denoised * half_inv_r
+                x = _lerp_to(denoised_d, x, sn / s)
+        old_denoised, h_last = denoised, h
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+def _dpmpp_2m_sde(model, x, sigmas, noise_sampler, callback, eta, s_noise, solver_type):
+    sig = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        if sn == 0:
+            x = denoised
+        else:
+            h = math.log(s / sn)
+            eta_h = eta * h
+            he = h + eta_h
+            x = _lerp_to(denoised, x, math.exp(-he))
+            if old_denoised is not None and h_last and he:
+                inv_r = h / h_last
+                phi = -math.expm1(-he)
+                coef = (phi / -he + 1) * inv_r if solver_type == "heun" else 0.5 * phi * inv_r
+                x = x + (denoised - old_denoised) * coef
+            if eta:
+                scale = sn * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+                if scale > 0:
+                    x = x + _noise(noise_sampler, x, s, sn) * scale
+            h_last = h
+        old_denoised = denoised
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                        s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver++(2M) SDE, midpoint variant."""
+    return _dpmpp_2m_sde(model, x, sigmas, noise_sampler, callback, eta, s_noise, "midpoint")
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                             s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver++(2M) SDE, Heun variant."""
+    return _dpmpp_2m_sde(model, x, sigmas, noise_sampler, callback, eta, s_noise, "heun")
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                        s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver++(3M) SDE: third-order multistep with SDE noise."""
+    sig = _sigma_list(sigmas)
+    d_1 = d_2 = None  # previous two x0 predictions
+    h_1 = h_2 = None  # previous two step sizes in lambda
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        h = None
+        if sn == 0:
+            x = denoised
+        else:
+            h = math.log(s / sn)
+            h_eta = h * (eta + 1)
+            x = _lerp_to(denoised, x, math.exp(-h_eta))
+            if h_eta:
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                if d_2 is not None and h_1 and h_2:
+                    r0, r1 = h_1 / h, h_2 / h
+                    d1_0 = (denoised - d_1) / r0
+                    d1_1 = (d_1 - d_2) / r1
+                    d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    phi_3 = phi_2 / h_eta - 0.5
+                    x = x + d1 * phi_2 - d2 * phi_3
+                elif d_1 is not None and h_1:
+                    x = x + (denoised - d_1) * (phi_2 * h / h_1)
+            if eta:
+                scale = sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+                if scale > 0:
+                    x = x + _noise(noise_sampler, x, s, sn) * scale
+        d_1, d_2 = denoised, d_1
+        h_1, h_2 = h, h_1
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, *, noise_sampler=None, callback=None, eta=0.0, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DDIM in sigma space. With eta=0 it is exactly Euler on these sigmas; DDIM's stochastic term
+    sigma_t(eta) rescaled to sigma space equals the ancestral sigma_up, so eta>0 adds that noise.
+    (eta defaults to 0 here, DDIM's usual setting; the pipeline passes A1111's "eta_ddim".)"""
+    sig = _sigma_list(sigmas)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        down, up = get_ancestral_step(s, sn, eta)
+        x = _lerp_to(denoised, x, down / s)
+        if sn > 0 and up > 0:
+            x = x + _noise(noise_sampler, x, s, sn) * (s_noise * up)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Pseudo linear multistep (PNDM/CompVis PLMS) on the eps prediction, in sigma space: the first step is
+    a pseudo improved-Euler step (two model calls), the next two use 2nd/3rd-order Adams-Bashforth
+    weights, then 4th order; each combined eps is applied with the DDIM (= Euler) transfer."""
+    sig = _sigma_list(sigmas)
+    old_eps: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        eps = to_d(x, s, denoised)
+        if not old_eps:
+            if sn == 0:
+                eps_prime = eps
+            else:
+                x_next = _lerp_to(denoised, x, sn / s)  # == x + eps * (sn - s), with less rounding
+                eps_prime = (eps + to_d(x_next, sn, _denoise(model, x_next, sn))) * 0.5
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x + eps_prime * (sn - s)
+        old_eps.append(eps)
+        if len(old_eps) > 3:
+            old_eps.pop(0)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve a tiny linear system (Gaussian elimination with partial pivoting, float64)."""
+    n = len(rhs)
+    a = [list(row[:n]) + [rhs[k]] for k, row in enumerate(matrix[:n])]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[piv] = a[piv], a[col]
+        if a[col][col] == 0:
+            raise ZeroDivisionError("singular UniPC system")
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            for c in range(col, n + 1):
+                a[r][c] -= f * a[col][c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
+    return out
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, order=3, lower_order_final=True):
+    """UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2") variant, data-prediction form, in sigma space
+    (lambda = -log sigma). Each step: evaluate the model at the predicted point, apply the UniC
+    corrector to that point (reusing the same evaluation), then the UniP predictor of order
+    min(order, history, steps left) (without ``lower_order_final``: min(order, history)). A step into
+    sigma 0 returns the x0 prediction."""
+    sig = _sigma_list(sigmas)
+    n = len(sig) - 1
+    lams: list[float] = []
+    ds: list[torch.Tensor] = []
+    pending = None  # corrector data from the last predictor: (x_base, B_h, D1s, rhos_c, D0)
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        if pending is not None and sn != 0:
+            x_base, b_h, d1s, rhos_c, d0 = pending
+            corr = (denoised - d0) * rhos_c[-1]
+            for rho, d1 in zip(rhos_c[:-1], d1s):
+                corr = corr + d1 * rho
+            x = x_base - corr * b_h
+        pending = None
+        lams.append(-math.log(s))
+        ds.append(denoised)
+        if len(ds) > order:
+            lams.pop(0)
+            ds.pop(0)
+        if sn == 0:
+            x = denoised
+        else:
+            lam_t = -math.log(sn)
+            lam_0, d0 = lams[-1], ds[-1]
+            h = lam_t - lam_0
+            k = min(order, len(ds), n - i if lower_order_final else order)
+            if h == 0:
+                k = 1
+            rks = [(lams[-1 - m] - lam_0) / h for m in range(1, k)]
+            if len(set(rks)) < len(rks) or 0.0 in rks:  # repeated sigmas: fall back to first order
+                k, rks = 1, []
+            d1s = [(ds[-1 - m] - d0) / rks[m - 1] for m in range(1, k)]
+            rks.append(1.0)
+            hh = -h
+            h_phi_1 = math.expm1(hh)
+            b_h = h_phi_1
+            x_base = _lerp_to(d0, x, math.exp(hh))  # == (sigma_t / sigma_0) * x - h_phi_1 * D0
+            if h == 0:
+                x = x_base
+            else:
+                h_phi_k = h_phi_1 / hh - 1
+                fact = 1
+                rows, b = [], []
+                for p in range(1, k + 1):
+                    rows.append([rk ** (p - 1) for rk in rks])
+                    b.append(h_phi_k * fact / b_h)
+                    fact *= p + 1
+                    h_phi_k = h_phi_k / hh - 1 / fact
+                if k == 1:
+                    x = x_base
+                else:
+                    rhos_p = [0.5] if k == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+                    pred = d1s[0] * rhos_p[0]
+                    for rho, d1 in zip(rhos_p[1:], d1s[1:]):
+                        pred = pred + d1 * rho
+                    x = x_base - pred * b_h
+                rhos_c = [0.5] if k == 1 else _solve(rows, b)
+                pending = (x_base, b_h, d1s, rhos_c, d0)
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+               s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Latent Consistency Model sampling: jump to the x0 prediction, re-noise to the next sigma."""
+    sig = _sigma_list(sigmas)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = _denoise(model, x, s)
+        x = denoised
+        if sn > 0:
+            x = x + _noise(noise_sampler, x, s, sn) * sn
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+def _restart_plan(sig: list[float]) -> list[tuple[float, float]]:
+    """A1111's Restart schedule: for 20+ steps, a Karras main pass over fewer steps plus restart segments
+    that jump from sigma ~0.1 back up to ~2 and descend again; the total step count is unchanged."""
+    n = len(sig) - 1
+    plain = list(zip(sig[:-1], sig[1:]))
+    if n < 20 or sig[-1] != 0 or sig[-2] <= 0:
+        return plain
+    r_steps, r_times = (9, 1) if n < 36 else (n // 4, 2)
+    main = sigmas_karras(n - r_steps * r_times, sig[-2], sig[0]).tolist()
+    min_idx = min(range(len(main)), key=lambda k: abs(main[k] - 0.1))
+    max_idx = min(range(len(main)), key=lambda k: abs(main[k] - 2.0))
+    if not (max_idx < min_idx and main[min_idx] > 0):
+        return plain
+    restart = sigmas_karras(r_steps + 1, main[min_idx], main[max_idx]).tolist()[:-1]
+    plan = []
+    for k in range(len(main) - 1):
+        plan.append((main[k], main[k + 1]))
+        if k + 1 == min_idx:
+            for _ in range(r_times):
+                plan.extend(zip(restart[:-1], restart[1:]))
+    return plan
+
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                   s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Restart sampling (Xu et al. 2023) with Heun steps, A1111's automatic restart list. Below 20 steps
+    it is plain Heun on the given sigmas; from 20 steps it uses its own Karras sigmas between the given
+    extremes, as A1111 does. It calls the callback once per step, len(sigmas) - 1 times."""
+    sig = _sigma_list(sigmas)
+    last = None
+    for i, (old, new) in enumerate(_restart_plan(sig)):
+        if last is not None and old > last:
+            x = x + _noise(noise_sampler, x, last, old) * (s_noise * math.sqrt(old ** 2 - last ** 2))
+        denoised = _denoise(model, x, old)
+        if new == 0:
+            x = denoised
+        else:
+            d = to_d(x, old, denoised)
+            x_2 = x + d * (new - old)
+            d_2 = to_d(x_2, new, _denoise(model, x_2, new))
+            x = x + (d + d_2) * (0.5 * (new - old))
+        last = new
+        _report(callback, i, x, old, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# The sampler table
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SamplerInfo:
+    """One entry of the sampler dropdown / ``/sdapi/v1/samplers``.
+
+    ``options`` mirrors A1111's option dict (scheduler, second_order, discard_next_to_last_sigma,
+    brownian_noise, uses_ensd, solver_type). ``uses_noise`` is True when the sampler draws fresh noise
+    from ``noise_sampler`` during sampling (ancestral/SDE samplers, LCM, Restart, DDIM with eta > 0);
+    Euler, Heun and DPM2 draw only with ``s_churn > 0``.
+    """
+    name: str
+    aliases: tuple[str, ...]
+    sample_fn: Callable[..., torch.Tensor]
+    default_scheduler: str = "uniform"
+    options: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    uses_noise: bool = False
+
+    @property
+    def second_order(self) -> bool:
+        """Two model calls per step (except a final step into sigma 0)."""
+        return bool(self.options.get("second_order", False))
+
+    @property
+    def discard_next_to_last_sigma(self) -> bool:
+        return bool(self.options.get("discard_next_to_last_sigma", False))
+
+    def __reduce__(self):  # pickles by name, unpickles to the table's entry
+        return (find_sampler, (self.name,))
+
+
+def _sampler(name: str, aliases: Iterable[str], fn, scheduler: str = "uniform", uses_noise: bool = False,
+             **options) -> SamplerInfo:
+    opts = dict(options)
+    if scheduler != "uniform":
+        opts = {"scheduler": scheduler, **opts}
+    return SamplerInfo(name, tuple(aliases), fn, scheduler, MappingProxyType(opts), uses_noise)
+
+
+SAMPLERS: tuple[SamplerInfo, ...] = (
+    _sampler("DPM++ 2M", ["k_dpmpp_2m"], sample_dpmpp_2m, "karras"),
+    _sampler("DPM++ SDE", ["k_dpmpp_sde"], sample_dpmpp_sde, "karras", True,
+             second_order=True, brownian_noise=True),
+    _sampler("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], sample_dpmpp_2m_sde, "exponential", True, brownian_noise=True),
+    _sampler("DPM++ 2M SDE Heun", ["k_dpmpp_2m_sde_heun"], sample_dpmpp_2m_sde_heun, "exponential", True,
+             brownian_noise=True, solver_type="heun"),
+    _sampler("DPM++ 2S a", ["k_dpmpp_2s_a"], sample_dpmpp_2s_ancestral, "karras", True,
+             uses_ensd=True, second_order=True),
+    _sampler("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], sample_dpmpp_3m_sde, "exponential", True,
+             discard_next_to_last_sigma=True, brownian_noise=True),
+    _sampler("Euler a", ["k_euler_a", "k_euler_ancestral"], sample_euler_ancestral, "uniform", True, uses_ensd=True),
+    _sampler("Euler", ["k_euler"], sample_euler),
+    _sampler("LMS", ["k_lms"], sample_lms),
+    _sampler("Heun", ["k_heun"], sample_heun, second_order=True),
+    _sampler("DPM2", ["k_dpm_2"], sample_dpm_2, "karras", discard_next_to_last_sigma=True, second_order=True),
+    _sampler("DPM2 a", ["k_dpm_2_a"], sample_dpm_2_ancestral, "karras", True,
+             discard_next_to_last_sigma=True, uses_ensd=True, second_order=True),
+    _sampler("Restart", ["restart"], sample_restart, "karras", True, second_order=True),
+    _sampler("DDIM", ["ddim"], sample_ddim, "ddim", True, uses_ensd=True),
+    _sampler("PLMS", ["plms"], sample_plms),
+    _sampler("UniPC", ["unipc"], sample_unipc),
+    _sampler("LCM", ["k_lcm"], sample_lcm, "uniform", True),
+)
+
+_SAMPLER_LOOKUP: Mapping[str, SamplerInfo] = MappingProxyType({
+    _norm(key): s for s in SAMPLERS for key in (s.name, *s.aliases)
+})
+
+
+def split_sampler_and_schedule(name: str) -> tuple[str, str | None]:
+    """Split an A1111 legacy combined name: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
+
+    A plain sampler name (or an unknown one) comes back unchanged with None.
+    """
+    text = " ".join(str(name or "").split())
+    if _norm(text) in _SAMPLER_LOOKUP:
+        return text, None
+    lowered = text.lower()
+    for sched in SCHEDULERS:
+        for option in (sched.label, *sched.aliases):
+            suffix = " " + option.lower()
+            if lowered.endswith(suffix):
+                base = text[: -len(suffix)].strip()
+                if _norm(base) in _SAMPLER_LOOKUP:
+                    return base, sched.label
+    return text, None
+
+
+def find_sampler(name: str) -> SamplerInfo:
+    """Sampler by name or alias, case-insensitive; legacy combined names ("DPM++ 2M Karras") give their
+    sampler. Unknown names raise UserError listing the valid samplers."""
+    base, _ = split_sampler_and_schedule(name)
+    found = _SAMPLER_LOOKUP.get(_norm(base))
+    if found is None:
+        raise UserError(f"Unknown sampler {name!r}. Valid samplers: {', '.join(s.name for s in SAMPLERS)}.")
+    return found

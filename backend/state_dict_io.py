@@ -1,0 +1,175 @@
+"""Reading model files into state dicts, safely.
+
+`.safetensors` files are read with safetensors. Pickle-based files (`.ckpt`, `.pt`,
+`.pth`, `.bin`) are read with `torch.load(weights_only=True)`, which refuses to build
+arbitrary Python objects: a file that needs more than tensors and plain containers is
+refused with a message suggesting a conversion to `.safetensors`. Every problem with
+the file itself (missing, truncated, not a model) becomes a `UserError` naming it.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
+
+
+def read_state_dict(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """All tensors of a model file, on the CPU, keyed by name (nested `state_dict` unwrapped).
+
+    Keys starting with one of `exclude_prefixes` are left out (for `.safetensors` they are
+    never read, e.g. the `model_ema.` copies that double some checkpoints' size).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file not found: {path}", status=404)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path, exclude_prefixes)
+    if suffix in PICKLE_SUFFIXES:
+        sd = _read_pickle(path)
+        if exclude_prefixes:
+            sd = {k: v for k, v in sd.items() if not k.startswith(exclude_prefixes)}
+        return sd
+    raise UserError(f"Unsupported model file type {suffix or '(none)'!r} for {path.name}: "
+                    f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}.")
+
+
+def read_safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a `.safetensors` file's header (strings), read without loading any tensor."""
+    path = Path(path)
+    header = _read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise UserError(f"{path.name} has a malformed safetensors header (metadata is not a mapping).")
+    return dict(meta)
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"Model file not found: {path}", status=404)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file too short")
+            (length,) = struct.unpack("<Q", raw)
+            if length > _MAX_HEADER:
+                raise ValueError(f"header length {length} is implausible")
+            data = f.read(length)
+            if len(data) != length:
+                raise ValueError("header is truncated")
+        header = json.loads(data.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path.name} is not a valid .safetensors file (corrupt or incomplete download?): {e}") from e
+
+
+def _read_safetensors(path: Path, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    header = _read_safetensors_header(path)  # clear message for the common truncation cases
+    size = path.stat().st_size
+    try:
+        ends = [int(info.get("data_offsets", [0, 0])[1]) for key, info in header.items()
+                if key != "__metadata__" and isinstance(info, dict)]
+    except (TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{path.name} has a malformed safetensors header (corrupt file?).") from e
+    if ends and 8 + _header_length(path) + max(ends) > size:
+        raise UserError(f"{path.name} is truncated: its header describes more data than the file holds "
+                        f"(incomplete download?).")
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if not (exclude_prefixes and key.startswith(exclude_prefixes)):
+                    tensors[key] = f.get_tensor(key)
+        return tensors
+    except Exception as e:  # safetensors raises SafetensorError / OSError with terse messages
+        raise UserError(f"Could not read {path.name}: the file is corrupt or incomplete ({e}).") from e
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+class _InertStandIn:
+    """Stands in for harmless bookkeeping objects (Lightning callbacks) found in old training checkpoints.
+
+    It is created empty and drops whatever state the pickle gives it, so nothing of
+    the original class runs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Globals old Stable Diffusion .ckpt files carry beside their weights (A1111 allows the same ones).
+_STAND_INS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+)
+
+
+def _safe_extra_globals() -> list:
+    extra: list = [(_InertStandIn, name) for name in _STAND_INS]
+    try:  # numpy scalars and dtypes (e.g. a `global_step` saved as numpy.int64) are plain data
+        import numpy as np
+        try:
+            from numpy._core.multiarray import scalar  # numpy 2
+        except ImportError:
+            from numpy.core.multiarray import scalar  # numpy 1
+        extra += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+        extra += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    except Exception:  # noqa: BLE001  numpy missing or laid out differently: no extra allowances
+        pass
+    return extra
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with torch.serialization.safe_globals(_safe_extra_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text or "allowlisted" in text:
+            found = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
+            raise UserError(
+                f"{path.name} contains Python objects ({found}) beyond plain tensors, which Easel will not unpickle "
+                f"for safety: unpickling can run arbitrary code. Convert the file to .safetensors with a tool you "
+                f"trust, or download a .safetensors version of this model.") from e
+        raise UserError(f"Could not read {path.name}: the file is corrupt or not a PyTorch checkpoint ({_short(e)}).") from e
+    except Exception as e:  # noqa: BLE001  truncated zips, garbage bytes, ... all mean a damaged file
+        raise UserError(f"Could not read {path.name}: the file is corrupt or incomplete ({_short(e)}).") from e
+    return _extract_tensors(obj, path)
+
+
+def _extract_tensors(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path.name} does not hold a state dict (found {type(obj).__name__}).")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path.name} holds no tensors.")
+    return tensors
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
