@@ -24,33 +24,36 @@ def _logins(args) -> list[tuple[str, str]]:
 def create_api_app(service, args):
     """A FastAPI app with the /sdapi/v1 routes (used alone with --nowebui)."""
     from fastapi import FastAPI
-    app = FastAPI(title="Easel API", version="0.1.0")
+
+    from api.errors import install_error_handlers
+    app = FastAPI(title="Easel API", version="0.1.0", middleware=api_middleware(args))
+    install_error_handlers(app)
     add_api(app, service, args)
     return app
 
 
+def api_middleware(args) -> list:
+    """Middleware the API needs, given to the app when it is created (it cannot be added to a started one)."""
+    from fastapi.middleware.cors import CORSMiddleware
+    from starlette.middleware import Middleware
+
+    if not (args.cors_allow_origins or args.cors_allow_origins_regex):
+        return []
+    origins = args.cors_allow_origins.split(",") if args.cors_allow_origins else []
+    return [Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=args.cors_allow_origins_regex,
+                       allow_methods=["*"], allow_credentials=True, allow_headers=["*"])]
+
+
 def add_api(app, service, args) -> None:
     from fastapi import Depends
-    from fastapi.middleware.cors import CORSMiddleware
 
     from api.auth import basic_auth_dependency
-    from api.errors import install_error_handlers
     from api.routes import build_router
 
     deps = []
     if args.api_auth:
         deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth))))
-    install_error_handlers(app)
-    app.include_router(build_router(service, deps))
-    if args.cors_allow_origins or args.cors_allow_origins_regex:
-        app.add_middleware(CORSMiddleware, allow_origins=(args.cors_allow_origins or "").split(",") if args.cors_allow_origins else [],
-                           allow_origin_regex=args.cors_allow_origins_regex, allow_methods=["*"], allow_credentials=True, allow_headers=["*"])
-    if args.api_log:
-        @app.middleware("http")
-        async def log_requests(request, call_next):
-            response = await call_next(request)
-            log.info("API %s %s -> %s", request.method, request.url.path, response.status_code)
-            return response
+    app.include_router(build_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
             root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, quiet=True,
+            app_kwargs={"middleware": api_middleware(args)} if args.api else None,
         )
         if args.api:
             add_api(app, service, args)

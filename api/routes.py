@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
+from api.errors import A1111Route
 from backend.errors import UserError
 from backend.schemas import Txt2ImgRequest
 from backend.service import EaselService, open_image_bytes
@@ -37,8 +38,9 @@ class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def build_router(service: EaselService, dependencies: list | None = None) -> APIRouter:
-    router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [])
+def build_router(service: EaselService, dependencies: list | None = None, log_requests: bool = False) -> APIRouter:
+    route_class = type("EaselApiRoute", (A1111Route,), {"log_requests": log_requests})
+    router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
 
     @router.post("/txt2img")
     def txt2img(req: Txt2ImgRequest) -> dict:
@@ -95,6 +97,8 @@ def build_router(service: EaselService, dependencies: list | None = None) -> API
     @router.post("/options")
     def set_options(body: dict[str, Any]) -> dict:
         service.set_options(body)
+        if "sd_model_checkpoint" in body or "sd_vae" in body:
+            service.load_checkpoint()  # as in A1111: the call returns once the model is loaded
         return {}
 
     @router.get("/cmd-flags")
@@ -139,6 +143,7 @@ def build_router(service: EaselService, dependencies: list | None = None) -> API
 
     @router.post("/reload-checkpoint")
     def reload_checkpoint() -> dict:
+        service.load_checkpoint()
         return {}
 
     return router

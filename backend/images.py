@@ -74,7 +74,8 @@ def encode_png(image: Image.Image, infotext: str | None) -> bytes:
 def _exif_user_comment(infotext: str) -> bytes:
     exif = Image.Exif()
     # A1111 (via piexif) writes UNICODE\0 followed by UTF-16 big-endian text.
-    exif[0x9286] = b"UNICODE\x00" + infotext.encode("utf-16-be")
+    # The tag lives in the Exif sub-IFD (0x8769), where A1111 and other readers look.
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + infotext.encode("utf-16-be")
     return exif.tobytes()
 
 

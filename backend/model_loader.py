@@ -239,7 +239,10 @@ def load_sd_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str
     """
     path = Path(path)
     state_dict = read_state_dict(path, exclude_prefixes=("model_ema.",))  # EMA copies are not used
-    spec = detect_checkpoint(state_dict)
+    try:
+        spec = detect_checkpoint(state_dict)
+    except UserError as exc:
+        raise UserError(f"{path.name}: {exc.message}", status=exc.status) from exc
     unknown: list[str] = []
     parts = ldm_to_diffusers(state_dict, spec, unknown=unknown)
     del state_dict

@@ -105,17 +105,12 @@ class EaselService:
 
         txt2img.validate(req)
         check_brackets(req.prompt)
-        check_brackets(req.negative_prompt)
+        check_brackets(req.negative_prompt, what="Negative prompt")
         from .pipelines.common import resolve_sampler
         resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
 
         overrides = dict(req.override_settings or {})
-        ckpt = self.current_checkpoint(overrides.get("sd_model_checkpoint"))
-        vae_choice = overrides.get("sd_vae", self.options["sd_vae"])
-        vae_path = self.registry.vae_for(ckpt, vae_choice, self.args.vae_path)
-        vae = None
-        if vae_path is not None:
-            vae = next((f for f in self.registry.vaes if f.path == vae_path.resolve()), ModelFile(name=vae_path.name, path=vae_path.resolve()))
+        model = self._model_payload(overrides)
         options = self.options.as_dict()
         for key, value in overrides.items():
             if key in ("sd_model_checkpoint", "sd_vae"):
@@ -123,7 +118,7 @@ class EaselService:
             options[key] = value
         if not req.override_settings_restore_afterwards and overrides:
             self.set_options(overrides)
-        return {"request": req, "checkpoint": ckpt, "vae": vae, "options": options, "data_dir": self.paths.data_dir}
+        return {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
         return self.client.submit("txt2img", self._job_payload(req), listener)
@@ -143,6 +138,29 @@ class EaselService:
 
     def memory(self) -> dict:
         return self.client.run("memory", {}, timeout=60)
+
+    def _model_payload(self, overrides: dict | None = None) -> dict:
+        overrides = overrides or {}
+        ckpt = self.current_checkpoint(overrides.get("sd_model_checkpoint"))
+        vae_path = self.registry.vae_for(ckpt, overrides.get("sd_vae", self.options["sd_vae"]), self.args.vae_path)
+        vae = None
+        if vae_path is not None:
+            vae = next((f for f in self.registry.vaes if f.path == vae_path.resolve()),
+                       ModelFile(name=vae_path.name, path=vae_path.resolve()))
+        return {"checkpoint": ckpt, "vae": vae}
+
+    def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None) -> Job:
+        """Load the selected checkpoint (and VAE) into the backend's cache ahead of the next job."""
+        payload = self._model_payload()
+        payload["options"] = self.options.as_dict()
+        return self.client.submit("load", payload, listener)
+
+    def load_checkpoint(self) -> dict:
+        job = self.submit_load_checkpoint()
+        job.done.wait()
+        if job.error:
+            raise job.error
+        return job.result
 
     def unload_checkpoint(self) -> None:
         self.client.run("unload", {}, timeout=600)

@@ -147,7 +147,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         return {"ok": True}
     if kind == "cache_info":
         return {"loads": state["cache"].loads, "cached": [Path(k[0]).name for k in state["cache"].models]}
-    if kind not in ("txt2img",):
+    if kind not in ("txt2img", "load"):
         raise ValueError(f"unknown job kind {kind!r}")
 
     ckpt: ModelFile = payload["checkpoint"]
@@ -158,11 +158,12 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
     options = payload["options"]
     model = state["cache"].get(ckpt.path, int(options.get("sd_checkpoints_limit", 2)))
     state["vae"].apply(model, str(vae.path) if vae else None)
+    if kind == "load":
+        return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None}
     ctx = JobContext(model=model, policy=state["policy"], options=options, outputs_root=payload["data_dir"],
                      checkpoint=ckpt, vae=vae, control=control)
-    if kind == "txt2img":
-        from .pipelines import txt2img
-        result = txt2img.run(payload["request"], ctx)
+    from .pipelines import txt2img
+    result = txt2img.run(payload["request"], ctx)
     result.info["sd_model_checkpoint"] = ckpt.title
     return result
 

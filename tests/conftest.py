@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests run the server and the test process side by side on few cores; one
+# intra-op thread each avoids oversubscription (which slows torch ~100x here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))

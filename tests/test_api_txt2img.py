@@ -52,8 +52,13 @@ def test_same_seed_same_pixels_and_batch_seed_plus_i(api):
     assert np.array_equal(pixels(a), pixels(b))
     assert not np.array_equal(pixels(a), pixels(c))
     batch = images_of(api.post("/txt2img", json=small(seed=77, batch_size=2)))
-    assert np.array_equal(pixels(batch[0]), pixels(a))
-    assert np.array_equal(pixels(batch[1]), pixels(c))  # image i of a batch uses seed + i
+    # Image i of a batch uses seed + i. Batched matmuls round differently from
+    # single ones (as in A1111), so allow a rounding-level difference only; a
+    # different seed differs by far more than this.
+    for got, want in ((batch[0], a), (batch[1], c)):
+        diff = np.abs(pixels(got) - pixels(want))
+        assert diff.max() <= 3 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    assert np.abs(pixels(a) - pixels(c)).mean() > 5
 
 
 def test_saved_png_carries_infotext(api, server):
