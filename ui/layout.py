@@ -1,8 +1,11 @@
 """The whole web UI: the quick-settings row (checkpoint, VAE) and the tabs."""
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 
+from backend.client import BackendError
 from backend.downloads import download_file, network_available
 from backend.errors import UserError
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
@@ -44,25 +47,20 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         refresh.click(on_refresh, outputs=[checkpoint, vae, notice], queue=False)
 
+        def select_and_load(changes: dict) -> str:
+            """Save the choice, then load the model now (as A1111 does) so errors show here and the next job starts at once."""
+            try:
+                service.set_options(changes)
+                service.load_checkpoint()
+            except (UserError, BackendError) as exc:
+                return f'<div class="easel-error">{html.escape(exc.message)}</div>'
+            return _notice_html(service)
+
         def on_checkpoint(title):
-            if not title:
-                return gr.update()
-            try:
-                service.set_options({"sd_model_checkpoint": title})
-            except UserError as exc:
-                return f'<div class="easel-error">{exc.message}</div>'
-            return _notice_html(service)
+            return select_and_load({"sd_model_checkpoint": title}) if title else gr.update()
 
-        checkpoint.change(on_checkpoint, inputs=[checkpoint], outputs=[notice], queue=False)
-
-        def on_vae(choice):
-            try:
-                service.set_options({"sd_vae": choice})
-            except UserError as exc:
-                return f'<div class="easel-error">{exc.message}</div>'
-            return _notice_html(service)
-
-        vae.change(on_vae, inputs=[vae], outputs=[notice], queue=False)
+        checkpoint.change(on_checkpoint, inputs=[checkpoint], outputs=[notice], show_progress="full")
+        vae.change(lambda choice: select_and_load({"sd_vae": choice}), inputs=[vae], outputs=[notice], show_progress="full")
 
         def on_load():
             offer = bool(service.no_checkpoint_message()) and not service.args.no_download_sd_model

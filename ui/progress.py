@@ -14,6 +14,8 @@ def progress_html(job: Job, queued_ahead: int = 0) -> str:
     if job.status == "queued":
         ahead = f" ({queued_ahead} ahead)" if queued_ahead else ""
         return f'<div class="easel-progress"><span class="easel-progress-text">Waiting in queue{ahead}...</span></div>'
+    if job.total == 0:  # started, but not sampling yet: loading the checkpoint, encoding the prompt
+        return '<div class="easel-progress"><span class="easel-progress-text">Preparing (loading the model if needed)...</span></div>'
     pct = int(job.progress * 100)
     eta = job.eta
     eta_text = f", ETA {int(eta // 60)}:{int(eta % 60):02d}" if eta else ""

@@ -139,7 +139,9 @@ def latent_preview(model, latent: torch.Tensor) -> Image.Image:
     coefs = _CHEAP_RGB["sdxl" if model.family == "sdxl" else "sd"].to(latent.device, latent.dtype)
     rgb = torch.einsum("lxy,lr->rxy", latent[0, :4], coefs)
     arr = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    img = Image.fromarray(arr)
+    # Shown at the output size (the latent is 8x smaller), smoothed so it reads as a picture.
+    return img.resize((img.width * 8, img.height * 8), Image.BILINEAR)
 
 
 def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
