@@ -50,6 +50,8 @@ class JobContext:
     vae: object | None
     control: JobControl
     warnings: list[str] = field(default_factory=list)
+    # Infotext entries added by features around the pipeline (LoRA hashes, ControlNet units, face restoration).
+    extra_params: dict = field(default_factory=dict)
 
 
 def validate_size(width: int, height: int, what: str = "") -> None:

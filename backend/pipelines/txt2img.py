@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import samplers
-from ..conditioning import TextConditioner
 from ..errors import UserError
-from ..images import day_folder, encode_png, image_grid, save_image
-from ..rng import ImageRNG, fix_seed
-from ..schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from .common import (VERSION, CFGDenoiser, JobContext, decode_latents, encode_images, format_number, resolve_sampler,
-                     run_sampler, sampler_extra_args, tiling, validate_size)
+from ..rng import ImageRNG
+from ..schemas import GenerationResult, Txt2ImgRequest
+from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, resolve_sampler, run_sampler,
+                     sampler_extra_args, tiling, validate_size)
+from .processing import Generation
 
 LATENT_UPSCALE_MODES = {
     "Latent": ("bilinear", False),
@@ -100,19 +99,10 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
 
 def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
     validate(req)
-    model, device, options = ctx.model, ctx.policy.device, ctx.options
-    sampler_info, schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, options.get("default_sampler", "Euler a"))
-    clip_skip = int(req.override_settings.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1)))
-    model_schedule = samplers.DiscreteSchedule(model.alphas_cumprod)
-    extra = sampler_extra_args(sampler_info, req, options)
-
-    total_images = req.batch_size * req.n_iter
-    seed = fix_seed(req.seed)
-    subseed = fix_seed(req.subseed)
-    all_seeds = [seed + (i if req.subseed_strength == 0 else 0) for i in range(total_images)]
-    all_subseeds = [subseed + i for i in range(total_images)]
-    prompts = [req.prompt] * total_images
-    negatives = [req.negative_prompt] * total_images
+    gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
+    model, device, options = ctx.model, gen.device, ctx.options
+    sampler_info, schedule, model_schedule = gen.sampler_info, gen.schedule, gen.model_schedule
+    conditioner, prompts, negatives = gen.conditioner, gen.prompts, gen.negatives
 
     hires = req.enable_hr
     hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)
@@ -122,57 +112,24 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
     hr_sampler_info, hr_schedule = (resolve_sampler(req.hr_sampler_name, req.hr_scheduler or schedule, sampler_info.name)
                                     if hires and req.hr_sampler_name else (sampler_info, schedule))
     hires_sampling = hires and hr_denoise > 0
-
-    conditioner = TextConditioner(model, device, clip_skip)
-    preview_every = int(options.get("show_progress_every_n_steps", 2)) if options.get("live_previews_enable", True) else -1
     steps_per_batch = req.steps + (hr_steps if hires_sampling else 0)
     ctx.control.begin(req.n_iter, steps_per_batch * req.n_iter)
 
-    params_base = {
-        "Steps": req.steps, "Sampler": sampler_info.name, "Schedule type": schedule,
-        "CFG scale": format_number(req.cfg_scale),
-        "Size": f"{req.width}x{req.height}",
-        "Model hash": ctx.checkpoint.shorthash, "Model": ctx.checkpoint.model_name,
-        "VAE hash": ctx.vae.shorthash if ctx.vae else None, "VAE": ctx.vae.model_name if ctx.vae else None,
-        "Variation seed strength": format_number(req.subseed_strength) if req.subseed_strength > 0 else None,
-        "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None,
-        "Denoising strength": format_number(hr_denoise) if hires else None,
-        "Clip skip": clip_skip if clip_skip > 1 else None,
-        "Tiling": True if req.tiling else None,
-    }
     if hires:
+        gen.params["Denoising strength"] = format_number(hr_denoise)
         if req.hr_resize_x or req.hr_resize_y:
-            params_base["Hires resize"] = f"{hr_w}x{hr_h}"
+            gen.params["Hires resize"] = f"{hr_w}x{hr_h}"
         else:
-            params_base["Hires upscale"] = format_number(req.hr_scale)
-        params_base["Hires steps"] = req.hr_second_pass_steps or None
-        params_base["Hires upscaler"] = hr_upscaler
+            gen.params["Hires upscale"] = format_number(req.hr_scale)
+        gen.params["Hires steps"] = req.hr_second_pass_steps or None
+        gen.params["Hires upscaler"] = hr_upscaler
         if req.hr_sampler_name:
-            params_base["Hires sampler"] = hr_sampler_info.name
+            gen.params["Hires sampler"] = hr_sampler_info.name
         if req.hr_prompt and req.hr_prompt != req.prompt:
-            params_base["Hires prompt"] = req.hr_prompt
+            gen.params["Hires prompt"] = req.hr_prompt
         if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
-            params_base["Hires negative prompt"] = req.hr_negative_prompt
+            gen.params["Hires negative prompt"] = req.hr_negative_prompt
 
-    from ..infotext import build_infotext  # local: keeps import order simple for the worker
-
-    def infotext_for(i: int) -> str:
-        params = dict(params_base)
-        params["Seed"] = all_seeds[i]
-        params["Variation seed"] = all_subseeds[i] if req.subseed_strength > 0 else None
-        params["Version"] = VERSION
-        order = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed"]
-        ordered = {k: params.pop(k) for k in order}
-        ordered.update(params)
-        return build_infotext(prompts[i], negatives[i], ordered)
-
-    save_samples = not req.do_not_save_samples and options.get("samples_save", True)
-    out_dir = day_folder(_outdir(ctx, "outdir_txt2img_samples"), options.get("save_to_dirs", True))
-    fmt = options.get("samples_format", "png")
-    pattern = options.get("samples_filename_pattern", "")
-
-    outputs: list[GeneratedImage] = []
-    pil_images: list[Image.Image] = []
     interrupted = False
     opt_f = 8
     with tiling(model, bool(req.tiling)):
@@ -182,7 +139,7 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                 break
             ctx.control.set_job(n)
             idx = slice(n * req.batch_size, (n + 1) * req.batch_size)
-            seeds, subseeds = all_seeds[idx], all_subseeds[idx]
+            seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
             conds = conditioner.schedules(prompts[idx], req.steps, is_negative=False)
             unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
 
@@ -194,7 +151,7 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
             denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                                    ctx.policy.dtype, req.width, req.height, image_cond)
             noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
-            latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, extra, preview_every)
+            latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
 
             if hires and stop is None:
                 hr_prompts = [req.hr_prompt or p for p in prompts[idx]]
@@ -217,69 +174,17 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                                               device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond)
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
                     latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
-                                                sampler_extra_args(hr_sampler_info, req, options), preview_every)
+                                                sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
 
-            images = decode_latents(ctx, latents)
-            for j, img in enumerate(images):
-                i = n * req.batch_size + j
-                text = infotext_for(i)
-                path = None
-                if save_samples:
-                    path = save_image(img, out_dir, seed=all_seeds[i], infotext=text, fmt=fmt, pattern=pattern,
-                                      name_values=_name_values(req, ctx, all_seeds[i], sampler_info.name),
-                                      with_pnginfo=options.get("enable_pnginfo", True))
-                outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=all_seeds[i],
-                                              subseed=all_subseeds[i], prompt=prompts[i], negative_prompt=negatives[i],
-                                              saved_path=str(path) if path else None))
-                pil_images.append(img)
+            for j, img in enumerate(decode_latents(ctx, latents)):
+                gen.add_image(img, n * req.batch_size + j)
             if stop == "interrupted":
                 interrupted = True
                 break
             if stop == "skipped":
                 ctx.control.clear_skip()
 
-    if len(pil_images) > 1 and not req.do_not_save_grid and (options.get("return_grid", True) or options.get("grid_save", True)):
-        grid = image_grid(pil_images)
-        text = infotext_for(0)
-        path = None
-        if options.get("grid_save", True):
-            grid_dir = day_folder(_outdir(ctx, "outdir_txt2img_grids"), options.get("save_to_dirs", True))
-            path = save_image(grid, grid_dir, seed=all_seeds[0], infotext=text, fmt=fmt, basename="grid",
-                              with_pnginfo=options.get("enable_pnginfo", True))
-        if options.get("return_grid", True):
-            outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=all_seeds[0],
-                                             subseed=all_subseeds[0], prompt=prompts[0], negative_prompt=negatives[0],
-                                             saved_path=str(path) if path else None, is_grid=True))
-
-    produced = [o for o in outputs if not o.is_grid]
-    info = {
-        "prompt": req.prompt, "all_prompts": [o.prompt for o in produced],
-        "negative_prompt": req.negative_prompt, "all_negative_prompts": [o.negative_prompt for o in produced],
-        "seed": seed, "all_seeds": [o.seed for o in produced], "subseed": subseed,
-        "all_subseeds": [o.subseed for o in produced], "subseed_strength": req.subseed_strength,
-        "width": req.width, "height": req.height, "sampler_name": sampler_info.name, "scheduler": schedule,
-        "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": bool(req.restore_faces),
-        "sd_model_name": ctx.checkpoint.model_name, "sd_model_hash": ctx.checkpoint.shorthash,
-        "sd_vae_name": ctx.vae.model_name if ctx.vae else None, "sd_vae_hash": ctx.vae.shorthash if ctx.vae else None,
-        "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": hr_denoise if hires else req.denoising_strength, "extra_generation_params": {},
-        "index_of_first_image": 1 if outputs and outputs[0].is_grid else 0,
-        "infotexts": [o.infotext for o in outputs], "styles": req.styles, "job_timestamp": "",
-        "clip_skip": clip_skip, "is_using_inpainting_conditioning": bool(model.is_inpaint), "version": VERSION,
-    }
-    return GenerationResult(images=outputs, info=info, warnings=list(ctx.warnings), interrupted=interrupted)
-
-
-def _outdir(ctx: JobContext, key: str):
-    from pathlib import Path
-    target = Path(ctx.options.get(key))
-    return target if target.is_absolute() else Path(ctx.outputs_root) / target
-
-
-def _name_values(req, ctx, seed, sampler_name) -> dict:
-    return {"seed": seed, "prompt": req.prompt, "steps": req.steps, "cfg": format_number(req.cfg_scale),
-            "sampler": sampler_name, "width": req.width, "height": req.height,
-            "model_name": ctx.checkpoint.model_name, "model_hash": ctx.checkpoint.shorthash}
+    return gen.finish(interrupted, {"denoising_strength": hr_denoise if hires else req.denoising_strength})
 
 
 def _txt2img_image_conditioning(ctx: JobContext, n: int, width: int, height: int) -> torch.Tensor:
