@@ -15,7 +15,7 @@ from PIL import Image
 
 from backend.infotext import parse_infotext
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "a1111"
+SAMPLES = Path(__file__).resolve().parent / "data" / "a1111"
 
 
 def small(**kw) -> dict:

@@ -26,7 +26,7 @@ def test_generate_from_the_browser(server, tmp_path):
 
 
 def test_png_info_send_to_txt2img(server):
-    sample = Path(__file__).resolve().parents[2] / "shared" / "samples" / "a1111" / "automatic1111_cropped.png"
+    sample = Path(__file__).resolve().parent / "data" / "a1111" / "automatic1111_cropped.png"
     if not sample.exists():
         import pytest
         pytest.skip("shared samples not present")

@@ -19,7 +19,7 @@ from backend.infotext import (
     split_sampler_name,
 )
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "a1111"
+SAMPLES = Path(__file__).resolve().parent / "data" / "a1111"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")
 
 SAMPLE_TEXT = ("photo of a duck\nNegative prompt: monochrome\nSteps: 15, Sampler: UniPC, CFG scale: 5, "
