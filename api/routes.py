@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -12,22 +10,16 @@ from pydantic import BaseModel, ConfigDict
 
 from api.errors import A1111Route
 from backend.errors import UserError
-from backend.schemas import Txt2ImgRequest
-from backend.service import EaselService, open_image_bytes
+from backend.image_codec import decode_base64_image
+from backend.schemas import Img2ImgRequest, Txt2ImgRequest
+from backend.service import EaselService
 
-_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
+class Img2ImgBatchRequest(Img2ImgRequest):
+    """Easel's addition: img2img over a folder (A1111 offers this in its UI only)."""
 
-
-def decode_base64_image(data: str, field: str = "image"):
-    """Base64 (optionally a data: URL) -> PIL image, with clear errors for bad input."""
-    if not isinstance(data, str) or not data:
-        raise UserError(f"{field}: expected a base64-encoded image.")
-    raw = _DATA_URL.sub("", data.strip())
-    try:
-        decoded = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise UserError(f"{field}: invalid base64 data ({exc}).") from exc
-    return open_image_bytes(decoded)
+    input_dir: str
+    output_dir: str = ""
+    mask_dir: str = ""
 
 
 class PngInfoRequest(BaseModel):
@@ -42,17 +34,43 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     route_class = type("EaselApiRoute", (A1111Route,), {"log_requests": log_requests})
     router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
 
-    @router.post("/txt2img")
-    def txt2img(req: Txt2ImgRequest) -> dict:
-        # A1111's API saves to disk only when asked (save_images), and then also a grid.
-        job_req = req.model_copy(update={"do_not_save_samples": not req.save_images, "do_not_save_grid": not req.save_images})
-        result = service.txt2img(job_req)
+    def respond(req, result, parameters: dict) -> dict:
         images = [base64.b64encode(img.png).decode() for img in result.images] if req.send_images else []
+        if req.send_images:  # ControlNet's detected maps follow the images, as sd-webui-controlnet appends them
+            images += [base64.b64encode(png).decode() for png in getattr(result, "detected_maps", [])]
         info = dict(result.info)
         if result.warnings:
             info["warnings"] = result.warnings
         info["interrupted"] = result.interrupted
-        return {"images": images, "parameters": req.model_dump(), "info": json.dumps(info)}
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def api_saving(req):
+        # A1111's API saves to disk only when asked (save_images), and then also a grid.
+        return req.model_copy(update={"do_not_save_samples": not req.save_images, "do_not_save_grid": not req.save_images})
+
+    @router.post("/txt2img")
+    def txt2img(req: Txt2ImgRequest) -> dict:
+        return respond(req, service.txt2img(api_saving(req)), req.model_dump())
+
+    @router.post("/img2img")
+    def img2img(req: Img2ImgRequest) -> dict:
+        if not req.init_images:
+            raise UserError("img2img: init_images is empty; send at least one base64-encoded image.")
+        result = service.img2img(api_saving(req))
+        parameters = req.model_dump()
+        if not req.include_init_images:  # as A1111: the (large) inputs are echoed back only when asked
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        return respond(req, result, parameters)
+
+    @router.post("/img2img-batch")
+    def img2img_batch(req: Img2ImgBatchRequest) -> dict:
+        job_req = Img2ImgRequest(**req.model_dump(exclude={"input_dir", "output_dir", "mask_dir"}))
+        job = service.submit_img2img_batch(job_req, req.input_dir, req.output_dir, req.mask_dir)
+        job.done.wait()
+        if job.error:
+            raise job.error
+        return respond(req, job.result, req.model_dump())
 
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict:

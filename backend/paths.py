@@ -17,6 +17,7 @@ MODEL_FOLDERS = {
     "Lora": "Put LoRA files here.txt",
     "LyCORIS": "Put LyCORIS files here.txt",
     "ControlNet": "Put ControlNet models here.txt",
+    "ControlNet-annotators": "Put ControlNet annotator (preprocessor) weights here.txt",
     "ESRGAN": "Put ESRGAN models here.txt",
     "RealESRGAN": "Put RealESRGAN models here.txt",
     "GFPGAN": "Put GFPGAN models here.txt",
@@ -27,6 +28,7 @@ MODEL_FOLDERS = {
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 VAE_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 @dataclass

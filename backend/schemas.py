@@ -71,6 +71,31 @@ class Txt2ImgRequest(BaseModel):
     infotext: str | None = None
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img request: the txt2img fields plus the init images, mask and inpainting options.
+
+    `init_images`, `mask` and `latent_mask` are base64 in the API; the app process
+    decodes them and sends the images to the backend beside the request.
+    """
+
+    init_images: list[str] = Field(default_factory=list)
+    resize_mode: int | str = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
 class GeneratedImage(BaseModel):
     png: bytes
     infotext: str
@@ -89,6 +114,7 @@ class GenerationResult(BaseModel):
     info: dict[str, Any]
     warnings: list[str] = Field(default_factory=list)
     interrupted: bool = False
+    detected_maps: list[bytes] = Field(default_factory=list)  # ControlNet preprocessor maps (PNG), shown after the images
 
 
 class ProgressState(BaseModel):

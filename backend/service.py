@@ -7,7 +7,6 @@ Importable without Gradio.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Callable
@@ -18,15 +17,15 @@ from . import infotext, samplers
 from .checkpoints import HashCache, ModelFile, ModelRegistry
 from .client import BackendClient, Job
 from .errors import UserError
+from .image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
 from .options import Options
 from .paths import DataPaths
-from .schemas import GenerationResult, Txt2ImgRequest
+from .schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger("easel")
 
 DEFAULT_MODEL_URL = "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"
 DEFAULT_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class EaselService:
@@ -40,6 +39,8 @@ class EaselService:
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"})
+        from .controlnet.service import ControlNetService
+        self.controlnet = ControlNetService(self.paths, self.options, self.client)
 
     def _select_initial_checkpoint(self, ckpt: str) -> None:
         path = Path(ckpt).expanduser()
@@ -100,10 +101,10 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
-        from .pipelines import txt2img  # torch-importing; only when a job is made
+        from .pipelines import img2img, txt2img  # torch-importing; only when a job is made
         from .prompt_parser import check_brackets
 
-        txt2img.validate(req)
+        (img2img.validate if isinstance(req, Img2ImgRequest) else txt2img.validate)(req)
         check_brackets(req.prompt)
         check_brackets(req.negative_prompt, what="Negative prompt")
         from .pipelines.common import resolve_sampler
@@ -118,17 +119,68 @@ class EaselService:
             options[key] = value
         if not req.override_settings_restore_afterwards and overrides:
             self.set_options(overrides)
-        return {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}
+        payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}
+        # ControlNet units (alwayson_scripts.controlnet): checked here, images decoded, models resolved.
+        units = self.controlnet.units_for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
+        if units:
+            payload["controlnet"] = units
+            payload["request"] = req.model_copy(update={"alwayson_scripts": {
+                k: v for k, v in req.alwayson_scripts.items() if str(k).lower() != "controlnet"}})
+        return payload
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
         return self.client.submit("txt2img", self._job_payload(req), listener)
 
     def txt2img(self, req: Txt2ImgRequest) -> GenerationResult:
-        job = self.submit_txt2img(req)
-        job.done.wait()
-        if job.error:
-            raise job.error
-        return job.result
+        return _wait(self.submit_txt2img(req))
+
+    def submit_img2img(self, req: Img2ImgRequest, init_images: list[Image.Image], mask: Image.Image | None,
+                       listener: Callable[[Job], None] | None = None) -> Job:
+        """img2img/inpaint with decoded images (the request's base64 fields are not sent to the backend)."""
+        if not init_images:
+            raise UserError("img2img needs an init image.")
+        payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None, "latent_mask": None}))
+        payload["init_images"] = [img.copy() for img in init_images]
+        payload["mask"] = mask.copy() if mask is not None else None
+        return self.client.submit("img2img", payload, listener)
+
+    def img2img(self, req: Img2ImgRequest) -> GenerationResult:
+        """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
+        from .image_codec import decode_base64_image
+
+        images = [decode_base64_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
+        mask = decode_base64_image(req.mask, "mask") if req.mask else None
+        return _wait(self.submit_img2img(req, images, mask))
+
+    def submit_img2img_batch(self, req: Img2ImgRequest, input_dir: str, output_dir: str, mask_dir: str,
+                             listener: Callable[[Job], None] | None = None) -> Job:
+        """img2img over a folder. Folders outside the data folder are refused when the UI is shared on a network."""
+        if self.args.hide_ui_dir_config:
+            raise UserError("Batch folders are disabled on this server (--hide-ui-dir-config).", status=403)
+        batch = {"input_dir": self._batch_folder(input_dir, "Input", must_exist=True),
+                 "output_dir": self._batch_folder(output_dir, "Output") if output_dir.strip() else None,
+                 "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}
+        if batch["output_dir"] is not None:
+            batch["output_dir"].mkdir(parents=True, exist_ok=True)
+        payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
+        payload["batch"] = batch
+        return self.client.submit("img2img_batch", payload, listener)
+
+    def _batch_folder(self, folder: str, what: str, must_exist: bool = False) -> Path:
+        if not folder or not folder.strip():
+            raise UserError(f"{what} folder: none given.")
+        path = Path(folder.strip()).expanduser()
+        if not path.is_absolute():
+            path = self.paths.data_dir / path
+        path = path.resolve()
+        shared = (self.args.listen or self.args.share
+                  or self.args.server_name not in (None, "", "127.0.0.1", "localhost", "::1"))
+        if shared and not path.is_relative_to(self.paths.data_dir.resolve()):
+            raise UserError(f"{what} folder {path} is outside the data folder {self.paths.data_dir}; this server is "
+                            f"shared on the network, so only folders inside it may be used.", status=403)
+        if must_exist and not path.is_dir():
+            raise UserError(f"{what} folder {path} does not exist.", status=404)
+        return path
 
     def interrupt(self) -> None:
         self.client.interrupt()
@@ -188,16 +240,8 @@ class EaselService:
                 for s in samplers.SCHEDULERS]
 
 
-def open_image_bytes(data: bytes) -> Image.Image:
-    """Decode an uploaded image, refusing non-images and decompression bombs with a clear message."""
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"The image is too large ({exc}); the limit is {MAX_IMAGE_PIXELS} pixels.", status=413) from exc
-    except Exception as exc:
-        raise UserError(f"The uploaded data is not an image Easel can read ({type(exc).__name__}).") from exc
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise UserError(f"The image is too large ({img.width}x{img.height}); the limit is {MAX_IMAGE_PIXELS} pixels.", status=413)
-    return img
+def _wait(job: Job) -> GenerationResult:
+    job.done.wait()
+    if job.error:
+        raise job.error
+    return job.result

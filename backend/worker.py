@@ -144,10 +144,14 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         return memory_report()
     if kind == "unload":
         state["cache"].clear()
+        state["controlnets"].clear()
         return {"ok": True}
+    if kind == "controlnet_detect":
+        from .controlnet.service import run_detect_job
+        return run_detect_job(payload, state["annotators"])
     if kind == "cache_info":
         return {"loads": state["cache"].loads, "cached": [Path(k[0]).name for k in state["cache"].models]}
-    if kind not in ("txt2img", "load"):
+    if kind not in ("txt2img", "img2img", "img2img_batch", "load"):
         raise ValueError(f"unknown job kind {kind!r}")
 
     ckpt: ModelFile = payload["checkpoint"]
@@ -162,10 +166,40 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None}
     ctx = JobContext(model=model, policy=state["policy"], options=options, outputs_root=payload["data_dir"],
                      checkpoint=ckpt, vae=vae, control=control)
-    from .pipelines import txt2img
-    result = txt2img.run(payload["request"], ctx)
+    maps = _prepare_controlnet(kind, payload, ctx, state)
+    result = _run_pipeline(kind, payload, ctx)
     result.info["sd_model_checkpoint"] = ckpt.title
+    result.detected_maps = maps
     return result
+
+
+def _prepare_controlnet(kind: str, payload: dict, ctx, state) -> list[bytes]:
+    """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG)."""
+    units = payload.get("controlnet")
+    if not units:
+        return []
+    from .controlnet.runtime import prepare_controls
+    req = payload["request"]
+    hires = None
+    if kind == "txt2img" and req.enable_hr:
+        from .pipelines.txt2img import hires_size
+        hires = hires_size(req)
+    init = (payload.get("init_images") or [None])[0] if kind == "img2img" else None
+    ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
+                                          hires_size=hires, init_image=init, seed=max(0, int(req.seed)),
+                                          annotator_env=state["annotators"])
+    return maps
+
+
+def _run_pipeline(kind: str, payload: dict, ctx):
+    if kind == "txt2img":
+        from .pipelines import txt2img
+        return txt2img.run(payload["request"], ctx)
+    from .pipelines import img2img
+    if kind == "img2img_batch":
+        batch = payload["batch"]
+        return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"])
+    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
 
 
 def memory_report() -> dict:
@@ -206,7 +240,11 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     paths = DataPaths.from_args(args)
     policy = DevicePolicy.from_args(args)
     hashes = HashCache(paths.cache_dir / "hashes.json")
-    state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher()}
+    from .controlnet.annotators import AnnotatorEnv
+    from .controlnet.runtime import ControlNetCache
+    state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher(),
+             "controlnets": ControlNetCache(policy),
+             "annotators": AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device))}
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})

@@ -27,9 +27,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("tiny-models")
     made = {}
-    for key, family, fmt in (("sd1", "sd1", "safetensors"), ("sd1_ckpt", "sd1", "ckpt"), ("sdxl", "sdxl", "safetensors")):
+    for key, family, fmt, inpaint in (("sd1", "sd1", "safetensors", False), ("sd1_ckpt", "sd1", "ckpt", False),
+                                      ("sdxl", "sdxl", "safetensors", False), ("sd1_inpaint", "sd1", "safetensors", True)):
         path = folder / f"tiny-{key}.{fmt}"
-        write_tiny_checkpoint(path, family, fmt=fmt, seed=1)
+        write_tiny_checkpoint(path, family, fmt=fmt, seed=1, inpaint=inpaint)
         made[key] = path
     return made
 

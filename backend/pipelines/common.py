@@ -52,6 +52,8 @@ class JobContext:
     warnings: list[str] = field(default_factory=list)
     # Infotext entries added by features around the pipeline (LoRA hashes, ControlNet units, face restoration).
     extra_params: dict = field(default_factory=dict)
+    # backend.controlnet.apply.ControlSet of the job's ControlNet units (None: none); run_sampler hands it to the denoiser.
+    controls: object | None = None
 
 
 def validate_size(width: int, height: int, what: str = "") -> None:
@@ -60,6 +62,21 @@ def validate_size(width: int, height: int, what: str = "") -> None:
             raise UserError(f"{what}{name} must be a multiple of 8, got {v}.")
         if not 64 <= v <= 4096:
             raise UserError(f"{what}{name} must be between 64 and 4096, got {v}.")
+
+
+def validate_generation(req) -> None:
+    """The checks every generation request shares (size, steps, batch, CFG, variation strength)."""
+    validate_size(req.width, req.height)
+    if not 1 <= req.steps <= 150:
+        raise UserError(f"steps must be between 1 and 150, got {req.steps}.")
+    if not 1 <= req.batch_size <= 64:
+        raise UserError(f"batch_size must be between 1 and 64, got {req.batch_size}.")
+    if not 1 <= req.n_iter <= 1000:
+        raise UserError(f"n_iter (batch count) must be between 1 and 1000, got {req.n_iter}.")
+    if not 0 <= req.cfg_scale <= 100:
+        raise UserError(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}.")
+    if not 0 <= req.subseed_strength <= 1:
+        raise UserError(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}.")
 
 
 def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: str) -> tuple[object, str]:
@@ -89,6 +106,13 @@ class CFGDenoiser:
         self.device = device
         self.dtype = dtype
         self.image_cond = image_cond
+        # img2img inpainting: an object with `blend(denoised, step) -> denoised` that pins the kept region.
+        self.latent_mask = None
+        # ControlNet: the job's ControlSet (set by run_sampler), this pass's step count and whether it is hires. fix.
+        self.controls = None
+        self.total_steps = 0
+        self.hires = False
+        self.width, self.height = width, height
         self.step = 0
         self.length = max(conds.max_tokens(), unconds.max_tokens())
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
@@ -102,7 +126,8 @@ class CFGDenoiser:
         u, pu = stack_padded(self.unconds.at(step)[:n], self.length, self.empty_chunk)
         return c, pc, u, pu
 
-    def _unet(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    def _unet(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
+              cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         c_in = 1.0 / torch.sqrt(sigma_in ** 2 + 1.0)
         t = self.schedule.sigma_to_t(sigma_in)
         model_input = x_in * c_in[:, None, None, None]
@@ -114,6 +139,11 @@ class CFGDenoiser:
                 "text_embeds": pooled.to(self.dtype),
                 "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
             }
+        if self.controls:  # ControlNet residuals for this step ({} when no unit applies)
+            kwargs.update(self.controls.residuals(
+                sample=model_input, timestep=t, context=context, added_cond_kwargs=kwargs.get("added_cond_kwargs"),
+                cond_mask=cond_mask, step=self.step, total_steps=self.total_steps, width=self.width, height=self.height,
+                hires=self.hires))
         out = self.model.unet(model_input.to(self.dtype), t.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
                               return_dict=False, **kwargs)[0].float()
         sig = sigma_in[:, None, None, None]
@@ -123,6 +153,12 @@ class CFGDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = self._guided(x, sigma)
+        if self.latent_mask is not None:
+            denoised = self.latent_mask.blend(denoised, self.step)
+        return denoised
+
+    def _guided(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         c, pc, u, pu = self._batch_conds(self.step, n)
         if self.cfg_scale == 1.0:
@@ -131,7 +167,8 @@ class CFGDenoiser:
         sigma_in = torch.cat([sigma, sigma])
         context = torch.cat([c, u])
         pooled = torch.cat([pc, pu]) if pc is not None else None
-        denoised = self._unet(x_in, sigma_in, context, pooled)
+        cond_mask = torch.cat([torch.ones(n, device=x.device), torch.zeros(n, device=x.device)])
+        denoised = self._unet(x_in, sigma_in, context, pooled, cond_mask)
         d_cond, d_uncond = denoised[:n], denoised[n:]
         return d_uncond + (d_cond - d_uncond) * self.cfg_scale
 
@@ -169,6 +206,9 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
             raise _StopSampling()
 
     denoiser.step = 0
+    if getattr(denoiser, "controls", None) is None:
+        denoiser.controls = getattr(ctx, "controls", None)
+    denoiser.total_steps = len(sigmas) - 1
     if control.interrupted() or control.skipped():
         return x, "interrupted" if control.interrupted() else "skipped"
     try:
@@ -215,13 +255,23 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def encode_images(ctx: JobContext, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix)."""
+    return torch.cat([encode_tensor(ctx, image_to_tensor(img)) for img in images])
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL -> (1, 3, H, W) float tensor in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+@torch.no_grad()
+def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents, one image at a time (peak memory of one)."""
     model = ctx.model
     dtype = next(model.vae.parameters()).dtype
     out = []
-    for img in images:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(ctx.policy.device, dtype)
-        dist = model.vae.encode(x, return_dict=False)[0]
+    for i in range(x.shape[0]):
+        dist = model.vae.encode(x[i:i + 1].to(ctx.policy.device, dtype), return_dict=False)[0]
         out.append(dist.mean.float() * model.vae_scale_factor)
     return torch.cat(out)
 

@@ -62,6 +62,26 @@ class Generation:
         self.pattern = options.get("samples_filename_pattern", "")
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
+        self.interrupted = False
+
+    def batches(self):
+        """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""
+        size = self.req.batch_size
+        for n in range(self.req.n_iter):
+            if self.ctx.control.interrupted():
+                self.interrupted = True
+                return
+            self.ctx.control.set_job(n)
+            yield n, slice(n * size, (n + 1) * size)
+
+    def end_batch(self, stop: str | None) -> bool:
+        """After a batch's images are added: True when the job must stop (Interrupt); Skip moves on."""
+        if stop == "interrupted":
+            self.interrupted = True
+            return True
+        if stop == "skipped":
+            self.ctx.control.clear_skip()
+        return False
 
     def outdir(self, key: str) -> Path:
         target = Path(self.ctx.options.get(key))
@@ -96,7 +116,7 @@ class Generation:
                                            negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
         self.pil_images.append(img)
 
-    def finish(self, interrupted: bool, info_extra: dict | None = None) -> GenerationResult:
+    def finish(self, info_extra: dict | None = None) -> GenerationResult:
         req, ctx, options = self.req, self.ctx, self.ctx.options
         if (len(self.pil_images) > 1 and not req.do_not_save_grid
                 and (options.get("return_grid", True) or options.get("grid_save", True))):
@@ -133,4 +153,4 @@ class Generation:
             "version": VERSION,
         }
         info.update(info_extra or {})
-        return GenerationResult(images=self.outputs, info=info, warnings=list(ctx.warnings), interrupted=interrupted)
+        return GenerationResult(images=self.outputs, info=info, warnings=list(ctx.warnings), interrupted=self.interrupted)

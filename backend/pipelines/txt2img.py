@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..rng import ImageRNG
 from ..schemas import GenerationResult, Txt2ImgRequest
 from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, resolve_sampler, run_sampler,
-                     sampler_extra_args, tiling, validate_size)
+                     sampler_extra_args, tiling, validate_generation, validate_size)
 from .processing import Generation
 
 LATENT_UPSCALE_MODES = {
@@ -31,17 +31,7 @@ DEFAULT_HIRES_DENOISE = 0.7
 
 
 def validate(req: Txt2ImgRequest) -> None:
-    validate_size(req.width, req.height)
-    if not 1 <= req.steps <= 150:
-        raise UserError(f"steps must be between 1 and 150, got {req.steps}.")
-    if not 1 <= req.batch_size <= 64:
-        raise UserError(f"batch_size must be between 1 and 64, got {req.batch_size}.")
-    if not 1 <= req.n_iter <= 1000:
-        raise UserError(f"n_iter (batch count) must be between 1 and 1000, got {req.n_iter}.")
-    if not 0 <= req.cfg_scale <= 100:
-        raise UserError(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}.")
-    if not 0 <= req.subseed_strength <= 1:
-        raise UserError(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}.")
+    validate_generation(req)
     if req.enable_hr:
         if req.hr_upscaler and req.hr_upscaler not in HIRES_UPSCALERS:
             raise UserError(f"Unknown hires upscaler {req.hr_upscaler!r}. Available: {', '.join(HIRES_UPSCALERS)}")
@@ -130,15 +120,9 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
         if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
             gen.params["Hires negative prompt"] = req.hr_negative_prompt
 
-    interrupted = False
     opt_f = 8
     with tiling(model, bool(req.tiling)):
-        for n in range(req.n_iter):
-            if ctx.control.interrupted():
-                interrupted = True
-                break
-            ctx.control.set_job(n)
-            idx = slice(n * req.batch_size, (n + 1) * req.batch_size)
+        for n, idx in gen.batches():
             seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
             conds = conditioner.schedules(prompts[idx], req.steps, is_negative=False)
             unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
@@ -172,19 +156,17 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                     hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
                     hr_denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                               device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond)
+                    hr_denoiser.hires = True  # ControlNet units follow their hires option in this pass
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
                     latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
 
             for j, img in enumerate(decode_latents(ctx, latents)):
                 gen.add_image(img, n * req.batch_size + j)
-            if stop == "interrupted":
-                interrupted = True
+            if gen.end_batch(stop):
                 break
-            if stop == "skipped":
-                ctx.control.clear_skip()
 
-    return gen.finish(interrupted, {"denoising_strength": hr_denoise if hires else req.denoising_strength})
+    return gen.finish({"denoising_strength": hr_denoise if hires else req.denoising_strength})
 
 
 def _txt2img_image_conditioning(ctx: JobContext, n: int, width: int, height: int) -> torch.Tensor:
