@@ -10,7 +10,7 @@ from backend.downloads import download_file, network_available
 from backend.errors import UserError
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from . import pnginfo, settings_tab, txt2img
+from . import img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -34,11 +34,15 @@ def build_ui(service: EaselService) -> gr.Blocks:
             download = gr.Button(f"Download the default SD 1.5 checkpoint ({DEFAULT_MODEL_NAME}, about 4 GB)", elem_id="download_default_model")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                fields = txt2img.build(service, checkpoint, vae)
+                fields, t2i_results = txt2img.build(service, checkpoint, vae)
+            with gr.Tab("img2img", id="img2img"):
+                i2i_fields, i2i_results, i2i_images = img2img.build(service, checkpoint, vae)
             with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo.build(service, fields, tabs)
+                pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(service)
+
+        send_to.wire(tabs, [t2i_results, i2i_results], i2i_images)
 
         def on_refresh():
             service.refresh_checkpoints()

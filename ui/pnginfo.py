@@ -9,7 +9,8 @@ from backend.service import EaselService
 from .progress import info_html
 
 
-def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs):
+def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fields: dict | None = None,
+          img2img_image: gr.Image | None = None):
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Source", type="pil", sources=["upload", "clipboard"], elem_id="pnginfo_image",
@@ -17,7 +18,9 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs):
         with gr.Column():
             html_info = gr.HTML(elem_id="pnginfo_html")
             raw = gr.Textbox(visible=False, elem_id="pnginfo_generation_info")
-            send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            with gr.Row():
+                send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img", visible=img2img_fields is not None)
 
     def on_image(img):
         if img is None:
@@ -30,11 +33,9 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs):
 
     image.change(on_image, inputs=[image], outputs=[html_info, raw])
 
-    names = list(txt2img_fields)
-
-    def on_send(text: str):
+    def field_updates(text: str, names: list[str]) -> list:
         if not text:
-            return [gr.update() for _ in names] + [gr.update()]
+            return [gr.update() for _ in names]
         fields = infotext.infotext_to_request_fields(infotext.parse_infotext(text))
         updates = []
         for name in names:
@@ -47,9 +48,21 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs):
                 updates.append(gr.update(value=fields[name]))
             else:
                 updates.append(gr.update())
-        return updates + [gr.Tabs(selected="txt2img")]
+        return updates
 
-    send.click(on_send, inputs=[raw], outputs=[txt2img_fields[n] for n in names] + [tabs])
+    t2i_names = list(txt2img_fields)
+    send.click(lambda text: field_updates(text, t2i_names) + [gr.Tabs(selected="txt2img")], inputs=[raw],
+               outputs=[txt2img_fields[n] for n in t2i_names] + [tabs])
+    if img2img_fields is not None:
+        i2i_names = [n for n in img2img_fields if n not in ("resize_mode", "inpainting_mask_invert", "inpainting_fill",
+                                                             "inpaint_full_res")]
+        outputs = [img2img_fields[n] for n in i2i_names] + [tabs] + ([img2img_image] if img2img_image is not None else [])
+
+        def on_send_img2img(text, img):
+            extra = [img] if img2img_image is not None else []
+            return field_updates(text, i2i_names) + [gr.Tabs(selected="img2img")] + extra
+
+        send_img2img.click(on_send_img2img, inputs=[raw, image], outputs=outputs)
 
 
 def _schedule_label(value: str) -> str | None:

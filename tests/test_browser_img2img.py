@@ -1,0 +1,51 @@
+"""Browser: draw a mask with the mouse on the Inpaint canvas, generate, and get an inpainted picture."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from browser import browser_page
+from test_api_img2img import picture
+
+
+def _set_number(page, elem: str, value: str) -> None:
+    box = page.locator(f"{elem} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_draw_a_mask_and_inpaint(server, tmp_path):
+    source = tmp_path / "source.png"
+    picture(128, 128).save(source)
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="img2img").first.click()
+        page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
+        editor = page.locator("#img2maskimg")
+        editor.locator("input[type=file]").set_input_files(str(source))
+        page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+        page.wait_for_timeout(1500)
+        canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
+        box = canvas.bounding_box()
+        # A horizontal stroke through the middle of the picture, with the (default) brush.
+        y = box["y"] + box["height"] * 0.5
+        page.mouse.move(box["x"] + box["width"] * 0.3, y)
+        page.mouse.down()
+        for f in np.linspace(0.3, 0.7, 12):
+            page.mouse.move(box["x"] + box["width"] * f, y)
+        page.mouse.up()
+        page.fill("#img2img_prompt textarea", "a boat")
+        for elem, value in (("#img2img_steps", "3"), ("#img2img_width", "128"), ("#img2img_height", "128"),
+                            ("#img2img_mask_blur", "0")):
+            _set_number(page, elem, value)
+        page.click("#img2img_generate")
+        page.wait_for_function("document.querySelector('#img2img_info').innerText.includes('Mask blur: 0')",
+                               timeout=180_000)
+        info = page.inner_text("#img2img_info")
+        page.screenshot(path=str(tmp_path / "inpaint.png"))
+    assert "Denoising strength: 0.75" in info and "a boat" in info
+    saved = sorted((server.data_dir / "outputs" / "img2img-images").rglob("*.png"), key=lambda p: p.stat().st_mtime)
+    result = np.asarray(Image.open(saved[-1]).convert("RGB"), dtype=np.int16)
+    original = np.asarray(picture(128, 128), dtype=np.int16)
+    changed = np.abs(result - original).max(-1) > 0
+    assert changed[64, 50:78].all(), "the stroke was not inpainted"
+    assert not changed[:40].any() and not changed[-40:].any(), "pixels far from the stroke changed"

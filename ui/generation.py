@@ -1,0 +1,166 @@
+"""Controls and behaviour shared by the generation tabs (txt2img, img2img).
+
+Each builder adds A1111's controls to a dict of components keyed by the
+request field they edit; `results_column` lays out progress, preview, gallery,
+infotext and the "Send to" buttons; `stream_job` runs a backend job from a
+Gradio event with live progress.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import gradio as gr
+from PIL import Image
+
+from backend import samplers
+from backend.client import BackendError, Job
+from backend.errors import UserError
+from backend.service import EaselService
+
+from .progress import info_html, wait_with_updates
+
+INT_FIELDS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "seed_resize_from_w",
+              "seed_resize_from_h", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur",
+              "inpaint_full_res_padding")
+
+
+def prompt_row(tab: str, c: dict) -> dict:
+    """Prompt, negative prompt, Generate / Interrupt / Skip."""
+    buttons = {}
+    with gr.Row(elem_id=f"{tab}_toprow"):
+        with gr.Column(scale=6):
+            c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}_prompt",
+                                     placeholder="Prompt (A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK)")
+            c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}_neg_prompt")
+        with gr.Column(scale=1, min_width=160):
+            buttons["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}_generate")
+            with gr.Row():
+                buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
+                buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
+    return buttons
+
+
+def sampler_controls(service: EaselService, tab: str, c: dict) -> None:
+    with gr.Row():
+        c["sampler_name"] = gr.Dropdown([s.name for s in samplers.SAMPLERS], value=service.options["default_sampler"],
+                                        label="Sampling method", elem_id=f"{tab}_sampling")
+        c["scheduler"] = gr.Dropdown([s.label for s in samplers.SCHEDULERS], value="Automatic", label="Schedule type",
+                                     elem_id=f"{tab}_scheduler")
+    c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab}_steps")
+
+
+def batch_controls(tab: str, c: dict) -> None:
+    c["n_iter"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{tab}_batch_count")
+    c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}_batch_size")
+
+
+def seed_controls(tab: str, c: dict) -> dict:
+    buttons = {}
+    with gr.Row():
+        c["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{tab}_seed")
+        buttons["random_seed"] = gr.Button("\U0001f3b2", elem_id=f"{tab}_random_seed", size="sm", min_width=40)
+        buttons["reuse_seed"] = gr.Button("\u267b\ufe0f", elem_id=f"{tab}_reuse_seed", size="sm", min_width=40)
+    with gr.Accordion("Variation seed", open=False):
+        with gr.Row():
+            c["subseed"] = gr.Number(-1, label="Variation seed", precision=0, elem_id=f"{tab}_subseed")
+            c["subseed_strength"] = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength")
+        with gr.Row():
+            c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
+            c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+    return buttons
+
+
+def extra_controls(service: EaselService, tab: str, c: dict) -> None:
+    with gr.Row():
+        c["tiling"] = gr.Checkbox(False, label="Tiling", elem_id=f"{tab}_tiling")
+        c["clip_skip"] = gr.Slider(1, 12, value=service.options["CLIP_stop_at_last_layers"], step=1, label="Clip skip",
+                                   elem_id=f"{tab}_clip_skip")
+
+
+def results_column(tab: str) -> dict:
+    """Progress, live preview, gallery, infotext and the Send to buttons."""
+    r: dict = {}
+    r["progress"] = gr.HTML(elem_id=f"{tab}_progress")
+    r["preview"] = gr.Image(label="Live preview", interactive=False, height=256, elem_id=f"{tab}_preview")
+    r["gallery"] = gr.Gallery(label="Output", columns=4, height=512, elem_id=f"{tab}_gallery", format="png")
+    with gr.Row():
+        r["send_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_to_img2img")
+        r["send_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{tab}_send_to_inpaint")
+        r["send_extras"] = gr.Button("Send to extras", size="sm", elem_id=f"{tab}_send_to_extras")
+    r["info"] = gr.HTML(elem_id=f"{tab}_info")
+    r["last_seed"] = gr.State(-1)
+    r["infotexts"] = gr.State([])
+    r["images"] = gr.State([])  # the PIL images shown, for Send to
+    r["selected"] = gr.State(0)
+    return r
+
+
+def overrides_from(checkpoint: str | None, vae_choice: str | None, clip_skip) -> dict:
+    overrides = {"CLIP_stop_at_last_layers": int(clip_skip)}
+    if checkpoint:
+        overrides["sd_model_checkpoint"] = checkpoint
+    if vae_choice:
+        overrides["sd_vae"] = vae_choice
+    return overrides
+
+
+def clean_fields(fields: dict) -> dict:
+    """Gradio numbers arrive as floats (or None): make the integer fields ints, the schedule non-empty."""
+    for key in INT_FIELDS:
+        if key in fields:
+            fields[key] = int(fields[key] if fields[key] is not None else -1)
+    if "scheduler" in fields:
+        fields["scheduler"] = fields["scheduler"] or "Automatic"
+    return fields
+
+
+def stream_job(service: EaselService, start: Callable[[], Job]):
+    """Run a job, yielding tuples for (gallery, progress, preview, info, last_seed, infotexts, images)."""
+    keep = gr.update()
+    try:
+        job = start()
+    except (UserError, BackendError) as exc:
+        yield keep, "", None, info_html(exc.message, error=True), keep, keep, keep
+        return
+    for progress_html, img in wait_with_updates(job, service.client):
+        yield keep, progress_html, img if img is not None else keep, keep, keep, keep, keep
+    if job.error is not None:
+        yield keep, "", None, info_html(getattr(job.error, "message", str(job.error)), error=True), keep, keep, keep
+        return
+    result = job.result
+    pictures = [Image.open(io.BytesIO(img.png)) for img in result.images]
+    texts = [img.infotext for img in result.images]
+    first = next((img for img in result.images if not img.is_grid), None)
+    notes = "\n".join(result.warnings + (["Interrupted."] if result.interrupted else []))
+    shown = (first.infotext if first else "") + (f"\n{notes}" if notes else "")
+    maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "detected_maps", [])]  # ControlNet maps, shown last
+    yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
+           texts + [""] * len(maps), pictures)
+
+
+def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Callable, inputs: list) -> None:
+    """Generate (button and Enter in the prompt), Interrupt, Skip, the seed buttons, gallery selection."""
+    outputs = [r["gallery"], r["progress"], r["preview"], r["info"], r["last_seed"], r["infotexts"], r["images"]]
+    buttons["generate"].click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    c["prompt"].submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
+    buttons["skip"].click(lambda: service.skip(), queue=False)
+    buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
+    buttons["reuse_seed"].click(lambda s: s, inputs=[r["last_seed"]], outputs=[c["seed"]], queue=False)
+
+    def on_select(texts: list, evt: gr.SelectData):
+        if texts and 0 <= evt.index < len(texts):
+            return info_html(texts[evt.index]), evt.index
+        return gr.update(), 0
+
+    r["gallery"].select(on_select, inputs=[r["infotexts"]], outputs=[r["info"], r["selected"]], queue=False)
+
+
+def selected_image(images: list, selected: int) -> Image.Image | None:
+    """The image a Send to button sends: the selected one, else the first that is not the grid."""
+    if not images:
+        return None
+    if 0 <= selected < len(images):
+        return images[selected]
+    return images[0]

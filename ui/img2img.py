@@ -1,0 +1,200 @@
+"""The img2img tab: img2img, Sketch, Inpaint, Inpaint sketch, Inpaint upload and Batch, as in A1111."""
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from backend import image_ops
+from backend.errors import UserError
+from backend.schemas import Img2ImgRequest
+from backend.service import EaselService
+
+from . import generation
+
+MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
+MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
+               "inpaint_upload": "Inpaint upload", "batch": "Batch"}
+SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047", "#1e88e5", "#8e24aa", "#6d4c41"]
+
+# Request fields the tab edits, in the order of the `inputs` list (after the images and mode controls).
+FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
+          "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
+          "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
+          "inpaint_full_res", "inpaint_full_res_padding"]
+EXTRA = ["scale_mode", "scale_by", "soft_inpainting", "outpaint", "outpaint_pixels", "outpaint_blur", "outpaint_directions",
+         "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
+
+
+def drawn_mask(layers: list, size: tuple[int, int]) -> Image.Image | None:
+    """White where any brush layer has paint (its alpha), black elsewhere; None when nothing is drawn."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    for layer in layers or []:
+        if layer is None:
+            continue
+        layer = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
+        if layer.size != size:
+            layer = layer.resize(size, Image.Resampling.NEAREST)
+        alpha = np.asarray(layer.convert("RGBA").getchannel("A"))
+        mask = np.maximum(mask, alpha)
+    if mask.max() == 0:
+        return None
+    return Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), "L")
+
+
+def image_and_mask(mode: str, init_image, sketch: dict | None, inpaint: dict | None, inpaint_sketch: dict | None,
+                   upload_image, upload_mask) -> tuple[Image.Image, Image.Image | None]:
+    """What each sub-tab sends to the backend: (init image, mask or None)."""
+    what = MODE_LABELS.get(mode, mode)
+    if mode == "img2img":
+        if init_image is None:
+            raise UserError("Upload an image in the img2img tab first.")
+        return image_ops.flatten(init_image), None
+    if mode == "inpaint_upload":
+        if upload_image is None or upload_mask is None:
+            raise UserError("Inpaint upload needs both an image and a mask.")
+        return image_ops.flatten(upload_image), upload_mask
+    editor = {"sketch": sketch, "inpaint": inpaint, "inpaint_sketch": inpaint_sketch}.get(mode)
+    if mode not in ("sketch", "inpaint", "inpaint_sketch"):
+        raise UserError(f"Unknown img2img mode {mode!r}.")
+    background = (editor or {}).get("background")
+    if background is None:
+        raise UserError(f"Upload an image in the {what} tab first.")
+    background = image_ops.flatten(background)
+    if mode == "sketch":
+        composite = editor.get("composite")
+        return (image_ops.flatten(composite) if composite is not None else background), None
+    mask = drawn_mask(editor.get("layers") or [], background.size)
+    if mask is None:
+        raise UserError(f"Draw a mask on the image in the {what} tab first (the brush marks what to repaint).")
+    if mode == "inpaint":
+        return background, mask
+    composite = editor.get("composite")
+    return (image_ops.flatten(composite) if composite is not None else background), mask
+
+
+def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict, dict]:
+    """Lay out the tab. Returns (fields, results, image inputs) for PNG Info and the Send to buttons."""
+    c: dict[str, gr.components.Component] = {}
+    buttons = generation.prompt_row("img2img", c)
+    images: dict = {}
+    mode = gr.State("img2img")
+    with gr.Row():
+        with gr.Column(scale=1):
+            with gr.Tabs(elem_id="mode_img2img") as sub_tabs:
+                with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as t_img:
+                    images["init_image"] = gr.Image(label="Image for img2img", type="pil", image_mode="RGBA",
+                                                    sources=["upload", "clipboard"], format="png", height=420,
+                                                    elem_id="img2img_image")
+                with gr.Tab("Sketch", id="sketch", elem_id="img2img_img2img_sketch_tab") as t_sketch:
+                    images["sketch"] = gr.ImageEditor(label="Image for img2img (draw on it)", type="pil", format="png",
+                                                      brush=gr.Brush(colors=SKETCH_COLORS, color_mode="defaults"),
+                                                      sources=["upload", "clipboard"], layers=False, height=420,
+                                                      elem_id="img2img_sketch")
+                with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as t_inpaint:
+                    images["inpaint"] = gr.ImageEditor(label="Image for inpainting with mask", type="pil", format="png",
+                                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                                                       sources=["upload", "clipboard"], layers=False, height=420,
+                                                       elem_id="img2maskimg")
+                with gr.Tab("Inpaint sketch", id="inpaint_sketch", elem_id="img2img_inpaint_sketch_tab") as t_isketch:
+                    images["inpaint_sketch"] = gr.ImageEditor(label="Color sketch inpainting", type="pil", format="png",
+                                                              brush=gr.Brush(colors=SKETCH_COLORS, color_mode="defaults"),
+                                                              sources=["upload", "clipboard"], layers=False, height=420,
+                                                              elem_id="inpaint_sketch")
+                with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as t_upload:
+                    images["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", format="png",
+                                                      elem_id="img_inpaint_base")
+                    images["upload_mask"] = gr.Image(label="Mask (white = repaint)", type="pil", image_mode="RGBA",
+                                                     format="png", elem_id="img_inpaint_mask")
+                with gr.Tab("Batch", id="batch", elem_id="img2img_batch_tab") as t_batch:
+                    gr.Markdown("Process every image of a folder. Masks (optional) are matched by file name. "
+                                "When the UI is shared on a network, folders must be inside the data folder.")
+                    c["batch_input_dir"] = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+                    c["batch_output_dir"] = gr.Textbox(label="Output directory (empty: the img2img output folder)",
+                                                       elem_id="img2img_batch_output_dir")
+                    c["batch_mask_dir"] = gr.Textbox(label="Inpaint batch mask directory (optional)",
+                                                     elem_id="img2img_batch_inpaint_mask_dir")
+            for tab, name in ((t_img, "img2img"), (t_sketch, "sketch"), (t_inpaint, "inpaint"),
+                              (t_isketch, "inpaint_sketch"), (t_upload, "inpaint_upload"), (t_batch, "batch")):
+                tab.select(lambda n=name: n, outputs=[mode], queue=False)
+
+            c["resize_mode"] = gr.Radio(image_ops.RESIZE_MODES, value="Just resize", type="index", label="Resize mode",
+                                        elem_id="img2img_resize_mode")
+            generation.sampler_controls(service, "img2img", c)
+            with gr.Accordion("Inpaint options", open=True, elem_id="img2img_inpaint_controls"):
+                with gr.Row():
+                    c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
+                    c["inpainting_mask_invert"] = gr.Radio(image_ops.MASK_MODES, value=image_ops.MASK_MODES[0], type="index",
+                                                           label="Mask mode", elem_id="img2img_mask_mode")
+                c["inpainting_fill"] = gr.Radio(image_ops.MASKED_CONTENT, value="original", type="index",
+                                                label="Masked content", elem_id="img2img_inpainting_fill")
+                with gr.Row():
+                    c["inpaint_full_res"] = gr.Radio(image_ops.INPAINT_AREAS, value="Whole picture", type="index",
+                                                     label="Inpaint area", elem_id="img2img_inpaint_full_res")
+                    c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
+                                                              elem_id="img2img_inpaint_full_res_padding")
+                c["soft_inpainting"] = gr.Checkbox(False, label="Soft inpainting (blend the mask edge smoothly)",
+                                                   elem_id="img2img_soft_inpainting")
+            with gr.Row():
+                c["scale_mode"] = gr.Radio(["Resize to", "Resize by"], value="Resize to", label="Size",
+                                           elem_id="img2img_scale_mode")
+                c["scale_by"] = gr.Slider(0.05, 4, value=1, step=0.05, label="Scale", elem_id="img2img_scale")
+            with gr.Row():
+                with gr.Column():
+                    c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="img2img_width")
+                    c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="img2img_height")
+                with gr.Column():
+                    generation.batch_controls("img2img", c)
+            with gr.Row():
+                c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
+                c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                                    elem_id="img2img_denoising_strength")
+            buttons.update(generation.seed_controls("img2img", c))
+            generation.extra_controls(service, "img2img", c)
+            with gr.Accordion("Outpainting", open=False, elem_id="img2img_outpainting"):
+                c["outpaint"] = gr.Checkbox(False, label="Outpaint: grow the picture outwards", elem_id="img2img_outpaint")
+                with gr.Row():
+                    c["outpaint_pixels"] = gr.Slider(8, 512, value=128, step=8, label="Pixels to expand")
+                    c["outpaint_blur"] = gr.Slider(0, 64, value=8, step=1, label="Seam blur")
+                c["outpaint_directions"] = gr.CheckboxGroup(list(image_ops.OUTPAINT_DIRECTIONS),
+                                                            value=list(image_ops.OUTPAINT_DIRECTIONS),
+                                                            label="Outpainting direction")
+        with gr.Column(scale=1):
+            r = generation.results_column("img2img")
+
+    image_inputs = [images[k] for k in ("init_image", "sketch", "inpaint", "inpaint_sketch", "upload_image", "upload_mask")]
+    inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA]
+
+    def on_generate(*values):
+        yield from generation.stream_job(service, lambda: submit(list(values)))
+
+    def submit(values: list):
+        ckpt, vae_choice, mode_name, *rest = values
+        pictures, rest = rest[:len(image_inputs)], rest[len(image_inputs):]
+        fields = dict(zip(FIELDS + EXTRA, rest))
+        extra = {k: fields.pop(k) for k in EXTRA}
+        fields = generation.clean_fields(fields)
+        fields["inpaint_full_res"] = bool(fields["inpaint_full_res"])
+        overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
+        request = dict(fields, override_settings=overrides, save_images=True)
+        if extra["soft_inpainting"]:
+            request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
+        if extra["outpaint"]:
+            request["script_name"] = "Poor man's outpainting"
+            request["script_args"] = [int(extra["outpaint_pixels"]), int(extra["outpaint_blur"]), fields["inpainting_fill"],
+                                      list(extra["outpaint_directions"] or [])]
+        if mode_name == "batch":
+            return service.submit_img2img_batch(Img2ImgRequest(**request), extra["batch_input_dir"] or "",
+                                                extra["batch_output_dir"] or "", extra["batch_mask_dir"] or "")
+        image, mask = image_and_mask(mode_name, *pictures)
+        if extra["outpaint"]:
+            mask = None  # outpainting makes its own mask of the new area
+        if extra["scale_mode"] == "Resize by":
+            request["width"] = max(64, int(round(image.width * float(extra["scale_by"]) / 8)) * 8)
+            request["height"] = max(64, int(round(image.height * float(extra["scale_by"]) / 8)) * 8)
+        return service.submit_img2img(Img2ImgRequest(**request), [image], mask)
+
+    generation.wire_results(service, r, buttons, c, on_generate, inputs)
+    images["sub_tabs"] = sub_tabs
+    images["mode"] = mode
+    return c, r, images
