@@ -49,3 +49,19 @@ def test_draw_a_mask_and_inpaint(server, tmp_path):
     changed = np.abs(result - original).max(-1) > 0
     assert changed[64, 50:78].all(), "the stroke was not inpainted"
     assert not changed[:40].any() and not changed[-40:].any(), "pixels far from the stroke changed"
+
+
+def test_send_a_txt2img_result_to_inpaint(server):
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "a small red house")
+        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "96")):
+            _set_number(page, elem, value)
+        page.click("#txt2img_generate")
+        page.wait_for_selector("#txt2img_gallery img", timeout=180_000)
+        page.click("#txt2img_send_to_inpaint")
+        page.wait_for_function("(document.querySelector('#img2img_prompt textarea') || {}).value === 'a small red house'")
+        assert page.input_value("#img2img_width input[type=number]") == "64"
+        assert page.input_value("#img2img_height input[type=number]") == "96"
+        assert page.locator("#mode_img2img [role=tab][aria-selected=true]").inner_text().strip() == "Inpaint"
+        page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")

@@ -42,7 +42,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(service)
 
-        send_to.wire(tabs, [t2i_results, i2i_results], i2i_images)
+        send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images)
 
         def on_refresh():
             service.refresh_checkpoints()
