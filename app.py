@@ -54,6 +54,8 @@ def add_api(app, service, args) -> None:
     if args.api_auth:
         deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth))))
     app.include_router(build_router(service, deps, log_requests=bool(args.api_log)))
+    from api.controlnet_routes import build_controlnet_router
+    app.include_router(build_controlnet_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.api:
             add_api(app, service, args)
             # Gradio's catch-all routes were registered first: move ours to the front.
-            api_routes = [r for r in app.router.routes if getattr(r, "path", "").startswith("/sdapi/")]
+            api_routes = [r for r in app.router.routes if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/"))]
             others = [r for r in app.router.routes if r not in api_routes]
             app.router.routes[:] = api_routes + others
         print(f"Running on local URL:  {local_url}", flush=True)

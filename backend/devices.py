@@ -83,6 +83,7 @@ class DevicePolicy:
             for module in targets:
                 if module is not None:
                     module.register_forward_pre_hook(swapper.hook)
+            model._easel_swapper = swapper  # shared with models that run beside the UNet (ControlNets)
         model._easel_placed = (self.device, self.mode)
         log.info("model placed: %s", self.describe())
 
@@ -96,10 +97,50 @@ class DevicePolicy:
             part.to(self.offload_device)
         model._easel_placed = None
 
+    def place_beside(self, module: torch.nn.Module, owner) -> None:
+        """Place a model that runs beside `owner`'s UNet (a ControlNet) by the same policy as that UNet.
+
+        Resident: on the device. --medvram: kept in RAM and swapped in whole by the owner's swapper,
+        so it and the UNet take turns on the device. --lowvram: its big blocks are streamed one at a
+        time by the same swapper, its small parts stay on the device.
+        """
+        module.to(dtype=self.dtype)
+        swapper = getattr(owner, "_easel_swapper", None) if self.offloads else None
+        placed = (self.device, self.mode, id(swapper))
+        if getattr(module, "_easel_placed", None) == placed:
+            return
+        self._remove_hooks(module)
+        if swapper is None:
+            module.to(self.device)
+        else:
+            module.to(self.offload_device)
+            targets = [module] if self.mode == "medvram" else unet_blocks(module)
+            if self.mode == "lowvram":
+                streamed = {id(b) for b in targets}
+                for child in module.children():
+                    if id(child) not in streamed and not isinstance(child, torch.nn.ModuleList):
+                        child.to(self.device)
+                    elif isinstance(child, torch.nn.ModuleList) and not any(id(c) in streamed for c in child):
+                        child.to(self.device)
+            module._easel_hooks = [t.register_forward_pre_hook(swapper.hook) for t in targets]
+        module._easel_placed = placed
+
+    def release_beside(self, module: torch.nn.Module) -> None:
+        """Move a model placed by `place_beside` off the accelerator."""
+        self._remove_hooks(module)
+        module.to(self.offload_device)
+        module._easel_placed = None
+
+    @staticmethod
+    def _remove_hooks(module: torch.nn.Module) -> None:
+        for handle in getattr(module, "_easel_hooks", []):
+            handle.remove()
+        module._easel_hooks = []
+
 
 def unet_blocks(unet) -> list[torch.nn.Module]:
-    """The UNet's big blocks, the unit `--lowvram` streams."""
-    blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
+    """The UNet's (or a ControlNet's) big blocks, the unit `--lowvram` streams."""
+    blocks = list(unet.down_blocks) + [unet.mid_block] + list(getattr(unet, "up_blocks", None) or [])
     return [b for b in blocks if b is not None]
 
 

@@ -53,6 +53,11 @@ SETTINGS: list[Setting] = [
     Setting("outdir_img2img_grids", "outputs/img2img-grids", "Output folder for img2img grids", "Paths for saving"),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
+    Setting("control_net_unit_count", 3, "Number of ControlNet units", "ControlNet", int, minimum=1, maximum=10,
+            restart_needed=True),
+    Setting("control_net_model_cache_size", 2, "ControlNet models to keep loaded (cached)", "ControlNet", int,
+            minimum=1, maximum=10),
+    Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

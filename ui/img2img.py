@@ -10,7 +10,7 @@ from backend.errors import UserError
 from backend.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from . import generation
+from . import controlnet, generation
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -159,16 +159,20 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                 c["outpaint_directions"] = gr.CheckboxGroup(list(image_ops.OUTPAINT_DIRECTIONS),
                                                             value=list(image_ops.OUTPAINT_DIRECTIONS),
                                                             label="Outpainting direction")
+            cn_panel = controlnet.build_units(service, "img2img", checkpoint, img2img=True, width=c["width"],
+                                              height=c["height"])
         with gr.Column(scale=1):
             r = generation.results_column("img2img")
 
     image_inputs = [images[k] for k in ("init_image", "sketch", "inpaint", "inpaint_sketch", "upload_image", "upload_mask")]
-    inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA]
+    inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + cn_panel.inputs
+    n_base = len(inputs) - len(cn_panel.inputs)
 
     def on_generate(*values):
         yield from generation.stream_job(service, lambda: submit(list(values)))
 
     def submit(values: list):
+        values, cn_values = values[:n_base], values[n_base:]
         ckpt, vae_choice, mode_name, *rest = values
         pictures, rest = rest[:len(image_inputs)], rest[len(image_inputs):]
         fields = dict(zip(FIELDS + EXTRA, rest))
@@ -179,6 +183,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         request = dict(fields, override_settings=overrides, save_images=True)
         if extra["soft_inpainting"]:
             request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
+        request.setdefault("alwayson_scripts", {}).update(cn_panel.alwayson_scripts(cn_values))
         if extra["outpaint"]:
             request["script_name"] = "Poor man's outpainting"
             request["script_args"] = [int(extra["outpaint_pixels"]), int(extra["outpaint_blur"]), fields["inpainting_fill"],

@@ -10,7 +10,7 @@ from backend.downloads import download_file, network_available
 from backend.errors import UserError
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from . import img2img, pnginfo, send_to, settings_tab, txt2img
+from . import controlnet, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -39,6 +39,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 i2i_fields, i2i_results, i2i_images = img2img.build(service, checkpoint, vae)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
+            with gr.Tab("ControlNet", id="controlnet"):
+                controlnet.build_tab(service)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(service)
 

@@ -1,0 +1,79 @@
+"""sd-webui-controlnet's HTTP routes (`/controlnet/...`, without the /sdapi/v1 prefix, as the extension has them).
+
+GET `version`, `model_list`, `module_list`, `control_types`, `settings`; POST `detect`.
+Units themselves travel in txt2img/img2img requests (`alwayson_scripts.controlnet.args`).
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.errors import A1111Route
+from backend.controlnet.service import API_VERSION
+from backend.errors import UserError
+from backend.image_codec import decode_base64_image
+from backend.service import EaselService
+
+
+class DetectRequest(BaseModel):
+    """POST /controlnet/detect, with the extension's field names and defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_masks: list[str] | None = None
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float = 64
+    controlnet_threshold_b: float = 64
+    low_vram: bool = False
+
+
+def _png_base64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def build_controlnet_router(service: EaselService, dependencies: list | None = None, log_requests: bool = False) -> APIRouter:
+    route_class = type("EaselControlNetRoute", (A1111Route,), {"log_requests": log_requests})
+    router = APIRouter(prefix="/controlnet", dependencies=dependencies or [], route_class=route_class)
+    cn = service.controlnet
+
+    @router.get("/version")
+    def version() -> dict:
+        return {"version": API_VERSION}
+
+    @router.get("/model_list")
+    def model_list(update: bool = True) -> dict:
+        if update:
+            cn.refresh()
+        return {"model_list": cn.registry.titles()}
+
+    @router.get("/module_list")
+    def module_list(alias_names: bool = False) -> dict:
+        return {"module_list": cn.module_names(alias_names), "module_detail": cn.module_detail(alias_names)}
+
+    @router.get("/control_types")
+    def control_types() -> dict:
+        return {"control_types": cn.control_types()}
+
+    @router.get("/settings")
+    def settings() -> dict:
+        return {"control_net_unit_count": int(service.options.get("control_net_unit_count", 3)),
+                "control_net_max_models_num": int(service.options.get("control_net_unit_count", 3))}
+
+    @router.post("/detect")
+    def detect(req: DetectRequest) -> dict:
+        if not req.controlnet_input_images:
+            raise UserError("detect: controlnet_input_images is empty; send at least one base64 image.")
+        images = [decode_base64_image(data, f"controlnet_input_images[{i}]")
+                  for i, data in enumerate(req.controlnet_input_images)]
+        results = cn.detect(req.controlnet_module, images, req.controlnet_processor_res, req.controlnet_threshold_a,
+                            req.controlnet_threshold_b)
+        return {"images": [_png_base64(img) for img in results], "info": "Success"}
+
+    return router

@@ -1,0 +1,1 @@
+"""ControlNet: model files, preprocessors, units, and per-step application (sd-webui-controlnet compatible)."""

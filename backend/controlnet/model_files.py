@@ -1,0 +1,468 @@
+"""ControlNet model files: find them, tell what they are from their tensors, load them into diffusers.
+
+Layouts read:
+- the original single-file layout of lllyasviel's ControlNet 1.0/1.1 (`control_v11p_sd15_canny.pth`,
+  `.safetensors`, fp16 "pruned" copies): keys `control_model.*` (or the same keys without the
+  prefix), an LDM UNet encoder (`input_blocks.*`, `middle_block.*`, `time_embed.*`, `label_emb.*`)
+  plus `input_hint_block.*` (the hint encoder), `zero_convs.N.0.*` and `middle_block_out.0.*`.
+  ControlNet 1.0 files that bundle a whole SD model beside `control_model.*` are read the same way.
+- the diffusers layout, as SDXL ControlNets are downloaded (`diffusion_pytorch_model.safetensors`
+  renamed, `diffusers_xl_canny_full.safetensors`, ...): `controlnet_cond_embedding.*`,
+  `down_blocks.*`, `controlnet_down_blocks.N.*`, `controlnet_mid_block.*`.
+
+As `backend.model_detection` does for checkpoints, the architecture is read from the shapes
+(levels, blocks, transformer depths, context width, linear or conv projections, SDXL's size
+embedding), so a real SD 1.5 ControlNet and a tiny test file go through the same code.
+Family: `label_emb`/`add_embedding` -> sdxl; linear `proj_in` -> sd2; conv `proj_in` -> sd1.
+
+Model names are listed as sd-webui-controlnet lists them: `control_v11p_sd15_canny [d14c016b]`,
+the bracket holding A1111's legacy short hash (sha256 of 64 KiB at offset 1 MiB, 8 hex digits).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..ldm_convert import _UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
+from ..model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS
+from ..paths import list_files
+
+log = logging.getLogger(__name__)
+
+CONTROLNET_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+LDM_PREFIX = "control_model."
+SDXL_TIME_EMBED_DIM = 256  # SDXL's size/crop embedding width (2816 = 1280 pooled + 6 * 256)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlNetFile:
+    """A ControlNet model file on disk. `name` is its path relative to the folder it was found in."""
+
+    name: str
+    path: Path
+    short_hash: str
+
+    @property
+    def model_name(self) -> str:
+        return os.path.splitext(os.path.basename(self.name))[0]
+
+    @property
+    def title(self) -> str:
+        """As sd-webui-controlnet lists it: `control_v11p_sd15_canny [d14c016b]`."""
+        return f"{self.model_name} [{self.short_hash}]"
+
+
+@dataclass
+class ControlNetInfo:
+    """What a ControlNet file holds: family, diffusers config, layout and options."""
+
+    family: str  # sd1 | sd2 | sdxl
+    config: dict  # kwargs for diffusers.ControlNetModel
+    layout: str  # "ldm" | "diffusers"
+    prefix: str = ""  # where the ControlNet's keys start in the file
+    global_average_pooling: bool = False  # shuffle models: control is averaged over the image
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES.get(self.family, self.family)
+
+
+def legacy_short_hash(path: Path) -> str:
+    """A1111's old model hash (what sd-webui-controlnet shows in brackets)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        digest.update(f.read(0x10000))
+    return digest.hexdigest()[:8]
+
+
+# -- finding files ------------------------------------------------------------------------------
+class ControlNetRegistry:
+    """The ControlNet files below the ControlNet folders; lookups accept titles, names, stems and hashes.
+
+    The family of each file is read lazily (only the header of a `.safetensors`, a memory-mapped
+    load of a `.pth`) and remembered by (path, size, mtime).
+    """
+
+    def __init__(self, folders: list[Path]):
+        self.folders = folders
+        self._lock = threading.Lock()
+        self._families: dict[tuple, str | None] = {}
+        self.files: list[ControlNetFile] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        found: dict[Path, ControlNetFile] = {}
+        for folder in self.folders:
+            root = folder.resolve() if folder.exists() else folder
+            for path in list_files([folder], CONTROLNET_EXTENSIONS):
+                if path in found or path.name.endswith(".part"):
+                    continue
+                try:
+                    rel = path.relative_to(root)
+                except ValueError:
+                    rel = Path(path.name)
+                try:
+                    found[path] = ControlNetFile(name=str(rel).replace(os.sep, "/"), path=path, short_hash=legacy_short_hash(path))
+                except OSError as exc:
+                    log.warning("skipping ControlNet file %s: %s", path, exc)
+        with self._lock:
+            self.files = sorted(found.values(), key=lambda f: f.name.lower())
+
+    def titles(self) -> list[str]:
+        return [f.title for f in self.files]
+
+    def find(self, query: str) -> ControlNetFile:
+        """The file for a model name as clients send it (title, `name [hash]`, stem, file name or hash)."""
+        q = (query or "").strip()
+        files = list(self.files)
+        bare = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", q)
+        hash_in = re.search(r"\[([0-9a-fA-F]+)\]\s*$", q)
+        for f in files:
+            if q in (f.title, f.name, f.model_name, f.path.name):
+                return f
+        for f in files:
+            if bare and bare in (f.model_name, f.name, f.path.name, f.path.stem):
+                return f
+        if hash_in:
+            for f in files:
+                if f.short_hash == hash_in.group(1).lower():
+                    return f
+        available = ", ".join(f.title for f in files) or "none (put ControlNet models in " + \
+            " or ".join(str(d) for d in self.folders) + ")"
+        raise UserError(f"ControlNet model {query!r} not found. Available: {available}", status=404)
+
+    def family_of(self, f: ControlNetFile) -> str | None:
+        """sd1 / sd2 / sdxl, or None when the file is not a ControlNet Easel can read."""
+        try:
+            st = f.path.stat()
+        except OSError:
+            return None
+        key = (str(f.path), st.st_size, st.st_mtime)
+        with self._lock:
+            if key in self._families:
+                return self._families[key]
+        try:
+            family = detect_controlnet(read_shapes(f.path)).family
+        except UserError as exc:
+            log.warning("%s: %s", f.name, exc.message)
+            family = None
+        with self._lock:
+            self._families[key] = family
+        return family
+
+    def titles_for(self, family: str | None) -> list[str]:
+        """Titles of the models that fit a checkpoint family (all of them when the family is unknown)."""
+        if family is None:
+            return self.titles()
+        return [f.title for f in self.files if self.family_of(f) == family]
+
+
+# -- reading --------------------------------------------------------------------------------------
+class _Shape:
+    """Stands in for a tensor where only its shape is needed (detection from a file header)."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+        self.ndim = len(self.shape)
+
+
+def read_shapes(path: Path) -> dict:
+    """{key: object with .shape/.ndim} without reading the weights (header or memory map)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from ..state_dict_io import _read_safetensors_header
+        header = _read_safetensors_header(path)
+        return {k: _Shape(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    from ..state_dict_io import _safe_extra_globals
+    try:
+        with torch.serialization.safe_globals(_safe_extra_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  old (non-zip) pickles cannot be memory-mapped: read them whole
+        from ..state_dict_io import read_state_dict
+        return read_state_dict(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path.name} does not hold a state dict.")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+# -- detection ------------------------------------------------------------------------------------
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys for m in [rx.match(k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _first(sd: dict, pattern: str):
+    rx = re.compile(pattern)
+    for k, v in sd.items():
+        if rx.search(k):
+            return v
+    return None
+
+
+def _family(sd: dict, has_label_emb: bool) -> str:
+    if has_label_emb:
+        return "sdxl"
+    proj = _first(sd, r"\.proj_in\.weight$")
+    if proj is None:
+        raise UserError("This ControlNet has no transformer (proj_in) layers; it is not a Stable Diffusion ControlNet.")
+    return "sd2" if proj.ndim == 2 else "sd1"
+
+
+def _heads(family: str, block_out: list[int]):
+    return SD1_HEADS if family == "sd1" else [max(1, c // HEAD_CHANNELS) for c in block_out]
+
+
+def _transformer_layers(depths: list[int], mid_depth: int) -> list[int]:
+    # diffusers gives the middle block the last level's entry; levels without attention take any value.
+    out = []
+    for level, d in enumerate(depths):
+        out.append(d if d else (mid_depth if level == len(depths) - 1 else 1))
+    return out
+
+
+def detect_controlnet(state_dict: dict, *, addition_time_embed_dim: int | None = None) -> ControlNetInfo:
+    """Read a ControlNet file's architecture from its keys and shapes (original or diffusers layout)."""
+    keys = list(state_dict.keys())
+    if any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        return _detect_diffusers(state_dict, addition_time_embed_dim)
+    prefix = LDM_PREFIX if any(k.startswith(LDM_PREFIX + "input_hint_block.") for k in keys) else ""
+    if not any(k.startswith(prefix + "input_hint_block.") for k in keys) or \
+            not any(k.startswith(prefix + "zero_convs.") for k in keys):
+        if any(k.startswith(("lora_controlnet", "down_blocks.0.resnets.0.norm1")) for k in keys):
+            what = "a Control-LoRA or diffusers UNet"
+        elif any(".body." in k or k.startswith("adapter.") for k in keys):
+            what = "a T2I-Adapter"
+        elif any(k.startswith("model.diffusion_model.") for k in keys):
+            what = "a Stable Diffusion checkpoint (put it in models/Stable-diffusion)"
+        else:
+            what = f"not a ControlNet ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
+        raise UserError(f"Unsupported ControlNet file: it looks like {what}. Easel reads ControlNet 1.0/1.1 files in "
+                        "the original layout and diffusers-format ControlNets for SD 1.x, SD 2.x and SDXL.")
+    return _detect_ldm(state_dict, prefix, addition_time_embed_dim)
+
+
+def _hint_channels(sd: dict, conv_keys: list[str]) -> tuple[int, list[int]]:
+    """(conditioning channels, conditioning_embedding_out_channels) from the hint encoder's convs in order."""
+    shapes = [sd[k].shape for k in conv_keys]
+    if len(shapes) < 2 or (len(shapes) - 2) % 2:
+        raise UserError("Unsupported ControlNet: its hint encoder has an unexpected number of layers.")
+    cond_channels = int(shapes[0][1])
+    outs = [int(shapes[0][0])] + [int(shapes[i][0]) for i in range(2, len(shapes) - 1, 2)]
+    return cond_channels, outs
+
+
+def _detect_ldm(state_dict: dict, prefix: str, time_dim: int | None) -> ControlNetInfo:
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    get = lambda k: _require(sd, k, prefix)  # noqa: E731
+    conv_in = get("input_blocks.0.0.weight")
+    n_input = _count(sd, r"input_blocks\.(\d+)\.")
+    levels: list[list[int]] = [[]]
+    for n in range(1, n_input):
+        if f"input_blocks.{n}.0.op.weight" in sd:
+            levels.append([])
+        elif f"input_blocks.{n}.0.in_layers.0.weight" in sd:
+            levels[-1].append(n)
+        else:
+            raise UserError(f"Unrecognized ControlNet block input_blocks.{n}.")
+    counts = {len(level) for level in levels}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"Unsupported ControlNet layout: levels hold different numbers of blocks ({[len(l) for l in levels]}).")
+    lpb = counts.pop()
+    block_out = [int(get(f"input_blocks.{level[0]}.0.out_layers.3.weight").shape[0]) for level in levels]
+    depths = [[_count(sd, rf"input_blocks\.{n}\.1\.transformer_blocks\.(\d+)\.") for n in level] for level in levels]
+    for level, d in enumerate(depths):
+        if len(set(d)) != 1:
+            raise UserError(f"Unsupported ControlNet layout: level {level} has blocks of different transformer depths.")
+    depths1 = [d[0] for d in depths]
+    mid_depth = _count(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    has_label = "label_emb.0.0.weight" in sd
+    family = _family(sd, has_label)
+    to_k = _first(sd, r"\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+    hint_keys = sorted((k for k in sd if k.startswith("input_hint_block.") and k.endswith(".weight")),
+                       key=lambda k: int(k.split(".")[1]))
+    cond_channels, cond_out = _hint_channels(sd, hint_keys)
+    n_zero = _count(sd, r"zero_convs\.(\d+)\.")
+    if n_zero != n_input:
+        raise UserError(f"Unsupported ControlNet layout: {n_zero} zero convolutions for {n_input} input blocks.")
+    config = _config(family, int(conv_in.shape[1]), block_out, lpb, depths1, mid_depth,
+                     int(to_k.shape[1]) if to_k is not None else None,
+                     _first(sd, r"\.proj_in\.weight$"), cond_channels, cond_out,
+                     int(sd["label_emb.0.0.weight"].shape[1]) if has_label else None, time_dim)
+    time_embed = get("time_embed.0.weight")
+    if int(time_embed.shape[1]) != block_out[0] or int(time_embed.shape[0]) != 4 * block_out[0]:
+        raise UserError("Unsupported ControlNet: its timestep embedding width is not 4x its base channel count.")
+    return ControlNetInfo(family=family, config=config, layout="ldm", prefix=prefix)
+
+
+def _detect_diffusers(sd: dict, time_dim: int | None) -> ControlNetInfo:
+    get = lambda k: _require(sd, k, "")  # noqa: E731
+    conv_in = get("conv_in.weight")
+    n_levels = _count(sd, r"down_blocks\.(\d+)\.")
+    lpb = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
+    block_out = [int(get(f"down_blocks.{i}.resnets.0.conv2.weight").shape[0]) for i in range(n_levels)]
+    depths = [_count(sd, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") for i in range(n_levels)]
+    mid_depth = _count(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
+    has_add = "add_embedding.linear_1.weight" in sd
+    family = _family(sd, has_add)
+    to_k = _first(sd, r"\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+    n_blocks = _count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    hint_keys = (["controlnet_cond_embedding.conv_in.weight"] +
+                 [f"controlnet_cond_embedding.blocks.{i}.weight" for i in range(n_blocks)] +
+                 ["controlnet_cond_embedding.conv_out.weight"])
+    for k in hint_keys:
+        get(k)
+    cond_channels, cond_out = _hint_channels(sd, hint_keys)
+    config = _config(family, int(conv_in.shape[1]), block_out, lpb, depths, mid_depth,
+                     int(to_k.shape[1]) if to_k is not None else None, _first(sd, r"\.proj_in\.weight$"),
+                     cond_channels, cond_out, int(sd["add_embedding.linear_1.weight"].shape[1]) if has_add else None, time_dim)
+    return ControlNetInfo(family=family, config=config, layout="diffusers")
+
+
+def _config(family, in_channels, block_out, lpb, depths, mid_depth, cross_dim, proj_in, cond_channels, cond_out,
+            adm_in, time_dim) -> dict:
+    if cross_dim is None or proj_in is None or mid_depth == 0:
+        raise UserError("Unsupported ControlNet: no cross-attention found in its middle block.")
+    for c in block_out:
+        if c % GROUPS:
+            raise UserError(f"Unsupported ControlNet: {c} channels is not a multiple of {GROUPS}.")
+    config = {
+        "in_channels": in_channels,
+        "conditioning_channels": cond_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+        "block_out_channels": block_out,
+        "layers_per_block": lpb,
+        "cross_attention_dim": cross_dim,
+        "transformer_layers_per_block": _transformer_layers(depths, mid_depth),
+        "attention_head_dim": _heads(family, block_out),
+        "use_linear_projection": proj_in.ndim == 2,
+        "norm_num_groups": GROUPS,
+        "conditioning_embedding_out_channels": tuple(cond_out),
+    }
+    if adm_in is not None:
+        if time_dim is None:
+            time_dim = SDXL_TIME_EMBED_DIM if adm_in == 2816 else None
+        config.update({"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                       "projection_class_embeddings_input_dim": adm_in})
+    return config
+
+
+def _require(sd: dict, key: str, prefix: str):
+    try:
+        return sd[key]
+    except KeyError:
+        raise UserError(f"The ControlNet file is missing {prefix}{key}; it is incomplete or of an unsupported layout.") from None
+
+
+# -- key conversion -------------------------------------------------------------------------------
+def _layout(config: dict) -> _UNetLayout:
+    return _UNetLayout({**config, "up_block_types": [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]})
+
+
+def ldm_controlnet_to_diffusers(sd: dict[str, torch.Tensor], info: ControlNetInfo) -> tuple[dict, list[str]]:
+    """Original-layout ControlNet tensors -> diffusers ControlNetModel names; returns (state dict, unknown keys)."""
+    layout = _layout(info.config)
+    n = len(info.prefix)
+    hint_idx = sorted({int(k[n:].split(".")[1]) for k in sd if k.startswith(info.prefix + "input_hint_block.")})
+    hint_names = {hint_idx[0]: "conv_in", hint_idx[-1]: "conv_out"}
+    for j, idx in enumerate(hint_idx[1:-1]):
+        hint_names[idx] = f"blocks.{j}"
+    out, unknown = {}, []
+    for full, v in sd.items():
+        if not full.startswith(info.prefix):
+            continue
+        k = full[len(info.prefix):]
+        p = k.split(".")
+        nk = None
+        if p[0] == "input_hint_block" and len(p) == 3 and int(p[1]) in hint_names:
+            nk = f"controlnet_cond_embedding.{hint_names[int(p[1])]}.{p[2]}"
+        elif p[0] == "zero_convs" and len(p) == 4 and p[2] == "0":
+            nk = f"controlnet_down_blocks.{p[1]}.{p[3]}"
+        elif p[0] == "middle_block_out" and len(p) == 3 and p[1] == "0":
+            nk = f"controlnet_mid_block.{p[2]}"
+        elif p[0] in ("time_embed", "label_emb", "input_blocks", "middle_block"):
+            nk = unet_key_to_diffusers(k, layout)
+        if nk is None:
+            unknown.append(full)
+        else:
+            out[nk] = v
+    return out, unknown
+
+
+def diffusers_controlnet_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str = LDM_PREFIX) -> dict:
+    """diffusers ControlNetModel tensors -> the original single-file layout (the exact inverse of the above)."""
+    layout = _layout(config)
+    n_blocks = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("controlnet_cond_embedding.blocks."))
+    hint = {"conv_in": 0, "conv_out": 2 * (n_blocks + 1)}
+    hint.update({f"blocks.{j}": 2 * (j + 1) for j in range(n_blocks)})
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "controlnet_cond_embedding":
+            name = ".".join(p[1:-1])
+            nk = f"input_hint_block.{hint[name]}.{p[-1]}"
+        elif p[0] == "controlnet_down_blocks":
+            nk = f"zero_convs.{p[1]}.0.{p[2]}"
+        elif p[0] == "controlnet_mid_block":
+            nk = f"middle_block_out.0.{p[1]}"
+        else:
+            nk = unet_key_to_ldm(k, layout)
+        if nk is None:
+            raise KeyError(f"no original-layout name for ControlNet key {k}")
+        out[prefix + nk] = v
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _global_average_pooling(path: Path) -> bool:
+    """Shuffle models average their control over the image: `global_average_pooling: True` in the yaml beside
+    the file (as sd-webui-controlnet reads it), or a name saying shuffle."""
+    yaml_path = path.with_suffix(".yaml")
+    if yaml_path.is_file():
+        text = yaml_path.read_text(encoding="utf-8", errors="replace")
+        m = re.search(r"global_average_pooling\s*:\s*(\w+)", text)
+        if m:
+            return m.group(1).lower() == "true"
+    return "shuffle" in path.name.lower()
+
+
+def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_time_embed_dim: int | None = None):
+    """(diffusers ControlNetModel on the CPU in `dtype`, ControlNetInfo) for a ControlNet file."""
+    from diffusers import ControlNetModel
+
+    from ..model_loader import _empty, _few, load_weights
+    from ..state_dict_io import read_state_dict
+
+    path = Path(path)
+    sd = read_state_dict(path)
+    try:
+        info = detect_controlnet(sd, addition_time_embed_dim=addition_time_embed_dim)
+    except UserError as exc:
+        raise UserError(f"{path.name}: {exc.message}", status=exc.status) from exc
+    if info.layout == "ldm":
+        weights, unknown = ldm_controlnet_to_diffusers(sd, info)
+    else:
+        weights, unknown = sd, []
+    if unknown:
+        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), _few(unknown))
+    del sd
+    if info.config.get("addition_embed_type") and info.config.get("addition_time_embed_dim") is None:
+        raise UserError(f"{path.name}: cannot tell this SDXL ControlNet's size-embedding width (input "
+                        f"{info.config['projection_class_embeddings_input_dim']}); load an SDXL checkpoint first.")
+    model = _empty(lambda: ControlNetModel(**info.config))
+    load_weights(model, weights, f"ControlNet {path.name}", dtype=dtype, device="cpu")
+    info.global_average_pooling = _global_average_pooling(path)
+    return model, info

@@ -1,0 +1,165 @@
+"""The app process's side of ControlNet: model and preprocessor lists, units into job payloads, detect.
+
+Used by `EaselService` (jobs), the `/controlnet/*` API routes and the UI. Control images are
+decoded and checked here; the backend process receives PIL images and resolved model files.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import UserError
+from .model_files import ControlNetRegistry, read_shapes
+from .preprocessors import all_preprocessors, find_preprocessor
+from .units import ControlUnit, check_unit, parse_controlnet_args
+
+log = logging.getLogger("easel.controlnet")
+
+API_VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers
+ANNOTATORS_FOLDER = "ControlNet-annotators"
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """sd1 / sd2 / sdxl from a checkpoint's key names (header only), or None when unknown."""
+    try:
+        keys = read_shapes(path).keys()
+    except (UserError, OSError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    return None
+
+
+class ControlNetService:
+    def __init__(self, paths, options, client):
+        self.paths = paths
+        self.options = options
+        self.client = client
+        self.registry = ControlNetRegistry(paths.controlnet_dirs)
+        self._families: dict[tuple, str | None] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def annotators_dir(self) -> Path:
+        return self.paths.models_dir / ANNOTATORS_FOLDER
+
+    def refresh(self) -> None:
+        self.registry.refresh()
+
+    # -- lists ----------------------------------------------------------------------------------
+    def family_of_checkpoint(self, ckpt) -> str | None:
+        try:
+            st = ckpt.path.stat()
+        except OSError:
+            return None
+        key = (str(ckpt.path), st.st_size, st.st_mtime)
+        with self._lock:
+            if key not in self._families:
+                self._families[key] = checkpoint_family(ckpt.path)
+            return self._families[key]
+
+    def model_titles(self, ckpt=None) -> list[str]:
+        """"None" then the models that fit `ckpt`'s family (all when no checkpoint is given or known)."""
+        family = self.family_of_checkpoint(ckpt) if ckpt is not None else None
+        return ["None"] + self.registry.titles_for(family)
+
+    @staticmethod
+    def module_names(alias_names: bool = False) -> list[str]:
+        return [p.display_name if alias_names else p.name for p in all_preprocessors()]
+
+    @staticmethod
+    def module_detail(alias_names: bool = False) -> dict:
+        return {(p.display_name if alias_names else p.name): {"model_free": p.model_free, "sliders": p.sliders()}
+                for p in all_preprocessors()}
+
+    def control_types(self) -> dict:
+        types: dict[str, dict] = {"All": {"module_list": self.module_names(), "model_list": ["None"] + self.registry.titles(),
+                                          "default_option": "none", "default_model": "None"}}
+        for p in all_preprocessors():
+            if p.control_type == "All":
+                continue
+            entry = types.setdefault(p.control_type, {"module_list": ["none"], "model_list": ["None"],
+                                                      "default_option": p.name, "default_model": "None"})
+            entry["module_list"].append(p.name)
+            key = p.control_type.lower().replace("-", "").replace(" ", "")
+            for title in self.registry.titles():
+                if key in title.lower().replace("_", "") and title not in entry["model_list"]:
+                    entry["model_list"].append(title)
+            if entry["default_model"] == "None" and len(entry["model_list"]) > 1:
+                entry["default_model"] = entry["model_list"][1]
+        return types
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def units_for_job(self, alwayson_scripts: dict | None, *, img2img: bool) -> list:
+        """The enabled units of a request, checked and with their model files resolved (for the backend)."""
+        from .runtime import UnitJob
+
+        units = parse_controlnet_args(alwayson_scripts)
+        jobs = []
+        for index, unit in enumerate(units):
+            if not unit.enabled:
+                continue
+            what = f"ControlNet unit {index}"
+            try:
+                find_preprocessor(unit.module)
+            except UserError as exc:
+                raise UserError(f"{what}: {exc.message}") from exc
+            check_unit(unit, index)
+            if unit.image is None and not img2img:
+                raise UserError(f"{what} is enabled but has no control image: upload an image (API: the unit's "
+                                f"\"image\" field, base64).")
+            path, title = None, "None"
+            if unit.has_model:
+                try:
+                    found = self.registry.find(unit.model)
+                except UserError:
+                    self.registry.refresh()  # a file added since the last scan
+                    try:
+                        found = self.registry.find(unit.model)
+                    except UserError as exc:
+                        raise UserError(f"{what}: {exc.message}", status=exc.status) from exc
+                path, title = str(found.path), found.title
+            jobs.append(UnitJob(unit=_copy_unit(unit), model_path=path, model_title=title))
+        return jobs
+
+    # -- detect ---------------------------------------------------------------------------------
+    def detect(self, module: str, images: list[Image.Image], processor_res: int = 512, threshold_a: float = -1,
+               threshold_b: float = -1, timeout: float = 3600) -> list[Image.Image]:
+        """Run a preprocessor on images in the backend (where annotators and their weights live)."""
+        pre = find_preprocessor(module)
+        if not images:
+            raise UserError("No input images were given to detect on.")
+        payload = {"module": pre.name, "images": [img.copy() for img in images], "processor_res": processor_res,
+                   "threshold_a": threshold_a, "threshold_b": threshold_b}
+        pngs = self.client.run("controlnet_detect", payload, timeout=timeout)
+        return [Image.open(io.BytesIO(p)) for p in pngs]
+
+
+def _copy_unit(unit: ControlUnit) -> ControlUnit:
+    from dataclasses import replace
+    return replace(unit, image=unit.image.copy() if unit.image is not None else None,
+                   mask=unit.mask.copy() if unit.mask is not None else None)
+
+
+def run_detect_job(payload: dict, env) -> list[bytes]:
+    """The backend's half of detect: run the preprocessor, return PNG bytes."""
+    from .preprocessors import run_preprocessor
+    pre = find_preprocessor(payload["module"])
+    out = []
+    for img in payload["images"]:
+        result = run_preprocessor(pre, img, payload.get("processor_res", 512), payload.get("threshold_a", -1),
+                                  payload.get("threshold_b", -1), env=env)
+        buf = io.BytesIO()
+        result.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+

@@ -1,0 +1,148 @@
+"""sd-webui-controlnet's API on the real server: /controlnet/* routes and units in alwayson_scripts."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from controlnet_factory import write_tiny_controlnet
+
+
+def b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def drawn() -> Image.Image:
+    img = Image.new("RGB", (128, 96), "black")
+    ImageDraw.Draw(img).rectangle((32, 24, 95, 71), fill="white")
+    return img
+
+
+@pytest.fixture(scope="module")
+def cn(server):
+    folder = server.data_dir / "models" / "ControlNet"
+    write_tiny_controlnet(folder / "control_v11p_sd15_canny.pth", "sd1", seed=21)
+    write_tiny_controlnet(folder / "control_v11f1p_sd15_depth_fp16.safetensors", "sd1", seed=22)
+    write_tiny_controlnet(folder / "diffusers_xl_canny_full.safetensors", "sdxl", layout="diffusers", seed=23)
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        yield client
+
+
+def body(**kw) -> dict:
+    b = {"prompt": "a red house", "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 7,
+         "seed": 99, "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
+    b.update(kw)
+    return b
+
+
+def units(*us) -> dict:
+    return {"controlnet": {"args": list(us)}}
+
+
+def pixels(data: str) -> np.ndarray:
+    return np.asarray(decode(data).convert("RGB")).astype(np.int32)
+
+
+def test_version_module_and_model_lists(cn):
+    assert cn.get("/controlnet/version").json() == {"version": 2}
+    modules = cn.get("/controlnet/module_list").json()
+    assert modules["module_list"][:3] == ["none", "invert", "canny"]
+    assert {"hed", "lineart", "shuffle", "color", "lineart_standard", "blur_gaussian", "tile_resample"} <= set(modules["module_list"])
+    canny = modules["module_detail"]["canny"]
+    assert canny["model_free"] is True
+    assert [s["name"] for s in canny["sliders"]] == ["Preprocessor Resolution", "Canny Low Threshold", "Canny High Threshold"]
+    assert canny["sliders"][1]["value"] == 100 and canny["sliders"][2]["value"] == 200
+    aliases = cn.get("/controlnet/module_list", params={"alias_names": True}).json()["module_list"]
+    assert "invert (from white bg & black line)" in aliases and "softedge_hed" in aliases
+    models = cn.get("/controlnet/model_list").json()["model_list"]
+    names = [m.split(" [")[0] for m in models]
+    assert {"control_v11p_sd15_canny", "control_v11f1p_sd15_depth_fp16", "diffusers_xl_canny_full"} <= set(names)
+    assert all(m.endswith("]") and len(m.split(" [")[1]) == 9 for m in models)
+    types = cn.get("/controlnet/control_types").json()["control_types"]
+    assert "canny" in types["Canny"]["module_list"]
+    assert cn.get("/controlnet/settings").json()["control_net_unit_count"] == 3
+
+
+def test_detect_canny(cn):
+    r = cn.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [b64(drawn())],
+                                            "controlnet_processor_res": 96, "controlnet_threshold_a": 100,
+                                            "controlnet_threshold_b": 200})
+    assert r.status_code == 200, r.text
+    assert r.json()["info"] == "Success"
+    out = np.asarray(decode(r.json()["images"][0]).convert("L"))
+    assert out.shape == (96, 128)
+    assert out[30:66, 30:34].max() == 255 and out[35:60, 45:85].max() == 0
+    bad = cn.post("/controlnet/detect", json={"controlnet_module": "nope", "controlnet_input_images": [b64(drawn())]})
+    assert bad.status_code == 400 and "Unknown ControlNet preprocessor" in bad.json()["detail"]
+    missing = cn.post("/controlnet/detect", json={"controlnet_module": "lineart", "controlnet_input_images": [b64(drawn())]})
+    assert missing.status_code == 424 and "sk_model.pth" in missing.json()["detail"]
+    assert "ControlNet-annotators" in missing.json()["detail"]
+
+
+def test_txt2img_with_units_as_extension_clients_send_them(cn, api):
+    plain = api.post("/txt2img", json=body())
+    assert plain.status_code == 200, plain.text
+    unit = {"enabled": True, "image": b64(drawn()), "module": "canny", "model": "control_v11p_sd15_canny",
+            "weight": 1.0, "resize_mode": 1, "processor_res": 96, "threshold_a": 100, "threshold_b": 200,
+            "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": 0, "pixel_perfect": False, "low_vram": False}
+    r = api.post("/txt2img", json=body(alwayson_scripts=units(unit)))
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 2  # the image, then the detected map (as the extension appends it)
+    assert decode(images[0]).size == (64, 64) and decode(images[1]).size == (128, 96)
+    assert np.abs(pixels(images[0]) - pixels(plain.json()["images"][0])).mean() > 1
+    info = json.loads(r.json()["info"])
+    text = info["infotexts"][0]
+    assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [' in text
+    assert "Processor Res: 96, Threshold A: 100, Threshold B: 200" in text
+    assert info["extra_generation_params"]["ControlNet 0"].startswith("Module: canny")
+    # the request echo keeps what the client sent
+    assert r.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]["module"] == "canny"
+
+    zero = api.post("/txt2img", json=body(alwayson_scripts=units(dict(unit, weight=0))))
+    off = api.post("/txt2img", json=body(alwayson_scripts=units(dict(unit, enabled=False))))
+    assert np.array_equal(pixels(zero.json()["images"][0]), pixels(plain.json()["images"][0]))
+    assert np.array_equal(pixels(off.json()["images"][0]), pixels(plain.json()["images"][0]))
+    assert len(off.json()["images"]) == 1
+
+    second = dict(unit, module="none", model="control_v11f1p_sd15_depth_fp16", weight=0.6, control_mode="ControlNet is more important")
+    two = api.post("/txt2img", json=body(alwayson_scripts=units(unit, second)))
+    assert two.status_code == 200, two.text
+    t2 = json.loads(two.json()["info"])["infotexts"][0]
+    assert "ControlNet 0:" in t2 and "ControlNet 1:" in t2 and "Control Mode: ControlNet is more important" in t2
+    assert np.abs(pixels(two.json()["images"][0]) - pixels(images[0])).mean() > 0.5
+
+
+def test_bad_units_give_clear_errors_and_warnings(cn, api):
+    img = b64(drawn())
+    r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "cany", "model": "control_v11p_sd15_canny", "image": img})))
+    assert r.status_code == 400 and "ControlNet unit 0: Unknown ControlNet preprocessor 'cany'" in r.json()["detail"]
+    r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "canny", "model": "control_nope", "image": img})))
+    assert r.status_code == 404 and "ControlNet model 'control_nope' not found" in r.json()["detail"]
+    r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "canny", "model": "control_v11p_sd15_canny"})))
+    assert r.status_code == 400 and "no control image" in r.json()["detail"]
+    r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "canny", "model": "control_v11p_sd15_canny",
+                                                               "image": img, "weight": 5})))
+    assert r.status_code == 400 and "weight must be between 0 and 2" in r.json()["detail"]
+    # a model for SDXL with an SD 1.x checkpoint, and a unit with start > end: warnings, the other unit goes on
+    good = {"module": "canny", "model": "control_v11p_sd15_canny", "image": img, "processor_res": 96}
+    r = api.post("/txt2img", json=body(alwayson_scripts=units(
+        {"module": "canny", "model": "diffusers_xl_canny_full", "image": img, "processor_res": 96},
+        dict(good, guidance_start=0.9, guidance_end=0.2), good)))
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    warnings = " ".join(info["warnings"])
+    assert "ControlNet unit 0" in warnings and "SDXL" in warnings and "ControlNet unit 1" in warnings
+    alone = api.post("/txt2img", json=body(alwayson_scripts=units(good)))
+    assert np.array_equal(pixels(r.json()["images"][0]), pixels(alone.json()["images"][0]))
