@@ -146,3 +146,24 @@ def test_bad_units_give_clear_errors_and_warnings(cn, api):
     assert "ControlNet unit 0" in warnings and "SDXL" in warnings and "ControlNet unit 1" in warnings
     alone = api.post("/txt2img", json=body(alwayson_scripts=units(good)))
     assert np.array_equal(pixels(r.json()["images"][0]), pixels(alone.json()["images"][0]))
+
+
+def test_img2img_and_inpaint_with_a_unit_using_the_init_image(cn, api):
+    init = Image.new("RGB", (64, 64), (40, 90, 160))
+    ImageDraw.Draw(init).rectangle((16, 16, 47, 47), fill=(230, 220, 40))
+    base = {"prompt": "a box", "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5,
+            "denoising_strength": 0.8, "init_images": [b64(init)],
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
+    unit = {"module": "canny", "model": "control_v11p_sd15_canny", "processor_res": 64}  # no image: the init image
+    plain = api.post("/img2img", json=base)
+    with_cn = api.post("/img2img", json=dict(base, alwayson_scripts=units(unit)))
+    assert plain.status_code == 200 and with_cn.status_code == 200, with_cn.text
+    assert np.abs(pixels(with_cn.json()["images"][0]) - pixels(plain.json()["images"][0])).mean() > 1
+    assert "ControlNet 0" in json.loads(with_cn.json()["info"])["infotexts"][0]
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    inpaint = api.post("/img2img", json=dict(base, mask=b64(mask), mask_blur=0, alwayson_scripts=units(unit)))
+    assert inpaint.status_code == 200, inpaint.text
+    out = pixels(inpaint.json()["images"][0])
+    assert np.array_equal(out[:, 40:], np.asarray(init, dtype=np.int32)[:, 40:])  # outside the mask: unchanged
+    assert np.abs(out[:, :28] - np.asarray(init, dtype=np.int32)[:, :28]).mean() > 1

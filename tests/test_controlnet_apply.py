@@ -221,3 +221,16 @@ def test_medvram_and_lowvram_offload_the_controlnet_like_the_unet(env, tiny_mode
         assert with_cn > plain  # the ControlNet took turns on the device with the UNet
         cache.clear()
         assert cn._easel_hooks == []
+
+
+def test_loaded_controlnets_stay_cached_up_to_the_limit(env):
+    policy = env["policy"]
+    cache = ControlNetCache(policy)
+    sd1 = env["models"]["sd1"]
+    a1, _ = cache.get(env["files"]["canny"], sd1, limit=1)
+    a2, _ = cache.get(env["files"]["canny"], sd1, limit=1)
+    assert a1 is a2 and cache.loads == 1
+    cache.get(env["files"]["depth"], sd1, limit=1)
+    assert cache.loads == 2 and len(cache.models) == 1  # the least recently used one was evicted
+    cache.get(env["files"]["canny"], sd1, limit=1)
+    assert cache.loads == 3

@@ -130,7 +130,7 @@ def test_hed_and_lineart_run_with_their_weight_files(tmp_path):
         assert out.size == (85, 64), name  # short side 64, aspect kept
     safe = arr(run("hed_safe", img, res=64, env=env))
     assert len(np.unique(safe)) <= 3
-    assert set(env.models) == {"hed", "lineart"}
+    assert set(env.models) == {"hed"}  # one annotator network kept at a time (the last used)
 
 
 def test_hed_weight_names_match_the_public_file_layout():
@@ -154,3 +154,101 @@ def test_missing_annotator_weights_offline_name_the_file_and_the_folder(tmp_path
     env = AnnotatorEnv(tmp_path / "ControlNet-annotators", allow_download=True)
     with pytest.raises(UserError, match="ControlNetHED.pth.*no internet connection"):
         run("hed", drawn(), res=64, env=env)
+
+
+def test_openpose_and_mlsd_run_with_their_weight_files(tmp_path):
+    net = annotators._openpose_network()
+    # body_pose_model.pth names its layers without the block prefix (conv1_1.weight, Mconv7_stage6_L2.bias)
+    torch.save({k.split(".", 1)[1]: v * 0.01 for k, v in net.state_dict().items()}, tmp_path / "body_pose_model.pth")
+    _write_weights(tmp_path, annotators.MLSD_WEIGHTS, annotators._mlsd_network)
+    env = AnnotatorEnv(tmp_path, allow_download=False)
+    out = run("openpose", drawn(), res=64, env=env)
+    assert out.size == (85, 64) and arr(out).max() == 0  # random weights find nobody: a black map
+    lines = run("mlsd", drawn(), res=64, a=0.0, b=0.0, env=env)
+    assert lines.size == (85, 64) and set(np.unique(arr(lines))) <= {0, 255}
+
+
+def test_openpose_assembles_a_person_from_heatmaps_and_pafs():
+    """A stick figure's keypoint peaks and limb fields -> one person with those keypoints, drawn in its colours."""
+    h, w = 200, 160
+    points = {1: (80, 30), 2: (80, 60), 3: (55, 60), 4: (45, 95), 5: (40, 125), 6: (105, 60), 7: (115, 95),
+              8: (120, 125), 9: (65, 120), 10: (62, 155), 11: (60, 190), 12: (95, 120), 13: (98, 155),
+              14: (100, 190), 15: (74, 24), 16: (86, 24), 17: (68, 28), 18: (92, 28)}
+    yy, xx = np.mgrid[0:h, 0:w]
+    heat = np.zeros((h, w, 19), np.float32)
+    for k, (x, y) in points.items():
+        heat[:, :, k - 1] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 3.0 ** 2))
+    paf = np.zeros((h, w, 38), np.float32)
+    for (a, b), (px, py) in zip(annotators.POSE_LIMBS, annotators.POSE_PAF):
+        (x0, y0), (x1, y1) = points[a], points[b]
+        v = np.array([x1 - x0, y1 - y0], np.float32)
+        length = float(np.hypot(*v))
+        v /= length
+        t = ((xx - x0) * v[0] + (yy - y0) * v[1])
+        d = np.abs((xx - x0) * v[1] - (yy - y0) * v[0])
+        on = (t >= -2) & (t <= length + 2) & (d <= 3)
+        paf[on, px] = v[0]
+        paf[on, py] = v[1]
+    people = annotators._assemble_people(heat, paf, h)
+    assert len(people) == 1
+    for k, (x, y) in points.items():
+        got = people[0][k - 1]
+        assert got is not None and abs(got[0] - x) <= 1 and abs(got[1] - y) <= 1, (k, got)
+    drawing = annotators.draw_pose(people, w, h)
+    assert tuple(drawing[30, 80]) == annotators.POSE_COLORS[0]  # the nose joint
+    assert drawing[5:15, 5:15].max() == 0
+
+
+def test_depth_anything_runs_with_a_weight_file_and_sizes_itself_from_it(tmp_path):
+    embed = 64
+    shapes = {"pretrained.cls_token": torch.zeros(1, 1, embed), "pretrained.pos_embed": torch.zeros(1, 1 + 37 * 37, embed),
+              "depth_head.scratch.layer1_rn.weight": torch.zeros(16, 16, 3, 3)}
+    shapes.update({f"pretrained.blocks.{i}.norm1.weight": torch.zeros(embed) for i in range(4)})
+    shapes.update({f"depth_head.projects.{i}.weight": torch.zeros(c, embed, 1, 1) for i, c in enumerate((16, 32, 64, 64))})
+    net = annotators._depth_anything_network(shapes)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if "norm" in name and name.endswith("weight") else 0))
+        net.depth_head.scratch.output_conv2[0].bias.fill_(0.5)  # keep the final ReLUs open on random weights
+        net.depth_head.scratch.output_conv2[2].bias.fill_(1.0)
+    torch.save(net.state_dict(), tmp_path / "depth_anything_vitl14.pth")
+    env = AnnotatorEnv(tmp_path, allow_download=False)
+    out = arr(run("depth_anything", drawn(), res=64, env=env))
+    assert out.shape == (64, 85, 3)
+    assert out.max() - out.min() > 50  # min-max normalised (over the padded working image)
+    full = annotators._depth_anything_network()
+    keys = set(full.state_dict())
+    assert {"pretrained.blocks.23.ls2.gamma", "pretrained.blocks.0.attn.qkv.weight", "pretrained.mask_token",
+            "depth_head.scratch.refinenet4.resConfUnit2.conv1.weight", "depth_head.scratch.output_conv2.2.weight",
+            "depth_head.resize_layers.3.weight"} <= keys
+    assert full.pretrained.pos_embed.shape == (1, 1370, 1024)
+
+
+def test_normal_bae_runs_with_scannet_pt(tmp_path):
+    net = annotators._normal_bae_network()
+    sd = {"module." + k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    torch.save({"model": sd, "epoch": 12}, tmp_path / "scannet.pt")  # as the file is: {"model": ...}, DataParallel names
+    env = AnnotatorEnv(tmp_path, allow_download=False)
+    out = arr(run("normal_bae", drawn(), res=64, env=env))
+    assert out.shape == (64, 85, 3)
+    n = out.astype(np.float64) / 255.0 * 2 - 1
+    length = np.sqrt((n ** 2).sum(-1))
+    assert np.abs(length - 1).mean() < 0.05  # unit normals, encoded as (n + 1) / 2
+    keys = set(net.state_dict())
+    assert {"encoder.original_model.blocks.6.2.conv_pwl.weight", "encoder.original_model.blocks.0.0.se.conv_reduce.weight",
+            "encoder.original_model.conv_head.weight", "decoder.up4._net.3.weight", "decoder.out_conv_res1.6.weight"} <= keys
+
+
+def test_segmentation_runs_with_the_mmseg_checkpoint(tmp_path):
+    net = annotators._uniformer_network()
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    sd["auxiliary_head.conv_seg.weight"] = torch.zeros(150, 256, 1, 1)  # training-only head in the real file
+    meta = {"CLASSES": ("wall", "building"), "PALETTE": [[120, 120, 120], [180, 120, 120]], "mmcv_version": "1.3.0"}
+    torch.save({"meta": meta, "state_dict": sd}, tmp_path / "upernet_global_small.pth")
+    env = AnnotatorEnv(tmp_path, allow_download=False)
+    out = arr(run("seg_ufade20k", drawn(), res=64, env=env))
+    assert out.shape == (64, 85, 3)
+    palette = {tuple(c) for c in annotators.ADE20K_PALETTE}
+    assert {tuple(p) for p in out.reshape(-1, 3)} <= palette
+    assert len(annotators.ADE20K_PALETTE) == 150
