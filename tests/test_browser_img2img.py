@@ -24,6 +24,8 @@ def test_draw_a_mask_and_inpaint(server, tmp_path):
         editor.locator("input[type=file]").set_input_files(str(source))
         page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
         page.wait_for_timeout(1500)
+        editor.get_by_role("button", name="Brush").first.click()
+        page.wait_for_timeout(300)
         canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
         box = canvas.bounding_box()
         # A horizontal stroke through the middle of the picture, with the (default) brush.
@@ -38,9 +40,9 @@ def test_draw_a_mask_and_inpaint(server, tmp_path):
                             ("#img2img_mask_blur", "0")):
             _set_number(page, elem, value)
         page.click("#img2img_generate")
-        page.wait_for_function("document.querySelector('#img2img_info').innerText.includes('Mask blur: 0')",
-                               timeout=180_000)
+        page.wait_for_selector("#img2img_info .easel-infotext, #img2img_info .easel-error", timeout=300_000)
         info = page.inner_text("#img2img_info")
+        assert "Mask blur: 0" in info, info
         page.screenshot(path=str(tmp_path / "inpaint.png"))
     assert "Denoising strength: 0.75" in info and "a boat" in info
     saved = sorted((server.data_dir / "outputs" / "img2img-images").rglob("*.png"), key=lambda p: p.stat().st_mtime)
