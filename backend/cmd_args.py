@@ -60,25 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     mem = p.add_argument_group("device, memory and precision")
     mem.add_argument("--use-cpu", nargs="+", default=[], choices=USE_CPU_CHOICES, metavar="{all,sd,interrogate,gfpgan,esrgan,codeformer}",
                      help="run these parts on the CPU")
-    mem.add_argument("--medvram", action="store_true", help="keep only one of text encoder / UNet / VAE on the GPU at a time")
+    mem.add_argument("--medvram", action="store_true",
+                     help="keep only one of text encoder / UNet / VAE (/ ControlNet) on the GPU at a time "
+                          "(default: automatic, everything resident when it fits, partial loading when not)")
     mem.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL checkpoints only")
-    mem.add_argument("--lowvram", action="store_true", help="stream the UNet to the GPU block by block")
+    mem.add_argument("--lowvram", action="store_true",
+                     help="stream the UNet to the GPU in small units, copying the next while the current one computes")
     mem.add_argument("--lowram", action="store_true", help="load checkpoint weights straight to the GPU")
     mem.add_argument("--no-half", action="store_true", help="run the models in float32")
     mem.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32")
     mem.add_argument("--precision", choices=("full", "half", "autocast"), default="autocast")
     mem.add_argument("--upcast-sampling", action="store_true")
-    mem.add_argument("--opt-channelslast", action="store_true")
-    mem.add_argument("--disable-nan-check", action="store_true")
+    mem.add_argument("--opt-channelslast", action="store_true", help="channels-last memory format for the UNet and VAE")
+    mem.add_argument("--disable-nan-check", action="store_true", help="do not check the VAE output for NaN")
     mem.add_argument("--device-id", default=None, help="CUDA device index to use")
-    mem.add_argument("--xformers", action="store_true")
-    mem.add_argument("--force-enable-xformers", action="store_true")
-    mem.add_argument("--opt-sdp-attention", action="store_true")
-    mem.add_argument("--opt-sdp-no-mem-attention", action="store_true")
-    mem.add_argument("--opt-split-attention", action="store_true")
-    mem.add_argument("--opt-sub-quad-attention", action="store_true")
-    mem.add_argument("--disable-opt-split-attention", action="store_true")
-    mem.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    mem.add_argument("--xformers", action="store_true", help="xformers attention when the package is installed")
+    mem.add_argument("--force-enable-xformers", action="store_true", help="same as --xformers")
+    mem.add_argument("--opt-sdp-attention", action="store_true", help="PyTorch SDPA attention (the default)")
+    mem.add_argument("--opt-sdp-no-mem-attention", action="store_true",
+                     help="PyTorch SDPA without the memory-efficient kernel (deterministic)")
+    mem.add_argument("--opt-split-attention", action="store_true", help="sliced attention (least memory)")
+    mem.add_argument("--opt-sub-quad-attention", action="store_true", help="accepted; sliced attention as well")
+    mem.add_argument("--disable-opt-split-attention", action="store_true", help="plain attention, no optimization")
+    mem.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet (CUDA graphs on the GPU), compiled once per image size")
 
     launch = p.add_argument_group("launcher")
     launch.add_argument("--skip-install", action="store_true", help="do not create the virtual environment or install requirements")

@@ -231,13 +231,18 @@ def _decide_prediction_type(path: Path, spec: ModelSpec, unet) -> str:
 
 # -- public API ---------------------------------------------------------------------------------
 def load_sd_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  vae_path: Path | None = None) -> SDModel:
+                  vae_path: Path | None = None, vae_dtype: torch.dtype | None = None,
+                  text_dtype: torch.dtype | None = None) -> SDModel:
     """Load an SD 1.x / 2.x / SDXL single-file checkpoint (A1111 layout) from `path`.
 
-    `vae_path` replaces the checkpoint's VAE with a standalone VAE file. Problems with
-    the file raise `UserError` with a message for the user.
+    `vae_path` replaces the checkpoint's VAE with a standalone VAE file. `dtype` is the UNet's;
+    `vae_dtype`/`text_dtype` (default: `dtype`) those of the VAE and text encoders, so a part kept in
+    float32 is not rounded through a smaller type. Problems with the file raise `UserError` with a
+    message for the user.
     """
     path = Path(path)
+    vae_dtype = vae_dtype or dtype
+    text_dtype = text_dtype or dtype
     state_dict = read_state_dict(path, exclude_prefixes=("model_ema.",))  # EMA copies are not used
     try:
         spec = detect_checkpoint(state_dict)
@@ -255,15 +260,15 @@ def load_sd_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str
     vae = _empty(build_vae, spec.vae_config)
     if vae_path is not None:
         parts.pop("vae")
-        load_weights(vae, load_vae_file(vae_path), f"VAE ({Path(vae_path).name})", dtype=dtype, device=device)
+        load_weights(vae, load_vae_file(vae_path), f"VAE ({Path(vae_path).name})", dtype=vae_dtype, device=device)
     else:
-        load_weights(vae, parts.pop("vae"), f"{name} VAE", dtype=dtype, device=device)
+        load_weights(vae, parts.pop("vae"), f"{name} VAE", dtype=vae_dtype, device=device)
 
     text_encoders, tokenizers = [], []
     for index, (config, cls_name) in enumerate(zip(spec.text_encoder_configs, spec.text_encoder_classes)):
         key = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         encoder = _empty(build_text_encoder, config, cls_name)
-        load_weights(encoder, parts.pop(key), f"{name} text encoder {index + 1}", dtype=dtype, device=device)
+        load_weights(encoder, parts.pop(key), f"{name} text encoder {index + 1}", dtype=text_dtype, device=device)
         text_encoders.append(encoder)
         openclip = spec.text_encoder_layouts[index] == "openclip"
         tokenizers.append(clip_tokenizer("clip_g" if openclip else "clip_l"))

@@ -19,27 +19,12 @@ from backend.errors import UserError
 from backend.model_loader import load_sd_model
 from backend.options import SETTINGS
 from backend.pipelines import txt2img
-from backend.pipelines.common import JobContext
+from backend.pipelines.common import JobContext, StepClock
 from backend.schemas import Txt2ImgRequest
 from controlnet_factory import write_tiny_controlnet
 
 torch.set_num_threads(1)
 
-
-class Control:
-    """JobControl stub counting finished sampling steps."""
-
-    def __init__(self):
-        self.steps = 0
-
-    def interrupted(self): return False
-    def skipped(self): return False
-    def clear_skip(self): pass
-    def begin(self, job_count, total): pass
-    def set_job(self, n): pass
-
-    def step(self, preview):
-        self.steps += 1
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def generate(env, units, family="sd1", control=None, **req_kw):
     ckpt = env["ckpts"][family]
     opts = {s.key: s.default for s in SETTINGS}
     ctx = JobContext(model=model, policy=env["policy"], options=opts, outputs_root=ckpt.parent,
-                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control or Control())
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control or StepClock())
     body = dict(prompt="a house", steps=4, width=64, height=64, seed=3, sampler_name="Euler", cfg_scale=7,
                 do_not_save_samples=True, do_not_save_grid=True)
     body.update(req_kw)
@@ -117,7 +102,7 @@ def test_weight_zero_gives_exactly_the_uncontrolled_output(env, baseline):
 
 def test_step_range_applies_only_in_those_steps(env, baseline):
     for start, end, expected in ((0.5, 1.0, [2, 3]), (0.0, 0.25, [0, 1]), (0.3, 0.6, [2])):
-        ctl = Control()
+        ctl = StepClock()
         seen = []
         model, _ = env["cache"].get(env["files"]["canny"], env["models"]["sd1"], 4)
         handle = model.register_forward_pre_hook(lambda m, a: seen.append(ctl.steps))

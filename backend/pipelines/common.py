@@ -36,6 +36,29 @@ class JobControl(Protocol):
     def step(self, preview: Callable[[], Image.Image] | None) -> None: ...
 
 
+class StepClock:
+    """A JobControl for running a pipeline directly (scripts, benchmarks, tests): never stops, and
+    records the time of the job's start and of each finished sampling step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    @property
+    def steps(self) -> int:
+        return max(0, len(self.times) - 1)
+
+    def interrupted(self) -> bool: return False
+    def skipped(self) -> bool: return False
+    def clear_skip(self) -> None: pass
+    def set_job(self, job_no: int) -> None: pass
+
+    def begin(self, job_count: int, total_steps: int) -> None:
+        self.times = [time.perf_counter()]
+
+    def step(self, preview) -> None:
+        self.times.append(time.perf_counter())
+
+
 class _StopSampling(Exception):
     pass
 
@@ -54,6 +77,10 @@ class JobContext:
     extra_params: dict = field(default_factory=dict)
     # backend.controlnet.apply.ControlSet of the job's ControlNet units (None: none); run_sampler hands it to the denoiser.
     controls: object | None = None
+    # backend.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
+    postprocess: object | None = None
+    # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
+    embeddings: object | None = None
 
 
 def validate_size(width: int, height: int, what: str = "") -> None:
@@ -232,21 +259,67 @@ def sampler_extra_args(sampler_info, req, options: dict) -> dict:
     return extra
 
 
-@torch.no_grad()
-def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE-decode latents to PIL images; retries in float32 when the half-precision VAE gives NaN (A1111)."""
+NAN_RETRY_PARAM = ("VAE precision", "float32 (NaN retry)")
+
+
+def vae_tiling_for(ctx: JobContext, width: int, height: int) -> tuple[int, int] | None:
+    """(tile, overlap) in pixels when this VAE pass should be tiled (setting `vae_tiling`), else None."""
+    from ..vae_tiling import should_tile
+    options, policy = ctx.options, ctx.policy
+    setting = options.get("vae_tiling", "Automatic")
+    tile, overlap = int(options.get("vae_tile_size", 512)), int(options.get("vae_tile_overlap", 64))
+    mode_for = getattr(policy, "mode_for", None)
+    if setting == "Automatic" and mode_for is not None and mode_for(ctx.model) == "lowvram":
+        setting = "Always"  # streamed UNet: the VAE gets a tile's worth of memory
+    free = policy.device_free_bytes() if hasattr(policy, "device_free_bytes") else None
+    dtype = next(ctx.model.vae.parameters()).dtype
+    return (tile, overlap) if should_tile(setting, width, height, dtype=dtype, free_bytes=free, tile=tile) else None
+
+
+def _decode_one(ctx: JobContext, z: torch.Tensor) -> torch.Tensor:
+    from ..vae_tiling import decode_tiled
     model = ctx.model
     vae = model.vae
+    dtype = next(vae.parameters()).dtype
+    down = int(getattr(model, "vae_downsample", 8))
+    z = z.to(ctx.policy.device, dtype)
+    tiles = vae_tiling_for(ctx, z.shape[-1] * down, z.shape[-2] * down)
+    if tiles is not None:
+        return decode_tiled(vae, z, tile=tiles[0], overlap=tiles[1], downsample=down)
+    return vae.decode(z, return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode latents to PIL images (tiled for large images, setting `vae_tiling`).
+
+    A1111's NaN check: when the half-precision VAE produces NaN, the model's VAE is switched to float32
+    for good (setting `auto_vae_precision`) and the image decoded again; the infotext says so.
+    `--disable-nan-check` turns the check off.
+    """
+    model = ctx.model
+    policy = ctx.policy
     images = []
     for i in range(latents.shape[0]):
         z = latents[i:i + 1] / model.vae_scale_factor
-        dtype = next(vae.parameters()).dtype
-        decoded = vae.decode(z.to(ctx.policy.device, dtype), return_dict=False)[0].float()
-        if torch.isnan(decoded).any() and dtype != torch.float32:
-            vae.to(torch.float32)
-            decoded = vae.decode(z.to(ctx.policy.device, torch.float32), return_dict=False)[0].float()
-            vae.to(dtype)
-            ctx.warnings.append("A tensor with NaNs was produced in the VAE; it was decoded again in float32.")
+        decoded = _decode_one(ctx, z)
+        if getattr(policy, "nan_check", True) and torch.isnan(decoded).any():
+            dtype = next(model.vae.parameters()).dtype
+            if dtype == torch.float32 or not ctx.options.get("auto_vae_precision", True):
+                raise UserError("A tensor with NaNs was produced in the VAE"
+                                + (" in float32; the latents are not finite" if dtype == torch.float32 else
+                                   "; turn on 'Automatically revert VAE to 32-bit floats' or use --no-half-vae")
+                                + ". Use --disable-nan-check to get the image anyway.")
+            if hasattr(policy, "upcast_vae"):
+                policy.upcast_vae(model)
+            else:
+                model.vae.to(torch.float32)
+                model._easel_vae_upcast = True
+            ctx.warnings.append("A tensor with NaNs was produced in the VAE; the VAE now runs in float32 "
+                                "for this checkpoint and the image was decoded again.")
+            decoded = _decode_one(ctx, z)
+        if getattr(model, "_easel_vae_upcast", False) and getattr(policy, "vae_dtype", torch.float32) != torch.float32:
+            ctx.extra_params[NAN_RETRY_PARAM[0]] = NAN_RETRY_PARAM[1]
         arr = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(arr))
     return images
@@ -266,13 +339,20 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> scaled latents, one image at a time (peak memory of one)."""
+    """(N, 3, H, W) in [-1, 1] -> scaled latents, one image at a time (peak memory of one; tiled when large)."""
+    from ..vae_tiling import encode_tiled
     model = ctx.model
     dtype = next(model.vae.parameters()).dtype
+    down = int(getattr(model, "vae_downsample", 8))
+    tiles = vae_tiling_for(ctx, x.shape[-1], x.shape[-2])
     out = []
     for i in range(x.shape[0]):
-        dist = model.vae.encode(x[i:i + 1].to(ctx.policy.device, dtype), return_dict=False)[0]
-        out.append(dist.mean.float() * model.vae_scale_factor)
+        image = x[i:i + 1].to(ctx.policy.device, dtype)
+        if tiles is not None:
+            mean = encode_tiled(model.vae, image, tile=tiles[0], overlap=tiles[1], downsample=down)
+        else:
+            mean = model.vae.encode(image, return_dict=False)[0].mean.float()
+        out.append(mean * model.vae_scale_factor)
     return torch.cat(out)
 
 

@@ -1,0 +1,158 @@
+"""CPU benchmark: Easel's `--use-cpu all` txt2img vs plain diffusers float32, same checkpoint file, one run.
+
+    venv/bin/python benchmarks/bench_cpu.py                      # 20 steps, 512x512 (minutes per image)
+    venv/bin/python benchmarks/bench_cpu.py --steps 2 --size 256 # a quick check
+
+The checkpoint is SD 1.5's architecture with random weights, written once as a real A1111-layout
+`.safetensors` file (fp16, 2 GB) into --folder. Easel loads it through its own loader and device policy
+(the dtypes `--use-cpu all` picks on this CPU: bfloat16 UNet/VAE where the CPU has bf16 hardware, else
+float32) and runs its txt2img pipeline (Euler, CFG 7, batch 1). Diffusers loads the same file with
+`StableDiffusionPipeline.from_single_file` in float32 and runs the same steps with its Euler scheduler.
+Both run in this process one after the other, with the same thread count; the table gives seconds per
+sampling step (median), seconds for the whole image (text encoding, sampling, VAE decode), and the ratio.
+Other load on the machine moves both numbers; the ratio is the figure to read.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--folder", type=Path, default=Path(os.environ.get("EASEL_BENCH_DIR", "/tmp/easel-bench")),
+                   help="where the random checkpoint is written once and reused")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="Easel's cpu_bf16 setting (on: bf16 even without hardware support, emulated and slow)")
+    p.add_argument("--compile", action="store_true", help="also time Easel with --compile (inductor on the CPU)")
+    p.add_argument("--skip-diffusers", action="store_true")
+    return p.parse_args()
+
+
+def step_times(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
+    import torch
+
+    from backend.checkpoints import ModelFile
+    from backend.cmd_args import parse_args
+    from backend.devices import DevicePolicy
+    from backend.model_loader import load_sd_model
+    from backend.options import SETTINGS
+    from backend.pipelines import txt2img
+    from backend.pipelines.common import JobContext, StepClock
+    from backend.schemas import Txt2ImgRequest
+
+    options = {s.key: s.default for s in SETTINGS}
+    options.update(cpu_bf16=args.cpu_bf16, live_previews_enable=False)
+    policy = DevicePolicy.from_args(parse_args(["--use-cpu", "all", *flags]), options=options)
+    t0 = time.perf_counter()
+    model = load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
+    policy.place(model)
+    load_s = time.perf_counter() - t0
+    clock = StepClock()
+    ctx = JobContext(model=model, policy=policy, options=options, outputs_root=args.folder,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock)
+    req = Txt2ImgRequest(prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", seed=1,
+                         steps=args.steps, width=args.size, height=args.size, cfg_scale=7, sampler_name="Euler",
+                         do_not_save_samples=True, do_not_save_grid=True)
+    if "--compile" in flags:  # the first image at a size compiles; time the second
+        warm = time.perf_counter()
+        txt2img.run(req, ctx)
+        load_s += time.perf_counter() - warm
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        txt2img.run(req, ctx)
+    total = time.perf_counter() - t0
+    steps = step_times(clock.times)
+    label = "Easel --use-cpu all" + (" --compile" if "--compile" in flags else "")
+    result = {"label": label, "dtype": f"unet {policy.dtype}, vae {policy.vae_dtype}".replace("torch.", ""),
+              "step": statistics.median(steps), "image": total, "load": load_s}
+    del ctx, model
+    gc.collect()
+    return result
+
+
+def run_diffusers(ckpt: Path, args) -> dict:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from _models import diffusers_config_folder
+
+    config = diffusers_config_folder("sd1", args.folder)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(config), torch_dtype=torch.float32,
+                                                    safety_checker=None, requires_safety_checker=False,
+                                                    local_files_only=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    times: list[float] = []
+
+    def on_step(_pipe, _i, _t, kwargs):
+        times.append(time.perf_counter())
+        return kwargs
+
+    t0 = time.perf_counter()
+    times.append(t0)
+    with torch.no_grad():
+        pipe("a photograph of an astronaut riding a horse", negative_prompt="blurry", num_inference_steps=args.steps,
+             height=args.size, width=args.size, guidance_scale=7, generator=torch.Generator().manual_seed(1),
+             callback_on_step_end=on_step)
+    total = time.perf_counter() - t0
+    result = {"label": "diffusers float32", "dtype": "float32", "step": statistics.median(step_times(times)),
+              "image": total, "load": load_s}
+    del pipe
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    args = parse()
+    import psutil
+    import torch
+
+    from backend.devices import cpu_bf16_supported, cpu_description
+
+    threads = args.threads or psutil.cpu_count(logical=False) or os.cpu_count()
+    torch.set_num_threads(threads)
+    from _models import random_checkpoint
+    ckpt = random_checkpoint("sd1", args.folder)
+    print(f"CPU: {cpu_description()}, bf16 hardware: {cpu_bf16_supported()}, threads: {threads}, "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(f"SD 1.5 architecture, random weights ({ckpt.name}), {args.size}x{args.size}, {args.steps} steps, "
+          f"Euler, CFG 7, batch 1\n", flush=True)
+    rows = [run_easel(ckpt, args, [])]
+    print(f"  {rows[-1]['label']}: {rows[-1]['step']:.2f} s/step, {rows[-1]['image']:.1f} s/image", flush=True)
+    if args.compile:
+        rows.append(run_easel(ckpt, args, ["--compile"]))
+        print(f"  {rows[-1]['label']}: {rows[-1]['step']:.2f} s/step, {rows[-1]['image']:.1f} s/image", flush=True)
+    if not args.skip_diffusers:
+        rows.append(run_diffusers(ckpt, args))
+        print(f"  {rows[-1]['label']}: {rows[-1]['step']:.2f} s/step, {rows[-1]['image']:.1f} s/image", flush=True)
+    base = rows[-1] if not args.skip_diffusers else rows[0]
+    print()
+    print(f"| path | dtypes | s/step | s/image ({args.steps} steps) | load s | image time vs diffusers |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['label']} | {r['dtype']} | {r['step']:.2f} | {r['image']:.1f} | {r['load']:.1f} | "
+              f"{r['image'] / base['image']:.2f}x time ({base['image'] / r['image']:.2f}x speed) |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
