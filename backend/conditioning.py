@@ -26,6 +26,8 @@ ID_END = 49407
 class PromptChunk:
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
+    # Textual-inversion embeddings in this chunk: (offset among its 75 tokens, backend.embeddings.Embedding).
+    fixes: list[tuple[int, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -36,8 +38,12 @@ class Conditioning:
     pooled: torch.Tensor | None = None
 
 
-def tokenize_prompt(tokenizer, prompt: str, pad_id: int) -> tuple[list[PromptChunk], int]:
-    """Split `prompt` into 77-token chunks with per-token weights; returns the chunks and the token count."""
+def tokenize_prompt(tokenizer, prompt: str, pad_id: int, embeddings=None) -> tuple[list[PromptChunk], int]:
+    """Split `prompt` into 77-token chunks with per-token weights; returns the chunks and the token count.
+
+    With `embeddings` (`backend.embeddings.JobEmbeddings`), an embedding's name becomes as many
+    placeholder tokens as it has vectors (kept within one chunk), recorded in the chunk's `fixes`.
+    """
     parsed = prompt_parser.parse_prompt_attention(prompt)
     texts = [text for text, _ in parsed]
     tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
@@ -63,20 +69,36 @@ def tokenize_prompt(tokenizer, prompt: str, pad_id: int) -> tuple[list[PromptChu
         if text == "BREAK" and weight == -1:
             next_chunk()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma_token:
                 last_comma = len(chunk.tokens)
             elif (len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
                   and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK):
                 split = last_comma + 1
                 moved_tokens, moved_mults = chunk.tokens[split:], chunk.multipliers[split:]
+                moved_fixes = [(offset - split, emb) for offset, emb in chunk.fixes if offset >= split]
                 chunk.tokens, chunk.multipliers = chunk.tokens[:split], chunk.multipliers[:split]
+                chunk.fixes = [(offset, emb) for offset, emb in chunk.fixes if offset < split]
                 next_chunk()
-                chunk.tokens, chunk.multipliers = moved_tokens, moved_mults
+                chunk.tokens, chunk.multipliers, chunk.fixes = moved_tokens, moved_mults, moved_fixes
             if len(chunk.tokens) == CHUNK_LENGTH:
                 next_chunk()
-            chunk.tokens.append(token)
-            chunk.multipliers.append(weight)
+            found = embeddings.find_at(tokens, position) if embeddings else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.multipliers.append(weight)
+                position += 1
+                continue
+            embedding, name_length = found
+            count = min(int(embedding.count), CHUNK_LENGTH)
+            if len(chunk.tokens) + count > CHUNK_LENGTH:
+                next_chunk()
+            chunk.fixes.append((len(chunk.tokens), embedding))
+            chunk.tokens += [0] * count
+            chunk.multipliers += [weight] * count
+            position += name_length
     if chunk.tokens or not chunks:
         next_chunk(is_last=True)
     return chunks, token_count
@@ -91,10 +113,11 @@ def count_tokens(tokenizer, prompt: str) -> int:
 class TextConditioner:
     """Encodes prompts for one loaded model (`backend.model_loader.SDModel`)."""
 
-    def __init__(self, model, device: torch.device, clip_skip: int = 1):
+    def __init__(self, model, device: torch.device, clip_skip: int = 1, embeddings=None):
         self.model = model
         self.device = device
         self.clip_skip = max(1, int(clip_skip))
+        self.embeddings = embeddings  # backend.embeddings.JobEmbeddings, or None
         self._cache: dict[tuple[str, bool], Conditioning] = {}
 
     # -- encoders ---------------------------------------------------------------------------
@@ -104,9 +127,12 @@ class TextConditioner:
             return 0
         return ID_END
 
-    def _hidden(self, encoder, tokens: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hidden(self, encoder, tokens: torch.Tensor, index: int, fixes=()) -> tuple[torch.Tensor, torch.Tensor | None]:
         family = self.model.family
-        out = encoder(input_ids=tokens, output_hidden_states=True)
+        if fixes:
+            out = self._run_with_embeddings(encoder, tokens, index, fixes)
+        else:
+            out = encoder(input_ids=tokens, output_hidden_states=True)
         hidden_states = out.hidden_states
         pooled = getattr(out, "text_embeds", None)
         if family == "sd1":
@@ -117,6 +143,22 @@ class TextConditioner:
             z = hidden_states[-(self.clip_skip + 1)]
         return z, pooled
 
+    def _run_with_embeddings(self, encoder, tokens: torch.Tensor, index: int, fixes):
+        """Run the encoder with the placeholder tokens' embeddings replaced by the embeddings' vectors."""
+        def put_vectors(_module, _inputs, output):
+            output = output.clone()
+            for offset, embedding in fixes:
+                vec = self.embeddings.vectors(embedding, index).to(output.device, output.dtype)
+                n = min(output.shape[1] - offset - 1, vec.shape[0])
+                output[0, offset + 1:offset + 1 + n] = vec[:n]
+            return output
+
+        handle = _token_embedding(encoder).register_forward_hook(put_vectors)
+        try:
+            return encoder(input_ids=tokens, output_hidden_states=True)
+        finally:
+            handle.remove()
+
     def _encode_chunks(self, per_encoder_chunks: list[list[PromptChunk]], zero: bool) -> Conditioning:
         n_chunks = len(per_encoder_chunks[0])
         zs = []
@@ -126,7 +168,7 @@ class TextConditioner:
             for index, encoder in enumerate(self.model.text_encoders):
                 chunk = per_encoder_chunks[index][c]
                 tokens = torch.tensor([chunk.tokens], device=self.device)
-                z, pooled = self._hidden(encoder, tokens, index)
+                z, pooled = self._hidden(encoder, tokens, index, chunk.fixes)
                 mult = torch.tensor(chunk.multipliers, device=self.device, dtype=z.dtype).reshape(1, -1, 1)
                 original_mean = z.mean()
                 z = z * mult
@@ -145,12 +187,13 @@ class TextConditioner:
 
     @torch.no_grad()
     def encode(self, prompt: str, is_negative: bool = False) -> Conditioning:
+        prompt = prompt_parser.extract_extra_network_tags(prompt)[0]  # <lora:...> tags are no text
         key = (prompt, is_negative)
         if key in self._cache:
             return self._cache[key]
         per_encoder = []
         for index, tokenizer in enumerate(self.model.tokenizers):
-            chunks, _ = tokenize_prompt(tokenizer, prompt, self._pad_id(index))
+            chunks, _ = tokenize_prompt(tokenizer, prompt, self._pad_id(index), self.embeddings)
             per_encoder.append(chunks)
         n = max(len(c) for c in per_encoder)
         for index, chunks in enumerate(per_encoder):  # encoders may disagree only in padding; keep counts equal
@@ -167,11 +210,16 @@ class TextConditioner:
         return self.encode("").crossattn[:77]
 
     def schedules(self, prompts: list[str], steps: int, is_negative: bool, hires_steps: int | None = None) -> "ScheduledConds":
+        prompts = [prompt_parser.extract_extra_network_tags(p)[0] for p in prompts]  # tags stay in the infotext only
         for p in prompts:
             prompt_parser.check_brackets(p)
         plans = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
         encoded = [[(end, self.encode(text, is_negative)) for end, text in plan] for plan in plans]
         return ScheduledConds(encoded)
+
+
+def _token_embedding(encoder):
+    return getattr(encoder, "text_model", encoder).embeddings.token_embedding
 
 
 def _final_norm(encoder):

@@ -39,7 +39,7 @@ class Generation:
         self.prompts = [req.prompt] * self.total_images
         self.negatives = [req.negative_prompt] * self.total_images
 
-        self.conditioner = TextConditioner(model, self.device, self.clip_skip)
+        self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None))
         self.preview_every = int(options.get("show_progress_every_n_steps", 2)) if options.get("live_previews_enable", True) else -1
 
         self.params: dict[str, object] = {

@@ -1,0 +1,162 @@
+"""What a generation job does with extra networks, in the backend process.
+
+`activate_for_job(request, ctx, runtime)` runs once per job, after the model is fetched and before
+the pipeline samples:
+
+1. reads the `<lora:name:weight>` tags of the prompt and negative prompt (A1111's forms:
+   `<lora:name>`, `<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:te:unet:dyn>`, named
+   `te=`, `unet=`, `dyn=`; `<lyco:...>` is the same);
+2. finds and reads each file (kept read while it is unchanged), puts their updates into the model's
+   weights, or, with no tags, takes any earlier ones out: the weights are then exactly the checkpoint's;
+3. writes `Lora hashes` into the job's infotext parameters, and a warning for every tag that could not
+   be honoured (unknown name, damaged file, made for another base model, no matching layer);
+4. gives the job the embeddings its prompts may use (`ctx.embeddings`, read by the text conditioner).
+
+Nothing here raises for a bad tag or file: the job goes on without it. The tags stay in the prompt
+(and so in the infotext); the text conditioner leaves them out of the text it encodes.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..prompt_parser import extract_extra_network_tags
+from .lora_apply import ActiveNetwork, NetworkPatcher
+from .lora_files import NetworkFile, file_stamp, read_network_file
+from .registry import LoraRegistry, NetworkHashes, short_hash
+
+log = logging.getLogger("easel.lora")
+
+LORA_TYPES = ("lora", "lyco")
+FILE_CACHE_SIZE = 4  # LoRA files kept read beyond the ones in use
+
+
+@dataclass
+class LoraTag:
+    name: str
+    te_multiplier: float = 1.0
+    unet_multiplier: float = 1.0
+    dyn_dim: int | None = None
+
+
+def tag_text(kind: str, args: list[str]) -> str:
+    return f"<{kind}:{':'.join(args)}>"
+
+
+def parse_lora_args(args: list[str]) -> LoraTag:
+    """A1111's reading of `<lora:...>` arguments; ValueError for a weight that is not a number."""
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    named = {k.strip(): v.strip() for k, v in named.items()}
+    if not positional or not positional[0].strip():
+        raise ValueError("the tag has no LoRA name")
+    te = float(positional[1]) if len(positional) > 1 else 1.0
+    te = float(named.get("te", te))
+    unet = float(positional[2]) if len(positional) > 2 else te
+    unet = float(named.get("unet", unet))
+    dyn = int(positional[3]) if len(positional) > 3 else None
+    dyn = int(named["dyn"]) if "dyn" in named else dyn
+    return LoraTag(positional[0].strip(), te, unet, dyn)
+
+
+def parse_network_tags(prompts: list[str]) -> tuple[list[LoraTag], list[str]]:
+    """The LoRA tags of these prompts, in order, and warnings for the tags that cannot be read."""
+    tags, warnings = [], []
+    for prompt in prompts:
+        for kind, args in extract_extra_network_tags(prompt or "")[1]:
+            if kind.lower() not in LORA_TYPES:
+                warnings.append(f"Unknown extra network type {kind!r} in {tag_text(kind, args)}; the tag was ignored.")
+                continue
+            try:
+                tags.append(parse_lora_args(args))
+            except ValueError as exc:
+                warnings.append(f"{tag_text(kind, args)} could not be read ({exc}); the tag was ignored.")
+    return tags, warnings
+
+
+class NetworkRuntime:
+    """The backend's extra-network state: finding LoRA files, the files read, the embeddings."""
+
+    def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None):
+        from ..embeddings import EmbeddingDatabase
+
+        self.loras = LoraRegistry(lora_dirs)
+        self.hashes = NetworkHashes(cache_dir / "network_hashes.json" if cache_dir else None)
+        self.embeddings = EmbeddingDatabase(embeddings_dir, self.hashes)
+        self.files: OrderedDict[str, NetworkFile] = OrderedDict()
+        self.reads = 0  # LoRA files read from disk (tests check caching with it)
+
+    @classmethod
+    def from_paths(cls, paths) -> "NetworkRuntime":
+        return cls(paths.lora_dirs, paths.embeddings_dir, paths.cache_dir)
+
+    def read(self, path: Path, name: str, keep: int) -> NetworkFile:
+        key = str(path)
+        cached = self.files.get(key)
+        if cached is not None and cached.stamp == file_stamp(path):
+            self.files.move_to_end(key)
+            return cached
+        net = read_network_file(path, name)
+        self.reads += 1
+        self.files[key] = net
+        while len(self.files) > keep:
+            self.files.popitem(last=False)
+        return net
+
+
+def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
+    """Apply the request's LoRAs to `ctx.model` (removing earlier ones), note hashes and warnings, set `ctx.embeddings`."""
+    if runtime is None:
+        return
+    model = ctx.model
+    tags, warnings = ([], [])
+    if request is not None and not getattr(request, "disable_extra_networks", False):
+        tags, warnings = parse_network_tags([request.prompt, request.negative_prompt])
+    networks: list[ActiveNetwork] = []
+    for tag in tags:
+        entry = runtime.loras.find_or_refresh(tag.name)
+        if entry is None:
+            warnings.append(f"Couldn't find Lora with name {tag.name}")
+            continue
+        try:
+            net = runtime.read(entry.path, entry.name, keep=len(tags) + FILE_CACHE_SIZE)
+        except (UserError, OSError) as exc:
+            warnings.append(f"LoRA {tag.name} ({entry.path.name}) could not be used: "
+                            f"{getattr(exc, 'message', exc)} Generation went on without it.")
+            continue
+        except Exception as exc:  # noqa: BLE001  a file no reader expected: the job still goes on
+            log.exception("reading LoRA %s", entry.path)
+            warnings.append(f"LoRA {tag.name} ({entry.path.name}) could not be read ({type(exc).__name__}: {exc}). "
+                            f"Generation went on without it.")
+            continue
+        networks.append(ActiveNetwork(net, tag.te_multiplier, tag.unet_multiplier, tag.dyn_dim, label=tag.name))
+
+    reports = NetworkPatcher.of(model).apply(networks)
+    hashes = []
+    for net, report in zip(networks, reports):
+        where = f"LoRA {report.name} ({net.file.path.name})"
+        if report.skipped_reason:
+            warnings.append(f"{where} was not applied: {report.skipped_reason}. Generation went on without it.")
+            continue
+        left = report.unmatched + report.mismatched + report.unsupported
+        if left:
+            warnings.append(f"{where}: {left} of its {len(net.file.modules)} modules were not applied "
+                            f"({report.unmatched} match no layer, {report.mismatched} have other shapes, "
+                            f"{report.unsupported} are of an unsupported type).")
+        try:
+            full = runtime.hashes.lora_hash(net.file.path, net.file.metadata)
+        except OSError:
+            continue
+        label = net.label.replace(":", "").replace(",", "")
+        if f"{label}: {short_hash(full)}" not in hashes:
+            hashes.append(f"{label}: {short_hash(full)}")
+    if hashes:
+        ctx.extra_params["Lora hashes"] = ", ".join(hashes)
+    for w in warnings:
+        log.warning("%s", w)
+        if w not in ctx.warnings:
+            ctx.warnings.append(w)
+    ctx.embeddings = runtime.embeddings.for_job(model, ctx.extra_params, ctx.warnings)
