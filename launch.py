@@ -42,13 +42,15 @@ def prepare_environment(with_tests: bool) -> Path:
     if not venv_python().exists():
         run([sys.executable, "-m", "venv", VENV])
     files = [ROOT / "requirements.txt"] + ([ROOT / "requirements-test.txt"] if with_tests else [])
+    nodeps = ROOT / "requirements-nodeps.txt"  # packages whose declared dependencies must not be installed
     stamp_file = VENV / (".easel-requirements-tests" if with_tests else ".easel-requirements")
-    stamp = requirements_stamp(files)
+    stamp = requirements_stamp(files + [nodeps])
     if not stamp_file.exists() or stamp_file.read_text() != stamp:
         cmd = [venv_python(), "-m", "pip", "install", "--disable-pip-version-check"]
         for f in files:
             cmd += ["-r", f]
         run(cmd)
+        run([venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-r", nodeps])
         stamp_file.write_text(stamp)
     return venv_python()
 

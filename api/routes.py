@@ -131,12 +131,6 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     def schedulers() -> list[dict]:
         return service.scheduler_list()
 
-    @router.get("/upscalers")
-    def upscalers() -> list[dict]:
-        from backend.pipelines.txt2img import IMAGE_UPSCALERS
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4 if name != "None" else 1}
-                for name in IMAGE_UPSCALERS]
-
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
         from backend.pipelines.txt2img import LATENT_UPSCALE_MODES

@@ -80,8 +80,13 @@ def _exif_user_comment(infotext: str) -> bytes:
 
 
 def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: str | None, fmt: str = "png",
-               pattern: str = "", name_values: dict | None = None, basename: str = "", with_pnginfo: bool = True) -> Path:
-    """Write `image` into `folder` as `NNNNN-SEED.ext` (or the pattern), never overwriting a file."""
+               pattern: str = "", name_values: dict | None = None, basename: str = "", with_pnginfo: bool = True,
+               forced_name: str = "", extra_text: dict[str, str] | None = None) -> Path:
+    """Write `image` into `folder` as `NNNNN-SEED.ext` (or the pattern), never overwriting a file.
+
+    `forced_name`: save as `NAME.ext` instead (`NAME-1.ext`, ... when taken), as A1111 keeps the original names of
+    a batch from a directory. `extra_text`: more PNG text chunks beside `parameters` (e.g. A1111's `extras`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     fmt = fmt.lower().replace("jpeg", "jpg")
     values = dict(name_values or {})
@@ -90,9 +95,12 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
     if basename:
         decoration = f"{basename}-{decoration}" if decoration else basename
     with _SAVE_LOCK:
-        number = next_sequence_number(folder)
+        number = 0 if forced_name else next_sequence_number(folder)
         while True:
-            stem = f"{number:05}-{decoration}" if decoration else f"{number:05}"
+            if forced_name:
+                stem = sanitize(forced_name) + (f"-{number}" if number else "")
+            else:
+                stem = f"{number:05}-{decoration}" if decoration else f"{number:05}"
             path = folder / f"{stem}.{fmt}"
             if not path.exists():
                 break
@@ -103,6 +111,9 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
             if text:
                 pnginfo = PngImagePlugin.PngInfo()
                 pnginfo.add_text("parameters", text)
+            for key, value in (extra_text or {}).items() if with_pnginfo else ():
+                pnginfo = pnginfo or PngImagePlugin.PngInfo()
+                pnginfo.add_text(key, value)
             image.save(path, format="PNG", pnginfo=pnginfo)
         else:
             img = image.convert("RGB") if fmt == "jpg" else image

@@ -22,6 +22,9 @@ MODEL_FOLDERS = {
     "RealESRGAN": "Put RealESRGAN models here.txt",
     "GFPGAN": "Put GFPGAN models here.txt",
     "Codeformer": "Put CodeFormer models here.txt",
+    "SwinIR": "Put SwinIR models here.txt",
+    "DAT": "Put DAT models here.txt",
+    "facexlib": "Put facexlib face detection weights here.txt",
     "hypernetworks": "Put hypernetworks here.txt",
     "VAE-taesd": "Put TAESD models here.txt",
 }
@@ -40,6 +43,10 @@ class DataPaths:
     embeddings_dir: Path | None = None
     lora_dirs: list[Path] = field(default_factory=list)
     controlnet_dirs: list[Path] = field(default_factory=list)
+    esrgan_dirs: list[Path] = field(default_factory=list)
+    realesrgan_dirs: list[Path] = field(default_factory=list)
+    gfpgan_dirs: list[Path] = field(default_factory=list)
+    codeformer_dirs: list[Path] = field(default_factory=list)
     outputs_dir: Path | None = None
     config_file: Path | None = None
     cache_dir: Path | None = None
@@ -65,6 +72,10 @@ class DataPaths:
             embeddings_dir=Path(args.embeddings_dir).expanduser().resolve() if args.embeddings_dir else data_dir / "embeddings",
             lora_dirs=with_extra(models_dir / "Lora", args.lora_dir) + [models_dir / "LyCORIS"],
             controlnet_dirs=with_extra(models_dir / "ControlNet", args.controlnet_dir),
+            esrgan_dirs=with_extra(models_dir / "ESRGAN", getattr(args, "esrgan_models_path", None)),
+            realesrgan_dirs=with_extra(models_dir / "RealESRGAN", getattr(args, "realesrgan_models_path", None)),
+            gfpgan_dirs=with_extra(models_dir / "GFPGAN", getattr(args, "gfpgan_models_path", None)),
+            codeformer_dirs=with_extra(models_dir / "Codeformer", getattr(args, "codeformer_models_path", None)),
             outputs_dir=data_dir / "outputs",
             config_file=Path(args.ui_settings_file).expanduser().resolve() if args.ui_settings_file else data_dir / "config.json",
             cache_dir=data_dir / "cache",

@@ -31,3 +31,13 @@ def browser_page(url: str):
             yield page
         finally:
             browser.close()
+
+
+def pick_dropdown(page, elem: str, text: str) -> None:
+    """Type `text` into the Gradio dropdown `elem` (a CSS selector) and pick the choice it leads to."""
+    box = page.locator(f"{elem} input").first
+    box.click()
+    box.fill(text)
+    page.wait_for_timeout(300)
+    box.press("Enter")
+    page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")

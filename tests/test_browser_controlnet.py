@@ -3,17 +3,8 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from browser import browser_page
+from browser import browser_page, pick_dropdown
 from controlnet_factory import write_tiny_controlnet
-
-
-def _pick(page, elem: str, text: str) -> None:
-    box = page.locator(f"{elem} input").first
-    box.click()
-    box.fill(text)
-    page.wait_for_timeout(300)
-    box.press("Enter")
-    page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")
 
 
 def test_controlnet_unit_from_the_browser(server, tmp_path):
@@ -37,7 +28,7 @@ def test_controlnet_unit_from_the_browser(server, tmp_path):
         page.locator("#txt2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
         page.locator("#txt2img_controlnet_unit0_enable input").check()
         page.set_input_files("#txt2img_controlnet_unit0_image input[type=file]", str(picture))
-        _pick(page, "#txt2img_controlnet_unit0_module", "canny")
+        pick_dropdown(page, "#txt2img_controlnet_unit0_module", "canny")
         page.wait_for_selector("#txt2img_controlnet_unit0_threshold_a", state="visible")
         page.click("#txt2img_controlnet_unit0_run_preprocessor")
         page.wait_for_selector("#txt2img_controlnet_unit0_preview img", timeout=120_000)
@@ -49,7 +40,7 @@ def test_controlnet_unit_from_the_browser(server, tmp_path):
         assert any("control_v11p_sd15_canny_browser" in o for o in options)
         assert not any("diffusers_xl_browser" in o for o in options)  # only models that fit the SD 1.x checkpoint
         page.keyboard.press("Escape")
-        _pick(page, "#txt2img_controlnet_unit0_model", "control_v11p_sd15_canny_browser")
+        pick_dropdown(page, "#txt2img_controlnet_unit0_model", "control_v11p_sd15_canny_browser")
         page.screenshot(path=str(tmp_path / "controlnet_unit.png"), full_page=True)
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('ControlNet 0')",

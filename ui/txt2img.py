@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from backend.pipelines.txt2img import HIRES_UPSCALERS
 from backend.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
@@ -12,8 +11,8 @@ from . import controlnet, generation
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
-          "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_scale",
-          "hr_resize_x", "hr_resize_y"]
+          "restore_faces", "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
+          "hr_scale", "hr_resize_x", "hr_resize_y"]
 
 
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict]:
@@ -26,7 +25,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             with gr.Accordion("Hires. fix", open=False):
                 c["enable_hr"] = gr.Checkbox(False, label="Enable hires. fix", elem_id="txt2img_enable_hr")
                 with gr.Row():
-                    c["hr_upscaler"] = gr.Dropdown(HIRES_UPSCALERS, value="Latent", label="Upscaler")
+                    c["hr_upscaler"] = gr.Dropdown(service.postprocess.hires_upscaler_names(), value="Latent", label="Upscaler",
+                                                   elem_id="txt2img_hr_upscaler")
                     c["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same as sampling steps)")
                     c["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength")
                 with gr.Row():
@@ -42,6 +42,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
             buttons.update(generation.seed_controls("txt2img", c))
             generation.extra_controls(service, "txt2img", c)
+            c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="txt2img_restore_faces",
+                                             info="Settings: face restoration model and CodeFormer weight")
             cn_panel = controlnet.build_units(service, "txt2img", checkpoint, width=c["width"], height=c["height"])
         with gr.Column(scale=1):
             r = generation.results_column("txt2img")

@@ -12,6 +12,8 @@ from PIL import Image
 from .. import samplers
 from ..errors import UserError
 from ..rng import ImageRNG
+from ..postprocess.face_restore import restore_faces_for_job
+from ..postprocess.upscalers import upscale_for_job
 from ..schemas import GenerationResult, Txt2ImgRequest
 from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, resolve_sampler, run_sampler,
                      sampler_extra_args, tiling, validate_generation, validate_size)
@@ -33,8 +35,8 @@ DEFAULT_HIRES_DENOISE = 0.7
 def validate(req: Txt2ImgRequest) -> None:
     validate_generation(req)
     if req.enable_hr:
-        if req.hr_upscaler and req.hr_upscaler not in HIRES_UPSCALERS:
-            raise UserError(f"Unknown hires upscaler {req.hr_upscaler!r}. Available: {', '.join(HIRES_UPSCALERS)}")
+        # hr_upscaler: latent modes, None/Lanczos/Nearest or a model upscaler; names are checked by the service
+        # (where the model folders are known) and resolved when the pass runs (backend.postprocess.upscalers).
         if req.hr_second_pass_steps < 0 or req.hr_second_pass_steps > 150:
             raise UserError("hr_second_pass_steps must be between 0 and 150.")
         w, h = hires_size(req)
@@ -54,15 +56,6 @@ def hires_size(req: Txt2ImgRequest) -> tuple[int, int]:
     else:
         w, h = req.hr_resize_x, req.hr_resize_y
     return w // 8 * 8, h // 8 * 8
-
-
-def _resize_cover(img: Image.Image, w: int, h: int, resample) -> Image.Image:
-    """Scale to cover w x h, keeping the aspect ratio, then crop the middle (A1111 'crop and resize')."""
-    ratio = max(w / img.width, h / img.height)
-    sw, sh = max(w, round(img.width * ratio)), max(h, round(img.height * ratio))
-    img = img.resize((sw, sh), resample)
-    left, top = (sw - w) // 2, (sh - h) // 2
-    return img.crop((left, top, left + w, top + h))
 
 
 def _upscale_latent(latent: torch.Tensor, w: int, h: int, mode: str) -> torch.Tensor:
@@ -144,7 +137,7 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
                 else:
                     first = decode_latents(ctx, latents)
-                    upscaled = [_resize_cover(img, hr_w, hr_h, IMAGE_UPSCALERS[hr_upscaler]) for img in first]
+                    upscaled = [upscale_for_job(ctx, img, hr_upscaler, hr_w, hr_h) for img in first]
                     latents = encode_images(ctx, upscaled)
                 if hires_sampling:
                     hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
@@ -161,7 +154,10 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                     latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
 
-            for j, img in enumerate(decode_latents(ctx, latents)):
+            images = decode_latents(ctx, latents)
+            if req.restore_faces:
+                images = restore_faces_for_job(ctx, images)
+            for j, img in enumerate(images):
                 gen.add_image(img, n * req.batch_size + j)
             if gen.end_batch(stop):
                 break
