@@ -56,6 +56,10 @@ def add_api(app, service, args) -> None:
     app.include_router(build_router(service, deps, log_requests=bool(args.api_log)))
     from api.controlnet_routes import build_controlnet_router
     app.include_router(build_controlnet_router(service, deps, log_requests=bool(args.api_log)))
+    from api.postprocess_routes import build_postprocess_router
+    app.include_router(build_postprocess_router(service, deps, log_requests=bool(args.api_log)))
+    from api.networks_routes import build_networks_router
+    app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def main(argv: list[str] | None = None) -> int:

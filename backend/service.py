@@ -41,6 +41,12 @@ class EaselService:
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"})
         from .controlnet.service import ControlNetService
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
+        from .networks.catalog import ExtraNetworksCatalog
+        # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
+        self.networks = ExtraNetworksCatalog(self.paths)
+        from .postprocess.service import PostprocessService
+        # upscalers and face restorers (lists, hires. fix names), Extras jobs
+        self.postprocess = PostprocessService(args, self.paths, self.options, self.client, self._batch_folder)
 
     def _select_initial_checkpoint(self, ckpt: str) -> None:
         path = Path(ckpt).expanduser()
@@ -90,6 +96,24 @@ class EaselService:
         return (f"No Stable Diffusion checkpoint found. Put a .safetensors or .ckpt file (SD 1.x, SD 2.x or SDXL) "
                 f"in {folders}, then press the refresh button beside the checkpoint list.")
 
+    # -- extra networks ---------------------------------------------------------------------------
+    def lora_list(self) -> list[dict]:
+        return self.networks.lora_api_list()
+
+    def refresh_loras(self) -> None:
+        self.networks.refresh_loras()
+
+    def embedding_list(self) -> dict:
+        """A1111's loaded/skipped embeddings for the selected checkpoint."""
+        try:
+            ckpt = self.current_checkpoint()
+        except UserError:
+            ckpt = None
+        return self.networks.embeddings_api(ckpt)
+
+    def refresh_embeddings(self) -> None:
+        self.networks.refresh_embeddings()
+
     # -- settings ---------------------------------------------------------------------------------
     def set_options(self, changes: dict) -> dict:
         changes = dict(changes)
@@ -102,11 +126,12 @@ class EaselService:
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
         from .pipelines import img2img, txt2img  # torch-importing; only when a job is made
-        from .prompt_parser import check_brackets
+        from .prompt_parser import check_brackets, extract_extra_network_tags
 
         (img2img.validate if isinstance(req, Img2ImgRequest) else txt2img.validate)(req)
-        check_brackets(req.prompt)
-        check_brackets(req.negative_prompt, what="Negative prompt")
+        self.postprocess.check_hires_upscaler(req)
+        check_brackets(extract_extra_network_tags(req.prompt)[0])  # a LoRA's name may hold brackets
+        check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
         from .pipelines.common import resolve_sampler
         resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
 

@@ -8,6 +8,7 @@ device, the others in RAM), so switching back to a cached one reads no file.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import time
@@ -72,44 +73,116 @@ class WorkerJobControl:
 
 
 class ModelCache:
-    """LRU cache of loaded checkpoints; the most recent is placed on the device, the others wait in RAM."""
+    """LRU cache of loaded checkpoints (setting `sd_checkpoints_limit`).
+
+    The active checkpoint is placed by the device policy. The others stay loaded: on the device while
+    the active one still has its room there (resident, with its sampling reserve free), otherwise in
+    RAM, so switching back reads no file. Eviction is least-recently-used, past the limit and before
+    loading a new file when free RAM would not hold it; an evicted model is dropped whole (its hooks
+    removed, no reference kept), so RAM does not grow across switches.
+    """
+
+    RAM_MARGIN = 1 << 30  # RAM left free besides the new model when deciding to evict before a load
 
     def __init__(self, policy, hashes):
         self.policy = policy
         self.hashes = hashes
         self.models: OrderedDict[tuple, object] = OrderedDict()
         self.loads = 0
+        self.evictions = 0
+        self.available_ram = None  # callable -> bytes; None: psutil (tests inject their own)
 
     def get(self, path: Path, limit: int):
-        from .model_loader import load_sd_model
-
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime)
+        if key in self.models and self._too_narrow(self.models[key]):
+            # loaded in a smaller dtype than the policy now wants (cpu_bf16 turned off): read it again
+            self.policy.release(self.models.pop(key))
+            gc.collect()
         if key in self.models:
             self.models.move_to_end(key)
             model = self.models[key]
         else:
-            t0 = time.perf_counter()
-            model = load_sd_model(path, dtype=self.policy.dtype, device="cpu")
-            self.loads += 1
-            log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
+            self._make_room_for(st.st_size, limit)
+            model = self._load(path)
             self.models[key] = model
-        for other_key, other in self.models.items():
-            if other_key != key and getattr(other, "_easel_placed", None):
-                self.policy.release(other)
-        self.policy.place(model)
+        self._arrange(model)
         while len(self.models) > max(1, limit):
-            old_key, old = self.models.popitem(last=False)
-            self.policy.release(old)
-            del old
-            log.info("evicted %s from the checkpoint cache", Path(old_key[0]).name)
-        import gc
-        gc.collect()
+            self._evict_oldest()
         return model
 
+    def _load(self, path: Path):
+        from .model_loader import load_sd_model
+
+        t0 = time.perf_counter()
+        policy = self.policy
+        model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
+                              text_dtype=getattr(policy, "text_dtype", None), device="cpu")
+        self.loads += 1
+        model._easel_load_dtypes = self._wanted_dtypes()
+        log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
+        return model
+
+    def _wanted_dtypes(self) -> tuple:
+        policy = self.policy
+        return (policy.dtype, policy.vae_dtype, getattr(policy, "text_dtype", None) or policy.dtype)
+
+    def _too_narrow(self, model) -> bool:
+        loaded = getattr(model, "_easel_load_dtypes", None)
+        return loaded is not None and any(a.itemsize < b.itemsize for a, b in zip(loaded, self._wanted_dtypes()))
+
+    def _ram_free(self) -> int:
+        if self.available_ram is not None:
+            return int(self.available_ram())
+        import psutil
+        return int(psutil.virtual_memory().available)
+
+    def _make_room_for(self, file_size: int, limit: int) -> None:
+        """Before reading a file: evict past the limit, then while free RAM would not hold the new model."""
+        while len(self.models) >= max(1, limit):
+            self._evict_oldest()
+        need = int(file_size * 1.25) + self.RAM_MARGIN
+        while self.models and self._ram_free() < need:
+            log.info("free RAM %.1f GiB is short of %.1f GiB for the next checkpoint", self._ram_free() / 2**30, need / 2**30)
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        old_key, old = self.models.popitem(last=False)
+        self.policy.release(old)
+        self.evictions += 1
+        del old
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("evicted %s from the checkpoint cache", Path(old_key[0]).name)
+
+    def _arrange(self, model) -> None:
+        """Place the active model; keep the others on the device only while there is room for them."""
+        from .devices import INFERENCE_RESERVE, RESIDENT
+
+        policy = self.policy
+        others = [m for m in reversed(self.models.values()) if m is not model and getattr(m, "_easel_placed", None)]
+        if policy.mode == "resident":  # on the CPU (or told so): nothing to arrange
+            policy.place(model)
+            return
+        if policy.mode != "auto":  # medvram/lowvram: weights live in RAM; only the active model is hooked
+            for other in others:
+                policy.release(other)
+            policy.place(model)
+            return
+        while others and policy.plan_for(model) != RESIDENT:  # make room for the active model, oldest first
+            policy.release(others.pop())
+        policy.place(model)
+        reserve = INFERENCE_RESERVE.get(getattr(model, "family", "sd1"), 2 << 30)
+        for other in others:
+            if policy.mode_for(other) != "resident" or policy.device_free_bytes() < reserve:
+                policy.release(other)
+
     def clear(self) -> None:
+        for model in self.models.values():
+            self.policy.release(model)
         self.models.clear()
-        import gc
         gc.collect()
 
 
@@ -137,15 +210,21 @@ class VaeSwitcher:
 
 
 def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
+    import torch
+
     from .checkpoints import ModelFile
     from .pipelines.common import JobContext
 
     if kind == "memory":
-        return memory_report()
+        return memory_report(state["policy"].device)
     if kind == "unload":
         state["cache"].clear()
         state["controlnets"].clear()
+        state["postprocess"].clear()
         return {"ok": True}
+    if kind == "extras":
+        from .postprocess.extras import run_extras_job
+        return run_extras_job(payload, state["postprocess"], control)
     if kind == "controlnet_detect":
         from .controlnet.service import run_detect_job
         return run_detect_job(payload, state["annotators"])
@@ -160,17 +239,41 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
     if vae is not None:
         vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state["hashes"].sha256(vae.path))
     options = payload["options"]
+    policy = state["policy"]
+    policy.apply_options(options)
     model = state["cache"].get(ckpt.path, int(options.get("sd_checkpoints_limit", 2)))
+    policy.settle(model)  # weights in RAM while the VAE is swapped
     state["vae"].apply(model, str(vae.path) if vae else None)
     if kind == "load":
         return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None}
-    ctx = JobContext(model=model, policy=state["policy"], options=options, outputs_root=payload["data_dir"],
-                     checkpoint=ckpt, vae=vae, control=control)
-    maps = _prepare_controlnet(kind, payload, ctx, state)
-    result = _run_pipeline(kind, payload, ctx)
+    try:
+        while True:
+            ctx = JobContext(model=model, policy=policy, options=options, outputs_root=payload["data_dir"],
+                             checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"])
+            try:
+                _activate_networks(payload, ctx, state)
+                maps = _prepare_controlnet(kind, payload, ctx, state)
+                result = _run_pipeline(kind, payload, ctx)
+                break
+            except torch.OutOfMemoryError:
+                # Never fail for memory that a smaller residency would have had: step down and run again.
+                del ctx
+                policy.settle(model)
+                torch.cuda.empty_cache()
+                if not policy.degrade(model):
+                    raise
+    finally:
+        policy.settle(model)
     result.info["sd_model_checkpoint"] = ckpt.title
     result.detected_maps = maps
     return result
+
+
+def _activate_networks(payload: dict, ctx, state) -> None:
+    """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
+    and warnings, and the embeddings the prompts may use (`backend.networks.activation`)."""
+    from .networks.activation import activate_for_job
+    activate_for_job(payload.get("request"), ctx, state.get("networks"))
 
 
 def _prepare_controlnet(kind: str, payload: dict, ctx, state) -> list[bytes]:
@@ -202,17 +305,24 @@ def _run_pipeline(kind: str, payload: dict, ctx):
     return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
 
 
-def memory_report() -> dict:
+def memory_report(device=None) -> dict:
+    """RAM and CUDA memory in the shape of A1111's GET /sdapi/v1/memory.
+
+    ram: free (available to new allocations), used (this backend process's resident set), total.
+    cuda: system (driver free/used/total), and the allocator's active/allocated/reserved/inactive
+    current and peak bytes, with its retry and out-of-memory counts; {"error": "unavailable"} without CUDA.
+    """
     import psutil
     import torch
 
     vm = psutil.virtual_memory()
     proc = psutil.Process(os.getpid())
     ram = {"free": vm.available, "used": proc.memory_info().rss, "total": vm.total}
-    cuda: dict = {"error": "no CUDA device"}
+    cuda: dict = {"error": "unavailable"}
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
+        dev = device if device is not None and getattr(device, "type", "") == "cuda" else torch.device("cuda")
+        free, total = torch.cuda.mem_get_info(dev)
+        stats = torch.cuda.memory_stats(dev)
         cuda = {
             "system": {"free": free, "used": total - free, "total": total},
             "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
@@ -239,12 +349,21 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     torch.set_grad_enabled(False)
     paths = DataPaths.from_args(args)
     policy = DevicePolicy.from_args(args)
+    if policy.device.type == "cpu":
+        # torch defaults to one thread per logical CPU; SMT siblings only slow the matrix kernels down.
+        import psutil
+        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical:
+            torch.set_num_threads(physical)
     hashes = HashCache(paths.cache_dir / "hashes.json")
     from .controlnet.annotators import AnnotatorEnv
     from .controlnet.runtime import ControlNetCache
+    from .networks.activation import NetworkRuntime
+    from .postprocess.runtime import PostprocessRuntime
     state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher(),
              "controlnets": ControlNetCache(policy),
-             "annotators": AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device))}
+             "annotators": AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device)),
+             "postprocess": PostprocessRuntime(paths, args), "networks": NetworkRuntime.from_paths(paths)}
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})

@@ -10,7 +10,7 @@ from backend.downloads import download_file, network_available
 from backend.errors import UserError
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from . import controlnet, img2img, pnginfo, send_to, settings_tab, txt2img
+from . import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -37,14 +37,18 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 fields, t2i_results = txt2img.build(service, checkpoint, vae)
             with gr.Tab("img2img", id="img2img"):
                 i2i_fields, i2i_results, i2i_images = img2img.build(service, checkpoint, vae)
+            with gr.Tab("Extras", id="extras"):
+                extras_image = extras.build(service)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
+            with gr.Tab("LoRA", id="lora"):
+                extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
             with gr.Tab("ControlNet", id="controlnet"):
                 controlnet.build_tab(service)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(service)
 
-        send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images)
+        send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
 
         def on_refresh():
             service.refresh_checkpoints()
