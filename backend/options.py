@@ -51,6 +51,9 @@ SETTINGS: list[Setting] = [
     Setting("outdir_extras_samples", "outputs/extras-images", "Output folder for images from the Extras tab", "Paths for saving"),
     Setting("outdir_txt2img_grids", "outputs/txt2img-grids", "Output folder for txt2img grids", "Paths for saving"),
     Setting("outdir_img2img_grids", "outputs/img2img-grids", "Output folder for img2img grids", "Paths for saving"),
+    Setting("outdir_init_images", "outputs/init-images", "Directory for saving init images when using img2img",
+            "Paths for saving"),
+    Setting("save_init_img", False, "Save init images when using img2img", "Saving images", bool),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from .. import image_ops
 from ..errors import UserError
 from ..image_codec import open_image_bytes
+from ..images import save_image
 from ..paths import IMAGE_EXTENSIONS
 from ..rng import ImageRNG
 from ..schemas import GenerationResult, Img2ImgRequest
@@ -170,6 +172,8 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
                      samples_dir=samples_dir)
     model, device = ctx.model, gen.device
+    if ctx.options.get("save_init_img", False):
+        gen.params["Init image hash"] = save_init_images(gen, images)
     prepared = prepare_mask(mask, images[0].size, req, mode) if mask is not None else None
 
     processed, overlays = [], []
@@ -215,6 +219,18 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     return gen.finish({"denoising_strength": denoise, "resize_mode": mode,
                                     "is_using_inpainting_conditioning": bool(model.is_inpaint and prepared is not None)})
+
+
+def save_init_images(gen: Generation, images: list[Image.Image]) -> str:
+    """A1111's "Save init images": each input as received, named by the MD5 of its pixels; returns the first hash."""
+    hashes = []
+    for img in images:
+        digest = hashlib.md5(img.tobytes()).hexdigest()
+        folder = gen.outdir("outdir_init_images")
+        if not (folder / f"{digest}.png").exists():
+            save_image(img, folder, seed=None, infotext=None, forced_name=digest)
+        hashes.append(digest)
+    return hashes[0]
 
 
 def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fill: int, soft: bool, outpaint) -> None:
