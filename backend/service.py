@@ -130,6 +130,8 @@ class EaselService:
 
         (img2img.validate if isinstance(req, Img2ImgRequest) else txt2img.validate)(req)
         self.postprocess.check_hires_upscaler(req)
+        if isinstance(req, Img2ImgRequest):
+            self.postprocess.check_sd_upscale(req)
         check_brackets(extract_extra_network_tags(req.prompt)[0])  # a LoRA's name may hold brackets
         check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
         from .pipelines.common import resolve_sampler

@@ -160,6 +160,15 @@ def test_txt2img_restore_faces_records_the_restorer(papi):
     assert "Face restoration: GFPGAN" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_img2img_restore_faces_records_the_restorer(papi):
+    r = papi.post("/img2img", json=_small(restore_faces=True, denoising_strength=0.5, init_images=[b64(photo(64, 64))],
+                                          override_settings={"face_restoration_model": "GFPGAN"}))
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Face restoration: GFPGAN" in info["infotexts"][0] and info["restore_faces"] is True
+    assert unb64(r.json()["images"][0]).size == (64, 64)
+
+
 def test_hires_fix_with_a_model_upscaler(papi):
     r = papi.post("/txt2img", json=_small(enable_hr=True, hr_scale=2, hr_upscaler="R-ESRGAN General 4xV3",
                                           hr_second_pass_steps=1, denoising_strength=0.3))

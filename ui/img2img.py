@@ -20,10 +20,10 @@ SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047
 # Request fields the tab edits, in the order of the `inputs` list (after the images and mode controls).
 FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
-          "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
+          "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
           "inpaint_full_res", "inpaint_full_res_padding"]
 EXTRA = ["scale_mode", "scale_by", "soft_inpainting", "outpaint", "outpaint_pixels", "outpaint_blur", "outpaint_directions",
-         "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
+         "sd_upscale", "sd_upscale_overlap", "sd_upscale_upscaler", "sd_upscale_scale", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
 def drawn_mask(layers: list, size: tuple[int, int]) -> Image.Image | None:
@@ -151,6 +151,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                     elem_id="img2img_denoising_strength")
             buttons.update(generation.seed_controls("img2img", c))
             generation.extra_controls(service, "img2img", c)
+            c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="img2img_restore_faces",
+                                             info="Settings: face restoration model and CodeFormer weight")
             with gr.Accordion("Outpainting", open=False, elem_id="img2img_outpainting"):
                 c["outpaint"] = gr.Checkbox(False, label="Outpaint: grow the picture outwards", elem_id="img2img_outpaint")
                 with gr.Row():
@@ -159,6 +161,16 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                 c["outpaint_directions"] = gr.CheckboxGroup(list(image_ops.OUTPAINT_DIRECTIONS),
                                                             value=list(image_ops.OUTPAINT_DIRECTIONS),
                                                             label="Outpainting direction")
+            with gr.Accordion("SD upscale", open=False, elem_id="img2img_sd_upscale"):
+                c["sd_upscale"] = gr.Checkbox(False, label="SD upscale: upscale, then redraw in tiles of Width x Height",
+                                              elem_id="img2img_sd_upscale_enable")
+                with gr.Row():
+                    c["sd_upscale_overlap"] = gr.Slider(0, 256, value=64, step=16, label="Tile overlap",
+                                                        elem_id="img2img_sd_upscale_overlap")
+                    c["sd_upscale_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Scale Factor",
+                                                      elem_id="img2img_sd_upscale_scale")
+                c["sd_upscale_upscaler"] = gr.Dropdown(service.postprocess.upscaler_names(), value="Lanczos",
+                                                       label="Upscaler", elem_id="img2img_sd_upscale_upscaler")
             cn_panel = controlnet.build_units(service, "img2img", checkpoint, img2img=True, width=c["width"],
                                               height=c["height"])
         with gr.Column(scale=1):
@@ -184,6 +196,12 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         if extra["soft_inpainting"]:
             request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
         request.setdefault("alwayson_scripts", {}).update(cn_panel.alwayson_scripts(cn_values))
+        if extra["outpaint"] and extra["sd_upscale"]:
+            raise UserError("Choose one script: turn off either Outpainting or SD upscale.")
+        if extra["sd_upscale"]:
+            request["script_name"] = "SD upscale"
+            request["script_args"] = [None, int(extra["sd_upscale_overlap"]), extra["sd_upscale_upscaler"] or "None",
+                                      float(extra["sd_upscale_scale"])]
         if extra["outpaint"]:
             request["script_name"] = "Poor man's outpainting"
             request["script_args"] = [int(extra["outpaint_pixels"]), int(extra["outpaint_blur"]), fields["inpainting_fill"],

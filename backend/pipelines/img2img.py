@@ -22,10 +22,12 @@ from ..errors import UserError
 from ..image_codec import open_image_bytes
 from ..images import save_image
 from ..paths import IMAGE_EXTENSIONS
+from ..postprocess.face_restore import restore_faces_for_job
 from ..rng import ImageRNG
 from ..schemas import GenerationResult, Img2ImgRequest
 from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
                      run_sampler, tiling, validate_generation, validate_size)
+from . import sd_upscale
 from .processing import Generation
 from .txt2img import img2img_sigmas
 
@@ -47,14 +49,16 @@ def validate(req: Img2ImgRequest) -> None:
         raise UserError(f"mask_blur must be between 0 and 256, got {req.mask_blur}.")
     image_ops.resize_mode_index(req.resize_mode)
     outpainting_args(req)
+    sd_upscale.script_args(req)
 
 
 def outpainting_args(req: Img2ImgRequest) -> tuple[int, int, int, list[str]] | None:
     """(pixels, mask blur, masked content, directions) from A1111's outpainting scripts' args, or None."""
     name = (req.script_name or "").strip().lower()
     if name not in OUTPAINT_SCRIPTS:
-        if name:
-            raise UserError(f"Unknown script {req.script_name!r}. Available for img2img: Poor man's outpainting, Outpainting mk2.")
+        if name and not sd_upscale.is_sd_upscale(req):
+            raise UserError(f"Unknown script {req.script_name!r}. Available for img2img: Poor man's outpainting, "
+                            f"Outpainting mk2, {sd_upscale.SCRIPT_NAME}.")
         return None
     args = list(req.script_args or [])
     try:
@@ -148,6 +152,8 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     if not init_images:
         raise UserError("img2img needs an init image (init_images is empty).")
     validate(req)
+    if sd_upscale.is_sd_upscale(req):
+        return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = image_ops.resize_mode_index(req.resize_mode)
     images = [image_ops.flatten(img) for img in init_images]
     fill = req.inpainting_fill
@@ -210,6 +216,8 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                     init_latent = _init_latents(ctx, processed, req, mode)
                 results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds, subseeds,
                                               sigmas_all.to(device))
+            if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
+                results = restore_faces_for_job(ctx, results)
             for j, result in enumerate(results):
                 if prepared is not None:
                     result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])

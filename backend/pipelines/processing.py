@@ -103,9 +103,10 @@ class Generation:
                 "sampler": self.sampler_info.name, "width": req.width, "height": req.height,
                 "model_name": ctx.checkpoint.model_name, "model_hash": ctx.checkpoint.shorthash}
 
-    def add_image(self, img: Image.Image, i: int, basename: str | None = None) -> None:
-        """Record (and, unless told not to, save) image i of the job with its infotext."""
-        text = self.infotext(i)
+    def add_image(self, img: Image.Image, i: int, basename: str | None = None, infotext: str | None = None) -> None:
+        """Record (and, unless told not to, save) image i of the job with its infotext (`infotext`: one made elsewhere,
+        as SD upscale takes its first tile's)."""
+        text = infotext or self.infotext(i)
         path = None
         if self.save_samples:
             path = save_image(img, self.out_dir, seed=self.all_seeds[i], infotext=text, fmt=self.fmt,

@@ -59,6 +59,13 @@ class PostprocessService:
         except UserError:
             raise UserError(f"Unknown hires upscaler {name!r}. Available: {', '.join(names)}.") from None
 
+    def check_sd_upscale(self, req) -> None:
+        """Refuse an img2img "SD upscale" request with an unknown upscaler (name or index) before it is queued."""
+        from ..pipelines.sd_upscale import script_args, upscaler_name
+        args = script_args(req)
+        if args is not None:
+            upscaler_name(args.upscaler, self.registry())
+
     def face_restorers(self) -> list[dict]:
         """A1111's /sdapi/v1/face-restorers: [{name, cmd_dir}]."""
         folders = {"CodeFormer": self.paths.codeformer_dirs, "GFPGAN": self.paths.gfpgan_dirs}
