@@ -172,6 +172,33 @@ def test_round_trip_build_then_parse():
     assert (parsed["Size-1"], parsed["Size-2"]) == (832, 1216)
 
 
+def test_lora_tags_and_hashes_survive_send_to_txt2img():
+    """PNG Info -> Send to txt2img: the tags stay in the prompts, the hash lists only under their own keys."""
+    text = ('a castle <lora:name:0.8>, (stone:1.1) <lora:other_one:0.5:te=0.2>\n'
+            'Negative prompt: blurry <lora:neg_style:-0.6>\n'
+            'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 11, Size: 512x512, Model hash: 0123456789, '
+            'Lora hashes: "name: abc123, other_one: def456, neg_style: 0a1b2c", TI hashes: "shiny: 9f8e7d", '
+            'Version: easel')
+    p = parse_infotext(text)
+    assert p["Prompt"] == "a castle <lora:name:0.8>, (stone:1.1) <lora:other_one:0.5:te=0.2>"
+    assert p["Negative prompt"] == "blurry <lora:neg_style:-0.6>"
+    assert p["Lora hashes"] == "name: abc123, other_one: def456, neg_style: 0a1b2c"
+    assert p["TI hashes"] == "shiny: 9f8e7d"
+    assert (p["Seed"], p["Version"], p["Size-1"]) == ("11", "easel", 512)
+    fields = infotext_to_request_fields(p)
+    assert fields["prompt"] == p["Prompt"] and fields["negative_prompt"] == p["Negative prompt"]
+    assert (fields["seed"], fields["steps"], fields["sampler_name"]) == (11, 20, "Euler a")
+    # no field (nor a setting override) picks up either hash list or a piece of it
+    flat = repr(fields)
+    for leaked in ("abc123", "def456", "9f8e7d", "hashes"):
+        assert leaked not in flat, leaked
+    # written by Easel and read back, the same
+    again = parse_infotext(build_infotext(p["Prompt"], p["Negative prompt"],
+                                          {"Steps": 20, "Seed": 11, "Lora hashes": p["Lora hashes"],
+                                           "TI hashes": p["TI hashes"]}))
+    assert (again["Prompt"], again["Lora hashes"], again["TI hashes"]) == (p["Prompt"], p["Lora hashes"], p["TI hashes"])
+
+
 # --- request fields ----------------------------------------------------------------------------
 
 def test_request_fields_from_sample():

@@ -99,3 +99,28 @@ def test_embeddings_list_refresh_and_use(server, api):
     assert info["extra_generation_params"]["TI hashes"] == f"api_shiny: {sha[:12]}"
     _, info = generate(api, "a api_xl_emb tower")
     assert any("api_xl_emb" in w for w in info["warnings"])
+
+
+def test_png_info_of_a_lora_image_keeps_the_tags(server, api):
+    """An image made with LoRA tags, read back through PNG Info: the tags stay in the prompts (what Send to
+    txt2img fills in) and `Lora hashes` is its own parameter, not part of another field."""
+    from backend.infotext import infotext_to_request_fields
+
+    lora_dir = server.data_dir / "models" / "Lora"
+    save_lora(lora_dir / "api_pnginfo.safetensors", simple_lora("sd1", seed=26), family="sd1")
+    save_lora(lora_dir / "api_pnginfo_neg.safetensors", simple_lora("sd1", seed=27), family="sd1")
+    prompt, negative = "a red house <lora:api_pnginfo:0.8>", "blurry <lora:api_pnginfo_neg:-0.5>"
+    r = api.post("/txt2img", json={"prompt": prompt, "negative_prompt": negative, "steps": 2, "width": 64,
+                                    "height": 64, "seed": 5, "sampler_name": "Euler", "override_settings": CKPT})
+    assert r.status_code == 200, r.text
+    hashes = json.loads(r.json()["info"])["extra_generation_params"]["Lora hashes"]
+    assert hashes.startswith("api_pnginfo: ") and ", api_pnginfo_neg: " in hashes
+    info = api.post("/png-info", json={"image": r.json()["images"][0]})
+    assert info.status_code == 200, info.text
+    params = info.json()["parameters"]
+    assert params["Prompt"] == prompt and params["Negative prompt"] == negative
+    assert params["Lora hashes"] == hashes
+    assert f'Lora hashes: "{hashes}"' in info.json()["info"]
+    fields = infotext_to_request_fields(params)
+    assert fields["prompt"] == prompt and fields["negative_prompt"] == negative and fields["seed"] == 5
+    assert not any(hashes in str(v) for v in fields.values())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend.errors import UserError
-from backend.networks.lora_apply import ActiveNetwork, NetworkPatcher, target_table
+from backend.networks.lora_apply import ActiveNetwork, NetworkPatcher, add_updates, target_table
 from backend.networks.lora_files import read_network_file, split_key
 from lora_factory import build_file, save_lora, simple_lora
 
@@ -342,6 +342,25 @@ def test_damaged_and_foreign_files_raise_user_errors(tmp_path):
     save_file({"some.other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="none of its 1 tensors"):
         read_network_file(tmp_path / "other.safetensors")
+
+
+def test_low_rank_factors_go_into_the_weight_in_every_layout_and_dtype():
+    """LoRA factor pairs are multiplied straight into the weight (no full-size update): the same numbers as
+    adding `up @ down`, for contiguous and channels_last conv weights, and summed in float32 for bfloat16."""
+    gen = torch.Generator().manual_seed(0)
+    up, down = torch.randn(8, 3, generator=gen), torch.randn(3, 4 * 3 * 3, generator=gen)
+    full = torch.randn(8, 4, 3, 3, generator=gen)
+    base = torch.randn(8, 4, 3, 3, generator=gen)
+    want = base + (up @ down).reshape(base.shape) + full
+    for layout in (torch.contiguous_format, torch.channels_last):
+        param = torch.nn.Parameter(base.clone().to(memory_format=layout), requires_grad=False)
+        add_updates(param, [(up, down), full])
+        assert torch.allclose(param, want, atol=1e-5) and param.is_contiguous(memory_format=layout)
+    half = torch.nn.Parameter(base.to(torch.bfloat16), requires_grad=False)
+    add_updates(half, [(up, down), full])
+    assert half.dtype == torch.bfloat16
+    exact = base.to(torch.bfloat16).float() + (want - base)
+    assert ((half.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()  # one rounding to bfloat16
 
 
 def test_key_layouts_parse():

@@ -5,9 +5,12 @@ names LoRA files use for them (see `target_table`): the diffusers module path an
 its CompVis/SGM name too (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), both with "_" for ".";
 text encoder modules as `text_model_encoder_layers_N_...` under part te1 (te2: SDXL's second).
 
-Applying adds each update to the weight in place, in float32, then rounds once to the weight's dtype.
+Applying adds each update to the weight in float32, then rounds once to the weight's dtype; a plain
+LoRA's up @ down goes straight into the weight (`add_updates`), without a full-size update tensor,
+so a LoRA switch costs a fraction of a checkpoint load (benchmarks/bench_lora.py).
 Before a weight is first changed, a copy of it goes to the CPU; removing the LoRAs copies it back,
-so the weights are bit-for-bit what they were (no file is read again). The set applied is remembered:
+so the weights are bit-for-bit what they were (no file is read again). A switch to other LoRAs keeps
+the copies of the weights both sets change; removing all of them releases every copy. The set applied is remembered:
 the next job with the same LoRAs and weights changes nothing.
 
 In-place changes keep each tensor where the device policy put it (on the GPU, or in RAM for offloaded
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_files import FAMILY_LABELS, NetworkFile, ShapeMismatch, compute_update
+from .lora_files import FAMILY_LABELS, NetworkFile, ShapeMismatch, compute_update, low_rank_update
 
 log = logging.getLogger("easel.lora")
 
@@ -93,6 +96,36 @@ def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
     return table
 
 
+def _scaled(update: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """`update * multiplier`, in place: `compute_update` hands out new tensors, so a full-size copy is saved."""
+    return update if multiplier == 1 else update.mul_(multiplier)
+
+
+Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a full-size change, or LoRA factors (up, down)
+
+
+def add_updates(param: torch.Tensor, updates: list[Update]) -> None:
+    """`param += sum(updates)` in float32, rounded once to the parameter's dtype.
+
+    A float32 parameter is changed in place; LoRA factor pairs are multiplied straight into it
+    (`addmm_`), so no full-size update is allocated: on the CPU, fresh memory costs more than the math.
+    """
+    data = param.data
+    acc = data if data.dtype == torch.float32 else data.to(torch.float32)
+    rows = acc.view(acc.shape[0], -1) if acc.ndim and acc.is_contiguous() else None
+    for update in updates:
+        if isinstance(update, tuple):
+            up, down = (x.to(acc.device) for x in update)
+            if rows is not None:
+                rows.addmm_(up, down)
+            else:  # e.g. a channels_last conv weight
+                acc.add_((up @ down).reshape(acc.shape))
+        else:
+            acc.add_(update.to(acc.device))
+    if acc is not data:
+        data.copy_(acc)
+
+
 class NetworkPatcher:
     """The LoRA state of one loaded model: which networks are in its weights, and the originals."""
 
@@ -116,9 +149,12 @@ class NetworkPatcher:
     @torch.no_grad()
     def restore(self) -> None:
         """Every changed weight back to its original value (bit-exact), the backups released."""
+        self._copy_back()
+        self.backup.clear()
+
+    def _copy_back(self) -> None:
         for module, attr, original in self.backup.values():
             getattr(module, attr).data.copy_(original)
-        self.backup.clear()
         self.signature = ()
         self.reports = []
 
@@ -129,12 +165,15 @@ class NetworkPatcher:
         wanted = (getattr(self.model, "_easel_placed", None),) + tuple(n.signature() for n in networks) if networks else ()
         if wanted == self.signature:
             return self.reports
-        self.restore()
         if not networks:
+            self.restore()
             return []
+        # A switch: the originals go back, and their copies are kept for the weights the new set changes too.
+        self._copy_back()
+        earlier, self.backup = self.backup, {}
         family = getattr(self.model, "family", None)
         table = target_table(self.model)
-        sums: dict[int, list] = {}  # id(param) -> [module, attr, float32 sum of updates]
+        sums: dict[int, list] = {}  # id(param) -> [module, attr, [updates]]
         reports = []
         for net in networks:
             report = ApplyReport(name=net.label or net.file.name)
@@ -143,7 +182,7 @@ class NetworkPatcher:
                 report.skipped_reason = (f"it was made for {FAMILY_LABELS.get(net.file.family, net.file.family)} and the "
                                          f"loaded model is {FAMILY_LABELS.get(family, family)}")
                 continue
-            pending: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+            pending: list[tuple[torch.nn.Module, str, Update]] = []
             for mw in net.file.modules.values():
                 module = table.get((mw.part, mw.name))
                 if module is None or getattr(module, "weight", None) is None:
@@ -151,8 +190,10 @@ class NetworkPatcher:
                     continue
                 multiplier = net.te_multiplier if mw.is_text_encoder else net.unet_multiplier
                 try:
-                    bias = module.bias if getattr(module, "bias", None) is not None else None
-                    updown, ex_bias = compute_update(mw, module.weight, dyn_dim=net.dyn_dim, bias=bias)
+                    factors = low_rank_update(mw, module.weight, dyn_dim=net.dyn_dim)
+                    if factors is None:
+                        bias = module.bias if getattr(module, "bias", None) is not None else None
+                        updown, ex_bias = compute_update(mw, module.weight, dyn_dim=net.dyn_dim, bias=bias)
                 except ShapeMismatch as exc:
                     log.debug("%s: %s does not fit: %s", report.name, mw.key, exc)
                     report.mismatched += 1
@@ -164,22 +205,26 @@ class NetworkPatcher:
                 report.applied += 1
                 if multiplier == 0:
                     continue
-                pending.append((module, "weight", updown * multiplier))
+                if factors is not None:
+                    pending.append((module, "weight", (factors[0], _scaled(factors[1], multiplier))))
+                    continue
+                pending.append((module, "weight", _scaled(updown, multiplier)))
                 if ex_bias is not None:
-                    pending.append((module, "bias", ex_bias * multiplier))
+                    pending.append((module, "bias", _scaled(ex_bias, multiplier)))
             if report.applied == 0:
                 report.skipped_reason = self._nothing_matched(net.file, report, family)
                 continue
             for module, attr, delta in pending:
                 entry = sums.get(id(getattr(module, attr)))
                 if entry is None:
-                    sums[id(getattr(module, attr))] = [module, attr, delta]
+                    sums[id(getattr(module, attr))] = [module, attr, [delta]]
                 else:
-                    entry[2] = entry[2] + delta
-        for module, attr, delta in sums.values():
+                    entry[2].append(delta)
+        for module, attr, updates in sums.values():
             param = getattr(module, attr)
-            self.backup.setdefault(id(param), (module, attr, param.detach().to("cpu", copy=True)))
-            param.data.copy_((param.data.to(torch.float32) + delta.to(param.device)).to(param.dtype))
+            saved = earlier.pop(id(param), None) or (module, attr, param.detach().to("cpu", copy=True))
+            self.backup[id(param)] = saved
+            add_updates(param, updates)
         self.signature = wanted
         self.reports = reports
         return reports

@@ -246,13 +246,45 @@ def fit_to(updown: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     raise ShapeMismatch(f"update of shape {tuple(updown.shape)} does not fit a weight of shape {shape}")
 
 
+def _lora_factors(mw: ModuleWeights, device, dyn_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain LoRA module's (up [out, r], down [r, in*kh*kw]) in float32, alpha/rank folded into `down`
+    (a new tensor), the first `dyn_dim` ranks only when that is set."""
+    t = mw.tensors
+    up, down = _f32(t["lora_up.weight"], device), _f32(t["lora_down.weight"], device)
+    scale = _scale(mw, down.shape[0])
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if dyn_dim is not None and dyn_dim > 0:
+        up2, down2 = up2[:, :dyn_dim], down2[:dyn_dim]
+    return up2, down2 * scale
+
+
+def low_rank_update(mw: ModuleWeights, weight: torch.Tensor, *,
+                    dyn_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a plain LoRA module (lora_up/lora_down, no lora_mid, no DoRA) that fits `weight`: (up, down),
+    float32 on the weight's device, with `up @ down` (reshaped) = the update `compute_update` gives.
+
+    The caller can add the product straight into the weight (`addmm_`) without making the full-size
+    update first. `down` is a new tensor the caller may scale in place. None when the module is of
+    another kind or does not fit: `compute_update` then gives the update, or the reason.
+    """
+    t = mw.tensors
+    if mw.kind != "lora" or "lora_mid.weight" in t or "dora_scale" in t:
+        return None
+    up2, down2 = _lora_factors(mw, weight.device, dyn_dim)
+    if up2.shape[1] != down2.shape[0] or up2.shape[0] != weight.shape[0] or \
+            up2.shape[0] * down2.shape[1] != weight.numel():
+        return None
+    return up2, down2
+
+
 def compute_update(mw: ModuleWeights, weight: torch.Tensor, *, dyn_dim: int | None = None,
                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (weight, bias) change one module makes, scaled by its alpha/rank, without the user's multiplier.
 
     `weight` is the target's original weight (any dtype/device); the results are float32 on its device,
-    the weight change in its shape. Raises `ShapeMismatch` when the module does not fit, `ValueError`
-    for a module type Easel does not know.
+    the weight change in its shape, and new tensors (never the file's own), so the caller may change
+    them in place. Raises `ShapeMismatch` when the module does not fit, `ValueError` for a module type
+    Easel does not know.
     """
     device = weight.device
     shape = weight.shape
@@ -260,17 +292,18 @@ def compute_update(mw: ModuleWeights, weight: torch.Tensor, *, dyn_dim: int | No
     kind = mw.kind
     ex_bias = None
     dim = None
+    scale = None  # alpha / rank, once applied
     try:
         if kind == "lora":
             up, down = _f32(t["lora_up.weight"], device), _f32(t["lora_down.weight"], device)
             dim = down.shape[0]
-            up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
             if "lora_mid.weight" in t:
+                up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
                 mid = _f32(t["lora_mid.weight"], device)
                 updown = torch.einsum("n m k l, i n, m j -> i j k l", mid, up2, down2)
             else:
-                if dyn_dim is not None and dyn_dim > 0:
-                    up2, down2 = up2[:, :dyn_dim], down2[:dyn_dim]
+                up2, down2 = _lora_factors(mw, device, dyn_dim)
+                scale = 1.0  # already in down2
                 updown = up2 @ down2
         elif kind == "loha":
             w1a, w1b = _f32(t["hada_w1_a"], device), _f32(t["hada_w1_b"], device)
@@ -304,14 +337,11 @@ def compute_update(mw: ModuleWeights, weight: torch.Tensor, *, dyn_dim: int | No
             if w2.ndim == 4:
                 w1 = w1.reshape(w1.shape[0], w1.shape[1], 1, 1)
             updown = torch.kron(w1, w2.contiguous())
-        elif kind == "full":
-            updown = _f32(t["diff"], device)
-            if "diff_b" in t:
-                ex_bias = _f32(t["diff_b"], device)
-        elif kind == "norm":
-            updown = _f32(t["w_norm"], device)
-            if "b_norm" in t:
-                ex_bias = _f32(t["b_norm"], device)
+        elif kind in ("full", "norm"):  # the file's tensors as they are: copies, so they stay untouched
+            weight_key, bias_key = ("diff", "diff_b") if kind == "full" else ("w_norm", "b_norm")
+            updown = t[weight_key].to(device=device, dtype=torch.float32, copy=True)
+            if bias_key in t:
+                ex_bias = t[bias_key].to(device=device, dtype=torch.float32, copy=True)
         elif kind == "ia3":
             w = _f32(t["weight"], device).flatten()
             on_input = "on_input" in t and bool(t["on_input"].flatten()[0].item())
@@ -324,7 +354,9 @@ def compute_update(mw: ModuleWeights, weight: torch.Tensor, *, dyn_dim: int | No
             updown = orig * w.reshape(view)
         else:
             raise ValueError(f"module type with parts {', '.join(sorted(t))} is not supported")
-        updown = fit_to(updown, shape) * _scale(mw, dim)
+        updown = fit_to(updown, shape)
+        if scale is None and (scale := _scale(mw, dim)) != 1.0:
+            updown.mul_(scale)  # in place: a full-size update is not allocated twice
     except RuntimeError as exc:  # einsum / matmul with parts that do not belong together
         raise ShapeMismatch(str(exc).splitlines()[0]) from exc
     if ex_bias is not None:
