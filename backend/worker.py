@@ -252,8 +252,8 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
                              checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"])
             try:
                 _activate_networks(payload, ctx, state)
-                maps = _prepare_controlnet(kind, payload, ctx, state)
-                result = _run_pipeline(kind, payload, ctx)
+                maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
+                result = _run_pipeline(kind, payload, ctx, state)
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -276,8 +276,11 @@ def _activate_networks(payload: dict, ctx, state) -> None:
     activate_for_job(payload.get("request"), ctx, state.get("networks"))
 
 
-def _prepare_controlnet(kind: str, payload: dict, ctx, state) -> list[bytes]:
-    """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG)."""
+def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None) -> list[bytes]:
+    """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG).
+
+    In img2img, a unit without an image of its own uses the init image (`init_image`: a folder batch's
+    current file; default: the request's first init image)."""
     units = payload.get("controlnet")
     if not units:
         return []
@@ -287,21 +290,26 @@ def _prepare_controlnet(kind: str, payload: dict, ctx, state) -> list[bytes]:
     if kind == "txt2img" and req.enable_hr:
         from .pipelines.txt2img import hires_size
         hires = hires_size(req)
-    init = (payload.get("init_images") or [None])[0] if kind == "img2img" else None
+    if init_image is None and kind == "img2img":
+        init_image = (payload.get("init_images") or [None])[0]
     ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
-                                          hires_size=hires, init_image=init, seed=max(0, int(req.seed)),
+                                          hires_size=hires, init_image=init_image, seed=max(0, int(req.seed)),
                                           annotator_env=state["annotators"])
     return maps
 
 
-def _run_pipeline(kind: str, payload: dict, ctx):
+def _run_pipeline(kind: str, payload: dict, ctx, state):
     if kind == "txt2img":
         from .pipelines import txt2img
         return txt2img.run(payload["request"], ctx)
     from .pipelines import img2img
     if kind == "img2img_batch":
         batch = payload["batch"]
-        return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"])
+        # ControlNet units are prepared per file, so "use the img2img image" follows the folder.
+        before_each = ((lambda image: _prepare_controlnet(kind, payload, ctx, state, init_image=image))
+                       if payload.get("controlnet") else None)
+        return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
+                                 before_each=before_each)
     return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
 
 

@@ -167,3 +167,26 @@ def test_img2img_and_inpaint_with_a_unit_using_the_init_image(cn, api):
     out = pixels(inpaint.json()["images"][0])
     assert np.array_equal(out[:, 40:], np.asarray(init, dtype=np.int32)[:, 40:])  # outside the mask: unchanged
     assert np.abs(out[:, :28] - np.asarray(init, dtype=np.int32)[:, :28]).mean() > 1
+
+
+def test_img2img_folder_batch_uses_each_file_as_the_control_image(cn, api, server):
+    folder, out = server.data_dir / "cn-batch-in", server.data_dir / "cn-batch-out"
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for name, box in (("a", (8, 8, 30, 56)), ("b", (30, 10, 60, 30))):
+        img = Image.new("RGB", (64, 64), (40, 90, 160))
+        ImageDraw.Draw(img).rectangle(box, fill=(230, 220, 40))
+        img.save(folder / f"{name}.png")
+        files[name] = img
+    base = {"prompt": "a box", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5,
+            "denoising_strength": 0.8, "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"},
+            "alwayson_scripts": units({"module": "canny", "model": "control_v11p_sd15_canny", "processor_res": 64})}
+    r = api.post("/img2img-batch", json=dict(base, init_images=[], input_dir=str(folder), output_dir=str(out)))
+    assert r.status_code == 200, r.text
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 2 and all("ControlNet 0" in Image.open(p).text["parameters"] for p in written)
+    for path, name in zip(written, ("a", "b")):  # each equals a single img2img of that file, its own edges as control
+        single = api.post("/img2img", json=dict(base, init_images=[b64(files[name])]))
+        assert single.status_code == 200, single.text
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB"), dtype=np.int32),
+                              pixels(single.json()["images"][0])), name

@@ -277,7 +277,7 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
     assert policy.mode_for(model) == "resident"
     plans = []
 
-    def pipeline(kind, payload, ctx):
+    def pipeline(kind, payload, ctx, state):
         plans.append(policy.mode_for(model))
         if plans[-1] != "lowvram":  # pretend only a streamed UNet fits
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
