@@ -24,6 +24,17 @@ from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
 
+
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers warns on every `.to(dtype)` that "modules should be kept in float32: []", even when the
+    list is empty; our dtype changes are deliberate (the device policy's), so that empty warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Warning())
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
