@@ -290,10 +290,15 @@ def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None) -
     if kind == "txt2img" and req.enable_hr:
         from .pipelines.txt2img import hires_size
         hires = hires_size(req)
+    init_mask = None
     if init_image is None and kind == "img2img":
         init_image = (payload.get("init_images") or [None])[0]
+        init_mask = payload.get("mask")
+        if init_mask is not None and req.inpainting_mask_invert:
+            from PIL import ImageOps
+            init_mask = ImageOps.invert(init_mask.convert("L"))
     ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
-                                          hires_size=hires, init_image=init_image, seed=max(0, int(req.seed)),
+                                          hires_size=hires, init_image=init_image, init_mask=init_mask, seed=max(0, int(req.seed)),
                                           annotator_env=state["annotators"])
     return maps
 

@@ -190,3 +190,33 @@ def test_img2img_folder_batch_uses_each_file_as_the_control_image(cn, api, serve
         assert single.status_code == 200, single.text
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB"), dtype=np.int32),
                               pixels(single.json()["images"][0])), name
+
+
+def test_inpaint_only_unit_takes_the_img2img_mask(cn, api):
+    init = Image.new("RGB", (64, 64), (40, 90, 160))
+    ImageDraw.Draw(init).rectangle((16, 16, 47, 47), fill=(230, 220, 40))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    base = {"prompt": "a box", "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5,
+            "denoising_strength": 0.8, "init_images": [b64(init)], "mask": b64(mask), "mask_blur": 0,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
+    assert "inpaint_only" in cn.get("/controlnet/module_list").json()["module_list"]
+
+    def run(module):
+        r = api.post("/img2img", json=dict(base, alwayson_scripts=units({"module": module, "model": "control_v11p_sd15_canny"})))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain_hint, inpaint_hint = run("none"), run("inpaint_only")
+    info = json.loads(inpaint_hint["info"])
+    assert 'Module: inpaint_only' in info["infotexts"][0] and not info.get("warnings")
+    out, plain = pixels(inpaint_hint["images"][0]), pixels(plain_hint["images"][0])
+    # the mask reached the hint: the masked half differs from a run whose hint is the whole picture
+    assert np.abs(out[:, :28] - plain[:, :28]).mean() > 0.1  # (the tiny random ControlNet has a small effect)
+    assert np.array_equal(out[:, 40:], np.asarray(init, dtype=np.int32)[:, 40:])  # outside the mask: unchanged
+    detected = decode(inpaint_hint["images"][1]).convert("RGB")  # the map shows the masked part black
+    assert np.asarray(detected)[:, :28].max() == 0 and np.asarray(detected)[:, 40:].max() > 0
+    # in txt2img with no mask anywhere: a warning, and the image is still made
+    r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "inpaint_only", "model": "control_v11p_sd15_canny",
+                                                                 "image": b64(init)})))
+    assert r.status_code == 200 and "needs a mask" in " ".join(json.loads(r.json()["info"])["warnings"])

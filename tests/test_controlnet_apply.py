@@ -219,3 +219,22 @@ def test_loaded_controlnets_stay_cached_up_to_the_limit(env):
     assert cache.loads == 2 and len(cache.models) == 1  # the least recently used one was evicted
     cache.get(env["files"]["canny"], sd1, limit=1)
     assert cache.loads == 3
+
+
+def test_inpaint_hint_is_minus_one_under_the_mask():
+    from backend.controlnet.runtime import inpaint_mask_for
+    from backend.controlnet.units import ControlUnit
+
+    picture = Image.new("RGBA", (32, 32), (255, 255, 255, 255))
+    picture.paste((0, 0, 0, 0), (0, 0, 16, 32))  # left half transparent: the part to repaint
+    mask = inpaint_mask_for(ControlUnit(), picture, None)
+    assert mask is not None and np.asarray(mask)[:, :16].min() == 255 and np.asarray(mask)[:, 16:].max() == 0
+    active = ActiveControl(index=0, model=None, detected_map=picture.convert("RGB"), image_like=True, hint_mask=mask,
+                           resize_mode="Just Resize")
+    hint = active.hint(64, 64, "cpu", torch.float32, hires=False)[0]
+    assert torch.all(hint[:, :, :32] == -1) and torch.all(hint[:, :, 34:] == 1)  # (32-33: the resize blends the edge)
+    # the unit's own mask wins over the picture's alpha; an empty mask means no mask
+    own = Image.new("L", (32, 32), 0)
+    own.paste(255, (0, 0, 32, 8))
+    assert np.asarray(inpaint_mask_for(ControlUnit(mask=own), picture, None))[:8].min() == 255
+    assert inpaint_mask_for(ControlUnit(), picture.convert("RGB"), Image.new("L", (32, 32), 0)) is None

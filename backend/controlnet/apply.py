@@ -44,6 +44,7 @@ class ActiveControl:
     global_average_pooling: bool = False
     image_like: bool = False
     hr_map: Image.Image | None = None  # the map for the hires. fix pass, when it differs
+    hint_mask: Image.Image | None = None  # inpaint units: white where the hint is -1 (to be repainted)
     _hints: dict = field(default_factory=dict, repr=False)
 
     def active(self, step: int, total_steps: int, hires: bool) -> bool:
@@ -57,12 +58,16 @@ class ActiveControl:
         return self.guidance_start <= fraction <= self.guidance_end
 
     def hint(self, width: int, height: int, device, dtype, hires: bool) -> torch.Tensor:
-        """The control map at the pass's size as a (1, 3, H, W) tensor in 0..1 (cached per size)."""
+        """The control map at the pass's size as a (1, 3, H, W) tensor in 0..1, -1 where an inpaint unit's
+        mask is (cached per size)."""
         key = (width, height, str(device), dtype, hires)
         if key not in self._hints:
             source = self.hr_map if hires and self.hr_map is not None else self.detected_map
             fitted = fit_control_map(source, width, height, self.resize_mode, image_like=self.image_like)
             arr = np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0
+            if self.hint_mask is not None:
+                mask = fit_control_map(self.hint_mask.convert("RGB"), width, height, self.resize_mode)
+                arr[np.asarray(mask)[..., 0] > 127] = -1.0
             self._hints[key] = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype)
         return self._hints[key]
 

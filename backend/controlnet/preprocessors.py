@@ -46,6 +46,9 @@ class Preprocessor:
     image_like: bool = False  # the map is a picture (filled with its border colour by "Resize and Fill")
     control_type: str = "All"
     weights: tuple[str, ...] = field(default_factory=tuple)  # annotator files it needs
+    # The map is the picture with its masked pixels marked -1 (ControlNet 1.1 inpaint): needs the unit's mask,
+    # the control image's transparent pixels, or the img2img inpaint mask.
+    uses_mask: bool = False
 
     @property
     def display_name(self) -> str:
@@ -324,6 +327,9 @@ WEIGHTLESS: list[Preprocessor] = [
     Preprocessor("color", _color_grid, RES, aliases=("t2ia_color_grid",), image_like=True, control_type="T2I-Adapter"),
     Preprocessor("lineart_standard", _lineart_standard, RES, aliases=("lineart_standard (from white bg & black line)",),
                  control_type="Lineart"),
+    Preprocessor("inpaint", _none, aliases=("inpaint_global_harmonious",), image_like=True, control_type="Inpaint",
+                 uses_mask=True),
+    Preprocessor("inpaint_only", _none, image_like=True, control_type="Inpaint", uses_mask=True),
 ]
 
 

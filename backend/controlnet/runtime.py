@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import UserError
@@ -108,8 +109,13 @@ def _png(img: Image.Image) -> bytes:
 
 def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, width: int, height: int,
                      hires_size: tuple[int, int] | None = None, init_image: Image.Image | None = None,
-                     seed: int = 0, annotator_env=None) -> tuple[ControlSet | None, list[bytes]]:
-    """Load, preprocess and check the enabled units; returns (ControlSet or None, detected maps as PNG)."""
+                     init_mask: Image.Image | None = None, seed: int = 0,
+                     annotator_env=None) -> tuple[ControlSet | None, list[bytes]]:
+    """Load, preprocess and check the enabled units; returns (ControlSet or None, detected maps as PNG).
+
+    `init_image`/`init_mask`: img2img's picture and inpaint mask (white = repaint, already inverted for
+    "Inpaint not masked"), used by units without an image of their own.
+    """
     model = ctx.model
     limit = int(ctx.options.get("control_net_model_cache_size", 2))
     active: list[ActiveControl] = []
@@ -153,19 +159,55 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
             ctx.warnings.append(f"{what}: {job.model_title} does not fit this checkpoint: {reason}. The unit was skipped; "
                                 f"choose a ControlNet made for {FAMILY_NAMES.get(model.family, model.family)}.")
             continue
+        hint_mask = None
+        if pre.uses_mask:
+            hint_mask = inpaint_mask_for(unit, image, init_mask if unit.image is None else None)
+            if hint_mask is None:
+                ctx.warnings.append(f"{what}: {pre.name} needs a mask (draw one on the control image, send the unit's "
+                                    f"`mask`, or use it in img2img inpaint); the whole image was used as the hint.")
         detected = run_preprocessor(pre, image, res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
         hr_map = None
         if hires_size is not None and unit.pixel_perfect and pre.resolution is not None:
             hr_res = pixel_perfect_resolution(image.width, image.height, hires_size[0], hires_size[1], unit.resize_mode)
             hr_map = run_preprocessor(pre, image, hr_res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
         if pre.name != "none" and unit.save_detected_map and not ctx.options.get("control_net_no_detectmap", False):
-            maps.append(_png(detected))
+            maps.append(_png(masked_preview(detected, hint_mask)))
         ctx.policy.place_beside(controlnet, model)
         used_models.append(controlnet)
         active.append(ActiveControl(
             index=number, model=controlnet, detected_map=detected, weight=unit.weight,
             guidance_start=unit.guidance_start, guidance_end=unit.guidance_end, control_mode=unit.control_mode,
             resize_mode=unit.resize_mode, hr_option=unit.hr_option if hires_size is not None else "Both",
-            global_average_pooling=info.global_average_pooling, image_like=pre.image_like, hr_map=hr_map))
+            global_average_pooling=info.global_average_pooling, image_like=pre.image_like, hr_map=hr_map,
+            hint_mask=hint_mask))
     cache.release_except(used_models)
     return (ControlSet(active) if active else None), maps
+
+
+def inpaint_mask_for(unit, image: Image.Image, init_mask: Image.Image | None) -> Image.Image | None:
+    """The mask of an inpaint unit (L, white = repaint, at the image's size), as sd-webui-controlnet finds it:
+    the unit's own mask, else img2img's inpaint mask (`init_mask`, given when the unit uses the img2img image),
+    else the control image's transparent pixels; None: no mask."""
+    mask = unit.mask if unit.mask is not None else init_mask
+    if mask is None and "A" in image.getbands():
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 128:
+            mask = Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), "L")
+    if mask is None:
+        return None
+    mask = mask.convert("L")
+    if mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    binary = np.asarray(mask) > 127
+    return Image.fromarray(np.where(binary, 255, 0).astype(np.uint8), "L") if binary.any() else None
+
+
+def masked_preview(detected: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """The detected map as shown to the user: an inpaint unit's masked pixels in black."""
+    if mask is None:
+        return detected
+    arr = np.asarray(detected.convert("RGB")).copy()
+    small = np.asarray(mask.resize(detected.size, Image.Resampling.NEAREST)) > 127
+    arr[small] = 0
+    return Image.fromarray(arr)
+
