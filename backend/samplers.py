@@ -80,7 +80,8 @@ class DiscreteSchedule:
     in log-sigma (k-diffusion's DiscreteSchedule).
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor | Sequence[float]):
+    def __init__(self, alphas_cumprod: torch.Tensor | Sequence[float], family: str = "sd1"):
+        self.family = family  # the model family ("sd1", "sd2", "sdxl"): Align Your Steps has a table per family
         ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
         if ac.numel() < 2:
             raise ValueError("alphas_cumprod needs at least two entries")
@@ -326,6 +327,34 @@ def _sched_beta(n: int, ms: DiscreteSchedule) -> torch.Tensor:
     return sigmas_beta(n, ms)
 
 
+# NVIDIA's "Align Your Steps" 10-step noise levels (Sabour et al., 2024), per model family.
+AYS_NOISE_LEVELS = {
+    "sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+            0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+             0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+}
+
+
+def sigmas_align_your_steps(n: int, family: str = "sd1") -> torch.Tensor:
+    """Align Your Steps: the family's optimized noise levels, resampled to n levels by linear interpolation
+    of log-sigma over an even grid (as the paper's how-to does, and A1111), then 0."""
+    levels = torch.tensor(AYS_NOISE_LEVELS["sdxl" if family == "sdxl" else "sd1"], dtype=torch.float64)
+    if n != levels.numel():
+        grid = torch.linspace(0, 1, levels.numel(), dtype=torch.float64)
+        wanted = torch.linspace(0, 1, n, dtype=torch.float64)
+        logs = levels.log()
+        # piecewise-linear interpolation of log-sigma at `wanted`
+        idx = torch.clamp(torch.searchsorted(grid, wanted, right=True) - 1, 0, levels.numel() - 2)
+        frac = (wanted - grid[idx]) / (grid[idx + 1] - grid[idx])
+        levels = (logs[idx] + frac * (logs[idx + 1] - logs[idx])).exp()
+    return _append_zero(levels)
+
+
+def _sched_align_your_steps(n: int, ms: DiscreteSchedule) -> torch.Tensor:
+    return sigmas_align_your_steps(n, getattr(ms, "family", "sd1"))
+
+
 @dataclass(frozen=True)
 class SchedulerInfo:
     """One "Schedule type": ``fn(n, model_schedule)`` returns n+1 sigmas (None for Automatic)."""
@@ -348,6 +377,7 @@ SCHEDULERS: tuple[SchedulerInfo, ...] = (
     SchedulerInfo("normal", "Normal", _sched_normal),
     SchedulerInfo("ddim", "DDIM", _sched_ddim),
     SchedulerInfo("beta", "Beta", _sched_beta),
+    SchedulerInfo("align_your_steps", "Align Your Steps", _sched_align_your_steps, aliases=("AYS",)),
 )
 
 

@@ -25,7 +25,7 @@ A1111_SAMPLER_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE He
 A1111_SCHEDULES = [("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
                    ("exponential", "Exponential"), ("polyexponential", "Polyexponential"),
                    ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"), ("simple", "Simple"),
-                   ("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta")]
+                   ("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta"), ("align_your_steps", "Align Your Steps")]
 
 
 class PointMass:
@@ -419,3 +419,18 @@ def test_restart_keeps_the_step_count():
         sig_seen = [d["sigma"] for d in seen]
         restarted = any(b > a for a, b in zip(sig_seen, sig_seen[1:]))
         assert restarted == (steps >= 20)
+
+
+def test_align_your_steps_follows_the_published_levels_per_family():
+    sd1 = S.AYS_NOISE_LEVELS["sd1"]
+    exact = S.get_sigmas("Align Your Steps", 11, MS)  # as many steps as published levels: the table itself
+    assert torch.allclose(exact[:-1].double(), torch.tensor(sd1, dtype=torch.float64), rtol=1e-6) and exact[-1] == 0
+    for steps in (4, 10, 25):
+        sig = S.get_sigmas("AYS", steps, MS).double()
+        assert sig.numel() == steps + 1 and sig[-1] == 0 and bool((sig[1:] < sig[:-1]).all())
+        assert sig[0] == pytest.approx(sd1[0]) and sig[-2] == pytest.approx(sd1[-1])
+    # log-linear between published levels: 21 levels put the midpoints of log-sigma between the published ones
+    mid = S.sigmas_align_your_steps(21)[1].double()
+    assert mid == pytest.approx(math.sqrt(sd1[0] * sd1[1]), rel=1e-6)
+    xl = S.DiscreteSchedule(MS.alphas_cumprod, family="sdxl")
+    assert S.get_sigmas("Align Your Steps", 11, xl)[1] == pytest.approx(S.AYS_NOISE_LEVELS["sdxl"][1], rel=1e-6)
