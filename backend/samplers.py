@@ -973,6 +973,86 @@ def _restart_plan(sig: list[float]) -> list[tuple[float, float]]:
     return plan
 
 
+def dpm_fast_orders(nfe: int) -> list[int]:
+    """DPM-Solver-fast's plan: mostly third-order steps, so that the orders add up to `nfe` model calls."""
+    m = nfe // 3 + 1
+    if nfe % 3 == 0:
+        return [3] * (m - 2) + [2, 1]
+    return [3] * (m - 1) + [nfe % 3]
+
+
+def _dpm_solver_step(eps_at, x: torch.Tensor, t: float, t_next: float, eps: torch.Tensor, order: int) -> torch.Tensor:
+    """One DPM-Solver step (Lu et al., 2022) of order 1-3 in t = -log(sigma), from the eps at t; the intermediate
+    points (r = 1/2, or 1/3 and 2/3) cost order - 1 more model calls through `eps_at(x, t)`."""
+    def sig(tt: float) -> float:
+        return math.exp(-tt)
+
+    h = t_next - t
+    first = x - sig(t_next) * math.expm1(h) * eps
+    if order == 1:
+        return first
+    if order == 2:
+        s1 = t + 0.5 * h
+        eps1 = eps_at(x - sig(s1) * math.expm1(0.5 * h) * eps, s1)
+        return first - sig(t_next) * math.expm1(h) * (eps1 - eps)
+    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    s1, s2 = t + r1 * h, t + r2 * h
+    eps1 = eps_at(x - sig(s1) * math.expm1(r1 * h) * eps, s1)
+    u2 = (x - sig(s2) * math.expm1(r2 * h) * eps
+          - sig(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps1 - eps))
+    eps2 = eps_at(u2, s2)
+    return first - sig(t_next) / r2 * (math.expm1(h) / h - 1) * (eps2 - eps)
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                    s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """A1111's "DPM fast": DPM-Solver-fast with as many model calls as steps, on its own grid, uniform in
+    log-sigma from the schedule's first sigma to its smallest non-zero one. When the schedule ends at 0, the
+    last model call is a first-order step from there to 0 (the denoised prediction), so the result is
+    clean like every other sampler's (k-diffusion stops at the smallest sigma). eta > 0 adds ancestral
+    noise after each solver step. The callback reports every model call, so progress counts steps."""
+    sig = _sigma_list(sigmas)
+    nfe = len(sig) - 1
+    positive = [s for s in sig if s > 0]
+    sigma_max, sigma_min = positive[0], positive[-1]
+    to_zero = sig[-1] <= 0
+    calls = [0]
+
+    def denoise(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
+        denoised = _denoise(model, x_in, sigma)
+        _report(callback, calls[0], x_in, sigma, denoised)
+        calls[0] += 1
+        return denoised
+
+    def eps_at(x_in: torch.Tensor, t: float) -> torch.Tensor:
+        sigma = math.exp(-t)
+        return (x_in - denoise(x_in, sigma)) / sigma
+
+    solver_calls = nfe - 1 if to_zero else nfe
+    if solver_calls > 0 and sigma_min < sigma_max:
+        t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
+        orders = dpm_fast_orders(solver_calls)
+        grid = [t_start + (t_end - t_start) * i / len(orders) for i in range(len(orders) + 1)]
+        for i, order in enumerate(orders):
+            t, t_next = grid[i], grid[i + 1]
+            target, s_up = t_next, 0.0
+            if eta:
+                s_down, _ = get_ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+                target = min(t_end, -math.log(s_down)) if s_down > 0 else t_end
+                s_up = math.sqrt(max(math.exp(-2 * t_next) - math.exp(-2 * target), 0.0))
+            x = _dpm_solver_step(eps_at, x, t, target, eps_at(x, t), order)
+            if s_up > 0:
+                x = x + _noise(noise_sampler, x, math.exp(-t), math.exp(-t_next)) * s_noise * s_up
+        start = sigma_min
+    else:  # nothing left for the solver (one step, or a single non-zero sigma): first-order from the top
+        start = sigma_max
+    while calls[0] < nfe:  # the remaining call(s): first-order steps down to the schedule's end
+        x = _lerp_to(denoise(x, start), x, sig[-1] / start)
+        start = sig[-1] if sig[-1] > 0 else start
+    return x
+
+
 @torch.no_grad()
 def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
                    s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
@@ -1056,6 +1136,7 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
     _sampler("DPM2", ["k_dpm_2"], sample_dpm_2, "karras", discard_next_to_last_sigma=True, second_order=True),
     _sampler("DPM2 a", ["k_dpm_2_a"], sample_dpm_2_ancestral, "karras", True,
              discard_next_to_last_sigma=True, uses_ensd=True, second_order=True),
+    _sampler("DPM fast", ["k_dpm_fast"], sample_dpm_fast, "uniform", True, uses_ensd=True),
     _sampler("Restart", ["restart"], sample_restart, "karras", True, second_order=True),
     _sampler("DDIM", ["ddim"], sample_ddim, "ddim", True, uses_ensd=True),
     _sampler("PLMS", ["plms"], sample_plms),

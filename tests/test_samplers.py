@@ -21,7 +21,8 @@ MS = S.DiscreteSchedule.from_betas()
 MU, SD = 0.5, 0.3
 STEP_COUNTS = (1, 2, 5, 20)
 A1111_SAMPLER_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
-                       "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "Restart", "DDIM", "PLMS", "UniPC", "LCM"]
+                       "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "Restart", "DDIM", "PLMS", "UniPC",
+                       "LCM"]
 A1111_SCHEDULES = [("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
                    ("exponential", "Exponential"), ("polyexponential", "Polyexponential"),
                    ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"), ("simple", "Simple"),
@@ -434,3 +435,26 @@ def test_align_your_steps_follows_the_published_levels_per_family():
     assert mid == pytest.approx(math.sqrt(sd1[0] * sd1[1]), rel=1e-6)
     xl = S.DiscreteSchedule(MS.alphas_cumprod, family="sdxl")
     assert S.get_sigmas("Align Your Steps", 11, xl)[1] == pytest.approx(S.AYS_NOISE_LEVELS["sdxl"][1], rel=1e-6)
+
+
+def test_dpm_fast_plan_and_solver_orders():
+    for nfe in range(1, 13):
+        assert sum(S.dpm_fast_orders(nfe)) == nfe
+    assert S.dpm_fast_orders(9) == [3, 3, 2, 1] and S.dpm_fast_orders(10) == [3, 3, 3, 1]
+    z = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def eps_at(x, t):
+        s = math.exp(-t)
+        return (x - gaussian_denoiser(x, torch.full((x.shape[0],), s, dtype=x.dtype))) / s
+
+    def error(order, n, sigma_max=14.6, sigma_min=0.05):
+        t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
+        x = z * sigma_max
+        for i in range(n):
+            t, t_next = t0 + (t1 - t0) * i / n, t0 + (t1 - t0) * (i + 1) / n
+            x = S._dpm_solver_step(eps_at, x, t, t_next, eps_at(x, t), order)
+        exact = MU + (z * sigma_max - MU) * math.sqrt(SD ** 2 + sigma_min ** 2) / math.sqrt(SD ** 2 + sigma_max ** 2)
+        return float((x - exact).abs().max())
+
+    for order in (1, 2, 3):  # each DPM-Solver step converges at its order
+        assert math.log2(error(order, 10) / error(order, 20)) > order - 0.3, order
