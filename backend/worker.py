@@ -276,11 +276,11 @@ def _activate_networks(payload: dict, ctx, state) -> None:
     activate_for_job(payload.get("request"), ctx, state.get("networks"))
 
 
-def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None) -> list[bytes]:
+def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None, init_mask=None) -> list[bytes]:
     """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG).
 
-    In img2img, a unit without an image of its own uses the init image (`init_image`: a folder batch's
-    current file; default: the request's first init image)."""
+    In img2img, a unit without an image of its own uses the init image and its inpaint mask (`init_image`,
+    `init_mask`: a folder batch's current file and mask; default: the request's first init image and mask)."""
     units = payload.get("controlnet")
     if not units:
         return []
@@ -290,13 +290,12 @@ def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None) -
     if kind == "txt2img" and req.enable_hr:
         from .pipelines.txt2img import hires_size
         hires = hires_size(req)
-    init_mask = None
     if init_image is None and kind == "img2img":
         init_image = (payload.get("init_images") or [None])[0]
         init_mask = payload.get("mask")
-        if init_mask is not None and req.inpainting_mask_invert:
-            from PIL import ImageOps
-            init_mask = ImageOps.invert(init_mask.convert("L"))
+    if init_mask is not None and req.inpainting_mask_invert:
+        from PIL import ImageOps
+        init_mask = ImageOps.invert(init_mask.convert("L"))
     ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
                                           hires_size=hires, init_image=init_image, init_mask=init_mask, seed=max(0, int(req.seed)),
                                           annotator_env=state["annotators"])
@@ -311,7 +310,8 @@ def _run_pipeline(kind: str, payload: dict, ctx, state):
     if kind == "img2img_batch":
         batch = payload["batch"]
         # ControlNet units are prepared per file, so "use the img2img image" follows the folder.
-        before_each = ((lambda image: _prepare_controlnet(kind, payload, ctx, state, init_image=image))
+        before_each = ((lambda image, mask: _prepare_controlnet(kind, payload, ctx, state, init_image=image,
+                                                                init_mask=mask))
                        if payload.get("controlnet") else None)
         return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
                                  before_each=before_each)

@@ -220,3 +220,23 @@ def test_inpaint_only_unit_takes_the_img2img_mask(cn, api):
     r = api.post("/txt2img", json=body(alwayson_scripts=units({"module": "inpaint_only", "model": "control_v11p_sd15_canny",
                                                                  "image": b64(init)})))
     assert r.status_code == 200 and "needs a mask" in " ".join(json.loads(r.json()["info"])["warnings"])
+
+
+def test_img2img_folder_batch_gives_each_files_mask_to_inpaint_units(cn, api, server):
+    folder, masks, out = (server.data_dir / n for n in ("cn-inp-in", "cn-inp-masks", "cn-inp-out"))
+    for f in (folder, masks):
+        f.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(folder / "a.png")
+    Image.new("RGB", (64, 64), (160, 90, 40)).save(folder / "b.png")
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    mask.save(masks / "a.png")  # b.png has no mask: its inpaint unit warns
+    r = api.post("/img2img-batch", json={
+        "prompt": "a box", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5, "mask_blur": 0,
+        "init_images": [], "input_dir": str(folder), "output_dir": str(out), "mask_dir": str(masks),
+        "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"},
+        "alwayson_scripts": units({"module": "inpaint_only", "model": "control_v11p_sd15_canny"})})
+    assert r.status_code == 200, r.text
+    warnings = [w for w in json.loads(r.json()["info"])["warnings"] if "needs a mask" in w]
+    assert len(warnings) == 1, warnings  # only for b.png
+    assert len(list(out.glob("*.png"))) == 2

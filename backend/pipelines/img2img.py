@@ -330,8 +330,8 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
               mask_dir: Path | None, before_each=None) -> GenerationResult:
     """img2img over every image of a folder (with same-named masks), saving into the output folder.
 
-    A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image)`
-    runs before each file's generation (the worker prepares the ControlNet units from it).
+    A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image, mask)`
+    runs before each file's generation (the worker prepares the ControlNet units from them).
     """
     files = sorted(p for p in input_dir.iterdir() if p.is_file())
     if not files:
@@ -351,7 +351,7 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
             mask = open_image_bytes(masks[path.stem].read_bytes()) if path.stem in masks else None
             job_req = req.model_copy(update={"do_not_save_grid": True})
             if before_each is not None:
-                before_each(image)
+                before_each(image, mask)
             last = run(job_req, ctx, [image], mask, samples_dir=output_dir)
         except (UserError, OSError) as exc:
             message = exc.message if isinstance(exc, UserError) else str(exc)
