@@ -1053,6 +1053,90 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
     return x
 
 
+class StepSizeController:
+    """Integral step-size control (the PID controller of Ilie, Jackson and Enright with only the integral
+    term, as k-diffusion's DPM adaptive uses by default): the next step is h * (1/error)^(1/order), softened
+    by 1 + atan(f - 1); a step is accepted when that factor is at least `accept_safety`."""
+
+    def __init__(self, h: float, order: float, accept_safety: float = 0.81, eps: float = 1e-8):
+        self.h, self.order, self.accept_safety, self.eps = h, order, accept_safety, eps
+
+    def propose(self, error: float) -> bool:
+        factor = (1.0 / (error + self.eps)) ** (1.0 / self.order)
+        factor = 1.0 + math.atan(factor - 1.0)
+        self.h *= factor
+        return factor >= self.accept_safety
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
+                        s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, rtol=0.05, atol=0.0078, h_init=0.05,
+                        accept_safety=0.81):
+    """A1111's "DPM adaptive": DPM-Solver-3 with an embedded second-order solution for the error estimate
+    and adaptive steps in t = -log(sigma), from the schedule's first sigma to its smallest non-zero one
+    (the step count is not used; the error tolerances decide). When the schedule ends at 0, one last model
+    call gives the denoised prediction. eta > 0 adds ancestral noise after each accepted step. Progress is
+    reported as the share of the log-sigma range covered, spread over the schedule's steps."""
+    sig = _sigma_list(sigmas)
+    n = len(sig) - 1
+    positive = [s for s in sig if s > 0]
+    sigma_max, sigma_min = positive[0], positive[-1]
+    reported = [0]
+
+    def report_until(i: int, x_now: torch.Tensor, sigma: float, denoised: torch.Tensor) -> None:
+        while reported[0] <= min(i, n - 1):
+            _report(callback, reported[0], x_now, sigma, denoised)
+            reported[0] += 1
+
+    if sigma_min < sigma_max:
+        t, t_end = -math.log(sigma_max), -math.log(sigma_min)
+        span = t_end - t
+        t_start = t
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        control = StepSizeController(h_init, 1.5 if eta else 3.0, accept_safety)
+        x_prev = x
+        denoised = x
+        while t < t_end - 1e-5:
+            t_next = min(t_end, t + control.h)
+            target, s_up = t_next, 0.0
+            if eta:
+                s_down, _ = get_ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+                target = min(t_end, -math.log(s_down)) if s_down > 0 else t_end
+                s_up = math.sqrt(max(math.exp(-2 * t_next) - math.exp(-2 * target), 0.0))
+            sigma_t, h = math.exp(-t), target - t
+            denoised = _denoise(model, x, sigma_t)
+            eps = (x - denoised) / sigma_t
+            s1, s2 = t + r1 * h, t + r2 * h
+            u1 = x - math.exp(-s1) * math.expm1(r1 * h) * eps
+            eps1 = (u1 - _denoise(model, u1, math.exp(-s1))) / math.exp(-s1)
+            u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * eps
+                  - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps1 - eps))
+            eps2 = (u2 - _denoise(model, u2, math.exp(-s2))) / math.exp(-s2)
+            sigma_to = math.exp(-target)
+            first = x - sigma_to * math.expm1(h) * eps
+            x_low = first - sigma_to / (2 * r1) * math.expm1(h) * (eps1 - eps)  # DPM-Solver-2 with r = 1/3
+            x_high = first - sigma_to / r2 * (math.expm1(h) / h - 1) * (eps2 - eps)  # DPM-Solver-3
+            scale = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
+            error = float(torch.linalg.norm((x_low - x_high) / scale)) / math.sqrt(x.numel())
+            if control.propose(error):
+                x_prev = x_low
+                x = x_high
+                if s_up > 0:
+                    x = x + _noise(noise_sampler, x, sigma_t, math.exp(-t_next)) * s_noise * s_up
+                t = t_next
+                # progress: the covered share of the range, over the first n - 1 steps (the last is the end)
+                report_until(int((t - t_start) / span * (n - 1)) - 1, x, math.exp(-t), denoised)
+        report_until(n - 2, x, sigma_min, denoised)
+    if sig[-1] <= 0 or sigma_min >= sigma_max:  # the end: the denoised prediction (or one step down from the top)
+        start = sigma_min
+        denoised = _denoise(model, x, start)
+        x = _lerp_to(denoised, x, sig[-1] / start)
+    else:
+        denoised = x
+    report_until(n - 1, x, sig[-1], denoised)
+    return x
+
+
 @torch.no_grad()
 def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_churn=0.0,
                    s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
@@ -1137,6 +1221,7 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
     _sampler("DPM2 a", ["k_dpm_2_a"], sample_dpm_2_ancestral, "karras", True,
              discard_next_to_last_sigma=True, uses_ensd=True, second_order=True),
     _sampler("DPM fast", ["k_dpm_fast"], sample_dpm_fast, "uniform", True, uses_ensd=True),
+    _sampler("DPM adaptive", ["k_dpm_ad"], sample_dpm_adaptive, "uniform", True, uses_ensd=True),
     _sampler("Restart", ["restart"], sample_restart, "karras", True, second_order=True),
     _sampler("DDIM", ["ddim"], sample_ddim, "ddim", True, uses_ensd=True),
     _sampler("PLMS", ["plms"], sample_plms),
