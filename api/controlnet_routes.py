@@ -72,8 +72,11 @@ def build_controlnet_router(service: EaselService, dependencies: list | None = N
             raise UserError("detect: controlnet_input_images is empty; send at least one base64 image.")
         images = [decode_base64_image(data, f"controlnet_input_images[{i}]")
                   for i, data in enumerate(req.controlnet_input_images)]
-        results = cn.detect(req.controlnet_module, images, req.controlnet_processor_res, req.controlnet_threshold_a,
-                            req.controlnet_threshold_b)
-        return {"images": [_png_base64(img) for img in results], "info": "Success"}
+        results, poses = cn.detect_with_poses(req.controlnet_module, images, req.controlnet_processor_res,
+                                              req.controlnet_threshold_a, req.controlnet_threshold_b)
+        body = {"images": [_png_base64(img) for img in results], "info": "Success"}
+        if poses:  # pose preprocessors: the people found, in OpenPose JSON (as the extension returns them)
+            body["poses"] = poses
+        return body
 
     return router

@@ -1,6 +1,8 @@
 """Preprocessors on a drawn test image: map sizes and content; annotators with their weight files; offline errors."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,12 @@ def test_openpose_and_mlsd_run_with_their_weight_files(tmp_path):
     env = AnnotatorEnv(tmp_path, allow_download=False)
     out = run("openpose", drawn(), res=64, env=env)
     assert out.size == (85, 64) and arr(out).max() == 0  # random weights find nobody: a black map
+    # /controlnet/detect's half in the backend: the same map, and the poses as OpenPose JSON
+    from backend.controlnet.service import run_detect_job
+    detected = run_detect_job({"module": "openpose", "images": [drawn()], "processor_res": 64}, env)
+    assert detected["poses"] == [{"people": [], "canvas_width": 85, "canvas_height": 64}]
+    assert Image.open(io.BytesIO(detected["maps"][0])).size == (85, 64)
+    assert run_detect_job({"module": "canny", "images": [drawn()], "processor_res": 64}, env)["poses"] == [None]
     lines = run("mlsd", drawn(), res=64, a=0.0, b=0.0, env=env)
     assert lines.size == (85, 64) and set(np.unique(arr(lines))) <= {0, 255}
 
@@ -252,3 +260,13 @@ def test_segmentation_runs_with_the_mmseg_checkpoint(tmp_path):
     palette = {tuple(c) for c in annotators.ADE20K_PALETTE}
     assert {tuple(p) for p in out.reshape(-1, 3)} <= palette
     assert len(annotators.ADE20K_PALETTE) == 150
+
+
+def test_pose_json_is_openpose_format_with_fractions_of_the_canvas():
+    person = [None] * 18
+    person[0], person[1] = (40.0, 10.0), (40.0, 30.0)
+    doc = annotators.pose_json([person], 80, 60)
+    assert doc["canvas_width"] == 80 and doc["canvas_height"] == 60 and len(doc["people"]) == 1
+    keypoints = doc["people"][0]["pose_keypoints_2d"]
+    assert len(keypoints) == 54 and keypoints[:6] == [0.5, 10 / 60, 1.0, 0.5, 0.5, 1.0] and keypoints[6:9] == [0, 0, 0]
+    assert doc["people"][0]["hand_left_keypoints_2d"] is None

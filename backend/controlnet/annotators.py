@@ -493,10 +493,26 @@ def draw_pose(people: list, width: int, height: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def _openpose(img, res, a, b, seed, **kw):
+def pose_json(people: list, width: int, height: int) -> dict:
+    """People in the OpenPose JSON format sd-webui-controlnet's detect returns (and pose editors read):
+    `pose_keypoints_2d` = 18 x [x, y, confidence], x and y as fractions of the canvas, [0, 0, 0] where not found."""
+    def flat(person):
+        return [v for p in person for v in ((p[0] / width, p[1] / height, 1.0) if p is not None else (0.0, 0.0, 0.0))]
+
+    return {"people": [{"pose_keypoints_2d": flat(person), "face_keypoints_2d": None, "hand_left_keypoints_2d": None,
+                        "hand_right_keypoints_2d": None} for person in people],
+            "canvas_width": int(width), "canvas_height": int(height)}
+
+
+def _openpose_with_json(img, res, a, b, seed, **kw) -> tuple[np.ndarray, dict]:
     padded, remove_pad = resize_with_pad(img, res)
     people = openpose_body(padded, _env(kw))
-    return remove_pad(draw_pose(people, padded.shape[1], padded.shape[0]))
+    drawn = remove_pad(draw_pose(people, padded.shape[1], padded.shape[0]))
+    return drawn, pose_json(people, drawn.shape[1], drawn.shape[0])
+
+
+def _openpose(img, res, a, b, seed, **kw):
+    return _openpose_with_json(img, res, a, b, seed, **kw)[0]
 
 
 # -- M-LSD straight lines ---------------------------------------------------------------------------
@@ -1243,7 +1259,7 @@ ANNOTATORS: list[Preprocessor] = [
     Preprocessor("lineart_coarse", _lineart_coarse, RES, model_free=False, control_type="Lineart",
                  weights=(LINEART_COARSE_WEIGHTS.filename,)),
     Preprocessor("openpose", _openpose, RES, model_free=False, control_type="OpenPose",
-                 weights=(OPENPOSE_BODY_WEIGHTS.filename,)),
+                 weights=(OPENPOSE_BODY_WEIGHTS.filename,), with_poses=_openpose_with_json),
     Preprocessor("mlsd", _mlsd, RES, Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
                  Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01), model_free=False, control_type="MLSD",
                  weights=(MLSD_WEIGHTS.filename,)),

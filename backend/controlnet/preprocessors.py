@@ -49,6 +49,8 @@ class Preprocessor:
     # The map is the picture with its masked pixels marked -1 (ControlNet 1.1 inpaint): needs the unit's mask,
     # the control image's transparent pixels, or the img2img inpaint mask.
     uses_mask: bool = False
+    # Pose preprocessors: like `run`, returning (map, OpenPose JSON of the people found) for /controlnet/detect.
+    with_poses: Callable | None = None
 
     @property
     def display_name(self) -> str:
@@ -349,14 +351,29 @@ def find_preprocessor(name: str | None) -> Preprocessor:
     raise UserError(f"Unknown ControlNet preprocessor {name!r}. Available: {names}")
 
 
+def _arguments(pre: Preprocessor, resolution, threshold_a, threshold_b) -> tuple[int, float, float]:
+    """The values a preprocessor runs with; -1 (or None) means its default."""
+    d_res, d_a, d_b = pre.defaults()
+    res = int(resolution) if resolution is not None and resolution > 0 else d_res
+    a = float(threshold_a) if threshold_a is not None and threshold_a != -1 else d_a
+    b = float(threshold_b) if threshold_b is not None and threshold_b != -1 else d_b
+    return max(64, min(4096, res)), a, b
+
+
 def run_preprocessor(pre: Preprocessor, image: Image.Image, resolution: int, threshold_a: float, threshold_b: float,
                      *, seed: int = 0, **kwargs) -> Image.Image:
     """Run `pre` on a PIL image; -1 (or None) for a value means the preprocessor's default."""
-    d_res, d_a, d_b = pre.defaults()
-    res = int(resolution) if resolution is not None and resolution > 0 else d_res
-    res = max(64, min(4096, res))
-    a = float(threshold_a) if threshold_a is not None and threshold_a != -1 else d_a
-    b = float(threshold_b) if threshold_b is not None and threshold_b != -1 else d_b
+    res, a, b = _arguments(pre, resolution, threshold_a, threshold_b)
     arr = to_array(image)
     result = pre.run(arr, res, a, b, seed) if pre.model_free else pre.run(arr, res, a, b, seed, **kwargs)
     return Image.fromarray(hwc3(result))
+
+
+def run_preprocessor_with_poses(pre: Preprocessor, image: Image.Image, resolution: int, threshold_a: float,
+                                threshold_b: float, *, seed: int = 0, **kwargs) -> tuple[Image.Image, dict | None]:
+    """`run_preprocessor`, plus the OpenPose JSON of a pose preprocessor (None for the others)."""
+    if pre.with_poses is None:
+        return run_preprocessor(pre, image, resolution, threshold_a, threshold_b, seed=seed, **kwargs), None
+    res, a, b = _arguments(pre, resolution, threshold_a, threshold_b)
+    result, poses = pre.with_poses(to_array(image), res, a, b, seed, **kwargs)
+    return Image.fromarray(hwc3(result)), poses

@@ -135,13 +135,20 @@ class ControlNetService:
     def detect(self, module: str, images: list[Image.Image], processor_res: int = 512, threshold_a: float = -1,
                threshold_b: float = -1, timeout: float = 3600) -> list[Image.Image]:
         """Run a preprocessor on images in the backend (where annotators and their weights live)."""
+        return self.detect_with_poses(module, images, processor_res, threshold_a, threshold_b, timeout)[0]
+
+    def detect_with_poses(self, module: str, images: list[Image.Image], processor_res: int = 512,
+                          threshold_a: float = -1, threshold_b: float = -1,
+                          timeout: float = 3600) -> tuple[list[Image.Image], list[dict]]:
+        """`detect`, plus the OpenPose JSON per image when the preprocessor finds poses (else an empty list)."""
         pre = find_preprocessor(module)
         if not images:
             raise UserError("No input images were given to detect on.")
         payload = {"module": pre.name, "images": [img.copy() for img in images], "processor_res": processor_res,
                    "threshold_a": threshold_a, "threshold_b": threshold_b}
-        pngs = self.client.run("controlnet_detect", payload, timeout=timeout)
-        return [Image.open(io.BytesIO(p)) for p in pngs]
+        result = self.client.run("controlnet_detect", payload, timeout=timeout)
+        poses = [p for p in result["poses"] if p is not None]
+        return [Image.open(io.BytesIO(p)) for p in result["maps"]], poses
 
 
 def _copy_unit(unit: ControlUnit) -> ControlUnit:
@@ -150,16 +157,18 @@ def _copy_unit(unit: ControlUnit) -> ControlUnit:
                    mask=unit.mask.copy() if unit.mask is not None else None)
 
 
-def run_detect_job(payload: dict, env) -> list[bytes]:
-    """The backend's half of detect: run the preprocessor, return PNG bytes."""
-    from .preprocessors import run_preprocessor
+def run_detect_job(payload: dict, env) -> dict:
+    """The backend's half of detect: run the preprocessor; {"maps": PNG bytes per image, "poses": OpenPose JSON
+    per image for pose preprocessors, else None}."""
+    from .preprocessors import run_preprocessor_with_poses
     pre = find_preprocessor(payload["module"])
-    out = []
+    maps, poses = [], []
     for img in payload["images"]:
-        result = run_preprocessor(pre, img, payload.get("processor_res", 512), payload.get("threshold_a", -1),
-                                  payload.get("threshold_b", -1), env=env)
+        result, pose = run_preprocessor_with_poses(pre, img, payload.get("processor_res", 512),
+                                                   payload.get("threshold_a", -1), payload.get("threshold_b", -1), env=env)
         buf = io.BytesIO()
         result.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+        maps.append(buf.getvalue())
+        poses.append(pose)
+    return {"maps": maps, "poses": poses}
 
