@@ -270,3 +270,18 @@ def test_pose_json_is_openpose_format_with_fractions_of_the_canvas():
     keypoints = doc["people"][0]["pose_keypoints_2d"]
     assert len(keypoints) == 54 and keypoints[:6] == [0.5, 10 / 60, 1.0, 0.5, 0.5, 1.0] and keypoints[6:9] == [0, 0, 0]
     assert doc["people"][0]["hand_left_keypoints_2d"] is None
+
+
+def test_lineart_anime_runs_with_its_weight_file(tmp_path):
+    names = set(annotators._lineart_anime_network().state_dict())
+    # pix2pix's UnetGenerator naming, as netG.pth has it: nested `model` Sequentials, convs with biases
+    assert {"model.model.0.weight", "model.model.3.bias", "model.model.1.model.1.weight",
+            "model.model.1.model.5.bias"} <= names and len(names) == 32
+    _write_weights(tmp_path, annotators.LINEART_ANIME_WEIGHTS, annotators._lineart_anime_network)
+    env = AnnotatorEnv(tmp_path, allow_download=False)
+    out = run("lineart_anime", drawn(), res=64, env=env)
+    assert out.size == (85, 64) and out.mode == "RGB"
+    a = arr(out)
+    assert (a[..., 0] == a[..., 1]).all() and a.std() > 0  # grey lines, not a blank map
+    with pytest.raises(UserError, match="netG.pth"):
+        run("lineart_anime", drawn(), res=64, env=AnnotatorEnv(tmp_path / "empty", allow_download=False))
