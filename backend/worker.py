@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("easel.backend")
 
@@ -318,6 +319,26 @@ def _run_pipeline(kind: str, payload: dict, ctx, state):
     return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
 
 
+def app_process_alive() -> bool:
+    """Whether the app process that started this backend still runs."""
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
+
+
+def next_message(jobs, parent_alive: Callable[[], bool], poll_seconds: float = 2.0):
+    """The next message from the app (None: stop). Also None once the app process is gone, however it ended
+    (killed, crashed): an orphaned backend would otherwise keep its models and the GPU's memory forever."""
+    import queue
+    while True:
+        try:
+            return jobs.get(timeout=poll_seconds)
+        except queue.Empty:
+            if not parent_alive():
+                log.warning("the app process is gone; the backend stops")
+                return None
+
+
 def memory_report(device=None) -> dict:
     """RAM and CUDA memory in the shape of A1111's GET /sdapi/v1/memory.
 
@@ -381,7 +402,7 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})
     while True:
-        msg = jobs.get()
+        msg = next_message(jobs, app_process_alive)
         if msg is None:
             break
         job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]

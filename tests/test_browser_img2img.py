@@ -23,9 +23,16 @@ def test_draw_a_mask_and_inpaint(server, api, tmp_path):
         page.get_by_role("tab", name="img2img").first.click()
         page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
         editor = page.locator("#img2maskimg")
-        editor.locator("input[type=file]").set_input_files(str(source))
+        # Let the editor finish setting up its empty canvas first (as a person would, before choosing a file).
         page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
-        page.wait_for_timeout(1500)
+        page.wait_for_timeout(1000)
+        editor.locator("input[type=file]").set_input_files(str(source))
+        # The editor starts with an 800x800 canvas and adopts the picture's size once it has loaded it (its zoom
+        # label jumps from ~45% to over 100% for this small picture); strokes drawn before that land on the
+        # 800x800 canvas, and the editor then sends an 800x800 image.
+        page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
+                                          return m !== null && Number(m[1]) > 100; }""", timeout=30_000)
+        page.wait_for_timeout(300)
         editor.get_by_role("button", name="Brush").first.click()
         page.wait_for_timeout(300)
         canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
@@ -79,3 +86,6 @@ def test_send_a_txt2img_result_to_inpaint(server):
         assert page.input_value("#img2img_height input[type=number]") == "96"
         assert page.locator("#mode_img2img [role=tab][aria-selected=true]").inner_text().strip() == "Inpaint"
         page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+        # the editor takes the picture's size (its zoom label goes well over 100% for 64x96), not its 800x800 default
+        page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
+                                          return m !== null && Number(m[1]) > 100; }""", timeout=30_000)
