@@ -141,6 +141,12 @@ def _safe_extra_globals() -> list:
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    return _extract_tensors(load_pickle(path), path)
+
+
+def load_pickle(path: Path):
+    """What a `.ckpt`/`.pt`/`.pth`/`.bin` file holds, loaded with `weights_only` (plain data and tensors only);
+    a file that needs more, or a damaged one, raises `UserError` naming it."""
     try:
         with torch.serialization.safe_globals(_safe_extra_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -155,7 +161,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"Could not read {path.name}: the file is corrupt or not a PyTorch checkpoint ({_short(e)}).") from e
     except Exception as e:  # noqa: BLE001  truncated zips, garbage bytes, ... all mean a damaged file
         raise UserError(f"Could not read {path.name}: the file is corrupt or incomplete ({_short(e)}).") from e
-    return _extract_tensors(obj, path)
+    return obj
 
 
 def _extract_tensors(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def read_model_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a post-processing model file, unwrapped from the upstream containers."""
     from spandrel import canonicalize_state_dict
 
-    from ..state_dict_io import _safe_extra_globals, read_state_dict
+    from ..state_dict_io import PICKLE_SUFFIXES, load_pickle, read_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -48,17 +48,8 @@ def read_model_state_dict(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         state = read_state_dict(path)
-    elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        import pickle
-        try:
-            with torch.serialization.safe_globals(_safe_extra_globals()):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UserError(f"{path.name} holds Python objects beyond plain tensors, which Easel does not unpickle for "
-                            f"safety (unpickling can run code). Use a .safetensors version of this model.") from exc
-        except Exception as exc:  # noqa: BLE001  truncated zip, garbage bytes, TorchScript archive, ...
-            raise UserError(f"Could not read the model file {path.name}: it is corrupt, incomplete or not a PyTorch "
-                            f"state dict ({type(exc).__name__}: {_first_line(exc)}).") from exc
+    elif suffix in PICKLE_SUFFIXES:
+        state = load_pickle(path)  # whole: spandrel unwraps the containers (params_ema, ...) below
     else:
         raise UserError(f"Unsupported model file type {suffix or '(none)'!r} for {path.name}: "
                         f"expected one of {', '.join(MODEL_EXTENSIONS)}.")
