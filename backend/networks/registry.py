@@ -108,21 +108,32 @@ def _scan(folders: list[Path], extensions: tuple[str, ...]) -> tuple[list[Networ
     return sorted(entries.values(), key=lambda e: e.name.lower()), duplicates
 
 
-class LoraRegistry:
-    """The LoRA/LyCORIS files under `folders` (models/Lora, --lora-dir, models/LyCORIS), with subfolders."""
+class _FileRegistry:
+    """The files with `extensions` under `folders`, subfolders included; `refresh()` rescans."""
+
+    extensions: tuple[str, ...] = ()
 
     def __init__(self, folders: list[Path]):
         self.folders = list(folders)
         self._lock = threading.Lock()
         self.entries: list[NetworkEntry] = []
         self.duplicates: list[Path] = []
-        self._metadata: dict[tuple, dict] = {}
         self.refresh()
 
     def refresh(self) -> None:
-        entries, duplicates = _scan(self.folders, LORA_EXTENSIONS)
+        entries, duplicates = _scan(self.folders, self.extensions)
         with self._lock:
             self.entries, self.duplicates = entries, duplicates
+
+
+class LoraRegistry(_FileRegistry):
+    """The LoRA/LyCORIS files under `folders` (models/Lora, --lora-dir, models/LyCORIS), with subfolders."""
+
+    extensions = LORA_EXTENSIONS
+
+    def __init__(self, folders: list[Path]):
+        self._metadata: dict[tuple, dict] = {}
+        super().__init__(folders)
 
     def metadata(self, entry: NetworkEntry) -> dict:
         """The file's safetensors metadata (strings), in A1111's order; {} for other files or unreadable ones."""
@@ -173,20 +184,21 @@ class LoraRegistry:
         return entry
 
 
-class EmbeddingRegistry:
+class EmbeddingRegistry(_FileRegistry):
     """The textual-inversion files under `folder` (embeddings/ or --embeddings-dir), with subfolders."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._lock = threading.Lock()
-        self.entries: list[NetworkEntry] = []
-        self.duplicates: list[Path] = []
-        self.refresh()
+    extensions = EMBEDDING_EXTENSIONS
 
-    def refresh(self) -> None:
-        entries, duplicates = _scan([self.folder], EMBEDDING_EXTENSIONS)
-        with self._lock:
-            self.entries, self.duplicates = entries, duplicates
+    def __init__(self, folder: Path):
+        super().__init__([folder])
+
+    @property
+    def folder(self) -> Path:
+        return self.folders[0]
+
+    @folder.setter
+    def folder(self, value: Path) -> None:
+        self.folders = [value]
 
     def find(self, name: str) -> NetworkEntry | None:
         with self._lock:
