@@ -4,17 +4,24 @@ UserComment for JPEG/WebP), and grids for batches.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
+import logging
 import math
 import os
 import re
+import secrets
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from PIL import Image, PngImagePlugin
 
+log = logging.getLogger("easel.images")
+
 _SAVE_LOCK = threading.Lock()
+TEMP_PREFIX = ".easel-partial-"  # files being written (see write_atomically); never a sequence number
 _BAD_CHARS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 _TOKEN = re.compile(r"\[(\w+)(?:<([^>]*)>)?\]")
 MAX_NAME = 128
@@ -114,14 +121,59 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
             for key, value in (extra_text or {}).items() if with_pnginfo else ():
                 pnginfo = pnginfo or PngImagePlugin.PngInfo()
                 pnginfo.add_text(key, value)
-            image.save(path, format="PNG", pnginfo=pnginfo)
+            write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
         else:
             img = image.convert("RGB") if fmt == "jpg" else image
             kwargs = {"quality": 90}
             if text:
                 kwargs["exif"] = _exif_user_comment(text)
-            img.save(path, format="JPEG" if fmt == "jpg" else "WEBP", **kwargs)
+            write_atomically(path, lambda f: img.save(f, format="JPEG" if fmt == "jpg" else "WEBP", **kwargs))
     return path
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through `write(file)` into a hidden temporary name beside `path`, then rename it into place.
+
+    A failure (full disk, an encoder error, a crash) never leaves a partial file under `path`; the temporary file
+    is removed when the failure is an exception. Its name starts with a dot, so it never counts as a sequence number.
+    """
+    while True:
+        tmp = path.parent / f"{TEMP_PREFIX}{path.stem[:40]}-{secrets.token_hex(4)}.tmp"
+        try:  # mode 0o666 less the umask, as a file written in place would get
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_failure_message(what: str, folder: Path, exc: Exception) -> str:
+    """The warning shown when an image could not be written (the job still returns it)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (f"Could not save the {what} into {folder}: {reason}. The image is shown here but not saved; "
+            f"check the output folder settings and free disk space.")
+
+
+def save_image_or_warn(warnings: list[str], what: str, image: Image.Image, folder: Path, **kwargs) -> Path | None:
+    """`save_image`, turning a failure to write (OSError: no permission, a file where the folder should be,
+    disk full) into a warning in `warnings` (once per message) instead of failing the job; None when not saved."""
+    try:
+        return save_image(image, folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        message = save_failure_message(what, folder, exc)
+        log.error("%s", message)
+        if message not in warnings:
+            warnings.append(message)
+        return None
 
 
 def image_grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from .. import samplers
 from ..conditioning import TextConditioner
-from ..images import day_folder, encode_png, image_grid, save_image
+from ..images import day_folder, encode_png, image_grid, save_image_or_warn
 from ..rng import fix_seed
 from ..schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from .common import VERSION, JobContext, format_number, resolve_sampler, sampler_extra_args
@@ -109,9 +109,11 @@ class Generation:
         text = infotext or self.infotext(i)
         path = None
         if self.save_samples:
-            path = save_image(img, self.out_dir, seed=self.all_seeds[i], infotext=text, fmt=self.fmt,
-                              pattern=self.pattern, name_values=self.name_values(self.all_seeds[i]),
-                              with_pnginfo=self.ctx.options.get("enable_pnginfo", True), basename=basename or "")
+            # a folder that cannot be written costs the file, never the image: the job returns it with a warning
+            path = save_image_or_warn(self.ctx.warnings, "image", img, self.out_dir, seed=self.all_seeds[i],
+                                      infotext=text, fmt=self.fmt, pattern=self.pattern,
+                                      name_values=self.name_values(self.all_seeds[i]),
+                                      with_pnginfo=self.ctx.options.get("enable_pnginfo", True), basename=basename or "")
         self.outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=self.all_seeds[i],
                                            subseed=self.all_subseeds[i], prompt=self.prompts[i],
                                            negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
@@ -126,8 +128,8 @@ class Generation:
             path = None
             if options.get("grid_save", True):
                 grid_dir = day_folder(self.outdir(self.grids_dir_key), options.get("save_to_dirs", True))
-                path = save_image(grid, grid_dir, seed=self.all_seeds[0], infotext=text, fmt=self.fmt, basename="grid",
-                                  with_pnginfo=options.get("enable_pnginfo", True))
+                path = save_image_or_warn(ctx.warnings, "grid", grid, grid_dir, seed=self.all_seeds[0], infotext=text,
+                                          fmt=self.fmt, basename="grid", with_pnginfo=options.get("enable_pnginfo", True))
             if options.get("return_grid", True):
                 self.outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=self.all_seeds[0],
                                                       subseed=self.all_subseeds[0], prompt=self.prompts[0],
