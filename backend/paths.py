@@ -29,6 +29,9 @@ MODEL_FOLDERS = {
     "VAE-taesd": "Put TAESD models here.txt",
 }
 
+PROGRAM_DIR = Path(__file__).resolve().parent.parent  # the folder holding app.py
+PROGRAM_FOLDERS = ("backend", "api", "ui", "extensions", ".git")
+
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 VAE_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -80,6 +83,33 @@ class DataPaths:
             config_file=Path(args.ui_settings_file).expanduser().resolve() if args.ui_settings_file else data_dir / "config.json",
             cache_dir=data_dir / "cache",
         )
+
+    def model_folders(self) -> list[Path]:
+        """Every folder that holds model files: DATA_DIR/models, the models folder and each model folder the flags
+        name, and the embeddings folder. Jobs never write into them (`check_output_folder`)."""
+        folders = [self.data_dir / "models", self.models_dir, *self.ckpt_dirs, *self.vae_dirs, *self.lora_dirs,
+                   *self.controlnet_dirs, *self.esrgan_dirs, *self.realesrgan_dirs, *self.gfpgan_dirs,
+                   *self.codeformer_dirs]
+        if self.embeddings_dir is not None:
+            folders.append(self.embeddings_dir)
+        unique: list[Path] = []
+        for folder in folders:
+            resolved = Path(folder).expanduser().resolve()
+            if resolved not in unique:
+                unique.append(resolved)
+        return unique
+
+    def check_output_folder(self, path: Path, what: str = "Output") -> Path:
+        """Refuse (403) an output folder inside a model folder or the program's own code: a job's files must never
+        land beside checkpoints, LoRAs or embeddings (where they would be read as models) or in code folders."""
+        resolved = Path(path).expanduser().resolve()
+        protected = [(folder, "a model folder") for folder in self.model_folders()]
+        protected += [(PROGRAM_DIR / name, "the program's own files") for name in PROGRAM_FOLDERS]
+        for folder, kind in protected:
+            if resolved == folder or folder in resolved.parents:
+                raise UserError(f"{what} folder {resolved} is inside {kind} ({folder}); Easel does not write there. "
+                                f"Choose a folder outside it (for example under {self.outputs_dir}).", status=403)
+        return resolved
 
     def ensure_folders(self) -> None:
         """Create the A1111 folder layout with the 'Put ... here' notes, as A1111 does."""

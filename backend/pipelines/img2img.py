@@ -19,8 +19,8 @@ from PIL import Image
 
 from .. import image_ops
 from ..errors import UserError
-from ..image_codec import open_image_bytes
-from ..images import save_image
+from ..image_codec import folder_image_problem, open_folder_image
+from ..images import save_image_or_warn
 from ..paths import IMAGE_EXTENSIONS
 from ..postprocess.face_restore import restore_faces_for_job
 from ..rng import ImageRNG
@@ -236,7 +236,7 @@ def save_init_images(gen: Generation, images: list[Image.Image]) -> str:
         digest = hashlib.md5(img.tobytes()).hexdigest()
         folder = gen.outdir("outdir_init_images")
         if not (folder / f"{digest}.png").exists():
-            save_image(img, folder, seed=None, infotext=None, forced_name=digest)
+            save_image_or_warn(gen.ctx.warnings, "init image", img, folder, seed=None, infotext=None, forced_name=digest)
         hashes.append(digest)
     return hashes[0]
 
@@ -333,13 +333,21 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
     A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image, mask)`
     runs before each file's generation (the worker prepares the ControlNet units from them).
     """
-    files = sorted(p for p in input_dir.iterdir() if p.is_file())
-    if not files:
+    listed = sorted(p for p in input_dir.iterdir() if p.is_file())
+    if not listed:
         raise UserError(f"The input folder {input_dir} has no files.")
+    files, warnings = [], []
+    for path in listed:  # only files that are images by name and by content reach a decoder
+        problem = folder_image_problem(path)
+        if problem:
+            log.warning("img2img batch: skipped %s: %s", path.name, problem)
+            warnings.append(f"Skipped {path.name}: {problem}.")
+        else:
+            files.append(path)
     masks = {}
     if mask_dir is not None:
         masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
-    all_images, infotexts, warnings = [], [], []
+    all_images, infotexts = [], []
     interrupted = False
     last: GenerationResult | None = None
     for path in files:
@@ -347,8 +355,8 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
             interrupted = True
             break
         try:
-            image = open_image_bytes(path.read_bytes())
-            mask = open_image_bytes(masks[path.stem].read_bytes()) if path.stem in masks else None
+            image = open_folder_image(path)
+            mask = open_folder_image(masks[path.stem]) if path.stem in masks else None
             job_req = req.model_copy(update={"do_not_save_grid": True})
             if before_each is not None:
                 before_each(image, mask)

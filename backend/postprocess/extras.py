@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ..errors import JobInterrupted, UserError
-from ..image_codec import open_image_bytes
+from ..image_codec import folder_image_problem, image_format_of, open_folder_image
 from ..infotext import quote, read_infotext_from_image
 from ..paths import IMAGE_EXTENSIONS
 from . import face_restore, upscalers
@@ -189,7 +189,9 @@ class _Input:
         if self.image is not None:
             return self.image.size
         try:
-            with Image.open(self.path) as img:
+            with open(self.path, "rb") as f:
+                fmt = image_format_of(f.read(16))
+            with Image.open(self.path, formats=(fmt,) if fmt else ()) as img:
                 return img.size
         except Exception:  # noqa: BLE001  unreadable files are reported when their turn comes
             return None
@@ -197,35 +199,44 @@ class _Input:
     def load(self) -> Image.Image:
         if self.image is not None:
             return self.image
-        try:
-            return open_image_bytes(self.path.read_bytes())
-        except OSError as exc:
-            raise UserError(str(exc)) from exc
+        return open_folder_image(self.path)
 
 
-def _inputs(payload: dict) -> list[_Input]:
+def _inputs(payload: dict, warnings: list[str]) -> list[_Input]:
+    """The job's images; files of an input folder that are not images by name and content are left out, each with
+    a warning in `warnings`."""
     if payload.get("input_dir") is None:
         return [_Input(name, image=image) for name, image in payload["images"]]
     folder = Path(payload["input_dir"])
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        problem = folder_image_problem(path)
+        if problem:
+            log.warning("extras: skipped %s: %s", path.name, problem)
+            warnings.append(f"Skipped {path.name}: {problem}.")
+        else:
+            files.append(path)
     if not files:
-        raise UserError(f"The input folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise UserError(f"The input folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}). " + " ".join(warnings))
     return [_Input(p.name, path=p) for p in files]
 
 
-def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: dict, name: str) -> Path:
-    from ..images import save_image
+def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: dict, name: str,
+          warnings: list[str]) -> Path | None:
+    """Save one result; a folder that cannot be written adds a warning (the image is still returned): None."""
+    from ..images import save_image_or_warn
 
     fmt = options.get("samples_format", "png")
     extras_chunk = {"extras": steps} if steps else None
     with_info = options.get("enable_pnginfo", True)
     if payload.get("output_dir") is not None:
-        return save_image(image, Path(payload["output_dir"]), seed=None, infotext=parameters, fmt=fmt,
-                          forced_name=Path(name).stem or "image", with_pnginfo=with_info, extra_text=extras_chunk)
+        return save_image_or_warn(warnings, "image", image, Path(payload["output_dir"]), seed=None, infotext=parameters,
+                                  fmt=fmt, forced_name=Path(name).stem or "image", with_pnginfo=with_info,
+                                  extra_text=extras_chunk)
     target = Path(options.get("outdir_extras_samples", "outputs/extras-images"))
     folder = target if target.is_absolute() else Path(payload["data_dir"]) / target
-    return save_image(image, folder, seed=None, infotext=parameters, fmt=fmt, with_pnginfo=with_info,
-                      extra_text=extras_chunk)
+    return save_image_or_warn(warnings, "image", image, folder, seed=None, infotext=parameters, fmt=fmt,
+                              with_pnginfo=with_info, extra_text=extras_chunk)
 
 
 def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
@@ -238,14 +249,14 @@ def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
     options: dict = payload["options"]
     validate(req)
     runtime.apply_options(options)
-    inputs = _inputs(payload)
+    warnings: list[str] = []
+    inputs = _inputs(payload, warnings)
     if not inputs:
         raise UserError("Extras: no image to process.")
     progress = _Progress(control)
     sizes = [item.size() for item in inputs]
     control.begin(len(inputs), sum(planned_steps(size, req, runtime, options) for size in sizes if size))
     results: list[ExtrasImage] = []
-    warnings: list[str] = []
     interrupted = False
     try:
         for i, item in enumerate(inputs):
@@ -266,7 +277,8 @@ def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
                 interrupted = True
                 break
             parameters = merged_parameters(existing, steps)
-            saved = _save(result, parameters, steps, payload, options, item.name) if payload.get("save") else None
+            saved = (_save(result, parameters, steps, payload, options, item.name, warnings)
+                     if payload.get("save") else None)
             png = encode_result_png(result, parameters, steps) if req.show_extras_results else b""
             results.append(ExtrasImage(png=png, name=item.name, infotext=steps, saved_path=str(saved) if saved else None,
                                        notes=[f"{item.name}: {n}" if len(inputs) > 1 else n for n in notes]))

@@ -111,9 +111,7 @@ class PostprocessService:
         payload = self._payload(req, save=True)
         payload["input_dir"] = self.batch_folder(input_dir, "Input", must_exist=True)
         if output_dir and output_dir.strip():
-            out = self.batch_folder(output_dir, "Output")
-            out.mkdir(parents=True, exist_ok=True)
-            payload["output_dir"] = out
+            payload["output_dir"] = self.batch_folder(output_dir, "Output", write=True)  # checked and created
         return self.client.submit("extras", payload, listener)
 
     def run_extras(self, req: ExtrasRequest, images: list[tuple[str, Image.Image]], save: bool = False) -> ExtrasResult:
