@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,48 @@ class HashCache:
         return value
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def quick_file_problem(path: Path) -> str | None:
+    """A cheap look at a checkpoint file's framing, without torch: why it cannot load (garbage, an incomplete
+    download, a file of another kind), or None when it may. Loading it is still the real test."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if path.suffix.lower() == ".safetensors":
+                if len(head) < 8:
+                    return "the file is too short to be a .safetensors file"
+                (length,) = struct.unpack("<Q", head)
+                if not 2 <= length <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+                    return "it is not a valid .safetensors file (corrupt or incomplete download?)"
+                header = json.loads(f.read(length).decode("utf-8"))
+                if not isinstance(header, dict):
+                    return "it is not a valid .safetensors file (its header is not a JSON object)"
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+                if ends and 8 + length + max(ends) > size:
+                    return "the file is truncated (incomplete download?)"
+                return None
+        if head.startswith(b"PK\x03\x04"):
+            return None if zipfile.is_zipfile(path) else "the file is truncated (incomplete download?)"
+        if head[:1] == b"\x80":  # a pickle (PyTorch's legacy format)
+            return None
+        return "it is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    except OSError as exc:
+        return f"it could not be read ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError):
+        return "it is not a valid .safetensors file (its header is malformed)"
+
+
 def _scan(folders: list[Path], extensions: tuple[str, ...], hashes: HashCache, exclude_vae: bool) -> list[ModelFile]:
     found = []
     for folder in folders:
@@ -111,6 +155,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self.checkpoints: list[ModelFile] = []
         self.vaes: list[ModelFile] = []
+        # Why files failed to load, by path: (size, mtime) when it failed, message. A changed file is tried again.
+        self._unloadable: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+        self._framing: dict[Path, tuple[tuple[int, int] | None, str | None]] = {}  # quick_file_problem's answers
         self.refresh()
 
     def refresh(self) -> None:
@@ -145,6 +192,44 @@ class ModelRegistry:
             if f.sha256 and (q == f.shorthash or q == f.sha256 or q.endswith(f"[{f.shorthash}]")):
                 return f
         raise UserError(f"Checkpoint {query!r} not found. Available: {', '.join(f.title for f in ckpts)}", status=404)
+
+    def mark_unloadable(self, path: Path, message: str) -> None:
+        """Remember that `path` failed to load (until the file changes): the automatic choice passes over it."""
+        with self._lock:
+            self._unloadable[Path(path)] = (_stamp(Path(path)), message)
+
+    def problem_with(self, f: ModelFile) -> str | None:
+        """Why `f` cannot be the automatic default: it failed to load before, or its framing is broken
+        (looked at once per version of the file)."""
+        stamp = _stamp(f.path)
+        with self._lock:
+            known = self._unloadable.get(f.path)
+            checked = self._framing.get(f.path)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        if checked is not None and checked[0] == stamp:
+            return checked[1]
+        problem = quick_file_problem(f.path)
+        with self._lock:
+            self._framing[f.path] = (stamp, problem)
+        return problem
+
+    def automatic_choice(self) -> tuple[list[ModelFile], list[str]]:
+        """The checkpoints to try, in order, when the user chose none (setting `sd_model_checkpoint` empty or
+        gone): the first file by name without a known problem, then the ones after it (tried only if it fails to
+        load); and a warning for each file passed over. When every file has a problem, all are tried in order
+        (the job then fails with the loader's own message)."""
+        with self._lock:
+            ckpts = list(self.checkpoints)
+        if not ckpts:
+            self.find_checkpoint(None)  # raises the "no checkpoint" error
+        notes = []
+        for i, f in enumerate(ckpts):
+            problem = self.problem_with(f)
+            if problem is None:
+                return ckpts[i:], notes
+            notes.append(f"Checkpoint {f.name} was skipped: {problem}.")
+        return ckpts, []
 
     def find_vae(self, query: str) -> ModelFile:
         with self._lock:

@@ -83,6 +83,8 @@ class BackendClient:
         self._interrupt = self._ctx.Value("b", 0)
         self._skip = self._ctx.Value("b", 0)
         self._ready = threading.Event()
+        # Called with each finished job (done or failed) before its waiters wake (the service learns from results).
+        self.finished_hooks: list[Callable[[Job], None]] = []
 
     # -- process lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +171,11 @@ class BackendClient:
         job.result, job.error = result, error
         job.status = "failed" if error else "done"
         self._last = job
+        for hook in list(self.finished_hooks):
+            try:
+                hook(job)
+            except Exception:  # noqa: BLE001  a hook's bug must not lose the job's result
+                log.exception("finished-job hook failed")
         job.done.set()
         for listener in list(job.listeners):
             listener(job)

@@ -115,6 +115,9 @@ class GenerationResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     interrupted: bool = False
     detected_maps: list[bytes] = Field(default_factory=list)  # ControlNet preprocessor maps (PNG), shown after the images
+    # Checkpoints that failed to load while the default was chosen automatically ({path: reason}): the app passes
+    # over them from then on (not part of the API's answer; the warnings name them).
+    unloadable_checkpoints: dict[str, str] = Field(default_factory=dict)
 
 
 class ProgressState(BaseModel):

@@ -39,6 +39,7 @@ class EaselService:
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"})
+        self.client.finished_hooks.append(self._note_unloadable_checkpoints)
         from .controlnet.service import ControlNetService
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
         from .networks.catalog import ExtraNetworksCatalog
@@ -75,13 +76,34 @@ class EaselService:
         self.registry.refresh()
 
     def current_checkpoint(self, override: str | None = None) -> ModelFile:
+        return self.checkpoint_choice(override)[0][0]
+
+    def checkpoint_choice(self, override: str | None = None) -> tuple[list[ModelFile], list[str]]:
+        """The checkpoints a job tries, in order, and warnings about files passed over.
+
+        The one the user asked for (the request's override, else the setting `sd_model_checkpoint`, which --ckpt
+        and every selection set) is the only candidate: if it does not load, the user gets that error. With none
+        asked for (or the setting's file gone), the default is the first file by name that is not known to be
+        broken (`ModelRegistry.automatic_choice`); the backend moves on to the next when it fails to load."""
         wanted = override or self.options["sd_model_checkpoint"]
-        try:
-            return self.registry.find_checkpoint(wanted)
-        except UserError:
-            if override:
-                raise
-            return self.registry.find_checkpoint(None)  # the first one, as A1111 falls back
+        if wanted:
+            try:
+                return [self.registry.find_checkpoint(wanted)], []
+            except UserError:
+                if override:
+                    raise
+        candidates, notes = self.registry.automatic_choice()
+        if wanted:
+            notes = [f"The selected checkpoint {wanted} was not found; using {candidates[0].name}."] + notes
+        return candidates, notes
+
+    def _note_unloadable_checkpoints(self, job: Job) -> None:
+        """Checkpoints the backend could not load while choosing the default are passed over from now on."""
+        result = job.result
+        failed = (result.get("unloadable_checkpoints") if isinstance(result, dict)
+                  else getattr(result, "unloadable_checkpoints", None))
+        for path, message in (failed or {}).items():
+            self.registry.mark_unloadable(Path(path), message)
 
     def checkpoint_titles(self) -> list[str]:
         return [f.title for f in self.registry.checkpoints]
@@ -185,15 +207,13 @@ class EaselService:
         if self.args.hide_ui_dir_config:
             raise UserError("Batch folders are disabled on this server (--hide-ui-dir-config).", status=403)
         batch = {"input_dir": self._batch_folder(input_dir, "Input", must_exist=True),
-                 "output_dir": self._batch_folder(output_dir, "Output") if output_dir.strip() else None,
+                 "output_dir": self._batch_folder(output_dir, "Output", write=True) if output_dir.strip() else None,
                  "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}
-        if batch["output_dir"] is not None:
-            batch["output_dir"].mkdir(parents=True, exist_ok=True)
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["batch"] = batch
         return self.client.submit("img2img_batch", payload, listener)
 
-    def _batch_folder(self, folder: str, what: str, must_exist: bool = False) -> Path:
+    def _batch_folder(self, folder: str, what: str, must_exist: bool = False, write: bool = False) -> Path:
         if not folder or not folder.strip():
             raise UserError(f"{what} folder: none given.")
         path = Path(folder.strip()).expanduser()
@@ -207,6 +227,12 @@ class EaselService:
                             f"shared on the network, so only folders inside it may be used.", status=403)
         if must_exist and not path.is_dir():
             raise UserError(f"{what} folder {path} does not exist.", status=404)
+        if write:  # never into models/ (or any model folder of the flags) nor the program's code
+            self.paths.check_output_folder(path, what)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{what} folder {path} cannot be created: {exc.strerror or exc}.") from exc
         return path
 
     def interrupt(self) -> None:
@@ -219,14 +245,21 @@ class EaselService:
         return self.client.run("memory", {}, timeout=60)
 
     def _model_payload(self, overrides: dict | None = None) -> dict:
+        """The job's checkpoint and VAE; with an automatic choice also the candidates to try after it
+        (`checkpoint_fallbacks`, each with its VAE) and warnings about the files passed over (`checkpoint_notes`)."""
         overrides = overrides or {}
-        ckpt = self.current_checkpoint(overrides.get("sd_model_checkpoint"))
-        vae_path = self.registry.vae_for(ckpt, overrides.get("sd_vae", self.options["sd_vae"]), self.args.vae_path)
-        vae = None
-        if vae_path is not None:
-            vae = next((f for f in self.registry.vaes if f.path == vae_path.resolve()),
-                       ModelFile(name=vae_path.name, path=vae_path.resolve()))
-        return {"checkpoint": ckpt, "vae": vae}
+        candidates, notes = self.checkpoint_choice(overrides.get("sd_model_checkpoint"))
+        choice = overrides.get("sd_vae", self.options["sd_vae"])
+
+        def vae_file(ckpt: ModelFile) -> ModelFile | None:
+            vae_path = self.registry.vae_for(ckpt, choice, self.args.vae_path)
+            if vae_path is None:
+                return None
+            return next((f for f in self.registry.vaes if f.path == vae_path.resolve()),
+                        ModelFile(name=vae_path.name, path=vae_path.resolve()))
+
+        return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
+                "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
 
     def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None) -> Job:
         """Load the selected checkpoint (and VAE) into the backend's cache ahead of the next job."""

@@ -234,23 +234,23 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
     if kind not in ("txt2img", "img2img", "img2img_batch", "load"):
         raise ValueError(f"unknown job kind {kind!r}")
 
-    ckpt: ModelFile = payload["checkpoint"]
-    ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state["hashes"].sha256(ckpt.path))
-    vae = payload.get("vae")
-    if vae is not None:
-        vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state["hashes"].sha256(vae.path))
     options = payload["options"]
     policy = state["policy"]
     policy.apply_options(options)
-    model = state["cache"].get(ckpt.path, int(options.get("sd_checkpoints_limit", 2)))
+    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(options.get("sd_checkpoints_limit", 2)))
+    ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state["hashes"].sha256(ckpt.path))
+    if vae is not None:
+        vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state["hashes"].sha256(vae.path))
     policy.settle(model)  # weights in RAM while the VAE is swapped
     state["vae"].apply(model, str(vae.path) if vae else None)
     if kind == "load":
-        return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None}
+        return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None,
+                "warnings": load_notes, "unloadable_checkpoints": unloadable}
     try:
         while True:
             ctx = JobContext(model=model, policy=policy, options=options, outputs_root=payload["data_dir"],
-                             checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"])
+                             checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"],
+                             warnings=list(load_notes))
             try:
                 _activate_networks(payload, ctx, state)
                 maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
@@ -267,7 +267,43 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         policy.settle(model)
     result.info["sd_model_checkpoint"] = ckpt.title
     result.detected_maps = maps
+    result.unloadable_checkpoints = unloadable
     return result
+
+
+def _load_checkpoint(payload: dict, state: dict, limit: int):
+    """The job's model: its checkpoint, or, when the checkpoint was chosen automatically (the user asked for none),
+    the first of the candidates that loads. -> (model, checkpoint, vae, warnings, {path: why it did not load}).
+
+    A checkpoint the user asked for is the only candidate: its load error is the job's error. Each automatic
+    candidate that fails is named in a warning and the next one is tried; when none loads, the job fails with
+    every reason."""
+    import torch
+
+    from .errors import UserError
+
+    candidates = [(payload["checkpoint"], payload.get("vae"))] + list(payload.get("checkpoint_fallbacks") or [])
+    notes = list(payload.get("checkpoint_notes") or [])
+    unloadable: dict[str, str] = {}
+    for number, (ckpt, vae) in enumerate(candidates, 1):
+        try:
+            return state["cache"].get(ckpt.path, limit), ckpt, vae, notes, unloadable
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001  a broken file: the next candidate is tried
+            if len(candidates) == 1:
+                raise
+            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint %s could not be loaded%s", ckpt.name,
+                      f": {message}" if isinstance(exc, UserError) else f":\n{traceback.format_exc()}")
+            unloadable[str(ckpt.path)] = message
+            notes.append(f"Checkpoint {ckpt.name} could not be loaded and was skipped: {message}")
+            if number == len(candidates):
+                summary = "No checkpoint could be loaded. " + " ".join(notes)
+                if isinstance(exc, UserError):
+                    raise UserError(summary, status=exc.status) from exc
+                raise RuntimeError(summary) from exc
+    raise AssertionError("unreachable")
 
 
 def _activate_networks(payload: dict, ctx, state) -> None:
