@@ -165,6 +165,7 @@ class ModelRegistry:
         vaes = _scan(self.vae_dirs, VAE_EXTENSIONS, self.hashes, exclude_vae=False)
         with self._lock:
             self.checkpoints, self.vaes = ckpts, vaes
+            self._unloadable.clear()  # a refresh tries the files that failed to load again
 
     def with_hash(self, f: ModelFile) -> ModelFile:
         """The same file with its sha256 filled in (computing it when not cached)."""

@@ -160,6 +160,32 @@ def test_extras_folder_batch_never_writes_into_model_folders(tmp_path):
         assert not (target.exists() and target.name in ("new", "out"))
 
 
+def test_the_automatic_checkpoint_choice_passes_over_broken_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from backend.checkpoints import HashCache, ModelRegistry
+
+    (tmp_path / "aaa-garbage.safetensors").write_bytes(os.urandom(2048))
+    save_file({"w": torch.zeros(64, 64)}, str(tmp_path / "aab-cut.safetensors"))
+    data = (tmp_path / "aab-cut.safetensors").read_bytes()
+    (tmp_path / "aab-cut.safetensors").write_bytes(data[: len(data) // 2])  # an incomplete download
+    (tmp_path / "abc-not-a-checkpoint.ckpt").write_text("plain text")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "b-loads-maybe.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "c-good.safetensors"))
+    registry = ModelRegistry([tmp_path], [], HashCache(tmp_path / "hashes.json"))
+    candidates, notes = registry.automatic_choice()
+    assert [c.name for c in candidates] == ["b-loads-maybe.safetensors", "c-good.safetensors"]
+    assert len(notes) == 3 and all(name in " ".join(notes) for name in
+                                   ("aaa-garbage", "aab-cut", "abc-not-a-checkpoint"))
+    # the backend reported that b- failed to load: passed over from now on, until the file changes or a refresh
+    registry.mark_unloadable(candidates[0].path, "its keys match no supported layout")
+    candidates, notes = registry.automatic_choice()
+    assert [c.name for c in candidates] == ["c-good.safetensors"] and "its keys match no" in notes[-1]
+    registry.refresh()
+    assert registry.automatic_choice()[0][0].name == "b-loads-maybe.safetensors"
+
+
 # -- through the server -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def safety_server(tmp_path_factory, tiny_models):
