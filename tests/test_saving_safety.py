@@ -153,11 +153,14 @@ def test_extras_folder_batch_never_writes_into_model_folders(tmp_path):
     source = data / "in"
     _mixed_folder(source)
     for target in (data / "models", data / "models" / "ESRGAN", data / "models" / "Lora" / "new",
-                   extra_lora / "out", data / "embeddings"):
+                   extra_lora / "out", data / "embeddings", "models/VAE", "outputs/../models/Stable-diffusion"):
         with pytest.raises(UserError) as err:
             service.postprocess.submit_extras_folder(ExtrasRequest(), str(source), str(target))
         assert err.value.status == 403 and "model folder" in err.value.message, target
-        assert not (target.exists() and target.name in ("new", "out"))
+        assert not (data / "models" / "Lora" / "new").exists() and not (extra_lora / "out").exists()
+    # an ordinary output folder is accepted (and created)
+    assert service._batch_folder("outputs/extras-batch", "Output", write=True) == (data / "outputs" / "extras-batch").resolve()
+    assert (data / "outputs" / "extras-batch").is_dir()
 
 
 def test_the_automatic_checkpoint_choice_passes_over_broken_files(tmp_path):
