@@ -34,15 +34,18 @@ def _port_free(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_to_launcher_stops_the_whole_tree(tmp_path, sig):
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "Ctrl+C"])
+def test_signal_to_launcher_stops_the_whole_tree(tmp_path, sig, to_group):
+    """`kill` reaches the launcher's pid only; Ctrl+C in a terminal reaches its whole process group."""
     port = _free_port()
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
         launcher = subprocess.Popen(
             [sys.executable, str(ROOT / "launch.py"), "--skip-install", "--data-dir", str(tmp_path / "data"),
              "--port", str(port), "--no-download-sd-model"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True)  # its own process group, as a terminal gives a command
     tree: list[psutil.Process] = []
     try:
         deadline = time.time() + 180
@@ -59,7 +62,10 @@ def test_signal_to_launcher_stops_the_whole_tree(tmp_path, sig):
         tree = [root, *root.children(recursive=True)]
         assert len(tree) >= 2, "expected the app and its backend process"
 
-        launcher.send_signal(sig)  # to the launcher's pid only, as `kill` or a service manager does
+        if to_group:
+            os.killpg(launcher.pid, sig)
+        else:
+            launcher.send_signal(sig)  # to the launcher's pid only, as `kill` or a service manager does
         launcher.wait(timeout=20)
         deadline = time.time() + 10
         while time.time() < deadline and not all(_gone(p) for p in tree):
