@@ -21,15 +21,29 @@ def _logins(args) -> list[tuple[str, str]]:
     return logins
 
 
-def create_api_app(service, args):
+def create_api_app(service, args, guards: list, throttle):
     """A FastAPI app with the /sdapi/v1 routes (used alone with --nowebui)."""
     from fastapi import FastAPI
 
     from api.errors import install_error_handlers
-    app = FastAPI(title="Easel API", version="0.1.0", middleware=api_middleware(args))
+    app = FastAPI(title="Easel API", version="0.1.0", middleware=guards + api_middleware(args))
     install_error_handlers(app)
-    add_api(app, service, args)
+    add_api(app, service, args, throttle)
     return app
+
+
+def guard_middleware(service, args, allowed_hosts, throttle) -> list:
+    """The HTTP guards (api/http_guard.py): Host check, body size limit, docs behind --api-auth, login throttle."""
+    from api.http_guard import guard_middleware as guards
+    return guards(allowed_hosts, lambda: service.options["api_max_request_body_mb"] * 2**20, throttle,
+                  parse_logins(args.api_auth), gradio_login=bool(_logins(args)) and not args.nowebui)
+
+
+def warn_if_exposed(args) -> None:
+    """A loud warning for each part that other machines can reach without a login (the UI shows it too)."""
+    from backend.exposure import exposure_warnings
+    for warning in exposure_warnings(args):
+        log.warning("\n%s\n*** SECURITY WARNING: %s\n%s", "*" * 100, warning, "*" * 100)
 
 
 def api_middleware(args) -> list:
@@ -44,7 +58,7 @@ def api_middleware(args) -> list:
                        allow_methods=["*"], allow_credentials=True, allow_headers=["*"])]
 
 
-def add_api(app, service, args) -> None:
+def add_api(app, service, args, throttle=None) -> None:
     from fastapi import Depends
 
     from api.auth import basic_auth_dependency
@@ -52,7 +66,7 @@ def add_api(app, service, args) -> None:
 
     deps = []
     if args.api_auth:
-        deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth))))
+        deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth), throttle)))
     app.include_router(build_router(service, deps, log_requests=bool(args.api_log)))
     from api.controlnet_routes import build_controlnet_router
     app.include_router(build_controlnet_router(service, deps, log_requests=bool(args.api_log)))
@@ -62,7 +76,16 @@ def add_api(app, service, args) -> None:
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`, the launcher's parent) ends the app as Ctrl+C does: the web server
+    closes and `service.stop()` stops the backend process, so nothing keeps serving or holding the port."""
+    import signal
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.unknown:
@@ -71,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     service = EaselService(args)
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
-    service.start(wait=False)
-    msg = service.no_checkpoint_message()
-    if msg:
-        log.warning(msg)
+    from api.http_guard import LoginThrottle, allowed_hosts_for
+    allowed_hosts, throttle = allowed_hosts_for(args), LoginThrottle()
+    guards = guard_middleware(service, args, allowed_hosts, throttle)
+    warn_if_exposed(args)
     try:
+        service.start(wait=False)
+        msg = service.no_checkpoint_message()
+        if msg:
+            log.warning(msg)
         if args.nowebui:
             import uvicorn
-            app = create_api_app(service, args)
+            app = create_api_app(service, args, guards, throttle)
             log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
             uvicorn.run(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
                         root_path=args.subpath or "", log_level="warning")
@@ -91,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
             root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, quiet=True,
-            app_kwargs={"middleware": api_middleware(args)} if args.api else None,
+            max_file_size=service.options["upload_max_file_size_mb"] * 2**20,
+            app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
+                        # the API's docs, as with --nowebui (Gradio turns them off by default)
+                        **({"docs_url": "/docs", "redoc_url": "/redoc"} if args.api else {})},
         )
+        service.options.on_change(lambda key, value: setattr(demo, "max_file_size", value * 2**20)
+                                  if key == "upload_max_file_size_mb" else None)
+        if share_url:
+            from urllib.parse import urlsplit
+            allowed_hosts.add(urlsplit(share_url).hostname)
         if args.api:
-            add_api(app, service, args)
+            add_api(app, service, args, throttle)
             # Gradio's catch-all routes were registered first: move ours to the front.
             api_routes = [r for r in app.router.routes if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/"))]
             others = [r for r in app.router.routes if r not in api_routes]

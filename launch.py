@@ -67,6 +67,28 @@ def ensure_browser() -> None:
         print("chromium is not installed: the browser tests will be skipped (install Debian's 'chromium' package).", flush=True)
 
 
+def hand_over(cmd: list) -> int:
+    """Run `cmd` in the launcher's place, so that a signal meant for the launcher reaches it.
+
+    On POSIX the launcher process becomes `cmd` (exec): same pid, so SIGTERM or SIGINT from a service
+    manager, a terminal or `kill` stops the app (and with it the backend process) rather than leaving it
+    running orphaned. Elsewhere the command runs as a child that receives Ctrl+C with the console, and the
+    launcher waits for it to end.
+    """
+    cmd = [str(c) for c in cmd]
+    os.chdir(ROOT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execv(cmd[0], cmd)
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue  # the child got the console's Ctrl+C too: wait for it to stop
+
+
 def main() -> int:
     args = parse_args(sys.argv[1:])
     rest = [a for a in sys.argv[1:] if a != "--run-tests"]
@@ -74,9 +96,9 @@ def main() -> int:
         python = prepare_environment(with_tests=True)
         ensure_browser()
         pytest_args = [a for a in rest if a != "--skip-install"]
-        return subprocess.call([str(python), "-m", "pytest", "-q", *pytest_args], cwd=ROOT)
+        return hand_over([python, "-m", "pytest", "-q", *pytest_args])
     python = Path(sys.executable) if args.skip_install else prepare_environment(with_tests=False)
-    return subprocess.call([str(python), str(ROOT / "app.py"), *[a for a in rest if a != "--skip-install"]], cwd=ROOT)
+    return hand_over([python, ROOT / "app.py", *[a for a in rest if a != "--skip-install"]])
 
 
 if __name__ == "__main__":

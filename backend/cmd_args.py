@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--gradio-auth", default=None, help='web UI logins, "user:pass[,user2:pass2]"')
     net.add_argument("--gradio-auth-path", default=None, help="file with web UI logins, one user:pass per line or comma separated")
     net.add_argument("--api-auth", default=None, help='API logins (HTTP Basic), "user:pass[,user2:pass2]"')
+    net.add_argument("--allowed-hosts", default=None,
+                     help="comma-separated host names the server answers to besides this machine's names and IP "
+                          "addresses (protects against DNS rebinding); '.example.org' includes its subdomains, '*' any")
     net.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS")
     net.add_argument("--cors-allow-origins-regex", default=None, help="regex of origins allowed by CORS")
     net.add_argument("--tls-keyfile", default=None)

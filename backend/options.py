@@ -80,6 +80,9 @@ SETTINGS: list[Setting] = [
     Setting("control_net_model_cache_size", 2, "ControlNet models to keep loaded (cached)", "ControlNet", int,
             minimum=1, maximum=10),
     Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
+    Setting("api_max_request_body_mb", 256, "Largest HTTP request body, in MB (API requests and uploads; larger "
+            "ones are refused with 413 before they are read)", "System", int, minimum=1),
+    Setting("upload_max_file_size_mb", 256, "Largest file uploaded through the web UI, in MB", "System", int, minimum=1),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

@@ -406,6 +406,9 @@ def memory_report(device=None) -> dict:
 
 def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> None:
     """Entry point of the backend process."""
+    import signal
+    # Ctrl+C in a terminal reaches the whole process group: the app process stops this one itself (service.stop()).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=args_dict.get("loglevel", "INFO").upper(),
                         format="%(asctime)s backend %(levelname)s %(name)s: %(message)s")
     import torch

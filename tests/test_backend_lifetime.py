@@ -24,9 +24,11 @@ def test_next_message_stops_when_the_app_is_gone():
 def test_backend_exits_when_the_app_process_dies(tmp_path, how):
     srv = Server(tmp_path / "data")
     try:
-        srv.wait()
-        found = re.search(r"backend ready \(pid (\d+)\)", srv.log_path.read_text(errors="replace"))
-        assert found, "no backend pid in the log"
+        srv.wait()  # the API answers before the backend process is ready: wait for its line in the log
+        deadline = time.time() + 120
+        while not (found := re.search(r"backend ready \(pid (\d+)\)", srv.log_path.read_text(errors="replace"))):
+            assert time.time() < deadline and srv.proc.poll() is None, "no backend pid in the log"
+            time.sleep(0.2)
         backend = psutil.Process(int(found.group(1)))
         getattr(srv.proc, how)()  # SIGKILL: no clean-up code of the app runs at all
         srv.proc.wait(timeout=30)

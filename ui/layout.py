@@ -8,6 +8,7 @@ import gradio as gr
 from backend.client import BackendError
 from backend.downloads import download_file, network_available
 from backend.errors import UserError
+from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
 from . import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
@@ -28,6 +29,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
                                      elem_id="setting_sd_model_checkpoint", allow_custom_value=False, scale=4)
             refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
             vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae", scale=2)
+        gr.HTML(_exposure_html(service), elem_id="easel_lan_warning", visible=bool(exposure_warnings(service.args)))
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
         with download_row:
@@ -100,6 +102,12 @@ def _current_title(service: EaselService) -> str | None:
         return service.current_checkpoint().title
     except UserError:
         return None
+
+
+def _exposure_html(service: EaselService) -> str:
+    """The banner shown while others can reach this server without a login (--listen/--share without auth)."""
+    return "".join(f'<div class="easel-error easel-lan-warning">\u26a0 {html.escape(w)}</div>'
+                   for w in exposure_warnings(service.args))
 
 
 def _notice_html(service: EaselService) -> str:
