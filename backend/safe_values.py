@@ -1,9 +1,11 @@
-"""Values a JSON request may carry that Easel refuses everywhere: numbers that are not finite and lone surrogates.
+"""Values a JSON request may carry that Easel refuses everywhere: numbers that are not finite, integers beyond
+64 bits and lone surrogates.
 
-Python's JSON reader accepts `NaN`, `Infinity` and `"\\ud800"`, which standard JSON has no meaning for: a NaN
-passes every range check (all comparisons are false) and poisons the arithmetic after it, and a string with a
-lone surrogate cannot be encoded as UTF-8, so it fails wherever it is written (tokenizer, PNG text, the
-response). Both are refused at the edge, naming where they were found, before any feature sees them.
+Python's JSON reader accepts `NaN`, `Infinity`, integers of any size and `"\\ud800"`: a NaN passes every range
+check (all comparisons are false) and poisons the arithmetic after it; an integer beyond 64 bits fits no tensor,
+seed or JSON writer of the response; a string with a lone surrogate cannot be encoded as UTF-8, so it fails
+wherever it is written (tokenizer, PNG text, the response). All are refused at the edge, naming where they were
+found, before any feature sees them.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import re
 from .errors import UserError
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def unsafe_value_problem(value, where: str = "") -> str | None:
@@ -26,6 +29,10 @@ def unsafe_value_problem(value, where: str = "") -> str | None:
         if isinstance(item, float):
             if not math.isfinite(item):
                 return f"{path or 'value'}: {item!r} is not a finite number."
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not INT64_MIN <= item <= INT64_MAX:
+                return (f"{path or 'value'}: {item} is beyond the range of 64-bit integers "
+                        f"(-2^63 to 2^63-1).")
         elif isinstance(item, str):
             m = _LONE_SURROGATE.search(item)
             if m:
