@@ -348,7 +348,7 @@ def upscale_for_job(ctx, image: Image.Image, name: str, width: int, height: int)
     tile, overlap = tile_settings(ctx.options)
     try:  # Interrupt stops it between tiles (JobInterrupted)
         big = upscale(image, up, scale, load=runtime.load_upscaler, tile=tile, overlap=overlap,
-                      should_stop=ctx.control.interrupted)
+                      should_stop=getattr(getattr(ctx, "control", None), "interrupted", None))
     finally:
         runtime.release()
     return resize_cover(big, width, height)
