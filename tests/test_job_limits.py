@@ -187,3 +187,25 @@ def test_interrupt_during_the_hires_upscale_returns_the_first_pass(sd1, tiny_mod
     [image] = result.images
     assert Image.open(io.BytesIO(image.png)).size == (64, 64)  # the first pass's picture
 
+
+
+def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, tmp_path):
+    import numpy as np
+    import skimage.data
+
+    from backend.postprocess.face_restore import restore_faces_for_job
+
+    files = write_test_models(tmp_path_factory.getbasetemp() / "postprocess-models", ("gfpgan",))
+    paths = DataPaths.from_args(parse_args(["--data-dir", str(tmp_path)]))
+    paths.ensure_folders()
+    link_models(files, paths.models_dir)
+    runtime = PostprocessRuntime(paths, policies={part: DevicePolicy(device=CPU, dtype=torch.float32,
+                                                                     vae_dtype=torch.float32) for part in DEVICE_PARTS})
+    astronaut = Image.fromarray(skimage.data.astronaut())  # one face each
+    control = Control(lambda c: c.checks >= 2)  # pressed while the first image's face is restored
+    ctx = SimpleNamespace(control=control, postprocess=runtime, warnings=[], extra_params={},
+                          options={"face_restoration_model": "GFPGAN", "face_detector": "OpenCV Haar cascade"})
+    first, second = restore_faces_for_job(ctx, [astronaut, astronaut.copy()])
+    assert not np.array_equal(np.asarray(first), np.asarray(astronaut))  # restored before Interrupt
+    assert np.array_equal(np.asarray(second), np.asarray(astronaut))  # kept as it was
+    assert control.checks == 2
