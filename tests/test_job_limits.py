@@ -209,3 +209,25 @@ def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, t
     assert not np.array_equal(np.asarray(first), np.asarray(astronaut))  # restored before Interrupt
     assert np.array_equal(np.asarray(second), np.asarray(astronaut))  # kept as it was
     assert control.checks == 2
+
+
+def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
+    from controlnet_factory import write_tiny_controlnet
+
+    from backend.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+    from backend.controlnet.units import ControlUnit
+
+    policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32)
+    policy.place(sd1)
+    path = tmp_path / "control_v11p_sd15_canny.safetensors"
+    write_tiny_controlnet(path, "sd1", seed=11)
+    image = Image.new("RGB", (64, 64), "black")
+    units = [UnitJob(ControlUnit(model=path.stem, module="canny", image=image, processor_res=64), str(path),
+                     f"{path.stem} [00000000]") for _ in range(3)]
+    control = Control(lambda c: c.checks >= 2)  # pressed while the first unit is prepared
+    ckpt = tiny_models["sd1"]
+    ctx = JobContext(model=sd1, policy=policy, options={s.key: s.default for s in SETTINGS}, outputs_root=tmp_path,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control)
+    with pytest.raises(JobInterrupted):
+        prepare_controls(units, ctx, ControlNetCache(policy), width=64, height=64)
+    assert control.checks == 2 and "ControlNet 1" not in ctx.extra_params
