@@ -13,8 +13,8 @@ from .safe_values import check_value
 
 
 class JsonRequest(BaseModel):
-    """A request read from JSON: non-finite numbers (NaN, Infinity) and lone surrogates are refused in any field,
-    nested ones included (`backend.safe_values`), with a 422 naming the field."""
+    """A request read from JSON: non-finite numbers (NaN, Infinity), integers beyond 64 bits and lone surrogates
+    are refused in any field, nested ones included (`backend.safe_values`), with a 422 naming the field."""
 
     @model_validator(mode="before")
     @classmethod

@@ -13,8 +13,8 @@ from PIL import Image
 
 from .. import samplers
 from ..conditioning import TextConditioner
-from ..limits import DEFAULT_PROMPT_MAX_CHUNKS
 from ..images import day_folder, encode_png, image_grid, save_image
+from ..limits import DEFAULT_PROMPT_MAX_CHUNKS
 from ..rng import fix_seed
 from ..schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from .common import VERSION, JobContext, format_number, resolve_sampler, sampler_extra_args
