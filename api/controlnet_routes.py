@@ -9,16 +9,17 @@ import base64
 import io
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.errors import A1111Route
 from backend.controlnet.service import API_VERSION
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
+from backend.schemas import JsonRequest
 from backend.service import EaselService
 
 
-class DetectRequest(BaseModel):
+class DetectRequest(JsonRequest):
     """POST /controlnet/detect, with the extension's field names and defaults."""
 
     model_config = ConfigDict(extra="ignore")

@@ -16,6 +16,8 @@ log = logging.getLogger("easel.api")
 
 
 def error_body(kind: str, message: str) -> dict:
+    # A message echoing the request could hold text that is not valid Unicode; the answer must still encode.
+    message = message.encode("utf-8", "replace").decode("utf-8")
     return {"error": kind, "detail": message, "body": "", "errors": message}
 
 

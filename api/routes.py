@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from api.errors import A1111Route
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
-from backend.schemas import Img2ImgRequest, Txt2ImgRequest
+from backend.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
 from backend.service import EaselService
 
 class Img2ImgBatchRequest(Img2ImgRequest):
@@ -22,7 +22,7 @@ class Img2ImgBatchRequest(Img2ImgRequest):
     mask_dir: str = ""
 
 
-class PngInfoRequest(BaseModel):
+class PngInfoRequest(JsonRequest):
     image: str = ""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import prompt_parser
+from .errors import JobInterrupted
+from .limits import check_chunk_count, check_prompt_text
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
@@ -113,11 +115,14 @@ def count_tokens(tokenizer, prompt: str) -> int:
 class TextConditioner:
     """Encodes prompts for one loaded model (`backend.model_loader.SDModel`)."""
 
-    def __init__(self, model, device: torch.device, clip_skip: int = 1, embeddings=None):
+    def __init__(self, model, device: torch.device, clip_skip: int = 1, embeddings=None, max_chunks: int | None = None,
+                 should_stop=None):
         self.model = model
         self.device = device
         self.clip_skip = max(1, int(clip_skip))
         self.embeddings = embeddings  # backend.embeddings.JobEmbeddings, or None
+        self.max_chunks = max_chunks  # setting prompt_max_chunks: longer prompts are refused before encoding
+        self.should_stop = should_stop  # () -> bool (Interrupt): checked between chunks; raises JobInterrupted
         self._cache: dict[tuple[str, bool], Conditioning] = {}
 
     # -- encoders ---------------------------------------------------------------------------
@@ -164,6 +169,8 @@ class TextConditioner:
         zs = []
         pooled_first = None
         for c in range(n_chunks):
+            if self.should_stop is not None and self.should_stop():
+                raise JobInterrupted()
             parts = []
             for index, encoder in enumerate(self.model.text_encoders):
                 chunk = per_encoder_chunks[index][c]
@@ -191,9 +198,13 @@ class TextConditioner:
         key = (prompt, is_negative)
         if key in self._cache:
             return self._cache[key]
+        if self.should_stop is not None and self.should_stop():
+            raise JobInterrupted()
         per_encoder = []
         for index, tokenizer in enumerate(self.model.tokenizers):
-            chunks, _ = tokenize_prompt(tokenizer, prompt, self._pad_id(index), self.embeddings)
+            chunks, tokens = tokenize_prompt(tokenizer, prompt, self._pad_id(index), self.embeddings)
+            if self.max_chunks is not None:
+                check_chunk_count(len(chunks), tokens, "Negative prompt" if is_negative else "Prompt", self.max_chunks)
             per_encoder.append(chunks)
         n = max(len(c) for c in per_encoder)
         for index, chunks in enumerate(per_encoder):  # encoders may disagree only in padding; keep counts equal
@@ -212,6 +223,8 @@ class TextConditioner:
     def schedules(self, prompts: list[str], steps: int, is_negative: bool, hires_steps: int | None = None) -> "ScheduledConds":
         prompts = [prompt_parser.extract_extra_network_tags(p)[0] for p in prompts]  # tags stay in the infotext only
         for p in prompts:
+            if self.max_chunks is not None:  # a text too long to parse in reasonable time is refused first
+                check_prompt_text(p, "Negative prompt" if is_negative else "Prompt", self.max_chunks)
             prompt_parser.check_brackets(p)
         plans = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
         encoded = [[(end, self.encode(text, is_negative)) for end, text in plan] for plan in plans]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
 
@@ -83,6 +84,10 @@ SETTINGS: list[Setting] = [
     Setting("api_max_request_body_mb", 256, "Largest HTTP request body, in MB (API requests and uploads; larger "
             "ones are refused with 413 before they are read)", "System", int, minimum=1),
     Setting("upload_max_file_size_mb", 256, "Largest file uploaded through the web UI, in MB", "System", int, minimum=1),
+    Setting("prompt_max_chunks", 40, "Longest prompt, in chunks of 75 tokens (longer prompts are refused)", "Limits", int,
+            minimum=1, maximum=1000),
+    Setting("max_images_per_job", 1000, "Most images one job may make (batch size x batch count)", "Limits", int,
+            minimum=1, maximum=100000),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))
@@ -150,8 +155,11 @@ class Options:
                 value = float(value)
             else:
                 value = "" if value is None else str(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise UserError(f"Setting {setting.key!r} must be a {setting.kind.__name__}, got {value!r}.") from exc
+        problem = unsafe_value_problem(value, f"Setting {setting.key!r}")
+        if problem:
+            raise UserError(problem)
         if setting.choices is not None and value not in setting.choices:
             raise UserError(f"Setting {setting.key!r} must be one of {', '.join(map(str, setting.choices))}, got {value!r}.")
         if setting.minimum is not None and value < setting.minimum:
@@ -178,6 +186,8 @@ class Options:
         coerced = {}
         for key, value in changes.items():
             setting = SETTINGS_BY_KEY.get(key)
+            if setting is None:
+                check_value({key: value}, status=400)  # kept verbatim: it must still be writable as JSON
             coerced[key] = self._coerce(setting, value) if setting else value
         with self._lock:
             for key, value in coerced.items():

@@ -7,10 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .safe_values import check_value
 
 
-class Txt2ImgRequest(BaseModel):
+class JsonRequest(BaseModel):
+    """A request read from JSON: non-finite numbers (NaN, Infinity), integers beyond 64 bits and lone surrogates
+    are refused in any field, nested ones included (`backend.safe_values`), with a 422 naming the field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsafe_values(cls, data: Any) -> Any:
+        check_value(data)
+        return data
+
+
+class Txt2ImgRequest(JsonRequest):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     prompt: str = ""

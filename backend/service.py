@@ -13,7 +13,7 @@ from typing import Callable
 
 from PIL import Image
 
-from . import infotext, samplers
+from . import infotext, limits, samplers
 from .checkpoints import HashCache, ModelFile, ModelRegistry
 from .client import BackendClient, Job
 from .errors import UserError
@@ -150,6 +150,7 @@ class EaselService:
         from .pipelines import img2img, txt2img  # torch-importing; only when a job is made
         from .prompt_parser import check_brackets, extract_extra_network_tags
 
+        limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         (img2img.validate if isinstance(req, Img2ImgRequest) else txt2img.validate)(req)
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
@@ -166,6 +167,8 @@ class EaselService:
             if key in ("sd_model_checkpoint", "sd_vae"):
                 continue
             options[key] = value
+        for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
+            options[key] = self.options[key]
         if not req.override_settings_restore_afterwards and overrides:
             self.set_options(overrides)
         payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}

@@ -214,6 +214,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
     import torch
 
     from .checkpoints import ModelFile
+    from .errors import JobInterrupted
     from .pipelines.common import JobContext
 
     if kind == "memory":
@@ -253,7 +254,10 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
                              warnings=list(load_notes))
             try:
                 _activate_networks(payload, ctx, state)
-                maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
+                try:
+                    maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
+                except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
+                    maps, ctx.controls = [], None
                 result = _run_pipeline(kind, payload, ctx, state)
                 break
             except torch.OutOfMemoryError:

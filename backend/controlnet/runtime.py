@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import JobInterrupted, UserError
 from ..model_detection import FAMILY_NAMES
 from .apply import ActiveControl, ControlSet
 from .model_files import detect_controlnet, load_controlnet, read_shapes
@@ -121,7 +121,10 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
     active: list[ActiveControl] = []
     maps: list[bytes] = []
     used_models = []
+    stop = getattr(getattr(ctx, "control", None), "interrupted", None)
     for number, job in enumerate(unit_jobs):
+        if stop is not None and stop():  # Interrupt between units (preprocessors can take long)
+            raise JobInterrupted()
         unit = job.unit
         what = f"ControlNet unit {number}"
         warnings = check_unit(unit, number)
@@ -168,6 +171,8 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
         detected = run_preprocessor(pre, image, res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
         hr_map = None
         if hires_size is not None and unit.pixel_perfect and pre.resolution is not None:
+            if stop is not None and stop():
+                raise JobInterrupted()
             hr_res = pixel_perfect_resolution(image.width, image.height, hires_size[0], hires_size[1], unit.resize_mode)
             hr_map = run_preprocessor(pre, image, hr_res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
         if pre.name != "none" and unit.save_detected_map and not ctx.options.get("control_net_no_detectmap", False):

@@ -104,6 +104,26 @@ def validate_generation(req) -> None:
         raise UserError(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}.")
     if not 0 <= req.subseed_strength <= 1:
         raise UserError(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}.")
+    validate_seeds(req)
+
+
+# The noise generators take 64-bit seeds; Easel keeps every seed of a job (seed + image index) a signed 64-bit
+# number, so that it reads back from the infotext and from `info` in any client. A1111 draws random seeds below 2^32.
+MAX_SEED_VALUE = 2**63 - 1
+
+
+def validate_seeds(req) -> None:
+    """seed and subseed: -1 (or any negative) for random, else a number the job's seeds stay within 64 bits from."""
+    images = max(1, int(req.batch_size) * int(req.n_iter))
+    for name in ("seed", "subseed"):
+        value = int(getattr(req, name))
+        if value + images - 1 > MAX_SEED_VALUE:
+            raise UserError(f"{name} must be at most {MAX_SEED_VALUE - images + 1} (2^63 - 1 less the job's "
+                            f"{images - 1} further images), got {value}; use -1 for a random seed.")
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        value = int(getattr(req, name))
+        if value > 4096:
+            raise UserError(f"{name} must be at most 4096 (or 0 / -1 for off), got {value}.")
 
 
 def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: str) -> tuple[object, str]:

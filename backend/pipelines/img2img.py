@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import image_ops
-from ..errors import UserError
+from ..errors import JobInterrupted, UserError
 from ..image_codec import folder_image_problem, open_folder_image
 from ..images import save_image_or_warn
 from ..paths import IMAGE_EXTENSIONS
@@ -204,26 +204,29 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     ctx.control.begin(req.n_iter, steps_run * req.n_iter)
 
     init_latent = None
-    with tiling(model, bool(req.tiling)):
-        for n, idx in gen.batches():
-            seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
-            if denoise == 0:  # nothing to change: the (resized) input is the answer, as a user expects
-                results = [im if im.size == (req.width, req.height) else im.resize((req.width, req.height), Image.Resampling.LANCZOS)
-                           for im in processed]
-                stop = None
-            else:
-                if init_latent is None:
-                    init_latent = _init_latents(ctx, processed, req, mode)
-                results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds, subseeds,
-                                              sigmas_all.to(device))
-            if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
-                results = restore_faces_for_job(ctx, results)
-            for j, result in enumerate(results):
-                if prepared is not None:
-                    result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])
-                gen.add_image(result, n * req.batch_size + j)
-            if gen.end_batch(stop):
-                break
+    try:
+        with tiling(model, bool(req.tiling)):
+            for n, idx in gen.batches():
+                seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
+                if denoise == 0:  # nothing to change: the (resized) input is the answer, as a user expects
+                    results = [im if im.size == (req.width, req.height) else im.resize((req.width, req.height), Image.Resampling.LANCZOS)
+                               for im in processed]
+                    stop = None
+                else:
+                    if init_latent is None:
+                        init_latent = _init_latents(ctx, processed, req, mode)
+                    results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
+                                                  subseeds, sigmas_all.to(device))
+                if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
+                    results = restore_faces_for_job(ctx, results)
+                for j, result in enumerate(results):
+                    if prepared is not None:
+                        result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])
+                    gen.add_image(result, n * req.batch_size + j)
+                if gen.end_batch(stop):
+                    break
+    except JobInterrupted:  # Interrupt while encoding the prompts: the images finished so far are the answer
+        gen.interrupted = True
 
     return gen.finish({"denoising_strength": denoise, "resize_mode": mode,
                                     "is_using_inpainting_conditioning": bool(model.is_inpaint and prepared is not None)})
@@ -361,6 +364,9 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
             if before_each is not None:
                 before_each(image, mask)
             last = run(job_req, ctx, [image], mask, samples_dir=output_dir)
+        except JobInterrupted:  # while preparing this file's ControlNet units
+            interrupted = True
+            break
         except (UserError, OSError) as exc:
             message = exc.message if isinstance(exc, UserError) else str(exc)
             log.error("img2img batch: skipped %s: %s", path.name, message)
@@ -372,6 +378,9 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
             interrupted = True
             break
     if last is None:
+        if interrupted:
+            return GenerationResult(images=[], info={"infotexts": [], "batch_files": len(files)},
+                                    warnings=warnings + list(ctx.warnings), interrupted=True)
         raise UserError("No image in the batch could be processed: " + " ".join(warnings))
     info = dict(last.info)
     info["infotexts"] = infotexts

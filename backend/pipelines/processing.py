@@ -14,6 +14,7 @@ from PIL import Image
 from .. import samplers
 from ..conditioning import TextConditioner
 from ..images import day_folder, encode_png, image_grid, save_image_or_warn
+from ..limits import DEFAULT_PROMPT_MAX_CHUNKS
 from ..rng import fix_seed
 from ..schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from .common import VERSION, JobContext, format_number, resolve_sampler, sampler_extra_args
@@ -39,7 +40,9 @@ class Generation:
         self.prompts = [req.prompt] * self.total_images
         self.negatives = [req.negative_prompt] * self.total_images
 
-        self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None))
+        self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
+                                           max_chunks=int(options.get("prompt_max_chunks", DEFAULT_PROMPT_MAX_CHUNKS)),
+                                           should_stop=ctx.control.interrupted)
         self.preview_every = int(options.get("show_progress_every_n_steps", 2)) if options.get("live_previews_enable", True) else -1
 
         self.params: dict[str, object] = {

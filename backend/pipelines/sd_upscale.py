@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .. import image_ops
-from ..errors import UserError
+from ..errors import JobInterrupted, UserError
 from ..postprocess.upscalers import BUILTIN, check_output_size, target_size, upscale_for_job
 from ..schemas import GenerationResult, Img2ImgRequest
 from .processing import Generation
@@ -197,7 +197,11 @@ def run(req: Img2ImgRequest, ctx, init_images: list[Image.Image], mask: Image.Im
     ctx.extra_params["SD upscale overlap"] = args.overlap
     ctx.extra_params["SD upscale upscaler"] = name
 
-    upscaled = upscale_for_job(ctx, source, name, width, height)
+    try:
+        upscaled = upscale_for_job(ctx, source, name, width, height)
+    except JobInterrupted:  # Interrupt between the upscaler's tiles: nothing was redrawn yet
+        gen.interrupted = True
+        return gen.finish({"denoising_strength": float(req.denoising_strength)})
     grid, tiles = split_tiles(upscaled, req.width, req.height, args.overlap)
     group = max(1, req.batch_size)
     groups = [tiles[i:i + group] for i in range(0, len(tiles), group)]

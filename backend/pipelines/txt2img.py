@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import samplers
-from ..errors import UserError
+from ..errors import JobInterrupted, UserError
 from ..rng import ImageRNG
 from ..postprocess.face_restore import restore_faces_for_job
 from ..postprocess.upscalers import upscale_for_job
@@ -83,9 +83,7 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
 def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
     validate(req)
     gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
-    model, device, options = ctx.model, gen.device, ctx.options
-    sampler_info, schedule, model_schedule = gen.sampler_info, gen.schedule, gen.model_schedule
-    conditioner, prompts, negatives = gen.conditioner, gen.prompts, gen.negatives
+    sampler_info, schedule = gen.sampler_info, gen.schedule
 
     hires = req.enable_hr
     hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)
@@ -113,6 +111,20 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
         if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
             gen.params["Hires negative prompt"] = req.hr_negative_prompt
 
+    try:
+        _run_batches(req, ctx, gen, hr_w, hr_h, hr_steps, hr_denoise, hr_upscaler, hr_sampler_info, hr_schedule)
+    except JobInterrupted:  # Interrupt while encoding prompts or upscaling: the images finished so far are the answer
+        gen.interrupted = True
+    return gen.finish({"denoising_strength": hr_denoise if hires else req.denoising_strength})
+
+
+def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: int, hr_h: int, hr_steps: int,
+                 hr_denoise: float, hr_upscaler: str, hr_sampler_info, hr_schedule: str) -> None:
+    model, device, options = ctx.model, gen.device, ctx.options
+    sampler_info, schedule, model_schedule = gen.sampler_info, gen.schedule, gen.model_schedule
+    conditioner, prompts, negatives = gen.conditioner, gen.prompts, gen.negatives
+    hires = req.enable_hr
+    hires_sampling = hires and hr_denoise > 0
     opt_f = 8
     with tiling(model, bool(req.tiling)):
         for n, idx in gen.batches():
@@ -129,7 +141,10 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                                    ctx.policy.dtype, req.width, req.height, image_cond)
             noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
             latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+            if hires and stop is None and ctx.control.interrupted():
+                stop = "interrupted"  # pressed after the first pass: its pictures are the answer
 
+            images = None
             if hires and stop is None:
                 hr_prompts = [req.hr_prompt or p for p in prompts[idx]]
                 hr_negs = [req.hr_negative_prompt or p for p in negatives[idx]]
@@ -137,9 +152,13 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
                 else:
                     first = decode_latents(ctx, latents)
-                    upscaled = [upscale_for_job(ctx, img, hr_upscaler, hr_w, hr_h) for img in first]
-                    latents = encode_images(ctx, upscaled)
-                if hires_sampling:
+                    try:
+                        upscaled = [upscale_for_job(ctx, img, hr_upscaler, hr_w, hr_h) for img in first]
+                    except JobInterrupted:  # stopped between the upscaler's tiles: keep the first pass's pictures
+                        images, stop = first, "interrupted"
+                    else:
+                        latents = encode_images(ctx, upscaled)
+                if hires_sampling and stop is None:
                     hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
                     hr_unconds = conditioner.schedules(hr_negs, req.steps, True, hires_steps=hr_steps)
                     hr_rng = ImageRNG((4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req.subseed_strength,
@@ -154,15 +173,14 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
                     latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
 
-            images = decode_latents(ctx, latents)
+            if images is None:
+                images = decode_latents(ctx, latents)
             if req.restore_faces:
                 images = restore_faces_for_job(ctx, images)
             for j, img in enumerate(images):
                 gen.add_image(img, n * req.batch_size + j)
             if gen.end_batch(stop):
                 break
-
-    return gen.finish({"denoising_strength": hr_denoise if hires else req.denoising_strength})
 
 
 def _txt2img_image_conditioning(ctx: JobContext, n: int, width: int, height: int) -> torch.Tensor:

@@ -177,9 +177,14 @@ def restore_faces_for_job(ctx, images: list[Image.Image]) -> list[Image.Image]:
         return images
     weight = float(ctx.options.get("code_former_weight", 0.5))
     ctx.extra_params["Face restoration"] = name
+    should_stop = getattr(getattr(ctx, "control", None), "interrupted", None)  # Interrupt, checked between faces
     restored = []
-    for img in images:
-        outcome = restore_faces(img, loaded, detector, codeformer_weight=weight)
-        restored.append(outcome.image)
-    runtime.release()
+    try:
+        for img in images:
+            outcome = restore_faces(img, loaded, detector, codeformer_weight=weight, should_stop=should_stop)
+            restored.append(outcome.image)
+    except JobInterrupted:  # Interrupt between faces: the images not restored yet are kept as they are
+        restored += images[len(restored):]
+    finally:
+        runtime.release()
     return restored

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..schemas import JsonRequest
 
-class ExtrasRequest(BaseModel):
+
+class ExtrasRequest(JsonRequest):
     model_config = ConfigDict(extra="ignore")
 
     resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: scale to upscaling_resize_w x h")

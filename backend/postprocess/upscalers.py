@@ -346,8 +346,11 @@ def upscale_for_job(ctx, image: Image.Image, name: str, width: int, height: int)
     up = runtime.upscalers().find(name)
     scale = max(width / image.width, height / image.height)
     tile, overlap = tile_settings(ctx.options)
-    big = upscale(image, up, scale, load=runtime.load_upscaler, tile=tile, overlap=overlap)
-    runtime.release()
+    try:  # Interrupt stops it between tiles (JobInterrupted)
+        big = upscale(image, up, scale, load=runtime.load_upscaler, tile=tile, overlap=overlap,
+                      should_stop=getattr(getattr(ctx, "control", None), "interrupted", None))
+    finally:
+        runtime.release()
     return resize_cover(big, width, height)
 
 
