@@ -140,7 +140,9 @@ def test_request_body_limit(open_server):
     finally:
         assert httpx.post(api + "/options", json={"api_max_request_body_mb": 256}).status_code == 200
     r = httpx.post(api + "/txt2img", content=too_big, headers={"content-type": "application/json"}, timeout=60)
-    assert r.status_code != 413
+    # the body is read now: what answers is the prompt-length limit (prompt_max_chunks), not the body limit
+    assert r.status_code == 413 and "prompt_max_chunks" in r.json()["detail"]
+    assert "api_max_request_body_mb" not in r.json()["detail"]
 
 
 def test_upload_limit_follows_the_setting(open_server):
