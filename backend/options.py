@@ -80,6 +80,8 @@ SETTINGS: list[Setting] = [
     Setting("control_net_model_cache_size", 2, "ControlNet models to keep loaded (cached)", "ControlNet", int,
             minimum=1, maximum=10),
     Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
+    Setting("queue_max_jobs", 200, "Most jobs that may wait in the queue (more are refused: HTTP 503 with Retry-After)",
+            "System", int, minimum=1, maximum=100000),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

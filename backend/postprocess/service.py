@@ -15,7 +15,7 @@ from PIL import Image
 from ..client import Job
 from ..errors import UserError
 from .face_restore import FACE_RESTORERS
-from .schemas import ExtrasRequest, ExtrasResult
+from .schemas import ExtrasRequest
 from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry
 
 log = logging.getLogger("easel.extras")
@@ -115,10 +115,3 @@ class PostprocessService:
             out.mkdir(parents=True, exist_ok=True)
             payload["output_dir"] = out
         return self.client.submit("extras", payload, listener)
-
-    def run_extras(self, req: ExtrasRequest, images: list[tuple[str, Image.Image]], save: bool = False) -> ExtrasResult:
-        job = self.submit_extras(req, images, save=save)
-        job.done.wait()
-        if job.error:
-            raise job.error
-        return job.result
