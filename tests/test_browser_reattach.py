@@ -38,3 +38,39 @@ def test_reload_during_a_job_shows_its_progress_then_its_result(server, tmp_path
         page.screenshot(path=str(tmp_path / "reattached.png"))
         print(f"reattached {reattached_after:.1f} s after the reload began")
 
+
+
+def test_generate_after_a_reattach_shows_only_the_new_job(server):
+    """A new Generate stops following the reattached job: its result never replaces the new one's."""
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "an old job")
+        for elem, value in (("#txt2img_steps", "100"), ("#txt2img_width", "256"), ("#txt2img_height", "256")):
+            box = page.locator(f"{elem} input[type=number]")
+            box.fill(value)
+            box.press("Enter")
+        page.fill("#txt2img_seed input", "1111")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=180_000)
+
+        page.reload()
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=60_000)
+        # record every infotext the page shows from now on
+        page.evaluate("""() => {
+            window.easelInfos = [];
+            const info = document.querySelector('#txt2img_info');
+            new MutationObserver(() => window.easelInfos.push(info.innerText))
+                .observe(info, {childList: true, subtree: true, characterData: true});
+        }""")
+        page.fill("#txt2img_prompt textarea", "a new job")
+        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
+            box = page.locator(f"{elem} input[type=number]")
+            box.fill(value)
+            box.press("Enter")
+        page.fill("#txt2img_seed input", "2222")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 2222')",
+                               timeout=600_000)
+        shown = page.evaluate("window.easelInfos")
+        assert not [text for text in shown if "Seed: 1111" in text], "the reattached job's result was shown too"

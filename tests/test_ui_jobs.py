@@ -78,3 +78,27 @@ def test_reattach_never_shows_a_job_without_its_key():
         assert updates[0][-1] == generation.NO_JOB  # the stale reference is dropped
     updates = collect(generation.reattach(service, None))  # a browser that never started a job
     assert len(updates) == 1 and all(isinstance(u, dict) and u.get("__type__") == "update" for u in updates[0])
+
+
+def test_reattach_stops_once_the_page_generates_again():
+    service = fake_service()
+    job = service.client.submit("txt2img", {})  # still queued
+    presses = generation.GeneratePresses(keep=2)
+    pressed = presses.of("page")
+
+    async def run():
+        updates = []
+        async for update in generation.reattach(service, {"job_id": job.job_id, "key": job.watch_key},
+                                                still_wanted=lambda: presses.of("page") == pressed):
+            updates.append(update)
+            if len(updates) == 1:
+                presses.count("page")  # Generate pressed in the same page
+                finished = finished_job(service)
+                service.client._finish(job, result=finished.result)
+        return updates
+
+    updates = asyncio.run(run())
+    assert len(updates) == 1 and "Waiting in queue" in updates[0][1]  # its progress, then nothing: no result shown
+    presses.count("other page")
+    presses.count("third page")
+    assert presses.of("page") == 0 and presses.of("third page") == 1  # only the most recent pages are kept

@@ -8,11 +8,13 @@ up the job it started (progress, preview, then the result), as A1111 does.
 """
 from __future__ import annotations
 
+import collections
 import io
 from typing import Callable
 
 import anyio
 import gradio as gr
+from gradio.context import get_blocks_context
 from PIL import Image
 
 from backend import samplers
@@ -144,8 +146,9 @@ async def stream_job(service: EaselService, start: Callable[[], Job]):
         yield update
 
 
-async def reattach(service: EaselService, job_ref):
-    """On page load: follow the job this browser started in the tab, if the page has not shown its result yet."""
+async def reattach(service: EaselService, job_ref, still_wanted: Callable[[], bool] = lambda: True):
+    """On page load: follow the job this browser started in the tab, if the page has not shown its result yet
+    (and as long as `still_wanted()`)."""
     keep = gr.update()
     job = None
     if isinstance(job_ref, dict):
@@ -153,18 +156,23 @@ async def reattach(service: EaselService, job_ref):
     if job is None:  # nothing to show; a reference to a job no longer kept is dropped
         yield keep, keep, keep, keep, keep, keep, keep, (NO_JOB if job_ref else keep)
         return
-    async for update in follow_job(service, job):
+    async for update in follow_job(service, job, still_wanted):
         yield update
 
 
-async def follow_job(service: EaselService, job: Job):
+async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[], bool] = lambda: True):
     """Progress and live preview while `job` waits or runs, then its images and infotext, or its error.
 
-    Awaits without holding a thread. The last tuple clears the browser's job reference: the page shows the result.
+    Awaits without holding a thread; stops, showing nothing more, once `still_wanted()` is false.
+    The last tuple clears the browser's job reference: the page shows the result.
     """
     keep = gr.update()
     async for progress, img in wait_with_updates(job, service.client):
+        if not still_wanted():
+            return
         yield keep, progress, img if img is not None else keep, keep, keep, keep, keep, keep
+    if not still_wanted():
+        return
     if job.error is not None:
         yield (keep, "", None, info_html(getattr(job.error, "message", str(job.error)), error=True), keep, keep, keep,
                NO_JOB)
@@ -183,8 +191,16 @@ async def follow_job(service: EaselService, job: Job):
 def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Callable, inputs: list) -> None:
     """Generate (button and Enter in the prompt), Interrupt, Skip, the seed buttons, gallery selection."""
     outputs = result_outputs(r)
-    buttons["generate"].click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    c["prompt"].submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    presses = GeneratePresses()
+
+    async def generate(request: gr.Request, *values):
+        presses.count(request.session_hash)
+        async for update in run(*values):
+            yield update
+
+    buttons["generate"].click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    c["prompt"].submit(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    reattach_on_load(service, r, presses)
     buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
     buttons["skip"].click(lambda: service.skip(), queue=False)
     buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
@@ -198,12 +214,35 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
     r["gallery"].select(on_select, inputs=[r["infotexts"]], outputs=[r["info"], r["selected"]], queue=False)
 
 
-def reattach_on_load(demo: gr.Blocks, service: EaselService, r: dict) -> None:
-    """When the page loads, show the job the tab started before a reload (see `reattach`)."""
-    async def on_load(job_ref):
-        async for update in reattach(service, job_ref):
+class GeneratePresses:
+    """How many times each page (Gradio session) pressed Generate in a tab, for the most recent pages."""
+
+    def __init__(self, keep: int = 1000):
+        self.keep = keep
+        self._counts: collections.OrderedDict[str | None, int] = collections.OrderedDict()
+
+    def count(self, session: str | None) -> None:
+        self._counts[session] = self._counts.pop(session, 0) + 1
+        while len(self._counts) > self.keep:
+            self._counts.popitem(last=False)
+
+    def of(self, session: str | None) -> int:
+        return self._counts.get(session, 0)
+
+
+def reattach_on_load(service: EaselService, r: dict, presses: GeneratePresses) -> None:
+    """When the page loads, show the job the tab started before a reload (see `reattach`).
+
+    A Generate pressed meanwhile in the page stops it, so that the two never update the results (and the job
+    reference) in turn.
+    """
+    async def on_load(request: gr.Request, job_ref):
+        session = request.session_hash
+        pressed = presses.of(session)
+        async for update in reattach(service, job_ref, still_wanted=lambda: presses.of(session) == pressed):
             yield update
 
+    demo = get_blocks_context().root_block  # the Blocks being built, whose load event this is
     demo.load(on_load, inputs=[r["job_ref"]], outputs=result_outputs(r), concurrency_limit=None)
 
 

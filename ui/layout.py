@@ -10,7 +10,7 @@ from backend.downloads import download_file, network_available
 from backend.errors import UserError
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from . import controlnet, extra_networks, extras, generation, img2img, pnginfo, send_to, settings_tab, txt2img
+from . import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -49,8 +49,6 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 settings_tab.build(service)
 
         send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
-        for results in (t2i_results, i2i_results):  # a reloaded page shows the job it started
-            generation.reattach_on_load(demo, service, results)
 
         def on_refresh():
             service.refresh_checkpoints()
