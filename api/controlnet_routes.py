@@ -12,7 +12,8 @@ from fastapi import APIRouter
 from pydantic import ConfigDict, Field
 
 from api.errors import A1111Route
-from backend.controlnet.service import API_VERSION
+from api.jobs import run_job
+from backend.controlnet.service import API_VERSION, detected_maps_and_poses
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
 from backend.schemas import JsonRequest
@@ -68,13 +69,17 @@ def build_controlnet_router(service: EaselService, dependencies: list | None = N
                 "control_net_max_models_num": int(service.options.get("control_net_unit_count", 3))}
 
     @router.post("/detect")
-    def detect(req: DetectRequest) -> dict:
+    async def detect(req: DetectRequest) -> dict:
         if not req.controlnet_input_images:
             raise UserError("detect: controlnet_input_images is empty; send at least one base64 image.")
-        images = [decode_base64_image(data, f"controlnet_input_images[{i}]")
-                  for i, data in enumerate(req.controlnet_input_images)]
-        results, poses = cn.detect_with_poses(req.controlnet_module, images, req.controlnet_processor_res,
-                                              req.controlnet_threshold_a, req.controlnet_threshold_b)
+
+        def submit():
+            images = [decode_base64_image(data, f"controlnet_input_images[{i}]")
+                      for i, data in enumerate(req.controlnet_input_images)]
+            return cn.submit_detect(req.controlnet_module, images, req.controlnet_processor_res,
+                                    req.controlnet_threshold_a, req.controlnet_threshold_b)
+
+        results, poses = detected_maps_and_poses(await run_job(submit))
         body = {"images": [_png_base64(img) for img in results], "info": "Success"}
         if poses:  # pose preprocessors: the people found, in OpenPose JSON (as the extension returns them)
             body["poses"] = poses

@@ -32,7 +32,7 @@ def validation_message(exc: RequestValidationError) -> str:
 def error_response(request: Request, exc: Exception) -> JSONResponse:
     """The A1111-shaped JSON answer for any exception raised while serving an API route."""
     if isinstance(exc, UserError):
-        return JSONResponse(status_code=exc.status, content=error_body("UserError", exc.message))
+        return JSONResponse(status_code=exc.status, content=error_body("UserError", exc.message), headers=exc.headers)
     if isinstance(exc, BackendError):
         return JSONResponse(status_code=exc.status, content=error_body("BackendError", exc.message))
     if isinstance(exc, RequestValidationError):

@@ -11,6 +11,7 @@ import base64
 from fastapi import APIRouter
 
 from api.errors import A1111Route
+from api.jobs import run_job
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
 from backend.postprocess.schemas import ExtrasBatchImagesRequest, ExtrasRequest, ExtrasSingleImageRequest
@@ -30,21 +31,28 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
     post = service.postprocess
 
     @router.post("/extra-single-image")
-    def extra_single_image(req: ExtrasSingleImageRequest) -> dict:
+    async def extra_single_image(req: ExtrasSingleImageRequest) -> dict:
         if not req.image or not req.image.strip():
             raise UserError("extra-single-image: the request has no image.")
-        image = decode_base64_image(req.image, "image")
-        result = post.run_extras(_base(req), [("image", image)])
+
+        def submit():
+            return post.submit_extras(_base(req), [("image", decode_base64_image(req.image, "image"))], save=False)
+
+        result = await run_job(submit)
         png = result.images[0].png if result.images else b""
         return {"html_info": result.html_info, "image": base64.b64encode(png).decode() if png else ""}
 
     @router.post("/extra-batch-images")
-    def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict:
+    async def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict:
         if not req.imageList:
             raise UserError("extra-batch-images: imageList is empty.")
-        images = [(item.name or f"image-{i + 1}", decode_base64_image(item.data, f"imageList[{i}]"))
-                  for i, item in enumerate(req.imageList)]
-        result = post.run_extras(_base(req), images)
+
+        def submit():
+            images = [(item.name or f"image-{i + 1}", decode_base64_image(item.data, f"imageList[{i}]"))
+                      for i, item in enumerate(req.imageList)]
+            return post.submit_extras(_base(req), images, save=False)
+
+        result = await run_job(submit)
         return {"html_info": result.html_info,
                 "images": [base64.b64encode(img.png).decode() for img in result.images if img.png]}
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import A1111Route
+from api.jobs import run_job
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
 from backend.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
@@ -48,15 +49,16 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         # A1111's API saves to disk only when asked (save_images), and then also a grid.
         return req.model_copy(update={"do_not_save_samples": not req.save_images, "do_not_save_grid": not req.save_images})
 
+    # The job routes are async: a job waiting in the queue holds no web server thread.
     @router.post("/txt2img")
-    def txt2img(req: Txt2ImgRequest) -> dict:
-        return respond(req, service.txt2img(api_saving(req)), req.model_dump())
+    async def txt2img(req: Txt2ImgRequest) -> dict:
+        return respond(req, await run_job(service.submit_txt2img, api_saving(req)), req.model_dump())
 
     @router.post("/img2img")
-    def img2img(req: Img2ImgRequest) -> dict:
+    async def img2img(req: Img2ImgRequest) -> dict:
         if not req.init_images:
             raise UserError("img2img: init_images is empty; send at least one base64-encoded image.")
-        result = service.img2img(api_saving(req))
+        result = await run_job(service.submit_img2img_base64, api_saving(req))
         parameters = req.model_dump()
         if not req.include_init_images:  # as A1111: the (large) inputs are echoed back only when asked
             parameters["init_images"] = None
@@ -64,13 +66,10 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         return respond(req, result, parameters)
 
     @router.post("/img2img-batch")
-    def img2img_batch(req: Img2ImgBatchRequest) -> dict:
+    async def img2img_batch(req: Img2ImgBatchRequest) -> dict:
         job_req = Img2ImgRequest(**req.model_dump(exclude={"input_dir", "output_dir", "mask_dir"}))
-        job = service.submit_img2img_batch(job_req, req.input_dir, req.output_dir, req.mask_dir)
-        job.done.wait()
-        if job.error:
-            raise job.error
-        return respond(req, job.result, req.model_dump())
+        result = await run_job(service.submit_img2img_batch, job_req, req.input_dir, req.output_dir, req.mask_dir)
+        return respond(req, result, req.model_dump())
 
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict:
@@ -145,17 +144,17 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         return {"info": text, "items": extra, "parameters": params}
 
     @router.get("/memory")
-    def memory() -> dict:
-        return service.memory()
+    async def memory() -> dict:
+        return await run_job(service.submit_memory, timeout=60)
 
     @router.post("/unload-checkpoint")
-    def unload_checkpoint() -> dict:
-        service.unload_checkpoint()
+    async def unload_checkpoint() -> dict:
+        await run_job(service.submit_unload_checkpoint, timeout=600)
         return {}
 
     @router.post("/reload-checkpoint")
-    def reload_checkpoint() -> dict:
-        service.load_checkpoint()
+    async def reload_checkpoint() -> dict:
+        await run_job(service.submit_load_checkpoint)
         return {}
 
     return router

@@ -4,23 +4,35 @@ Jobs from the UI and the API go into one queue here and are sent to the backend
 process one at a time. A reader thread receives its events (progress, results,
 errors). If the backend process dies, the job in flight fails with a clear
 error, a new backend process is started, and the queued jobs go on.
+
+The queue is bounded (`queue_limit`, the `queue_max_jobs` setting): past it,
+`submit` refuses with `QueueFull`. Jobs are kept by id while queued or running
+and for a while after they end, so that a reloaded page can reattach to its job
+(`find_job`). Asyncio code waits for a job with `Job.wait_async` / `Job.outcome`,
+which hold no thread while the job waits.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import itertools
 import logging
 import multiprocessing as mp
+import math
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import QueueFull, UserError
 
 log = logging.getLogger("easel.client")
+
+KEEP_FINISHED_JOBS = 16  # finished jobs kept for pages that reattach after a reload...
+KEEP_FINISHED_S = 900.0  # ...for at most this long after they end
 
 
 class BackendError(Exception):
@@ -40,6 +52,9 @@ class Job:
     status: str = "queued"  # queued | running | done | failed
     created: float = field(default_factory=time.time)
     started: float | None = None
+    finished: float | None = None
+    # a secret the page that started the job keeps, to reattach to it after a reload (nobody else can)
+    watch_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     step: int = 0
     total: int = 0
     job_no: int = 0
@@ -64,16 +79,61 @@ class Job:
         elapsed = time.time() - self.started
         return max(0.0, elapsed / self.step * (self.total - self.step))
 
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """Wait for the job to end from asyncio code, holding no thread meanwhile; False if `timeout` passed first."""
+        if self.done.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def wake(job: Job) -> None:  # called on the client's reader thread
+            if job.done.is_set():
+                try:
+                    loop.call_soon_threadsafe(_resolve, ended)
+                except RuntimeError:  # the event loop is closed: nobody waits any more
+                    pass
+
+        self.listeners.append(wake)
+        try:
+            if self.done.is_set():  # it ended while the listener was being added
+                return True
+            try:
+                await asyncio.wait_for(ended, timeout)
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            try:
+                self.listeners.remove(wake)
+            except ValueError:
+                pass
+
+    async def outcome(self, timeout: float | None = None) -> Any:
+        """The job's result once it ends (its error raised), awaited without holding a thread."""
+        if not await self.wait_async(timeout):
+            raise BackendError(f"{self.kind} did not finish within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
 
 class BackendClient:
-    def __init__(self, args_dict: dict, start_timeout: float = 600.0):
+    def __init__(self, args_dict: dict, start_timeout: float = 600.0, queue_limit: Callable[[], int] | None = None):
         self.args_dict = args_dict
         self.start_timeout = start_timeout
+        self.queue_limit = queue_limit  # how many jobs may wait (not counting the running one); None: no bound
         self._ctx = mp.get_context("spawn")
         self._lock = threading.RLock()
         self._pending: collections.deque[Job] = collections.deque()
         self._current: Job | None = None
         self._last: Job | None = None
+        self._by_id: dict[str, Job] = {}  # queued, running and recently finished jobs, oldest first
+        self._durations: collections.deque[float] = collections.deque(maxlen=8)  # of recent jobs, for Retry-After
         self._ids = itertools.count(1)
         self._stopping = False
         self.process = None
@@ -170,6 +230,9 @@ class BackendClient:
     def _finish(self, job: Job, result: Any = None, error: Exception | None = None) -> None:
         job.result, job.error = result, error
         job.status = "failed" if error else "done"
+        job.finished = time.time()
+        if job.started:
+            self._durations.append(job.finished - job.started)
         self._last = job
         for hook in list(self.finished_hooks):
             try:
@@ -193,12 +256,43 @@ class BackendClient:
 
     # -- public ---------------------------------------------------------------------------------
     def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None) -> Job:
+        """Queue a job; `QueueFull` (HTTP 503) when `queue_limit` jobs already wait."""
+        limit = self.queue_limit() if self.queue_limit else None
         job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload)
         if listener:
             job.listeners.append(listener)
         with self._lock:
+            if limit is not None and len(self._pending) >= limit:
+                retry = self._retry_after()
+                raise QueueFull(f"The queue is full: {len(self._pending)} jobs are waiting, the most this server takes "
+                                f"(setting queue_max_jobs: {limit}). Try again in about {retry} s.", retry_after=retry)
             self._pending.append(job)
+            self._remember(job)
         self._dispatch()
+        return job
+
+    def _retry_after(self) -> int:
+        """Seconds until a place in the queue is likely free: about one job's time."""
+        typical = sum(self._durations) / len(self._durations) if self._durations else 10.0
+        return max(1, min(3600, math.ceil(typical)))
+
+    def _remember(self, job: Job) -> None:
+        """Keep `job` by id; forget finished jobs beyond the bounds, oldest first (never an unfinished one)."""
+        self._by_id[job.job_id] = job
+        now = time.time()
+        finished = [j for j in self._by_id.values() if j.finished is not None]
+        extra = len(finished) - KEEP_FINISHED_JOBS
+        for old in finished:
+            if extra > 0 or now - old.finished > KEEP_FINISHED_S:
+                del self._by_id[old.job_id]
+                extra -= 1
+
+    def find_job(self, job_id: str, watch_key: str) -> Job | None:
+        """A queued, running or recently finished job, if `watch_key` is the one it was given (else None)."""
+        with self._lock:
+            job = self._by_id.get(str(job_id))
+        if job is None or not secrets.compare_digest(job.watch_key.encode(), str(watch_key).encode()):
+            return None
         return job
 
     def run(self, kind: str, payload: dict, timeout: float | None = None) -> Any:

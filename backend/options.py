@@ -88,6 +88,8 @@ SETTINGS: list[Setting] = [
             minimum=1, maximum=1000),
     Setting("max_images_per_job", 1000, "Most images one job may make (batch size x batch count)", "Limits", int,
             minimum=1, maximum=100000),
+    Setting("queue_max_jobs", 200, "Most jobs that may wait in the queue (more are refused: HTTP 503 with Retry-After)",
+            "System", int, minimum=1, maximum=100000),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

@@ -38,7 +38,8 @@ class EaselService:
         self.registry = ModelRegistry(self.paths.ckpt_dirs, self.paths.vae_dirs, self.hashes)
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
-        self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"})
+        self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
+                                    queue_limit=lambda: self.options["queue_max_jobs"])
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
         from .controlnet.service import ControlNetService
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
@@ -198,11 +199,14 @@ class EaselService:
 
     def img2img(self, req: Img2ImgRequest) -> GenerationResult:
         """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
+        return _wait(self.submit_img2img_base64(req))
+
+    def submit_img2img_base64(self, req: Img2ImgRequest) -> Job:
         from .image_codec import decode_base64_image
 
         images = [decode_base64_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
         mask = decode_base64_image(req.mask, "mask") if req.mask else None
-        return _wait(self.submit_img2img(req, images, mask))
+        return self.submit_img2img(req, images, mask)
 
     def submit_img2img_batch(self, req: Img2ImgRequest, input_dir: str, output_dir: str, mask_dir: str,
                              listener: Callable[[Job], None] | None = None) -> Job:
@@ -244,8 +248,9 @@ class EaselService:
     def skip(self) -> None:
         self.client.skip()
 
-    def memory(self) -> dict:
-        return self.client.run("memory", {}, timeout=60)
+    def submit_memory(self) -> Job:
+        """The backend's memory report (A1111's /sdapi/v1/memory body)."""
+        return self.client.submit("memory", {})
 
     def _model_payload(self, overrides: dict | None = None) -> dict:
         """The job's checkpoint and VAE; with an automatic choice also the candidates to try after it
@@ -277,8 +282,8 @@ class EaselService:
             raise job.error
         return job.result
 
-    def unload_checkpoint(self) -> None:
-        self.client.run("unload", {}, timeout=600)
+    def submit_unload_checkpoint(self) -> Job:
+        return self.client.submit("unload", {})
 
     # -- PNG info -----------------------------------------------------------------------------------
     @staticmethod

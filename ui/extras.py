@@ -11,6 +11,7 @@ import html
 import io
 from pathlib import Path
 
+import anyio
 import gradio as gr
 from PIL import Image
 from pydantic import ValidationError
@@ -110,7 +111,7 @@ def build(service: EaselService) -> gr.Image:
             raise UserError("Single Image: upload an image first.")
         return post.submit_extras(req, [("image", img)], save=True)
 
-    def on_generate(mode_value, img, paths, in_dir, out_dir, rmode, by, w, h, crop_value, up1, up2, up2_vis, gfp_vis,
+    async def on_generate(mode_value, img, paths, in_dir, out_dir, rmode, by, w, h, crop_value, up1, up2, up2_vis, gfp_vis,
                     cf_vis, cf_weight, first):
         keep = gr.update()
         try:
@@ -119,14 +120,14 @@ def build(service: EaselService) -> gr.Image:
                                 upscaler_2=up2 or "None", extras_upscaler_2_visibility=float(up2_vis),
                                 gfpgan_visibility=float(gfp_vis), codeformer_visibility=float(cf_vis),
                                 codeformer_weight=float(cf_weight), upscale_first=bool(first))
-            job = start(mode_value, img, paths, in_dir, out_dir, req)
+            job = await anyio.to_thread.run_sync(start, mode_value, img, paths, in_dir, out_dir, req)
         except ValidationError as exc:
             yield keep, "", info_html(f"Invalid settings: {exc.errors()[0].get('msg')}", error=True)
             return
         except (UserError, BackendError) as exc:
             yield keep, "", info_html(exc.message, error=True)
             return
-        for progress_html, _preview in wait_with_updates(job, service.client):
+        async for progress_html, _preview in wait_with_updates(job, service.client):
             yield keep, progress_html, keep
         if job.error is not None:
             yield keep, "", info_html(getattr(job.error, "message", str(job.error)), error=True)

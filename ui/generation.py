@@ -3,14 +3,18 @@
 Each builder adds A1111's controls to a dict of components keyed by the
 request field they edit; `results_column` lays out progress, preview, gallery,
 infotext and the "Send to" buttons; `stream_job` runs a backend job from a
-Gradio event with live progress.
+Gradio event with live progress; `reattach_on_load` lets a reloaded page pick
+up the job it started (progress, preview, then the result), as A1111 does.
 """
 from __future__ import annotations
 
+import collections
 import io
 from typing import Callable
 
+import anyio
 import gradio as gr
+from gradio.context import get_blocks_context
 from PIL import Image
 
 from backend import samplers
@@ -18,7 +22,9 @@ from backend.client import BackendError, Job
 from backend.errors import UserError
 from backend.service import EaselService
 
-from .progress import info_html, wait_with_updates
+from .progress import info_html, progress_html, wait_with_updates
+
+NO_JOB: dict = {}  # the browser's job reference once the result is shown (Gradio does not store a None)
 
 INT_FIELDS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "seed_resize_from_w",
               "seed_resize_from_h", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "mask_blur",
@@ -93,7 +99,15 @@ def results_column(tab: str) -> dict:
     r["infotexts"] = gr.State([])
     r["images"] = gr.State([])  # the PIL images shown, for Send to
     r["selected"] = gr.State(0)
+    # {"job_id", "key"} of the tab's job until its result is shown, kept in the browser (localStorage) for a reload
+    r["job_ref"] = gr.BrowserState(None, storage_key=f"easel_{tab}_job")
     return r
+
+
+def result_outputs(r: dict) -> list:
+    """The components a generation event updates, in the order of the tuples `stream_job` yields."""
+    return [r["gallery"], r["progress"], r["preview"], r["info"], r["last_seed"], r["infotexts"], r["images"],
+            r["job_ref"]]
 
 
 def overrides_from(checkpoint: str | None, vae_choice: str | None, clip_skip) -> dict:
@@ -115,18 +129,53 @@ def clean_fields(fields: dict) -> dict:
     return fields
 
 
-def stream_job(service: EaselService, start: Callable[[], Job]):
-    """Run a job, yielding tuples for (gallery, progress, preview, info, last_seed, infotexts, images)."""
+async def stream_job(service: EaselService, start: Callable[[], Job]):
+    """Start a job (`start` runs on a worker thread) and follow it, yielding tuples for `result_outputs`.
+
+    The job's reference is stored in the browser first, so that a page reloaded meanwhile reattaches to it.
+    """
     keep = gr.update()
     try:
-        job = start()
+        job = await anyio.to_thread.run_sync(start)
     except (UserError, BackendError) as exc:
-        yield keep, "", None, info_html(exc.message, error=True), keep, keep, keep
+        yield keep, "", None, info_html(exc.message, error=True), keep, keep, keep, keep
         return
-    for progress_html, img in wait_with_updates(job, service.client):
-        yield keep, progress_html, img if img is not None else keep, keep, keep, keep, keep
+    yield (keep, progress_html(job, service.client.queued()), None, keep, keep, keep, keep,
+           {"job_id": job.job_id, "key": job.watch_key})
+    async for update in follow_job(service, job):
+        yield update
+
+
+async def reattach(service: EaselService, job_ref, still_wanted: Callable[[], bool] = lambda: True):
+    """On page load: follow the job this browser started in the tab, if the page has not shown its result yet
+    (and as long as `still_wanted()`)."""
+    keep = gr.update()
+    job = None
+    if isinstance(job_ref, dict):
+        job = service.client.find_job(job_ref.get("job_id", ""), job_ref.get("key", ""))
+    if job is None:  # nothing to show; a reference to a job no longer kept is dropped
+        yield keep, keep, keep, keep, keep, keep, keep, (NO_JOB if job_ref else keep)
+        return
+    async for update in follow_job(service, job, still_wanted):
+        yield update
+
+
+async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[], bool] = lambda: True):
+    """Progress and live preview while `job` waits or runs, then its images and infotext, or its error.
+
+    Awaits without holding a thread; stops, showing nothing more, once `still_wanted()` is false.
+    The last tuple clears the browser's job reference: the page shows the result.
+    """
+    keep = gr.update()
+    async for progress, img in wait_with_updates(job, service.client):
+        if not still_wanted():
+            return
+        yield keep, progress, img if img is not None else keep, keep, keep, keep, keep, keep
+    if not still_wanted():
+        return
     if job.error is not None:
-        yield keep, "", None, info_html(getattr(job.error, "message", str(job.error)), error=True), keep, keep, keep
+        yield (keep, "", None, info_html(getattr(job.error, "message", str(job.error)), error=True), keep, keep, keep,
+               NO_JOB)
         return
     result = job.result
     pictures = [Image.open(io.BytesIO(img.png)) for img in result.images]
@@ -136,14 +185,22 @@ def stream_job(service: EaselService, start: Callable[[], Job]):
     shown = (first.infotext if first else "") + (f"\n{notes}" if notes else "")
     maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "detected_maps", [])]  # ControlNet maps, shown last
     yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
-           texts + [""] * len(maps), pictures)
+           texts + [""] * len(maps), pictures, NO_JOB)
 
 
 def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Callable, inputs: list) -> None:
     """Generate (button and Enter in the prompt), Interrupt, Skip, the seed buttons, gallery selection."""
-    outputs = [r["gallery"], r["progress"], r["preview"], r["info"], r["last_seed"], r["infotexts"], r["images"]]
-    buttons["generate"].click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    c["prompt"].submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    outputs = result_outputs(r)
+    presses = GeneratePresses()
+
+    async def generate(request: gr.Request, *values):
+        presses.count(request.session_hash)
+        async for update in run(*values):
+            yield update
+
+    buttons["generate"].click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    c["prompt"].submit(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    reattach_on_load(service, r, presses)
     buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
     buttons["skip"].click(lambda: service.skip(), queue=False)
     buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
@@ -155,6 +212,38 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
         return gr.update(), 0
 
     r["gallery"].select(on_select, inputs=[r["infotexts"]], outputs=[r["info"], r["selected"]], queue=False)
+
+
+class GeneratePresses:
+    """How many times each page (Gradio session) pressed Generate in a tab, for the most recent pages."""
+
+    def __init__(self, keep: int = 1000):
+        self.keep = keep
+        self._counts: collections.OrderedDict[str | None, int] = collections.OrderedDict()
+
+    def count(self, session: str | None) -> None:
+        self._counts[session] = self._counts.pop(session, 0) + 1
+        while len(self._counts) > self.keep:
+            self._counts.popitem(last=False)
+
+    def of(self, session: str | None) -> int:
+        return self._counts.get(session, 0)
+
+
+def reattach_on_load(service: EaselService, r: dict, presses: GeneratePresses) -> None:
+    """When the page loads, show the job the tab started before a reload (see `reattach`).
+
+    A Generate pressed meanwhile in the page stops it, so that the two never update the results (and the job
+    reference) in turn.
+    """
+    async def on_load(request: gr.Request, job_ref):
+        session = request.session_hash
+        pressed = presses.of(session)
+        async for update in reattach(service, job_ref, still_wanted=lambda: presses.of(session) == pressed):
+            yield update
+
+    demo = get_blocks_context().root_block  # the Blocks being built, whose load event this is
+    demo.load(on_load, inputs=[r["job_ref"]], outputs=result_outputs(r), concurrency_limit=None)
 
 
 def selected_image(images: list, selected: int) -> Image.Image | None:

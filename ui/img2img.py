@@ -180,8 +180,9 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
     inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + cn_panel.inputs
     n_base = len(inputs) - len(cn_panel.inputs)
 
-    def on_generate(*values):
-        yield from generation.stream_job(service, lambda: submit(list(values)))
+    async def on_generate(*values):
+        async for update in generation.stream_job(service, lambda: submit(list(values))):
+            yield update
 
     def submit(values: list):
         values, cn_values = values[:n_base], values[n_base:]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html
 import io
-import time
 
 from PIL import Image
 
@@ -36,13 +35,12 @@ def info_html(text: str, error: bool = False) -> str:
     return f'<div class="{cls}">{body}</div>'
 
 
-def wait_with_updates(job: Job, client, interval: float = 0.4):
-    """Yield (progress html, preview or None, changed) while the job runs."""
+async def wait_with_updates(job: Job, client, interval: float = 0.4):
+    """Yield (progress html, new preview or None) while the job waits or runs; awaits, holding no thread."""
     last_preview = -1
-    while not job.done.wait(interval):
+    while not await job.wait_async(interval):
         preview = None
         if job.preview_id != last_preview:
             last_preview = job.preview_id
             preview = preview_image(job)
         yield progress_html(job, client.queued()), preview
-    time.sleep(0)

@@ -58,8 +58,9 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         return Txt2ImgRequest(**fields, override_settings=overrides, save_images=True,
                               alwayson_scripts=cn_panel.alwayson_scripts(values[n_base:]))
 
-    def on_generate(*values):
-        yield from generation.stream_job(service, lambda: service.submit_txt2img(make_request(list(values))))
+    async def on_generate(*values):
+        async for update in generation.stream_job(service, lambda: service.submit_txt2img(make_request(list(values)))):
+            yield update
 
     generation.wire_results(service, r, buttons, c, on_generate, inputs)
     return c, r

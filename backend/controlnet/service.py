@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..client import BackendError, Job
 from ..errors import UserError
 from .model_files import ControlNetRegistry, read_shapes
 from .preprocessors import all_preprocessors, find_preprocessor
@@ -141,14 +142,28 @@ class ControlNetService:
                           threshold_a: float = -1, threshold_b: float = -1,
                           timeout: float = 3600) -> tuple[list[Image.Image], list[dict]]:
         """`detect`, plus the OpenPose JSON per image when the preprocessor finds poses (else an empty list)."""
+        job = self.submit_detect(module, images, processor_res, threshold_a, threshold_b)
+        if not job.done.wait(timeout):
+            raise BackendError(f"controlnet_detect did not finish within {timeout} s")
+        if job.error:
+            raise job.error
+        return detected_maps_and_poses(job.result)
+
+    def submit_detect(self, module: str, images: list[Image.Image], processor_res: int = 512,
+                      threshold_a: float = -1, threshold_b: float = -1) -> Job:
+        """Queue a detect job; its result is read by `detected_maps_and_poses`."""
         pre = find_preprocessor(module)
         if not images:
             raise UserError("No input images were given to detect on.")
         payload = {"module": pre.name, "images": [img.copy() for img in images], "processor_res": processor_res,
                    "threshold_a": threshold_a, "threshold_b": threshold_b}
-        result = self.client.run("controlnet_detect", payload, timeout=timeout)
-        poses = [p for p in result["poses"] if p is not None]
-        return [Image.open(io.BytesIO(p)) for p in result["maps"]], poses
+        return self.client.submit("controlnet_detect", payload)
+
+
+def detected_maps_and_poses(result: dict) -> tuple[list[Image.Image], list[dict]]:
+    """A detect job's result: the detected maps, and the OpenPose JSON of the images where poses were found."""
+    poses = [p for p in result["poses"] if p is not None]
+    return [Image.open(io.BytesIO(p)) for p in result["maps"]], poses
 
 
 def _copy_unit(unit: ControlUnit) -> ControlUnit:

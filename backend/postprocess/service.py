@@ -15,7 +15,7 @@ from PIL import Image
 from ..client import Job
 from ..errors import UserError
 from .face_restore import FACE_RESTORERS
-from .schemas import ExtrasRequest, ExtrasResult
+from .schemas import ExtrasRequest
 from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry
 
 log = logging.getLogger("easel.extras")
@@ -113,10 +113,3 @@ class PostprocessService:
         if output_dir and output_dir.strip():
             payload["output_dir"] = self.batch_folder(output_dir, "Output", write=True)  # checked and created
         return self.client.submit("extras", payload, listener)
-
-    def run_extras(self, req: ExtrasRequest, images: list[tuple[str, Image.Image]], save: bool = False) -> ExtrasResult:
-        job = self.submit_extras(req, images, save=save)
-        job.done.wait()
-        if job.error:
-            raise job.error
-        return job.result
