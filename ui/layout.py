@@ -23,11 +23,14 @@ CSS = """
 
 def build_ui(service: EaselService) -> gr.Blocks:
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+        # allow_custom_value: titles change when a file's hash becomes known, and a Generate pressed before the page
+        # load's refresh arrives must not fail Gradio's choices check; the settings gate checks the names instead.
         with gr.Row(elem_id="quicksettings"):
             checkpoint = gr.Dropdown(service.checkpoint_titles(), value=_current_title(service), label="Stable Diffusion checkpoint",
-                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=False, scale=4)
+                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=True, scale=4)
             refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
-            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae", scale=2)
+            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae",
+                              allow_custom_value=True, scale=2)
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
         with download_row:
