@@ -225,6 +225,18 @@ def test_jobs_see_the_checked_values(server, api):
     r = api.post("/txt2img", json=_txt2img(save_images=False, override_settings={"CLIP_stop_at_last_layers": "2"}))
     assert r.status_code == 200, r.text
     assert "Clip skip: 2" in json.loads(r.json()["info"])["infotexts"][0]
+    assert api.get("/options").json()["CLIP_stop_at_last_layers"] == 1  # restored afterwards (the default)
+
+
+def test_kept_overrides_are_stored_coerced(server, api):
+    try:
+        r = api.post("/txt2img", json=_txt2img(save_images=False, override_settings={"CLIP_stop_at_last_layers": "2"},
+                                               override_settings_restore_afterwards=False))
+        assert r.status_code == 200, r.text
+        assert api.get("/options").json()["CLIP_stop_at_last_layers"] == 2
+        assert json.loads((server.data_dir / "config.json").read_text())["CLIP_stop_at_last_layers"] == 2
+    finally:
+        api.post("/options", json={"CLIP_stop_at_last_layers": 1})
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +286,29 @@ def test_frozen_server_still_runs_jobs_with_their_generation_parameters(locked):
     assert api.get("/options").json()["CLIP_stop_at_last_layers"] == 1
     saved = _files_under(srv.data_dir / "outputs" / "txt2img-images")
     assert saved and all(p.suffix == ".png" for p in saved)
+
+
+def test_frozen_server_ui_generates_and_shows_why_settings_do_not_change(locked):
+    """The UI sends checkpoint, VAE and clip skip with every job: under --freeze-settings that must still work."""
+    from browser import browser_page
+
+    srv, api = locked
+    config = srv.data_dir / "config.json"
+    before = config.read_bytes() if config.exists() else None
+    with browser_page(srv.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "a blue door")
+        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
+            box = page.locator(f"{elem} input[type=number]")
+            box.fill(value)
+            box.press("Enter")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 2')",
+                               timeout=180_000)
+        page.get_by_role("tab", name="Settings").click()
+        box = page.locator("#settings_sd_checkpoints_limit input[type=number]")
+        box.fill("5")
+        box.press("Enter")
+        page.click("#settings_submit")
+        page.wait_for_function("document.querySelector('#settings_result').innerText.includes('--freeze-settings')")
+    assert (config.read_bytes() if config.exists() else None) == before
