@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layer
                        "initial_noise_multiplier")
 MAX_TEXT_LENGTH = 4096
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")  # C:\ or C: (a Windows absolute path)
 
 
 def _shown(value: Any) -> str:
@@ -139,7 +141,7 @@ def coerce(setting: Setting, value: Any) -> Any:
         raise UserError(f"Setting {key!r} must be at most {setting.maximum}, got {_shown(value)}.")
     if key in NAME_PATTERN_KEYS:
         parts = value.replace("\\", "/").split("/")
-        if value.startswith(("/", "\\")) or (len(value) > 1 and value[1] == ":") or ".." in (p.strip() for p in parts):
+        if value.startswith(("/", "\\")) or _DRIVE.match(value) or ".." in (p.strip() for p in parts):
             raise UserError(f"Setting {key!r} must stay inside its output folder (no absolute path, no '..'), "
                             f"got {_shown(value)}.")
     return value
