@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--autolaunch", action="store_true", help="open the UI in the system browser at start")
     net.add_argument("--freeze-settings", action="store_true", help="refuse changes to settings from the UI and API")
     net.add_argument("--hide-ui-dir-config", action="store_true",
-                     help="refuse folder paths from the UI and API (img2img batch folders)")
+                     help="refuse folder paths from the UI and API (img2img batch folders, output folder settings)")
     net.add_argument("--enable-insecure-extension-access", action="store_true",
                      help="allow extension management even with --listen/--share")
 

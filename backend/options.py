@@ -7,6 +7,8 @@ label and validation; keys are AUTOMATIC1111's so API clients work unchanged.
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,9 @@ SETTINGS: list[Setting] = [
     Setting("outdir_init_images", "outputs/init-images", "Directory for saving init images when using img2img",
             "Paths for saving"),
     Setting("save_init_img", False, "Save init images when using img2img", "Saving images", bool),
+    Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies "
+            "(normally you'd do less with less denoising)", "img2img", bool),
+    Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "
@@ -93,29 +98,122 @@ SETTINGS: list[Setting] = [
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))
+# Settings whose text becomes part of a saved file's path below an output folder.
+NAME_PATTERN_KEYS = ("samples_filename_pattern", "directories_filename_pattern")
+# What one job may still override under --freeze-settings: the generation parameters A1111 writes into the
+# infotext (Model hash, VAE, Clip skip, Eta, Eta DDIM, Noise multiplier). The UI sends the first three with every
+# job, and a pasted infotext carries them; they change that job only, never config.json.
+PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_ancestral", "eta_ddim",
+                       "initial_noise_multiplier")
+MAX_TEXT_LENGTH = 4096
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")  # C:\ or C: (a Windows absolute path)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def coerce(setting: Setting, value: Any) -> Any:
+    """`value` as `setting` holds it, or a UserError (400) naming the setting.
+
+    Accepts what the UI, JSON clients and pasted infotext send: numbers as numbers or numeric text, whole floats for
+    integers, booleans as true/false or 0/1 or their text. Refuses other JSON types, NaN and Infinity, values
+    outside the choices or range, control characters, and name patterns that would leave their folder.
+    """
+    key = setting.key
+    if setting.kind is bool:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int) and value in (0, 1):
+            value = bool(value)
+        elif isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            value = value.strip().lower() in _TRUE
+        else:
+            raise UserError(f"Setting {key!r} must be true or false, got {_shown(value)}.")
+    elif setting.kind in (int, float):
+        value = _number(setting, value)
+    else:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise UserError(f"Setting {key!r} must be a string, got {_shown(value)}.")
+        if len(value) > MAX_TEXT_LENGTH:
+            raise UserError(f"Setting {key!r} is too long ({len(value)} characters, at most {MAX_TEXT_LENGTH}).")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise UserError(f"Setting {key!r} must not contain control characters, got {_shown(value)}.")
+    if setting.choices is not None and value not in setting.choices:
+        raise UserError(f"Setting {key!r} must be one of {', '.join(map(str, setting.choices))}, got {_shown(value)}.")
+    if setting.minimum is not None and value < setting.minimum:
+        raise UserError(f"Setting {key!r} must be at least {setting.minimum}, got {_shown(value)}.")
+    if setting.maximum is not None and value > setting.maximum:
+        raise UserError(f"Setting {key!r} must be at most {setting.maximum}, got {_shown(value)}.")
+    if key in NAME_PATTERN_KEYS:
+        parts = value.replace("\\", "/").split("/")
+        if value.startswith(("/", "\\")) or _DRIVE.match(value) or ".." in (p.strip() for p in parts):
+            raise UserError(f"Setting {key!r} must stay inside its output folder (no absolute path, no '..'), "
+                            f"got {_shown(value)}.")
+    problem = unsafe_value_problem(value, f"Setting {key!r}")  # lone surrogates, integers beyond 64 bits
+    if problem:
+        raise UserError(problem)
+    return value
+
+
+def _number(setting: Setting, value: Any) -> int | float:
+    key, kind = setting.key, setting.kind
+    wanted = "a whole number" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"Setting {key!r} must be {wanted}, got {_shown(value)}.")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise UserError(f"Setting {key!r} must be {wanted}, got {_shown(value)}.") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"Setting {key!r} must be a finite number, got {_shown(value)}.")
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"Setting {key!r} must be a whole number, got {_shown(value)}.")
+        return int(value)
+    if kind is float:
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"Setting {key!r} must be a finite number, got {_shown(value)}.") from None
+    return value
 
 
 class Options:
-    """Thread-safe settings store backed by a JSON file.
+    """Thread-safe settings store backed by a JSON file, and the one gate for changing it.
 
-    `validate_dir` checks output folders chosen through the UI or API (it rejects
-    folders outside the data dir's outputs/, so the settings API cannot be used to
-    write files into code folders).
+    Every change, whatever its source (Settings tab, quick settings, `/sdapi/v1/options`, a job's
+    `override_settings`, pasted infotext), goes through `check`: types, ranges, choices, output folders inside
+    `DATA_DIR/outputs`, name patterns that stay in their folder, the names only the app can resolve (checkpoint,
+    VAE: `add_value_check`), `--hide-ui-dir-config` and `--freeze-settings`.
     """
 
-    def __init__(self, path: Path | None, data_dir: Path, frozen: bool = False):
+    def __init__(self, path: Path | None, data_dir: Path, frozen: bool = False, hide_dir_config: bool = False):
         self.path = path
         self.data_dir = data_dir
         self.frozen = frozen
+        self.hide_dir_config = hide_dir_config
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
         self._extra: dict[str, Any] = {}
         self._listeners: list[Callable[[str, Any], None]] = []
+        self._value_checks: dict[str, Callable[[Any], Any]] = {}
         if path is not None and path.exists():
             try:
                 stored = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
                 raise UserError(f"The settings file {path} is not valid JSON ({exc}); fix or delete it.") from exc
+            if not isinstance(stored, dict):
+                raise UserError(f"The settings file {path} does not hold a JSON object; fix or delete it.")
             for key, value in stored.items():
                 if key in SETTINGS_BY_KEY:
                     try:
@@ -144,30 +242,13 @@ class Options:
     def on_change(self, listener: Callable[[str, Any], None]) -> None:
         self._listeners.append(listener)
 
+    def add_value_check(self, key: str, check: Callable[[Any], Any]) -> None:
+        """Add a check that needs what the app knows (the checkpoint and VAE files): `check(value)` returns the value
+        to keep (e.g. the checkpoint's full title) or raises UserError."""
+        self._value_checks[key] = check
+
     def _coerce(self, setting: Setting, value: Any) -> Any:
-        try:
-            if setting.kind is bool:
-                if isinstance(value, str):
-                    value = value.strip().lower() in ("1", "true", "yes", "on")
-                else:
-                    value = bool(value)
-            elif setting.kind is int:
-                value = int(value)
-            elif setting.kind is float:
-                value = float(value)
-            else:
-                value = "" if value is None else str(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise UserError(f"Setting {setting.key!r} must be a {setting.kind.__name__}, got {value!r}.") from exc
-        problem = unsafe_value_problem(value, f"Setting {setting.key!r}")
-        if problem:
-            raise UserError(problem)
-        if setting.choices is not None and value not in setting.choices:
-            raise UserError(f"Setting {setting.key!r} must be one of {', '.join(map(str, setting.choices))}, got {value!r}.")
-        if setting.minimum is not None and value < setting.minimum:
-            raise UserError(f"Setting {setting.key!r} must be at least {setting.minimum}, got {value!r}.")
-        if setting.maximum is not None and value > setting.maximum:
-            raise UserError(f"Setting {setting.key!r} must be at most {setting.maximum}, got {value!r}.")
+        value = coerce(setting, value)
         if setting.key in OUTPUT_DIR_KEYS:
             self.validate_dir(setting.key, value)
         return value
@@ -181,16 +262,60 @@ class Options:
         if target != root and root not in target.parents:
             raise UserError(f"Setting {key!r}: output folders must lie inside {root}.", status=403)
 
-    def update(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Validate and apply several settings at once; unknown keys are kept verbatim (as A1111 does)."""
-        if self.frozen and changes:
-            raise UserError("Settings are frozen (--freeze-settings).", status=403)
-        coerced = {}
+    def check(self, changes: Any, *, per_job: bool = False, from_flags: bool = False) -> dict[str, Any]:
+        """The one gate: `changes` checked and coerced, or a UserError naming the setting (400: a bad value;
+        403: a folder outside `DATA_DIR/outputs`, `--hide-ui-dir-config`, `--freeze-settings`; 404: no such
+        checkpoint or VAE). Nothing is stored.
+
+        `per_job`: the changes last one job (`override_settings` restored afterwards). Under `--freeze-settings`
+        a job may still override `PER_JOB_WHEN_FROZEN`; keys that are not settings are left out (a job reads only
+        settings), where a stored change keeps them verbatim, as A1111 does. A value equal to the current one is
+        no change and passes the two flags (clients post back the whole options dict, as A1111 allows).
+        `from_flags`: the operator's own command-line choice (`--ckpt`), not refused by the two flags.
+        """
+        if not isinstance(changes, dict):
+            raise UserError(f"Settings must be a JSON object of setting names and values, got {_shown(changes)}.")
+        current = self.as_dict()
+        checked: dict[str, Any] = {}
         for key, value in changes.items():
+            if not isinstance(key, str) or not key:
+                raise UserError(f"Setting names must be non-empty strings, got {_shown(key)}.")
             setting = SETTINGS_BY_KEY.get(key)
+            if setting is None and per_job:
+                continue
             if setting is None:
                 check_value({key: value}, status=400)  # kept verbatim: it must still be writable as JSON
-            coerced[key] = self._coerce(setting, value) if setting else value
+            if setting is not None:
+                value = self._coerce(setting, value)
+            unchanged = key in current and value == current[key]
+            if not unchanged and key in self._value_checks:
+                try:
+                    value = self._value_checks[key](value)
+                except UserError as exc:
+                    message = exc.message if key in exc.message else f"Setting {key!r}: {exc.message}"
+                    raise UserError(message, status=exc.status) from exc
+                unchanged = value == current.get(key)
+            if not unchanged and not from_flags:
+                self._check_allowed(key, per_job)
+            checked[key] = value
+        return checked
+
+    def _check_allowed(self, key: str, per_job: bool) -> None:
+        if self.hide_dir_config and key in OUTPUT_DIR_KEYS:
+            raise UserError(f"Setting {key!r}: output folders cannot be changed on this server "
+                            f"(--hide-ui-dir-config).", status=403)
+        if self.frozen and not (per_job and key in PER_JOB_WHEN_FROZEN):
+            if per_job:
+                raise UserError(f"Setting {key!r} cannot be overridden: settings are frozen on this server "
+                                f"(--freeze-settings); a job may override only {', '.join(PER_JOB_WHEN_FROZEN)}.",
+                                status=403)
+            raise UserError(f"Setting {key!r} cannot be changed: settings are frozen on this server "
+                            f"(--freeze-settings).", status=403)
+
+    def update(self, changes: dict[str, Any], *, from_flags: bool = False) -> dict[str, Any]:
+        """Check `changes` through the gate (`check`), then store them in config.json; returns the stored values.
+        Keys that are not settings are kept verbatim (as A1111 does)."""
+        coerced = self.check(changes, from_flags=from_flags)
         with self._lock:
             for key, value in coerced.items():
                 if key in SETTINGS_BY_KEY:

@@ -18,7 +18,7 @@ from .checkpoints import HashCache, ModelFile, ModelRegistry
 from .client import BackendClient, Job
 from .errors import UserError
 from .image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
-from .options import Options
+from .options import SETTINGS_BY_KEY, Options
 from .paths import DataPaths
 from .schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 
@@ -33,9 +33,12 @@ class EaselService:
         self.args = args
         self.paths = DataPaths.from_args(args)
         self.paths.ensure_folders()
-        self.options = Options(self.paths.config_file, self.paths.data_dir, frozen=args.freeze_settings)
+        self.options = Options(self.paths.config_file, self.paths.data_dir, frozen=args.freeze_settings,
+                               hide_dir_config=args.hide_ui_dir_config)
         self.hashes = HashCache(self.paths.cache_dir / "hashes.json")
         self.registry = ModelRegistry(self.paths.ckpt_dirs, self.paths.vae_dirs, self.hashes)
+        self.options.add_value_check("sd_model_checkpoint", self._checkpoint_title)
+        self.options.add_value_check("sd_vae", self._vae_choice)
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
@@ -60,7 +63,7 @@ class EaselService:
             ckpt = str(path.resolve())
         try:
             found = self.registry.find_checkpoint(ckpt)
-            self.options.update({"sd_model_checkpoint": found.title})
+            self.options.update({"sd_model_checkpoint": found.title}, from_flags=True)
         except UserError as exc:
             log.warning("--ckpt: %s", exc.message)
 
@@ -139,12 +142,18 @@ class EaselService:
 
     # -- settings ---------------------------------------------------------------------------------
     def set_options(self, changes: dict) -> dict:
-        changes = dict(changes)
-        if "sd_model_checkpoint" in changes and changes["sd_model_checkpoint"]:
-            changes["sd_model_checkpoint"] = self.registry.find_checkpoint(str(changes["sd_model_checkpoint"])).title
-        if "sd_vae" in changes and changes["sd_vae"] not in ("Automatic", "None", None, ""):
-            self.registry.find_vae(str(changes["sd_vae"]))
+        """Store settings (Settings tab, quick settings, /sdapi/v1/options) through the options' one gate."""
         return self.options.update(changes)
+
+    def _checkpoint_title(self, value: str) -> str:
+        """The gate's check of `sd_model_checkpoint`: a known checkpoint, kept as its full title ("" = the first)."""
+        return self.registry.find_checkpoint(value).title if value else value
+
+    def _vae_choice(self, value: str) -> str:
+        """The gate's check of `sd_vae`: Automatic, None or a known VAE file, kept as the name the lists show."""
+        if value in ("", "Automatic", "None"):
+            return value or "Automatic"
+        return self.registry.find_vae(value).name
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
@@ -161,17 +170,17 @@ class EaselService:
         from .pipelines.common import resolve_sampler
         resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
 
-        overrides = dict(req.override_settings or {})
-        model = self._model_payload(overrides)
+        # override_settings pass the options' one gate, as a stored change would when they are kept afterwards;
+        # the job sees only the checked, coerced values.
+        keep = not req.override_settings_restore_afterwards
+        overrides = self.options.check(req.override_settings, per_job=not keep)
+        job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
+        req = req.model_copy(update={"override_settings": job_overrides})
+        model = self._model_payload(job_overrides)
         options = self.options.as_dict()
-        for key, value in overrides.items():
-            if key in ("sd_model_checkpoint", "sd_vae"):
-                continue
-            options[key] = value
+        options.update({k: v for k, v in job_overrides.items() if k not in ("sd_model_checkpoint", "sd_vae")})
         for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
             options[key] = self.options[key]
-        if not req.override_settings_restore_afterwards and overrides:
-            self.set_options(overrides)
         payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}
         # ControlNet units (alwayson_scripts.controlnet): checked here, images decoded, models resolved.
         units = self.controlnet.units_for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
@@ -179,6 +188,8 @@ class EaselService:
             payload["controlnet"] = units
             payload["request"] = req.model_copy(update={"alwayson_scripts": {
                 k: v for k, v in req.alwayson_scripts.items() if str(k).lower() != "controlnet"}})
+        if keep and overrides:
+            self.options.update(overrides)
         return payload
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:

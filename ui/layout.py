@@ -24,11 +24,14 @@ CSS = """
 
 def build_ui(service: EaselService) -> gr.Blocks:
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+        # allow_custom_value: titles change when a file's hash becomes known, and a Generate pressed before the page
+        # load's refresh arrives must not fail Gradio's choices check; the settings gate checks the names instead.
         with gr.Row(elem_id="quicksettings"):
             checkpoint = gr.Dropdown(service.checkpoint_titles(), value=_current_title(service), label="Stable Diffusion checkpoint",
-                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=False, scale=4)
+                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=True, scale=4)
             refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
-            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae", scale=2)
+            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae",
+                              allow_custom_value=True, scale=2)
         gr.HTML(_exposure_html(service), elem_id="easel_lan_warning", visible=bool(exposure_warnings(service.args)))
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
@@ -48,7 +51,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("ControlNet", id="controlnet"):
                 controlnet.build_tab(service)
             with gr.Tab("Settings", id="settings"):
-                settings_tab.build(service)
+                settings = settings_tab.build(service, {"sd_model_checkpoint": checkpoint, "sd_vae": vae})
 
         send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
 
@@ -59,20 +62,44 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         refresh.click(on_refresh, outputs=[checkpoint, vae, notice], queue=False)
 
-        def select_and_load(changes: dict) -> str:
-            """Save the choice, then load the model now (as A1111 does) so errors show here and the next job starts at once."""
+        # The quick settings and the Settings tab's fields for the same settings, with what that tab loaded.
+        quick_outputs = [notice, checkpoint, vae, settings.components["sd_model_checkpoint"],
+                         settings.components["sd_vae"], settings.loaded]
+
+        def select_and_load(changes: dict, loaded: dict) -> list:
+            """Save the choice, then load the model now (as A1111 does) so errors show here and the next job starts
+            at once. Refused or not, the dropdowns then show the checkpoint and VAE that jobs use."""
             try:
                 service.set_options(changes)
                 service.load_checkpoint()
+                message = _notice_html(service)
             except (UserError, BackendError) as exc:
-                return f'<div class="easel-error">{html.escape(exc.message)}</div>'
-            return _notice_html(service)
+                message = f'<div class="easel-error">{html.escape(exc.message)}</div>'
+            title, vae_choice = _current_title(service), service.options["sd_vae"]
+            loaded = dict(loaded, sd_model_checkpoint=title or "", sd_vae=vae_choice)
+            return [message, gr.update(value=title), gr.update(value=vae_choice), gr.update(value=title),
+                    gr.update(value=vae_choice), loaded]
 
-        def on_checkpoint(title):
-            return select_and_load({"sd_model_checkpoint": title}) if title else gr.update()
+        def on_checkpoint(title, loaded):
+            return select_and_load({"sd_model_checkpoint": title}, loaded) if title else [gr.update()] * len(quick_outputs)
 
-        checkpoint.change(on_checkpoint, inputs=[checkpoint], outputs=[notice], show_progress="full")
-        vae.change(lambda choice: select_and_load({"sd_vae": choice}), inputs=[vae], outputs=[notice], show_progress="full")
+        # .input: only the user's choice saves and loads (not the page load's or Apply's refresh of the value)
+        checkpoint.input(on_checkpoint, inputs=[checkpoint, settings.loaded], outputs=quick_outputs, show_progress="full")
+        vae.input(lambda choice, loaded: select_and_load({"sd_vae": choice}, loaded), inputs=[vae, settings.loaded],
+                  outputs=quick_outputs, show_progress="full")
+
+        clip_skips = [fields["clip_skip"], i2i_fields["clip_skip"]]
+
+        def on_page_load():
+            """Every page load shows the server's state now (not the one at server start): the checkpoint and VAE
+            jobs will use, Clip skip, the Settings tab's fields."""
+            title = _current_title(service)
+            clip_skip = service.options["CLIP_stop_at_last_layers"]
+            return ([gr.update(choices=service.checkpoint_titles(), value=title),
+                     gr.update(choices=service.vae_choices(), value=service.options["sd_vae"])]
+                    + [gr.update(value=clip_skip) for _ in clip_skips] + settings.refreshed(service))
+
+        demo.load(on_page_load, outputs=[checkpoint, vae] + clip_skips + settings.outputs(), queue=False)
 
         def on_load():
             offer = bool(service.no_checkpoint_message()) and not service.args.no_download_sd_model

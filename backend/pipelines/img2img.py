@@ -249,8 +249,10 @@ def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fi
     p["Denoising strength"] = format_number(req.denoising_strength)
     if mode:
         p["Resize mode"] = image_ops.RESIZE_MODES[mode]
-    if req.initial_noise_multiplier not in (None, 1, 1.0):
-        p["Noise multiplier"] = format_number(req.initial_noise_multiplier)
+    multiplier = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None
+                  else gen.ctx.options.get("initial_noise_multiplier", 1.0))
+    if multiplier not in (1, 1.0):
+        p["Noise multiplier"] = format_number(multiplier)
     if prepared is not None:
         blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
         blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y

@@ -28,7 +28,7 @@ class Generation:
         self.device = ctx.policy.device
         self.sampler_info, self.schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler,
                                                            options.get("default_sampler", "Euler a"))
-        self.clip_skip = int(req.override_settings.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1)))
+        self.clip_skip = int(options.get("CLIP_stop_at_last_layers", 1))  # the job's override is merged in, checked
         self.model_schedule = samplers.DiscreteSchedule(model.alphas_cumprod, family=model.family)
         self.extra = sampler_extra_args(self.sampler_info, req, options)
 
