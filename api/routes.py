@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import A1111Route
@@ -112,10 +113,11 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         return service.options.as_dict()
 
     @router.post("/options")
-    def set_options(body: dict[str, Any]) -> dict:
-        service.set_options(body)
-        if "sd_model_checkpoint" in body or "sd_vae" in body:
-            service.load_checkpoint()  # as in A1111: the call returns once the model is loaded
+    async def set_options(body: dict[str, Any]) -> dict:
+        # as in A1111: a checkpoint or VAE change returns once the model is loaded (awaited, holding no thread)
+        job = await run_in_threadpool(service.submit_options, body)
+        if job is not None:
+            await job.outcome()
         return {}
 
     @router.get("/cmd-flags")

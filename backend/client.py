@@ -65,6 +65,8 @@ class Job:
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
     listeners: list[Callable[["Job"], None]] = field(default_factory=list)
+    # run once when the job ends, before anyone waiting for it wakes (so they see what these did)
+    on_end: list[Callable[["Job"], None]] = field(default_factory=list)
 
     @property
     def progress(self) -> float:
@@ -234,7 +236,7 @@ class BackendClient:
         if job.started:
             self._durations.append(job.finished - job.started)
         self._last = job
-        for hook in list(self.finished_hooks):
+        for hook in list(self.finished_hooks) + list(job.on_end):
             try:
                 hook(job)
             except Exception:  # noqa: BLE001  a hook's bug must not lose the job's result
@@ -255,10 +257,12 @@ class BackendClient:
         self._jobs.put({"job_id": job.job_id, "kind": job.kind, "payload": job.payload})
 
     # -- public ---------------------------------------------------------------------------------
-    def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None) -> Job:
-        """Queue a job; `QueueFull` (HTTP 503) when `queue_limit` jobs already wait."""
+    def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None,
+               on_end: Callable[[Job], None] | None = None) -> Job:
+        """Queue a job; `QueueFull` (HTTP 503) when `queue_limit` jobs already wait. `on_end(job)` runs when it
+        ends, before its waiters wake."""
         limit = self.queue_limit() if self.queue_limit else None
-        job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload)
+        job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload, on_end=[on_end] if on_end else [])
         if listener:
             job.listeners.append(listener)
         with self._lock:

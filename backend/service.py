@@ -26,6 +26,7 @@ log = logging.getLogger("easel")
 
 DEFAULT_MODEL_URL = "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"
 DEFAULT_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
+MODEL_SETTINGS = ("sd_model_checkpoint", "sd_vae")  # settings whose change loads a model at once
 
 
 class EaselService:
@@ -280,18 +281,38 @@ class EaselService:
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
 
-    def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None) -> Job:
+    def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None,
+                               on_end: Callable[[Job], None] | None = None) -> Job:
         """Load the selected checkpoint (and VAE) into the backend's cache ahead of the next job."""
         payload = self._model_payload()
         payload["options"] = self.options.as_dict()
-        return self.client.submit("load", payload, listener)
+        return self.client.submit("load", payload, listener, on_end=on_end)
+
+    def submit_options(self, changes: dict) -> Job | None:
+        """Store settings through the gate; when they choose a checkpoint or VAE, load it now, as A1111 does (the
+        load job; None when no model setting is among `changes`). When that load fails, the previous choice is put
+        back before anyone waiting sees the error (A1111 does the same), so a file that does not load never stays
+        selected for the jobs after it."""
+        previous = {k: self.options[k] for k in MODEL_SETTINGS if k in changes}
+        stored = self.set_options(changes)
+        if not any(k in stored for k in MODEL_SETTINGS):
+            return None
+
+        def put_back_on_failure(job: Job) -> None:
+            if job.error is not None:
+                log.warning("loading the chosen model failed; the previous choice %s is kept", previous)
+                self.options.update(previous, from_flags=True)  # the value the gate took before: no second check
+
+        return self.submit_load_checkpoint(on_end=put_back_on_failure)
 
     def load_checkpoint(self) -> dict:
-        job = self.submit_load_checkpoint()
-        job.done.wait()
-        if job.error:
-            raise job.error
-        return job.result
+        return _wait(self.submit_load_checkpoint())
+
+    def change_options(self, changes: dict) -> None:
+        """`submit_options`, waiting for the model load it starts (its error raised)."""
+        job = self.submit_options(changes)
+        if job is not None:
+            _wait(job)
 
     def submit_unload_checkpoint(self) -> Job:
         return self.client.submit("unload", {})

@@ -40,9 +40,12 @@ EXTRA_FOR = {
     "script_args": [[None, float("inf"), 1, "x"], [None, 10**30, "None", 2], [0, 0, 0, ["left"]],
                     [1e300, 1e300, 1e300, 1e300], ["", -5, "nope", float("nan")]],
     "script_name": ["SD upscale", "Poor man's outpainting", "outpainting mk2", "x/y/z plot", "nope"],
-    # Bad values of known settings are the settings gate's (tests of override_settings); here: the container.
+    # The container, and bad values of known settings (the settings gate answers them; test_settings_gate has more).
     "override_settings": [{"nonexistent_setting": [1, 2]}, {"nonexistent_setting": float("nan")},
-                          {"CLIP_stop_at_last_layers": 10**30}, {"\ud800": 1}],
+                          {"CLIP_stop_at_last_layers": 10**30}, {"\ud800": 1}, {"eta_ancestral": "abc"},
+                          {"show_progress_every_n_steps": "x"}, {"CLIP_stop_at_last_layers": 999},
+                          {"samples_format": "png/../../x"}, {"eta_ancestral": float("nan")}, {"sd_model_checkpoint": 5},
+                          {"sd_vae": ["x"]}, {"samples_save": {"a": 1}}, {"outdir_txt2img_samples": None}],
     "styles": [["nope"], [None], ["\ud800"]],
     "init_images": [["abc"], [""], [None], ["data:image/png;base64,!!!"], ["A" * 100_000], [[1]]],
     "mask": ["abc", "data:image/png;base64,AAAA", "A" * 10_001],

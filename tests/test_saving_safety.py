@@ -242,6 +242,21 @@ def test_a_broken_checkpoint_is_never_the_automatic_default(sapi, safety_server)
     assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1"
 
 
+def test_selecting_a_checkpoint_that_does_not_load_keeps_the_previous_choice(sapi, safety_server):
+    """As A1111: POST /options with a checkpoint that fails to load answers with its error, and the choice
+    before it stays selected (for this API and for the page), so the jobs after it do not fail too."""
+    good = next(m["title"] for m in sapi.get("/sd-models").json() if m["model_name"] == "tiny-sd1")
+    assert sapi.post("/options", json={"sd_model_checkpoint": good}).status_code == 200
+    try:
+        r = sapi.post("/options", json={"sd_model_checkpoint": "aab-no-model.safetensors"})
+        assert 400 <= r.status_code < 500 and "aab-no-model.safetensors" in r.json()["detail"], r.text
+        assert sapi.get("/options").json()["sd_model_checkpoint"] == good
+        r = sapi.post("/txt2img", json=_txt2img())
+        assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1", r.text
+    finally:
+        assert sapi.post("/options", json={"sd_model_checkpoint": ""}).status_code == 200
+
+
 def test_unwritable_output_folders_still_return_the_images(sapi, safety_server):
     blocked = safety_server.data_dir / "outputs" / "blocked"
     blocked.parent.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             """Save the choice, then load the model now (as A1111 does) so errors show here and the next job starts
             at once. Refused or not, the dropdowns then show the checkpoint and VAE that jobs use."""
             try:
-                service.set_options(changes)
-                service.load_checkpoint()
+                service.change_options(changes)
                 message = _notice_html(service)
             except (UserError, BackendError) as exc:
                 message = f'<div class="easel-error">{html.escape(exc.message)}</div>'
