@@ -91,6 +91,19 @@ def folder_image_problem(path: Path) -> str | None:
     return None
 
 
+def folder_images(folder: Path, warnings: list[str]) -> list[Path]:
+    """The files of a batch folder that look like images (`folder_image_problem`), sorted by name; each other file
+    adds a "Skipped NAME: why." to `warnings`."""
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        problem = folder_image_problem(path)
+        if problem:
+            warnings.append(f"Skipped {path.name}: {problem}.")
+        else:
+            found.append(path)
+    return found
+
+
 def open_folder_image(path: Path) -> Image.Image:
     """A file of a batch folder as an image: checked by `folder_image_problem`, then decoded only by the format
     its signature names (a file is never handed to every decoder PIL has)."""

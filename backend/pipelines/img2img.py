@@ -19,7 +19,7 @@ from PIL import Image
 
 from .. import image_ops
 from ..errors import JobInterrupted, UserError
-from ..image_codec import folder_image_problem, open_folder_image
+from ..image_codec import folder_images, open_folder_image
 from ..images import save_image_or_warn
 from ..paths import IMAGE_EXTENSIONS
 from ..postprocess.face_restore import restore_faces_for_job
@@ -338,17 +338,12 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
     A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image, mask)`
     runs before each file's generation (the worker prepares the ControlNet units from them).
     """
-    listed = sorted(p for p in input_dir.iterdir() if p.is_file())
-    if not listed:
+    if not any(p.is_file() for p in input_dir.iterdir()):
         raise UserError(f"The input folder {input_dir} has no files.")
-    files, warnings = [], []
-    for path in listed:  # only files that are images by name and by content reach a decoder
-        problem = folder_image_problem(path)
-        if problem:
-            log.warning("img2img batch: skipped %s: %s", path.name, problem)
-            warnings.append(f"Skipped {path.name}: {problem}.")
-        else:
-            files.append(path)
+    warnings: list[str] = []
+    files = folder_images(input_dir, warnings)  # only files that are images by name and by content reach a decoder
+    for warning in warnings:
+        log.warning("img2img batch: %s", warning)
     masks = {}
     if mask_dir is not None:
         masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}

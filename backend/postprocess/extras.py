@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ..errors import JobInterrupted, UserError
-from ..image_codec import folder_image_problem, image_format_of, open_folder_image
+from ..image_codec import folder_images, image_format_of, open_folder_image
 from ..infotext import quote, read_infotext_from_image
 from ..paths import IMAGE_EXTENSIONS
 from . import face_restore, upscalers
@@ -208,14 +208,11 @@ def _inputs(payload: dict, warnings: list[str]) -> list[_Input]:
     if payload.get("input_dir") is None:
         return [_Input(name, image=image) for name, image in payload["images"]]
     folder = Path(payload["input_dir"])
-    files = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        problem = folder_image_problem(path)
-        if problem:
-            log.warning("extras: skipped %s: %s", path.name, problem)
-            warnings.append(f"Skipped {path.name}: {problem}.")
-        else:
-            files.append(path)
+    skipped: list[str] = []
+    files = folder_images(folder, skipped)
+    for warning in skipped:
+        log.warning("extras: %s", warning)
+    warnings.extend(skipped)
     if not files:
         raise UserError(f"The input folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}). " + " ".join(warnings))
     return [_Input(p.name, path=p) for p in files]
