@@ -795,22 +795,12 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     return x
 
 
-@torch.no_grad()
-def sample_ddim(model, x, sigmas, *, noise_sampler=None, callback=None, eta=0.0, s_churn=0.0,
-                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """DDIM in sigma space. With eta=0 it is exactly Euler on these sigmas; DDIM's stochastic term
-    sigma_t(eta) rescaled to sigma space equals the ancestral sigma_up, so eta>0 adds that noise.
-    (eta defaults to 0 here, DDIM's usual setting; the pipeline passes A1111's "eta_ddim".)"""
-    sig = _sigma_list(sigmas)
-    for i in range(len(sig) - 1):
-        s, sn = sig[i], sig[i + 1]
-        denoised = _denoise(model, x, s)
-        down, up = get_ancestral_step(s, sn, eta)
-        x = _lerp_to(denoised, x, down / s)
-        if sn > 0 and up > 0:
-            x = x + _noise(noise_sampler, x, s, sn) * (s_noise * up)
-        _report(callback, i, x, s, denoised)
-    return x
+def sample_ddim(model, x, sigmas, *, eta=0.0, **kwargs):
+    """DDIM in sigma space: the Euler-ancestral update. With eta=0 it is exactly Euler on these sigmas;
+    DDIM's stochastic term sigma_t(eta) rescaled to sigma space equals the ancestral sigma_up, so eta>0
+    adds that noise. Only the default differs: eta=0, DDIM's usual setting (the pipeline passes A1111's
+    "eta_ddim")."""
+    return sample_euler_ancestral(model, x, sigmas, eta=eta, **kwargs)
 
 
 @torch.no_grad()
