@@ -32,8 +32,6 @@ _RESNET_LDM_TO_DIFF = {
     ("out_layers", "3"): "conv2",
 }
 _RESNET_DIFF_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFF.items()}
-_VAE_ATTN_LDM_TO_DIFF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_VAE_ATTN_DIFF_TO_LDM = {v: k for k, v in _VAE_ATTN_LDM_TO_DIFF.items()}
 
 
 class _UNetLayout:
@@ -176,92 +174,97 @@ def unet_key_to_ldm(key: str, layout: _UNetLayout) -> str | None:
 
 
 # -- VAE ----------------------------------------------------------------------------------------
+# One table serves both directions: (LDM prefix, diffusers prefix, how the rest of the key is renamed).
+# `{part}` is encoder or decoder, `{i}` a level, `{j}` a block; the decoder's LDM levels count from the
+# other end (`up.{I}` is diffusers' `up_blocks.{n_levels - 1 - I}`). The rest of the key after the prefix
+# is kept, except that a resnet's shortcut is renamed and an attention's projection must be a known one.
+_VAE_RESNET_REST = {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTN_REST = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_VAE_KEY_TABLE: tuple[tuple[str, str, dict[str, str] | None, bool], ...] = (
+    # (ldm, diffusers, renamed first parts of the rest, rest must be renamed)
+    ("quant_conv", "quant_conv", None, False),
+    ("post_quant_conv", "post_quant_conv", None, False),
+    ("{part}.conv_in", "{part}.conv_in", None, False),
+    ("{part}.conv_out", "{part}.conv_out", None, False),
+    ("{part}.norm_out", "{part}.conv_norm_out", None, False),
+    ("{part}.mid.block_1", "{part}.mid_block.resnets.0", _VAE_RESNET_REST, False),
+    ("{part}.mid.block_2", "{part}.mid_block.resnets.1", _VAE_RESNET_REST, False),
+    ("{part}.mid.attn_1", "{part}.mid_block.attentions.0", _VAE_ATTN_REST, True),
+    ("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET_REST, False),
+    ("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsamplers.0.conv", None, False),
+    ("decoder.up.{I}.block.{j}", "decoder.up_blocks.{i}.resnets.{j}", _VAE_RESNET_REST, False),
+    ("decoder.up.{I}.upsample.conv", "decoder.up_blocks.{i}.upsamplers.0.conv", None, False),
+)
+
+
+def _match_vae_prefix(template: list[str], parts: list[str], n_levels: int) -> dict[str, object] | None:
+    """The values of `template`'s placeholders if `parts` starts with it, else None."""
+    if len(parts) < len(template):
+        return None
+    found: dict[str, object] = {}
+    for want, got in zip(template, parts):
+        if want == "{part}":
+            if got not in ("encoder", "decoder"):
+                return None
+            found["part"] = got
+        elif want in ("{i}", "{j}", "{I}"):
+            try:
+                number = int(got)
+            except ValueError:
+                return None
+            if want == "{I}":
+                found["i"] = n_levels - 1 - number
+            else:
+                found[want[1:-1]] = number
+        elif want != got:
+            return None
+    return found
+
+
+def _fill_vae_prefix(template: list[str], found: dict[str, object], n_levels: int) -> list[str]:
+    values = {**found, "I": n_levels - 1 - found["i"]} if "i" in found else found
+    return [str(values[t[1:-1]]) if t.startswith("{") else t for t in template]
+
+
+def _rename_vae_rest(rest: list[str], names: dict[str, str] | None, required: bool) -> list[str] | None:
+    """The rest of a key with its leading name (one or more dotted parts) renamed by `names`;
+    None when `required` and it holds none of them."""
+    for old, new in (names or {}).items():
+        old_parts = old.split(".")
+        if rest[:len(old_parts)] == old_parts:
+            return new.split(".") + rest[len(old_parts):]
+    return None if required else rest
+
+
+def _vae_key(key: str, n_levels: int, to_diffusers: bool) -> str | None:
+    parts = key.split(".")
+    for ldm, diffusers, rest_names, required in _VAE_KEY_TABLE:
+        source, target = (ldm, diffusers) if to_diffusers else (diffusers, ldm)
+        source_parts = source.split(".")
+        found = _match_vae_prefix(source_parts, parts, n_levels)
+        if found is None:
+            continue
+        if rest_names and not to_diffusers:
+            rest_names = {new: old for old, new in rest_names.items()}
+        rest = _rename_vae_rest(parts[len(source_parts):], rest_names, required)
+        if rest is None:
+            return None
+        return ".".join(_fill_vae_prefix(target.split("."), found, n_levels) + rest)
+    return None
+
+
 def vae_key_to_diffusers(key: str, n_levels: int) -> str | None:
     """An LDM VAE key (without `first_stage_model.`) as a diffusers AutoencoderKL key."""
-    p = key.split(".")
-    try:
-        if p[0] in ("quant_conv", "post_quant_conv"):
-            return key
-        if p[0] not in ("encoder", "decoder"):
-            return None
-        part, what = p[0], p[1]
-        if what in ("conv_in", "conv_out"):
-            return key
-        if what == "norm_out":
-            return ".".join([part, "conv_norm_out"] + p[2:])
-        if what == "mid":
-            if p[2] in ("block_1", "block_2"):
-                return ".".join([part, "mid_block.resnets", str(int(p[2][-1]) - 1)] + _vae_resnet(p[3:], True))
-            if p[2] == "attn_1" and p[3] in _VAE_ATTN_LDM_TO_DIFF:
-                return ".".join([part, "mid_block.attentions.0", _VAE_ATTN_LDM_TO_DIFF[p[3]]] + p[4:])
-            return None
-        if part == "encoder" and what == "down":
-            i = int(p[2])
-            if p[3] == "block":
-                return ".".join([part, f"down_blocks.{i}.resnets.{int(p[4])}"] + _vae_resnet(p[5:], True))
-            if p[3] == "downsample" and p[4] == "conv":
-                return ".".join([part, f"down_blocks.{i}.downsamplers.0.conv"] + p[5:])
-            return None
-        if part == "decoder" and what == "up":
-            i = n_levels - 1 - int(p[2])
-            if p[3] == "block":
-                return ".".join([part, f"up_blocks.{i}.resnets.{int(p[4])}"] + _vae_resnet(p[5:], True))
-            if p[3] == "upsample" and p[4] == "conv":
-                return ".".join([part, f"up_blocks.{i}.upsamplers.0.conv"] + p[5:])
-            return None
-    except (IndexError, ValueError):
-        return None
-    return None
+    return _vae_key(key, n_levels, to_diffusers=True)
 
 
 def vae_key_to_ldm(key: str, n_levels: int) -> str | None:
     """A diffusers AutoencoderKL key as an LDM VAE key (without `first_stage_model.`)."""
-    p = key.split(".")
-    try:
-        if p[0] in ("quant_conv", "post_quant_conv"):
-            return key
-        if p[0] not in ("encoder", "decoder"):
-            return None
-        part, what = p[0], p[1]
-        if what in ("conv_in", "conv_out"):
-            return key
-        if what == "conv_norm_out":
-            return ".".join([part, "norm_out"] + p[2:])
-        if what == "mid_block":
-            if p[2] == "resnets":
-                return ".".join([part, "mid", f"block_{int(p[3]) + 1}"] + _vae_resnet(p[4:], False))
-            if p[2] == "attentions" and p[3] == "0":
-                name = p[4] if p[4] != "to_out" else "to_out." + p[5]
-                rest = p[5:] if p[4] != "to_out" else p[6:]
-                if name in _VAE_ATTN_DIFF_TO_LDM:
-                    return ".".join([part, "mid.attn_1", _VAE_ATTN_DIFF_TO_LDM[name]] + rest)
-            return None
-        if part == "encoder" and what == "down_blocks":
-            i = int(p[2])
-            if p[3] == "resnets":
-                return ".".join([part, f"down.{i}.block.{int(p[4])}"] + _vae_resnet(p[5:], False))
-            if p[3] == "downsamplers" and p[4] == "0" and p[5] == "conv":
-                return ".".join([part, f"down.{i}.downsample.conv"] + p[6:])
-            return None
-        if part == "decoder" and what == "up_blocks":
-            i = n_levels - 1 - int(p[2])
-            if p[3] == "resnets":
-                return ".".join([part, f"up.{i}.block.{int(p[4])}"] + _vae_resnet(p[5:], False))
-            if p[3] == "upsamplers" and p[4] == "0" and p[5] == "conv":
-                return ".".join([part, f"up.{i}.upsample.conv"] + p[6:])
-            return None
-    except (IndexError, ValueError):
-        return None
-    return None
+    return _vae_key(key, n_levels, to_diffusers=False)
 
 
-def _vae_resnet(rest: list[str], to_diffusers: bool) -> list[str]:
-    if rest and rest[0] == ("nin_shortcut" if to_diffusers else "conv_shortcut"):
-        return ["conv_shortcut" if to_diffusers else "nin_shortcut"] + rest[1:]
-    return rest
-
-
-def _is_vae_attn_matrix(diffusers_key: str) -> bool:
+def is_vae_attention_matrix(diffusers_key: str) -> bool:
+    """A diffusers VAE mid-block attention projection weight: `[C, C]` there, a 1x1 conv `[C, C, 1, 1]` in LDM."""
     return ".mid_block.attentions.0." in diffusers_key and diffusers_key.endswith(".weight") and \
         any(f".{n}.weight" in diffusers_key for n in ("to_q", "to_k", "to_v", "to_out.0"))
 
@@ -276,7 +279,7 @@ def convert_vae_ldm_to_diffusers(vae_sd: dict[str, torch.Tensor], n_levels: int)
         if nk is None:
             unknown.append(k)
             continue
-        if _is_vae_attn_matrix(nk) and v.ndim > 2:
+        if is_vae_attention_matrix(nk) and v.ndim > 2:
             v = v.reshape(v.shape[0], v.shape[1])
         out[nk] = v
     return out, unknown
@@ -288,7 +291,7 @@ def convert_vae_diffusers_to_ldm(vae_sd: dict[str, torch.Tensor], n_levels: int)
         nk = vae_key_to_ldm(k, n_levels)
         if nk is None:
             raise KeyError(f"no LDM name for VAE key {k}")
-        if _is_vae_attn_matrix(k) and v.ndim == 2:
+        if is_vae_attention_matrix(k) and v.ndim == 2:
             v = v.reshape(v.shape[0], v.shape[1], 1, 1)
         out[nk] = v
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .ldm_convert import convert_vae_ldm_to_diffusers, ldm_to_diffusers
+from .ldm_convert import convert_vae_ldm_to_diffusers, is_vae_attention_matrix, ldm_to_diffusers
 from .model_detection import FAMILY_NAMES, VAE_PREFIX, ModelSpec, detect_checkpoint, detect_vae
 from .state_dict_io import read_state_dict
 from .tokenizer import clip_tokenizer
@@ -327,8 +327,7 @@ def _modernize_diffusers_vae(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         parts = k.split(".")
         if ".mid_block.attentions.0." in k and len(parts) >= 2 and parts[-2] in old_to_new:
             k = ".".join(parts[:-2] + [old_to_new[parts[-2]], parts[-1]])
-        if ".mid_block.attentions.0." in k and k.endswith(".weight") and v.ndim > 2 and \
-                any(f".{n}.weight" in k for n in ("to_q", "to_k", "to_v", "to_out.0")):
+        if is_vae_attention_matrix(k) and v.ndim > 2:
             v = v.reshape(v.shape[0], v.shape[1])
         out[k] = v
     return out
