@@ -34,7 +34,10 @@ _RESNET_LDM_TO_DIFF = {
 _RESNET_DIFF_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFF.items()}
 
 
-class _UNetLayout:
+class UNetLayout:
+    """The block layout of a UNet2DConditionModel config that the LDM <-> diffusers key mapping needs:
+    levels, resnets per level (`lpb`) and which down/up levels carry cross-attention."""
+
     def __init__(self, unet_config: dict):
         self.levels = len(unet_config["block_out_channels"])
         lpb = unet_config["layers_per_block"]
@@ -64,7 +67,7 @@ def _resnet_to_ldm(rest: list[str]) -> str | None:
     return None
 
 
-def unet_key_to_diffusers(key: str, layout: _UNetLayout) -> str | None:
+def unet_key_to_diffusers(key: str, layout: UNetLayout) -> str | None:
     """An LDM UNet key (without `model.diffusion_model.`) as a diffusers UNet2DConditionModel key."""
     p = key.split(".")
     head = p[0]
@@ -119,7 +122,7 @@ def unet_key_to_diffusers(key: str, layout: _UNetLayout) -> str | None:
     return None
 
 
-def unet_key_to_ldm(key: str, layout: _UNetLayout) -> str | None:
+def unet_key_to_ldm(key: str, layout: UNetLayout) -> str | None:
     """A diffusers UNet2DConditionModel key as an LDM UNet key (without `model.diffusion_model.`)."""
     p = key.split(".")
     head = p[0]
@@ -416,7 +419,7 @@ def ldm_to_diffusers(state_dict: dict[str, torch.Tensor], spec: ModelSpec, *,
     loader's strict check reports them.
     """
     unknown = unknown if unknown is not None else []
-    layout = _UNetLayout(spec.unet_config)
+    layout = UNetLayout(spec.unet_config)
     unet = {}
     for k, v in _strip(state_dict, UNET_PREFIX).items():
         nk = unet_key_to_diffusers(k, layout)
@@ -451,7 +454,7 @@ def diffusers_to_ldm(unet_sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.T
 
     Text encoder dicts may use transformers 4 or 5 names (with or without `text_model.`).
     """
-    layout = _UNetLayout(spec.unet_config)
+    layout = UNetLayout(spec.unet_config)
     out: dict[str, torch.Tensor] = {}
     for k, v in unet_sd.items():
         nk = unet_key_to_ldm(k, layout)

@@ -273,19 +273,8 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     n_input = _count_indices(sd, re.compile(r"input_blocks\.(\d+)\."))
     n_output = _count_indices(sd, re.compile(r"output_blocks\.(\d+)\."))
 
-    # Walk the input blocks: resnets add to the current level, a downsampler closes it.
-    levels: list[list[int]] = [[]]
-    for n in range(1, n_input):
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            levels.append([])
-        elif f"input_blocks.{n}.0.in_layers.0.weight" in sd:
-            levels[-1].append(n)
-        else:
-            raise UserError(f"Unrecognized UNet block input_blocks.{n} in this checkpoint.")
-    counts = {len(level) for level in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise UserError(f"Unsupported UNet layout: levels hold different numbers of blocks ({[len(l) for l in levels]}).")
-    layers_per_block = counts.pop()
+    levels = unet_input_levels(sd, n_input)
+    layers_per_block = len(levels[0])
     n_levels = len(levels)
     if n_output != n_levels * (layers_per_block + 1):
         raise UserError(f"Unsupported UNet layout: {n_output} output blocks for {n_levels} levels of "
@@ -366,6 +355,26 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     elif family == "sdxl":
         raise UserError("Unsupported SDXL variant: its UNet has no size/crop embedding (label_emb).")
     return config
+
+
+def unet_input_levels(sd, n_input: int, what: str = "UNet") -> list[list[int]]:
+    """The indices of an LDM UNet's (or ControlNet's) resnet input blocks, grouped by level.
+
+    Walks `input_blocks.1` .. `input_blocks.{n_input - 1}` (keys without prefix): a resnet adds to the
+    current level, a downsampler closes it. Every level must hold the same number of blocks; `what`
+    names the network in the errors."""
+    levels: list[list[int]] = [[]]
+    for n in range(1, n_input):
+        if f"input_blocks.{n}.0.op.weight" in sd:
+            levels.append([])
+        elif f"input_blocks.{n}.0.in_layers.0.weight" in sd:
+            levels[-1].append(n)
+        else:
+            raise UserError(f"Unrecognized {what} block input_blocks.{n}.")
+    counts = {len(level) for level in levels}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"Unsupported {what} layout: levels hold different numbers of blocks ({[len(l) for l in levels]}).")
+    return levels
 
 
 def _transformer_depth(sd, block_prefix: str) -> int:

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..ldm_convert import _UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
-from ..model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS
+from ..ldm_convert import UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
+from ..model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
 from ..paths import list_files
 
 log = logging.getLogger(__name__)
@@ -270,18 +270,8 @@ def _detect_ldm(state_dict: dict, prefix: str, time_dim: int | None) -> ControlN
     get = lambda k: _require(sd, k, prefix)  # noqa: E731
     conv_in = get("input_blocks.0.0.weight")
     n_input = _count(sd, r"input_blocks\.(\d+)\.")
-    levels: list[list[int]] = [[]]
-    for n in range(1, n_input):
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            levels.append([])
-        elif f"input_blocks.{n}.0.in_layers.0.weight" in sd:
-            levels[-1].append(n)
-        else:
-            raise UserError(f"Unrecognized ControlNet block input_blocks.{n}.")
-    counts = {len(level) for level in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise UserError(f"Unsupported ControlNet layout: levels hold different numbers of blocks ({[len(l) for l in levels]}).")
-    lpb = counts.pop()
+    levels = unet_input_levels(sd, n_input, "ControlNet")
+    lpb = len(levels[0])
     block_out = [int(get(f"input_blocks.{level[0]}.0.out_layers.3.weight").shape[0]) for level in levels]
     depths = [[_count(sd, rf"input_blocks\.{n}\.1\.transformer_blocks\.(\d+)\.") for n in level] for level in levels]
     for level, d in enumerate(depths):
@@ -368,8 +358,8 @@ def _require(sd: dict, key: str, prefix: str):
 
 
 # -- key conversion -------------------------------------------------------------------------------
-def _layout(config: dict) -> _UNetLayout:
-    return _UNetLayout({**config, "up_block_types": [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]})
+def _layout(config: dict) -> UNetLayout:
+    return UNetLayout({**config, "up_block_types": [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]})
 
 
 def ldm_controlnet_to_diffusers(sd: dict[str, torch.Tensor], info: ControlNetInfo) -> tuple[dict, list[str]]:

@@ -68,8 +68,8 @@ def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
     table = {}
     layout = None
     try:
-        from ..ldm_convert import _UNetLayout, unet_key_to_ldm
-        layout = _UNetLayout(model.spec.unet_config)
+        from ..ldm_convert import UNetLayout, unet_key_to_ldm
+        layout = UNetLayout(model.spec.unet_config)
     except Exception:  # noqa: BLE001  an unusual UNet config: diffusers names only
         unet_key_to_ldm = None
     for name, module in model.unet.named_modules():
