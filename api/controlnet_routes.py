@@ -5,9 +5,6 @@ Units themselves travel in txt2img/img2img requests (`alwayson_scripts.controlne
 """
 from __future__ import annotations
 
-import base64
-import io
-
 from fastapi import APIRouter
 from pydantic import ConfigDict, Field
 
@@ -15,7 +12,7 @@ from api.errors import A1111Route
 from api.jobs import run_job
 from backend.controlnet.service import API_VERSION, detected_maps_and_poses
 from backend.errors import UserError
-from backend.image_codec import decode_base64_image
+from backend.image_codec import decode_base64_image, encode_png_base64
 from backend.schemas import JsonRequest
 from backend.service import EaselService
 
@@ -32,12 +29,6 @@ class DetectRequest(JsonRequest):
     controlnet_threshold_a: float = 64
     controlnet_threshold_b: float = 64
     low_vram: bool = False
-
-
-def _png_base64(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def build_controlnet_router(service: EaselService, dependencies: list | None = None, log_requests: bool = False) -> APIRouter:
@@ -80,7 +71,7 @@ def build_controlnet_router(service: EaselService, dependencies: list | None = N
                                     req.controlnet_threshold_a, req.controlnet_threshold_b)
 
         results, poses = detected_maps_and_poses(await run_job(submit))
-        body = {"images": [_png_base64(img) for img in results], "info": "Success"}
+        body = {"images": [encode_png_base64(img) for img in results], "info": "Success"}
         if poses:  # pose preprocessors: the people found, in OpenPose JSON (as the extension returns them)
             body["poses"] = poses
         return body

@@ -1,4 +1,5 @@
-"""Decoding images that users send: raw bytes or base64 (optionally a data: URL), with clear errors.
+"""Decoding images that users send: raw bytes or base64 (optionally a data: URL), with clear errors;
+encoding images as base64 PNG for API answers.
 
 Refuses non-images and decompression bombs before any pixel is decoded in bulk.
 """
@@ -52,6 +53,14 @@ def decode_base64_image(data: str, field: str = "image") -> Image.Image:
         return open_image_bytes(decoded)
     except UserError as exc:
         raise UserError(f"{field}: {exc.message}", status=exc.status) from exc
+
+
+
+def encode_png_base64(img: Image.Image) -> str:
+    """A PIL image as base64 PNG (no data: prefix), the form the A1111 API returns images in."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 # The first bytes of each image format a folder batch reads, and the PIL format that decodes it.

@@ -10,9 +10,6 @@ are the extension's older field names (`input_image`, `lowvram`, `guessmode`) an
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -20,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..image_codec import decode_base64_image, encode_png_base64
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -36,7 +34,6 @@ _CONTROL_ALIASES = {"balanced": CONTROL_MODES[0], "my prompt is more important":
 _HR_ALIASES = {"both": "Both", "low res only": "Low res only", "high res only": "High res only",
                "hirefixoption.both": "Both", "hirefixoption.low_res_only": "Low res only",
                "hirefixoption.high_res_only": "High res only"}
-_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
 
 
 @dataclass
@@ -75,17 +72,8 @@ class ControlUnit:
         return out
 
 
-def encode_png_base64(img: Image.Image) -> str:
-    import io
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def decode_image(data: Any, what: str) -> Image.Image | None:
     """A control image from the API: base64 (or data: URL), a PIL image, an array, or {image, mask}."""
-    from ..service import open_image_bytes
-
     if data is None or (isinstance(data, str) and not data.strip()):
         return None
     if isinstance(data, Image.Image):
@@ -96,15 +84,7 @@ def decode_image(data: Any, what: str) -> Image.Image | None:
         return decode_image(data.get("image"), what)
     if not isinstance(data, str):
         raise UserError(f"{what}: expected a base64-encoded image, got {type(data).__name__}.")
-    raw = _DATA_URL.sub("", data.strip())
-    try:
-        decoded = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise UserError(f"{what}: invalid base64 data ({exc}).") from exc
-    try:
-        return open_image_bytes(decoded)
-    except UserError as exc:
-        raise UserError(f"{what}: {exc.message}", status=exc.status) from exc
+    return decode_base64_image(data, what)
 
 
 def _enum(value: Any, choices: tuple[str, ...], aliases: dict[str, str], what: str) -> str:
