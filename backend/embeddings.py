@@ -76,9 +76,9 @@ def _load_raw(path: Path):
     if path.suffix.lower() == ".safetensors":
         from .state_dict_io import read_state_dict
         return read_state_dict(path)
-    from .state_dict_io import _safe_extra_globals
+    from .state_dict_io import safe_unpickle_globals
     try:
-        with torch.serialization.safe_globals(_safe_extra_globals()):
+        with torch.serialization.safe_globals(safe_unpickle_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  anything unreadable is a damaged or unsafe file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

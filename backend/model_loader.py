@@ -116,7 +116,7 @@ def build_text_encoder(config: dict, class_name: str):
     return cls(CLIPTextConfig(**config))
 
 
-def _empty(builder, *args):
+def build_without_weights(builder, *args):
     """Build a module with its parameters on the meta device (buffers stay real), without initialising them."""
     from accelerate import init_empty_weights
     with init_empty_weights(include_buffers=False):
@@ -132,7 +132,8 @@ def _fit_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, to
     return {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
 
 
-def _few(names, n: int = 5) -> str:
+def few_names(names, n: int = 5) -> str:
+    """The first `n` names in sorted order, joined for a message, with how many more there are."""
     names = sorted(names)
     return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
@@ -146,15 +147,15 @@ def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensors: {_few(missing)}")
+            parts.append(f"missing {len(missing)} tensors: {few_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors: {_few(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} tensors: {few_names(unexpected)}")
         raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
                         "The file may be damaged or of an unsupported variant.")
     expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
     bad = [f"{k} {tuple(v.shape)} vs {tuple(expected_shapes[k])}" for k, v in sd.items() if v.shape != expected_shapes[k]]
     if bad:
-        raise UserError(f"The {what} weights have unexpected shapes: {_few(bad, 3)}. The file may be damaged.")
+        raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
     converted = {}
     for k in list(sd.keys()):
         v = sd.pop(k)
@@ -263,12 +264,12 @@ def load_sd_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str
     parts = ldm_to_diffusers(state_dict, spec, unknown=unknown)
     del state_dict
     if unknown:
-        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), _few(unknown))
+        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), few_names(unknown))
     name = FAMILY_NAMES[spec.family]
 
-    unet = _empty(build_unet, spec.unet_config)
+    unet = build_without_weights(build_unet, spec.unet_config)
     load_weights(unet, parts.pop("unet"), f"{name} UNet", dtype=dtype, device=device)
-    vae = _empty(build_vae, spec.vae_config)
+    vae = build_without_weights(build_vae, spec.vae_config)
     if vae_path is not None:
         parts.pop("vae")
         load_weights(vae, load_vae_file(vae_path), f"VAE ({Path(vae_path).name})", dtype=vae_dtype, device=device)
@@ -278,7 +279,7 @@ def load_sd_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str
     text_encoders, tokenizers = [], []
     for index, (config, cls_name) in enumerate(zip(spec.text_encoder_configs, spec.text_encoder_classes)):
         key = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
-        encoder = _empty(build_text_encoder, config, cls_name)
+        encoder = build_without_weights(build_text_encoder, config, cls_name)
         load_weights(encoder, parts.pop(key), f"{name} text encoder {index + 1}", dtype=text_dtype, device=device)
         text_encoders.append(encoder)
         openclip = spec.text_encoder_layouts[index] == "openclip"
@@ -313,7 +314,7 @@ def load_vae_file(path: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{path.name} is not a usable VAE: {e}") from e
         out, unknown = convert_vae_ldm_to_diffusers(sd, len(config["block_out_channels"]))
         if unknown:
-            log.warning("%s: ignoring %d unrecognized tensors: %s", path.name, len(unknown), _few(unknown))
+            log.warning("%s: ignoring %d unrecognized tensors: %s", path.name, len(unknown), few_names(unknown))
         return out
     if any(k.startswith("encoder.down_blocks.") for k in sd):
         return _modernize_diffusers_vae(sd)
@@ -343,11 +344,11 @@ def apply_vae_state_dict(model: SDModel, sd: dict[str, torch.Tensor]) -> None:
     missing, unexpected = set(own) - set(sd), set(sd) - set(own)
     if missing or unexpected:
         raise UserError("This VAE does not fit the loaded model "
-                        f"(missing: {_few(missing, 3) or 'none'}; unexpected: {_few(unexpected, 3) or 'none'}). "
+                        f"(missing: {few_names(missing, 3) or 'none'}; unexpected: {few_names(unexpected, 3) or 'none'}). "
                         f"Choose a VAE made for {FAMILY_NAMES.get(model.family, model.family)}.")
     bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise UserError(f"This VAE does not fit the loaded model (different shapes for {_few(bad, 3)}). "
+        raise UserError(f"This VAE does not fit the loaded model (different shapes for {few_names(bad, 3)}). "
                         f"Choose a VAE made for {FAMILY_NAMES.get(model.family, model.family)}.")
     with torch.no_grad():
         for k, target in own.items():

@@ -46,14 +46,16 @@ def read_state_dict(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> di
 def read_safetensors_metadata(path: Path) -> dict:
     """The `__metadata__` of a `.safetensors` file's header (strings), read without loading any tensor."""
     path = Path(path)
-    header = _read_safetensors_header(path)
+    header = read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise UserError(f"{path.name} has a malformed safetensors header (metadata is not a mapping).")
     return dict(meta)
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> dict:
+    """A .safetensors file's JSON header ({name: {dtype, shape, data_offsets}}, `__metadata__`) without
+    reading the tensors; `UserError` naming the file when it is missing, truncated or malformed."""
     if not path.is_file():
         raise UserError(f"Model file not found: {path}", status=404)
     try:
@@ -78,7 +80,7 @@ def _read_safetensors_header(path: Path) -> dict:
 def _read_safetensors(path: Path, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    header = _read_safetensors_header(path)  # clear message for the common truncation cases
+    header = read_safetensors_header(path)  # clear message for the common truncation cases
     size = path.stat().st_size
     try:
         ends = [int(info.get("data_offsets", [0, 0])[1]) for key, info in header.items()
@@ -125,7 +127,9 @@ _STAND_INS = (
 )
 
 
-def _safe_extra_globals() -> list:
+def safe_unpickle_globals() -> list:
+    """The extra globals `torch.load(weights_only=True)` may accept: inert stand-ins for training-only
+    classes and numpy scalars/dtypes, all plain data. Use with `torch.serialization.safe_globals`."""
     extra: list = [(_InertStandIn, name) for name in _STAND_INS]
     try:  # numpy scalars and dtypes (e.g. a `global_step` saved as numpy.int64) are plain data
         import numpy as np
@@ -148,7 +152,7 @@ def load_pickle(path: Path):
     """What a `.ckpt`/`.pt`/`.pth`/`.bin` file holds, loaded with `weights_only` (plain data and tensors only);
     a file that needs more, or a damaged one, raises `UserError` naming it."""
     try:
-        with torch.serialization.safe_globals(_safe_extra_globals()):
+        with torch.serialization.safe_globals(safe_unpickle_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)

@@ -114,11 +114,11 @@ def _read_nested(path: Path, key: str) -> dict:
     """The tensors under `key` of a checkpoint dict (e.g. {"model": state_dict, ...}), loaded with weights_only."""
     import torch
 
-    from ..state_dict_io import _safe_extra_globals, read_state_dict
+    from ..state_dict_io import read_state_dict, safe_unpickle_globals
     if path.suffix.lower() == ".safetensors":
         return read_state_dict(path)
     try:
-        with torch.serialization.safe_globals(_safe_extra_globals()):
+        with torch.serialization.safe_globals(safe_unpickle_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  damaged file or pickled code: refused either way
         raise UserError(f"Could not read {path.name} safely ({type(exc).__name__}: {str(exc)[:200]}). Delete it and "

@@ -181,12 +181,12 @@ def read_shapes(path: Path) -> dict:
     """{key: object with .shape/.ndim} without reading the weights (header or memory map)."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from ..state_dict_io import _read_safetensors_header
-        header = _read_safetensors_header(path)
+        from ..state_dict_io import read_safetensors_header
+        header = read_safetensors_header(path)
         return {k: _Shape(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    from ..state_dict_io import _safe_extra_globals
+    from ..state_dict_io import safe_unpickle_globals
     try:
-        with torch.serialization.safe_globals(_safe_extra_globals()):
+        with torch.serialization.safe_globals(safe_unpickle_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  old (non-zip) pickles cannot be memory-mapped: read them whole
         from ..state_dict_io import read_state_dict
@@ -433,7 +433,7 @@ def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_
     """(diffusers ControlNetModel on the CPU in `dtype`, ControlNetInfo) for a ControlNet file."""
     from diffusers import ControlNetModel
 
-    from ..model_loader import _empty, _few, load_weights
+    from ..model_loader import build_without_weights, few_names, load_weights
     from ..state_dict_io import read_state_dict
 
     path = Path(path)
@@ -447,12 +447,12 @@ def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_
     else:
         weights, unknown = sd, []
     if unknown:
-        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), _few(unknown))
+        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), few_names(unknown))
     del sd
     if info.config.get("addition_embed_type") and info.config.get("addition_time_embed_dim") is None:
         raise UserError(f"{path.name}: cannot tell this SDXL ControlNet's size-embedding width (input "
                         f"{info.config['projection_class_embeddings_input_dim']}); load an SDXL checkpoint first.")
-    model = _empty(lambda: ControlNetModel(**info.config))
+    model = build_without_weights(lambda: ControlNetModel(**info.config))
     load_weights(model, weights, f"ControlNet {path.name}", dtype=dtype, device="cpu")
     info.global_average_pooling = _global_average_pooling(path)
     return model, info
