@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def legacy_short_hash(path: Path) -> str:
 
 
 # -- finding files ------------------------------------------------------------------------------
+class FileFamilies:
+    """The model family (sd1 / sd2 / sdxl, or None) of files, each worked out once and remembered while
+    the file keeps its path, size and modification time. Safe to use from several threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families: dict[tuple, str | None] = {}
+
+    def get(self, path: Path, detect: Callable[[], str | None]) -> str | None:
+        """The remembered family of `path`, else `detect()`'s answer (remembered); None for a missing file."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (str(path), st.st_size, st.st_mtime)
+        with self._lock:
+            if key in self._families:
+                return self._families[key]
+        family = detect()
+        with self._lock:
+            self._families[key] = family
+        return family
+
+
 class ControlNetRegistry:
     """The ControlNet files below the ControlNet folders; lookups accept titles, names, stems and hashes.
 
@@ -97,7 +122,7 @@ class ControlNetRegistry:
     def __init__(self, folders: list[Path]):
         self.folders = folders
         self._lock = threading.Lock()
-        self._families: dict[tuple, str | None] = {}
+        self._families = FileFamilies()
         self.files: list[ControlNetFile] = []
         self.refresh()
 
@@ -144,22 +169,15 @@ class ControlNetRegistry:
 
     def family_of(self, f: ControlNetFile) -> str | None:
         """sd1 / sd2 / sdxl, or None when the file is not a ControlNet Easel can read."""
+        return self._families.get(f.path, lambda: self._detect_family(f))
+
+    @staticmethod
+    def _detect_family(f: ControlNetFile) -> str | None:
         try:
-            st = f.path.stat()
-        except OSError:
-            return None
-        key = (str(f.path), st.st_size, st.st_mtime)
-        with self._lock:
-            if key in self._families:
-                return self._families[key]
-        try:
-            family = detect_controlnet(read_shapes(f.path)).family
+            return detect_controlnet(read_shapes(f.path)).family
         except UserError as exc:
             log.warning("%s: %s", f.name, exc.message)
-            family = None
-        with self._lock:
-            self._families[key] = family
-        return family
+            return None
 
     def titles_for(self, family: str | None) -> list[str]:
         """Titles of the models that fit a checkpoint family (all of them when the family is unknown)."""

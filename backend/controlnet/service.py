@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 from pathlib import Path
 
 from PIL import Image
 
 from ..client import BackendError, Job
 from ..errors import UserError
-from .model_files import ControlNetRegistry, read_shapes
+from .model_files import ControlNetRegistry, FileFamilies, read_shapes
 from .preprocessors import all_preprocessors, find_preprocessor
 from .units import ControlUnit, check_unit, parse_controlnet_args
 
@@ -46,8 +45,7 @@ class ControlNetService:
         self.options = options
         self.client = client
         self.registry = ControlNetRegistry(paths.controlnet_dirs)
-        self._families: dict[tuple, str | None] = {}
-        self._lock = threading.Lock()
+        self._checkpoint_families = FileFamilies()
 
     @property
     def annotators_dir(self) -> Path:
@@ -58,15 +56,7 @@ class ControlNetService:
 
     # -- lists ----------------------------------------------------------------------------------
     def family_of_checkpoint(self, ckpt) -> str | None:
-        try:
-            st = ckpt.path.stat()
-        except OSError:
-            return None
-        key = (str(ckpt.path), st.st_size, st.st_mtime)
-        with self._lock:
-            if key not in self._families:
-                self._families[key] = checkpoint_family(ckpt.path)
-            return self._families[key]
+        return self._checkpoint_families.get(ckpt.path, lambda: checkpoint_family(ckpt.path))
 
     def model_titles(self, ckpt=None) -> list[str]:
         """"None" then the models that fit `ckpt`'s family (all when no checkpoint is given or known)."""
