@@ -46,6 +46,13 @@ def warn_if_exposed(args) -> None:
         log.warning("\n%s\n*** SECURITY WARNING: %s\n%s", "*" * 100, warning, "*" * 100)
 
 
+def warn_ignored_flags(args) -> None:
+    """A warning for each flag given that Easel accepts but does not act on (`backend.ignored_inputs`)."""
+    from backend.ignored_inputs import flag_warnings
+    for warning in flag_warnings(args):
+        log.warning(warning)
+
+
 def api_middleware(args) -> list:
     """Middleware the API needs, given to the app when it is created (it cannot be added to a started one)."""
     from fastapi.middleware.cors import CORSMiddleware
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.unknown:
         log.warning("ignoring unknown flags: %s", " ".join(args.unknown))
+    warn_ignored_flags(args)
     from backend.service import EaselService
 
     service = EaselService(args)

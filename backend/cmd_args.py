@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = p.add_argument_group("launcher")
     launch.add_argument("--skip-install", action="store_true", help="do not create the virtual environment or install requirements")
-    launch.add_argument("--skip-prepare-environment", action="store_true")
+    launch.add_argument("--skip-prepare-environment", action="store_true", help="same as --skip-install")
     launch.add_argument("--skip-torch-cuda-test", action="store_true")
     launch.add_argument("--skip-version-check", action="store_true")
     launch.add_argument("--reinstall-torch", action="store_true")
