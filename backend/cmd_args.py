@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-download-sd-model", action="store_true", help="never offer to download a default checkpoint")
     launch.add_argument("--do-not-download-clip", action="store_true")
     launch.add_argument("--skip-load-model-at-start", action="store_true")
-    launch.add_argument("--theme", choices=("light", "dark"), default=None)
+    launch.add_argument("--theme", choices=("light", "dark"), default=None,
+                        help="the web UI's colour scheme (default: the browser's preference)")
     launch.add_argument("--loglevel", default="INFO")
     launch.add_argument("--run-tests", action="store_true", help="set up the test environment and run the test suite")
     return p

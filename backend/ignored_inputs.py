@@ -22,8 +22,6 @@ IGNORED_FLAGS: dict[str, str] = {
     "styles_file": "prompt styles are not implemented yet",
     "enable_insecure_extension_access": "Easel has no extension management (install or update from the UI) to allow",
     "upcast_sampling": "sampling is not upcast separately; use --no-half (or --precision full) for float32",
-    "theme": "the web UI follows the browser's light or dark preference (add ?__theme=dark or ?__theme=light "
-             "to the page's address to choose)",
     "skip_load_model_at_start": "Easel loads the checkpoint when the first job needs it, never at start",
     "skip_torch_cuda_test": "Easel's launcher runs no CUDA test (without a usable GPU Easel runs on the CPU)",
     "skip_version_check": "Easel's launcher checks no package versions beyond installing its pinned requirements",
@@ -49,7 +47,6 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hr_checkpoint_name": (_unset("Use same checkpoint"), "hires. fix uses the job's checkpoint for its second pass"),
     "firstpass_image": (_unset(), "hires. fix from a given first-pass image is not implemented; the first pass "
                                   "is generated"),
-    "force_task_id": (_unset(), "progress reports Easel's own job id"),
     "comments": (_unset(), "comments are not used (AUTOMATIC1111 discards them too)"),
     "infotext": (_unset(), "applying an infotext's parameters to the request is not implemented yet"),
     "firstphase_width": (_unset(0), "the pre-1.0 hires. fix size is not used; use hr_scale or hr_resize_x/y"),

@@ -199,7 +199,7 @@ class EaselService:
         return payload
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
-        return self.client.submit("txt2img", self._job_payload(req), listener)
+        return self.client.submit("txt2img", self._job_payload(req), listener, task_id=req.force_task_id or None)
 
     def txt2img(self, req: Txt2ImgRequest) -> GenerationResult:
         return _wait(self.submit_txt2img(req))
@@ -212,7 +212,7 @@ class EaselService:
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["init_images"] = [img.copy() for img in init_images]
         payload["mask"] = mask.copy() if mask is not None else None
-        return self.client.submit("img2img", payload, listener)
+        return self.client.submit("img2img", payload, listener, task_id=req.force_task_id or None)
 
     def img2img(self, req: Img2ImgRequest) -> GenerationResult:
         """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
@@ -235,7 +235,7 @@ class EaselService:
                  "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["batch"] = batch
-        return self.client.submit("img2img_batch", payload, listener)
+        return self.client.submit("img2img_batch", payload, listener, task_id=req.force_task_id or None)
 
     def _batch_folder(self, folder: str, what: str, must_exist: bool = False, write: bool = False) -> Path:
         if not folder or not folder.strip():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
+import httpx
 import pytest
 
 from backend.cmd_args import parse_args
@@ -15,7 +18,7 @@ from backend.schemas import Img2ImgRequest, Txt2ImgRequest
 SET_VALUES = {
     "styles": ["my style"], "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
     "s_min_uncond": 0.5, "hr_checkpoint_name": "other.safetensors", "firstpass_image": "iVBORw0KGgo=",
-    "force_task_id": "task(abc)", "comments": {"a comment": 1}, "infotext": "a cat\nSteps: 20, Seed: 1",
+    "comments": {"a comment": 1}, "infotext": "a cat\nSteps: 20, Seed: 1",
     "firstphase_width": 512, "firstphase_height": 512, "sampler_index_legacy": 3, "image_cfg_scale": 1.5,
     "latent_mask": "iVBORw0KGgo=",
 }
@@ -51,11 +54,12 @@ def test_many_fields_many_warnings():
 
 def test_unused_flags_are_warned_about():
     assert flag_warnings(parse_args([])) == []
-    assert flag_warnings(parse_args(["--api", "--medvram", "--port", "7000"])) == []  # flags that act: no warning
-    args = parse_args(["--lowram", "--styles-file", "styles.csv", "--upcast-sampling", "--theme", "dark",
+    # flags that act: no warning
+    assert flag_warnings(parse_args(["--api", "--medvram", "--port", "7000", "--theme", "dark"])) == []
+    args = parse_args(["--lowram", "--styles-file", "styles.csv", "--upcast-sampling",
                        "--skip-load-model-at-start", "--enable-insecure-extension-access", "--skip-torch-cuda-test"])
     text = "\n".join(flag_warnings(args))
-    for flag in ("--lowram", "--styles-file", "--upcast-sampling", "--theme", "--skip-load-model-at-start",
+    for flag in ("--lowram", "--styles-file", "--upcast-sampling", "--skip-load-model-at-start",
                  "--enable-insecure-extension-access", "--skip-torch-cuda-test"):
         assert flag in text, flag
     for dest in IGNORED_FLAGS:  # every listed flag exists in the parser (a renamed flag would never warn)
@@ -82,3 +86,46 @@ def test_api_names_ignored_fields_in_info_warnings(api):
     assert r.status_code == 200, r.text
     warnings = json.loads(r.json()["info"]).get("warnings", [])
     assert not any("ignored" in w for w in warnings), warnings
+
+
+def test_force_task_id_is_the_id_progress_reports(api, server):
+    """A1111's force_task_id: the id under which the job's progress is reported (`current_task`), not a warning."""
+    assert request_warnings(Txt2ImgRequest(force_task_id="task(abc)")) == []
+    body = {"prompt": "a cat", "steps": 150, "n_iter": 4, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}, "force_task_id": "task(easel-test)"}
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(server.url + "/sdapi/v1/txt2img", json=body,
+                                                                   timeout=600)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        seen = None
+        while time.monotonic() < deadline and t.is_alive() and seen is None:
+            seen = api.get("/progress").json()["current_task"]
+            time.sleep(0.02)
+        assert seen == "task(easel-test)", seen
+    finally:
+        api.post("/interrupt")
+        t.join(120)
+    assert result["r"].status_code == 200, result["r"].text
+    assert api.get("/progress").json()["current_task"] is None  # the job has ended
+
+
+def test_theme_flag_opens_the_ui_in_that_theme(tmp_path_factory):
+    """--theme dark (as A1111): the page reloads itself with ?__theme=dark and Gradio draws it dark; an address
+    that names a theme keeps it."""
+    from browser import browser_page
+    from conftest import Server
+
+    srv = Server(tmp_path_factory.mktemp("theme"), ["--theme", "dark"])
+    try:
+        srv.wait()
+        with browser_page(srv.url + "/") as page:
+            page.wait_for_url("**__theme=dark**")
+            page.wait_for_function("() => document.querySelector('.dark') !== null")
+            page.goto(srv.url + "/?__theme=light")
+            page.wait_for_selector("#txt2img_prompt")
+            assert "__theme=light" in page.url
+            assert page.evaluate("() => document.querySelector('.dark') === null")
+    finally:
+        srv.stop()
