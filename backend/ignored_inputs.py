@@ -57,6 +57,11 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too; their readers:
+# backend/controlnet/units.py (parse_controlnet_args) and backend/pipelines/img2img.py (soft_inpainting_enabled).
+ALWAYSON_SCRIPTS: dict[str, bool] = {"controlnet": True, "soft inpainting": False}
+
+
 def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -82,4 +87,14 @@ def request_warnings(req: Any) -> list[str]:
     for name, (is_default, why) in IGNORED_FIELDS.items():
         if name in fields and not is_default(getattr(req, name)):
             warnings.append(f"{name} is accepted for AUTOMATIC1111 compatibility but ignored: {why}.")
+    img2img = "init_images" in fields
+    if not img2img and (req.script_name or "").strip():  # img2img refuses a script it does not know
+        warnings.append(f"script_name {req.script_name!r} is ignored: Easel has no txt2img scripts yet; "
+                        f"the job runs as plain txt2img.")
+    for key in req.alwayson_scripts or {}:
+        runs_in_txt2img = ALWAYSON_SCRIPTS.get(str(key).strip().lower())
+        if runs_in_txt2img is None or not (img2img or runs_in_txt2img):
+            known = ", ".join(k for k, both in ALWAYSON_SCRIPTS.items() if img2img or both)
+            warnings.append(f"alwayson_scripts {str(key)!r} is ignored: Easel has no such script "
+                            f"{'in img2img' if img2img else 'in txt2img'} (it has: {known}).")
     return warnings

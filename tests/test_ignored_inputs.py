@@ -52,6 +52,17 @@ def test_many_fields_many_warnings():
         assert any(w.startswith(f"{field} ") for w in warnings), field
 
 
+def test_unknown_scripts_are_named():
+    assert request_warnings(Txt2ImgRequest(script_name="X/Y/Z plot"))[0].startswith("script_name 'X/Y/Z plot' ")
+    warnings = request_warnings(Txt2ImgRequest(alwayson_scripts={"ADetailer": {"args": []}, "ControlNet": {"args": []},
+                                                                 "Soft Inpainting": {"args": [True]}}))
+    assert len(warnings) == 2 and "'ADetailer'" in warnings[0] and "'Soft Inpainting'" in warnings[1], warnings
+    # the scripts Easel runs: no warning (img2img's own script_name is checked by img2img, which refuses unknown ones)
+    assert request_warnings(Img2ImgRequest(alwayson_scripts={"controlnet": {"args": []},
+                                                             "soft inpainting": {"args": [True]}},
+                                           script_name="SD upscale")) == []
+
+
 def test_unused_flags_are_warned_about():
     assert flag_warnings(parse_args([])) == []
     # flags that act: no warning
