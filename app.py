@@ -46,6 +46,13 @@ def warn_if_exposed(args) -> None:
         log.warning("\n%s\n*** SECURITY WARNING: %s\n%s", "*" * 100, warning, "*" * 100)
 
 
+def warn_ignored_flags(args) -> None:
+    """A warning for each flag given that Easel accepts but does not act on (`backend.ignored_inputs`)."""
+    from backend.ignored_inputs import flag_warnings
+    for warning in flag_warnings(args):
+        log.warning(warning)
+
+
 def api_middleware(args) -> list:
     """Middleware the API needs, given to the app when it is created (it cannot be added to a started one)."""
     from fastapi.middleware.cors import CORSMiddleware
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.unknown:
         log.warning("ignoring unknown flags: %s", " ".join(args.unknown))
+    warn_ignored_flags(args)
     from backend.service import EaselService
 
     service = EaselService(args)
@@ -111,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                         root_path=args.subpath or "", log_level="warning")
             return 0
         from ui.layout import CSS, build_ui
+        from ui.theme import theme_head
         demo = build_ui(service)
         demo.queue(default_concurrency_limit=None)
         logins = _logins(args)
         app, local_url, share_url = demo.launch(
             server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
-            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, quiet=True,
+            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, head=theme_head(args.theme), quiet=True,
             max_file_size=service.options["upload_max_file_size_mb"] * 2**20,
             app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
                         # the API's docs, as with --nowebui (Gradio turns them off by default)

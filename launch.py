@@ -97,7 +97,8 @@ def main() -> int:
         ensure_browser()
         pytest_args = [a for a in rest if a != "--skip-install"]
         return hand_over([python, "-m", "pytest", "-q", *pytest_args])
-    python = Path(sys.executable) if args.skip_install else prepare_environment(with_tests=False)
+    python = (Path(sys.executable) if args.skip_install or args.skip_prepare_environment
+              else prepare_environment(with_tests=False))
     return hand_over([python, ROOT / "app.py", *[a for a in rest if a != "--skip-install"]])
 
 

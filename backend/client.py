@@ -55,6 +55,7 @@ class Job:
     finished: float | None = None
     # a secret the page that started the job keeps, to reattach to it after a reload (nobody else can)
     watch_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    task_id: str | None = None  # the id progress reports (A1111's force_task_id); job_id when None
     step: int = 0
     total: int = 0
     job_no: int = 0
@@ -258,11 +259,12 @@ class BackendClient:
 
     # -- public ---------------------------------------------------------------------------------
     def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None,
-               on_end: Callable[[Job], None] | None = None) -> Job:
+               on_end: Callable[[Job], None] | None = None, task_id: str | None = None) -> Job:
         """Queue a job; `QueueFull` (HTTP 503) when `queue_limit` jobs already wait. `on_end(job)` runs when it
-        ends, before its waiters wake."""
+        ends, before its waiters wake. `task_id`: the id progress reports for it (default: its job id)."""
         limit = self.queue_limit() if self.queue_limit else None
-        job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload, on_end=[on_end] if on_end else [])
+        job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload, on_end=[on_end] if on_end else [],
+                  task_id=task_id)
         if listener:
             job.listeners.append(listener)
         with self._lock:
@@ -338,7 +340,7 @@ class BackendClient:
             "eta_relative": job.eta,
             "current_image": base64.b64encode(job.preview_png).decode() if job.preview_png else None,
             "textinfo": f"Step {job.step}/{job.total}" if job.total else "Waiting...",
-            "current_task": job.job_id,
+            "current_task": job.task_id or job.job_id,
             "state": {"skipped": bool(self._skip.value), "interrupted": bool(self._interrupt.value), "stopping_generation": False,
                       "job": f"Batch {job.job_no + 1} out of {job.job_count}", "job_count": job.job_count,
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),

@@ -90,14 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = p.add_argument_group("launcher")
     launch.add_argument("--skip-install", action="store_true", help="do not create the virtual environment or install requirements")
-    launch.add_argument("--skip-prepare-environment", action="store_true")
+    launch.add_argument("--skip-prepare-environment", action="store_true", help="same as --skip-install")
     launch.add_argument("--skip-torch-cuda-test", action="store_true")
     launch.add_argument("--skip-version-check", action="store_true")
     launch.add_argument("--reinstall-torch", action="store_true")
     launch.add_argument("--no-download-sd-model", action="store_true", help="never offer to download a default checkpoint")
     launch.add_argument("--do-not-download-clip", action="store_true")
     launch.add_argument("--skip-load-model-at-start", action="store_true")
-    launch.add_argument("--theme", choices=("light", "dark"), default=None)
+    launch.add_argument("--theme", choices=("light", "dark"), default=None,
+                        help="the web UI's colour scheme (default: the browser's preference)")
     launch.add_argument("--loglevel", default="INFO")
     launch.add_argument("--run-tests", action="store_true", help="set up the test environment and run the test suite")
     return p

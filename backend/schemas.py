@@ -132,13 +132,3 @@ class GenerationResult(BaseModel):
     # over them from then on (not part of the API's answer; the warnings name them).
     unloadable_checkpoints: dict[str, str] = Field(default_factory=dict)
 
-
-class ProgressState(BaseModel):
-    """Shape of A1111's `/sdapi/v1/progress` response."""
-
-    progress: float = 0.0
-    eta_relative: float = 0.0
-    state: dict[str, Any] = Field(default_factory=dict)
-    current_image: str | None = None
-    textinfo: str | None = None
-    current_task: str | None = None

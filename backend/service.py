@@ -17,6 +17,7 @@ from . import infotext, limits, samplers
 from .checkpoints import HashCache, ModelFile, ModelRegistry
 from .client import BackendClient, Job
 from .errors import UserError
+from .ignored_inputs import request_warnings
 from .image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
 from .options import SETTINGS_BY_KEY, Options
 from .paths import DataPaths
@@ -170,6 +171,9 @@ class EaselService:
         check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
         from .pipelines.common import resolve_sampler
         resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
+        ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
+        unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
+        req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
 
         # override_settings pass the options' one gate, as a stored change would when they are kept afterwards;
         # the job sees only the checked, coerced values.
@@ -178,6 +182,7 @@ class EaselService:
         job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
+        model["checkpoint_notes"] = model["checkpoint_notes"] + ignored  # the path of the job's warnings
         options = self.options.as_dict()
         options.update({k: v for k, v in job_overrides.items() if k not in ("sd_model_checkpoint", "sd_vae")})
         for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
@@ -194,7 +199,7 @@ class EaselService:
         return payload
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
-        return self.client.submit("txt2img", self._job_payload(req), listener)
+        return self.client.submit("txt2img", self._job_payload(req), listener, task_id=req.force_task_id or None)
 
     def txt2img(self, req: Txt2ImgRequest) -> GenerationResult:
         return _wait(self.submit_txt2img(req))
@@ -204,10 +209,10 @@ class EaselService:
         """img2img/inpaint with decoded images (the request's base64 fields are not sent to the backend)."""
         if not init_images:
             raise UserError("img2img needs an init image.")
-        payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None, "latent_mask": None}))
+        payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["init_images"] = [img.copy() for img in init_images]
         payload["mask"] = mask.copy() if mask is not None else None
-        return self.client.submit("img2img", payload, listener)
+        return self.client.submit("img2img", payload, listener, task_id=req.force_task_id or None)
 
     def img2img(self, req: Img2ImgRequest) -> GenerationResult:
         """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
@@ -230,7 +235,7 @@ class EaselService:
                  "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["batch"] = batch
-        return self.client.submit("img2img_batch", payload, listener)
+        return self.client.submit("img2img_batch", payload, listener, task_id=req.force_task_id or None)
 
     def _batch_folder(self, folder: str, what: str, must_exist: bool = False, write: bool = False) -> Path:
         if not folder or not folder.strip():

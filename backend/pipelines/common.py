@@ -396,11 +396,3 @@ def tiling(model, enabled: bool):
 def format_number(value: float) -> object:
     """7.0 -> 7, 7.5 -> 7.5 (A1111 writes integral floats without the .0)."""
     return int(value) if float(value).is_integer() else value
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
