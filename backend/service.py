@@ -182,12 +182,12 @@ class EaselService:
         job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
-        model["checkpoint_notes"] = model["checkpoint_notes"] + ignored  # the path of the job's warnings
         options = self.options.as_dict()
         options.update({k: v for k, v in job_overrides.items() if k not in ("sd_model_checkpoint", "sd_vae")})
         for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
             options[key] = self.options[key]
-        payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir}
+        payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir,
+                   "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
         # ControlNet units (alwayson_scripts.controlnet): checked here, images decoded, models resolved.
         units = self.controlnet.units_for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
         if units:

@@ -251,7 +251,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         while True:
             ctx = JobContext(model=model, policy=policy, options=options, outputs_root=payload["data_dir"],
                              checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"],
-                             warnings=list(load_notes))
+                             warnings=list(payload.get("warnings") or []) + list(load_notes))
             try:
                 _activate_networks(payload, ctx, state)
                 try:
