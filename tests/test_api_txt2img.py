@@ -129,7 +129,11 @@ def test_prompt_features_and_variation(api):
     edited = images_of(api.post("/txt2img", json=small(seed=9, prompt="a [photo:drawing:0.5] of a [cat|dog] BREAK cute")))[0]
     assert not np.array_equal(pixels(base), pixels(edited))
     long_prompt = ", ".join(["a very detailed photo of a small cat"] * 15)  # > 75 tokens: several chunks
-    assert api.post("/txt2img", json=small(prompt=long_prompt)).status_code == 200
+    long_a = api.post("/txt2img", json=small(seed=9, prompt=long_prompt))
+    long_b = api.post("/txt2img", json=small(seed=9, prompt=long_prompt + ", on a red sofa at night"))
+    assert long_a.status_code == 200 and long_b.status_code == 200, (long_a.text, long_b.text)
+    # words past the first 75 tokens still count (the prompt is encoded in chunks, not cut)
+    assert not np.array_equal(pixels(images_of(long_a)[0]), pixels(images_of(long_b)[0]))
     var = images_of(api.post("/txt2img", json=small(seed=9, subseed=5, subseed_strength=0.5)))[0]
     assert not np.array_equal(pixels(base), pixels(var))
     var0 = images_of(api.post("/txt2img", json=small(seed=9, subseed=5, subseed_strength=0.0)))[0]
@@ -138,6 +142,7 @@ def test_prompt_features_and_variation(api):
     assert not np.array_equal(pixels(base), pixels(skip2))
     tiled = api.post("/txt2img", json=small(seed=9, tiling=True))
     assert tiled.status_code == 200 and "Tiling: True" in json.loads(tiled.json()["info"])["infotexts"][0]
+    assert np.abs(pixels(images_of(tiled)[0]) - pixels(base)).mean() > 1  # circular padding changes the picture
 
 
 def test_hires_fix(api):
