@@ -128,12 +128,29 @@ def test_inpaint_not_masked_inverts(api):
     assert parse_infotext(json.loads(r.json()["info"])["infotexts"][0])["Mask mode"] == "Inpaint not masked"
 
 
-@pytest.mark.parametrize("fill", [0, 1, 2, 3])
-def test_every_masked_content_mode_runs(api, fill):
+def test_every_masked_content_mode_runs(api):
     init = picture(64, 64)
     mask = box_mask(64, 64, (8, 8, 39, 39))
-    r = api.post("/img2img", json=body(init, mask=b64(mask), mask_blur=2, inpainting_fill=fill, inpaint_full_res=False, steps=2))
-    assert images_of(r)[0].size == (64, 64)
+    inside = np.asarray(mask) > 0
+    far = np.ones((64, 64), bool)
+    far[2:46, 2:46] = False  # more than 3 sigma of the blur away from the mask
+    names = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+    outs = {}
+    for fill, name in names.items():
+        r = api.post("/img2img", json=body(init, mask=b64(mask), mask_blur=2, inpainting_fill=fill, inpaint_full_res=False,
+                                           steps=2))
+        out = images_of(r)[0]
+        assert out.size == (64, 64)
+        assert parse_infotext(json.loads(r.json()["info"])["infotexts"][0])["Masked content"] == name
+        outs[fill] = px(out)
+        assert np.array_equal(outs[fill][far], px(init)[far]), name  # pixels away from the mask are kept
+        assert np.abs(outs[fill][inside] - px(init)[inside]).mean() > 5, name  # the masked area was repainted
+    # each mode starts the masked area from something else, so each paints it differently
+    for a in names:
+        for b in names:
+            if a < b:
+                diff = np.abs(outs[a][inside] - outs[b][inside]).mean()
+                assert diff > 2, (names[a], names[b], diff)
 
 
 def test_soft_inpainting_blends_the_edge_and_keeps_the_rest(api):
@@ -157,7 +174,15 @@ def test_outpainting_grows_the_canvas_and_keeps_the_original(api):
     assert out.size == (96, 96)
     kept = px(out)[0:64, 32:96]
     assert np.array_equal(kept, px(init))
-    assert np.abs(px(out)[64:, :32].astype(float) - 128).mean() < 200  # the new corner was painted (not empty)
+    # The new area starts as the source's edges stretched outwards (then masked and sampled): it must come back
+    # painted over, not as that stretched start, and not as a flat blank either.
+    stretched = np.pad(px(init), ((0, 32), (32, 0), (0, 0)), mode="edge")
+    grown = np.ones((96, 96), bool)
+    grown[0:64, 32:96] = False
+    assert np.abs(px(out)[grown] - stretched[grown]).mean() > 5
+    corner = px(out)[64:, :32]
+    assert np.abs(corner - stretched[64:, :32]).mean() > 5  # the new corner was painted
+    assert corner.reshape(-1, 3).std(0).max() > 2  # with some structure, not one flat colour
 
 
 def test_mask_of_another_size_is_resized(api):

@@ -84,17 +84,44 @@ def test_saved_png_carries_infotext(api, server):
 
 def test_every_sampler_runs(api):
     names = [s["name"] for s in api.get("/samplers").json()]
-    for required in ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
-                     "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC", "LCM"]:
-        assert required in names
-        r = api.post("/txt2img", json=small(sampler_name=required, steps=2, seed=5))
-        assert r.status_code == 200, (required, r.text)
+    required = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
+                "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC", "LCM"]
+
+    def run(**kw) -> np.ndarray:
+        r = api.post("/txt2img", json=small(steps=4, seed=5, **kw))
+        assert r.status_code == 200, (kw, r.text)
+        return pixels(images_of(r)[0])
+
+    # Same seed, same steps, same (uniform) schedule: each sampler's own maths gives its own picture, so a name
+    # that quietly ran Euler (or another sampler) would be caught; and a second run reproduces it exactly.
+    # DDIM (eta 0, A1111's default) is Euler's step on DDIM's own timesteps: it differs by its schedule.
+    euler = run(sampler_name="Euler", scheduler="Uniform")
+    results = {}
+    for name in required:
+        assert name in names
+        schedule = "Automatic" if name == "DDIM" else "Uniform"
+        results[name] = run(sampler_name=name, scheduler=schedule)
+        assert np.array_equal(results[name], run(sampler_name=name, scheduler=schedule)), f"{name} is not reproducible"
+        if name != "Euler":
+            assert np.abs(results[name] - euler).mean() > 0.5, f"{name} gave Euler's picture"
+    for i, a in enumerate(required):
+        for b in required[i + 1:]:
+            assert not np.array_equal(results[a], results[b]), f"{a} and {b} gave the same picture"
+
     labels = [s["label"] for s in api.get("/schedulers").json()]
+    by_schedule = {}
     for label in ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform"]:
         assert label in labels
-        assert api.post("/txt2img", json=small(scheduler=label, steps=2)).status_code == 200
-    # A1111's legacy combined names still work
-    assert api.post("/txt2img", json=small(sampler_name="DPM++ 2M Karras", steps=2)).status_code == 200
+        by_schedule[label] = run(sampler_name="Euler", scheduler=label)
+    for label in ["Karras", "Exponential", "SGM Uniform"]:  # other sigma schedules give other pictures
+        assert np.abs(by_schedule[label] - by_schedule["Uniform"]).mean() > 0.5, label
+    assert np.array_equal(by_schedule["Uniform"], euler)
+    ddim_steps = run(sampler_name="Euler", scheduler="DDIM")
+    assert np.abs(results["DDIM"] - ddim_steps).max() <= 2  # DDIM = Euler's step on DDIM's timesteps
+    # A1111's legacy combined names still work, and mean the sampler with that schedule
+    legacy = run(sampler_name="DPM++ 2M Karras")
+    assert np.array_equal(legacy, run(sampler_name="DPM++ 2M", scheduler="Karras"))
+    assert not np.array_equal(legacy, results["DPM++ 2M"])
 
 
 def test_prompt_features_and_variation(api):
@@ -102,7 +129,11 @@ def test_prompt_features_and_variation(api):
     edited = images_of(api.post("/txt2img", json=small(seed=9, prompt="a [photo:drawing:0.5] of a [cat|dog] BREAK cute")))[0]
     assert not np.array_equal(pixels(base), pixels(edited))
     long_prompt = ", ".join(["a very detailed photo of a small cat"] * 15)  # > 75 tokens: several chunks
-    assert api.post("/txt2img", json=small(prompt=long_prompt)).status_code == 200
+    long_a = api.post("/txt2img", json=small(seed=9, prompt=long_prompt))
+    long_b = api.post("/txt2img", json=small(seed=9, prompt=long_prompt + ", on a red sofa at night"))
+    assert long_a.status_code == 200 and long_b.status_code == 200, (long_a.text, long_b.text)
+    # words past the first 75 tokens still count (the prompt is encoded in chunks, not cut)
+    assert not np.array_equal(pixels(images_of(long_a)[0]), pixels(images_of(long_b)[0]))
     var = images_of(api.post("/txt2img", json=small(seed=9, subseed=5, subseed_strength=0.5)))[0]
     assert not np.array_equal(pixels(base), pixels(var))
     var0 = images_of(api.post("/txt2img", json=small(seed=9, subseed=5, subseed_strength=0.0)))[0]
@@ -111,6 +142,7 @@ def test_prompt_features_and_variation(api):
     assert not np.array_equal(pixels(base), pixels(skip2))
     tiled = api.post("/txt2img", json=small(seed=9, tiling=True))
     assert tiled.status_code == 200 and "Tiling: True" in json.loads(tiled.json()["info"])["infotexts"][0]
+    assert np.abs(pixels(images_of(tiled)[0]) - pixels(base)).mean() > 1  # circular padding changes the picture
 
 
 def test_hires_fix(api):
@@ -125,12 +157,25 @@ def test_hires_fix(api):
     assert images_of(r)[0].size == (96, 128)
 
 
-def test_sdxl_checkpoint(api):
-    r = api.post("/txt2img", json=small(override_settings={"sd_model_checkpoint": "tiny-sdxl.safetensors"}, negative_prompt=""))
+def test_sdxl_checkpoint(api, server):
+    import re
+    body = small(override_settings={"sd_model_checkpoint": "tiny-sdxl.safetensors"}, negative_prompt="", seed=21)
+    r = api.post("/txt2img", json=body)
     assert r.status_code == 200, r.text
-    assert images_of(r)[0].size == (64, 64)
+    xl = images_of(r)[0]
+    assert xl.size == (64, 64)
+    info = json.loads(r.json()["info"])
+    assert info["sd_model_name"] == "tiny-sdxl"
+    assert parse_infotext(info["infotexts"][0])["Model"] == "tiny-sdxl"
+    # the backend read the file as an SDXL checkpoint (two text encoders, size conditioning), not as SD 1.x
+    log = server.log_path.read_text(errors="replace")
+    assert re.search(r"loaded tiny-sdxl\.safetensors \(sdxl\)", log), log[-3000:]
+    sd1 = images_of(api.post("/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}))[0]
+    assert np.abs(pixels(xl) - pixels(sd1)).mean() > 5  # another model, another picture
     r = api.post("/txt2img", json=small(override_settings={"sd_model_checkpoint": "tiny-sd1_ckpt.ckpt"}))
     assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1_ckpt"
+    assert re.search(r"loaded tiny-sd1_ckpt\.ckpt \(sd1\)", server.log_path.read_text(errors="replace"))
 
 
 def test_models_and_options(api):

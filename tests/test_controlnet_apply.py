@@ -123,7 +123,6 @@ def test_two_units_combine(env, baseline):
         assert np.abs(both - other).mean() > 1
     assert len(maps) == 1  # "none" has no detected map to show
     # the residuals of two units are the sums of each unit's residuals
-    model = env["models"]["sd1"]
     ca = ctx.controls.controls[0]
     cb = ctx.controls.controls[1]
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -133,7 +132,13 @@ def test_two_units_combine(env, baseline):
     for i in range(len(rab["down_block_additional_residuals"])):
         assert torch.allclose(rab["down_block_additional_residuals"][i],
                               ra["down_block_additional_residuals"][i] + rb["down_block_additional_residuals"][i], atol=1e-5)
-    assert model is not None
+    assert torch.allclose(rab["mid_block_additional_residual"],
+                          ra["mid_block_additional_residual"] + rb["mid_block_additional_residual"], atol=1e-5)
+    # each unit adds residuals of its own (not zeros, not the other unit's), so the sums above say something
+    for i in range(len(rab["down_block_additional_residuals"])):
+        a, b = ra["down_block_additional_residuals"][i], rb["down_block_additional_residuals"][i]
+        assert a.abs().max() > 1e-4 and b.abs().max() > 1e-4, i
+        assert not torch.allclose(a, b, atol=1e-5), i
 
 
 def test_control_modes(env):

@@ -59,8 +59,11 @@ def test_api_round_trip_with_images():
     # legacy field names and {image, mask}
     legacy = parse_unit({"input_image": "data:image/png;base64," + b64(img), "lowvram": True})
     assert legacy.image.size == (40, 30) and legacy.low_vram
-    masked = parse_unit({"image": {"image": b64(img), "mask": b64(img)}})
-    assert masked.image is not None and masked.mask is not None
+    mask = Image.new("L", (40, 30), 0)
+    mask.paste(255, (0, 0, 20, 30))  # the left half
+    masked = parse_unit({"image": {"image": b64(img), "mask": b64(mask)}})
+    assert np.array_equal(np.asarray(masked.image.convert("RGB")), np.asarray(img))
+    assert np.array_equal(np.asarray(masked.mask.convert("L")), np.asarray(mask))  # the mask, not the image again
 
 
 def test_alwayson_scripts_shapes():

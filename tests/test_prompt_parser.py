@@ -119,7 +119,10 @@ def test_attention_long_prompt_is_fast():
     "a \\[b \\] \\)", "<lora:name(v2):0.8> <hypernet:x[1]:1>", "a BREAK (b)", "\\\\(a)",
 ])
 def test_check_brackets_accepts_balanced(text):
-    check_brackets(text)
+    assert check_brackets(text) is None  # accepted: no error
+    # ...and the check really reads this text: one more open bracket after it is refused
+    with pytest.raises(UserError, match=r'unclosed "\("'):
+        check_brackets(text + " (x")
 
 
 def test_check_brackets_unclosed_round():
