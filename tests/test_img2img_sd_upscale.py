@@ -18,6 +18,7 @@ from backend.infotext import parse_infotext
 from backend.options import SETTINGS
 from backend.pipelines import img2img, sd_upscale
 from backend.pipelines.common import JobContext
+from backend.postprocess import upscalers
 from backend import request_checks
 from backend.schemas import Img2ImgRequest
 from test_api_img2img import body, images_of, picture
@@ -74,11 +75,11 @@ def test_script_args_are_checked_with_clear_messages():
 
 
 def test_upscaler_by_index_or_name():
-    assert sd_upscale.upscaler_name(1, None) == "Lanczos" and sd_upscale.upscaler_name("nearest", None) == "Nearest"
+    assert upscalers.upscaler_name(1, None) == "Lanczos" and upscalers.upscaler_name("nearest", None) == "Nearest"
     with pytest.raises(UserError, match="index 9 is out of range"):
-        sd_upscale.upscaler_name(9, None)
+        upscalers.upscaler_name(9, None)
     with pytest.raises(UserError, match="Unknown upscaler 'Magic'"):
-        sd_upscale.upscaler_name("Magic", None)
+        upscalers.upscaler_name("Magic", None)
 
 
 # -- the job, run directly --------------------------------------------------------------------------------------

@@ -23,28 +23,11 @@ from PIL import Image
 
 from .. import image_ops
 from ..errors import JobInterrupted, UserError
-from ..postprocess.upscalers import BUILTIN, check_output_size, target_size, upscale_for_job
+from ..postprocess.upscalers import check_output_size, target_size, upscale_for_job, upscaler_name
 from ..request_checks import sd_upscale_args
 from ..schemas import GenerationResult, Img2ImgRequest
 from .processing import Generation
 from .txt2img import img2img_sigmas
-
-def upscaler_name(choice: int | str, registry) -> str:
-    """The upscaler an index (GET /sdapi/v1/upscalers order) or a name stands for; `registry`: an UpscalerRegistry,
-    or None for the built-in resizers only."""
-    ups = registry.all() if registry is not None else list(BUILTIN)
-    if isinstance(choice, int):
-        if not 0 <= choice < len(ups):
-            raise UserError(f"SD upscale: upscaler index {choice} is out of range; there are {len(ups)} upscalers "
-                            f"(0-{len(ups) - 1}: {', '.join(u.name for u in ups)}).")
-        return ups[choice].name
-    if registry is not None:
-        return registry.find(choice).name
-    for up in ups:
-        if up.name.lower() == choice.strip().lower():
-            return up.name
-    raise UserError(f"Unknown upscaler {choice!r}. Available: {', '.join(u.name for u in ups)}.")
-
 
 # -- tiles ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..request_checks import LATENT_UPSCALE_MODES, sd_upscale_args
 from .face_restore import FACE_RESTORERS
 from .schemas import ExtrasRequest
-from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry
+from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry, upscaler_name
 
 log = logging.getLogger("easel.extras")
 
@@ -61,7 +61,6 @@ class PostprocessService:
 
     def check_sd_upscale(self, req) -> None:
         """Refuse an img2img "SD upscale" request with an unknown upscaler (name or index) before it is queued."""
-        from ..pipelines.sd_upscale import upscaler_name
         args = sd_upscale_args(req)
         if args is not None:
             upscaler_name(args.upscaler, self.registry())
