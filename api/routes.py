@@ -13,6 +13,7 @@ from api.errors import A1111Route
 from api.jobs import run_job
 from backend.errors import UserError
 from backend.image_codec import decode_base64_image
+from backend.request_checks import LATENT_UPSCALE_MODES
 from backend.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
 from backend.service import EaselService
 
@@ -134,7 +135,6 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
 
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
-        from backend.pipelines.txt2img import LATENT_UPSCALE_MODES
         return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
     @router.post("/png-info")

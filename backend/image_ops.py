@@ -12,26 +12,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .errors import UserError
+from .request_checks import LATENT_RESIZE
 
-RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
-LATENT_RESIZE = 3
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
 INPAINT_AREAS = ["Whole picture", "Only masked"]
 MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
-
-
-def resize_mode_index(value) -> int:
-    """0-3 from an int or one of A1111's labels."""
-    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-        for i, label in enumerate(RESIZE_MODES):
-            if value.strip().lower() == label.lower():
-                return i
-        raise UserError(f"Unknown resize mode {value!r}. Valid: {', '.join(RESIZE_MODES)} (or 0-3).")
-    index = int(value)
-    if not 0 <= index < len(RESIZE_MODES):
-        raise UserError(f"resize_mode must be 0-3 ({', '.join(RESIZE_MODES)}), got {index}.")
-    return index
 
 
 def flatten(img: Image.Image, background=(255, 255, 255)) -> Image.Image:

@@ -13,7 +13,7 @@ from typing import Callable
 
 from PIL import Image
 
-from . import infotext, limits, samplers
+from . import infotext, limits, request_checks, sampler_catalog
 from .checkpoints import HashCache, ModelFile, ModelRegistry
 from .client import BackendClient, Job
 from .errors import UserError
@@ -159,18 +159,16 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
-        from .pipelines import img2img, txt2img  # torch-importing; only when a job is made
         from .prompt_parser import check_brackets, extract_extra_network_tags
 
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
-        (img2img.validate if isinstance(req, Img2ImgRequest) else txt2img.validate)(req)
+        (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
         check_brackets(extract_extra_network_tags(req.prompt)[0])  # a LoRA's name may hold brackets
         check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
-        from .pipelines.common import resolve_sampler
-        resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
+        sampler_catalog.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
@@ -337,12 +335,12 @@ class EaselService:
 
     @staticmethod
     def sampler_list() -> list[dict]:
-        return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in samplers.SAMPLERS]
+        return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in sampler_catalog.SAMPLERS]
 
     @staticmethod
     def scheduler_list() -> list[dict]:
         return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for s in samplers.SCHEDULERS]
+                for s in sampler_catalog.SCHEDULERS]
 
 
 def _wait(job: Job) -> GenerationResult:

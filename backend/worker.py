@@ -329,7 +329,7 @@ def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None, i
     req = payload["request"]
     hires = None
     if kind == "txt2img" and req.enable_hr:
-        from .pipelines.txt2img import hires_size
+        from .request_checks import hires_size
         hires = hires_size(req)
     if init_image is None and kind == "img2img":
         init_image = (payload.get("init_images") or [None])[0]

@@ -18,6 +18,7 @@ from backend.devices import DevicePolicy
 from backend.errors import UserError
 from backend.model_loader import load_sd_model
 from backend.options import SETTINGS
+from backend import request_checks
 from backend.pipelines import txt2img
 from backend.pipelines.common import JobContext, StepClock
 from backend.schemas import Txt2ImgRequest
@@ -69,7 +70,7 @@ def generate(env, units, family="sd1", control=None, **req_kw):
                 do_not_save_samples=True, do_not_save_grid=True)
     body.update(req_kw)
     req = Txt2ImgRequest(**body)
-    hires = txt2img.hires_size(req) if req.enable_hr else None
+    hires = request_checks.hires_size(req) if req.enable_hr else None
     maps = []
     if units:
         ctx.controls, maps = prepare_controls(units, ctx, env["cache"], width=req.width, height=req.height,

@@ -18,6 +18,8 @@ from backend.infotext import parse_infotext
 from backend.options import SETTINGS
 from backend.pipelines import img2img, sd_upscale
 from backend.pipelines.common import JobContext
+from backend.postprocess import upscalers
+from backend import request_checks
 from backend.schemas import Img2ImgRequest
 from test_api_img2img import body, images_of, picture
 
@@ -58,10 +60,10 @@ def _req(**kw) -> Img2ImgRequest:
 
 
 def test_script_args_are_checked_with_clear_messages():
-    args = sd_upscale.script_args(_req(script_args=[None, 16, "Lanczos", 2]))
+    args = request_checks.sd_upscale_args(_req(script_args=[None, 16, "Lanczos", 2]))
     assert (args.overlap, args.upscaler, args.scale) == (16, "Lanczos", 2.0)
-    assert sd_upscale.script_args(_req(script_args=["", 32, 1.0, 1.5])).upscaler == 1
-    assert sd_upscale.script_args(_req(script_name="Poor man's outpainting")) is None
+    assert request_checks.sd_upscale_args(_req(script_args=["", 32, 1.0, 1.5])).upscaler == 1
+    assert request_checks.sd_upscale_args(_req(script_name="Poor man's outpainting")) is None
     for script_args, words in (([None, 16, "Lanczos", 5], "scale factor must be between 1 and 4"),
                                ([None, 16, "Lanczos", 0.5], "scale factor must be between 1 and 4"),
                                ([None, 300, "Lanczos", 2], "overlap must be between 0 and 256"),
@@ -69,15 +71,15 @@ def test_script_args_are_checked_with_clear_messages():
                                ([None, 16, "Lanczos"], "must be [_unused, overlap, upscaler index or name, scale factor]"),
                                ([None, 16, None, 2], "the upscaler must be an index")):
         with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):
-            img2img.validate(_req(script_args=script_args))
+            request_checks.check_img2img(_req(script_args=script_args))
 
 
 def test_upscaler_by_index_or_name():
-    assert sd_upscale.upscaler_name(1, None) == "Lanczos" and sd_upscale.upscaler_name("nearest", None) == "Nearest"
+    assert upscalers.upscaler_name(1, None) == "Lanczos" and upscalers.upscaler_name("nearest", None) == "Nearest"
     with pytest.raises(UserError, match="index 9 is out of range"):
-        sd_upscale.upscaler_name(9, None)
+        upscalers.upscaler_name(9, None)
     with pytest.raises(UserError, match="Unknown upscaler 'Magic'"):
-        sd_upscale.upscaler_name("Magic", None)
+        upscalers.upscaler_name("Magic", None)
 
 
 # -- the job, run directly --------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import pickle
 import pytest
 import torch
 
+from backend import sampler_catalog as C
 from backend import samplers as S
+from backend import schedules as SS
 from backend.errors import UserError
 
-MS = S.DiscreteSchedule.from_betas()
+MS = SS.DiscreteSchedule.from_betas()
 MU, SD = 0.5, 0.3
 STEP_COUNTS = (1, 2, 5, 20)
 A1111_SAMPLER_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
@@ -58,7 +60,7 @@ def exact_ode_map(x_start: torch.Tensor, sigma_start: float) -> torch.Tensor:
     return MU + (x_start - MU) * SD / math.sqrt(SD ** 2 + sigma_start ** 2)
 
 
-def deterministic(info: S.SamplerInfo) -> bool:
+def deterministic(info: C.SamplerInfo) -> bool:
     return not info.uses_noise or info.name == "DDIM"  # DDIM draws nothing at its default eta=0
 
 
@@ -72,10 +74,10 @@ def test_discrete_schedule_matches_sd_training_schedule():
     assert (MS.sigmas[1:] > MS.sigmas[:-1]).all()
     assert MS.sigma_min == pytest.approx(0.0291672, rel=1e-4)
     assert MS.sigma_max == pytest.approx(14.614642, rel=1e-5)
-    linear = S.DiscreteSchedule.from_betas(0.0001, 0.02, 1000, schedule="linear")
+    linear = SS.DiscreteSchedule.from_betas(0.0001, 0.02, 1000, schedule="linear")
     assert linear.sigma_max > MS.sigma_max
     with pytest.raises(ValueError):
-        S.DiscreteSchedule.from_betas(schedule="cosine-ish")
+        SS.DiscreteSchedule.from_betas(schedule="cosine-ish")
 
 
 def test_sigma_t_round_trip_and_interpolation():
@@ -100,18 +102,18 @@ def test_sigma_t_round_trip_and_interpolation():
 # --- schedules -------------------------------------------------------------------------------------------
 
 def test_scheduler_table_names_and_labels():
-    assert [(s.name, s.label) for s in S.SCHEDULERS] == A1111_SCHEDULES
+    assert [(s.name, s.label) for s in C.SCHEDULERS] == A1111_SCHEDULES
     for name, label in A1111_SCHEDULES:
-        assert S.find_scheduler(name) is S.find_scheduler(label) is S.find_scheduler(label.upper())
+        assert C.find_scheduler(name) is C.find_scheduler(label) is C.find_scheduler(label.upper())
     with pytest.raises(UserError, match="Karras"):
-        S.find_scheduler("Wobbly")
+        C.find_scheduler("Wobbly")
 
 
 @pytest.mark.parametrize("schedule", [name for name, _ in A1111_SCHEDULES])
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 20, 150])
 def test_get_sigmas_shape_and_monotonic(schedule, steps):
     for sampler in (None, "Euler", "DPM++ 2M", "DDIM", "DPM2"):
-        sig = S.get_sigmas(schedule, steps, MS, sampler)
+        sig = SS.get_sigmas(schedule, steps, MS, sampler)
         assert sig.dtype == torch.float32 and sig.shape == (steps + 1,)
         assert sig[-1] == 0
         assert (sig[:-1] > 0).all()
@@ -121,37 +123,37 @@ def test_get_sigmas_shape_and_monotonic(schedule, steps):
 
 
 def test_get_sigmas_accepts_labels_case_insensitive_and_rejects_bad_input():
-    assert torch.equal(S.get_sigmas("Karras", 10, MS, "Euler"), S.get_sigmas("karras", 10, MS, "euler"))
-    assert torch.equal(S.get_sigmas("SGM UNIFORM", 10, MS), S.get_sigmas("sgm_uniform", 10, MS))
+    assert torch.equal(SS.get_sigmas("Karras", 10, MS, "Euler"), SS.get_sigmas("karras", 10, MS, "euler"))
+    assert torch.equal(SS.get_sigmas("SGM UNIFORM", 10, MS), SS.get_sigmas("sgm_uniform", 10, MS))
     with pytest.raises(UserError):
-        S.get_sigmas("nonsense", 10, MS, "Euler")
+        SS.get_sigmas("nonsense", 10, MS, "Euler")
     with pytest.raises(UserError):
-        S.get_sigmas("karras", 0, MS, "Euler")
+        SS.get_sigmas("karras", 0, MS, "Euler")
 
 
 def test_schedule_formulas():
     n, lo, hi = 10, MS.sigma_min, MS.sigma_max
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     karras = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
-    assert torch.allclose(S.get_sigmas("karras", n, MS)[:-1].double(), karras, rtol=1e-6)
-    expo = S.get_sigmas("exponential", n, MS)[:-1].double().log()
+    assert torch.allclose(SS.get_sigmas("karras", n, MS)[:-1].double(), karras, rtol=1e-6)
+    expo = SS.get_sigmas("exponential", n, MS)[:-1].double().log()
     assert torch.allclose(expo.diff(), expo.diff()[:1].expand(n - 1), atol=1e-5)
-    assert torch.allclose(S.get_sigmas("polyexponential", n, MS), S.get_sigmas("exponential", n, MS))
+    assert torch.allclose(SS.get_sigmas("polyexponential", n, MS), SS.get_sigmas("exponential", n, MS))
     uniform = MS.t_to_sigma(torch.linspace(999, 0, n, dtype=torch.float64))
-    assert torch.allclose(S.get_sigmas("uniform", n, MS)[:-1].double(), uniform, rtol=1e-6)
-    assert torch.allclose(S.get_sigmas("normal", n, MS), S.get_sigmas("uniform", n, MS))
+    assert torch.allclose(SS.get_sigmas("uniform", n, MS)[:-1].double(), uniform, rtol=1e-6)
+    assert torch.allclose(SS.get_sigmas("normal", n, MS), SS.get_sigmas("uniform", n, MS))
     sgm = MS.t_to_sigma(torch.linspace(999, 0, n + 1, dtype=torch.float64)[:-1])
-    assert torch.allclose(S.get_sigmas("sgm_uniform", n, MS)[:-1].double(), sgm, rtol=1e-6)
-    kl = S.get_sigmas("kl_optimal", n, MS)[:-1].double().atan()
+    assert torch.allclose(SS.get_sigmas("sgm_uniform", n, MS)[:-1].double(), sgm, rtol=1e-6)
+    kl = SS.get_sigmas("kl_optimal", n, MS)[:-1].double().atan()
     assert torch.allclose(kl.diff(), kl.diff()[:1].expand(n - 1), atol=1e-6)
     # DDIM: CompVis timesteps 1, 51, ..., 951 for 20 steps, highest first
-    ddim = S.get_sigmas("ddim", 20, MS)
+    ddim = SS.get_sigmas("ddim", 20, MS)
     assert torch.allclose(ddim[:-1], MS.sigmas[torch.arange(1, 1000, 50)].flip(0))
     # Simple: every (1000 / n)-th table entry from the top
-    simple = S.get_sigmas("simple", 4, MS)
+    simple = SS.get_sigmas("simple", 4, MS)
     assert torch.allclose(simple[:-1], MS.sigmas[[999, 749, 499, 249]])
     # Beta: both ends of the range are included, steps are dense at both ends
-    beta = S.get_sigmas("beta", 10, MS).double()
+    beta = SS.get_sigmas("beta", 10, MS).double()
     assert float(beta[0]) == pytest.approx(hi, rel=1e-6) and float(beta[-2]) == pytest.approx(lo, rel=1e-6)
     t = MS.sigma_to_t(beta[:-1])
     gaps = -t.diff()
@@ -161,82 +163,82 @@ def test_schedule_formulas():
 def test_beta_quantile():
     # Beta(1/2, 1/2) is the arcsine distribution: ppf(q) = sin^2(pi q / 2)
     for q in (0.0, 1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0):
-        assert S.beta_ppf(q, 0.5, 0.5) == pytest.approx(math.sin(math.pi * q / 2) ** 2, abs=1e-12)
+        assert SS.beta_ppf(q, 0.5, 0.5) == pytest.approx(math.sin(math.pi * q / 2) ** 2, abs=1e-12)
     # Beta(2, 1) has cdf x^2
-    assert S.beta_ppf(0.25, 2.0, 1.0) == pytest.approx(0.5, abs=1e-12)
+    assert SS.beta_ppf(0.25, 2.0, 1.0) == pytest.approx(0.5, abs=1e-12)
     for q in torch.linspace(0.001, 0.999, 50).tolist():
-        assert S._betainc(S.beta_ppf(q, 0.6, 0.6), 0.6, 0.6) == pytest.approx(q, abs=1e-12)
+        assert SS._betainc(SS.beta_ppf(q, 0.6, 0.6), 0.6, 0.6) == pytest.approx(q, abs=1e-12)
 
 
 def test_automatic_picks_the_samplers_default_schedule():
     for sampler, schedule in (("DPM++ 2M", "karras"), ("DPM++ 2M SDE", "exponential"), ("Euler", "uniform"),
                               ("DDIM", "ddim"), ("UniPC", "uniform"), ("DPM++ SDE", "karras")):
-        assert torch.equal(S.get_sigmas("Automatic", 12, MS, sampler), S.get_sigmas(schedule, 12, MS, sampler))
-    assert torch.equal(S.get_sigmas(None, 12, MS, None), S.get_sigmas("uniform", 12, MS))
+        assert torch.equal(SS.get_sigmas("Automatic", 12, MS, sampler), SS.get_sigmas(schedule, 12, MS, sampler))
+    assert torch.equal(SS.get_sigmas(None, 12, MS, None), SS.get_sigmas("uniform", 12, MS))
 
 
 @pytest.mark.parametrize("sampler", ["DPM2", "DPM2 a", "DPM++ 3M SDE", "k_dpm_2"])
 def test_discard_next_to_last_sigma(sampler):
-    info = S.find_sampler(sampler)
+    info = C.find_sampler(sampler)
     assert info.discard_next_to_last_sigma
     for steps in (1, 2, 10):
-        full = S.get_sigmas("karras", steps + 1, MS)
-        got = S.get_sigmas("karras", steps, MS, sampler)
+        full = SS.get_sigmas("karras", steps + 1, MS)
+        got = SS.get_sigmas("karras", steps, MS, sampler)
         assert got.shape == (steps + 1,)
         assert torch.equal(got, torch.cat([full[:-2], full[-1:]]))
-    assert not S.find_sampler("Euler").discard_next_to_last_sigma
-    assert torch.equal(S.get_sigmas("karras", 10, MS, "Euler"), S.get_sigmas("karras", 10, MS))
+    assert not C.find_sampler("Euler").discard_next_to_last_sigma
+    assert torch.equal(SS.get_sigmas("karras", 10, MS, "Euler"), SS.get_sigmas("karras", 10, MS))
 
 
 # --- the sampler table -----------------------------------------------------------------------------------
 
 def test_sampler_table():
-    assert [s.name for s in S.SAMPLERS] == A1111_SAMPLER_NAMES
+    assert [s.name for s in C.SAMPLERS] == A1111_SAMPLER_NAMES
     expected_aliases = {"Euler a": "k_euler_a", "Euler": "k_euler", "LMS": "k_lms", "Heun": "k_heun",
                         "DPM2": "k_dpm_2", "DPM2 a": "k_dpm_2_a", "DPM++ 2S a": "k_dpmpp_2s_a",
                         "DPM++ 2M": "k_dpmpp_2m", "DPM++ SDE": "k_dpmpp_sde", "DPM++ 2M SDE": "k_dpmpp_2m_sde",
                         "DDIM": "ddim", "PLMS": "plms", "UniPC": "unipc", "LCM": "k_lcm"}
     for name, alias in expected_aliases.items():
-        assert alias in S.find_sampler(name).aliases
+        assert alias in C.find_sampler(name).aliases
     defaults = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM++ 2M SDE": "exponential",
                 "DPM++ 2M SDE Heun": "exponential", "DPM++ 2S a": "karras", "DPM++ 3M SDE": "exponential",
                 "DPM2": "karras", "DPM2 a": "karras", "DDIM": "ddim", "Euler a": "uniform", "Euler": "uniform"}
     for name, sched in defaults.items():
-        assert S.find_sampler(name).default_scheduler == sched
-    second = {s.name for s in S.SAMPLERS if s.second_order}
+        assert C.find_sampler(name).default_scheduler == sched
+    second = {s.name for s in C.SAMPLERS if s.second_order}
     assert second == {"DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a", "Restart"}
-    noisy = {s.name for s in S.SAMPLERS if s.uses_noise}
+    noisy = {s.name for s in C.SAMPLERS if s.uses_noise}
     assert {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "LCM"} <= noisy
     assert not noisy & {"Euler", "Heun", "LMS", "DPM2", "DPM++ 2M", "PLMS", "UniPC"}
-    assert S.find_sampler("DPM++ 2M").options["scheduler"] == "karras"
-    for info in S.SAMPLERS:
+    assert C.find_sampler("DPM++ 2M").options["scheduler"] == "karras"
+    for info in C.SAMPLERS:
         assert pickle.loads(pickle.dumps(info)) is info
         dict(info.options)  # what /sdapi/v1/samplers serves
 
 
 def test_find_sampler_names_aliases_and_combined_names():
-    assert S.find_sampler("Euler a").name == "Euler a"
-    assert S.find_sampler("euler A").name == "Euler a"
-    assert S.find_sampler("k_euler_ancestral").name == "Euler a"
-    assert S.find_sampler("K_DPMPP_2M").name == "DPM++ 2M"
-    assert S.find_sampler("  DPM++   2M ").name == "DPM++ 2M"
-    assert S.find_sampler("DPM++ 2M Karras").name == "DPM++ 2M"
-    assert S.find_sampler("DPM++ 2M SDE Heun Exponential").name == "DPM++ 2M SDE Heun"
-    assert S.split_sampler_and_schedule("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")
-    assert S.split_sampler_and_schedule("dpm++ sde karras") == ("dpm++ sde", "Karras")
-    assert S.split_sampler_and_schedule("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
-    assert S.split_sampler_and_schedule("DPM++ 2M SDE Heun") == ("DPM++ 2M SDE Heun", None)
-    assert S.split_sampler_and_schedule("DPM2 a Karras") == ("DPM2 a", "Karras")
-    assert S.split_sampler_and_schedule("Euler a SGM Uniform") == ("Euler a", "SGM Uniform")
-    assert S.split_sampler_and_schedule("DDIM") == ("DDIM", None)
-    assert S.split_sampler_and_schedule("Euler") == ("Euler", None)
-    assert S.split_sampler_and_schedule("Nope Karras") == ("Nope Karras", None)
+    assert C.find_sampler("Euler a").name == "Euler a"
+    assert C.find_sampler("euler A").name == "Euler a"
+    assert C.find_sampler("k_euler_ancestral").name == "Euler a"
+    assert C.find_sampler("K_DPMPP_2M").name == "DPM++ 2M"
+    assert C.find_sampler("  DPM++   2M ").name == "DPM++ 2M"
+    assert C.find_sampler("DPM++ 2M Karras").name == "DPM++ 2M"
+    assert C.find_sampler("DPM++ 2M SDE Heun Exponential").name == "DPM++ 2M SDE Heun"
+    assert C.split_sampler_and_schedule("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")
+    assert C.split_sampler_and_schedule("dpm++ sde karras") == ("dpm++ sde", "Karras")
+    assert C.split_sampler_and_schedule("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
+    assert C.split_sampler_and_schedule("DPM++ 2M SDE Heun") == ("DPM++ 2M SDE Heun", None)
+    assert C.split_sampler_and_schedule("DPM2 a Karras") == ("DPM2 a", "Karras")
+    assert C.split_sampler_and_schedule("Euler a SGM Uniform") == ("Euler a", "SGM Uniform")
+    assert C.split_sampler_and_schedule("DDIM") == ("DDIM", None)
+    assert C.split_sampler_and_schedule("Euler") == ("Euler", None)
+    assert C.split_sampler_and_schedule("Nope Karras") == ("Nope Karras", None)
 
 
 @pytest.mark.parametrize("bad", ["Euler b", "DPM++ 9M", "", "Karras"])
 def test_unknown_sampler_raises_user_error_naming_valid_ones(bad):
     with pytest.raises(UserError) as err:
-        S.find_sampler(bad)
+        C.find_sampler(bad)
     assert "DPM++ 2M" in str(err.value) and "Euler a" in str(err.value)
 
 
@@ -252,13 +254,13 @@ def test_ancestral_step():
 
 # --- running every sampler -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("info", S.SAMPLERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("info", C.SAMPLERS, ids=lambda s: s.name)
 def test_every_sampler_every_schedule_lands_on_the_point_mass(info):
     gen = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, 3, 4, 4, generator=gen)
     for schedule, _ in A1111_SCHEDULES:
         for steps in STEP_COUNTS:
-            sigmas = S.get_sigmas(schedule, steps, MS, info.name)
+            sigmas = SS.get_sigmas(schedule, steps, MS, info.name)
             model = PointMass(x0)
             seen = []
             x = torch.randn(x0.shape, generator=gen) * sigmas[0]
@@ -282,8 +284,8 @@ def test_every_sampler_every_schedule_lands_on_the_point_mass(info):
 def test_sigmas_not_ending_in_zero_and_partial_schedules():
     """img2img runs the tail of a schedule; a schedule may also stop above zero."""
     x0 = torch.full((1, 2, 2, 2), 0.25)
-    sigmas = S.get_sigmas("karras", 20, MS)
-    for info in S.SAMPLERS:
+    sigmas = SS.get_sigmas("karras", 20, MS)
+    for info in C.SAMPLERS:
         for part in (sigmas[12:], sigmas[:-1], sigmas[-2:]):
             x = x0 + 0.7 * float(part[0])
             out = info.sample_fn(PointMass(x0), x, part, noise_sampler=seeded_noise(x), callback=None)
@@ -295,7 +297,7 @@ def test_sigmas_not_ending_in_zero_and_partial_schedules():
                 assert torch.allclose(out, x0 + 0.7 * float(part[-1]), atol=1e-4), info.name
 
 
-@pytest.mark.parametrize("info", [s for s in S.SAMPLERS if deterministic(s)], ids=lambda s: s.name)
+@pytest.mark.parametrize("info", [s for s in C.SAMPLERS if deterministic(s)], ids=lambda s: s.name)
 def test_deterministic_samplers_map_the_prior_onto_the_gaussian(info):
     z = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -303,7 +305,7 @@ def test_deterministic_samplers_map_the_prior_onto_the_gaussian(info):
         raise AssertionError("a deterministic sampler drew noise")
 
     for schedule, steps, tol in (("karras", 30, 0.025), ("automatic", 40, 0.05)):
-        sigmas = S.get_sigmas(schedule, steps, MS, info.name).double()
+        sigmas = SS.get_sigmas(schedule, steps, MS, info.name).double()
         x = z * sigmas[0]
         out = info.sample_fn(gaussian_denoiser, x, sigmas, noise_sampler=must_not_draw, callback=None)
         exact = exact_ode_map(x, float(sigmas[0]))
@@ -311,7 +313,7 @@ def test_deterministic_samplers_map_the_prior_onto_the_gaussian(info):
         assert abs(float(out.std()) - SD) < tol, (schedule, float(out.std()))
         assert abs(float(out.mean()) - float(exact.mean())) < 0.005
     if info.name not in ("Euler", "DDIM"):  # higher order: close to the exact ODE solution sample by sample
-        sigmas = S.get_sigmas("karras", 30, MS, info.name).double()
+        sigmas = SS.get_sigmas("karras", 30, MS, info.name).double()
         x = z * sigmas[0]
         out = info.sample_fn(gaussian_denoiser, x, sigmas, noise_sampler=must_not_draw, callback=None)
         assert float((out - exact_ode_map(x, float(sigmas[0]))).abs().max()) < 0.02
@@ -322,7 +324,7 @@ def test_higher_order_samplers_converge_at_their_order():
     z = torch.randn(512, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def error(fn, steps, **kw):
-        sig = S.sigmas_karras(steps, 0.05, MS.sigma_max)[:-1]
+        sig = SS.sigmas_karras(steps, 0.05, MS.sigma_max)[:-1]
         x = z * sig[0]
         out = fn(gaussian_denoiser, x, sig, noise_sampler=None, callback=None, **kw)
         end, start = float(sig[-1]), float(sig[0])
@@ -337,11 +339,11 @@ def test_higher_order_samplers_converge_at_their_order():
         assert math.log2(ratio) > order - 0.3, (fn.__name__, kw, math.log2(ratio))
 
 
-@pytest.mark.parametrize("info", [s for s in S.SAMPLERS if not deterministic(s) and s.name != "LCM"],
+@pytest.mark.parametrize("info", [s for s in C.SAMPLERS if not deterministic(s) and s.name != "LCM"],
                          ids=lambda s: s.name)
 def test_stochastic_samplers_sample_the_gaussian(info):
     z = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigmas = S.get_sigmas("karras", 60, MS, info.name).double()
+    sigmas = SS.get_sigmas("karras", 60, MS, info.name).double()
     x = z * sigmas[0]
     draws = []
 
@@ -363,7 +365,7 @@ def test_stochastic_samplers_sample_the_gaussian(info):
 
 def test_eta_zero_and_churn():
     z = torch.randn(8, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigmas = S.get_sigmas("karras", 10, MS).double()
+    sigmas = SS.get_sigmas("karras", 10, MS).double()
     x = z * sigmas[0]
     calls = []
 
@@ -373,7 +375,7 @@ def test_eta_zero_and_churn():
 
     # eta = 0 makes the ancestral/SDE samplers deterministic and DDIM(eta=0) equals Euler
     for name in ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"):
-        S.find_sampler(name).sample_fn(gaussian_denoiser, x, sigmas, noise_sampler=noise, callback=None, eta=0.0)
+        C.find_sampler(name).sample_fn(gaussian_denoiser, x, sigmas, noise_sampler=noise, callback=None, eta=0.0)
     assert calls == []
     euler = S.sample_euler(gaussian_denoiser, x, sigmas, noise_sampler=noise, callback=None)
     ddim = S.sample_ddim(gaussian_denoiser, x, sigmas, noise_sampler=noise, callback=None)
@@ -396,8 +398,8 @@ def test_callback_exception_propagates_and_stops_sampling():
         pass
 
     x0 = torch.zeros(1, 1, 2, 2)
-    for info in S.SAMPLERS:
-        sigmas = S.get_sigmas("automatic", 10, MS, info.name)
+    for info in C.SAMPLERS:
+        sigmas = SS.get_sigmas("automatic", 10, MS, info.name)
         model = PointMass(x0)
         seen = []
         calls_at_stop = []
@@ -419,7 +421,7 @@ def test_callback_exception_propagates_and_stops_sampling():
 def test_restart_keeps_the_step_count():
     x0 = torch.full((1, 1, 2, 2), -0.5)
     for steps in (19, 20, 35, 36, 50):
-        sigmas = S.get_sigmas("automatic", steps, MS, "Restart")
+        sigmas = SS.get_sigmas("automatic", steps, MS, "Restart")
         model = PointMass(x0)
         seen = []
         out = S.sample_restart(model, torch.randn(1, 1, 2, 2) * sigmas[0], sigmas, noise_sampler=None,
@@ -432,18 +434,18 @@ def test_restart_keeps_the_step_count():
 
 
 def test_align_your_steps_follows_the_published_levels_per_family():
-    sd1 = S.AYS_NOISE_LEVELS["sd1"]
-    exact = S.get_sigmas("Align Your Steps", 11, MS)  # as many steps as published levels: the table itself
+    sd1 = SS.AYS_NOISE_LEVELS["sd1"]
+    exact = SS.get_sigmas("Align Your Steps", 11, MS)  # as many steps as published levels: the table itself
     assert torch.allclose(exact[:-1].double(), torch.tensor(sd1, dtype=torch.float64), rtol=1e-6) and exact[-1] == 0
     for steps in (4, 10, 25):
-        sig = S.get_sigmas("AYS", steps, MS).double()
+        sig = SS.get_sigmas("AYS", steps, MS).double()
         assert sig.numel() == steps + 1 and sig[-1] == 0 and bool((sig[1:] < sig[:-1]).all())
         assert sig[0] == pytest.approx(sd1[0]) and sig[-2] == pytest.approx(sd1[-1])
     # log-linear between published levels: 21 levels put the midpoints of log-sigma between the published ones
-    mid = S.sigmas_align_your_steps(21)[1].double()
+    mid = SS.sigmas_align_your_steps(21)[1].double()
     assert mid == pytest.approx(math.sqrt(sd1[0] * sd1[1]), rel=1e-6)
-    xl = S.DiscreteSchedule(MS.alphas_cumprod, family="sdxl")
-    assert S.get_sigmas("Align Your Steps", 11, xl)[1] == pytest.approx(S.AYS_NOISE_LEVELS["sdxl"][1], rel=1e-6)
+    xl = SS.DiscreteSchedule(MS.alphas_cumprod, family="sdxl")
+    assert SS.get_sigmas("Align Your Steps", 11, xl)[1] == pytest.approx(SS.AYS_NOISE_LEVELS["sdxl"][1], rel=1e-6)
 
 
 def test_dpm_fast_plan_and_solver_orders():
@@ -471,7 +473,7 @@ def test_dpm_fast_plan_and_solver_orders():
 
 def test_dpm_adaptive_without_noise_follows_the_ode_to_its_tolerance():
     z = torch.randn(1024, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigmas = S.get_sigmas("karras", 20, MS).double()
+    sigmas = SS.get_sigmas("karras", 20, MS).double()
     x = z * sigmas[0]
     exact = exact_ode_map(x, float(sigmas[0]))
     loose = S.sample_dpm_adaptive(gaussian_denoiser, x, sigmas, eta=0.0)

@@ -17,7 +17,7 @@ import gradio as gr
 from gradio.context import get_blocks_context
 from PIL import Image
 
-from backend import samplers
+from backend import sampler_catalog
 from backend.client import BackendError, Job
 from backend.errors import UserError
 from backend.service import EaselService
@@ -49,9 +49,9 @@ def prompt_row(tab: str, c: dict) -> dict:
 
 def sampler_controls(service: EaselService, tab: str, c: dict) -> None:
     with gr.Row():
-        c["sampler_name"] = gr.Dropdown([s.name for s in samplers.SAMPLERS], value=service.options["default_sampler"],
+        c["sampler_name"] = gr.Dropdown([s.name for s in sampler_catalog.SAMPLERS], value=service.options["default_sampler"],
                                         label="Sampling method", elem_id=f"{tab}_sampling")
-        c["scheduler"] = gr.Dropdown([s.label for s in samplers.SCHEDULERS], value="Automatic", label="Schedule type",
+        c["scheduler"] = gr.Dropdown([s.label for s in sampler_catalog.SCHEDULERS], value="Automatic", label="Schedule type",
                                      elem_id=f"{tab}_scheduler")
     c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab}_steps")
 

@@ -5,7 +5,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from backend import image_ops
+from backend import image_ops, request_checks
 from backend.errors import UserError
 from backend.schemas import Img2ImgRequest
 from backend.service import EaselService
@@ -118,7 +118,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                               (t_isketch, "inpaint_sketch"), (t_upload, "inpaint_upload"), (t_batch, "batch")):
                 tab.select(lambda n=name: n, outputs=[mode], queue=False)
 
-            c["resize_mode"] = gr.Radio(image_ops.RESIZE_MODES, value="Just resize", type="index", label="Resize mode",
+            c["resize_mode"] = gr.Radio(request_checks.RESIZE_MODES, value="Just resize", type="index", label="Resize mode",
                                         elem_id="img2img_resize_mode")
             generation.sampler_controls(service, "img2img", c)
             with gr.Accordion("Inpaint options", open=True, elem_id="img2img_inpaint_controls"):

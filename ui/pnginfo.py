@@ -66,8 +66,8 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fi
 
 
 def _schedule_label(value: str) -> str | None:
-    from backend import samplers
-    for s in samplers.SCHEDULERS:
+    from backend import sampler_catalog
+    for s in sampler_catalog.SCHEDULERS:
         if str(value).lower() in (s.name.lower(), s.label.lower()):
             return s.label
     return None

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from backend import samplers
+from backend import sampler_catalog
 from backend.client import BackendError
 from backend.errors import UserError
 from backend.options import SETTINGS, Setting, coerce
@@ -74,7 +74,7 @@ def _component(setting, value, service: EaselService):
     if setting.key == "sd_vae":
         return gr.Dropdown(service.vae_choices(), value=value, label=setting.label, elem_id=elem_id)
     if setting.key == "default_sampler":
-        return gr.Dropdown([s.name for s in samplers.SAMPLERS], value=value, label=setting.label, elem_id=elem_id)
+        return gr.Dropdown([s.name for s in sampler_catalog.SAMPLERS], value=value, label=setting.label, elem_id=elem_id)
     if setting.key.startswith("outdir_") and service.options.hide_dir_config:
         return gr.Textbox(value, label=setting.label, elem_id=elem_id, interactive=False,
                           info="Output folders cannot be changed on this server (--hide-ui-dir-config).")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import samplers
+from .. import schedules
 from ..conditioning import ScheduledConds, TextConditioner, stack_padded
 from ..errors import UserError
 
@@ -83,65 +83,10 @@ class JobContext:
     embeddings: object | None = None
 
 
-def validate_size(width: int, height: int, what: str = "") -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v % 8 != 0:
-            raise UserError(f"{what}{name} must be a multiple of 8, got {v}.")
-        if not 64 <= v <= 4096:
-            raise UserError(f"{what}{name} must be between 64 and 4096, got {v}.")
-
-
-def validate_generation(req) -> None:
-    """The checks every generation request shares (size, steps, batch, CFG, variation strength)."""
-    validate_size(req.width, req.height)
-    if not 1 <= req.steps <= 150:
-        raise UserError(f"steps must be between 1 and 150, got {req.steps}.")
-    if not 1 <= req.batch_size <= 64:
-        raise UserError(f"batch_size must be between 1 and 64, got {req.batch_size}.")
-    if not 1 <= req.n_iter <= 1000:
-        raise UserError(f"n_iter (batch count) must be between 1 and 1000, got {req.n_iter}.")
-    if not 0 <= req.cfg_scale <= 100:
-        raise UserError(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}.")
-    if not 0 <= req.subseed_strength <= 1:
-        raise UserError(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}.")
-    validate_seeds(req)
-
-
-# The noise generators take 64-bit seeds; Easel keeps every seed of a job (seed + image index) a signed 64-bit
-# number, so that it reads back from the infotext and from `info` in any client. A1111 draws random seeds below 2^32.
-MAX_SEED_VALUE = 2**63 - 1
-
-
-def validate_seeds(req) -> None:
-    """seed and subseed: -1 (or any negative) for random, else a number the job's seeds stay within 64 bits from."""
-    images = max(1, int(req.batch_size) * int(req.n_iter))
-    for name in ("seed", "subseed"):
-        value = int(getattr(req, name))
-        if value + images - 1 > MAX_SEED_VALUE:
-            raise UserError(f"{name} must be at most {MAX_SEED_VALUE - images + 1} (2^63 - 1 less the job's "
-                            f"{images - 1} further images), got {value}; use -1 for a random seed.")
-    for name in ("seed_resize_from_w", "seed_resize_from_h"):
-        value = int(getattr(req, name))
-        if value > 4096:
-            raise UserError(f"{name} must be at most 4096 (or 0 / -1 for off), got {value}.")
-
-
-def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: str) -> tuple[object, str]:
-    """-> (SamplerInfo, schedule label). Accepts A1111's combined legacy names like 'DPM++ 2M Karras'."""
-    name = sampler_name or default
-    base, legacy_schedule = samplers.split_sampler_and_schedule(name)
-    info = samplers.find_sampler(base)
-    schedule = scheduler or legacy_schedule or "automatic"
-    for s in samplers.SCHEDULERS:
-        if schedule.lower() in (s.name.lower(), s.label.lower()):
-            return info, s.label
-    raise UserError(f"Unknown schedule type {schedule!r}. Valid: {', '.join(s.label for s in samplers.SCHEDULERS)}")
-
-
 class CFGDenoiser:
     """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules."""
 
-    def __init__(self, model, schedule: "samplers.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
+    def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
                  image_cond: torch.Tensor | None = None):
         self.model = model

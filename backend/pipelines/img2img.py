@@ -24,57 +24,16 @@ from ..images import save_image_or_warn
 from ..paths import IMAGE_EXTENSIONS
 from ..postprocess.face_restore import restore_faces_for_job
 from ..rng import ImageRNG
+from ..request_checks import (LATENT_RESIZE, RESIZE_MODES, check_img2img, is_sd_upscale, outpainting_args, resize_mode_index,
+                              validate_size)
 from ..schemas import GenerationResult, Img2ImgRequest
 from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
-                     run_sampler, tiling, validate_generation, validate_size)
+                     run_sampler, tiling)
 from . import sd_upscale
 from .processing import Generation
 from .txt2img import img2img_sigmas
 
 log = logging.getLogger("easel.img2img")
-
-OUTPAINT_SCRIPTS = ("poor man's outpainting", "outpainting mk2", "outpainting")
-
-
-def validate(req: Img2ImgRequest) -> None:
-    validate_generation(req)
-    if not 0 <= req.denoising_strength <= 1:
-        raise UserError(f"denoising_strength must be between 0 and 1, got {req.denoising_strength}.")
-    if req.inpainting_fill not in (0, 1, 2, 3):
-        raise UserError("inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing).")
-    for name in ("mask_blur_x", "mask_blur_y", "inpaint_full_res_padding"):
-        if not 0 <= getattr(req, name) <= 256:
-            raise UserError(f"{name} must be between 0 and 256, got {getattr(req, name)}.")
-    if req.mask_blur is not None and not 0 <= req.mask_blur <= 256:
-        raise UserError(f"mask_blur must be between 0 and 256, got {req.mask_blur}.")
-    image_ops.resize_mode_index(req.resize_mode)
-    outpainting_args(req)
-    sd_upscale.script_args(req)
-
-
-def outpainting_args(req: Img2ImgRequest) -> tuple[int, int, int, list[str]] | None:
-    """(pixels, mask blur, masked content, directions) from A1111's outpainting scripts' args, or None."""
-    name = (req.script_name or "").strip().lower()
-    if name not in OUTPAINT_SCRIPTS:
-        if name and not sd_upscale.is_sd_upscale(req):
-            raise UserError(f"Unknown script {req.script_name!r}. Available for img2img: Poor man's outpainting, "
-                            f"Outpainting mk2, {sd_upscale.SCRIPT_NAME}.")
-        return None
-    args = list(req.script_args or [])
-    try:
-        if name == "outpainting mk2":  # (info, pixels, mask_blur, direction, noise_q, color_variation)
-            pixels, blur, directions, fill = int(args[1]), int(args[2]), args[3], 1
-        else:  # poor man's: (pixels, mask_blur, inpainting_fill, direction)
-            pixels, blur, fill, directions = int(args[0]), int(args[1]), int(args[2]), args[3]
-    except (IndexError, TypeError, ValueError) as exc:
-        raise UserError(f"script_args for {req.script_name!r} must be [pixels, mask_blur, masked_content, directions] "
-                        f"(Poor man's outpainting) or [info, pixels, mask_blur, directions, ...] (Outpainting mk2).") from exc
-    if isinstance(directions, str):
-        directions = [directions]
-    if fill not in (0, 1, 2, 3):
-        raise UserError("Outpainting masked content must be 0-3 (fill, original, latent noise, latent nothing).")
-    return pixels, blur, fill, [str(d).lower() for d in directions]
-
 
 def soft_inpainting_enabled(req: Img2ImgRequest) -> bool:
     for name, script in (req.alwayson_scripts or {}).items():
@@ -114,7 +73,7 @@ def prepare_mask(mask: Image.Image, image_size: tuple[int, int], req: Img2ImgReq
         x1, y1, x2, y2 = region
         processing = image_ops.resize_image(2, blurred.crop(region), req.width, req.height)
         return PreparedMask(blurred, processing, region, (x1, y1, x2 - x1, y2 - y1))
-    resized = image_ops.resize_image(0 if mode == image_ops.LATENT_RESIZE else mode, blurred, req.width, req.height)
+    resized = image_ops.resize_image(0 if mode == LATENT_RESIZE else mode, blurred, req.width, req.height)
     return PreparedMask(resized, resized, None, None)
 
 
@@ -151,10 +110,10 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
         samples_dir: Path | None = None) -> GenerationResult:
     if not init_images:
         raise UserError("img2img needs an init image (init_images is empty).")
-    validate(req)
-    if sd_upscale.is_sd_upscale(req):
+    check_img2img(req)
+    if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
-    mode = image_ops.resize_mode_index(req.resize_mode)
+    mode = resize_mode_index(req.resize_mode)
     images = [image_ops.flatten(img) for img in init_images]
     fill = req.inpainting_fill
     outpaint = outpainting_args(req)
@@ -167,7 +126,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
         validate_size(w, h, "outpainted ")
         req = req.model_copy(update={"width": w, "height": h, "mask_blur": blur, "inpaint_full_res": False,
                                      "inpainting_mask_invert": 0, "inpainting_fill": fill})
-    if mask is not None and mode == image_ops.LATENT_RESIZE:
+    if mask is not None and mode == LATENT_RESIZE:
         mode = 0  # the overlay needs the image at the output size
     if len(images) > 1:
         req = req.model_copy(update={"batch_size": len(images)})
@@ -184,7 +143,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     processed, overlays = [], []
     for img in images:
-        if (prepared is None or prepared.region is None) and mode != image_ops.LATENT_RESIZE:
+        if (prepared is None or prepared.region is None) and mode != LATENT_RESIZE:
             img = image_ops.resize_image(mode, img, req.width, req.height)
         if prepared is not None:
             overlays.append(image_ops.overlay_of(img, prepared.for_overlay))
@@ -248,7 +207,7 @@ def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fi
     p = gen.params
     p["Denoising strength"] = format_number(req.denoising_strength)
     if mode:
-        p["Resize mode"] = image_ops.RESIZE_MODES[mode]
+        p["Resize mode"] = RESIZE_MODES[mode]
     multiplier = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                   else gen.ctx.options.get("initial_noise_multiplier", 1.0))
     if multiplier not in (1, 1.0):
@@ -275,7 +234,7 @@ def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgReq
     unique = {id(im): im for im in processed}
     latents = {key: encode_images(ctx, [im]) for key, im in unique.items()}
     init = torch.cat([latents[id(im)] for im in processed])
-    if mode == image_ops.LATENT_RESIZE and init.shape[-2:] != (req.height // 8, req.width // 8):
+    if mode == LATENT_RESIZE and init.shape[-2:] != (req.height // 8, req.width // 8):
         init = F.interpolate(init, size=(req.height // 8, req.width // 8), mode="bilinear", align_corners=False)
     return init
 

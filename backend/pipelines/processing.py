@@ -11,13 +11,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import samplers
+from .. import schedules
+from ..sampler_catalog import resolve_sampler
 from ..conditioning import TextConditioner
 from ..images import day_folder, encode_png, image_grid, save_image_or_warn
 from ..limits import DEFAULT_PROMPT_MAX_CHUNKS
 from ..rng import fix_seed
 from ..schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from .common import VERSION, JobContext, format_number, resolve_sampler, sampler_extra_args
+from .common import VERSION, JobContext, format_number, sampler_extra_args
 
 
 class Generation:
@@ -29,7 +30,7 @@ class Generation:
         self.sampler_info, self.schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler,
                                                            options.get("default_sampler", "Euler a"))
         self.clip_skip = int(options.get("CLIP_stop_at_last_layers", 1))  # the job's override is merged in, checked
-        self.model_schedule = samplers.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+        self.model_schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
         self.extra = sampler_extra_args(self.sampler_info, req, options)
 
         self.total_images = req.batch_size * req.n_iter

@@ -23,69 +23,11 @@ from PIL import Image
 
 from .. import image_ops
 from ..errors import JobInterrupted, UserError
-from ..postprocess.upscalers import BUILTIN, check_output_size, target_size, upscale_for_job
+from ..postprocess.upscalers import check_output_size, target_size, upscale_for_job, upscaler_name
+from ..request_checks import sd_upscale_args
 from ..schemas import GenerationResult, Img2ImgRequest
 from .processing import Generation
 from .txt2img import img2img_sigmas
-
-SCRIPT_NAME = "SD upscale"
-MAX_OVERLAP = 256  # A1111's slider
-MIN_SCALE, MAX_SCALE = 1.0, 4.0  # A1111's slider
-
-
-@dataclass(frozen=True)
-class SDUpscaleArgs:
-    overlap: int
-    upscaler: int | str  # index into the upscaler list, or a name
-    scale: float
-
-
-def is_sd_upscale(req: Img2ImgRequest) -> bool:
-    return (req.script_name or "").strip().lower() == SCRIPT_NAME.lower()
-
-
-def script_args(req: Img2ImgRequest) -> SDUpscaleArgs | None:
-    """The checked [_unused, overlap, upscaler, scale_factor] of an SD upscale request, or None for another script."""
-    if not is_sd_upscale(req):
-        return None
-    args = list(req.script_args or [])
-    usage = "script_args for 'SD upscale' must be [_unused, overlap, upscaler index or name, scale factor]"
-    if len(args) < 4:
-        raise UserError(f"{usage}; got {len(args)} values.")
-    try:
-        overlap, scale = int(args[1]), float(args[3])
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{usage}: overlap must be a whole number and scale factor a number.") from exc
-    upscaler = args[2]
-    if isinstance(upscaler, float) and upscaler.is_integer():
-        upscaler = int(upscaler)
-    if isinstance(upscaler, bool) or not isinstance(upscaler, (int, str)):
-        raise UserError(f"{usage}: the upscaler must be an index into /sdapi/v1/upscalers or a name, got {upscaler!r}.")
-    if not 0 <= overlap <= MAX_OVERLAP:
-        raise UserError(f"SD upscale: overlap must be between 0 and {MAX_OVERLAP} pixels, got {overlap}.")
-    if overlap >= min(req.width, req.height):
-        raise UserError(f"SD upscale: overlap ({overlap}) must be smaller than the tile size {req.width}x{req.height}.")
-    if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise UserError(f"SD upscale: scale factor must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}.")
-    return SDUpscaleArgs(overlap, upscaler, scale)
-
-
-def upscaler_name(choice: int | str, registry) -> str:
-    """The upscaler an index (GET /sdapi/v1/upscalers order) or a name stands for; `registry`: an UpscalerRegistry,
-    or None for the built-in resizers only."""
-    ups = registry.all() if registry is not None else list(BUILTIN)
-    if isinstance(choice, int):
-        if not 0 <= choice < len(ups):
-            raise UserError(f"SD upscale: upscaler index {choice} is out of range; there are {len(ups)} upscalers "
-                            f"(0-{len(ups) - 1}: {', '.join(u.name for u in ups)}).")
-        return ups[choice].name
-    if registry is not None:
-        return registry.find(choice).name
-    for up in ups:
-        if up.name.lower() == choice.strip().lower():
-            return up.name
-    raise UserError(f"Unknown upscaler {choice!r}. Available: {', '.join(u.name for u in ups)}.")
-
 
 # -- tiles ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -182,7 +124,7 @@ def run(req: Img2ImgRequest, ctx, init_images: list[Image.Image], mask: Image.Im
         samples_dir=None) -> GenerationResult:
     from . import img2img  # img2img dispatches here: imported when running
 
-    args = script_args(req)
+    args = sd_upscale_args(req)
     if mask is not None:
         raise UserError("SD upscale redraws the whole picture; it does not take a mask. Use it from the img2img tab.")
     name = upscaler_name(args.upscaler, ctx.postprocess.upscalers() if ctx.postprocess is not None else None)

@@ -9,53 +9,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import samplers
-from ..errors import JobInterrupted, UserError
+from .. import schedules
+from ..sampler_catalog import resolve_sampler
+from ..errors import JobInterrupted
+from ..request_checks import LATENT_UPSCALE_MODES, check_txt2img, hires_size
 from ..rng import ImageRNG
 from ..postprocess.face_restore import restore_faces_for_job
 from ..postprocess.upscalers import upscale_for_job
 from ..schemas import GenerationResult, Txt2ImgRequest
-from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, resolve_sampler, run_sampler,
-                     sampler_extra_args, tiling, validate_generation, validate_size)
+from .common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
+                     sampler_extra_args, tiling)
 from .processing import Generation
 
-LATENT_UPSCALE_MODES = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
 IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 HIRES_UPSCALERS = list(LATENT_UPSCALE_MODES) + list(IMAGE_UPSCALERS)
 DEFAULT_HIRES_DENOISE = 0.7
-
-
-def validate(req: Txt2ImgRequest) -> None:
-    validate_generation(req)
-    if req.enable_hr:
-        # hr_upscaler: latent modes, None/Lanczos/Nearest or a model upscaler; names are checked by the service
-        # (where the model folders are known) and resolved when the pass runs (backend.postprocess.upscalers).
-        if req.hr_second_pass_steps < 0 or req.hr_second_pass_steps > 150:
-            raise UserError("hr_second_pass_steps must be between 0 and 150.")
-        w, h = hires_size(req)
-        validate_size(w, h, "hires. fix ")
-        if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
-            raise UserError("denoising_strength must be between 0 and 1.")
-
-
-def hires_size(req: Txt2ImgRequest) -> tuple[int, int]:
-    """The hires. fix target size (A1111 rules: scale by, or resize to with the missing side kept in ratio)."""
-    if not req.hr_resize_x and not req.hr_resize_y:
-        w, h = int(req.width * req.hr_scale), int(req.height * req.hr_scale)
-    elif not req.hr_resize_y:
-        w, h = req.hr_resize_x, req.hr_resize_x * req.height // req.width
-    elif not req.hr_resize_x:
-        w, h = req.hr_resize_y * req.width // req.height, req.hr_resize_y
-    else:
-        w, h = req.hr_resize_x, req.hr_resize_y
-    return w // 8 * 8, h // 8 * 8
 
 
 def _upscale_latent(latent: torch.Tensor, w: int, h: int, mode: str) -> torch.Tensor:
@@ -76,12 +44,12 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
     else:
         total = steps
         t_enc = int(min(denoise, 0.999) * steps)
-    sigmas = samplers.get_sigmas(schedule, max(total, 1), model_schedule, sampler_info.name)
+    sigmas = schedules.get_sigmas(schedule, max(total, 1), model_schedule, sampler_info.name)
     return sigmas[max(total, 1) - t_enc - 1:]
 
 
 def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
-    validate(req)
+    check_txt2img(req)
     gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
     sampler_info, schedule = gen.sampler_info, gen.schedule
 
@@ -134,7 +102,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
 
             shape = (4, req.height // opt_f, req.width // opt_f)
             rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
-            sigmas = samplers.get_sigmas(schedule, req.steps, model_schedule, sampler_info.name).to(device)
+            sigmas = schedules.get_sigmas(schedule, req.steps, model_schedule, sampler_info.name).to(device)
             x = rng.first().to(device) * sigmas[0]
             image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
             denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,

@@ -14,9 +14,10 @@ from PIL import Image
 
 from ..client import Job
 from ..errors import UserError
+from ..request_checks import LATENT_UPSCALE_MODES, sd_upscale_args
 from .face_restore import FACE_RESTORERS
 from .schemas import ExtrasRequest
-from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry
+from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry, upscaler_name
 
 log = logging.getLogger("easel.extras")
 
@@ -43,7 +44,6 @@ class PostprocessService:
 
     def hires_upscaler_names(self) -> list[str]:
         """What hires. fix offers: the latent modes, then every upscaler (as A1111's list)."""
-        from ..pipelines.txt2img import LATENT_UPSCALE_MODES
         return list(LATENT_UPSCALE_MODES) + self.upscaler_names()
 
     def check_hires_upscaler(self, req) -> None:
@@ -61,8 +61,7 @@ class PostprocessService:
 
     def check_sd_upscale(self, req) -> None:
         """Refuse an img2img "SD upscale" request with an unknown upscaler (name or index) before it is queued."""
-        from ..pipelines.sd_upscale import script_args, upscaler_name
-        args = script_args(req)
+        args = sd_upscale_args(req)
         if args is not None:
             upscaler_name(args.upscaler, self.registry())
 

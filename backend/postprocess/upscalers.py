@@ -72,6 +72,23 @@ class Upscaler:
 BUILTIN = [Upscaler("None", "none"), Upscaler("Lanczos", "resample"), Upscaler("Nearest", "resample")]
 
 
+def upscaler_name(choice: int | str, registry) -> str:
+    """The upscaler an index (GET /sdapi/v1/upscalers order) or a name stands for; `registry`: an UpscalerRegistry,
+    or None for the built-in resizers only."""
+    ups = registry.all() if registry is not None else list(BUILTIN)
+    if isinstance(choice, int):
+        if not 0 <= choice < len(ups):
+            raise UserError(f"SD upscale: upscaler index {choice} is out of range; there are {len(ups)} upscalers "
+                            f"(0-{len(ups) - 1}: {', '.join(u.name for u in ups)}).")
+        return ups[choice].name
+    if registry is not None:
+        return registry.find(choice).name
+    for up in ups:
+        if up.name.lower() == choice.strip().lower():
+            return up.name
+    raise UserError(f"Unknown upscaler {choice!r}. Available: {', '.join(u.name for u in ups)}.")
+
+
 def scale_from_name(name: str, default: int = 4) -> int:
     """The scale a model file's name states ('4x-UltraSharp', 'RealESRGAN_x2plus', 'DAT_x3'), else `default`."""
     m = re.search(r"(?:^|[^a-z0-9])([1-8])x(?:[^a-z]|$)|(?:^|[^a-z0-9])x([1-8])(?:[^0-9]|$)", name.lower())
