@@ -73,14 +73,15 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
-    def wait(self, timeout: float = 180) -> None:
+    def wait(self, timeout: float = 180, auth: tuple[str, str] | None = None) -> None:
+        """Until the API answers (`auth`: the --api-auth login it needs)."""
         import httpx
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log_path.read_text(errors='replace')[-4000:]}")
             try:
-                if httpx.get(self.url + "/sdapi/v1/samplers", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/sdapi/v1/samplers", auth=auth, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -95,16 +96,24 @@ class Server:
             self.proc.kill()
         self.log.close()
 
+    def __enter__(self) -> "Server":
+        """`with Server(...) as srv:` waits until it answers; leaving the block stops it (also when it never came up)."""
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_models):
     """A real Easel server (UI + API, real backend process) with the tiny checkpoints."""
-    srv = Server(tmp_path_factory.mktemp("easel-data"), models=tiny_models)
-    try:
-        srv.wait()
+    with Server(tmp_path_factory.mktemp("easel-data"), models=tiny_models) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture()

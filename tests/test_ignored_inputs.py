@@ -128,15 +128,10 @@ def test_theme_flag_opens_the_ui_in_that_theme(tmp_path_factory):
     from browser import browser_page
     from conftest import Server
 
-    srv = Server(tmp_path_factory.mktemp("theme"), ["--theme", "dark"])
-    try:
-        srv.wait()
-        with browser_page(srv.url + "/") as page:
-            page.wait_for_url("**__theme=dark**")
-            page.wait_for_function("() => document.querySelector('.dark') !== null")
-            page.goto(srv.url + "/?__theme=light")
-            page.wait_for_selector("#txt2img_prompt")
-            assert "__theme=light" in page.url
-            assert page.evaluate("() => document.querySelector('.dark') === null")
-    finally:
-        srv.stop()
+    with Server(tmp_path_factory.mktemp("theme"), ["--theme", "dark"]) as srv, browser_page(srv.url + "/") as page:
+        page.wait_for_url("**__theme=dark**")
+        page.wait_for_function("() => document.querySelector('.dark') !== null")
+        page.goto(srv.url + "/?__theme=light")
+        page.wait_for_selector("#txt2img_prompt")
+        assert "__theme=light" in page.url
+        assert page.evaluate("() => document.querySelector('.dark') === null")

@@ -94,12 +94,8 @@ def test_api_only_app_has_the_same_guards():
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("lan-open"), ["--listen", "--allowed-hosts", "easel.lan,.lab.example"])
-    try:
-        srv.wait()
+    with Server(tmp_path_factory.mktemp("lan-open"), ["--listen", "--allowed-hosts", "easel.lan,.lab.example"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_warning_in_log_and_banner_in_page(open_server):
@@ -165,16 +161,7 @@ def test_upload_limit_follows_the_setting(open_server):
 def auth_server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("lan-auth"), ["--listen", "--api-auth", "u:secret", "--gradio-auth", "a:pw"])
     try:
-        deadline = time.time() + 180
-        while True:
-            if srv.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("server did not start:\n" + srv.log_path.read_text(errors="replace")[-4000:])
-            try:
-                if httpx.get(srv.url + "/sdapi/v1/samplers", auth=("u", "secret"), timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        srv.wait(auth=("u", "secret"))
         yield srv
     finally:
         srv.stop()

@@ -201,12 +201,8 @@ def safety_server(tmp_path_factory, tiny_models):
     import torch
     from safetensors.torch import save_file
     save_file({"not_a_model.weight": torch.zeros(4, 4)}, str(ckpt_dir / "aab-no-model.safetensors"))
-    srv = Server(data, models={"sd1": tiny_models["sd1"]})
-    try:
-        srv.wait()
+    with Server(data, models={"sd1": tiny_models["sd1"]}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture()

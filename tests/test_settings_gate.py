@@ -243,14 +243,10 @@ def test_kept_overrides_are_stored_coerced(server, api):
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory, tiny_models):
     """A server started with --freeze-settings --hide-ui-dir-config."""
-    srv = Server(tmp_path_factory.mktemp("easel-locked"), ["--freeze-settings", "--hide-ui-dir-config"],
-                 models={"sd1": tiny_models["sd1"]})
-    try:
-        srv.wait()
+    with Server(tmp_path_factory.mktemp("easel-locked"), ["--freeze-settings", "--hide-ui-dir-config"],
+                models={"sd1": tiny_models["sd1"]}) as srv:
         with httpx.Client(base_url=srv.url + "/sdapi/v1", timeout=600) as client:
             yield srv, client
-    finally:
-        srv.stop()
 
 
 def test_frozen_server_refuses_stored_changes_and_folder_overrides(locked, tmp_path):
