@@ -41,3 +41,11 @@ def pick_dropdown(page, elem: str, text: str) -> None:
     page.wait_for_timeout(300)
     box.press("Enter")
     page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")
+
+
+def set_sizes(page, steps: int, width: int, height: int, tab: str = "txt2img") -> None:
+    """Type the sampling steps, width and height into a generation tab's number boxes (Enter commits each)."""
+    for name, value in (("steps", steps), ("width", width), ("height", height)):
+        box = page.locator(f"#{tab}_{name} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from browser import browser_page, pick_dropdown
+from browser import browser_page, pick_dropdown, set_sizes
 from controlnet_factory import write_tiny_controlnet
 
 
@@ -21,10 +21,7 @@ def test_controlnet_unit_from_the_browser(server, tmp_path):
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "a tower")
-        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=2, width=64, height=64)
         page.locator("#txt2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
         page.locator("#txt2img_controlnet_unit0_enable input").check()
         page.set_input_files("#txt2img_controlnet_unit0_image input[type=file]", str(picture))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from browser import browser_page
+from browser import browser_page, set_sizes
 
 SEED = 4242
 
@@ -12,10 +12,7 @@ def test_reload_during_a_job_shows_its_progress_then_its_result(server, tmp_path
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "a windmill in the rain")
-        for elem, value in (("#txt2img_steps", "150"), ("#txt2img_width", "256"), ("#txt2img_height", "256")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=150, width=256, height=256)
         page.fill("#txt2img_seed input", str(SEED))
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=180_000)
@@ -45,10 +42,7 @@ def test_generate_after_a_reattach_shows_only_the_new_job(server):
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "an old job")
-        for elem, value in (("#txt2img_steps", "100"), ("#txt2img_width", "256"), ("#txt2img_height", "256")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=100, width=256, height=256)
         page.fill("#txt2img_seed input", "1111")
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=180_000)
@@ -64,10 +58,7 @@ def test_generate_after_a_reattach_shows_only_the_new_job(server):
                 .observe(info, {childList: true, subtree: true, characterData: true});
         }""")
         page.fill("#txt2img_prompt textarea", "a new job")
-        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=2, width=64, height=64)
         page.fill("#txt2img_seed input", "2222")
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 2222')",

@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 
-from browser import browser_page, pick_dropdown
+from browser import browser_page, pick_dropdown, set_sizes
 
 SETTING = "sd_checkpoints_limit"  # harmless for the other tests sharing the server
 
@@ -80,10 +80,7 @@ def test_reloaded_page_generates_with_the_checkpoint_the_server_selected(server,
             page.wait_for_function("(n) => document.querySelector('#setting_sd_model_checkpoint input')?.value"
                                    "?.startsWith(n)", arg=name)
             page.fill("#txt2img_prompt textarea", "a red barn")
-            for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
-                box = page.locator(f"{elem} input[type=number]")
-                box.fill(value)
-                box.press("Enter")
+            set_sizes(page, steps=2, width=64, height=64)
             page.click("#txt2img_generate")
             page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Model hash')",
                                    timeout=180_000)

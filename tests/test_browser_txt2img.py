@@ -3,17 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from browser import browser_page
+from browser import browser_page, set_sizes
 
 
 def test_generate_from_the_browser(server, tmp_path):
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "a lighthouse at dusk")
-        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=2, width=64, height=64)
         page.click("#txt2img_generate")
         page.wait_for_selector("#txt2img_gallery img", timeout=180_000)
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 2')", timeout=60_000)

@@ -287,7 +287,7 @@ def test_frozen_server_still_runs_jobs_with_their_generation_parameters(locked):
 
 def test_frozen_server_ui_generates_and_shows_why_settings_do_not_change(locked):
     """The UI sends checkpoint, VAE and clip skip with every job: under --freeze-settings that must still work."""
-    from browser import browser_page
+    from browser import browser_page, set_sizes
 
     srv, api = locked
     config = srv.data_dir / "config.json"
@@ -295,10 +295,7 @@ def test_frozen_server_ui_generates_and_shows_why_settings_do_not_change(locked)
     with browser_page(srv.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "a blue door")
-        for elem, value in (("#txt2img_steps", "2"), ("#txt2img_width", "64"), ("#txt2img_height", "64")):
-            box = page.locator(f"{elem} input[type=number]")
-            box.fill(value)
-            box.press("Enter")
+        set_sizes(page, steps=2, width=64, height=64)
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 2')",
                                timeout=180_000)
