@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backend.cmd_args import parse_args, parse_logins
+from backend.core.cmd_args import parse_args, parse_logins
 
 log = logging.getLogger("easel")
 
@@ -47,8 +47,8 @@ def warn_if_exposed(args) -> None:
 
 
 def warn_ignored_flags(args) -> None:
-    """A warning for each flag given that Easel accepts but does not act on (`backend.ignored_inputs`)."""
-    from backend.ignored_inputs import flag_warnings
+    """A warning for each flag given that Easel accepts but does not act on (`backend.core.ignored_inputs`)."""
+    from backend.core.ignored_inputs import flag_warnings
     for warning in flag_warnings(args):
         log.warning(warning)
 

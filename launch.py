@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("EASEL_VENV", ROOT / "venv"))
 sys.path.insert(0, str(ROOT))
 
-from backend.cmd_args import parse_args  # noqa: E402  (standard library only)
+from backend.core.cmd_args import parse_args  # noqa: E402  (standard library only)
 
 
 def venv_python() -> Path:

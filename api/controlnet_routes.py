@@ -11,9 +11,9 @@ from pydantic import ConfigDict, Field
 from api.errors import A1111Route
 from api.jobs import run_job
 from backend.controlnet.service import API_VERSION, detected_maps_and_poses
-from backend.errors import UserError
-from backend.image_codec import decode_base64_image, encode_png_base64
-from backend.schemas import JsonRequest
+from backend.core.errors import UserError
+from backend.core.image_codec import decode_base64_image, encode_png_base64
+from backend.core.schemas import JsonRequest
 from backend.service import EaselService
 
 

@@ -10,7 +10,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.client import BackendError
-from backend.errors import UserError
+from backend.core.errors import UserError
 
 log = logging.getLogger("easel.api")
 

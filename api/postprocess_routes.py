@@ -12,8 +12,8 @@ from fastapi import APIRouter
 
 from api.errors import A1111Route
 from api.jobs import run_job
-from backend.errors import UserError
-from backend.image_codec import decode_base64_image
+from backend.core.errors import UserError
+from backend.core.image_codec import decode_base64_image
 from backend.postprocess.schemas import ExtrasBatchImagesRequest, ExtrasRequest, ExtrasSingleImageRequest
 from backend.service import EaselService
 

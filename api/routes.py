@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict
 
 from api.errors import A1111Route
 from api.jobs import run_job
-from backend.errors import UserError
-from backend.image_codec import decode_base64_image
-from backend.request_checks import LATENT_UPSCALE_MODES
-from backend.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
+from backend.core.errors import UserError
+from backend.core.image_codec import decode_base64_image
+from backend.core.request_checks import LATENT_UPSCALE_MODES
+from backend.core.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
 from backend.service import EaselService
 
 class Img2ImgBatchRequest(Img2ImgRequest):

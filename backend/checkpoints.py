@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .paths import CHECKPOINT_EXTENSIONS, VAE_EXTENSIONS, list_files
+from backend.core.errors import UserError
+from backend.core.paths import CHECKPOINT_EXTENSIONS, VAE_EXTENSIONS, list_files
 
 _HASH_LOCK = threading.Lock()
 

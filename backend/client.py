@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import QueueFull, UserError
+from backend.core.errors import QueueFull, UserError
 
 log = logging.getLogger("easel.client")
 
@@ -151,7 +151,7 @@ class BackendClient:
 
     # -- process lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        from .worker import worker_main
+        from backend.engine.worker import worker_main
 
         self._jobs = self._ctx.Queue()
         self._events = self._ctx.Queue()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from .errors import UserError
+from backend.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .networks.registry import EmbeddingRegistry, NetworkHashes, short_hash
+from backend.core.errors import UserError
+from backend.networks.registry import EmbeddingRegistry, NetworkHashes, short_hash
 
 log = logging.getLogger("easel.embeddings")
 
@@ -74,9 +74,9 @@ def _as_matrix(t, what: str) -> torch.Tensor:
 
 def _load_raw(path: Path):
     if path.suffix.lower() == ".safetensors":
-        from .state_dict_io import read_state_dict
+        from backend.state_dict_io import read_state_dict
         return read_state_dict(path)
-    from .state_dict_io import safe_unpickle_globals
+    from backend.state_dict_io import safe_unpickle_globals
     try:
         with torch.serialization.safe_globals(safe_unpickle_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -124,7 +124,7 @@ def read_embedding_file(path: Path) -> Embedding:
 
 def checkpoint_text_dims(path: Path) -> list[int] | None:
     """The text encoders' widths of a checkpoint file, read from its header (None when unknown)."""
-    from .controlnet.model_files import read_shapes
+    from backend.controlnet.model_files import read_shapes
     try:
         shapes = read_shapes(Path(path))
     except (UserError, OSError):

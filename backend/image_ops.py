@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .errors import UserError
-from .request_checks import LATENT_RESIZE
+from backend.core.errors import UserError
+from backend.core.request_checks import LATENT_RESIZE
 
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
 INPAINT_AREAS = ["Whole picture", "Only masked"]

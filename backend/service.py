@@ -13,15 +13,15 @@ from typing import Callable
 
 from PIL import Image
 
-from . import infotext, limits, request_checks, sampler_catalog
-from .checkpoints import HashCache, ModelFile, ModelRegistry
-from .client import BackendClient, Job
-from .errors import UserError
-from .ignored_inputs import request_warnings
-from .image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
-from .options import SETTINGS_BY_KEY, Options
-from .paths import DataPaths
-from .schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
+from backend.core import infotext, limits, request_checks, sampler_catalog
+from backend.checkpoints import HashCache, ModelFile, ModelRegistry
+from backend.client import BackendClient, Job
+from backend.core.errors import UserError
+from backend.core.ignored_inputs import request_warnings
+from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
+from backend.core.options import SETTINGS_BY_KEY, Options
+from backend.core.paths import DataPaths
+from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger("easel")
 
@@ -46,12 +46,12 @@ class EaselService:
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
                                     queue_limit=lambda: self.options["queue_max_jobs"])
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
-        from .controlnet.service import ControlNetService
+        from backend.controlnet.service import ControlNetService
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
-        from .networks.catalog import ExtraNetworksCatalog
+        from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
-        from .postprocess.service import PostprocessService
+        from backend.postprocess.service import PostprocessService
         # upscalers and face restorers (lists, hires. fix names), Extras jobs
         self.postprocess = PostprocessService(args, self.paths, self.options, self.client, self._batch_folder)
 
@@ -159,7 +159,7 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
-        from .prompt_parser import check_brackets, extract_extra_network_tags
+        from backend.core.prompt_parser import check_brackets, extract_extra_network_tags
 
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
@@ -217,7 +217,7 @@ class EaselService:
         return _wait(self.submit_img2img_base64(req))
 
     def submit_img2img_base64(self, req: Img2ImgRequest) -> Job:
-        from .image_codec import decode_base64_image
+        from backend.core.image_codec import decode_base64_image
 
         images = [decode_base64_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
         mask = decode_base64_image(req.mask, "mask") if req.mask else None

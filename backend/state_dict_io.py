@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from backend.core.errors import UserError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.ldm_convert import diffusers_to_ldm  # noqa: E402
-from backend.model_detection import SD_VAE_SCALE, SDXL_VAE_SCALE, ModelSpec  # noqa: E402
+from backend.engine.ldm_convert import diffusers_to_ldm  # noqa: E402
+from backend.engine.model_detection import SD_VAE_SCALE, SDXL_VAE_SCALE, ModelSpec  # noqa: E402
 
 _VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
         "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
@@ -110,7 +110,7 @@ def random_checkpoint(family: str, folder: Path, *, dtype: torch.dtype = torch.f
 
 def diffusers_config_folder(family: str, folder: Path) -> Path:
     """A local diffusers-format config folder (configs, scheduler, tokenizer) for `from_single_file(config=...)`."""
-    from backend.tokenizer import clip_tokenizer
+    from backend.engine.tokenizer import clip_tokenizer
 
     configs = full_configs(family)
     root = Path(folder) / f"diffusers-config-{family}"

@@ -49,13 +49,13 @@ def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
     import torch
 
     from backend.checkpoints import ModelFile
-    from backend.cmd_args import parse_args
-    from backend.devices import DevicePolicy
-    from backend.model_loader import load_sd_model
-    from backend.options import SETTINGS
-    from backend.pipelines import txt2img
-    from backend.pipelines.common import JobContext, StepClock
-    from backend.schemas import Txt2ImgRequest
+    from backend.core.cmd_args import parse_args
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.model_loader import load_sd_model
+    from backend.core.options import SETTINGS
+    from backend.engine.pipelines import txt2img
+    from backend.engine.pipelines.common import JobContext, StepClock
+    from backend.core.schemas import Txt2ImgRequest
 
     options = {s.key: s.default for s in SETTINGS}
     options.update(cpu_bf16=args.cpu_bf16, live_previews_enable=False)
@@ -126,7 +126,7 @@ def main() -> None:
     import psutil
     import torch
 
-    from backend.devices import cpu_bf16_supported, cpu_description
+    from backend.engine.devices import cpu_bf16_supported, cpu_description
 
     threads = args.threads or psutil.cpu_count(logical=False) or os.cpu_count()
     torch.set_num_threads(threads)

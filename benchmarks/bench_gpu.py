@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from backend.pipelines.common import StepClock  # noqa: E402  (after the path setup)
+from backend.engine.pipelines.common import StepClock  # noqa: E402  (after the path setup)
 
 SIZES = {"sd1": 512, "sdxl": 1024}
 MODES = {"default": [], "--medvram": ["--medvram"], "--lowvram": ["--lowvram"], "--compile": ["--compile"]}
@@ -116,13 +116,13 @@ def bench_easel(family: str, ckpt: Path, mode: str, args) -> dict:
     import torch
 
     from backend.checkpoints import ModelFile
-    from backend.cmd_args import parse_args
-    from backend.devices import DevicePolicy
-    from backend.model_loader import load_sd_model
-    from backend.options import SETTINGS
-    from backend.pipelines import txt2img
-    from backend.pipelines.common import JobContext
-    from backend.schemas import Txt2ImgRequest
+    from backend.core.cmd_args import parse_args
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.model_loader import load_sd_model
+    from backend.core.options import SETTINGS
+    from backend.engine.pipelines import txt2img
+    from backend.engine.pipelines.common import JobContext
+    from backend.core.schemas import Txt2ImgRequest
 
     options = {s.key: s.default for s in SETTINGS}
     options["live_previews_enable"] = False
@@ -164,9 +164,9 @@ def bench_switch(ckpts: dict, args) -> list[tuple[str, float]]:
     import torch
 
     from backend.checkpoints import HashCache
-    from backend.cmd_args import parse_args
-    from backend.devices import DevicePolicy
-    from backend.worker import ModelCache
+    from backend.core.cmd_args import parse_args
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.worker import ModelCache
 
     policy = DevicePolicy.from_args(parse_args([]))
     cache = ModelCache(policy, HashCache(args.folder / "hashes.json"))

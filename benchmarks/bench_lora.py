@@ -119,7 +119,7 @@ def digests(modules) -> dict[tuple[int, str], bytes]:
 
 
 def load(ckpt: Path, policy):
-    from backend.model_loader import load_sd_model
+    from backend.engine.model_loader import load_sd_model
 
     t0 = time.perf_counter()
     model = load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
@@ -137,12 +137,12 @@ def main() -> None:
     args = parse()
     import torch
 
-    from backend.cmd_args import parse_args
-    from backend.devices import DevicePolicy, cpu_description
+    from backend.core.cmd_args import parse_args
+    from backend.engine.devices import DevicePolicy, cpu_description
     from backend.networks.activation import NetworkRuntime, activate_for_job
-    from backend.networks.lora_apply import ActiveNetwork, NetworkPatcher
+    from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
     from backend.networks.lora_files import read_network_file
-    from backend.options import SETTINGS
+    from backend.core.options import SETTINGS
 
     from _models import random_checkpoint
 

@@ -74,7 +74,7 @@ def run_case(args) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     photo = Image.fromarray(skimage.data.astronaut())
     if kind == "upscale":
-        from backend.postprocess.upscalers import Upscaler, upscale
+        from backend.engine.postprocess.upscalers import Upscaler, upscale
 
         path = model_file(args.folder, "esrgan")
         model = load_model(path, "upscaler").to(dtype)
@@ -94,8 +94,8 @@ def run_case(args) -> dict:
         return {"case": f"x4 upscale {size}x{size} -> {out.width}x{out.height}", "model": "RealESRGAN_x4plus (RRDBNet 64nf 23nb)",
                 "dtype": dtype_name, "tiles": len(tiles), "seconds": seconds, "peak_mb": peak_rss_mb(),
                 "grew_mb": peak_rss_mb() - before}
-    from backend.postprocess.face_detection import HaarCascadeDetector
-    from backend.postprocess.face_restore import restore_faces
+    from backend.engine.postprocess.face_detection import HaarCascadeDetector
+    from backend.engine.postprocess.face_restore import restore_faces
 
     path = model_file(args.folder, "gfpgan")
     loaded = LoadedModel(load_model(path, "gfpgan"), path, "gfpgan", torch.device("cpu"), torch.float32)
@@ -119,7 +119,7 @@ def main() -> None:
         return
     import torch
 
-    from backend.devices import cpu_bf16_supported, cpu_description
+    from backend.engine.devices import cpu_bf16_supported, cpu_description
 
     dtypes = ["float32"] + (["bfloat16"] if cpu_bf16_supported() and not args.no_bf16 else [])
     cases = [f"upscale:{int(s)}:{d}" for s in args.sizes.split(",") if s.strip() for d in dtypes]

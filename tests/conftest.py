@@ -38,14 +38,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def sd1(tiny_models):
     """The tiny SD 1.x checkpoint, loaded on the CPU in float32 (one per test module: tests may patch it)."""
-    from backend.model_loader import load_sd_model
+    from backend.engine.model_loader import load_sd_model
     return load_sd_model(tiny_models["sd1"])
 
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_models):
     """The tiny SDXL checkpoint, loaded on the CPU in float32 (one per test module)."""
-    from backend.model_loader import load_sd_model
+    from backend.engine.model_loader import load_sd_model
     return load_sd_model(tiny_models["sdxl"])
 
 

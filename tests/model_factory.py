@@ -4,7 +4,7 @@
 diffusers/transformers modules shaped like the real ones (levels with and without
 attention, SD2/SDXL linear projections and 64-channel heads, SDXL's size/crop
 embedding and second text encoder with projection, a 4-level VAE that downsamples 8x),
-converts them with `backend.ldm_convert.diffusers_to_ldm` and writes them as
+converts them with `backend.engine.ldm_convert.diffusers_to_ldm` and writes them as
 `.safetensors` or `.ckpt`, so tests exercise the same detection and loading code as
 real files. Weights come from a seeded generator, scaled so outputs are not degenerate.
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.ldm_convert import diffusers_to_ldm  # noqa: E402
-from backend.model_detection import SD_VAE_SCALE, SDXL_VAE_SCALE, ModelSpec  # noqa: E402
+from backend.engine.ldm_convert import diffusers_to_ldm  # noqa: E402
+from backend.engine.model_detection import SD_VAE_SCALE, SDXL_VAE_SCALE, ModelSpec  # noqa: E402
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from backend.infotext import parse_infotext
+from backend.core.infotext import parse_infotext
 
 SD1 = "tiny-sd1.safetensors"
 INPAINT = "tiny-sd1_inpaint.safetensors"

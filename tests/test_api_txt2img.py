@@ -13,7 +13,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from backend.infotext import parse_infotext
+from backend.core.infotext import parse_infotext
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "a1111"
 

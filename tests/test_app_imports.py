@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The engine: what only the backend process may import (pipelines, sampler math, schedules, device policy, model
 # loading, the worker loop, the ControlNet and post-processing runtimes).
-ENGINE_MODULES = ("backend.pipelines", "backend.samplers", "backend.schedules", "backend.devices", "backend.worker",
-                  "backend.model_loader", "backend.controlnet.runtime", "backend.controlnet.apply",
-                  "backend.postprocess.runtime")
+ENGINE_MODULES = ("backend.engine.pipelines", "backend.engine.samplers", "backend.engine.schedules", "backend.engine.devices", "backend.engine.worker",
+                  "backend.engine.model_loader", "backend.engine.controlnet.runtime", "backend.engine.controlnet.apply",
+                  "backend.engine.postprocess.runtime")
 
 APP_MODULES = ("backend.service", "api.routes", "api.controlnet_routes", "api.postprocess_routes",
                "api.networks_routes", "ui.layout", "app")
@@ -28,7 +28,7 @@ modules = json.loads(sys.argv[1])
 for name in modules:
     importlib.import_module(name)
 if sys.argv[2] == "build_ui":
-    from backend.cmd_args import parse_args
+    from backend.core.cmd_args import parse_args
     from backend.service import EaselService
     import ui.layout
     service = EaselService(parse_args(["--data-dir", tempfile.mkdtemp(), "--no-download-sd-model"]))
@@ -57,6 +57,6 @@ def test_app_and_its_ui_load_no_engine_module():
 def test_service_and_generation_api_load_no_torch():
     # The service facade (with the request checks and the sampler catalog it uses) and the txt2img/img2img routes.
     loaded = _loaded_after(("backend.service", "api.routes"), build_ui=False)
-    assert "backend.request_checks" in loaded and "backend.sampler_catalog" in loaded
+    assert "backend.core.request_checks" in loaded and "backend.core.sampler_catalog" in loaded
     assert "torch" not in loaded
     assert _engine(loaded) == []

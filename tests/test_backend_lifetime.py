@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from backend.worker import next_message
+from backend.engine.worker import next_message
 from conftest import Server
 
 

@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from backend.errors import UserError  # noqa: E402
-from backend.ldm_convert import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
-from backend.model_detection import ModelSpec, detect_checkpoint  # noqa: E402
-from backend.model_loader import (apply_vae_state_dict, guess_v_prediction, load_sd_model, load_vae_file,  # noqa: E402
+from backend.core.errors import UserError  # noqa: E402
+from backend.engine.ldm_convert import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
+from backend.engine.model_detection import ModelSpec, detect_checkpoint  # noqa: E402
+from backend.engine.model_loader import (apply_vae_state_dict, guess_v_prediction, load_sd_model, load_vae_file,  # noqa: E402
                                   sd_alphas_cumprod)
 from backend.state_dict_io import read_safetensors_metadata, read_state_dict  # noqa: E402
-from backend.tokenizer import clip_tokenizer  # noqa: E402
+from backend.engine.tokenizer import clip_tokenizer  # noqa: E402
 from model_factory import tiny_configs, write_tiny_checkpoint  # noqa: E402
 
 
@@ -405,7 +405,7 @@ def test_openclip_mapping_matches_open_clip_reference():
     from open_clip.transformer import TextTransformer
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from backend.ldm_convert import hf_to_openclip, openclip_to_hf
+    from backend.engine.ldm_convert import hf_to_openclip, openclip_to_hf
 
     torch.manual_seed(0)
     ref = TextTransformer(context_length=77, vocab_size=49408, width=64, heads=1, layers=2, output_dim=32,

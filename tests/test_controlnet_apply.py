@@ -10,18 +10,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from backend.checkpoints import ModelFile
-from backend.cmd_args import parse_args
-from backend.controlnet.apply import ActiveControl, ControlSet
-from backend.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+from backend.core.cmd_args import parse_args
+from backend.engine.controlnet.apply import ActiveControl, ControlSet
+from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
 from backend.controlnet.units import ControlUnit
-from backend.devices import DevicePolicy
-from backend.errors import UserError
-from backend.model_loader import load_sd_model
-from backend.options import SETTINGS
-from backend import request_checks
-from backend.pipelines import txt2img
-from backend.pipelines.common import JobContext, StepClock
-from backend.schemas import Txt2ImgRequest
+from backend.engine.devices import DevicePolicy
+from backend.core.errors import UserError
+from backend.engine.model_loader import load_sd_model
+from backend.core.options import SETTINGS
+from backend.core import request_checks
+from backend.engine.pipelines import txt2img
+from backend.engine.pipelines.common import JobContext, StepClock
+from backend.core.schemas import Txt2ImgRequest
 from controlnet_factory import write_tiny_controlnet
 
 torch.set_num_threads(1)
@@ -193,7 +193,7 @@ def test_missing_image_is_an_error(env):
 
 def test_medvram_and_lowvram_offload_the_controlnet_like_the_unet(env, tiny_models):
     """On a CPU 'device' the policy's hooks still run: the ControlNet is swapped by the UNet's swapper."""
-    from backend.devices import unet_blocks
+    from backend.engine.devices import unet_blocks
     for mode in ("medvram", "lowvram"):
         policy = DevicePolicy(device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32, mode=mode)
         model = load_sd_model(tiny_models["sd1"])
@@ -228,7 +228,7 @@ def test_loaded_controlnets_stay_cached_up_to_the_limit(env):
 
 
 def test_inpaint_hint_is_minus_one_under_the_mask():
-    from backend.controlnet.runtime import inpaint_mask_for
+    from backend.engine.controlnet.runtime import inpaint_mask_for
     from backend.controlnet.units import ControlUnit
 
     picture = Image.new("RGBA", (32, 32), (255, 255, 255, 255))

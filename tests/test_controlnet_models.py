@@ -7,8 +7,8 @@ import torch
 
 from backend.controlnet.model_files import (ControlNetRegistry, detect_controlnet, legacy_short_hash, load_controlnet,
                                             read_shapes)
-from backend.controlnet.runtime import fits
-from backend.errors import UserError
+from backend.engine.controlnet.runtime import fits
+from backend.core.errors import UserError
 from controlnet_factory import write_tiny_controlnet
 
 torch.set_num_threads(1)
@@ -71,7 +71,7 @@ def test_files_that_are_not_controlnets_give_clear_errors(tmp_path, tiny_models)
 
 
 def test_fits_checks_family_and_shapes(tmp_path, tiny_models):
-    from backend.model_loader import load_sd_model
+    from backend.engine.model_loader import load_sd_model
     sd1 = load_sd_model(tiny_models["sd1"])
     write_tiny_controlnet(tmp_path / "a.pth", "sd1")
     write_tiny_controlnet(tmp_path / "b.safetensors", "sdxl", layout="diffusers")

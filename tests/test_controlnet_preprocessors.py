@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from backend.controlnet import annotators
-from backend.controlnet.annotators import AnnotatorEnv
+from backend.engine.controlnet import annotators
+from backend.engine.controlnet.annotators import AnnotatorEnv
 from backend.controlnet.preprocessors import canny_edges, find_preprocessor, otsu_threshold, run_preprocessor
-from backend.errors import UserError
+from backend.core.errors import UserError
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from backend.controlnet.units import (ControlUnit, check_unit, fit_control_map, parse_controlnet_args, parse_unit,
                                       parse_unit_infotext, pixel_perfect_resolution, unit_infotext)
-from backend.errors import UserError
+from backend.core.errors import UserError
 
 
 def b64(img: Image.Image) -> str:

@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from backend import devices
+from backend.engine import devices
 from backend.checkpoints import ModelFile
-from backend.cmd_args import parse_args
-from backend.devices import MiB, DevicePolicy, Plan, RESIDENT, stream_units, unet_blocks
-from backend.model_loader import load_sd_model
-from backend.options import SETTINGS
-from backend.pipelines import txt2img
-from backend.pipelines.common import JobContext, StepClock
-from backend.schemas import Txt2ImgRequest
+from backend.core.cmd_args import parse_args
+from backend.engine.devices import MiB, DevicePolicy, Plan, RESIDENT, stream_units, unet_blocks
+from backend.engine.model_loader import load_sd_model
+from backend.core.options import SETTINGS
+from backend.engine.pipelines import txt2img
+from backend.engine.pipelines.common import JobContext, StepClock
+from backend.core.schemas import Txt2ImgRequest
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -270,7 +270,7 @@ def test_auto_plan_follows_the_free_memory(tiny_models):
 
 def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypatch):
     """The worker's retry: a job that runs out of memory runs again with a smaller residency."""
-    from backend import worker
+    from backend.engine import worker
     model = load_sd_model(tiny_models["sd1"])
     policy = cpu_policy("auto", free_memory=lambda: 1 << 40)
     policy.place(model)
@@ -316,7 +316,7 @@ def test_compile_wraps_the_forward_and_keeps_results():
 
 
 def test_memory_report_has_a1111_shape():
-    from backend.worker import memory_report
+    from backend.engine.worker import memory_report
     report = memory_report()
     assert set(report["ram"]) == {"free", "used", "total"} and report["ram"]["used"] > 0
     if torch.cuda.is_available():

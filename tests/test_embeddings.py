@@ -7,9 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from backend.conditioning import TextConditioner, tokenize_prompt
+from backend.engine.conditioning import TextConditioner, tokenize_prompt
 from backend.embeddings import EmbeddingDatabase, JobEmbeddings, checkpoint_text_dims, read_embedding_file
-from backend.errors import UserError
+from backend.core.errors import UserError
 from lora_factory import save_embedding
 
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 """Inputs accepted for AUTOMATIC1111 compatibility but not acted on are named in warnings, never dropped silently:
-flags in the log at start, request fields in the job's `info["warnings"]` (`backend.ignored_inputs`)."""
+flags in the log at start, request fields in the job's `info["warnings"]` (`backend.core.ignored_inputs`)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from backend.cmd_args import parse_args
-from backend.ignored_inputs import IGNORED_FIELDS, IGNORED_FLAGS, flag_warnings, request_warnings
-from backend.schemas import Img2ImgRequest, Txt2ImgRequest
+from backend.core.cmd_args import parse_args
+from backend.core.ignored_inputs import IGNORED_FIELDS, IGNORED_FLAGS, flag_warnings, request_warnings
+from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 # a value other than the default for every ignored field
 SET_VALUES = {

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from backend.images import FilenameGenerator, image_grid, next_sequence_number, save_image
-from backend.infotext import read_infotext_from_image
-from backend.rng import ImageRNG, fix_seed
+from backend.core.images import FilenameGenerator, image_grid, next_sequence_number, save_image
+from backend.core.infotext import read_infotext_from_image
+from backend.engine.rng import ImageRNG, fix_seed
 
 
 def test_save_names_and_metadata(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from backend import image_ops
-from backend.errors import UserError
+from backend.core.errors import UserError
 from ui.img2img import drawn_mask, image_and_mask
 
 

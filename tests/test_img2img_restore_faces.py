@@ -8,13 +8,13 @@ import torch
 from PIL import Image, ImageOps
 
 import backend.downloads
-from backend.cmd_args import parse_args
-from backend.devices import DevicePolicy
-from backend.infotext import parse_infotext
-from backend.paths import DataPaths
-from backend.pipelines import img2img
-from backend.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
-from backend.schemas import Img2ImgRequest
+from backend.core.cmd_args import parse_args
+from backend.engine.devices import DevicePolicy
+from backend.core.infotext import parse_infotext
+from backend.core.paths import DataPaths
+from backend.engine.pipelines import img2img
+from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
+from backend.core.schemas import Img2ImgRequest
 from postprocess_factory import link_models, write_test_models
 from test_api_img2img import box_mask, picture
 from test_img2img_sd_upscale import RecordingControl, context, placed_sd1  # noqa: F401 (fixture)

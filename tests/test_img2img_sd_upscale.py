@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 
 from backend.checkpoints import ModelFile
-from backend.devices import DevicePolicy
-from backend.errors import UserError
-from backend.infotext import parse_infotext
-from backend.options import SETTINGS
-from backend.pipelines import img2img, sd_upscale
-from backend.pipelines.common import JobContext
-from backend.postprocess import upscalers
-from backend import request_checks
-from backend.schemas import Img2ImgRequest
+from backend.engine.devices import DevicePolicy
+from backend.core.errors import UserError
+from backend.core.infotext import parse_infotext
+from backend.core.options import SETTINGS
+from backend.engine.pipelines import img2img, sd_upscale
+from backend.engine.pipelines.common import JobContext
+from backend.engine.postprocess import upscalers
+from backend.core import request_checks
+from backend.core.schemas import Img2ImgRequest
 from test_api_img2img import body, images_of, picture
 
 torch.set_num_threads(1)

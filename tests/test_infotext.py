@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.infotext import (
+from backend.core.infotext import (
     build_infotext,
     decode_user_comment,
     infotext_to_request_fields,

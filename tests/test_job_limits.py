@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from backend.checkpoints import ModelFile
-from backend.cmd_args import parse_args
-from backend.devices import DevicePolicy
-from backend.errors import JobInterrupted
-from backend.options import SETTINGS
-from backend.paths import DataPaths
-from backend.pipelines import txt2img
-from backend.pipelines.common import JobContext
-from backend.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
-from backend.postprocess.upscalers import upscale_for_job
-from backend.schemas import Txt2ImgRequest
+from backend.core.cmd_args import parse_args
+from backend.engine.devices import DevicePolicy
+from backend.core.errors import JobInterrupted
+from backend.core.options import SETTINGS
+from backend.core.paths import DataPaths
+from backend.engine.pipelines import txt2img
+from backend.engine.pipelines.common import JobContext
+from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
+from backend.engine.postprocess.upscalers import upscale_for_job
+from backend.core.schemas import Txt2ImgRequest
 from postprocess_factory import link_models, write_test_models
 
 CPU = torch.device("cpu")
@@ -193,7 +193,7 @@ def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, t
     import numpy as np
     import skimage.data
 
-    from backend.postprocess.face_restore import restore_faces_for_job
+    from backend.engine.postprocess.face_restore import restore_faces_for_job
 
     files = write_test_models(tmp_path_factory.getbasetemp() / "postprocess-models", ("gfpgan",))
     paths = DataPaths.from_args(parse_args(["--data-dir", str(tmp_path)]))
@@ -214,7 +214,7 @@ def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, t
 def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
     from controlnet_factory import write_tiny_controlnet
 
-    from backend.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+    from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
     from backend.controlnet.units import ControlUnit
 
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32)

@@ -11,7 +11,7 @@ import pytest
 
 from backend import client as client_module
 from backend.client import BackendClient, BackendError
-from backend.errors import QueueFull, UserError
+from backend.core.errors import QueueFull, UserError
 
 
 def idle_client(limit: int | None = None) -> BackendClient:

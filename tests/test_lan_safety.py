@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from api.http_guard import AllowedHosts, LoginThrottle, host_name
-from backend.cmd_args import parse_args
+from backend.core.cmd_args import parse_args
 from backend.exposure import exposure_warnings
 from conftest import Server
 

@@ -104,7 +104,7 @@ def test_embeddings_list_refresh_and_use(server, api):
 def test_png_info_of_a_lora_image_keeps_the_tags(server, api):
     """An image made with LoRA tags, read back through PNG Info: the tags stay in the prompts (what Send to
     txt2img fills in) and `Lora hashes` is its own parameter, not part of another field."""
-    from backend.infotext import infotext_to_request_fields
+    from backend.core.infotext import infotext_to_request_fields
 
     lora_dir = server.data_dir / "models" / "Lora"
     save_lora(lora_dir / "api_pnginfo.safetensors", simple_lora("sd1", seed=26), family="sd1")

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from backend import worker
+from backend.engine import worker
 from backend.checkpoints import HashCache, ModelFile
-from backend.devices import DevicePolicy
+from backend.engine.devices import DevicePolicy
 from backend.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
-from backend.pipelines.common import StepClock
-from backend.options import SETTINGS
-from backend.schemas import Txt2ImgRequest
+from backend.engine.pipelines.common import StepClock
+from backend.core.options import SETTINGS
+from backend.core.schemas import Txt2ImgRequest
 from lora_factory import save_embedding, save_lora, simple_lora
 
 torch.set_num_threads(1)

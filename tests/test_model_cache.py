@@ -5,11 +5,11 @@ import argparse
 
 import pytest
 
-from backend import model_loader
+from backend.engine import model_loader
 from backend.checkpoints import HashCache
-from backend.cmd_args import parse_args
-from backend.devices import DevicePolicy
-from backend.worker import ModelCache
+from backend.core.cmd_args import parse_args
+from backend.engine.devices import DevicePolicy
+from backend.engine.worker import ModelCache
 
 
 @pytest.fixture()

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from backend.cmd_args import parse_args, parse_logins
-from backend.errors import UserError
-from backend.options import Options
+from backend.core.cmd_args import parse_args, parse_logins
+from backend.core.errors import UserError
+from backend.core.options import Options
 
 
 def test_defaults_update_and_persist(tmp_path):

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from backend.errors import UserError
-from backend.prompt_parser import (
+from backend.core.errors import UserError
+from backend.core.prompt_parser import (
     check_brackets,
     extract_extra_network_tags,
     get_learned_conditioning_prompt_schedules,

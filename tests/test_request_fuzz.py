@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.postprocess.schemas import ExtrasSingleImageRequest
-from backend.schemas import Img2ImgRequest, Txt2ImgRequest
+from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 SEED = 20261201
 PER_FIELD = 4  # random picks per field, besides the values every field gets
@@ -142,7 +142,7 @@ def test_whole_bodies_of_the_wrong_shape_never_500(api):
 
 
 def test_options_values_never_500_and_are_not_stored_when_refused(api):
-    from backend.options import SETTINGS
+    from backend.core.options import SETTINGS
 
     rng = random.Random(SEED + 2)
     before = api.get("/options").json()

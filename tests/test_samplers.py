@@ -14,10 +14,10 @@ import pickle
 import pytest
 import torch
 
-from backend import sampler_catalog as C
-from backend import samplers as S
-from backend import schedules as SS
-from backend.errors import UserError
+from backend.core import sampler_catalog as C
+from backend.engine import samplers as S
+from backend.engine import schedules as SS
+from backend.core.errors import UserError
 
 MS = SS.DiscreteSchedule.from_betas()
 MU, SD = 0.5, 0.3

@@ -44,7 +44,7 @@ class Crash(BaseException):
 @pytest.mark.parametrize("fmt, pil_format", [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")])
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), Crash("killed")])
 def test_a_failed_write_leaves_no_file_and_numbering_goes_on(tmp_path, monkeypatch, fmt, pil_format, failure):
-    from backend.images import save_image
+    from backend.core.images import save_image
 
     first = save_image(picture(), tmp_path, seed=1, infotext="a\nSteps: 2", fmt=fmt)
     assert first.name == f"00000-1.{fmt}"
@@ -76,7 +76,7 @@ def test_a_failed_write_leaves_no_file_and_numbering_goes_on(tmp_path, monkeypat
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
-    from backend.images import save_image
+    from backend.core.images import save_image
 
     path = save_image(picture(), tmp_path, seed=1, infotext=None)
     umask = os.umask(0)
@@ -85,7 +85,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
 
 
 def test_an_unwritable_folder_is_a_warning_not_a_failure(tmp_path):
-    from backend.images import save_image_or_warn
+    from backend.core.images import save_image_or_warn
     from backend.postprocess.extras import _save
 
     blocker = tmp_path / "outputs"
@@ -113,7 +113,7 @@ def _mixed_folder(folder: Path) -> None:
 
 
 def test_image_files_are_recognised_by_name_and_content(tmp_path):
-    from backend.image_codec import folder_image_problem, open_folder_image
+    from backend.core.image_codec import folder_image_problem, open_folder_image
 
     _mixed_folder(tmp_path)
     picture().save(tmp_path / "misnamed.png", format="JPEG")  # an image under another image extension: fine
@@ -137,14 +137,14 @@ def test_extras_folder_batch_reads_only_images(tmp_path):
 
 
 def _service(tmp_path: Path, *flags: str):
-    from backend.cmd_args import parse_args
+    from backend.core.cmd_args import parse_args
     from backend.service import EaselService
 
     return EaselService(parse_args(["--data-dir", str(tmp_path / "data"), "--no-download-sd-model", *flags]))
 
 
 def test_extras_folder_batch_never_writes_into_model_folders(tmp_path):
-    from backend.errors import UserError
+    from backend.core.errors import UserError
     from backend.postprocess.schemas import ExtrasRequest
 
     extra_lora = tmp_path / "my-loras"

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from backend.errors import UserError
-from backend.options import OUTPUT_DIR_KEYS, PER_JOB_WHEN_FROZEN, Options
+from backend.core.errors import UserError
+from backend.core.options import OUTPUT_DIR_KEYS, PER_JOB_WHEN_FROZEN, Options
 from conftest import Server
 
 CKPT = "tiny-sd1.safetensors"
@@ -212,7 +212,7 @@ def test_bad_values_get_4xx_naming_the_setting_from_jobs_and_the_options_api(ser
     options_before = api.get("/options").json()
     for keep in (True, False):
         r = _post(api, "/txt2img", _txt2img(override_settings={key: value}, override_settings_restore_afterwards=keep))
-        # NaN/Infinity are refused anywhere in a request body at its edge (422, backend.safe_values), before the gate
+        # NaN/Infinity are refused anywhere in a request body at its edge (422, backend.core.safe_values), before the gate
         assert r.status_code == (422 if isinstance(value, float) and not math.isfinite(value) else 400), r.text
         assert key in r.json()["detail"]
     r = _post(api, "/options", {key: value})

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 from PIL import Image
 
 from backend.client import BackendClient
-from backend.errors import QueueFull
-from backend.schemas import GeneratedImage, GenerationResult
+from backend.core.errors import QueueFull
+from backend.core.schemas import GeneratedImage, GenerationResult
 from ui import generation
 
 

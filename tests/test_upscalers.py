@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.cmd_args import parse_args
-from backend.devices import DevicePolicy
-from backend.errors import UserError
-from backend.paths import DataPaths
-from backend.postprocess import upscalers as up
+from backend.core.cmd_args import parse_args
+from backend.engine.devices import DevicePolicy
+from backend.core.errors import UserError
+from backend.core.paths import DataPaths
+from backend.engine.postprocess import upscalers as up
 from backend.postprocess.model_files import LoadedModel, load_model
-from backend.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
+from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
 from postprocess_factory import link_models, write_test_models
 
 torch.set_num_threads(1)
@@ -247,7 +247,7 @@ torch.set_num_threads(1)
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from postprocess_factory import write_compact
 from backend.postprocess.model_files import LoadedModel, load_model
-from backend.postprocess.upscalers import run_model
+from backend.engine.postprocess.upscalers import run_model
 path = write_compact(Path({str(tmp_path)!r}) / "realesr-general-x4v3.pth", num_feat=4, num_conv=1)
 loaded = LoadedModel(load_model(path, "upscaler"), path, "upscaler", torch.device("cpu"), torch.float32)
 img = (np.random.default_rng(0).random((2048, 2048, 3)) * 255).astype(np.uint8)

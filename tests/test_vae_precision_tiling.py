@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from backend import vae_tiling
+from backend.engine import vae_tiling
 from backend.checkpoints import ModelFile
-from backend.devices import DevicePolicy
-from backend.errors import UserError
-from backend.model_loader import load_sd_model
-from backend.options import SETTINGS
-from backend.pipelines import common
-from backend.pipelines.common import JobContext, StepClock, decode_latents, encode_tensor
+from backend.engine.devices import DevicePolicy
+from backend.core.errors import UserError
+from backend.engine.model_loader import load_sd_model
+from backend.core.options import SETTINGS
+from backend.engine.pipelines import common
+from backend.engine.pipelines.common import JobContext, StepClock, decode_latents, encode_tensor
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -168,9 +168,9 @@ def test_nan_retry_is_written_into_the_infotext(nan_model, tiny_models):
 
     from PIL import Image
 
-    from backend.infotext import parse_infotext
-    from backend.pipelines import txt2img
-    from backend.schemas import Txt2ImgRequest
+    from backend.core.infotext import parse_infotext
+    from backend.engine.pipelines import txt2img
+    from backend.core.schemas import Txt2ImgRequest
     model, policy = nan_model
     ctx = context(model, tiny_models, policy=policy)
     req = Txt2ImgRequest(prompt="x", steps=2, width=64, height=64, seed=1, sampler_name="Euler",

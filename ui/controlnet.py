@@ -16,7 +16,7 @@ import gradio as gr
 from backend.client import BackendError
 from backend.controlnet.preprocessors import all_preprocessors, find_preprocessor
 from backend.controlnet.units import CONTROL_MODES, RESIZE_MODES
-from backend.errors import UserError
+from backend.core.errors import UserError
 from backend.service import EaselService
 
 UNIT_FIELDS = ["enabled", "image", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode",

@@ -17,12 +17,12 @@ from PIL import Image
 from pydantic import ValidationError
 
 from backend.client import BackendError
-from backend.errors import UserError
-from backend.image_codec import open_image_bytes
+from backend.core.errors import UserError
+from backend.core.image_codec import open_image_bytes
 from backend.postprocess.schemas import ExtrasRequest
 from backend.service import EaselService
 
-from .progress import info_html, wait_with_updates
+from ui.progress import info_html, wait_with_updates
 
 MODES = ("single", "batch", "directory")
 

@@ -17,12 +17,12 @@ import gradio as gr
 from gradio.context import get_blocks_context
 from PIL import Image
 
-from backend import sampler_catalog
+from backend.core import sampler_catalog
 from backend.client import BackendError, Job
-from backend.errors import UserError
+from backend.core.errors import UserError
 from backend.service import EaselService
 
-from .progress import info_html, progress_html, wait_with_updates
+from ui.progress import info_html, progress_html, wait_with_updates
 
 NO_JOB: dict = {}  # the browser's job reference once the result is shown (Gradio does not store a None)
 

@@ -5,12 +5,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from backend import image_ops, request_checks
-from backend.errors import UserError
-from backend.schemas import Img2ImgRequest
+from backend import image_ops
+
+from backend.core import request_checks
+from backend.core.errors import UserError
+from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from . import controlnet, generation
+from ui import controlnet, generation
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",

@@ -7,11 +7,11 @@ import gradio as gr
 
 from backend.client import BackendError
 from backend.downloads import download_file, network_available
-from backend.errors import UserError
+from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from . import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
+from ui import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }

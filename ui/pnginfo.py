@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from backend import infotext
+from backend.core import infotext
 from backend.service import EaselService
 
-from .progress import info_html
+from ui.progress import info_html
 
 
 def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fields: dict | None = None,
@@ -66,7 +66,7 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fi
 
 
 def _schedule_label(value: str) -> str | None:
-    from backend import sampler_catalog
+    from backend.core import sampler_catalog
     for s in sampler_catalog.SCHEDULERS:
         if str(value).lower() in (s.name.lower(), s.label.lower()):
             return s.label

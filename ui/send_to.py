@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from backend import infotext
+from backend.core import infotext
 
-from .generation import selected_image
+from ui.generation import selected_image
 
 
 def _carried(texts: list, selected: int, img) -> list:

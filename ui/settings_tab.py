@@ -1,4 +1,4 @@
-"""The Settings tab: every setting from `backend.options.SETTINGS`, saved to config.json on Apply.
+"""The Settings tab: every setting from `backend.core.options.SETTINGS`, saved to config.json on Apply.
 
 The tab shows what the server holds when the page loads (`current_values`, read by the page's load event), and
 Apply sends only the settings the user changed since then: a page opened before another client (or another
@@ -12,10 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-from backend import sampler_catalog
+from backend.core import sampler_catalog
 from backend.client import BackendError
-from backend.errors import UserError
-from backend.options import SETTINGS, Setting, coerce
+from backend.core.errors import UserError
+from backend.core.options import SETTINGS, Setting, coerce
 from backend.service import EaselService
 
 

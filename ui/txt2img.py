@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from backend.schemas import Txt2ImgRequest
+from backend.core.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
-from . import controlnet, generation
+from ui import controlnet, generation
 
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",

@@ -10,7 +10,7 @@ Layouts read:
   renamed, `diffusers_xl_canny_full.safetensors`, ...): `controlnet_cond_embedding.*`,
   `down_blocks.*`, `controlnet_down_blocks.N.*`, `controlnet_mid_block.*`.
 
-As `backend.model_detection` does for checkpoints, the architecture is read from the shapes
+As `backend.engine.model_detection` does for checkpoints, the architecture is read from the shapes
 (levels, blocks, transformer depths, context width, linear or conv projections, SDXL's size
 embedding), so a real SD 1.5 ControlNet and a tiny test file go through the same code.
 Family: `label_emb`/`add_embedding` -> sdxl; linear `proj_in` -> sd2; conv `proj_in` -> sd1.
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..ldm_convert import UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
-from ..model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
-from ..paths import list_files
+from backend.core.errors import UserError
+from backend.engine.ldm_convert import UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
+from backend.engine.model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
+from backend.core.paths import list_files
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,15 @@ def read_shapes(path: Path) -> dict:
     """{key: object with .shape/.ndim} without reading the weights (header or memory map)."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from ..state_dict_io import read_safetensors_header
+        from backend.state_dict_io import read_safetensors_header
         header = read_safetensors_header(path)
         return {k: _Shape(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    from ..state_dict_io import safe_unpickle_globals
+    from backend.state_dict_io import safe_unpickle_globals
     try:
         with torch.serialization.safe_globals(safe_unpickle_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  old (non-zip) pickles cannot be memory-mapped: read them whole
-        from ..state_dict_io import read_state_dict
+        from backend.state_dict_io import read_state_dict
         return read_state_dict(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -451,8 +451,8 @@ def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_
     """(diffusers ControlNetModel on the CPU in `dtype`, ControlNetInfo) for a ControlNet file."""
     from diffusers import ControlNetModel
 
-    from ..model_loader import build_without_weights, few_names, load_weights
-    from ..state_dict_io import read_state_dict
+    from backend.engine.model_loader import build_without_weights, few_names, load_weights
+    from backend.state_dict_io import read_state_dict
 
     path = Path(path)
     sd = read_state_dict(path)

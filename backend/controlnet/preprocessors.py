@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from backend.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ WEIGHTLESS: list[Preprocessor] = [
 
 # -- the registry ---------------------------------------------------------------------------------
 def all_preprocessors() -> list[Preprocessor]:
-    from .annotators import ANNOTATORS
+    from backend.engine.controlnet.annotators import ANNOTATORS
     return WEIGHTLESS + ANNOTATORS
 
 

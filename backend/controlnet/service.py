@@ -11,11 +11,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..client import BackendError, Job
-from ..errors import UserError
-from .model_files import ControlNetRegistry, FileFamilies, read_shapes
-from .preprocessors import all_preprocessors, find_preprocessor
-from .units import ControlUnit, check_unit, parse_controlnet_args
+from backend.client import BackendError, Job
+from backend.core.errors import UserError
+from backend.controlnet.model_files import ControlNetRegistry, FileFamilies, read_shapes
+from backend.controlnet.preprocessors import all_preprocessors, find_preprocessor
+from backend.controlnet.units import ControlUnit, check_unit, parse_controlnet_args
 
 log = logging.getLogger("easel.controlnet")
 
@@ -92,7 +92,7 @@ class ControlNetService:
     # -- jobs -----------------------------------------------------------------------------------
     def units_for_job(self, alwayson_scripts: dict | None, *, img2img: bool) -> list:
         """The enabled units of a request, checked and with their model files resolved (for the backend)."""
-        from .runtime import UnitJob
+        from backend.engine.controlnet.runtime import UnitJob
 
         units = parse_controlnet_args(alwayson_scripts)
         jobs = []
@@ -165,7 +165,7 @@ def _copy_unit(unit: ControlUnit) -> ControlUnit:
 def run_detect_job(payload: dict, env) -> dict:
     """The backend's half of detect: run the preprocessor; {"maps": PNG bytes per image, "poses": OpenPose JSON
     per image for pose preprocessors, else None}."""
-    from .preprocessors import run_preprocessor_with_poses
+    from backend.controlnet.preprocessors import run_preprocessor_with_poses
     pre = find_preprocessor(payload["module"])
     maps, poses = [], []
     for img in payload["images"]:

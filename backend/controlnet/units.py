@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
-from ..image_codec import decode_base64_image, encode_png_base64
+from backend.core.errors import UserError
+from backend.core.image_codec import decode_base64_image, encode_png_base64
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")

@@ -22,11 +22,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..prompt_parser import extract_extra_network_tags
-from .lora_apply import ActiveNetwork, NetworkPatcher
-from .lora_files import NetworkFile, file_stamp, read_network_file
-from .registry import LoraRegistry, NetworkHashes, short_hash
+from backend.core.errors import UserError
+from backend.core.prompt_parser import extract_extra_network_tags
+from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
+from backend.networks.lora_files import NetworkFile, file_stamp, read_network_file
+from backend.networks.registry import LoraRegistry, NetworkHashes, short_hash
 
 log = logging.getLogger("easel.lora")
 
@@ -81,7 +81,7 @@ class NetworkRuntime:
     """The backend's extra-network state: finding LoRA files, the files read, the embeddings."""
 
     def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None):
-        from ..embeddings import EmbeddingDatabase
+        from backend.embeddings import EmbeddingDatabase
 
         self.loras = LoraRegistry(lora_dirs)
         self.hashes = NetworkHashes(cache_dir / "network_hashes.json" if cache_dir else None)

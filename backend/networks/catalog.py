@@ -13,8 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lora_files import FAMILY_LABELS, detect_family
-from .registry import EmbeddingRegistry, LoraRegistry, NetworkEntry
+from backend.networks.lora_files import FAMILY_LABELS, detect_family
+from backend.networks.registry import EmbeddingRegistry, LoraRegistry, NetworkEntry
 
 THUMBNAIL_SIZE = 256
 
@@ -162,7 +162,7 @@ class ExtraNetworksCatalog:
     # -- embeddings ---------------------------------------------------------------------------------
     def _database(self):
         if self._embeddings is None:
-            from ..embeddings import EmbeddingDatabase
+            from backend.embeddings import EmbeddingDatabase
             self._embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
             self._embeddings.refresh()
         return self._embeddings
@@ -176,7 +176,7 @@ class ExtraNetworksCatalog:
         except OSError:
             return None
         if key not in self._dims:
-            from ..embeddings import checkpoint_text_dims
+            from backend.embeddings import checkpoint_text_dims
             self._dims[key] = checkpoint_text_dims(checkpoint.path)
         return self._dims[key]
 

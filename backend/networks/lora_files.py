@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..state_dict_io import read_safetensors_metadata, read_state_dict
+from backend.core.errors import UserError
+from backend.state_dict_io import read_safetensors_metadata, read_state_dict
 
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 

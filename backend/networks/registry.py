@@ -22,9 +22,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..paths import list_files
-from ..state_dict_io import read_safetensors_metadata
+from backend.core.errors import UserError
+from backend.core.paths import list_files
+from backend.state_dict_io import read_safetensors_metadata
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ..errors import JobInterrupted, UserError
-from ..image_codec import folder_images, image_format_of, open_folder_image
-from ..infotext import quote, read_infotext_from_image
-from ..paths import IMAGE_EXTENSIONS
-from . import face_restore, upscalers
-from .schemas import ExtrasImage, ExtrasRequest, ExtrasResult
+from backend.core.errors import JobInterrupted, UserError
+from backend.core.image_codec import folder_images, image_format_of, open_folder_image
+from backend.core.infotext import quote, read_infotext_from_image
+from backend.core.paths import IMAGE_EXTENSIONS
+from backend.engine.postprocess import face_restore, upscalers
+from backend.postprocess.schemas import ExtrasImage, ExtrasRequest, ExtrasResult
 
 log = logging.getLogger("easel.extras")
 
@@ -221,7 +221,7 @@ def _inputs(payload: dict, warnings: list[str]) -> list[_Input]:
 def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: dict, name: str,
           warnings: list[str]) -> Path | None:
     """Save one result; a folder that cannot be written adds a warning (the image is still returned): None."""
-    from ..images import save_image_or_warn
+    from backend.core.images import save_image_or_warn
 
     fmt = options.get("samples_format", "png")
     extras_chunk = {"extras": steps} if steps else None

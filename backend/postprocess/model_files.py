@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from backend.core.errors import UserError
 
 log = logging.getLogger("easel.postprocess")
 
@@ -40,7 +40,7 @@ def read_model_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a post-processing model file, unwrapped from the upstream containers."""
     from spandrel import canonicalize_state_dict
 
-    from ..state_dict_io import PICKLE_SUFFIXES, load_pickle, read_state_dict
+    from backend.state_dict_io import PICKLE_SUFFIXES, load_pickle, read_state_dict
 
     path = Path(path)
     if not path.is_file():

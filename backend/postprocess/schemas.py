@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..schemas import JsonRequest
+from backend.core.schemas import JsonRequest
 
 
 class ExtrasRequest(JsonRequest):

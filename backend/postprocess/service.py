@@ -12,12 +12,12 @@ from typing import Callable
 
 from PIL import Image
 
-from ..client import Job
-from ..errors import UserError
-from ..request_checks import LATENT_UPSCALE_MODES, sd_upscale_args
-from .face_restore import FACE_RESTORERS
-from .schemas import ExtrasRequest
-from .upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry, upscaler_name
+from backend.client import Job
+from backend.core.errors import UserError
+from backend.core.request_checks import LATENT_UPSCALE_MODES, sd_upscale_args
+from backend.engine.postprocess.face_restore import FACE_RESTORERS
+from backend.postprocess.schemas import ExtrasRequest
+from backend.engine.postprocess.upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry, upscaler_name
 
 log = logging.getLogger("easel.extras")
 
@@ -83,7 +83,7 @@ class PostprocessService:
                 "images": [], "input_dir": None, "output_dir": None}
 
     def _check(self, req: ExtrasRequest) -> None:
-        from .extras import validate
+        from backend.postprocess.extras import validate
         validate(req)
         registry = self.registry()
         registry.find(req.upscaler_1)

@@ -1,0 +1,1 @@
+"""LoRA/LyCORIS in the backend process: patching the loaded model's weights."""

@@ -1,0 +1,243 @@
+"""Putting LoRA updates into a loaded model's weights, and taking them out again exactly.
+
+Targets: every Linear, Conv2d, GroupNorm and LayerNorm of the UNet and text encoders, under the
+names LoRA files use for them (see `target_table`): the diffusers module path and, for the UNet,
+its CompVis/SGM name too (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), both with "_" for ".";
+text encoder modules as `text_model_encoder_layers_N_...` under part te1 (te2: SDXL's second).
+
+Applying adds each update to the weight in float32, then rounds once to the weight's dtype; a plain
+LoRA's up @ down goes straight into the weight (`add_updates`), without a full-size update tensor,
+so a LoRA switch costs a fraction of a checkpoint load (benchmarks/bench_lora.py).
+Before a weight is first changed, a copy of it goes to the CPU; removing the LoRAs copies it back,
+so the weights are bit-for-bit what they were (no file is read again). A switch to other LoRAs keeps
+the copies of the weights both sets change; removing all of them releases every copy. The set applied is remembered:
+the next job with the same LoRAs and weights changes nothing.
+
+In-place changes keep each tensor where the device policy put it (on the GPU, or in RAM for offloaded
+parts, whose streamed copies are made from those RAM tensors), so placement and LoRAs stay independent.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from backend.networks.lora_files import FAMILY_LABELS, NetworkFile, ShapeMismatch, compute_update, low_rank_update
+
+log = logging.getLogger("easel.lora")
+
+TARGET_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+@dataclass
+class ActiveNetwork:
+    """One `<lora:...>` use: the file and its multipliers."""
+
+    file: NetworkFile
+    te_multiplier: float = 1.0
+    unet_multiplier: float = 1.0
+    dyn_dim: int | None = None
+    label: str = ""  # the name used in the prompt
+
+    def signature(self) -> tuple:
+        return (str(self.file.path), self.file.stamp, float(self.te_multiplier), float(self.unet_multiplier), self.dyn_dim)
+
+
+@dataclass
+class ApplyReport:
+    """What happened to one network: modules applied, and the ones that did not fit."""
+
+    name: str
+    applied: int = 0
+    unmatched: int = 0
+    mismatched: int = 0
+    unsupported: int = 0
+    skipped_reason: str | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.skipped_reason is None and self.applied > 0
+
+
+def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
+    """{(part, name): module} for everything a LoRA may change; built once per model."""
+    table = getattr(model, "_easel_lora_targets", None)
+    if table is not None:
+        return table
+    table = {}
+    layout = None
+    try:
+        from backend.engine.ldm_convert import UNetLayout, unet_key_to_ldm
+        layout = UNetLayout(model.spec.unet_config)
+    except Exception:  # noqa: BLE001  an unusual UNet config: diffusers names only
+        unet_key_to_ldm = None
+    for name, module in model.unet.named_modules():
+        if not isinstance(module, TARGET_TYPES):
+            continue
+        table[("unet", name.replace(".", "_"))] = module
+        if layout is not None:
+            ldm = unet_key_to_ldm(name + ".weight", layout)
+            if ldm:
+                table.setdefault(("unet", ldm[: -len(".weight")].replace(".", "_")), module)
+    for index, encoder in enumerate(model.text_encoders):
+        part = "te1" if index == 0 else f"te{index + 1}"
+        for name, module in encoder.named_modules():
+            if not isinstance(module, TARGET_TYPES):
+                continue
+            full = name if name.startswith("text_model.") else "text_model." + name
+            table[(part, full.replace(".", "_"))] = module
+    # SDXL's projection (`text_projection`) sits outside `text_model` in transformers.
+    if len(model.text_encoders) > 1:
+        proj = getattr(model.text_encoders[1], "text_projection", None)
+        if isinstance(proj, torch.nn.Linear):
+            table[("te2", "text_projection")] = proj
+    model._easel_lora_targets = table
+    return table
+
+
+def _scaled(update: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """`update * multiplier`, in place: `compute_update` hands out new tensors, so a full-size copy is saved."""
+    return update if multiplier == 1 else update.mul_(multiplier)
+
+
+Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a full-size change, or LoRA factors (up, down)
+
+
+def add_updates(param: torch.Tensor, updates: list[Update]) -> None:
+    """`param += sum(updates)` in float32, rounded once to the parameter's dtype.
+
+    A float32 parameter is changed in place; LoRA factor pairs are multiplied straight into it
+    (`addmm_`), so no full-size update is allocated: on the CPU, fresh memory costs more than the math.
+    """
+    data = param.data
+    acc = data if data.dtype == torch.float32 else data.to(torch.float32)
+    rows = acc.view(acc.shape[0], -1) if acc.ndim and acc.is_contiguous() else None
+    for update in updates:
+        if isinstance(update, tuple):
+            up, down = (x.to(acc.device) for x in update)
+            if rows is not None:
+                rows.addmm_(up, down)
+            else:  # e.g. a channels_last conv weight
+                acc.add_((up @ down).reshape(acc.shape))
+        else:
+            acc.add_(update.to(acc.device))
+    if acc is not data:
+        data.copy_(acc)
+
+
+class NetworkPatcher:
+    """The LoRA state of one loaded model: which networks are in its weights, and the originals."""
+
+    def __init__(self, model):
+        self.model = model
+        self.backup: dict[int, tuple[torch.nn.Module, str, torch.Tensor]] = {}
+        self.signature: tuple = ()
+        self.reports: list[ApplyReport] = []
+
+    @classmethod
+    def of(cls, model) -> "NetworkPatcher":
+        patcher = getattr(model, "_easel_networks", None)
+        if patcher is None:
+            patcher = model._easel_networks = cls(model)
+        return patcher
+
+    @property
+    def active(self) -> bool:
+        return bool(self.backup)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every changed weight back to its original value (bit-exact), the backups released."""
+        self._copy_back()
+        self.backup.clear()
+
+    def _copy_back(self) -> None:
+        for module, attr, original in self.backup.values():
+            getattr(module, attr).data.copy_(original)
+        self.signature = ()
+        self.reports = []
+
+    @torch.no_grad()
+    def apply(self, networks: list[ActiveNetwork]) -> list[ApplyReport]:
+        """Make the model's weights = originals + the updates of `networks` (nothing when already so)."""
+        # The placement is part of it: a change of dtype or device since is redone from the originals.
+        wanted = (getattr(self.model, "_easel_placed", None),) + tuple(n.signature() for n in networks) if networks else ()
+        if wanted == self.signature:
+            return self.reports
+        if not networks:
+            self.restore()
+            return []
+        # A switch: the originals go back, and their copies are kept for the weights the new set changes too.
+        self._copy_back()
+        earlier, self.backup = self.backup, {}
+        family = getattr(self.model, "family", None)
+        table = target_table(self.model)
+        sums: dict[int, list] = {}  # id(param) -> [module, attr, [updates]]
+        reports = []
+        for net in networks:
+            report = ApplyReport(name=net.label or net.file.name)
+            reports.append(report)
+            if net.file.family and family and net.file.family != family:
+                report.skipped_reason = (f"it was made for {FAMILY_LABELS.get(net.file.family, net.file.family)} and the "
+                                         f"loaded model is {FAMILY_LABELS.get(family, family)}")
+                continue
+            pending: list[tuple[torch.nn.Module, str, Update]] = []
+            for mw in net.file.modules.values():
+                module = table.get((mw.part, mw.name))
+                if module is None or getattr(module, "weight", None) is None:
+                    report.unmatched += 1
+                    continue
+                multiplier = net.te_multiplier if mw.is_text_encoder else net.unet_multiplier
+                try:
+                    factors = low_rank_update(mw, module.weight, dyn_dim=net.dyn_dim)
+                    if factors is None:
+                        bias = module.bias if getattr(module, "bias", None) is not None else None
+                        updown, ex_bias = compute_update(mw, module.weight, dyn_dim=net.dyn_dim, bias=bias)
+                except ShapeMismatch as exc:
+                    log.debug("%s: %s does not fit: %s", report.name, mw.key, exc)
+                    report.mismatched += 1
+                    continue
+                except ValueError as exc:
+                    log.debug("%s: %s: %s", report.name, mw.key, exc)
+                    report.unsupported += 1
+                    continue
+                report.applied += 1
+                if multiplier == 0:
+                    continue
+                if factors is not None:
+                    pending.append((module, "weight", (factors[0], _scaled(factors[1], multiplier))))
+                    continue
+                pending.append((module, "weight", _scaled(updown, multiplier)))
+                if ex_bias is not None:
+                    pending.append((module, "bias", _scaled(ex_bias, multiplier)))
+            if report.applied == 0:
+                report.skipped_reason = self._nothing_matched(net.file, report, family)
+                continue
+            for module, attr, delta in pending:
+                entry = sums.get(id(getattr(module, attr)))
+                if entry is None:
+                    sums[id(getattr(module, attr))] = [module, attr, [delta]]
+                else:
+                    entry[2].append(delta)
+        for module, attr, updates in sums.values():
+            param = getattr(module, attr)
+            saved = earlier.pop(id(param), None) or (module, attr, param.detach().to("cpu", copy=True))
+            self.backup[id(param)] = saved
+            add_updates(param, updates)
+        self.signature = wanted
+        self.reports = reports
+        return reports
+
+    @staticmethod
+    def _nothing_matched(file: NetworkFile, report: ApplyReport, family: str | None) -> str:
+        total = len(file.modules)
+        loaded = FAMILY_LABELS.get(family, family or "the loaded model")
+        if report.mismatched and not report.unmatched:
+            return (f"its {report.mismatched} modules have other shapes than the loaded {loaded} model's "
+                    f"(made for another base model?)")
+        if report.unsupported and not report.unmatched and not report.mismatched:
+            kinds = ", ".join(sorted(file.kinds()))
+            return f"its module types ({kinds}) are not supported"
+        return (f"none of its {total} modules matches a layer of the loaded {loaded} model "
+                f"(made for another base model?)")

@@ -1,0 +1,343 @@
+"""What every diffusion pipeline shares: the CFG denoiser, the sampling loop with
+progress/interrupt/skip, latent decoding and previews, tiling, and infotext.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.engine import schedules
+from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
+from backend.core.errors import UserError
+
+VERSION = "easel-0.1.0"
+
+# A1111's "Approx cheap" latent -> RGB factors (sd_vae_approx.cheap_approximation).
+_CHEAP_RGB = {
+    "sd": torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]),
+    "sdxl": torch.tensor([[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]]),
+}
+
+
+class JobControl(Protocol):
+    """What a pipeline needs from whoever runs it: stop flags and a place to report progress."""
+
+    def interrupted(self) -> bool: ...
+    def skipped(self) -> bool: ...
+    def clear_skip(self) -> None: ...
+    def begin(self, job_count: int, total_steps: int) -> None: ...
+    def set_job(self, job_no: int) -> None: ...
+    def step(self, preview: Callable[[], Image.Image] | None) -> None: ...
+
+
+class StepClock:
+    """A JobControl for running a pipeline directly (scripts, benchmarks, tests): never stops, and
+    records the time of the job's start and of each finished sampling step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    @property
+    def steps(self) -> int:
+        return max(0, len(self.times) - 1)
+
+    def interrupted(self) -> bool: return False
+    def skipped(self) -> bool: return False
+    def clear_skip(self) -> None: pass
+    def set_job(self, job_no: int) -> None: pass
+
+    def begin(self, job_count: int, total_steps: int) -> None:
+        self.times = [time.perf_counter()]
+
+    def step(self, preview) -> None:
+        self.times.append(time.perf_counter())
+
+
+class _StopSampling(Exception):
+    pass
+
+
+@dataclass
+class JobContext:
+    model: object  # backend.engine.model_loader.SDModel, placed by the device policy
+    policy: object  # backend.engine.devices.DevicePolicy
+    options: dict
+    outputs_root: object  # Path of the data dir (output folders are relative to it)
+    checkpoint: object  # backend.checkpoints.ModelFile, with sha256
+    vae: object | None
+    control: JobControl
+    warnings: list[str] = field(default_factory=list)
+    # Infotext entries added by features around the pipeline (LoRA hashes, ControlNet units, face restoration).
+    extra_params: dict = field(default_factory=dict)
+    # backend.engine.controlnet.apply.ControlSet of the job's ControlNet units (None: none); run_sampler hands it to the denoiser.
+    controls: object | None = None
+    # backend.engine.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
+    postprocess: object | None = None
+    # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
+    embeddings: object | None = None
+
+
+class CFGDenoiser:
+    """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules."""
+
+    def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
+                 cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
+                 image_cond: torch.Tensor | None = None):
+        self.model = model
+        self.schedule = schedule
+        self.conds = conds
+        self.unconds = unconds
+        self.cfg_scale = float(cfg_scale)
+        self.conditioner = conditioner
+        self.device = device
+        self.dtype = dtype
+        self.image_cond = image_cond
+        # img2img inpainting: an object with `blend(denoised, step) -> denoised` that pins the kept region.
+        self.latent_mask = None
+        # ControlNet: the job's ControlSet (set by run_sampler), this pass's step count and whether it is hires. fix.
+        self.controls = None
+        self.total_steps = 0
+        self.hires = False
+        self.width, self.height = width, height
+        self.step = 0
+        self.length = max(conds.max_tokens(), unconds.max_tokens())
+        self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
+        self.time_ids = None
+        if model.family == "sdxl":
+            # (original h, w, crop top, left, target h, w), as SDXL was trained.
+            self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+
+    def _batch_conds(self, step: int, n: int):
+        c, pc = stack_padded(self.conds.at(step)[:n], self.length, self.empty_chunk)
+        u, pu = stack_padded(self.unconds.at(step)[:n], self.length, self.empty_chunk)
+        return c, pc, u, pu
+
+    def _unet(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
+              cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        c_in = 1.0 / torch.sqrt(sigma_in ** 2 + 1.0)
+        t = self.schedule.sigma_to_t(sigma_in)
+        model_input = x_in * c_in[:, None, None, None]
+        if self.image_cond is not None:
+            model_input = torch.cat([model_input, self.image_cond.repeat(x_in.shape[0] // self.image_cond.shape[0], 1, 1, 1)], dim=1)
+        kwargs = {}
+        if self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
+            }
+        if self.controls:  # ControlNet residuals for this step ({} when no unit applies)
+            kwargs.update(self.controls.residuals(
+                sample=model_input, timestep=t, context=context, added_cond_kwargs=kwargs.get("added_cond_kwargs"),
+                cond_mask=cond_mask, step=self.step, total_steps=self.total_steps, width=self.width, height=self.height,
+                hires=self.hires))
+        out = self.model.unet(model_input.to(self.dtype), t.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
+                              return_dict=False, **kwargs)[0].float()
+        sig = sigma_in[:, None, None, None]
+        if self.model.prediction_type == "v_prediction":
+            return x_in / (sig ** 2 + 1.0) - out * sig / torch.sqrt(sig ** 2 + 1.0)
+        return x_in - out * sig
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = self._guided(x, sigma)
+        if self.latent_mask is not None:
+            denoised = self.latent_mask.blend(denoised, self.step)
+        return denoised
+
+    def _guided(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        c, pc, u, pu = self._batch_conds(self.step, n)
+        if self.cfg_scale == 1.0:
+            return self._unet(x, sigma, c, pc)
+        x_in = torch.cat([x, x])
+        sigma_in = torch.cat([sigma, sigma])
+        context = torch.cat([c, u])
+        pooled = torch.cat([pc, pu]) if pc is not None else None
+        cond_mask = torch.cat([torch.ones(n, device=x.device), torch.zeros(n, device=x.device)])
+        denoised = self._unet(x_in, sigma_in, context, pooled, cond_mask)
+        d_cond, d_uncond = denoised[:n], denoised[n:]
+        return d_uncond + (d_cond - d_uncond) * self.cfg_scale
+
+
+def latent_preview(model, latent: torch.Tensor) -> Image.Image:
+    """A cheap linear latent -> RGB approximation of the first image of a batch."""
+    coefs = _CHEAP_RGB["sdxl" if model.family == "sdxl" else "sd"].to(latent.device, latent.dtype)
+    rgb = torch.einsum("lxy,lr->rxy", latent[0, :4], coefs)
+    arr = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr)
+    # Shown at the output size (the latent is 8x smaller), smoothed so it reads as a picture.
+    return img.resize((img.width * 8, img.height * 8), Image.BILINEAR)
+
+
+def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                noise_sampler: Callable, extra: dict, preview_every: int) -> tuple[torch.Tensor, str | None]:
+    """Run one sampling pass with progress, previews, Interrupt and Skip.
+
+    Returns (latents, stop reason or None). When stopped early, the latents are
+    the last x0 prediction, so the user still gets the picture as it stood (A1111).
+    """
+    state = {"denoised": None}
+    control = ctx.control
+
+    def callback(d: dict) -> None:
+        state["denoised"] = d.get("denoised")
+        i = d["i"]
+        denoiser.step = i + 1
+        preview = None
+        if preview_every > 0 and (i + 1) % preview_every == 0 and d.get("denoised") is not None:
+            latent = d["denoised"]
+            preview = lambda: latent_preview(ctx.model, latent)  # noqa: E731
+        control.step(preview)
+        if control.interrupted() or control.skipped():
+            raise _StopSampling()
+
+    denoiser.step = 0
+    if getattr(denoiser, "controls", None) is None:
+        denoiser.controls = getattr(ctx, "controls", None)
+    denoiser.total_steps = len(sigmas) - 1
+    if control.interrupted() or control.skipped():
+        return x, "interrupted" if control.interrupted() else "skipped"
+    try:
+        result = sampler_info.sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
+        return result, None
+    except _StopSampling:
+        reason = "interrupted" if control.interrupted() else "skipped"
+        return (state["denoised"] if state["denoised"] is not None else x), reason
+
+
+def sampler_extra_args(sampler_info, req, options: dict) -> dict:
+    """eta and the churn/noise knobs, from the request or the settings (A1111 semantics)."""
+    extra = {}
+    is_ddim = sampler_info.name == "DDIM"
+    eta = req.eta if req.eta is not None else options.get("eta_ddim" if is_ddim else "eta_ancestral", 0.0 if is_ddim else 1.0)
+    extra["eta"] = float(eta)
+    for key in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+        value = getattr(req, key, None)
+        if value is not None and not (key == "s_tmax" and value == 0):
+            extra[key] = float(value)
+    return extra
+
+
+NAN_RETRY_PARAM = ("VAE precision", "float32 (NaN retry)")
+
+
+def vae_tiling_for(ctx: JobContext, width: int, height: int) -> tuple[int, int] | None:
+    """(tile, overlap) in pixels when this VAE pass should be tiled (setting `vae_tiling`), else None."""
+    from backend.engine.vae_tiling import should_tile
+    options, policy = ctx.options, ctx.policy
+    setting = options.get("vae_tiling", "Automatic")
+    tile, overlap = int(options.get("vae_tile_size", 512)), int(options.get("vae_tile_overlap", 64))
+    mode_for = getattr(policy, "mode_for", None)
+    if setting == "Automatic" and mode_for is not None and mode_for(ctx.model) == "lowvram":
+        setting = "Always"  # streamed UNet: the VAE gets a tile's worth of memory
+    free = policy.device_free_bytes() if hasattr(policy, "device_free_bytes") else None
+    dtype = next(ctx.model.vae.parameters()).dtype
+    return (tile, overlap) if should_tile(setting, width, height, dtype=dtype, free_bytes=free, tile=tile) else None
+
+
+def _decode_one(ctx: JobContext, z: torch.Tensor) -> torch.Tensor:
+    from backend.engine.vae_tiling import decode_tiled
+    model = ctx.model
+    vae = model.vae
+    dtype = next(vae.parameters()).dtype
+    down = int(getattr(model, "vae_downsample", 8))
+    z = z.to(ctx.policy.device, dtype)
+    tiles = vae_tiling_for(ctx, z.shape[-1] * down, z.shape[-2] * down)
+    if tiles is not None:
+        return decode_tiled(vae, z, tile=tiles[0], overlap=tiles[1], downsample=down)
+    return vae.decode(z, return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode latents to PIL images (tiled for large images, setting `vae_tiling`).
+
+    A1111's NaN check: when the half-precision VAE produces NaN, the model's VAE is switched to float32
+    for good (setting `auto_vae_precision`) and the image decoded again; the infotext says so.
+    `--disable-nan-check` turns the check off.
+    """
+    model = ctx.model
+    policy = ctx.policy
+    images = []
+    for i in range(latents.shape[0]):
+        z = latents[i:i + 1] / model.vae_scale_factor
+        decoded = _decode_one(ctx, z)
+        if getattr(policy, "nan_check", True) and torch.isnan(decoded).any():
+            dtype = next(model.vae.parameters()).dtype
+            if dtype == torch.float32 or not ctx.options.get("auto_vae_precision", True):
+                raise UserError("A tensor with NaNs was produced in the VAE"
+                                + (" in float32; the latents are not finite" if dtype == torch.float32 else
+                                   "; turn on 'Automatically revert VAE to 32-bit floats' or use --no-half-vae")
+                                + ". Use --disable-nan-check to get the image anyway.")
+            if hasattr(policy, "upcast_vae"):
+                policy.upcast_vae(model)
+            else:
+                model.vae.to(torch.float32)
+                model._easel_vae_upcast = True
+            ctx.warnings.append("A tensor with NaNs was produced in the VAE; the VAE now runs in float32 "
+                                "for this checkpoint and the image was decoded again.")
+            decoded = _decode_one(ctx, z)
+        if getattr(model, "_easel_vae_upcast", False) and getattr(policy, "vae_dtype", torch.float32) != torch.float32:
+            ctx.extra_params[NAN_RETRY_PARAM[0]] = NAN_RETRY_PARAM[1]
+        arr = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray(arr))
+    return images
+
+
+@torch.no_grad()
+def encode_images(ctx: JobContext, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix)."""
+    return torch.cat([encode_tensor(ctx, image_to_tensor(img)) for img in images])
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL -> (1, 3, H, W) float tensor in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+@torch.no_grad()
+def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents, one image at a time (peak memory of one; tiled when large)."""
+    from backend.engine.vae_tiling import encode_tiled
+    model = ctx.model
+    dtype = next(model.vae.parameters()).dtype
+    down = int(getattr(model, "vae_downsample", 8))
+    tiles = vae_tiling_for(ctx, x.shape[-1], x.shape[-2])
+    out = []
+    for i in range(x.shape[0]):
+        image = x[i:i + 1].to(ctx.policy.device, dtype)
+        if tiles is not None:
+            mean = encode_tiled(model.vae, image, tile=tiles[0], overlap=tiles[1], downsample=down)
+        else:
+            mean = model.vae.encode(image, return_dict=False)[0].mean.float()
+        out.append(mean * model.vae_scale_factor)
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def tiling(model, enabled: bool):
+    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job."""
+    if not enabled:
+        yield
+        return
+    convs = [m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    saved = [m.padding_mode for m in convs]
+    for m in convs:
+        m.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for m, mode in zip(convs, saved):
+            m.padding_mode = mode
+
+
+def format_number(value: float) -> object:
+    """7.0 -> 7, 7.5 -> 7.5 (A1111 writes integral floats without the .0)."""
+    return int(value) if float(value).is_integer() else value

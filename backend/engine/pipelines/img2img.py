@@ -1,0 +1,344 @@
+"""img2img, sketch, inpaint (both checkpoint kinds), outpainting and folder batches, with A1111's semantics.
+
+    prepare the mask (invert, blur, "only masked" crop) -> resize/crop the image
+    -> fill masked content -> encode -> noise to the denoising strength -> sample
+    with the kept region pinned in latent space -> decode -> paste the untouched
+    pixels back through the overlay -> save.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from backend import image_ops
+from backend.core.errors import JobInterrupted, UserError
+from backend.core.image_codec import folder_images, open_folder_image
+from backend.core.images import save_image_or_warn
+from backend.core.paths import IMAGE_EXTENSIONS
+from backend.engine.postprocess.face_restore import restore_faces_for_job
+from backend.engine.rng import ImageRNG
+from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, check_img2img, is_sd_upscale, outpainting_args, resize_mode_index,
+                              validate_size)
+from backend.core.schemas import GenerationResult, Img2ImgRequest
+from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
+                     run_sampler, tiling)
+from backend.engine.pipelines import sd_upscale
+from backend.engine.pipelines.processing import Generation
+from backend.engine.pipelines.txt2img import img2img_sigmas
+
+log = logging.getLogger("easel.img2img")
+
+def soft_inpainting_enabled(req: Img2ImgRequest) -> bool:
+    for name, script in (req.alwayson_scripts or {}).items():
+        if name.strip().lower() == "soft inpainting":
+            args = script.get("args", []) if isinstance(script, dict) else script
+            return bool(args and args[0])
+    return False
+
+
+@dataclass
+class PreparedMask:
+    """The mask as each stage needs it."""
+
+    for_overlay: Image.Image  # blurred, at the size of the overlay (the original for "Only masked")
+    processing: Image.Image  # blurred, cropped/resized to width x height: what the model changes
+    region: tuple[int, int, int, int] | None  # "Only masked" crop box in the original image
+    paste_to: tuple[int, int, int, int] | None  # (x, y, w, h) to paste the result back into
+
+
+def prepare_mask(mask: Image.Image, image_size: tuple[int, int], req: Img2ImgRequest, mode: int) -> PreparedMask:
+    m = image_ops.binary_mask(mask, req.mask_round)
+    if m.size != image_size:  # A1111 resizes a mask of another size to the image
+        m = m.resize(image_size, Image.Resampling.LANCZOS)
+        if req.mask_round:
+            m = m.point(lambda v: 255 if v > 128 else 0)
+    if req.inpainting_mask_invert:
+        m = m.point(lambda v: 255 - v)
+    if m.getextrema()[1] == 0:
+        raise UserError("The mask is empty: paint the area to change"
+                        + (" (with 'Inpaint not masked', the mask covers the whole image)." if req.inpainting_mask_invert else "."))
+    blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
+    blurred = image_ops.blur_mask(m, blur_x, blur_y)
+    if req.inpaint_full_res:
+        region = image_ops.crop_region(blurred, req.inpaint_full_res_padding)
+        region = image_ops.expand_to_ratio(region, req.width, req.height, *image_size)
+        x1, y1, x2, y2 = region
+        processing = image_ops.resize_image(2, blurred.crop(region), req.width, req.height)
+        return PreparedMask(blurred, processing, region, (x1, y1, x2 - x1, y2 - y1))
+    resized = image_ops.resize_image(0 if mode == LATENT_RESIZE else mode, blurred, req.width, req.height)
+    return PreparedMask(resized, resized, None, None)
+
+
+class LatentMask:
+    """Pins the kept region to the init latent at every step (A1111's mask/nmask blend).
+
+    With soft inpainting the change map keeps its blurred values and a latent
+    joins the denoising only once the schedule's remaining fraction falls below
+    its mask value (differential diffusion), so weakly masked edges change a
+    little and the transition is smooth; unmasked latents never change.
+    """
+
+    def __init__(self, init_latent: torch.Tensor, change: torch.Tensor, soft: bool, total_steps: int):
+        self.init = init_latent
+        self.change = change
+        self.soft = soft
+        self.total = max(1, total_steps)
+
+    def _free(self, step: int) -> torch.Tensor:
+        if self.soft:
+            return (self.change > 1 - (step + 1) / self.total).to(self.init.dtype)
+        return self.change
+
+    def blend(self, denoised: torch.Tensor, step: int) -> torch.Tensor:
+        free = self._free(step)
+        return self.init * (1 - free) + denoised * free
+
+    def final(self, latents: torch.Tensor) -> torch.Tensor:
+        free = (self.change > 0).to(self.init.dtype) if self.soft else self.change
+        return self.init * (1 - free) + latents * free
+
+
+def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
+        samples_dir: Path | None = None) -> GenerationResult:
+    if not init_images:
+        raise UserError("img2img needs an init image (init_images is empty).")
+    check_img2img(req)
+    if is_sd_upscale(req):
+        return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
+    mode = resize_mode_index(req.resize_mode)
+    images = [image_ops.flatten(img) for img in init_images]
+    fill = req.inpainting_fill
+    outpaint = outpainting_args(req)
+    if outpaint is not None:
+        pixels, blur, fill, directions = outpaint
+        grown = [image_ops.grow_canvas(img, pixels, directions, blur) for img in images]
+        images = [g[0] for g in grown]
+        mask = grown[0][1]
+        w, h = images[0].size
+        validate_size(w, h, "outpainted ")
+        req = req.model_copy(update={"width": w, "height": h, "mask_blur": blur, "inpaint_full_res": False,
+                                     "inpainting_mask_invert": 0, "inpainting_fill": fill})
+    if mask is not None and mode == LATENT_RESIZE:
+        mode = 0  # the overlay needs the image at the output size
+    if len(images) > 1:
+        req = req.model_copy(update={"batch_size": len(images)})
+        base = images[0].size
+        images = [im if im.size == base else im.resize(base, Image.Resampling.LANCZOS) for im in images]
+    soft = soft_inpainting_enabled(req) and mask is not None
+
+    gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
+                     samples_dir=samples_dir)
+    model, device = ctx.model, gen.device
+    if ctx.options.get("save_init_img", False):
+        gen.params["Init image hash"] = save_init_images(gen, images)
+    prepared = prepare_mask(mask, images[0].size, req, mode) if mask is not None else None
+
+    processed, overlays = [], []
+    for img in images:
+        if (prepared is None or prepared.region is None) and mode != LATENT_RESIZE:
+            img = image_ops.resize_image(mode, img, req.width, req.height)
+        if prepared is not None:
+            overlays.append(image_ops.overlay_of(img, prepared.for_overlay))
+            if prepared.region is not None:
+                img = image_ops.resize_image(2, img.crop(prepared.region), req.width, req.height)
+            if fill == 0:
+                img = image_ops.fill_masked(img, prepared.processing)
+        processed.append(img)
+    if len(processed) == 1:
+        processed, overlays = processed * req.batch_size, overlays * req.batch_size
+
+    _record_params(gen, req, mode, prepared, fill, soft, outpaint)
+    denoise = float(req.denoising_strength)
+    sigmas_all = img2img_sigmas(gen.sampler_info, gen.schedule, gen.model_schedule, req.steps, denoise,
+                                bool(ctx.options.get("img2img_fix_steps", False)))
+    steps_run = len(sigmas_all) - 1 if denoise > 0 else 0
+    ctx.control.begin(req.n_iter, steps_run * req.n_iter)
+
+    init_latent = None
+    try:
+        with tiling(model, bool(req.tiling)):
+            for n, idx in gen.batches():
+                seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
+                if denoise == 0:  # nothing to change: the (resized) input is the answer, as a user expects
+                    results = [im if im.size == (req.width, req.height) else im.resize((req.width, req.height), Image.Resampling.LANCZOS)
+                               for im in processed]
+                    stop = None
+                else:
+                    if init_latent is None:
+                        init_latent = _init_latents(ctx, processed, req, mode)
+                    results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
+                                                  subseeds, sigmas_all.to(device))
+                if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
+                    results = restore_faces_for_job(ctx, results)
+                for j, result in enumerate(results):
+                    if prepared is not None:
+                        result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])
+                    gen.add_image(result, n * req.batch_size + j)
+                if gen.end_batch(stop):
+                    break
+    except JobInterrupted:  # Interrupt while encoding the prompts: the images finished so far are the answer
+        gen.interrupted = True
+
+    return gen.finish({"denoising_strength": denoise, "resize_mode": mode,
+                                    "is_using_inpainting_conditioning": bool(model.is_inpaint and prepared is not None)})
+
+
+def save_init_images(gen: Generation, images: list[Image.Image]) -> str:
+    """A1111's "Save init images": each input as received, named by the MD5 of its pixels; returns the first hash."""
+    hashes = []
+    for img in images:
+        digest = hashlib.md5(img.tobytes()).hexdigest()
+        folder = gen.outdir("outdir_init_images")
+        if not (folder / f"{digest}.png").exists():
+            save_image_or_warn(gen.ctx.warnings, "init image", img, folder, seed=None, infotext=None, forced_name=digest)
+        hashes.append(digest)
+    return hashes[0]
+
+
+def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fill: int, soft: bool, outpaint) -> None:
+    p = gen.params
+    p["Denoising strength"] = format_number(req.denoising_strength)
+    if mode:
+        p["Resize mode"] = RESIZE_MODES[mode]
+    multiplier = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None
+                  else gen.ctx.options.get("initial_noise_multiplier", 1.0))
+    if multiplier not in (1, 1.0):
+        p["Noise multiplier"] = format_number(multiplier)
+    if prepared is not None:
+        blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+        blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
+        p["Mask blur"] = blur_x if blur_x == blur_y else None
+        if blur_x != blur_y:
+            p["Mask blur x"], p["Mask blur y"] = blur_x, blur_y
+        p["Masked content"] = image_ops.MASKED_CONTENT[fill]
+        if req.inpainting_mask_invert:
+            p["Mask mode"] = image_ops.MASK_MODES[1]
+        if prepared.region is not None:
+            p["Inpaint area"] = image_ops.INPAINT_AREAS[1]
+            p["Masked area padding"] = req.inpaint_full_res_padding
+        if soft:
+            p["Soft inpainting enabled"] = True
+    if outpaint is not None:
+        p["Outpainting"] = f"{outpaint[0]}px {'/'.join(outpaint[3])}"
+
+
+def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgRequest, mode: int) -> torch.Tensor:
+    unique = {id(im): im for im in processed}
+    latents = {key: encode_images(ctx, [im]) for key, im in unique.items()}
+    init = torch.cat([latents[id(im)] for im in processed])
+    if mode == LATENT_RESIZE and init.shape[-2:] != (req.height // 8, req.width // 8):
+        init = F.interpolate(init, size=(req.height // 8, req.width // 8), mode="bilinear", align_corners=False)
+    return init
+
+
+def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, processed: list[Image.Image],
+                  init_latent: torch.Tensor, prepared: PreparedMask | None, fill: int, soft: bool,
+                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor):
+    model, device = ctx.model, gen.device
+    n = len(seeds)
+    init = init_latent[:n].to(device)
+    shape = tuple(init.shape[1:])
+    conds = gen.conditioner.schedules(gen.prompts[:n], req.steps, is_negative=False)
+    unconds = gen.conditioner.schedules(gen.negatives[:n], req.steps, is_negative=True)
+    rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+    noise = rng.first().to(device)
+
+    latent_mask = None
+    if prepared is not None:
+        small = prepared.processing.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+        change = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None, None].to(device)
+        if not soft and req.mask_round:
+            change = change.round()
+        if fill == 2:  # latent noise
+            init = init * (1 - change) + noise * change
+        elif fill == 3:  # latent nothing
+            init = init * (1 - change)
+        latent_mask = LatentMask(init, change, soft, len(sigmas) - 1)
+
+    image_cond = _image_conditioning(ctx, processed[:n], prepared) if model.is_inpaint else None
+    denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
+                           ctx.policy.dtype, req.width, req.height, image_cond)
+    denoiser.latent_mask = latent_mask
+    multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
+                       else ctx.options.get("initial_noise_multiplier", 1.0))
+    x = init + noise * sigmas[0] * multiplier
+    noise_sampler = lambda _s, _sn: rng.next().to(device)  # noqa: E731
+    latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+    if latent_mask is not None:
+        latents = latent_mask.final(latents)
+    return decode_latents(ctx, latents), stop
+
+
+def _image_conditioning(ctx: JobContext, processed: list[Image.Image], prepared: PreparedMask | None) -> torch.Tensor:
+    """The 5 extra channels of an inpainting UNet: the mask and the latent of the image with the mask area blanked."""
+    source = torch.cat([image_to_tensor(im) for im in processed])
+    if prepared is None:
+        mask = torch.ones(source.shape[0], 1, *source.shape[-2:])
+    else:
+        mask = torch.from_numpy(np.asarray(prepared.processing, dtype=np.float32) / 255.0).round()[None, None]
+        mask = mask.repeat(source.shape[0], 1, 1, 1)
+    blanked = encode_tensor(ctx, source * (1.0 - mask))
+    latent_mask = F.interpolate(mask, size=blanked.shape[-2:]).to(blanked.device, blanked.dtype)
+    return torch.cat([latent_mask, blanked], dim=1)
+
+
+def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir: Path | None,
+              mask_dir: Path | None, before_each=None) -> GenerationResult:
+    """img2img over every image of a folder (with same-named masks), saving into the output folder.
+
+    A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image, mask)`
+    runs before each file's generation (the worker prepares the ControlNet units from them).
+    """
+    if not any(p.is_file() for p in input_dir.iterdir()):
+        raise UserError(f"The input folder {input_dir} has no files.")
+    warnings: list[str] = []
+    files = folder_images(input_dir, warnings)  # only files that are images by name and by content reach a decoder
+    for warning in warnings:
+        log.warning("img2img batch: %s", warning)
+    masks = {}
+    if mask_dir is not None:
+        masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    all_images, infotexts = [], []
+    interrupted = False
+    last: GenerationResult | None = None
+    for path in files:
+        if ctx.control.interrupted():
+            interrupted = True
+            break
+        try:
+            image = open_folder_image(path)
+            mask = open_folder_image(masks[path.stem]) if path.stem in masks else None
+            job_req = req.model_copy(update={"do_not_save_grid": True})
+            if before_each is not None:
+                before_each(image, mask)
+            last = run(job_req, ctx, [image], mask, samples_dir=output_dir)
+        except JobInterrupted:  # while preparing this file's ControlNet units
+            interrupted = True
+            break
+        except (UserError, OSError) as exc:
+            message = exc.message if isinstance(exc, UserError) else str(exc)
+            log.error("img2img batch: skipped %s: %s", path.name, message)
+            warnings.append(f"Skipped {path.name}: {message}")
+            continue
+        all_images.extend(last.images)
+        infotexts.extend(last.info.get("infotexts", []))
+        if last.interrupted:
+            interrupted = True
+            break
+    if last is None:
+        if interrupted:
+            return GenerationResult(images=[], info={"infotexts": [], "batch_files": len(files)},
+                                    warnings=warnings + list(ctx.warnings), interrupted=True)
+        raise UserError("No image in the batch could be processed: " + " ".join(warnings))
+    info = dict(last.info)
+    info["infotexts"] = infotexts
+    info["batch_files"] = len(files)
+    return GenerationResult(images=all_images, info=info, warnings=warnings + list(ctx.warnings), interrupted=interrupted)

@@ -1,0 +1,163 @@
+"""What every generation job (txt2img, img2img) shares around its sampling loop.
+
+`Generation` resolves the sampler, seeds, prompts and text conditioner from a
+request, keeps the infotext parameters, saves each finished image (with its
+infotext) as A1111 does, and assembles the grid and the `info` of the result.
+The pipelines only add their own sampling between `begin` and `finish`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from backend.engine import schedules
+from backend.core.sampler_catalog import resolve_sampler
+from backend.engine.conditioning import TextConditioner
+from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
+from backend.core.limits import DEFAULT_PROMPT_MAX_CHUNKS
+from backend.engine.rng import fix_seed
+from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
+from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
+
+
+class Generation:
+    def __init__(self, req: Txt2ImgRequest, ctx: JobContext, *, samples_dir_key: str, grids_dir_key: str,
+                 samples_dir: Path | None = None):
+        self.req, self.ctx = req, ctx
+        model, options = ctx.model, ctx.options
+        self.device = ctx.policy.device
+        self.sampler_info, self.schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler,
+                                                           options.get("default_sampler", "Euler a"))
+        self.clip_skip = int(options.get("CLIP_stop_at_last_layers", 1))  # the job's override is merged in, checked
+        self.model_schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+        self.extra = sampler_extra_args(self.sampler_info, req, options)
+
+        self.total_images = req.batch_size * req.n_iter
+        self.seed = fix_seed(req.seed)
+        self.subseed = fix_seed(req.subseed)
+        self.all_seeds = [self.seed + (i if req.subseed_strength == 0 else 0) for i in range(self.total_images)]
+        self.all_subseeds = [self.subseed + i for i in range(self.total_images)]
+        self.prompts = [req.prompt] * self.total_images
+        self.negatives = [req.negative_prompt] * self.total_images
+
+        self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
+                                           max_chunks=int(options.get("prompt_max_chunks", DEFAULT_PROMPT_MAX_CHUNKS)),
+                                           should_stop=ctx.control.interrupted)
+        self.preview_every = int(options.get("show_progress_every_n_steps", 2)) if options.get("live_previews_enable", True) else -1
+
+        self.params: dict[str, object] = {
+            "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
+            "CFG scale": format_number(req.cfg_scale),
+            "Size": f"{req.width}x{req.height}",
+            "Model hash": ctx.checkpoint.shorthash, "Model": ctx.checkpoint.model_name,
+            "VAE hash": ctx.vae.shorthash if ctx.vae else None, "VAE": ctx.vae.model_name if ctx.vae else None,
+            "Variation seed strength": format_number(req.subseed_strength) if req.subseed_strength > 0 else None,
+            "Seed resize from": (f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+                                 if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
+            "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
+            "Tiling": True if req.tiling else None,
+        }
+
+        self.save_samples = not req.do_not_save_samples and options.get("samples_save", True)
+        self.out_dir = samples_dir or day_folder(self.outdir(samples_dir_key), options.get("save_to_dirs", True))
+        self.grids_dir_key = grids_dir_key
+        self.fmt = options.get("samples_format", "png")
+        self.pattern = options.get("samples_filename_pattern", "")
+        self.outputs: list[GeneratedImage] = []
+        self.pil_images: list[Image.Image] = []
+        self.interrupted = False
+
+    def batches(self):
+        """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""
+        size = self.req.batch_size
+        for n in range(self.req.n_iter):
+            if self.ctx.control.interrupted():
+                self.interrupted = True
+                return
+            self.ctx.control.set_job(n)
+            yield n, slice(n * size, (n + 1) * size)
+
+    def end_batch(self, stop: str | None) -> bool:
+        """After a batch's images are added: True when the job must stop (Interrupt); Skip moves on."""
+        if stop == "interrupted":
+            self.interrupted = True
+            return True
+        if stop == "skipped":
+            self.ctx.control.clear_skip()
+        return False
+
+    def outdir(self, key: str) -> Path:
+        target = Path(self.ctx.options.get(key))
+        return target if target.is_absolute() else Path(self.ctx.outputs_root) / target
+
+    def infotext(self, i: int) -> str:
+        from backend.core.infotext import build_infotext
+
+        params = dict(self.params)
+        params.update(self.ctx.extra_params)
+        params["Seed"] = self.all_seeds[i]
+        params["Variation seed"] = self.all_subseeds[i] if self.req.subseed_strength > 0 else None
+        params["Version"] = VERSION
+        return build_infotext(self.prompts[i], self.negatives[i], params)
+
+    def name_values(self, seed: int) -> dict:
+        req, ctx = self.req, self.ctx
+        return {"seed": seed, "prompt": req.prompt, "steps": req.steps, "cfg": format_number(req.cfg_scale),
+                "sampler": self.sampler_info.name, "width": req.width, "height": req.height,
+                "model_name": ctx.checkpoint.model_name, "model_hash": ctx.checkpoint.shorthash}
+
+    def add_image(self, img: Image.Image, i: int, basename: str | None = None, infotext: str | None = None) -> None:
+        """Record (and, unless told not to, save) image i of the job with its infotext (`infotext`: one made elsewhere,
+        as SD upscale takes its first tile's)."""
+        text = infotext or self.infotext(i)
+        path = None
+        if self.save_samples:
+            # a folder that cannot be written costs the file, never the image: the job returns it with a warning
+            path = save_image_or_warn(self.ctx.warnings, "image", img, self.out_dir, seed=self.all_seeds[i],
+                                      infotext=text, fmt=self.fmt, pattern=self.pattern,
+                                      name_values=self.name_values(self.all_seeds[i]),
+                                      with_pnginfo=self.ctx.options.get("enable_pnginfo", True), basename=basename or "")
+        self.outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=self.all_seeds[i],
+                                           subseed=self.all_subseeds[i], prompt=self.prompts[i],
+                                           negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
+        self.pil_images.append(img)
+
+    def finish(self, info_extra: dict | None = None) -> GenerationResult:
+        req, ctx, options = self.req, self.ctx, self.ctx.options
+        if (len(self.pil_images) > 1 and not req.do_not_save_grid
+                and (options.get("return_grid", True) or options.get("grid_save", True))):
+            grid = image_grid(self.pil_images)
+            text = self.infotext(0)
+            path = None
+            if options.get("grid_save", True):
+                grid_dir = day_folder(self.outdir(self.grids_dir_key), options.get("save_to_dirs", True))
+                path = save_image_or_warn(ctx.warnings, "grid", grid, grid_dir, seed=self.all_seeds[0], infotext=text,
+                                          fmt=self.fmt, basename="grid", with_pnginfo=options.get("enable_pnginfo", True))
+            if options.get("return_grid", True):
+                self.outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=self.all_seeds[0],
+                                                      subseed=self.all_subseeds[0], prompt=self.prompts[0],
+                                                      negative_prompt=self.negatives[0],
+                                                      saved_path=str(path) if path else None, is_grid=True))
+
+        produced = [o for o in self.outputs if not o.is_grid]
+        info = {
+            "prompt": req.prompt, "all_prompts": [o.prompt for o in produced],
+            "negative_prompt": req.negative_prompt, "all_negative_prompts": [o.negative_prompt for o in produced],
+            "seed": self.seed, "all_seeds": [o.seed for o in produced], "subseed": self.subseed,
+            "all_subseeds": [o.subseed for o in produced], "subseed_strength": req.subseed_strength,
+            "width": req.width, "height": req.height, "sampler_name": self.sampler_info.name, "scheduler": self.schedule,
+            "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size,
+            "restore_faces": bool(req.restore_faces),
+            "sd_model_name": ctx.checkpoint.model_name, "sd_model_hash": ctx.checkpoint.shorthash,
+            "sd_vae_name": ctx.vae.model_name if ctx.vae else None, "sd_vae_hash": ctx.vae.shorthash if ctx.vae else None,
+            "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
+            "denoising_strength": req.denoising_strength,
+            "extra_generation_params": {k: v for k, v in ctx.extra_params.items() if v is not None},
+            "index_of_first_image": 1 if self.outputs and self.outputs[0].is_grid else 0,
+            "infotexts": [o.infotext for o in self.outputs], "styles": req.styles, "job_timestamp": "",
+            "clip_skip": self.clip_skip, "is_using_inpainting_conditioning": bool(ctx.model.is_inpaint),
+            "version": VERSION,
+        }
+        info.update(info_extra or {})
+        return GenerationResult(images=self.outputs, info=info, warnings=list(ctx.warnings), interrupted=self.interrupted)

@@ -1,0 +1,159 @@
+"""txt2img, with AUTOMATIC1111's seeds, batches, prompt schedules and hires. fix.
+
+    validate -> seeds -> for each batch: encode prompts, draw noise, sample,
+    (hires. fix: upscale, re-noise, sample again), decode, save -> grid -> result
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from backend.engine import schedules
+from backend.core.sampler_catalog import resolve_sampler
+from backend.core.errors import JobInterrupted
+from backend.core.request_checks import LATENT_UPSCALE_MODES, check_txt2img, hires_size
+from backend.engine.rng import ImageRNG
+from backend.engine.postprocess.face_restore import restore_faces_for_job
+from backend.engine.postprocess.upscalers import upscale_for_job
+from backend.core.schemas import GenerationResult, Txt2ImgRequest
+from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
+                     sampler_extra_args, tiling)
+from backend.engine.pipelines.processing import Generation
+
+IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+HIRES_UPSCALERS = list(LATENT_UPSCALE_MODES) + list(IMAGE_UPSCALERS)
+DEFAULT_HIRES_DENOISE = 0.7
+
+
+def _upscale_latent(latent: torch.Tensor, w: int, h: int, mode: str) -> torch.Tensor:
+    interp, antialias = LATENT_UPSCALE_MODES[mode]
+    ratio = max(w / (latent.shape[3] * 8), h / (latent.shape[2] * 8))
+    sw, sh = max(w // 8, round(latent.shape[3] * ratio)), max(h // 8, round(latent.shape[2] * ratio))
+    kwargs = {"antialias": antialias} if interp in ("bilinear", "bicubic") else {}
+    up = F.interpolate(latent, size=(sh, sw), mode=interp, **kwargs)
+    top, left = (sh - h // 8) // 2, (sw - w // 8) // 2
+    return up[:, :, top:top + h // 8, left:left + w // 8]
+
+
+def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, denoise: float, fix_steps: bool) -> torch.Tensor:
+    """Sigmas for a pass that starts from an image (A1111's setup_img2img_steps)."""
+    if fix_steps:
+        total = int(steps / min(denoise, 0.999)) if denoise > 0 else 0
+        t_enc = steps - 1
+    else:
+        total = steps
+        t_enc = int(min(denoise, 0.999) * steps)
+    sigmas = schedules.get_sigmas(schedule, max(total, 1), model_schedule, sampler_info.name)
+    return sigmas[max(total, 1) - t_enc - 1:]
+
+
+def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
+    check_txt2img(req)
+    gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
+    sampler_info, schedule = gen.sampler_info, gen.schedule
+
+    hires = req.enable_hr
+    hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)
+    hr_steps = req.hr_second_pass_steps or req.steps
+    hr_denoise = DEFAULT_HIRES_DENOISE if req.denoising_strength is None else float(req.denoising_strength)
+    hr_upscaler = req.hr_upscaler or "Latent"
+    hr_sampler_info, hr_schedule = (resolve_sampler(req.hr_sampler_name, req.hr_scheduler or schedule, sampler_info.name)
+                                    if hires and req.hr_sampler_name else (sampler_info, schedule))
+    hires_sampling = hires and hr_denoise > 0
+    steps_per_batch = req.steps + (hr_steps if hires_sampling else 0)
+    ctx.control.begin(req.n_iter, steps_per_batch * req.n_iter)
+
+    if hires:
+        gen.params["Denoising strength"] = format_number(hr_denoise)
+        if req.hr_resize_x or req.hr_resize_y:
+            gen.params["Hires resize"] = f"{hr_w}x{hr_h}"
+        else:
+            gen.params["Hires upscale"] = format_number(req.hr_scale)
+        gen.params["Hires steps"] = req.hr_second_pass_steps or None
+        gen.params["Hires upscaler"] = hr_upscaler
+        if req.hr_sampler_name:
+            gen.params["Hires sampler"] = hr_sampler_info.name
+        if req.hr_prompt and req.hr_prompt != req.prompt:
+            gen.params["Hires prompt"] = req.hr_prompt
+        if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
+            gen.params["Hires negative prompt"] = req.hr_negative_prompt
+
+    try:
+        _run_batches(req, ctx, gen, hr_w, hr_h, hr_steps, hr_denoise, hr_upscaler, hr_sampler_info, hr_schedule)
+    except JobInterrupted:  # Interrupt while encoding prompts or upscaling: the images finished so far are the answer
+        gen.interrupted = True
+    return gen.finish({"denoising_strength": hr_denoise if hires else req.denoising_strength})
+
+
+def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: int, hr_h: int, hr_steps: int,
+                 hr_denoise: float, hr_upscaler: str, hr_sampler_info, hr_schedule: str) -> None:
+    model, device, options = ctx.model, gen.device, ctx.options
+    sampler_info, schedule, model_schedule = gen.sampler_info, gen.schedule, gen.model_schedule
+    conditioner, prompts, negatives = gen.conditioner, gen.prompts, gen.negatives
+    hires = req.enable_hr
+    hires_sampling = hires and hr_denoise > 0
+    opt_f = 8
+    with tiling(model, bool(req.tiling)):
+        for n, idx in gen.batches():
+            seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
+            conds = conditioner.schedules(prompts[idx], req.steps, is_negative=False)
+            unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
+
+            shape = (4, req.height // opt_f, req.width // opt_f)
+            rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+            sigmas = schedules.get_sigmas(schedule, req.steps, model_schedule, sampler_info.name).to(device)
+            x = rng.first().to(device) * sigmas[0]
+            image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
+            denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
+                                   ctx.policy.dtype, req.width, req.height, image_cond)
+            noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
+            latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+            if hires and stop is None and ctx.control.interrupted():
+                stop = "interrupted"  # pressed after the first pass: its pictures are the answer
+
+            images = None
+            if hires and stop is None:
+                hr_prompts = [req.hr_prompt or p for p in prompts[idx]]
+                hr_negs = [req.hr_negative_prompt or p for p in negatives[idx]]
+                if hr_upscaler in LATENT_UPSCALE_MODES:
+                    latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
+                else:
+                    first = decode_latents(ctx, latents)
+                    try:
+                        upscaled = [upscale_for_job(ctx, img, hr_upscaler, hr_w, hr_h) for img in first]
+                    except JobInterrupted:  # stopped between the upscaler's tiles: keep the first pass's pictures
+                        images, stop = first, "interrupted"
+                    else:
+                        latents = encode_images(ctx, upscaled)
+                if hires_sampling and stop is None:
+                    hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
+                    hr_unconds = conditioner.schedules(hr_negs, req.steps, True, hires_steps=hr_steps)
+                    hr_rng = ImageRNG((4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req.subseed_strength,
+                                      req.seed_resize_from_h, req.seed_resize_from_w)
+                    hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True).to(device)
+                    x = latents + hr_rng.first().to(device) * hr_sigmas[0]
+                    hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
+                    hr_denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
+                                              device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond)
+                    hr_denoiser.hires = True  # ControlNet units follow their hires option in this pass
+                    hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
+                    latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
+                                                sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
+
+            if images is None:
+                images = decode_latents(ctx, latents)
+            if req.restore_faces:
+                images = restore_faces_for_job(ctx, images)
+            for j, img in enumerate(images):
+                gen.add_image(img, n * req.batch_size + j)
+            if gen.end_batch(stop):
+                break
+
+
+def _txt2img_image_conditioning(ctx: JobContext, n: int, width: int, height: int) -> torch.Tensor:
+    """Inpainting UNets get 5 extra channels; for txt2img A1111 gives a full mask over a grey image."""
+    grey = Image.new("RGB", (width, height), (127, 127, 127))
+    masked = encode_images(ctx, [grey]).repeat(n, 1, 1, 1)
+    mask = torch.ones(n, 1, masked.shape[2], masked.shape[3], device=masked.device)
+    return torch.cat([mask, masked], dim=1)

@@ -1,0 +1,466 @@
+"""The backend process: owns torch and the device, runs one job at a time.
+
+It talks to the app process through two queues (jobs in, events out) and two
+shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`.
+Loaded checkpoints stay in a least-recently-used cache (the active one on the
+device, the others in RAM), so switching back to a cached one reads no file.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("easel.backend")
+
+
+class SharedFlags:
+    """Interrupt/skip flags shared with the app process (multiprocessing Values)."""
+
+    def __init__(self, interrupt, skip):
+        self.interrupt_flag = interrupt
+        self.skip_flag = skip
+
+
+class WorkerJobControl:
+    """`JobControl` for the pipelines: reads the shared flags, sends progress events."""
+
+    def __init__(self, job_id: str, events, flags: SharedFlags, preview_format: str = "PNG"):
+        self.job_id = job_id
+        self.events = events
+        self.flags = flags
+        self.job_count = 1
+        self.job_no = 0
+        self.total_steps = 0
+        self.done_steps = 0
+        self.preview_format = preview_format
+
+    def interrupted(self) -> bool:
+        return bool(self.flags.interrupt_flag.value)
+
+    def skipped(self) -> bool:
+        return bool(self.flags.skip_flag.value)
+
+    def clear_skip(self) -> None:
+        self.flags.skip_flag.value = 0
+
+    def begin(self, job_count: int, total_steps: int) -> None:
+        self.job_count, self.total_steps, self.done_steps = job_count, total_steps, 0
+        self._send(None)
+
+    def set_job(self, job_no: int) -> None:
+        self.job_no = job_no
+        self._send(None)
+
+    def step(self, preview) -> None:
+        self.done_steps += 1
+        png = None
+        if preview is not None:
+            import io
+            buf = io.BytesIO()
+            preview().save(buf, format="PNG")
+            png = buf.getvalue()
+        self._send(png)
+
+    def _send(self, preview_png) -> None:
+        self.events.put({"type": "progress", "job_id": self.job_id, "job_no": self.job_no, "job_count": self.job_count,
+                         "step": self.done_steps, "total": self.total_steps, "preview": preview_png, "time": time.time()})
+
+
+class ModelCache:
+    """LRU cache of loaded checkpoints (setting `sd_checkpoints_limit`).
+
+    The active checkpoint is placed by the device policy. The others stay loaded: on the device while
+    the active one still has its room there (resident, with its sampling reserve free), otherwise in
+    RAM, so switching back reads no file. Eviction is least-recently-used, past the limit and before
+    loading a new file when free RAM would not hold it; an evicted model is dropped whole (its hooks
+    removed, no reference kept), so RAM does not grow across switches.
+    """
+
+    RAM_MARGIN = 1 << 30  # RAM left free besides the new model when deciding to evict before a load
+
+    def __init__(self, policy, hashes):
+        self.policy = policy
+        self.hashes = hashes
+        self.models: OrderedDict[tuple, object] = OrderedDict()
+        self.loads = 0
+        self.evictions = 0
+        self.available_ram = None  # callable -> bytes; None: psutil (tests inject their own)
+
+    def get(self, path: Path, limit: int):
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime)
+        if key in self.models and self._too_narrow(self.models[key]):
+            # loaded in a smaller dtype than the policy now wants (cpu_bf16 turned off): read it again
+            self.policy.release(self.models.pop(key))
+            gc.collect()
+        if key in self.models:
+            self.models.move_to_end(key)
+            model = self.models[key]
+        else:
+            self._make_room_for(st.st_size, limit)
+            model = self._load(path)
+            self.models[key] = model
+        self._arrange(model)
+        while len(self.models) > max(1, limit):
+            self._evict_oldest()
+        return model
+
+    def _load(self, path: Path):
+        from backend.engine.model_loader import load_sd_model
+
+        t0 = time.perf_counter()
+        policy = self.policy
+        model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
+                              text_dtype=getattr(policy, "text_dtype", None), device="cpu")
+        self.loads += 1
+        model._easel_load_dtypes = self._wanted_dtypes()
+        log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
+        return model
+
+    def _wanted_dtypes(self) -> tuple:
+        policy = self.policy
+        return (policy.dtype, policy.vae_dtype, getattr(policy, "text_dtype", None) or policy.dtype)
+
+    def _too_narrow(self, model) -> bool:
+        loaded = getattr(model, "_easel_load_dtypes", None)
+        return loaded is not None and any(a.itemsize < b.itemsize for a, b in zip(loaded, self._wanted_dtypes()))
+
+    def _ram_free(self) -> int:
+        if self.available_ram is not None:
+            return int(self.available_ram())
+        import psutil
+        return int(psutil.virtual_memory().available)
+
+    def _make_room_for(self, file_size: int, limit: int) -> None:
+        """Before reading a file: evict past the limit, then while free RAM would not hold the new model."""
+        while len(self.models) >= max(1, limit):
+            self._evict_oldest()
+        need = int(file_size * 1.25) + self.RAM_MARGIN
+        while self.models and self._ram_free() < need:
+            log.info("free RAM %.1f GiB is short of %.1f GiB for the next checkpoint", self._ram_free() / 2**30, need / 2**30)
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        old_key, old = self.models.popitem(last=False)
+        self.policy.release(old)
+        self.evictions += 1
+        del old
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("evicted %s from the checkpoint cache", Path(old_key[0]).name)
+
+    def _arrange(self, model) -> None:
+        """Place the active model; keep the others on the device only while there is room for them."""
+        from backend.engine.devices import INFERENCE_RESERVE, RESIDENT
+
+        policy = self.policy
+        others = [m for m in reversed(self.models.values()) if m is not model and getattr(m, "_easel_placed", None)]
+        if policy.mode == "resident":  # on the CPU (or told so): nothing to arrange
+            policy.place(model)
+            return
+        if policy.mode != "auto":  # medvram/lowvram: weights live in RAM; only the active model is hooked
+            for other in others:
+                policy.release(other)
+            policy.place(model)
+            return
+        while others and policy.plan_for(model) != RESIDENT:  # make room for the active model, oldest first
+            policy.release(others.pop())
+        policy.place(model)
+        reserve = INFERENCE_RESERVE.get(getattr(model, "family", "sd1"), 2 << 30)
+        for other in others:
+            if policy.mode_for(other) != "resident" or policy.device_free_bytes() < reserve:
+                policy.release(other)
+
+    def clear(self) -> None:
+        for model in self.models.values():
+            self.policy.release(model)
+        self.models.clear()
+        gc.collect()
+
+
+class VaeSwitcher:
+    """Applies the chosen VAE file to a model, keeping the checkpoint's own VAE to restore later."""
+
+    def __init__(self):
+        self.files: dict[str, dict] = {}
+
+    def apply(self, model, vae_path: str | None) -> None:
+        from backend.engine.model_loader import apply_vae_state_dict, load_vae_file
+
+        current = getattr(model, "_easel_vae", None)
+        if current == vae_path:
+            return
+        if not hasattr(model, "_easel_own_vae"):
+            model._easel_own_vae = {k: v.detach().to("cpu", copy=True) for k, v in model.vae.state_dict().items()}
+        if vae_path is None:
+            apply_vae_state_dict(model, model._easel_own_vae)
+        else:
+            if vae_path not in self.files:
+                self.files = {vae_path: load_vae_file(Path(vae_path))}
+            apply_vae_state_dict(model, self.files[vae_path])
+        model._easel_vae = vae_path
+
+
+def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
+    import torch
+
+    from backend.checkpoints import ModelFile
+    from backend.core.errors import JobInterrupted
+    from backend.engine.pipelines.common import JobContext
+
+    if kind == "memory":
+        return memory_report(state["policy"].device)
+    if kind == "unload":
+        state["cache"].clear()
+        state["controlnets"].clear()
+        state["postprocess"].clear()
+        return {"ok": True}
+    if kind == "extras":
+        from backend.postprocess.extras import run_extras_job
+        return run_extras_job(payload, state["postprocess"], control)
+    if kind == "controlnet_detect":
+        from backend.controlnet.service import run_detect_job
+        return run_detect_job(payload, state["annotators"])
+    if kind == "cache_info":
+        return {"loads": state["cache"].loads, "cached": [Path(k[0]).name for k in state["cache"].models]}
+    if kind not in ("txt2img", "img2img", "img2img_batch", "load"):
+        raise ValueError(f"unknown job kind {kind!r}")
+
+    options = payload["options"]
+    policy = state["policy"]
+    policy.apply_options(options)
+    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(options.get("sd_checkpoints_limit", 2)))
+    ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state["hashes"].sha256(ckpt.path))
+    if vae is not None:
+        vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state["hashes"].sha256(vae.path))
+    policy.settle(model)  # weights in RAM while the VAE is swapped
+    state["vae"].apply(model, str(vae.path) if vae else None)
+    if kind == "load":
+        return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None,
+                "warnings": load_notes, "unloadable_checkpoints": unloadable}
+    try:
+        while True:
+            ctx = JobContext(model=model, policy=policy, options=options, outputs_root=payload["data_dir"],
+                             checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"],
+                             warnings=list(payload.get("warnings") or []) + list(load_notes))
+            try:
+                _activate_networks(payload, ctx, state)
+                try:
+                    maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
+                except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
+                    maps, ctx.controls = [], None
+                result = _run_pipeline(kind, payload, ctx, state)
+                break
+            except torch.OutOfMemoryError:
+                # Never fail for memory that a smaller residency would have had: step down and run again.
+                del ctx
+                policy.settle(model)
+                torch.cuda.empty_cache()
+                if not policy.degrade(model):
+                    raise
+    finally:
+        policy.settle(model)
+    result.info["sd_model_checkpoint"] = ckpt.title
+    result.detected_maps = maps
+    result.unloadable_checkpoints = unloadable
+    return result
+
+
+def _load_checkpoint(payload: dict, state: dict, limit: int):
+    """The job's model: its checkpoint, or, when the checkpoint was chosen automatically (the user asked for none),
+    the first of the candidates that loads. -> (model, checkpoint, vae, warnings, {path: why it did not load}).
+
+    A checkpoint the user asked for is the only candidate: its load error is the job's error. Each automatic
+    candidate that fails is named in a warning and the next one is tried; when none loads, the job fails with
+    every reason."""
+    import torch
+
+    from backend.core.errors import UserError
+
+    candidates = [(payload["checkpoint"], payload.get("vae"))] + list(payload.get("checkpoint_fallbacks") or [])
+    notes = list(payload.get("checkpoint_notes") or [])
+    unloadable: dict[str, str] = {}
+    for number, (ckpt, vae) in enumerate(candidates, 1):
+        try:
+            return state["cache"].get(ckpt.path, limit), ckpt, vae, notes, unloadable
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001  a broken file: the next candidate is tried
+            if len(candidates) == 1:
+                raise
+            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint %s could not be loaded%s", ckpt.name,
+                      f": {message}" if isinstance(exc, UserError) else f":\n{traceback.format_exc()}")
+            unloadable[str(ckpt.path)] = message
+            notes.append(f"Checkpoint {ckpt.name} could not be loaded and was skipped: {message}")
+            if number == len(candidates):
+                summary = "No checkpoint could be loaded. " + " ".join(notes)
+                if isinstance(exc, UserError):
+                    raise UserError(summary, status=exc.status) from exc
+                raise RuntimeError(summary) from exc
+    raise AssertionError("unreachable")
+
+
+def _activate_networks(payload: dict, ctx, state) -> None:
+    """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
+    and warnings, and the embeddings the prompts may use (`backend.networks.activation`)."""
+    from backend.networks.activation import activate_for_job
+    activate_for_job(payload.get("request"), ctx, state.get("networks"))
+
+
+def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None, init_mask=None) -> list[bytes]:
+    """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG).
+
+    In img2img, a unit without an image of its own uses the init image and its inpaint mask (`init_image`,
+    `init_mask`: a folder batch's current file and mask; default: the request's first init image and mask)."""
+    units = payload.get("controlnet")
+    if not units:
+        return []
+    from backend.engine.controlnet.runtime import prepare_controls
+    req = payload["request"]
+    hires = None
+    if kind == "txt2img" and req.enable_hr:
+        from backend.core.request_checks import hires_size
+        hires = hires_size(req)
+    if init_image is None and kind == "img2img":
+        init_image = (payload.get("init_images") or [None])[0]
+        init_mask = payload.get("mask")
+    if init_mask is not None and req.inpainting_mask_invert:
+        from PIL import ImageOps
+        init_mask = ImageOps.invert(init_mask.convert("L"))
+    ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
+                                          hires_size=hires, init_image=init_image, init_mask=init_mask, seed=max(0, int(req.seed)),
+                                          annotator_env=state["annotators"])
+    return maps
+
+
+def _run_pipeline(kind: str, payload: dict, ctx, state):
+    if kind == "txt2img":
+        from backend.engine.pipelines import txt2img
+        return txt2img.run(payload["request"], ctx)
+    from backend.engine.pipelines import img2img
+    if kind == "img2img_batch":
+        batch = payload["batch"]
+        # ControlNet units are prepared per file, so "use the img2img image" follows the folder.
+        before_each = ((lambda image, mask: _prepare_controlnet(kind, payload, ctx, state, init_image=image,
+                                                                init_mask=mask))
+                       if payload.get("controlnet") else None)
+        return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
+                                 before_each=before_each)
+    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
+
+
+def app_process_alive() -> bool:
+    """Whether the app process that started this backend still runs."""
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
+
+
+def next_message(jobs, parent_alive: Callable[[], bool], poll_seconds: float = 2.0):
+    """The next message from the app (None: stop). Also None once the app process is gone, however it ended
+    (killed, crashed): an orphaned backend would otherwise keep its models and the GPU's memory forever."""
+    import queue
+    while True:
+        try:
+            return jobs.get(timeout=poll_seconds)
+        except queue.Empty:
+            if not parent_alive():
+                log.warning("the app process is gone; the backend stops")
+                return None
+
+
+def memory_report(device=None) -> dict:
+    """RAM and CUDA memory in the shape of A1111's GET /sdapi/v1/memory.
+
+    ram: free (available to new allocations), used (this backend process's resident set), total.
+    cuda: system (driver free/used/total), and the allocator's active/allocated/reserved/inactive
+    current and peak bytes, with its retry and out-of-memory counts; {"error": "unavailable"} without CUDA.
+    """
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    proc = psutil.Process(os.getpid())
+    ram = {"free": vm.available, "used": proc.memory_info().rss, "total": vm.total}
+    cuda: dict = {"error": "unavailable"}
+    if torch.cuda.is_available():
+        dev = device if device is not None and getattr(device, "type", "") == "cuda" else torch.device("cuda")
+        free, total = torch.cuda.mem_get_info(dev)
+        stats = torch.cuda.memory_stats(dev)
+        cuda = {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
+            "allocated": {"current": stats.get("allocated_bytes.all.current", 0), "peak": stats.get("allocated_bytes.all.peak", 0)},
+            "reserved": {"current": stats.get("reserved_bytes.all.current", 0), "peak": stats.get("reserved_bytes.all.peak", 0)},
+            "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0), "peak": stats.get("inactive_split_bytes.all.peak", 0)},
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+        }
+    return {"ram": ram, "cuda": cuda}
+
+
+def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> None:
+    """Entry point of the backend process."""
+    import signal
+    # Ctrl+C in a terminal reaches the whole process group: the app process stops this one itself (service.stop()).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args_dict.get("loglevel", "INFO").upper(),
+                        format="%(asctime)s backend %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from backend.checkpoints import HashCache
+    from backend.engine.devices import DevicePolicy
+    from backend.core.errors import UserError
+    from backend.core.paths import DataPaths
+
+    args = argparse.Namespace(**args_dict)
+    torch.set_grad_enabled(False)
+    paths = DataPaths.from_args(args)
+    policy = DevicePolicy.from_args(args)
+    if policy.device.type == "cpu":
+        # torch defaults to one thread per logical CPU; SMT siblings only slow the matrix kernels down.
+        import psutil
+        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical:
+            torch.set_num_threads(physical)
+    hashes = HashCache(paths.cache_dir / "hashes.json")
+    from backend.engine.controlnet.annotators import AnnotatorEnv
+    from backend.engine.controlnet.runtime import ControlNetCache
+    from backend.networks.activation import NetworkRuntime
+    from backend.engine.postprocess.runtime import PostprocessRuntime
+    state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher(),
+             "controlnets": ControlNetCache(policy),
+             "annotators": AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device)),
+             "postprocess": PostprocessRuntime(paths, args), "networks": NetworkRuntime.from_paths(paths)}
+    flags = SharedFlags(interrupt_flag, skip_flag)
+    log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
+    events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})
+    while True:
+        msg = next_message(jobs, app_process_alive)
+        if msg is None:
+            break
+        job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]
+        control = WorkerJobControl(job_id, events, flags)
+        try:
+            result = _run_job(kind, payload, state, control)
+            events.put({"type": "result", "job_id": job_id, "result": result})
+        except UserError as exc:
+            events.put({"type": "error", "job_id": job_id, "message": exc.message, "status": exc.status})
+        except Exception as exc:  # a bug or a resource problem: log it whole, report it short
+            log.error("job %s (%s) failed:\n%s", job_id, kind, traceback.format_exc())
+            message = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+                message = f"Out of memory while running {kind}: {exc}. Try a smaller size or batch, or --medvram/--lowvram."
+            events.put({"type": "error", "job_id": job_id, "message": message, "status": 500})
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
