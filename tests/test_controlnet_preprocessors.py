@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from backend.engine.controlnet import annotators
-from backend.engine.controlnet.annotators import AnnotatorEnv
+from backend.engine.controlnet.annotators import (AnnotatorEnv, depth_anything, hed, lineart, lineart_anime, mlsd,
+                                                  normal_bae, openpose, uniformer)
 from backend.controlnet.preprocessors import canny_edges, find_preprocessor, otsu_threshold, run_preprocessor
 from backend.core.errors import UserError
 
@@ -123,8 +123,8 @@ def _write_weights(folder, weights, build, sub: bool = False):
 
 
 def test_hed_and_lineart_run_with_their_weight_files(tmp_path):
-    _write_weights(tmp_path, annotators.HED_WEIGHTS, annotators._hed_network)
-    _write_weights(tmp_path, annotators.LINEART_WEIGHTS, annotators._lineart_network, sub=True)  # downloads/<name>/ layout
+    _write_weights(tmp_path, hed.HED_WEIGHTS, hed.network)
+    _write_weights(tmp_path, lineart.LINEART_WEIGHTS, lineart.network, sub=True)  # downloads/<name>/ layout
     env = AnnotatorEnv(tmp_path, allow_download=False)
     img = drawn()
     for name in ("softedge_hed", "softedge_hedsafe", "scribble_hed", "lineart_realistic"):
@@ -136,9 +136,9 @@ def test_hed_and_lineart_run_with_their_weight_files(tmp_path):
 
 
 def test_hed_weight_names_match_the_public_file_layout():
-    keys = set(annotators._hed_network().state_dict())
+    keys = set(hed.network().state_dict())
     assert {"norm", "block1.convs.0.weight", "block1.projection.weight", "block5.convs.2.bias"} <= keys
-    keys = set(annotators._lineart_network().state_dict())
+    keys = set(lineart.network().state_dict())
     assert {"model0.1.weight", "model1.0.weight", "model1.3.weight", "model2.0.conv_block.1.weight",
             "model2.2.conv_block.5.bias", "model3.0.weight", "model3.3.weight", "model4.1.weight"} == \
         {k for k in keys if k in {"model0.1.weight", "model1.0.weight", "model1.3.weight", "model2.0.conv_block.1.weight",
@@ -159,10 +159,10 @@ def test_missing_annotator_weights_offline_name_the_file_and_the_folder(tmp_path
 
 
 def test_openpose_and_mlsd_run_with_their_weight_files(tmp_path):
-    net = annotators._openpose_network()
+    net = openpose.network()
     # body_pose_model.pth names its layers without the block prefix (conv1_1.weight, Mconv7_stage6_L2.bias)
     torch.save({k.split(".", 1)[1]: v * 0.01 for k, v in net.state_dict().items()}, tmp_path / "body_pose_model.pth")
-    _write_weights(tmp_path, annotators.MLSD_WEIGHTS, annotators._mlsd_network)
+    _write_weights(tmp_path, mlsd.MLSD_WEIGHTS, mlsd.network)
     env = AnnotatorEnv(tmp_path, allow_download=False)
     out = run("openpose", drawn(), res=64, env=env)
     assert out.size == (85, 64) and arr(out).max() == 0  # random weights find nobody: a black map
@@ -187,7 +187,7 @@ def test_openpose_assembles_a_person_from_heatmaps_and_pafs():
     for k, (x, y) in points.items():
         heat[:, :, k - 1] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 3.0 ** 2))
     paf = np.zeros((h, w, 38), np.float32)
-    for (a, b), (px, py) in zip(annotators.POSE_LIMBS, annotators.POSE_PAF):
+    for (a, b), (px, py) in zip(openpose.POSE_LIMBS, openpose.POSE_PAF):
         (x0, y0), (x1, y1) = points[a], points[b]
         v = np.array([x1 - x0, y1 - y0], np.float32)
         length = float(np.hypot(*v))
@@ -197,13 +197,13 @@ def test_openpose_assembles_a_person_from_heatmaps_and_pafs():
         on = (t >= -2) & (t <= length + 2) & (d <= 3)
         paf[on, px] = v[0]
         paf[on, py] = v[1]
-    people = annotators._assemble_people(heat, paf, h)
+    people = openpose.assemble_people(heat, paf, h)
     assert len(people) == 1
     for k, (x, y) in points.items():
         got = people[0][k - 1]
         assert got is not None and abs(got[0] - x) <= 1 and abs(got[1] - y) <= 1, (k, got)
-    drawing = annotators.draw_pose(people, w, h)
-    assert tuple(drawing[30, 80]) == annotators.POSE_COLORS[0]  # the nose joint
+    drawing = openpose.draw_pose(people, w, h)
+    assert tuple(drawing[30, 80]) == openpose.POSE_COLORS[0]  # the nose joint
     assert drawing[5:15, 5:15].max() == 0
 
 
@@ -213,7 +213,7 @@ def test_depth_anything_runs_with_a_weight_file_and_sizes_itself_from_it(tmp_pat
               "depth_head.scratch.layer1_rn.weight": torch.zeros(16, 16, 3, 3)}
     shapes.update({f"pretrained.blocks.{i}.norm1.weight": torch.zeros(embed) for i in range(4)})
     shapes.update({f"depth_head.projects.{i}.weight": torch.zeros(c, embed, 1, 1) for i, c in enumerate((16, 32, 64, 64))})
-    net = annotators._depth_anything_network(shapes)
+    net = depth_anything.network(shapes)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -225,7 +225,7 @@ def test_depth_anything_runs_with_a_weight_file_and_sizes_itself_from_it(tmp_pat
     out = arr(run("depth_anything", drawn(), res=64, env=env))
     assert out.shape == (64, 85, 3)
     assert out.max() - out.min() > 50  # min-max normalised (over the padded working image)
-    full = annotators._depth_anything_network()
+    full = depth_anything.network()
     keys = set(full.state_dict())
     assert {"pretrained.blocks.23.ls2.gamma", "pretrained.blocks.0.attn.qkv.weight", "pretrained.mask_token",
             "depth_head.scratch.refinenet4.resConfUnit2.conv1.weight", "depth_head.scratch.output_conv2.2.weight",
@@ -234,7 +234,7 @@ def test_depth_anything_runs_with_a_weight_file_and_sizes_itself_from_it(tmp_pat
 
 
 def test_normal_bae_runs_with_scannet_pt(tmp_path):
-    net = annotators._normal_bae_network()
+    net = normal_bae.network()
     sd = {"module." + k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
     torch.save({"model": sd, "epoch": 12}, tmp_path / "scannet.pt")  # as the file is: {"model": ...}, DataParallel names
     env = AnnotatorEnv(tmp_path, allow_download=False)
@@ -249,7 +249,7 @@ def test_normal_bae_runs_with_scannet_pt(tmp_path):
 
 
 def test_segmentation_runs_with_the_mmseg_checkpoint(tmp_path):
-    net = annotators._uniformer_network()
+    net = uniformer.network()
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
     sd["auxiliary_head.conv_seg.weight"] = torch.zeros(150, 256, 1, 1)  # training-only head in the real file
     meta = {"CLASSES": ("wall", "building"), "PALETTE": [[120, 120, 120], [180, 120, 120]], "mmcv_version": "1.3.0"}
@@ -257,15 +257,15 @@ def test_segmentation_runs_with_the_mmseg_checkpoint(tmp_path):
     env = AnnotatorEnv(tmp_path, allow_download=False)
     out = arr(run("seg_ufade20k", drawn(), res=64, env=env))
     assert out.shape == (64, 85, 3)
-    palette = {tuple(c) for c in annotators.ADE20K_PALETTE}
+    palette = {tuple(c) for c in uniformer.ADE20K_PALETTE}
     assert {tuple(p) for p in out.reshape(-1, 3)} <= palette
-    assert len(annotators.ADE20K_PALETTE) == 150
+    assert len(uniformer.ADE20K_PALETTE) == 150
 
 
 def test_pose_json_is_openpose_format_with_fractions_of_the_canvas():
     person = [None] * 18
     person[0], person[1] = (40.0, 10.0), (40.0, 30.0)
-    doc = annotators.pose_json([person], 80, 60)
+    doc = openpose.pose_json([person], 80, 60)
     assert doc["canvas_width"] == 80 and doc["canvas_height"] == 60 and len(doc["people"]) == 1
     keypoints = doc["people"][0]["pose_keypoints_2d"]
     assert len(keypoints) == 54 and keypoints[:6] == [0.5, 10 / 60, 1.0, 0.5, 0.5, 1.0] and keypoints[6:9] == [0, 0, 0]
@@ -273,11 +273,11 @@ def test_pose_json_is_openpose_format_with_fractions_of_the_canvas():
 
 
 def test_lineart_anime_runs_with_its_weight_file(tmp_path):
-    names = set(annotators._lineart_anime_network().state_dict())
+    names = set(lineart_anime.network().state_dict())
     # pix2pix's UnetGenerator naming, as netG.pth has it: nested `model` Sequentials, convs with biases
     assert {"model.model.0.weight", "model.model.3.bias", "model.model.1.model.1.weight",
             "model.model.1.model.5.bias"} <= names and len(names) == 32
-    _write_weights(tmp_path, annotators.LINEART_ANIME_WEIGHTS, annotators._lineart_anime_network)
+    _write_weights(tmp_path, lineart_anime.LINEART_ANIME_WEIGHTS, lineart_anime.network)
     env = AnnotatorEnv(tmp_path, allow_download=False)
     out = run("lineart_anime", drawn(), res=64, env=env)
     assert out.size == (85, 64) and out.mode == "RGB"
