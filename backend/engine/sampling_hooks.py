@@ -12,7 +12,7 @@ Per model call (a sampler may call the model more than once per step):
     combine_cfg(state, cond, uncond, scale, combined) -> combined    the classifier-free guidance mix
     after_denoise(state, x, denoised) -> denoised    the x0 prediction the sampler receives
 Per step and per pass:
-    after_step(state, x, denoised) -> None   a step finished (observe only: the sampler owns x)
+    after_step(state, x, denoised) -> None   a step finished (observe only: x is the sampler's, after the step)
     after_sampling(state, latents) -> latents        a pass finished, before decoding
     after_decode(state, images) -> images    the pass's latents were decoded to pictures
 """

@@ -88,10 +88,10 @@ class JobContext:
 class CFGDenoiser:
     """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules.
 
-    Features that change sampling (the inpainting latent mask, always-on scripts such as ControlNet,
-    extensions) are `hooks` (backend.engine.sampling_hooks), given here and fixed for the denoiser's life;
-    `pass_name` tells them which pass this is (FIRST_PASS, or HIRES_PASS for hires. fix). The sampling loop
-    (`run_sampler`) reports the pass's length and each finished step through `start_pass`/`finish_step`."""
+    Features that change sampling (the inpainting latent mask, always-on scripts, extensions) are `hooks`
+    (backend.engine.sampling_hooks), given here and fixed for the denoiser's life; `pass_name` tells them which
+    pass this is (FIRST_PASS, or HIRES_PASS for hires. fix). The sampling loop (`run_sampler`) reports the pass's
+    length and each finished step through `start_pass`/`finish_step`."""
 
     def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
@@ -153,7 +153,7 @@ class CFGDenoiser:
         call = UNetCall(sample=model_input, timestep=t, context=context, added_cond_kwargs=added, cond_mask=cond_mask)
         if self.hooks:
             call = self.hooks.unet_inputs(state, call)
-            residuals = self.hooks.residuals(state, call)  # e.g. ControlNet's ({} when none applies)
+            residuals = self.hooks.residuals(state, call)  # added inside the UNet ({} when no hook gives any)
             if residuals:
                 call = call.with_changes(extra={**call.extra, **residuals})
         kwargs = dict(call.extra)

@@ -136,7 +136,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True).to(device)
                     x = latents + hr_rng.first().to(device) * hr_sigmas[0]
                     hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
-                    # The hooks learn from the pass name that this is the hires. fix pass (ControlNet's hires option).
+                    # The hooks learn from the pass name that this is the hires. fix pass.
                     denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond, hooks=ctx.sampling_hooks,
                                            pass_name=HIRES_PASS)
