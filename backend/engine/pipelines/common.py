@@ -78,7 +78,7 @@ class JobContext:
     extra_params: dict = field(default_factory=dict)
     # The job's sampling hooks from its always-on scripts (backend.engine.sampling_hooks.SamplingHook); the
     # pipelines give them to every denoiser they build, after their own (the inpainting latent mask).
-    sampling_hooks: list = field(default_factory=list)
+    sampling_hooks: list[SamplingHook] = field(default_factory=list)
     # backend.engine.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
     postprocess: object | None = None
     # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
