@@ -39,8 +39,8 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
 
     def respond(req, result, parameters: dict) -> dict:
         images = [base64.b64encode(img.png).decode() for img in result.images] if req.send_images else []
-        if req.send_images:  # ControlNet's detected maps follow the images, as sd-webui-controlnet appends them
-            images += [base64.b64encode(png).decode() for png in getattr(result, "detected_maps", [])]
+        if req.send_images:  # always-on scripts' images follow the generated ones, as A1111's scripts append them
+            images += [base64.b64encode(png).decode() for png in getattr(result, "extra_images", [])]
         info = dict(result.info)
         if result.warnings:
             info["warnings"] = result.warnings

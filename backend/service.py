@@ -48,6 +48,10 @@ class EaselService:
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
         from backend.controlnet.service import ControlNetService
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
+        from backend.always_on_scripts import AlwaysOnScripts
+        from backend.controlnet.always_on import ControlNetScript
+        # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
+        self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)])
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -186,12 +190,12 @@ class EaselService:
             options[key] = self.options[key]
         payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir,
                    "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
-        # ControlNet units (alwayson_scripts.controlnet): checked here, images decoded, models resolved.
-        units = self.controlnet.units_for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
-        if units:
-            payload["controlnet"] = units
-            payload["request"] = req.model_copy(update={"alwayson_scripts": {
-                k: v for k, v in req.alwayson_scripts.items() if str(k).lower() != "controlnet"}})
+        # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (ControlNet: images
+        # decoded, models resolved); the backend receives them parsed, by name, and prepares their hooks.
+        scripts, rest = self.scripts.for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
+        if scripts:
+            payload["scripts"] = scripts
+            payload["request"] = req.model_copy(update={"alwayson_scripts": rest})
         if keep and overrides:
             self.options.update(overrides)
         return payload

@@ -3,6 +3,7 @@ hires. fix, SDXL, bad input, and the memory policy."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from backend.checkpoints import ModelFile
 from backend.core.cmd_args import parse_args
 from backend.engine.controlnet.apply import ActiveControl, ControlSet
 from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+from backend.engine.controlnet.script import ControlNetHook
 from backend.controlnet.units import ControlUnit
 from backend.engine.devices import DevicePolicy
 from backend.core.errors import UserError
@@ -71,13 +73,22 @@ def generate(env, units, family="sd1", control=None, **req_kw):
     body.update(req_kw)
     req = Txt2ImgRequest(**body)
     hires = request_checks.hires_size(req) if req.enable_hr else None
-    maps = []
+    maps, controls = [], None
     if units:
-        ctx.controls, maps = prepare_controls(units, ctx, env["cache"], width=req.width, height=req.height,
-                                              hires_size=hires, seed=3)
+        controls, maps = prepare_controls(units, ctx, env["cache"], width=req.width, height=req.height,
+                                          hires_size=hires, seed=3)
+    ctx.sampling_hooks = [ControlNetHook(controls)] if controls else []  # as the engine's ControlNet script does
     result = txt2img.run(req, ctx)
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
-    return pixels, result, ctx, maps
+    return pixels, result, Prepared(ctx, controls), maps
+
+
+@dataclass
+class Prepared:
+    """The job's context and the ControlSet its hook used (None: no unit applied)."""
+
+    ctx: JobContext
+    controls: ControlSet | None
 
 
 @pytest.fixture(scope="module")

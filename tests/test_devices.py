@@ -288,7 +288,7 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
             return model
 
     monkeypatch.setattr(worker, "_run_pipeline", pipeline)
-    monkeypatch.setattr(worker, "_prepare_controlnet", lambda *a: [])
+    monkeypatch.setattr(worker, "_prepare_scripts", lambda *a: [])
     ckpt = tiny_models["sd1"]
     state = {"policy": policy, "cache": Cache(), "hashes": None, "vae": worker.VaeSwitcher(), "postprocess": None}
     payload = {"checkpoint": ModelFile(ckpt.name, ckpt, sha256="0" * 64), "options": options(), "data_dir": ckpt.parent,

@@ -183,7 +183,7 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     first = next((img for img in result.images if not img.is_grid), None)
     notes = "\n".join(result.warnings + (["Interrupted."] if result.interrupted else []))
     shown = (first.infotext if first else "") + (f"\n{notes}" if notes else "")
-    maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "detected_maps", [])]  # ControlNet maps, shown last
+    maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "extra_images", [])]  # always-on scripts' images, last
     yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
            texts + [""] * len(maps), pictures, NO_JOB)
 

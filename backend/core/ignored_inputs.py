@@ -57,8 +57,9 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too; their readers:
-# backend/controlnet/units.py (parse_controlnet_args) and backend/engine/pipelines/img2img.py (soft_inpainting_enabled).
+# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too; their readers: the
+# registries of backend/always_on_scripts.py (app) and backend/engine/always_on.py (engine) for "controlnet", and
+# backend/engine/pipelines/img2img.py (soft_inpainting_enabled) for "soft inpainting".
 ALWAYSON_SCRIPTS: dict[str, bool] = {"controlnet": True, "soft inpainting": False}
 
 

@@ -127,7 +127,8 @@ class GenerationResult(BaseModel):
     info: dict[str, Any]
     warnings: list[str] = Field(default_factory=list)
     interrupted: bool = False
-    detected_maps: list[bytes] = Field(default_factory=list)  # ControlNet preprocessor maps (PNG), shown after the images
+    # Images that always-on scripts add (PNG, e.g. preprocessor maps), shown after the generated images.
+    extra_images: list[bytes] = Field(default_factory=list)
     # Checkpoints that failed to load while the default was chosen automatically ({path: reason}): the app passes
     # over them from then on (not part of the API's answer; the warnings name them).
     unloadable_checkpoints: dict[str, str] = Field(default_factory=dict)

@@ -255,9 +255,9 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
             try:
                 _activate_networks(payload, ctx, state)
                 try:
-                    maps = [] if kind == "img2img_batch" else _prepare_controlnet(kind, payload, ctx, state)
+                    maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
-                    maps, ctx.controls = [], None
+                    maps, ctx.sampling_hooks = [], []
                 result = _run_pipeline(kind, payload, ctx, state)
                 break
             except torch.OutOfMemoryError:
@@ -270,7 +270,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
     finally:
         policy.settle(model)
     result.info["sd_model_checkpoint"] = ckpt.title
-    result.detected_maps = maps
+    result.extra_images = maps
     result.unloadable_checkpoints = unloadable
     return result
 
@@ -317,30 +317,17 @@ def _activate_networks(payload: dict, ctx, state) -> None:
     activate_for_job(payload.get("request"), ctx, state.get("networks"))
 
 
-def _prepare_controlnet(kind: str, payload: dict, ctx, state, init_image=None, init_mask=None) -> list[bytes]:
-    """Load and preprocess the job's ControlNet units into `ctx.controls`; returns the detected maps (PNG).
+def _prepare_scripts(kind: str, payload: dict, ctx, state, init_image=None, init_mask=None) -> list[bytes]:
+    """Prepare the job's always-on scripts (`payload["scripts"]`, parsed by the app): their sampling hooks into
+    `ctx.sampling_hooks`; returns the images they add after the job's (PNG).
 
-    In img2img, a unit without an image of its own uses the init image and its inpaint mask (`init_image`,
-    `init_mask`: a folder batch's current file and mask; default: the request's first init image and mask)."""
-    units = payload.get("controlnet")
-    if not units:
+    In img2img, `init_image`/`init_mask` are a folder batch's current file and mask (default: the request's first
+    init image and its mask); scripts may use them."""
+    scripts = payload.get("scripts")
+    if not scripts:
         return []
-    from backend.engine.controlnet.runtime import prepare_controls
-    req = payload["request"]
-    hires = None
-    if kind == "txt2img" and req.enable_hr:
-        from backend.core.request_checks import hires_size
-        hires = hires_size(req)
-    if init_image is None and kind == "img2img":
-        init_image = (payload.get("init_images") or [None])[0]
-        init_mask = payload.get("mask")
-    if init_mask is not None and req.inpainting_mask_invert:
-        from PIL import ImageOps
-        init_mask = ImageOps.invert(init_mask.convert("L"))
-    ctx.controls, maps = prepare_controls(units, ctx, state["controlnets"], width=req.width, height=req.height,
-                                          hires_size=hires, init_image=init_image, init_mask=init_mask, seed=max(0, int(req.seed)),
-                                          annotator_env=state["annotators"])
-    return maps
+    from backend.engine.always_on import prepare_scripts, script_job
+    return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state)
 
 
 def _run_pipeline(kind: str, payload: dict, ctx, state):
@@ -350,10 +337,10 @@ def _run_pipeline(kind: str, payload: dict, ctx, state):
     from backend.engine.pipelines import img2img
     if kind == "img2img_batch":
         batch = payload["batch"]
-        # ControlNet units are prepared per file, so "use the img2img image" follows the folder.
-        before_each = ((lambda image, mask: _prepare_controlnet(kind, payload, ctx, state, init_image=image,
-                                                                init_mask=mask))
-                       if payload.get("controlnet") else None)
+        # Always-on scripts are prepared per file, so what uses the img2img image follows the folder.
+        before_each = ((lambda image, mask: _prepare_scripts(kind, payload, ctx, state, init_image=image,
+                                                             init_mask=mask))
+                       if payload.get("scripts") else None)
         return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
                                  before_each=before_each)
     return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])

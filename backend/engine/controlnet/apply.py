@@ -1,8 +1,8 @@
 """Applying ControlNets at each sampling step: the residuals added to the UNet.
 
-`CFGDenoiser` asks the job's `ControlSet` for residuals before each UNet call. For every unit
-active at this step (step / steps between its guidance start and end, and in this pass per its
-hires option) the ControlNet runs on the same input as the UNet (the first 4 channels for
+Before each UNet call the denoiser asks its hooks for residuals; ControlNet's hook (`script.py`)
+asks the job's `ControlSet`. For every unit active at this step (step / steps between its guidance
+start and end, and in this pass per its hires option) the ControlNet runs on the same input as the UNet (the first 4 channels for
 inpainting UNets), text context and SDXL size embedding, with the control map at this pass's
 size. Its 13 outputs (12 down + middle for SD 1.x/2.x; fewer for SDXL) are scaled and summed
 over units, as sd-webui-controlnet does:

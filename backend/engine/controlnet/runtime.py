@@ -2,8 +2,8 @@
 
 Runs in the backend process: loads the units' models (kept in an LRU cache like checkpoints,
 placed by the device policy beside the UNet), runs the preprocessors on the control images,
-checks each model fits the loaded checkpoint, records the infotext, and hands the pipelines a
-`ControlSet` through `JobContext.controls`. Units that cannot apply (a model for another model
+checks each model fits the loaded checkpoint, records the infotext, and returns a `ControlSet`
+(`script.py` wraps it in the sampling hook the pipelines' denoisers run). Units that cannot apply (a model for another model
 family, a start after the end) are skipped with a warning; the others go on.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from PIL import Image
 
 from backend.engine import schedules
 from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
+from backend.engine.sampling_hooks import FIRST_PASS, HookChain, SamplingHook, StepState, UNetCall
 from backend.core.errors import UserError
 
 VERSION = "easel-0.1.0"
@@ -73,10 +74,11 @@ class JobContext:
     vae: object | None
     control: JobControl
     warnings: list[str] = field(default_factory=list)
-    # Infotext entries added by features around the pipeline (LoRA hashes, ControlNet units, face restoration).
+    # Infotext entries added by features around the pipeline (LoRA hashes, always-on scripts, face restoration).
     extra_params: dict = field(default_factory=dict)
-    # backend.engine.controlnet.apply.ControlSet of the job's ControlNet units (None: none); run_sampler hands it to the denoiser.
-    controls: object | None = None
+    # The job's sampling hooks from its always-on scripts (backend.engine.sampling_hooks.SamplingHook); the
+    # pipelines give them to every denoiser they build, after their own (the inpainting latent mask).
+    sampling_hooks: list[SamplingHook] = field(default_factory=list)
     # backend.engine.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
     postprocess: object | None = None
     # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
@@ -84,11 +86,17 @@ class JobContext:
 
 
 class CFGDenoiser:
-    """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules."""
+    """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules.
+
+    Features that change sampling (the inpainting latent mask, always-on scripts, extensions) are `hooks`
+    (backend.engine.sampling_hooks), given here and fixed for the denoiser's life; `pass_name` tells them which
+    pass this is (FIRST_PASS, or HIRES_PASS for hires. fix). The sampling loop (`run_sampler`) reports the pass's
+    length and each finished step through `start_pass`/`finish_step`."""
 
     def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
-                 image_cond: torch.Tensor | None = None):
+                 image_cond: torch.Tensor | None = None, hooks: Sequence[SamplingHook] = (),
+                 pass_name: str = FIRST_PASS):
         self.model = model
         self.schedule = schedule
         self.conds = conds
@@ -98,14 +106,11 @@ class CFGDenoiser:
         self.device = device
         self.dtype = dtype
         self.image_cond = image_cond
-        # img2img inpainting: an object with `blend(denoised, step) -> denoised` that pins the kept region.
-        self.latent_mask = None
-        # ControlNet: the job's ControlSet (set by run_sampler), this pass's step count and whether it is hires. fix.
-        self.controls = None
-        self.total_steps = 0
-        self.hires = False
+        self.hooks = HookChain(hooks)
+        self.pass_name = pass_name
         self.width, self.height = width, height
-        self.step = 0
+        self._step = 0
+        self._total_steps = 0
         self.length = max(conds.max_tokens(), unconds.max_tokens())
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
         self.time_ids = None
@@ -113,31 +118,49 @@ class CFGDenoiser:
             # (original h, w, crop top, left, target h, w), as SDXL was trained.
             self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
 
+    def start_pass(self, total_steps: int) -> None:
+        """The sampler is about to run `total_steps` steps from the first."""
+        self._step, self._total_steps = 0, int(total_steps)
+
+    def finish_step(self, i: int, x: torch.Tensor, denoised: torch.Tensor | None) -> None:
+        """Step `i` (from 0) is done: the hooks see it, and the next model call belongs to step i + 1."""
+        self.hooks.after_step(self.state(step=i), x, denoised)
+        self._step = i + 1
+
+    def state(self, step: int | None = None, sigma: torch.Tensor | None = None) -> StepState:
+        """Where sampling stands, as hooks see it (the current step unless `step` is given)."""
+        return StepState(pass_name=self.pass_name, step=self._step if step is None else step,
+                         total_steps=self._total_steps, width=self.width, height=self.height, sigma=sigma)
+
     def _batch_conds(self, step: int, n: int):
         c, pc = stack_padded(self.conds.at(step)[:n], self.length, self.empty_chunk)
         u, pu = stack_padded(self.unconds.at(step)[:n], self.length, self.empty_chunk)
         return c, pc, u, pu
 
-    def _unet(self, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
-              cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _unet(self, state: StepState, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor,
+              pooled: torch.Tensor | None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         c_in = 1.0 / torch.sqrt(sigma_in ** 2 + 1.0)
         t = self.schedule.sigma_to_t(sigma_in)
         model_input = x_in * c_in[:, None, None, None]
         if self.image_cond is not None:
             model_input = torch.cat([model_input, self.image_cond.repeat(x_in.shape[0] // self.image_cond.shape[0], 1, 1, 1)], dim=1)
-        kwargs = {}
+        added = None
         if self.time_ids is not None:
-            kwargs["added_cond_kwargs"] = {
+            added = {
                 "text_embeds": pooled.to(self.dtype),
                 "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
             }
-        if self.controls:  # ControlNet residuals for this step ({} when no unit applies)
-            kwargs.update(self.controls.residuals(
-                sample=model_input, timestep=t, context=context, added_cond_kwargs=kwargs.get("added_cond_kwargs"),
-                cond_mask=cond_mask, step=self.step, total_steps=self.total_steps, width=self.width, height=self.height,
-                hires=self.hires))
-        out = self.model.unet(model_input.to(self.dtype), t.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
-                              return_dict=False, **kwargs)[0].float()
+        call = UNetCall(sample=model_input, timestep=t, context=context, added_cond_kwargs=added, cond_mask=cond_mask)
+        if self.hooks:
+            call = self.hooks.unet_inputs(state, call)
+            residuals = self.hooks.residuals(state, call)  # added inside the UNet ({} when no hook gives any)
+            if residuals:
+                call = call.with_changes(extra={**call.extra, **residuals})
+        kwargs = dict(call.extra)
+        if call.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = call.added_cond_kwargs
+        out = self.model.unet(call.sample.to(self.dtype), call.timestep.to(self.dtype),
+                              encoder_hidden_states=call.context.to(self.dtype), return_dict=False, **kwargs)[0].float()
         sig = sigma_in[:, None, None, None]
         if self.model.prediction_type == "v_prediction":
             return x_in / (sig ** 2 + 1.0) - out * sig / torch.sqrt(sig ** 2 + 1.0)
@@ -145,24 +168,33 @@ class CFGDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        denoised = self._guided(x, sigma)
-        if self.latent_mask is not None:
-            denoised = self.latent_mask.blend(denoised, self.step)
+        state = self.state(sigma=sigma)
+        denoised = self._guided(state, x, sigma)
+        if self.hooks:
+            denoised = self.hooks.after_denoise(state, x, denoised)  # e.g. the inpainting latent mask
         return denoised
 
-    def _guided(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _guided(self, state: StepState, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        c, pc, u, pu = self._batch_conds(self.step, n)
+        c, pc, u, pu = self._batch_conds(self._step, n)
         if self.cfg_scale == 1.0:
-            return self._unet(x, sigma, c, pc)
+            return self._unet(state, x, sigma, c, pc)
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         context = torch.cat([c, u])
         pooled = torch.cat([pc, pu]) if pc is not None else None
         cond_mask = torch.cat([torch.ones(n, device=x.device), torch.zeros(n, device=x.device)])
-        denoised = self._unet(x_in, sigma_in, context, pooled, cond_mask)
+        denoised = self._unet(state, x_in, sigma_in, context, pooled, cond_mask)
         d_cond, d_uncond = denoised[:n], denoised[n:]
-        return d_uncond + (d_cond - d_uncond) * self.cfg_scale
+        return self.hooks.combine_cfg(state, d_cond, d_uncond, self.cfg_scale)
+
+    def after_sampling(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pass's final latents through the hooks (e.g. the latent mask's last blend)."""
+        return self.hooks.after_sampling(self.state(step=self._total_steps), latents) if self.hooks else latents
+
+    def after_decode(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The pass's decoded pictures through the hooks."""
+        return self.hooks.after_decode(self.state(step=self._total_steps), images) if self.hooks else images
 
 
 def latent_preview(model, latent: torch.Tensor) -> Image.Image:
@@ -188,7 +220,7 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
     def callback(d: dict) -> None:
         state["denoised"] = d.get("denoised")
         i = d["i"]
-        denoiser.step = i + 1
+        denoiser.finish_step(i, d["x"], d.get("denoised"))
         preview = None
         if preview_every > 0 and (i + 1) % preview_every == 0 and d.get("denoised") is not None:
             latent = d["denoised"]
@@ -197,10 +229,7 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
         if control.interrupted() or control.skipped():
             raise _StopSampling()
 
-    denoiser.step = 0
-    if getattr(denoiser, "controls", None) is None:
-        denoiser.controls = getattr(ctx, "controls", None)
-    denoiser.total_steps = len(sigmas) - 1
+    denoiser.start_pass(len(sigmas) - 1)
     if control.interrupted() or control.skipped():
         return x, "interrupted" if control.interrupted() else "skipped"
     try:

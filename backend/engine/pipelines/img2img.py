@@ -32,6 +32,7 @@ from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_lat
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.processing import Generation
 from backend.engine.pipelines.txt2img import img2img_sigmas
+from backend.engine.sampling_hooks import SamplingHook, StepState
 
 log = logging.getLogger("easel.img2img")
 
@@ -77,32 +78,36 @@ def prepare_mask(mask: Image.Image, image_size: tuple[int, int], req: Img2ImgReq
     return PreparedMask(resized, resized, None, None)
 
 
-class LatentMask:
-    """Pins the kept region to the init latent at every step (A1111's mask/nmask blend).
+class LatentMask(SamplingHook):
+    """The inpainting hook: pins the kept region to the init latent (A1111's mask/nmask blend), on the
+    prediction of every model call (`after_denoise`) and on the pass's final latents (`after_sampling`)."""
 
-    With soft inpainting the change map keeps its blurred values and a latent
-    joins the denoising only once the schedule's remaining fraction falls below
-    its mask value (differential diffusion), so weakly masked edges change a
-    little and the transition is smooth; unmasked latents never change.
-    """
-
-    def __init__(self, init_latent: torch.Tensor, change: torch.Tensor, soft: bool, total_steps: int):
+    def __init__(self, init_latent: torch.Tensor, change: torch.Tensor):
         self.init = init_latent
-        self.change = change
-        self.soft = soft
-        self.total = max(1, total_steps)
+        self.change = change  # 1 where the model may change the latent, 0 where it is kept (blurred edges between)
 
-    def _free(self, step: int) -> torch.Tensor:
-        if self.soft:
-            return (self.change > 1 - (step + 1) / self.total).to(self.init.dtype)
+    def free(self, state: StepState) -> torch.Tensor:
+        """How much of each latent the model's prediction replaces at this step."""
         return self.change
 
-    def blend(self, denoised: torch.Tensor, step: int) -> torch.Tensor:
-        free = self._free(step)
+    def after_denoise(self, state: StepState, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        free = self.free(state)
         return self.init * (1 - free) + denoised * free
 
-    def final(self, latents: torch.Tensor) -> torch.Tensor:
-        free = (self.change > 0).to(self.init.dtype) if self.soft else self.change
+    def after_sampling(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
+        return self.init * (1 - self.change) + latents * self.change
+
+
+class SoftInpainting(LatentMask):
+    """The soft inpainting hook (always-on script "soft inpainting"): the change map keeps its blurred values and
+    a latent joins the denoising only once the pass's remaining fraction falls below its mask value (differential
+    diffusion), so weakly masked edges change a little and the transition is smooth; unmasked latents never change."""
+
+    def free(self, state: StepState) -> torch.Tensor:
+        return (self.change > 1 - (state.step + 1) / max(1, state.total_steps)).to(self.init.dtype)
+
+    def after_sampling(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
+        free = (self.change > 0).to(self.init.dtype)
         return self.init * (1 - free) + latents * free
 
 
@@ -261,20 +266,19 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
             init = init * (1 - change) + noise * change
         elif fill == 3:  # latent nothing
             init = init * (1 - change)
-        latent_mask = LatentMask(init, change, soft, len(sigmas) - 1)
+        latent_mask = (SoftInpainting if soft else LatentMask)(init, change)
 
     image_cond = _image_conditioning(ctx, processed[:n], prepared) if model.is_inpaint else None
+    hooks = ([latent_mask] if latent_mask is not None else []) + list(ctx.sampling_hooks)
     denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
-                           ctx.policy.dtype, req.width, req.height, image_cond)
-    denoiser.latent_mask = latent_mask
+                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks)
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                        else ctx.options.get("initial_noise_multiplier", 1.0))
     x = init + noise * sigmas[0] * multiplier
     noise_sampler = lambda _s, _sn: rng.next().to(device)  # noqa: E731
     latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
-    if latent_mask is not None:
-        latents = latent_mask.final(latents)
-    return decode_latents(ctx, latents), stop
+    latents = denoiser.after_sampling(latents)
+    return denoiser.after_decode(decode_latents(ctx, latents)), stop
 
 
 def _image_conditioning(ctx: JobContext, processed: list[Image.Image], prepared: PreparedMask | None) -> torch.Tensor:
@@ -295,7 +299,7 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
     """img2img over every image of a folder (with same-named masks), saving into the output folder.
 
     A file that is not a readable image is skipped with a warning; the rest still run. `before_each(image, mask)`
-    runs before each file's generation (the worker prepares the ControlNet units from them).
+    runs before each file's generation (the worker prepares the job's always-on scripts from them).
     """
     if not any(p.is_file() for p in input_dir.iterdir()):
         raise UserError(f"The input folder {input_dir} has no files.")
@@ -320,7 +324,7 @@ def run_batch(req: Img2ImgRequest, ctx: JobContext, input_dir: Path, output_dir:
             if before_each is not None:
                 before_each(image, mask)
             last = run(job_req, ctx, [image], mask, samples_dir=output_dir)
-        except JobInterrupted:  # while preparing this file's ControlNet units
+        except JobInterrupted:  # while preparing this file's always-on scripts
             interrupted = True
             break
         except (UserError, OSError) as exc:

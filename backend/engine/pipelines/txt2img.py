@@ -20,6 +20,7 @@ from backend.core.schemas import GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
                      sampler_extra_args, tiling)
 from backend.engine.pipelines.processing import Generation
+from backend.engine.sampling_hooks import HIRES_PASS
 
 IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 HIRES_UPSCALERS = list(LATENT_UPSCALE_MODES) + list(IMAGE_UPSCALERS)
@@ -106,9 +107,10 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
             x = rng.first().to(device) * sigmas[0]
             image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
             denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
-                                   ctx.policy.dtype, req.width, req.height, image_cond)
+                                   ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks)
             noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
             latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+            latents = denoiser.after_sampling(latents)
             if hires and stop is None and ctx.control.interrupted():
                 stop = "interrupted"  # pressed after the first pass: its pictures are the answer
 
@@ -134,15 +136,17 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True).to(device)
                     x = latents + hr_rng.first().to(device) * hr_sigmas[0]
                     hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
-                    hr_denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
-                                              device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond)
-                    hr_denoiser.hires = True  # ControlNet units follow their hires option in this pass
+                    # The hooks learn from the pass name that this is the hires. fix pass.
+                    denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
+                                           device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond, hooks=ctx.sampling_hooks,
+                                           pass_name=HIRES_PASS)
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
-                    latents, stop = run_sampler(ctx, hr_sampler_info, hr_denoiser, x, hr_sigmas, hr_noise,
+                    latents, stop = run_sampler(ctx, hr_sampler_info, denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
+                    latents = denoiser.after_sampling(latents)
 
-            if images is None:
-                images = decode_latents(ctx, latents)
+            # The batch's final pictures, through the hooks of the pass that made them.
+            images = denoiser.after_decode(decode_latents(ctx, latents) if images is None else images)
             if req.restore_faces:
                 images = restore_faces_for_job(ctx, images)
             for j, img in enumerate(images):

@@ -1,0 +1,174 @@
+"""The denoiser's hook interface: the one way features change what happens while an image is sampled.
+
+A `SamplingHook` overrides any of the hook points below; each has a no-op default, so a hook writes only
+what it needs. A job's hooks are handed to `CFGDenoiser` when it is built (`hooks=`) and never changed
+afterwards; the denoiser calls them in order and tells them where sampling stands through a `StepState`
+(which pass, which step, the size). The inpainting latent mask, soft inpainting and ControlNet are hooks;
+so are extensions' (docs/sampling_hooks.md has the points in detail and a worked example).
+
+Per model call (a sampler may call the model more than once per step):
+    unet_inputs(state, call) -> call         change the UNet's input, timestep, text context or extra kwargs
+    residuals(state, call) -> dict | None    extra residuals added inside the UNet (summed over hooks)
+    combine_cfg(state, cond, uncond, scale, combined) -> combined    the classifier-free guidance mix
+    after_denoise(state, x, denoised) -> denoised    the x0 prediction the sampler receives
+Per step and per pass:
+    after_step(state, x, denoised) -> None   a step finished (observe only: x is the sampler's, after the step)
+    after_sampling(state, latents) -> latents        a pass finished, before decoding
+    after_decode(state, images) -> images    the pass's latents were decoded to pictures
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+# Pass names a hook can see in `StepState.pass_name`.
+FIRST_PASS = "first"  # txt2img's (only or first) pass, and img2img's pass
+HIRES_PASS = "hires"  # txt2img's hires. fix pass, at the upscaled size
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where sampling stands when a hook is called.
+
+    `step` counts the sampler's steps from 0 and is the step being computed (during a model call) or just
+    finished (`after_step`); `total_steps` is this pass's count. `width`/`height` are the pass's size in pixels.
+    `sigma` is the noise level of the model call (None outside a model call)."""
+
+    pass_name: str
+    step: int
+    total_steps: int
+    width: int
+    height: int
+    sigma: torch.Tensor | None = None
+
+    @property
+    def fraction(self) -> float:
+        """How far through the pass this step is (step / total steps), as guidance ranges are written."""
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    """One UNet evaluation as the denoiser is about to run it.
+
+    With CFG the batch holds the conditional rows then the unconditional ones; `cond_mask` is 1 for
+    conditional rows and 0 for unconditional ones (None when CFG is off: every row is conditional).
+    `sample` is the scaled model input (an inpainting UNet's extra channels included), `timestep` the
+    UNet's timestep per row, `context` the text features, `added_cond_kwargs` SDXL's pooled text and size
+    embedding (None for SD 1.x/2.x). `with_changes(...)` gives a changed copy."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    context: torch.Tensor
+    added_cond_kwargs: dict | None = None
+    cond_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # further keyword arguments for the UNet
+
+    def with_changes(self, **changes) -> "UNetCall":
+        return replace(self, **changes)
+
+
+class SamplingHook:
+    """Base class of sampling hooks: every hook point is a no-op until a subclass overrides it."""
+
+    def unet_inputs(self, state: StepState, call: UNetCall) -> UNetCall:
+        return call
+
+    def residuals(self, state: StepState, call: UNetCall) -> dict | None:
+        """{"down_block_additional_residuals": tuple, "mid_block_additional_residual": tensor}, or None for none."""
+        return None
+
+    def combine_cfg(self, state: StepState, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                    combined: torch.Tensor) -> torch.Tensor:
+        """`cond`/`uncond`: the model's x0 predictions; `combined`: the mix so far (A1111's, or an earlier hook's)."""
+        return combined
+
+    def after_denoise(self, state: StepState, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        return denoised
+
+    def after_step(self, state: StepState, x: torch.Tensor, denoised: torch.Tensor | None) -> None:
+        pass
+
+    def after_sampling(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def after_decode(self, state: StepState, images: list[Image.Image]) -> list[Image.Image]:
+        return images
+
+
+def _overrides(hook: SamplingHook, point: str) -> bool:
+    return getattr(type(hook), point, None) is not getattr(SamplingHook, point)
+
+
+class HookChain:
+    """A denoiser's hooks, in order, with one method per hook point that runs them all.
+
+    Points a hook does not override are skipped, so a job without hooks (or with no-op hooks) samples
+    exactly as it would without any."""
+
+    def __init__(self, hooks: Sequence[SamplingHook] = ()):
+        for hook in hooks:
+            if not isinstance(hook, SamplingHook):
+                raise TypeError(f"{hook!r} is not a SamplingHook")
+        self.hooks: tuple[SamplingHook, ...] = tuple(hooks)
+        self._by_point = {point: tuple(h for h in self.hooks if _overrides(h, point))
+                          for point in ("unet_inputs", "residuals", "combine_cfg", "after_denoise", "after_step",
+                                        "after_sampling", "after_decode")}
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def __iter__(self):
+        return iter(self.hooks)
+
+    def unet_inputs(self, state: StepState, call: UNetCall) -> UNetCall:
+        for hook in self._by_point["unet_inputs"]:
+            call = hook.unet_inputs(state, call)
+        return call
+
+    def residuals(self, state: StepState, call: UNetCall) -> dict:
+        """The hooks' residuals summed into the UNet's keyword arguments ({} when none gives any)."""
+        down, mid = None, None
+        for hook in self._by_point["residuals"]:
+            extra = hook.residuals(state, call)
+            if not extra:
+                continue
+            d, m = extra.get("down_block_additional_residuals"), extra.get("mid_block_additional_residual")
+            if d is not None:
+                down = tuple(d) if down is None else tuple(a + b for a, b in zip(down, d))
+            if m is not None:
+                mid = m if mid is None else mid + m
+        out = {}
+        if down is not None:
+            out["down_block_additional_residuals"] = down
+        if mid is not None:
+            out["mid_block_additional_residual"] = mid
+        return out
+
+    def combine_cfg(self, state: StepState, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        combined = uncond + (cond - uncond) * scale
+        for hook in self._by_point["combine_cfg"]:
+            combined = hook.combine_cfg(state, cond, uncond, scale, combined)
+        return combined
+
+    def after_denoise(self, state: StepState, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        for hook in self._by_point["after_denoise"]:
+            denoised = hook.after_denoise(state, x, denoised)
+        return denoised
+
+    def after_step(self, state: StepState, x: torch.Tensor, denoised: torch.Tensor | None) -> None:
+        for hook in self._by_point["after_step"]:
+            hook.after_step(state, x, denoised)
+
+    def after_sampling(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
+        for hook in self._by_point["after_sampling"]:
+            latents = hook.after_sampling(state, latents)
+        return latents
+
+    def after_decode(self, state: StepState, images: list[Image.Image]) -> list[Image.Image]:
+        for hook in self._by_point["after_decode"]:
+            images = hook.after_decode(state, images)
+        return images
