@@ -66,10 +66,10 @@ def resident(tiny_models):
 # -- flags -> device and dtypes -------------------------------------------------------------------
 def test_use_cpu_runs_float32_here_and_bf16_only_where_supported(monkeypatch):
     args = parse_args(["--use-cpu", "all"])
-    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(devices.policy, "cpu_bf16_supported", lambda: False)
     p = DevicePolicy.from_args(args)
     assert (p.device, p.mode, p.dtype, p.vae_dtype, p.text_dtype) == (CPU, "resident", torch.float32, torch.float32, torch.float32)
-    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(devices.policy, "cpu_bf16_supported", lambda: True)
     p = DevicePolicy.from_args(args)
     assert (p.dtype, p.vae_dtype, p.text_dtype, p.channels_last) == (torch.bfloat16, torch.bfloat16, torch.float32, True)
     assert p.apply_options({"cpu_bf16": "off"}) and p.dtype == torch.float32
@@ -80,11 +80,11 @@ def test_use_cpu_runs_float32_here_and_bf16_only_where_supported(monkeypatch):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert devices.cpu_bf16_supported()
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
     assert devices.cpu_bf16_supported()
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert not devices.cpu_bf16_supported()
 
 
@@ -106,14 +106,14 @@ def test_gpu_flags_pick_mode_dtype_and_part_devices(monkeypatch):
 
 
 def test_attention_flags_as_a1111_names_them(monkeypatch):
-    monkeypatch.setattr(devices, "xformers_available", lambda: False)
+    monkeypatch.setattr(devices.attention, "xformers_available", lambda: False)
     pick = lambda *flags: devices.attention_from_args(parse_args(list(flags)))  # noqa: E731
     assert pick() == "sdp" and pick("--opt-sdp-attention") == "sdp"
     assert pick("--xformers") == "sdp"  # not installed here: SDPA instead
     assert pick("--opt-sdp-no-mem-attention") == "sdp-no-mem"
     assert pick("--opt-split-attention") == "split" and pick("--opt-sub-quad-attention") == "split"
     assert pick("--disable-opt-split-attention") == "basic"
-    monkeypatch.setattr(devices, "xformers_available", lambda: True)
+    monkeypatch.setattr(devices.attention, "xformers_available", lambda: True)
     assert pick("--xformers", "--opt-sdp-attention") == "xformers"
 
 
