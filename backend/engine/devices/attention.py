@@ -66,13 +66,9 @@ def attention_processor(kind: str):
 
 
 def configure_attention(module: torch.nn.Module, kind: str) -> None:
-    """Give every diffusers `Attention` in `module` the processor for `kind` (once per kind)."""
-    if getattr(module, "_easel_attention", "sdp") == kind:
-        return
+    """Give every diffusers `Attention` in `module` the processor for `kind` (those that have one of its type keep it)."""
     from diffusers.models.attention_processor import Attention
     processor = attention_processor(kind)
     for m in module.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention) and type(m.processor) is not type(processor):
             m.set_processor(processor)
-    module._easel_attention = kind
-

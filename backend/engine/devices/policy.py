@@ -19,7 +19,7 @@ One object, built from the flags (and a few settings), decides:
 - attention (PyTorch SDPA by default, xformers with `--xformers` when installed, A1111's other
   `--opt-*` names), channels-last, and `--compile`.
 
-Pipelines never move weights themselves: they call `place(model)` once and create their inputs on
+Pipelines never move weights themselves: they call `place(loaded)` once and create their inputs on
 `policy.device`. The mechanisms live beside this module: `streaming` (the offload hooks), `attention`,
 `compilation`, `cpu` (what the CPU offers).
 """
@@ -36,6 +36,7 @@ from backend.engine.devices.compilation import compile_unet
 from backend.engine.devices.cpu import cpu_bf16_supported, cpu_description
 from backend.engine.devices.streaming import (MiB, WeightStreamer, largest_within, move_all_but, pin_module,
                                               stream_units, tensor_bytes, unet_blocks)
+from backend.engine.loaded_model import Companion, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +170,26 @@ class DevicePolicy:
         import psutil
         return int(psutil.virtual_memory().available)
 
-    def model_bytes(self, model) -> dict[str, int]:
+    def model_bytes(self, loaded: LoadedModel) -> dict[str, int]:
         """Sizes of the parts in the dtypes this policy gives them."""
         def sized(module, dtype):
             return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
                        for t in list(module.parameters()) + list(module.buffers()))
-        return {"unet": sized(model.unet, self.dtype), "vae": sized(model.vae, self.vae_dtype_for(model)),
+        model = loaded.model
+        return {"unet": sized(model.unet, self.dtype), "vae": sized(model.vae, self.vae_dtype_for(loaded)),
                 "text": [sized(e, self.text_dtype) for e in model.text_encoders]}
 
-    def bytes_on_device(self, model) -> int:
+    def bytes_on_device(self, loaded: LoadedModel) -> int:
         if self.device == self.offload_device:
             return 0
-        return sum(t.numel() * t.element_size() for part in self.parts(model)
+        return sum(t.numel() * t.element_size() for part in self.parts(loaded.model)
                    for t in list(part.parameters()) + list(part.buffers()) if t.device == self.device)
 
-    def plan_for(self, model) -> Plan:
+    def plan_for(self, loaded: LoadedModel) -> Plan:
         """Decide where this model's parts live (see the module docstring)."""
-        forced = getattr(model, "_easel_forced_plan", None)
-        if forced is not None:
-            return forced
+        if loaded.forced_plan is not None:
+            return loaded.forced_plan
+        model = loaded.model
         mode = self.mode
         if mode == "auto" and self.medvram_sdxl and getattr(model, "family", "") == "sdxl":
             mode = "medvram"
@@ -197,8 +199,8 @@ class DevicePolicy:
             return MEDVRAM
         if mode == "lowvram":
             return Plan("streamed", "swapped", self.lowvram_budget)
-        sizes = self.model_bytes(model)
-        free = self.device_free_bytes() + self.bytes_on_device(model)
+        sizes = self.model_bytes(loaded)
+        free = self.device_free_bytes() + self.bytes_on_device(loaded)
         reserve = INFERENCE_RESERVE.get(getattr(model, "family", "sd1"), 2 * GiB)
         unet, others = sizes["unet"], sizes["vae"] + sum(sizes["text"])
         biggest_other = max([sizes["vae"], *sizes["text"]])
@@ -209,17 +211,17 @@ class DevicePolicy:
         budget = free - reserve - biggest_other - 2 * self.unit_bytes
         return Plan("streamed", "swapped", max(0, int(budget)))
 
-    def mode_for(self, model) -> str:
+    def mode_for(self, loaded: LoadedModel) -> str:
         """The effective residency of a placed model: resident | partial | medvram | lowvram."""
-        plan = getattr(model, "_easel_plan", None) or self.plan_for(model)
+        plan = loaded.plan or self.plan_for(loaded)
         return plan.name
 
-    def degrade(self, model) -> bool:
+    def degrade(self, loaded: LoadedModel) -> bool:
         """After an out-of-memory error: give the model a smaller residency. False when none is left."""
         if self.mode == "resident":
             return False
-        plan = getattr(model, "_easel_plan", None) or self.plan_for(model)
-        unet = tensor_bytes(model.unet)
+        plan = loaded.plan or self.plan_for(loaded)
+        unet = tensor_bytes(loaded.model.unet)
         if plan.others == "resident":
             smaller = Plan(plan.unet, "swapped", plan.budget)
         elif plan.unet == "resident":
@@ -231,9 +233,9 @@ class DevicePolicy:
         else:
             return False
         log.warning("out of memory: %s now runs as %s (resident UNet budget %.0f MiB)",
-                    getattr(model, "family", "model"), smaller.name, smaller.budget / MiB)
-        model._easel_forced_plan = smaller
-        self.place(model)
+                    loaded.family or "model", smaller.name, smaller.budget / MiB)
+        loaded.forced_plan = smaller
+        self.place(loaded)
         return True
 
     # -- placing ----------------------------------------------------------------------------------
@@ -241,22 +243,24 @@ class DevicePolicy:
     def parts(model) -> list[torch.nn.Module]:
         return [model.unet, model.vae, *model.text_encoders]
 
-    def vae_dtype_for(self, model) -> torch.dtype:
-        return torch.float32 if getattr(model, "_easel_vae_upcast", False) else self.vae_dtype
+    def vae_dtype_for(self, loaded: LoadedModel) -> torch.dtype:
+        return torch.float32 if loaded.vae_upcast else self.vae_dtype
 
-    def place(self, model) -> None:
-        """Put a loaded `SDModel`'s parts where this policy says, installing the offload hooks if needed."""
-        plan = self.plan_for(model)
-        current = getattr(model, "_easel_plan", None)
-        if current is not None and getattr(model, "_easel_forced_plan", None) is None \
+    def place(self, loaded: LoadedModel) -> None:
+        """Put a loaded checkpoint's parts where this policy says, installing the offload hooks if needed
+        (recorded in `loaded`: its placement, plan, streamer and hooks)."""
+        plan = self.plan_for(loaded)
+        current = loaded.plan
+        if current is not None and loaded.forced_plan is None \
                 and current.unet == plan.unet == "streamed" and current.others == plan.others \
                 and abs(current.budget - plan.budget) < 256 * MiB:
             plan = current  # the free memory moved a little: not worth re-placing the model
-        vae_dtype = self.vae_dtype_for(model)
+        vae_dtype = self.vae_dtype_for(loaded)
         key = (self.device, plan, self.dtype, vae_dtype, self.text_dtype, self.attention, self.channels_last)
-        if getattr(model, "_easel_placed", None) == key:
+        if loaded.placed == key:
             return
-        self._unhook(model)
+        self._unhook(loaded)
+        model = loaded.model
         resident = plan == RESIDENT
         # Cast where the part will live: on the device when resident, else in RAM (no device memory spent).
         for part, dtype in ((model.unet, self.dtype), (model.vae, vae_dtype),
@@ -302,61 +306,69 @@ class DevicePolicy:
             for m in swapped:
                 hooks.append(m.register_forward_pre_hook(streamer.hook))
             streamer.units = len(swapped)
-            model._easel_swapper = streamer  # shared with models that run beside the UNet (ControlNets)
-            model._easel_place_hooks = hooks
+            loaded.streamer = streamer  # shared with models that run beside the UNet (ControlNets)
+            loaded.place_hooks = hooks
         if self.compile and plan.unet == "resident":
-            compile_unet(model.unet, self.device)
+            if loaded.compiled_for != self.device.type:
+                loaded.eager_forward = loaded.eager_forward or model.unet.forward
+                compile_unet(model.unet, self.device, loaded.eager_forward)
+                loaded.compiled_for = self.device.type
         elif self.compile:
             log.warning("--compile is skipped while the UNet is offloaded (%s)", plan.name)
-        model._easel_plan = plan
-        model._easel_placed = key
+        loaded.plan = plan
+        loaded.placed = key
         log.info("model placed: %s, plan=%s", self.describe(), plan.name)
 
-    def settle(self, model) -> None:
+    def settle(self, loaded: LoadedModel) -> None:
         """Put streamed weights back in RAM (between jobs, and before anyone changes weights)."""
-        streamer = getattr(model, "_easel_swapper", None)
-        if streamer is not None:
-            streamer.settle()
+        if loaded.streamer is not None:
+            loaded.streamer.settle()
 
-    def _unhook(self, model) -> None:
-        for handle in getattr(model, "_easel_place_hooks", []):
+    def _unhook(self, loaded: LoadedModel) -> None:
+        for handle in loaded.place_hooks:
             handle.remove()
-        model._easel_place_hooks = []
-        self.settle(model)
-        model._easel_swapper = None
-        model._easel_plan = None
+        loaded.place_hooks = []
+        self.settle(loaded)
+        loaded.streamer = None
+        loaded.plan = None
 
-    def release(self, model) -> None:
-        """Move a model off the accelerator (used when it leaves the GPU cache)."""
-        self._unhook(model)
-        for part in self.parts(model):
+    def release(self, loaded: LoadedModel) -> None:
+        """Move a model, and the companions placed beside it, off the accelerator (when it leaves the GPU cache)."""
+        for companion in list(loaded.companions.values()):
+            self.release_beside(companion.module, loaded)
+        self._unhook(loaded)
+        for part in self.parts(loaded.model):
             part.to(self.offload_device)
-        model._easel_placed = None
+        loaded.placed = None
 
-    def upcast_vae(self, model) -> None:
+    def upcast_vae(self, loaded: LoadedModel) -> None:
         """Run this model's VAE in float32 from now on (after it produced NaNs in half precision)."""
-        if getattr(model, "_easel_vae_upcast", False):
+        if loaded.vae_upcast:
             return
-        model._easel_vae_upcast = True
-        self.settle(model)
-        model._easel_placed = None
-        self.place(model)
+        loaded.vae_upcast = True
+        self.settle(loaded)
+        loaded.placed = None
+        self.place(loaded)
 
-    def place_beside(self, module: torch.nn.Module, owner) -> None:
+    def place_beside(self, module: torch.nn.Module, owner: LoadedModel) -> None:
         """Place a model that runs beside `owner`'s UNet (a ControlNet) by the same policy as that UNet.
 
         Resident: on the device. --medvram: kept in RAM and swapped in whole by the owner's swapper,
         so it and the UNet take turns on the device. --lowvram: its big blocks are streamed one at a
-        time by the same swapper, its small parts stay on the device.
+        time by the same swapper, its small parts stay on the device. It is recorded as `owner`'s
+        companion (`LoadedModel.companions`), so releasing `owner` releases it too.
         """
         module.to(dtype=self.dtype)
         mode = self.mode_for(owner)
-        swapper = getattr(owner, "_easel_swapper", None) if mode in ("medvram", "lowvram") else None
+        swapper = owner.streamer if mode in ("medvram", "lowvram") else None
         placed = (self.device, mode, id(swapper))
-        if getattr(module, "_easel_placed", None) == placed:
+        companion = owner.companion(module)
+        if companion is not None and companion.placed == placed:
             return
-        self._remove_hooks(module)
+        if companion is not None:
+            self._remove_hooks(companion)
         configure_attention(module, self.attention)
+        hooks = []
         if swapper is None:
             module.to(self.device)
         else:
@@ -369,20 +381,21 @@ class DevicePolicy:
                         child.to(self.device)
                     elif isinstance(child, torch.nn.ModuleList) and not any(id(c) in streamed for c in child):
                         child.to(self.device)
-            module._easel_hooks = [t.register_forward_pre_hook(swapper.hook) for t in targets]
-        module._easel_placed = placed
+            hooks = [t.register_forward_pre_hook(swapper.hook) for t in targets]
+        owner.companions[id(module)] = Companion(module, placed, hooks)
 
-    def release_beside(self, module: torch.nn.Module) -> None:
-        """Move a model placed by `place_beside` off the accelerator."""
-        self._remove_hooks(module)
+    def release_beside(self, module: torch.nn.Module, owner: LoadedModel) -> None:
+        """Move a model placed by `place_beside` off the accelerator; it is no longer `owner`'s companion."""
+        companion = owner.companions.pop(id(module), None)
+        if companion is not None:
+            self._remove_hooks(companion)
         module.to(self.offload_device)
-        module._easel_placed = None
 
     @staticmethod
-    def _remove_hooks(module: torch.nn.Module) -> None:
-        for handle in getattr(module, "_easel_hooks", []):
+    def _remove_hooks(companion: Companion) -> None:
+        for handle in companion.hooks:
             handle.remove()
-        module._easel_hooks = []
+        companion.hooks = []
 
 
 def device_for(args, part: str = "sd") -> torch.device:
