@@ -51,6 +51,7 @@ def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
     from backend.checkpoints import ModelFile
     from backend.core.cmd_args import parse_args
     from backend.engine.devices import DevicePolicy
+    from backend.engine.loaded_model import LoadedModel
     from backend.engine.model_loader import load_sd_model
     from backend.core.options import SETTINGS
     from backend.engine.pipelines import txt2img
@@ -61,11 +62,11 @@ def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
     options.update(cpu_bf16=args.cpu_bf16, live_previews_enable=False)
     policy = DevicePolicy.from_args(parse_args(["--use-cpu", "all", *flags]), options=options)
     t0 = time.perf_counter()
-    model = load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
+    model = LoadedModel(load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype))
     policy.place(model)
     load_s = time.perf_counter() - t0
     clock = StepClock()
-    ctx = JobContext(model=model, policy=policy, options=options, outputs_root=args.folder,
+    ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock)
     req = Txt2ImgRequest(prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", seed=1,
                          steps=args.steps, width=args.size, height=args.size, cfg_scale=7, sampler_name="Euler",

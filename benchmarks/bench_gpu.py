@@ -118,6 +118,7 @@ def bench_easel(family: str, ckpt: Path, mode: str, args) -> dict:
     from backend.checkpoints import ModelFile
     from backend.core.cmd_args import parse_args
     from backend.engine.devices import DevicePolicy
+    from backend.engine.loaded_model import LoadedModel
     from backend.engine.model_loader import load_sd_model
     from backend.core.options import SETTINGS
     from backend.engine.pipelines import txt2img
@@ -127,13 +128,13 @@ def bench_easel(family: str, ckpt: Path, mode: str, args) -> dict:
     options = {s.key: s.default for s in SETTINGS}
     options["live_previews_enable"] = False
     policy = DevicePolicy.from_args(parse_args(MODES[mode]))
-    model = load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
+    model = LoadedModel(load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype))
     policy.place(model)
     clock = CudaStepClock()
     size = SIZES[family]
 
     def run(steps):
-        ctx = JobContext(model=model, policy=policy, options=options, outputs_root=args.folder,
+        ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
                          checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock)
         req = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", seed=1, steps=steps, width=size, height=size,
                              cfg_scale=7, sampler_name="Euler", do_not_save_samples=True, do_not_save_grid=True)

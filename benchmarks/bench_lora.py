@@ -119,12 +119,13 @@ def digests(modules) -> dict[tuple[int, str], bytes]:
 
 
 def load(ckpt: Path, policy):
+    from backend.engine.loaded_model import LoadedModel
     from backend.engine.model_loader import load_sd_model
 
     t0 = time.perf_counter()
-    model = load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
-    policy.place(model)
-    return model, time.perf_counter() - t0
+    loaded = LoadedModel(load_sd_model(ckpt, dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype))
+    policy.place(loaded)
+    return loaded, time.perf_counter() - t0
 
 
 def timed(fn) -> tuple[object, float]:
@@ -155,16 +156,17 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     drop_from_page_cache(ckpt)
-    model, cold_s = load(ckpt, policy)
+    loaded, cold_s = load(ckpt, policy)
     rows = [("load checkpoint, file not cached (load_sd_model + place)", [cold_s])]
     print(f"  cold load {cold_s:.1f} s", flush=True)
     if not args.skip_warm_load:
-        del model
+        del loaded
         gc.collect()
-        model, warm_s = load(ckpt, policy)
+        loaded, warm_s = load(ckpt, policy)
         rows.append(("load checkpoint, file in page cache", [warm_s]))
         print(f"  warm load {warm_s:.1f} s", flush=True)
     torch.set_grad_enabled(False)
+    model = loaded.model
 
     targets = kohya_targets(model)
     paths = [lora_file(args.folder / "Lora", tag, targets, args.rank, args.alpha, seed)
@@ -177,7 +179,7 @@ def main() -> None:
 
     parts = [model.unet, *model.text_encoders]
     originals = digests(parts)
-    patcher = NetworkPatcher.of(model)
+    patcher = NetworkPatcher(loaded)
     files, read_times = [], []
     for path in paths:
         net, seconds = timed(lambda path=path: read_network_file(path))
@@ -200,7 +202,7 @@ def main() -> None:
     names = [p.stem for p in paths]
 
     def job(name: str):
-        ctx = SimpleNamespace(model=model, extra_params={}, warnings=[], embeddings=None)
+        ctx = SimpleNamespace(loaded=loaded, model=model, extra_params={}, warnings=[], embeddings=None)
         activate_for_job(SimpleNamespace(prompt=f"a castle <lora:{name}:1>", negative_prompt=""), ctx, runtime)
         assert not ctx.warnings and ctx.extra_params.get("Lora hashes", "").startswith(name), ctx.warnings
 

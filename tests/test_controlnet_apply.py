@@ -18,6 +18,7 @@ from backend.engine.controlnet.script import ControlNetHook
 from backend.controlnet.units import ControlUnit
 from backend.engine.devices import DevicePolicy
 from backend.core.errors import UserError
+from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
 from backend.core import request_checks
@@ -42,7 +43,7 @@ def env(tmp_path_factory, tiny_models):
     write_tiny_controlnet(files["depth"], "sd1", seed=12, dtype=torch.float16)
     write_tiny_controlnet(files["xl"], "sdxl", layout="diffusers", seed=13)
     policy = DevicePolicy.from_args(parse_args(["--use-cpu", "all"]))
-    models = {"sd1": load_sd_model(tiny_models["sd1"]), "sdxl": load_sd_model(tiny_models["sdxl"])}
+    models = {"sd1": LoadedModel(load_sd_model(tiny_models["sd1"])), "sdxl": LoadedModel(load_sd_model(tiny_models["sdxl"]))}
     for m in models.values():
         policy.place(m)
     return {"files": files, "policy": policy, "models": models, "cache": ControlNetCache(policy), "ckpts": tiny_models}
@@ -66,7 +67,7 @@ def generate(env, units, family="sd1", control=None, **req_kw):
     model = env["models"][family]
     ckpt = env["ckpts"][family]
     opts = {s.key: s.default for s in SETTINGS}
-    ctx = JobContext(model=model, policy=env["policy"], options=opts, outputs_root=ckpt.parent,
+    ctx = JobContext(loaded=model, policy=env["policy"], options=opts, outputs_root=ckpt.parent,
                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control or StepClock())
     body = dict(prompt="a house", steps=4, width=64, height=64, seed=3, sampler_name="Euler", cfg_scale=7,
                 do_not_save_samples=True, do_not_save_grid=True)
@@ -116,7 +117,7 @@ def test_step_range_applies_only_in_those_steps(env, baseline):
     for start, end, expected in ((0.5, 1.0, [2, 3]), (0.0, 0.25, [0, 1]), (0.3, 0.6, [2])):
         ctl = StepClock()
         seen = []
-        model, _ = env["cache"].get(env["files"]["canny"], env["models"]["sd1"], 4)
+        model, _ = env["cache"].get(env["files"]["canny"], env["models"]["sd1"].model, 4)
         handle = model.register_forward_pre_hook(lambda m, a: seen.append(ctl.steps))
         try:
             pixels, *_ = generate(env, [unit(env, guidance_start=start, guidance_end=end)], control=ctl)
@@ -207,28 +208,29 @@ def test_medvram_and_lowvram_offload_the_controlnet_like_the_unet(env, tiny_mode
     from backend.engine.devices import unet_blocks
     for mode in ("medvram", "lowvram"):
         policy = DevicePolicy(device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32, mode=mode)
-        model = load_sd_model(tiny_models["sd1"])
+        model = LoadedModel(load_sd_model(tiny_models["sd1"]))
         policy.place(model)
         cache = ControlNetCache(policy)
         local = dict(env, policy=policy, models={"sd1": model}, cache=cache)
-        before = model._easel_swapper.transfers
+        before = model.streamer.transfers
         generate(local, [])
-        plain = model._easel_swapper.transfers - before
-        before = model._easel_swapper.transfers
+        plain = model.streamer.transfers - before
+        before = model.streamer.transfers
         _, _, ctx, _ = generate(local, [unit(env)])
-        with_cn = model._easel_swapper.transfers - before
+        with_cn = model.streamer.transfers - before
         cn = ctx.controls.controls[0].model
         expected_hooks = 1 if mode == "medvram" else len(unet_blocks(cn))
-        assert len(cn._easel_hooks) == expected_hooks
+        assert len(model.companion(cn).hooks) == expected_hooks
+        assert sum(len(m._forward_pre_hooks) for m in cn.modules()) == expected_hooks
         assert with_cn > plain  # the ControlNet took turns on the device with the UNet
         cache.clear()
-        assert cn._easel_hooks == []
+        assert model.companion(cn) is None and sum(len(m._forward_pre_hooks) for m in cn.modules()) == 0
 
 
 def test_loaded_controlnets_stay_cached_up_to_the_limit(env):
     policy = env["policy"]
     cache = ControlNetCache(policy)
-    sd1 = env["models"]["sd1"]
+    sd1 = env["models"]["sd1"].model
     a1, _ = cache.get(env["files"]["canny"], sd1, limit=1)
     a2, _ = cache.get(env["files"]["canny"], sd1, limit=1)
     assert a1 is a2 and cache.loads == 1

@@ -20,6 +20,7 @@ from backend.engine import devices
 from backend.checkpoints import ModelFile
 from backend.core.cmd_args import parse_args
 from backend.engine.devices import MiB, DevicePolicy, Plan, RESIDENT, stream_units, unet_blocks
+from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
 from backend.engine.pipelines import txt2img
@@ -38,8 +39,8 @@ def options(**kw) -> dict:
     return opts
 
 
-def generate(model, policy, ckpt, opts=None, **req_kw) -> tuple[np.ndarray, object, JobContext]:
-    ctx = JobContext(model=model, policy=policy, options=opts or options(), outputs_root=ckpt.parent,
+def generate(loaded, policy, ckpt, opts=None, **req_kw) -> tuple[np.ndarray, object, JobContext]:
+    ctx = JobContext(loaded=loaded, policy=policy, options=opts or options(), outputs_root=ckpt.parent,
                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock())
     body = dict(prompt="a red house", negative_prompt="blurry", steps=3, width=64, height=64, seed=5,
                 sampler_name="Euler", cfg_scale=6, do_not_save_samples=True, do_not_save_grid=True)
@@ -59,17 +60,18 @@ def cpu_policy(mode="resident", **kw) -> DevicePolicy:
 def resident(tiny_models):
     policy = cpu_policy()
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
-    return generate(model, policy, tiny_models["sd1"])[0]
+    loaded = LoadedModel(model)
+    policy.place(loaded)
+    return generate(loaded, policy, tiny_models["sd1"])[0]
 
 
 # -- flags -> device and dtypes -------------------------------------------------------------------
 def test_use_cpu_runs_float32_here_and_bf16_only_where_supported(monkeypatch):
     args = parse_args(["--use-cpu", "all"])
-    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(devices.policy, "cpu_bf16_supported", lambda: False)
     p = DevicePolicy.from_args(args)
     assert (p.device, p.mode, p.dtype, p.vae_dtype, p.text_dtype) == (CPU, "resident", torch.float32, torch.float32, torch.float32)
-    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(devices.policy, "cpu_bf16_supported", lambda: True)
     p = DevicePolicy.from_args(args)
     assert (p.dtype, p.vae_dtype, p.text_dtype, p.channels_last) == (torch.bfloat16, torch.bfloat16, torch.float32, True)
     assert p.apply_options({"cpu_bf16": "off"}) and p.dtype == torch.float32
@@ -80,11 +82,11 @@ def test_use_cpu_runs_float32_here_and_bf16_only_where_supported(monkeypatch):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert devices.cpu_bf16_supported()
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
     assert devices.cpu_bf16_supported()
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(devices.cpu, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert not devices.cpu_bf16_supported()
 
 
@@ -106,14 +108,14 @@ def test_gpu_flags_pick_mode_dtype_and_part_devices(monkeypatch):
 
 
 def test_attention_flags_as_a1111_names_them(monkeypatch):
-    monkeypatch.setattr(devices, "xformers_available", lambda: False)
+    monkeypatch.setattr(devices.attention, "xformers_available", lambda: False)
     pick = lambda *flags: devices.attention_from_args(parse_args(list(flags)))  # noqa: E731
     assert pick() == "sdp" and pick("--opt-sdp-attention") == "sdp"
     assert pick("--xformers") == "sdp"  # not installed here: SDPA instead
     assert pick("--opt-sdp-no-mem-attention") == "sdp-no-mem"
     assert pick("--opt-split-attention") == "split" and pick("--opt-sub-quad-attention") == "split"
     assert pick("--disable-opt-split-attention") == "basic"
-    monkeypatch.setattr(devices, "xformers_available", lambda: True)
+    monkeypatch.setattr(devices.attention, "xformers_available", lambda: True)
     assert pick("--xformers", "--opt-sdp-attention") == "xformers"
 
 
@@ -121,11 +123,12 @@ def test_attention_flags_as_a1111_names_them(monkeypatch):
 def test_attention_processors_give_the_sdpa_result(tiny_models, resident, kind):
     policy = cpu_policy(attention=kind)
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
+    loaded = LoadedModel(model)
+    policy.place(loaded)
     from diffusers.models.attention_processor import Attention
     procs = {type(m.processor).__name__ for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, Attention)}
     assert procs == {type(devices.attention_processor(kind)).__name__}
-    pixels = generate(model, policy, tiny_models["sd1"])[0]
+    pixels = generate(loaded, policy, tiny_models["sd1"])[0]
     assert np.abs(pixels - resident).max() <= 1
 
 
@@ -148,43 +151,46 @@ def _watch(units, masters):
 def test_resident_puts_everything_on_the_device_in_its_dtypes(tiny_models):
     policy = cpu_policy(vae_dtype=torch.float32, dtype=torch.bfloat16, text_dtype=torch.float32)
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
+    loaded = LoadedModel(model)
+    policy.place(loaded)
     assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
     assert {p.dtype for p in model.text_encoders[0].parameters()} == {torch.float32}
-    assert getattr(model, "_easel_swapper", None) is None and model._easel_place_hooks == []
+    assert loaded.streamer is None and loaded.place_hooks == []
 
 
 def test_medvram_keeps_one_part_on_the_device_and_matches_resident(tiny_models, resident):
     policy = cpu_policy("medvram")
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
-    streamer = model._easel_swapper
+    loaded = LoadedModel(model)
+    policy.place(loaded)
+    streamer = loaded.streamer
     units = [model.text_encoders[0], model.vae.encoder, model.vae.decoder, model.vae.quant_conv,
              model.vae.post_quant_conv, model.unet]
-    assert streamer.units == len(units) and len(model._easel_place_hooks) == len(units)
+    assert streamer.units == len(units) and len(loaded.place_hooks) == len(units)
     masters = {id(p): p.data_ptr() for u in units for p in u.parameters()}
     seen = _watch(units, masters)
-    pixels, _, _ = generate(model, policy, tiny_models["sd1"])
+    pixels, _, _ = generate(loaded, policy, tiny_models["sd1"])
     assert np.array_equal(pixels, resident)
     # every part ran on a copy, and nothing else was loaded while it ran
     assert seen and all(loaded == {i} for i, loaded in seen)
     # text encoder, UNet (once for all 3 steps), post_quant_conv, decoder
     assert streamer.transfers == 4
-    policy.settle(model)
+    policy.settle(loaded)
     assert all(p.data_ptr() == masters[id(p)] for u in units for p in u.parameters())
 
 
 def test_lowvram_streams_the_unet_in_units_with_prefetch_and_matches_resident(tiny_models, resident):
     policy = cpu_policy("lowvram", lowvram_budget=0, unit_bytes=48 * 1024)
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
-    streamer = model._easel_swapper
+    loaded = LoadedModel(model)
+    policy.place(loaded)
+    streamer = loaded.streamer
     units = stream_units(model.unet, policy.unit_bytes)
     assert len(units) > len(unet_blocks(model.unet))  # blocks split into resnets / attentions / samplers
     masters = {id(p): p.data_ptr() for u in units for p in u.parameters()}
     seen = _watch(units, masters)
-    pixels, _, _ = generate(model, policy, tiny_models["sd1"])
+    pixels, _, _ = generate(loaded, policy, tiny_models["sd1"])
     assert np.array_equal(pixels, resident)
     assert len(seen) == 3 * len(units)  # each unit ran once per step (cond and uncond batched)
     assert all(i in loaded and len(loaded) <= 2 for i, loaded in seen)  # itself, plus at most the prefetched next
@@ -199,10 +205,11 @@ def test_lowvram_streams_the_unet_in_units_with_prefetch_and_matches_resident(ti
 def test_lowvram_budget_keeps_the_largest_units_resident(tiny_models):
     policy = cpu_policy("lowvram", unit_bytes=16 * 1024)
     model = load_sd_model(tiny_models["sd1"])
+    loaded = LoadedModel(model)
     units = stream_units(model.unet, policy.unit_bytes)
     sizes = sorted((devices.tensor_bytes(u) for u in units), reverse=True)
     policy.lowvram_budget = sizes[0] + sizes[1]
-    policy.place(model)
+    policy.place(loaded)
     hooked = [u for u in units if u._forward_pre_hooks]
     assert len(hooked) == len(units) - 2
     assert sorted(devices.tensor_bytes(u) for u in units if not u._forward_pre_hooks) == sorted(sizes[:2])
@@ -211,18 +218,19 @@ def test_lowvram_budget_keeps_the_largest_units_resident(tiny_models):
 def test_weights_changed_while_on_the_device_are_kept(tiny_models):
     policy = cpu_policy("medvram")
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
+    loaded = LoadedModel(model)
+    policy.place(loaded)
     enc = model.text_encoders[0]
     tokens = torch.tensor([[49406, 320, 49407]])
     enc(tokens)  # now on the "device"
     bias = [p for name, p in enc.named_parameters() if name.endswith("final_layer_norm.bias")][0]
     with torch.no_grad():
         bias.add_(1.0)  # e.g. a LoRA merged in place
-    policy.settle(model)
-    assert model._easel_swapper.writebacks == 1
+    policy.settle(loaded)
+    assert loaded.streamer.writebacks == 1
     before = bias.detach().clone()
     enc(tokens)
-    policy.settle(model)
+    policy.settle(loaded)
     assert torch.equal(bias.detach(), before)
     assert float(before.mean()) > 0.5  # the +1 survived the trip
 
@@ -230,11 +238,12 @@ def test_weights_changed_while_on_the_device_are_kept(tiny_models):
 def test_release_and_replace_do_not_stack_hooks(tiny_models):
     policy = cpu_policy("lowvram", lowvram_budget=0)
     model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
+    loaded = LoadedModel(model)
+    policy.place(loaded)
     count = sum(len(m._forward_pre_hooks) for m in model.unet.modules())
-    policy.release(model)
-    assert sum(len(m._forward_pre_hooks) for m in model.unet.modules()) == 0 and model._easel_placed is None
-    policy.place(model)
+    policy.release(loaded)
+    assert sum(len(m._forward_pre_hooks) for m in model.unet.modules()) == 0 and loaded.placed is None
+    policy.place(loaded)
     assert sum(len(m._forward_pre_hooks) for m in model.unet.modules()) == count
 
 
@@ -242,9 +251,10 @@ def test_bf16_is_close_to_float32(tiny_models, resident):
     """bfloat16 UNet and VAE (text encoder float32), as `--use-cpu` runs on bf16 hardware: within 3/255 on average."""
     policy = DevicePolicy.from_args(parse_args(["--use-cpu", "all"]), options={"cpu_bf16": "on"})
     model = load_sd_model(tiny_models["sd1"], dtype=policy.dtype, vae_dtype=policy.vae_dtype, text_dtype=policy.text_dtype)
-    policy.place(model)
+    loaded = LoadedModel(model)
+    policy.place(loaded)
     assert next(model.unet.parameters()).dtype == torch.bfloat16
-    pixels, result, _ = generate(model, policy, tiny_models["sd1"])
+    pixels, result, _ = generate(loaded, policy, tiny_models["sd1"])
     diff = np.abs(pixels - resident)
     assert diff.mean() < 3 and np.percentile(diff, 99) < 16, (diff.mean(), np.percentile(diff, 99))
     assert "bf16" not in result.images[0].infotext and "bfloat16" not in result.images[0].infotext
@@ -253,39 +263,41 @@ def test_bf16_is_close_to_float32(tiny_models, resident):
 # -- the automatic plan ---------------------------------------------------------------------------
 def test_auto_plan_follows_the_free_memory(tiny_models):
     model = load_sd_model(tiny_models["sd1"])
+    loaded = LoadedModel(model)
     free = {"bytes": 0}
     policy = cpu_policy("auto", free_memory=lambda: free["bytes"])
-    sizes = policy.model_bytes(model)
+    sizes = policy.model_bytes(loaded)
     reserve = devices.INFERENCE_RESERVE["sd1"]
     everything = sizes["unet"] + sizes["vae"] + sum(sizes["text"]) + reserve
     free["bytes"] = everything
-    assert policy.plan_for(model) == RESIDENT
+    assert policy.plan_for(loaded) == RESIDENT
     free["bytes"] = everything - 1
-    assert policy.plan_for(model) == Plan("resident", "swapped")
+    assert policy.plan_for(loaded) == Plan("resident", "swapped")
     free["bytes"] = reserve + sizes["unet"] // 2
-    plan = policy.plan_for(model)
+    plan = policy.plan_for(loaded)
     assert plan.unet == "streamed" and plan.others == "swapped" and plan.name == "lowvram"
-    assert policy.plan_for(model).budget < sizes["unet"]
+    assert policy.plan_for(loaded).budget < sizes["unet"]
 
 
 def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypatch):
     """The worker's retry: a job that runs out of memory runs again with a smaller residency."""
     from backend.engine import worker
     model = load_sd_model(tiny_models["sd1"])
+    loaded = LoadedModel(model)
     policy = cpu_policy("auto", free_memory=lambda: 1 << 40)
-    policy.place(model)
-    assert policy.mode_for(model) == "resident"
+    policy.place(loaded)
+    assert policy.mode_for(loaded) == "resident"
     plans = []
 
     def pipeline(kind, payload, ctx, state):
-        plans.append(policy.mode_for(model))
+        plans.append(policy.mode_for(loaded))
         if plans[-1] != "lowvram":  # pretend only a streamed UNet fits
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return generate(model, policy, tiny_models["sd1"])[1]
+        return generate(loaded, policy, tiny_models["sd1"])[1]
 
     class Cache:
         def get(self, path, limit):
-            return model
+            return loaded
 
     monkeypatch.setattr(worker, "_run_pipeline", pipeline)
     monkeypatch.setattr(worker, "_prepare_scripts", lambda *a: [])
@@ -297,9 +309,9 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
     assert plans == ["resident", "partial", "lowvram"]
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
     assert np.array_equal(pixels, resident)
-    while policy.degrade(model):
+    while policy.degrade(loaded):
         pass
-    assert model._easel_plan == Plan("streamed", "swapped", 0)
+    assert loaded.plan == Plan("streamed", "swapped", 0)
 
 
 def test_compile_wraps_the_forward_and_keeps_results():
@@ -309,8 +321,9 @@ def test_compile_wraps_the_forward_and_keeps_results():
     x = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         expected = net(x)
-        devices.compile_unet(net, CPU)
-        assert net._easel_compiled == "cpu"
+        eager = net.forward
+        devices.compile_unet(net, CPU, eager)
+        assert net.forward != eager  # the module now runs the compiled graph
         got = net(x)
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -338,14 +351,15 @@ def test_cuda_offload_matches_resident_and_uses_less_memory(tiny_models, mode):
         policy = DevicePolicy(device=dev, dtype=torch.float32, vae_dtype=torch.float32, mode=m, lowvram_budget=0,
                               unit_bytes=16 * 1024)
         model = load_sd_model(tiny_models["sd1"])
-        policy.place(model)
+        loaded = LoadedModel(model)
+        policy.place(loaded)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        results[m] = generate(model, policy, tiny_models["sd1"])[0]
+        results[m] = generate(loaded, policy, tiny_models["sd1"])[0]
         peaks[m] = torch.cuda.max_memory_allocated()
-        policy.release(model)
+        policy.release(loaded)
         if m != "resident":
-            streamer = model._easel_swapper
+            streamer = loaded.streamer
             assert streamer is None or streamer.current is None
     assert np.abs(results["resident"] - results[mode]).max() <= 1
     assert peaks[mode] < peaks["resident"]
@@ -358,9 +372,10 @@ def test_medvram_with_a_tiled_vae_matches_resident(tiny_models):
     for mode in ("resident", "medvram"):
         policy = cpu_policy(mode)
         model = load_sd_model(tiny_models["sd1"])
-        policy.place(model)
-        images[mode] = generate(model, policy, tiny_models["sd1"], opts, width=192, height=192, steps=2)[0]
+        loaded = LoadedModel(model)
+        policy.place(loaded)
+        images[mode] = generate(loaded, policy, tiny_models["sd1"], opts, width=192, height=192, steps=2)[0]
         if mode == "medvram":
-            policy.settle(model)
-            assert model._easel_swapper.transfers == 4
+            policy.settle(loaded)
+            assert loaded.streamer.transfers == 4
     assert np.array_equal(images["resident"], images["medvram"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from backend.checkpoints import ModelFile
 from backend.engine.devices import DevicePolicy
+from backend.engine.loaded_model import LoadedModel
 from backend.core.errors import UserError
 from backend.core.infotext import parse_infotext
 from backend.core.options import SETTINGS
@@ -110,15 +111,16 @@ class RecordingControl:
 
 @pytest.fixture(scope="module")
 def placed_sd1(sd1):
-    DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32).place(sd1)
-    return sd1
+    loaded = LoadedModel(sd1)
+    DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32).place(loaded)
+    return loaded
 
 
-def context(model, ckpt, out_root, control) -> JobContext:
+def context(loaded, ckpt, out_root, control) -> JobContext:
     options = {s.key: s.default for s in SETTINGS}
     options["live_previews_enable"] = False
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32, free_memory=lambda: 1 << 40)
-    return JobContext(model=model, policy=policy, options=options, outputs_root=out_root,
+    return JobContext(loaded=loaded, policy=policy, options=options, outputs_root=out_root,
                       checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control)
 
 

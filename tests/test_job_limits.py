@@ -16,6 +16,7 @@ from PIL import Image
 from backend.checkpoints import ModelFile
 from backend.core.cmd_args import parse_args
 from backend.engine.devices import DevicePolicy
+from backend.engine.loaded_model import LoadedModel
 from backend.core.errors import JobInterrupted
 from backend.core.options import SETTINGS
 from backend.core.paths import DataPaths
@@ -166,7 +167,8 @@ def test_interrupt_stops_an_upscale_between_its_tiles(runtime):
 
 
 def test_interrupt_during_the_hires_upscale_returns_the_first_pass(sd1, tiny_models, runtime, tmp_path):
-    DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32).place(sd1)
+    loaded = LoadedModel(sd1)
+    DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32).place(loaded)
     loads = []
     load = runtime.load_upscaler
     runtime.load_upscaler = lambda up: loads.append(up.name) or load(up)
@@ -174,7 +176,7 @@ def test_interrupt_during_the_hires_upscale_returns_the_first_pass(sd1, tiny_mod
     options = {s.key: s.default for s in SETTINGS}
     options.update({"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 4, "live_previews_enable": False, "samples_save": False})
     ckpt = tiny_models["sd1"]
-    ctx = JobContext(model=sd1, policy=DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32),
+    ctx = JobContext(loaded=loaded, policy=DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32),
                      options=options, outputs_root=tmp_path, checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64),
                      vae=None, control=control, postprocess=runtime)
     req = Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64, seed=3, sampler_name="Euler", enable_hr=True,
@@ -218,7 +220,8 @@ def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
     from backend.controlnet.units import ControlUnit
 
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32)
-    policy.place(sd1)
+    loaded = LoadedModel(sd1)
+    policy.place(loaded)
     path = tmp_path / "control_v11p_sd15_canny.safetensors"
     write_tiny_controlnet(path, "sd1", seed=11)
     image = Image.new("RGB", (64, 64), "black")
@@ -226,7 +229,7 @@ def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
                      f"{path.stem} [00000000]") for _ in range(3)]
     control = Control(lambda c: c.checks >= 2)  # pressed while the first unit is prepared
     ckpt = tiny_models["sd1"]
-    ctx = JobContext(model=sd1, policy=policy, options={s.key: s.default for s in SETTINGS}, outputs_root=tmp_path,
+    ctx = JobContext(loaded=loaded, policy=policy, options={s.key: s.default for s in SETTINGS}, outputs_root=tmp_path,
                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control)
     with pytest.raises(JobInterrupted):
         prepare_controls(units, ctx, ControlNetCache(policy), width=64, height=64)

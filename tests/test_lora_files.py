@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backend.core.errors import UserError
+from backend.engine.loaded_model import LoadedModel
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher, add_updates, target_table
 from backend.networks.lora_files import read_network_file, split_key
 from lora_factory import build_file, save_lora, simple_lora
@@ -140,7 +141,7 @@ def test_each_module_type_changes_its_weight_as_the_math_says(sd1, tmp_path, cas
     net = read_network_file(path)
     assert net.family == "sd1"
     before = snapshot(sd1)
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     reports = patcher.apply([ActiveNetwork(net, te_multiplier=0.7, unet_multiplier=-1.3, label=case)])
     try:
         assert reports[0].applied == 1 and reports[0].used
@@ -165,7 +166,7 @@ def test_all_types_in_one_lycoris_file_with_two_stacked_networks(sd1, tmp_path):
     b = read_network_file(save_lora(tmp_path / "two.safetensors", second, family="sd1"))
     assert a.kinds() == {"lora": 5, "loha": 3, "lokr": 4, "full": 2, "norm": 3}
     before = snapshot(sd1)
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     patcher.apply([ActiveNetwork(a, 1.0, 1.0), ActiveNetwork(b, 0.5, 2.0)])
     try:
         q = module_of(sd1, "unet", SD1_MODULES["lora_linear"]["module"])
@@ -174,7 +175,7 @@ def test_all_types_in_one_lycoris_file_with_two_stacked_networks(sd1, tmp_path):
         wb, _ = expected_update({k[len(base) + 1:]: v for k, v in second.items() if k.startswith(base + ".")}, tuple(q.weight.shape))
         orig = before["unet." + SD1_MODULES["lora_linear"]["module"] + ".weight"]
         assert torch.allclose(q.weight, orig + wa + 2.0 * wb, atol=1e-6)
-        assert len(patcher.backup) == len(mods) + 5  # each touched tensor backed up once (2 full + 3 norm: + bias)
+        assert len(patcher.state.backup) == len(mods) + 5  # each touched tensor backed up once (2 full + 3 norm: + bias)
     finally:
         patcher.apply([])
     assert all(torch.equal(v, snapshot(sd1)[k]) for k, v in before.items())
@@ -193,7 +194,7 @@ def test_kohya_ldm_names_and_diffusers_names_reach_the_same_modules(sd1, tmp_pat
     assert any(k.startswith("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.") for k in tensors)
     net = read_network_file(save_lora(tmp_path / "ldm.safetensors", tensors))
     before = snapshot(sd1)
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     report = patcher.apply([ActiveNetwork(net, 1.0, 0.9)])[0]
     try:
         assert report.applied == len(pairs) and report.unmatched == 0
@@ -215,7 +216,7 @@ def test_peft_and_old_diffusers_processor_names(sd1, tmp_path):
     tensors[f"{proc}.up.weight"] = torch.randn(32, 2, generator=gen) * 0.3
     net = read_network_file(save_lora(tmp_path / "peft.safetensors", tensors))
     before = snapshot(sd1)
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     report = patcher.apply([ActiveNetwork(net, -0.5, 1.5)])[0]
     try:
         assert report.applied == 3
@@ -248,7 +249,7 @@ def test_sdxl_kohya_sgm_names_and_both_text_encoders(sdxl, tmp_path):
     net = read_network_file(save_lora(tmp_path / "xl.safetensors", tensors, family="sdxl"))
     assert net.family == "sdxl"
     before = snapshot(sdxl)
-    patcher = NetworkPatcher.of(sdxl)
+    patcher = NetworkPatcher(LoadedModel(sdxl))
     report = patcher.apply([ActiveNetwork(net, 0.8, 1.2)])[0]
     try:
         assert report.applied == len(mods) and report.used
@@ -263,7 +264,7 @@ def test_pt_file_dyn_dim_and_zero_multiplier(sd1, tmp_path):
     tensors = build_file("sd1", [m], seed=13)
     net = read_network_file(save_lora(tmp_path / "old.pt", tensors))
     before = snapshot(sd1)
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     patcher.apply([ActiveNetwork(net, 1.0, 1.0, dyn_dim=2)])
     try:
         check_applied(sd1, tensors, [m], lambda mm: _kohya_base("sd1", mm), 1.0, 1.0, before, dyn=2)
@@ -286,7 +287,7 @@ def test_dora_scale_rescales_the_merged_weight(sd1, tmp_path):
     merged = orig + lora
     column_norm = merged.norm(dim=0, keepdim=True)  # per input channel
     expected = (merged * parts["dora_scale"] / column_norm - orig) * 0.6
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     patcher.apply([ActiveNetwork(net, 1.0, 0.6)])
     try:
         assert torch.allclose(module.weight, orig + expected, atol=1e-6)
@@ -297,7 +298,7 @@ def test_dora_scale_rescales_the_merged_weight(sd1, tmp_path):
 
 def test_same_set_twice_changes_nothing_and_a_new_set_starts_from_the_originals(sd1, tmp_path):
     net = read_network_file(save_lora(tmp_path / "s.safetensors", simple_lora("sd1"), family="sd1"))
-    patcher = NetworkPatcher.of(sd1)
+    patcher = NetworkPatcher(LoadedModel(sd1))
     before = snapshot(sd1)
     patcher.apply([ActiveNetwork(net, 1.0, 1.0)])
     once = snapshot(sd1)
@@ -310,22 +311,22 @@ def test_same_set_twice_changes_nothing_and_a_new_set_starts_from_the_originals(
     assert any(not torch.equal(once[k], half[k]) for k in once)
     patcher.apply([])
     assert all(torch.equal(before[k], v) for k, v in snapshot(sd1).items())
-    assert not patcher.backup  # backups released once restored
+    assert not patcher.state.backup  # backups released once restored
 
 
 def test_lora_for_another_base_model_is_skipped_with_a_reason(sd1, tmp_path):
     xl = read_network_file(save_lora(tmp_path / "xl.safetensors", simple_lora("sdxl"), family="sdxl"))
-    report = NetworkPatcher.of(sd1).apply([ActiveNetwork(xl, 1.0, 1.0, label="xl")])[0]
+    report = NetworkPatcher(LoadedModel(sd1)).apply([ActiveNetwork(xl, 1.0, 1.0, label="xl")])[0]
     assert not report.used and "made for SDXL" in report.skipped_reason and "SD 1.x" in report.skipped_reason
     # No metadata: nothing matches by name/shape -> a reason naming that, still no change.
     unet_only = {k: v for k, v in simple_lora("sdxl").items() if k.startswith("lora_unet_")}
     bare = read_network_file(save_lora(tmp_path / "bare.safetensors", unet_only))
     assert bare.family is None
     before = snapshot(sd1)
-    report = NetworkPatcher.of(sd1).apply([ActiveNetwork(bare, 1.0, 1.0, label="bare")])[0]
+    report = NetworkPatcher(LoadedModel(sd1)).apply([ActiveNetwork(bare, 1.0, 1.0, label="bare")])[0]
     assert not report.used and ("other shapes" in report.skipped_reason or "matches a layer" in report.skipped_reason)
     assert all(torch.equal(before[k], v) for k, v in snapshot(sd1).items())
-    NetworkPatcher.of(sd1).apply([])
+    NetworkPatcher(LoadedModel(sd1)).apply([])
 
 
 def test_damaged_and_foreign_files_raise_user_errors(tmp_path):

@@ -32,7 +32,7 @@ def cache(tmp_path, monkeypatch):
 def test_switching_back_to_a_cached_checkpoint_reads_no_file(cache, tiny_models):
     sd1 = cache.get(tiny_models["sd1"], limit=2)
     sdxl = cache.get(tiny_models["sdxl"], limit=2)
-    assert (sd1.family, sdxl.family) == ("sd1", "sdxl")
+    assert (sd1.model.family, sdxl.model.family) == ("sd1", "sdxl")
     reads_before = len(cache.reads)
     again = cache.get(tiny_models["sd1"], limit=2)
     assert again is sd1
@@ -89,7 +89,7 @@ def test_evicted_models_are_freed_and_ram_does_not_grow(cache, tiny_models):
     proc = psutil.Process()
     first = cache.get(tiny_models["sd1"], limit=1)
     ref = weakref.ref(first)
-    unet_ref = weakref.ref(first.unet)
+    unet_ref = weakref.ref(first.model.unet)
     del first
     cache.get(tiny_models["sdxl"], limit=1)
     gc.collect()
@@ -126,10 +126,10 @@ def test_cached_models_stay_on_the_device_only_while_there_is_room(tmp_path, tin
     c.available_ram = lambda: 1 << 40
     sd1 = c.get(tiny_models["sd1"], limit=2)
     sdxl = c.get(tiny_models["sdxl"], limit=2)
-    assert sd1._easel_placed and sdxl._easel_placed and policy.mode_for(sdxl) == "resident"
+    assert sd1.placed and sdxl.placed and policy.mode_for(sdxl) == "resident"
     free["bytes"] = 1 << 20  # now the device is nearly full
     assert c.get(tiny_models["sd1"], limit=2) is sd1
-    assert sd1._easel_placed and sdxl._easel_placed is None  # the other one went to RAM, still cached
+    assert sd1.placed and sdxl.placed is None  # the other one went to RAM, still cached
     assert len(c.models) == 2 and c.loads == 2
 
 
@@ -137,8 +137,8 @@ def test_turning_cpu_bf16_off_reloads_instead_of_upcasting_rounded_weights(cache
     import torch
     cache.policy.apply_options({"cpu_bf16": "on"})
     model = cache.get(tiny_models["sd1"], limit=2)
-    assert next(model.unet.parameters()).dtype == torch.bfloat16
+    assert next(model.model.unet.parameters()).dtype == torch.bfloat16
     assert cache.get(tiny_models["sd1"], limit=2) is model and cache.loads == 1
     cache.policy.apply_options({"cpu_bf16": "off"})
     again = cache.get(tiny_models["sd1"], limit=2)
-    assert again is not model and cache.loads == 2 and next(again.unet.parameters()).dtype == torch.float32
+    assert again is not model and cache.loads == 2 and next(again.model.unet.parameters()).dtype == torch.float32

@@ -10,6 +10,7 @@ from backend.engine import vae_tiling
 from backend.checkpoints import ModelFile
 from backend.engine.devices import DevicePolicy
 from backend.core.errors import UserError
+from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
 from backend.engine.pipelines import common
@@ -22,18 +23,23 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models):
-    m = load_sd_model(tiny_models["sd1"])
+def loaded(tiny_models):
+    m = LoadedModel(load_sd_model(tiny_models["sd1"]))
     DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32).place(m)
     return m
 
 
-def context(model, tiny_models, policy=None, **opts) -> JobContext:
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded.model
+
+
+def context(loaded, tiny_models, policy=None, **opts) -> JobContext:
     options = {s.key: s.default for s in SETTINGS}
     options.update(opts)
     ckpt = tiny_models["sd1"]
     policy = policy or DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32, free_memory=lambda: 1 << 40)
-    return JobContext(model=model, policy=policy,
+    return JobContext(loaded=loaded, policy=policy,
                       options=options, outputs_root=ckpt.parent, checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64),
                       vae=None, control=StepClock())
 
@@ -103,11 +109,11 @@ def test_tiled_encode_agrees_with_the_whole_encode(model):
     assert diff.mean() < 0.1 * scale, (float(diff.mean()), float(scale))
 
 
-def test_the_pipelines_tile_by_setting_and_automatically(model, tiny_models, monkeypatch):
+def test_the_pipelines_tile_by_setting_and_automatically(loaded, model, tiny_models, monkeypatch):
     latents = smooth_latent(32, 32) * model.vae_scale_factor
     roomy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32, free_memory=lambda: 1 << 40)
     for setting, expect_tiles in (("Never", False), ("Always", True), ("Automatic", False)):
-        ctx = context(model, tiny_models, policy=roomy, vae_tiling=setting, vae_tile_size=128, vae_tile_overlap=32)
+        ctx = context(loaded, tiny_models, policy=roomy, vae_tiling=setting, vae_tile_size=128, vae_tile_overlap=32)
         calls, handle = count_calls(model.vae.decoder.up_blocks[0])
         images = decode_latents(ctx, latents)
         handle.remove()
@@ -115,7 +121,7 @@ def test_the_pipelines_tile_by_setting_and_automatically(model, tiny_models, mon
         assert (len(calls) > 1) == expect_tiles, setting
     # Automatic tiles when an untiled pass would not fit in half the free memory...
     short = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32, free_memory=lambda: 64 << 20)
-    ctx = context(model, tiny_models, policy=short, vae_tile_size=128, vae_tile_overlap=32)
+    ctx = context(loaded, tiny_models, policy=short, vae_tile_size=128, vae_tile_overlap=32)
     calls, handle = count_calls(model.vae.decoder.up_blocks[0])
     decode_latents(ctx, latents)
     handle.remove()
@@ -124,7 +130,7 @@ def test_the_pipelines_tile_by_setting_and_automatically(model, tiny_models, mon
     assert vae_tiling.should_tile("Automatic", 2560, 2048, dtype=torch.float16, free_bytes=1 << 40)
     assert not vae_tiling.should_tile("Automatic", 1024, 1024, dtype=torch.float16, free_bytes=1 << 40)
     # encoding tiles by the same rule
-    ctx = context(model, tiny_models, vae_tiling="Always", vae_tile_size=128, vae_tile_overlap=32)
+    ctx = context(loaded, tiny_models, vae_tiling="Always", vae_tile_size=128, vae_tile_overlap=32)
     calls, handle = count_calls(model.vae.encoder.down_blocks[0])
     out = encode_tensor(ctx, torch.zeros(1, 3, 256, 192))
     handle.remove()
@@ -134,31 +140,32 @@ def test_the_pipelines_tile_by_setting_and_automatically(model, tiny_models, mon
 @pytest.fixture()
 def nan_model(tiny_models):
     """A tiny model whose VAE decoder returns NaN whenever it runs in less than float32 (like fp16 overflow)."""
-    m = load_sd_model(tiny_models["sd1"])
+    m = LoadedModel(load_sd_model(tiny_models["sd1"]))
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.bfloat16)
     policy.place(m)
 
     def poison(module, inputs, output):
         return output if output.dtype == torch.float32 else output * float("nan")
 
-    m.vae.decoder.register_forward_hook(poison)
+    m.model.vae.decoder.register_forward_hook(poison)
     return m, policy
 
 
 def test_nan_in_the_vae_retries_in_float32_and_notes_it(nan_model, tiny_models):
-    model, policy = nan_model
-    ctx = context(model, tiny_models, policy=policy)
+    loaded, policy = nan_model
+    model = loaded.model
+    ctx = context(loaded, tiny_models, policy=policy)
     latents = smooth_latent(16, 16) * model.vae_scale_factor
     images = decode_latents(ctx, latents)
     arr = np.asarray(images[0])
     assert arr.std() > 1  # a picture, not the black square NaN gives
-    assert next(model.vae.parameters()).dtype == torch.float32 and model._easel_vae_upcast
+    assert next(model.vae.parameters()).dtype == torch.float32 and loaded.vae_upcast
     assert ctx.extra_params.get("VAE precision") == "float32 (NaN retry)"
     assert any("NaNs" in w for w in ctx.warnings)
     # the float32 VAE stays for this checkpoint: placing it again keeps it
-    policy.place(model)
+    policy.place(loaded)
     assert next(model.vae.parameters()).dtype == torch.float32
-    again = context(model, tiny_models, policy=policy)
+    again = context(loaded, tiny_models, policy=policy)
     decode_latents(again, latents)
     assert again.extra_params.get("VAE precision") == "float32 (NaN retry)" and not again.warnings
 
@@ -171,8 +178,8 @@ def test_nan_retry_is_written_into_the_infotext(nan_model, tiny_models):
     from backend.core.infotext import parse_infotext
     from backend.engine.pipelines import txt2img
     from backend.core.schemas import Txt2ImgRequest
-    model, policy = nan_model
-    ctx = context(model, tiny_models, policy=policy)
+    loaded, policy = nan_model
+    ctx = context(loaded, tiny_models, policy=policy)
     req = Txt2ImgRequest(prompt="x", steps=2, width=64, height=64, seed=1, sampler_name="Euler",
                          do_not_save_samples=True, do_not_save_grid=True)
     result = txt2img.run(req, ctx)
@@ -183,20 +190,22 @@ def test_nan_retry_is_written_into_the_infotext(nan_model, tiny_models):
 
 
 def test_nan_check_off_or_retry_off(nan_model, tiny_models):
-    model, policy = nan_model
+    loaded, policy = nan_model
+    model = loaded.model
     latents = smooth_latent(16, 16) * model.vae_scale_factor
     with pytest.raises(UserError, match="NaNs was produced in the VAE"):
-        decode_latents(context(model, tiny_models, policy=policy, auto_vae_precision=False), latents)
+        decode_latents(context(loaded, tiny_models, policy=policy, auto_vae_precision=False), latents)
     policy.nan_check = False  # --disable-nan-check: the image comes back as it is
-    images = decode_latents(context(model, tiny_models, policy=policy), latents)
-    assert np.asarray(images[0]).max() == 0 and not getattr(model, "_easel_vae_upcast", False)
+    images = decode_latents(context(loaded, tiny_models, policy=policy), latents)
+    assert np.asarray(images[0]).max() == 0 and not loaded.vae_upcast
 
 
 def test_half_vae_decode_stays_in_its_dtype_without_nan(tiny_models):
-    model = load_sd_model(tiny_models["sd1"])
+    loaded = LoadedModel(load_sd_model(tiny_models["sd1"]))
+    model = loaded.model
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.bfloat16)
-    policy.place(model)
-    ctx = context(model, tiny_models, policy=policy)
+    policy.place(loaded)
+    ctx = context(loaded, tiny_models, policy=policy)
     decode_latents(ctx, smooth_latent(16, 16) * model.vae_scale_factor)
     assert next(model.vae.parameters()).dtype == torch.bfloat16 and "VAE precision" not in ctx.extra_params
     assert common.NAN_RETRY_PARAM[0] == "VAE precision"

@@ -15,7 +15,10 @@ import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from backend.engine.loaded_model import LoadedModel
 
 log = logging.getLogger("easel.backend")
 
@@ -74,7 +77,7 @@ class WorkerJobControl:
 
 
 class ModelCache:
-    """LRU cache of loaded checkpoints (setting `sd_checkpoints_limit`).
+    """LRU cache of loaded checkpoints (setting `sd_checkpoints_limit`), one `LoadedModel` per file.
 
     The active checkpoint is placed by the device policy. The others stay loaded: on the device while
     the active one still has its room there (resident, with its sampling reserve free), otherwise in
@@ -88,12 +91,12 @@ class ModelCache:
     def __init__(self, policy, hashes):
         self.policy = policy
         self.hashes = hashes
-        self.models: OrderedDict[tuple, object] = OrderedDict()
+        self.models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self.loads = 0
         self.evictions = 0
         self.available_ram = None  # callable -> bytes; None: psutil (tests inject their own)
 
-    def get(self, path: Path, limit: int):
+    def get(self, path: Path, limit: int) -> LoadedModel:
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime)
         if key in self.models and self._too_narrow(self.models[key]):
@@ -112,7 +115,8 @@ class ModelCache:
             self._evict_oldest()
         return model
 
-    def _load(self, path: Path):
+    def _load(self, path: Path) -> LoadedModel:
+        from backend.engine.loaded_model import LoadedModel
         from backend.engine.model_loader import load_sd_model
 
         t0 = time.perf_counter()
@@ -120,17 +124,16 @@ class ModelCache:
         model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
                               text_dtype=getattr(policy, "text_dtype", None), device="cpu")
         self.loads += 1
-        model._easel_load_dtypes = self._wanted_dtypes()
         log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
-        return model
+        return LoadedModel(model, load_dtypes=self._wanted_dtypes())
 
     def _wanted_dtypes(self) -> tuple:
         policy = self.policy
         return (policy.dtype, policy.vae_dtype, getattr(policy, "text_dtype", None) or policy.dtype)
 
-    def _too_narrow(self, model) -> bool:
-        loaded = getattr(model, "_easel_load_dtypes", None)
-        return loaded is not None and any(a.itemsize < b.itemsize for a, b in zip(loaded, self._wanted_dtypes()))
+    def _too_narrow(self, loaded: LoadedModel) -> bool:
+        dtypes = loaded.load_dtypes
+        return dtypes is not None and any(a.itemsize < b.itemsize for a, b in zip(dtypes, self._wanted_dtypes()))
 
     def _ram_free(self) -> int:
         if self.available_ram is not None:
@@ -158,12 +161,12 @@ class ModelCache:
             torch.cuda.empty_cache()
         log.info("evicted %s from the checkpoint cache", Path(old_key[0]).name)
 
-    def _arrange(self, model) -> None:
+    def _arrange(self, model: LoadedModel) -> None:
         """Place the active model; keep the others on the device only while there is room for them."""
         from backend.engine.devices import INFERENCE_RESERVE, RESIDENT
 
         policy = self.policy
-        others = [m for m in reversed(self.models.values()) if m is not model and getattr(m, "_easel_placed", None)]
+        others = [m for m in reversed(self.models.values()) if m is not model and m.placed]
         if policy.mode == "resident":  # on the CPU (or told so): nothing to arrange
             policy.place(model)
             return
@@ -175,7 +178,7 @@ class ModelCache:
         while others and policy.plan_for(model) != RESIDENT:  # make room for the active model, oldest first
             policy.release(others.pop())
         policy.place(model)
-        reserve = INFERENCE_RESERVE.get(getattr(model, "family", "sd1"), 2 << 30)
+        reserve = INFERENCE_RESERVE.get(model.family or "sd1", 2 << 30)
         for other in others:
             if policy.mode_for(other) != "resident" or policy.device_free_bytes() < reserve:
                 policy.release(other)
@@ -188,26 +191,26 @@ class ModelCache:
 
 
 class VaeSwitcher:
-    """Applies the chosen VAE file to a model, keeping the checkpoint's own VAE to restore later."""
+    """Applies the chosen VAE file to a checkpoint, keeping its own VAE (in `LoadedModel.vae`) to restore later."""
 
     def __init__(self):
         self.files: dict[str, dict] = {}
 
-    def apply(self, model, vae_path: str | None) -> None:
+    def apply(self, loaded: LoadedModel, vae_path: str | None) -> None:
         from backend.engine.model_loader import apply_vae_state_dict, load_vae_file
 
-        current = getattr(model, "_easel_vae", None)
-        if current == vae_path:
+        choice, model = loaded.vae, loaded.model
+        if choice.path == vae_path:
             return
-        if not hasattr(model, "_easel_own_vae"):
-            model._easel_own_vae = {k: v.detach().to("cpu", copy=True) for k, v in model.vae.state_dict().items()}
+        if choice.own_state is None:
+            choice.own_state = {k: v.detach().to("cpu", copy=True) for k, v in model.vae.state_dict().items()}
         if vae_path is None:
-            apply_vae_state_dict(model, model._easel_own_vae)
+            apply_vae_state_dict(model, choice.own_state)
         else:
             if vae_path not in self.files:
                 self.files = {vae_path: load_vae_file(Path(vae_path))}
             apply_vae_state_dict(model, self.files[vae_path])
-        model._easel_vae = vae_path
+        choice.path = vae_path
 
 
 def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
@@ -249,7 +252,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
                 "warnings": load_notes, "unloadable_checkpoints": unloadable}
     try:
         while True:
-            ctx = JobContext(model=model, policy=policy, options=options, outputs_root=payload["data_dir"],
+            ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=payload["data_dir"],
                              checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"],
                              warnings=list(payload.get("warnings") or []) + list(load_notes))
             try:

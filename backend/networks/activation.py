@@ -108,7 +108,7 @@ class NetworkRuntime:
 
 
 def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
-    """Apply the request's LoRAs to `ctx.model` (removing earlier ones), note hashes and warnings, set `ctx.embeddings`."""
+    """Apply the request's LoRAs to `ctx.loaded` (removing earlier ones), note hashes and warnings, set `ctx.embeddings`."""
     if runtime is None:
         return
     model = ctx.model
@@ -134,7 +134,7 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
             continue
         networks.append(ActiveNetwork(net, tag.te_multiplier, tag.unet_multiplier, tag.dyn_dim, label=tag.name))
 
-    reports = NetworkPatcher.of(model).apply(networks)
+    reports = NetworkPatcher(ctx.loaded).apply(networks)
     hashes = []
     for net, report in zip(networks, reports):
         where = f"LoRA {report.name} ({net.file.path.name})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,37 @@ class UnitJob:
 
 
 class ControlNetCache:
-    """Loaded ControlNets by file, least recently used evicted past the limit; unused ones leave the device."""
+    """Loaded ControlNets by file, least recently used evicted past the limit; unused ones leave the device.
+
+    The ControlNets in use are companions of one checkpoint (`LoadedModel.companions`), placed beside its
+    UNet; the cache remembers which (weakly: an evicted checkpoint is not kept alive, and its release took
+    its companions off the device). Placing beside another checkpoint first releases them from the previous one.
+    """
 
     def __init__(self, policy):
         self.policy = policy
         self.models: OrderedDict[tuple, tuple] = OrderedDict()
         self.loads = 0
         self._infos: dict[tuple, object] = {}
+        self._owner: weakref.ref | None = None  # the LoadedModel the ControlNets are placed beside
+
+    def owner(self):
+        """The checkpoint (LoadedModel) the placed ControlNets run beside, or None."""
+        return self._owner() if self._owner is not None else None
+
+    def place_beside(self, module, loaded) -> None:
+        """Place a ControlNet beside `loaded`'s UNet (its companion), released from any other checkpoint first."""
+        previous = self.owner()
+        if previous is not None and previous is not loaded:
+            for companion in list(previous.companions.values()):
+                self.policy.release_beside(companion.module, previous)
+        self._owner = weakref.ref(loaded)
+        self.policy.place_beside(module, loaded)
+
+    def _release(self, module) -> None:
+        owner = self.owner()
+        if owner is not None and owner.companion(module) is not None:
+            self.policy.release_beside(module, owner)
 
     def info(self, path: Path):
         """What the file is (family, config), read from its header without loading it (remembered per file)."""
@@ -71,18 +96,18 @@ class ControlNetCache:
                      time.perf_counter() - t0)
         while len(self.models) > max(1, limit):
             _, (old, _info) = self.models.popitem(last=False)
-            self.policy.release_beside(old)
+            self._release(old)
         return self.models[key]
 
     def release_except(self, keep: list) -> None:
         ids = {id(m) for m in keep}
         for module, _info in self.models.values():
-            if id(module) not in ids and getattr(module, "_easel_placed", None):
-                self.policy.release_beside(module)
+            if id(module) not in ids:
+                self._release(module)
 
     def clear(self) -> None:
         for module, _info in self.models.values():
-            self.policy.release_beside(module)
+            self._release(module)
         self.models.clear()
 
 
@@ -177,7 +202,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
             hr_map = run_preprocessor(pre, image, hr_res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
         if pre.name != "none" and unit.save_detected_map and not ctx.options.get("control_net_no_detectmap", False):
             maps.append(_png(masked_preview(detected, hint_mask)))
-        ctx.policy.place_beside(controlnet, model)
+        cache.place_beside(controlnet, ctx.loaded)
         used_models.append(controlnet)
         active.append(ActiveControl(
             index=number, model=controlnet, detected_map=detected, weight=unit.weight,

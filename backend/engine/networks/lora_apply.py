@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.engine.loaded_model import LoadedModel
 from backend.networks.lora_files import FAMILY_LABELS, NetworkFile, ShapeMismatch, compute_update, low_rank_update
 
 log = logging.getLogger("easel.lora")
@@ -61,10 +62,7 @@ class ApplyReport:
 
 
 def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
-    """{(part, name): module} for everything a LoRA may change; built once per model."""
-    table = getattr(model, "_easel_lora_targets", None)
-    if table is not None:
-        return table
+    """{(part, name): module} for everything a LoRA may change (`NetworkPatcher` builds it once per model)."""
     table = {}
     layout = None
     try:
@@ -92,7 +90,6 @@ def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
         proj = getattr(model.text_encoders[1], "text_projection", None)
         if isinstance(proj, torch.nn.Linear):
             table[("te2", "text_projection")] = proj
-    model._easel_lora_targets = table
     return table
 
 
@@ -127,52 +124,52 @@ def add_updates(param: torch.Tensor, updates: list[Update]) -> None:
 
 
 class NetworkPatcher:
-    """The LoRA state of one loaded model: which networks are in its weights, and the originals."""
+    """Puts LoRAs into one loaded checkpoint's weights and takes them out; what is applied, and the
+    originals, are kept in the checkpoint's `LoadedModel.lora` (so they stay with the model, whoever patches)."""
 
-    def __init__(self, model):
-        self.model = model
-        self.backup: dict[int, tuple[torch.nn.Module, str, torch.Tensor]] = {}
-        self.signature: tuple = ()
-        self.reports: list[ApplyReport] = []
-
-    @classmethod
-    def of(cls, model) -> "NetworkPatcher":
-        patcher = getattr(model, "_easel_networks", None)
-        if patcher is None:
-            patcher = model._easel_networks = cls(model)
-        return patcher
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.state = loaded.lora
 
     @property
     def active(self) -> bool:
-        return bool(self.backup)
+        return self.state.active
+
+    @property
+    def reports(self) -> list[ApplyReport]:
+        return self.state.reports
 
     @torch.no_grad()
     def restore(self) -> None:
         """Every changed weight back to its original value (bit-exact), the backups released."""
         self._copy_back()
-        self.backup.clear()
+        self.state.backup.clear()
 
     def _copy_back(self) -> None:
-        for module, attr, original in self.backup.values():
+        for module, attr, original in self.state.backup.values():
             getattr(module, attr).data.copy_(original)
-        self.signature = ()
-        self.reports = []
+        self.state.signature = ()
+        self.state.reports = []
 
     @torch.no_grad()
     def apply(self, networks: list[ActiveNetwork]) -> list[ApplyReport]:
         """Make the model's weights = originals + the updates of `networks` (nothing when already so)."""
         # The placement is part of it: a change of dtype or device since is redone from the originals.
-        wanted = (getattr(self.model, "_easel_placed", None),) + tuple(n.signature() for n in networks) if networks else ()
-        if wanted == self.signature:
-            return self.reports
+        state = self.state
+        wanted = (self.loaded.placed,) + tuple(n.signature() for n in networks) if networks else ()
+        if wanted == state.signature:
+            return state.reports
         if not networks:
             self.restore()
             return []
         # A switch: the originals go back, and their copies are kept for the weights the new set changes too.
         self._copy_back()
-        earlier, self.backup = self.backup, {}
+        earlier, state.backup = state.backup, {}
         family = getattr(self.model, "family", None)
-        table = target_table(self.model)
+        if state.targets is None:
+            state.targets = target_table(self.model)
+        table = state.targets
         sums: dict[int, list] = {}  # id(param) -> [module, attr, [updates]]
         reports = []
         for net in networks:
@@ -223,10 +220,10 @@ class NetworkPatcher:
         for module, attr, updates in sums.values():
             param = getattr(module, attr)
             saved = earlier.pop(id(param), None) or (module, attr, param.detach().to("cpu", copy=True))
-            self.backup[id(param)] = saved
+            state.backup[id(param)] = saved
             add_updates(param, updates)
-        self.signature = wanted
-        self.reports = reports
+        state.signature = wanted
+        state.reports = reports
         return reports
 
     @staticmethod

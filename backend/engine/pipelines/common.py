@@ -66,7 +66,7 @@ class _StopSampling(Exception):
 
 @dataclass
 class JobContext:
-    model: object  # backend.engine.model_loader.SDModel, placed by the device policy
+    loaded: object  # backend.engine.loaded_model.LoadedModel: the checkpoint, placed by the device policy
     policy: object  # backend.engine.devices.DevicePolicy
     options: dict
     outputs_root: object  # Path of the data dir (output folders are relative to it)
@@ -83,6 +83,11 @@ class JobContext:
     postprocess: object | None = None
     # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
     embeddings: object | None = None
+
+    @property
+    def model(self):
+        """The checkpoint's modules (backend.engine.model_loader.SDModel): `loaded.model`."""
+        return self.loaded.model
 
 
 class CFGDenoiser:
@@ -263,7 +268,7 @@ def vae_tiling_for(ctx: JobContext, width: int, height: int) -> tuple[int, int] 
     setting = options.get("vae_tiling", "Automatic")
     tile, overlap = int(options.get("vae_tile_size", 512)), int(options.get("vae_tile_overlap", 64))
     mode_for = getattr(policy, "mode_for", None)
-    if setting == "Automatic" and mode_for is not None and mode_for(ctx.model) == "lowvram":
+    if setting == "Automatic" and mode_for is not None and mode_for(ctx.loaded) == "lowvram":
         setting = "Always"  # streamed UNet: the VAE gets a tile's worth of memory
     free = policy.device_free_bytes() if hasattr(policy, "device_free_bytes") else None
     dtype = next(ctx.model.vae.parameters()).dtype
@@ -305,14 +310,14 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
                                    "; turn on 'Automatically revert VAE to 32-bit floats' or use --no-half-vae")
                                 + ". Use --disable-nan-check to get the image anyway.")
             if hasattr(policy, "upcast_vae"):
-                policy.upcast_vae(model)
+                policy.upcast_vae(ctx.loaded)
             else:
                 model.vae.to(torch.float32)
-                model._easel_vae_upcast = True
+                ctx.loaded.vae_upcast = True
             ctx.warnings.append("A tensor with NaNs was produced in the VAE; the VAE now runs in float32 "
                                 "for this checkpoint and the image was decoded again.")
             decoded = _decode_one(ctx, z)
-        if getattr(model, "_easel_vae_upcast", False) and getattr(policy, "vae_dtype", torch.float32) != torch.float32:
+        if ctx.loaded.vae_upcast and getattr(policy, "vae_dtype", torch.float32) != torch.float32:
             ctx.extra_params[NAN_RETRY_PARAM[0]] = NAN_RETRY_PARAM[1]
         arr = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(arr))
