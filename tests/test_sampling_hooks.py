@@ -16,6 +16,7 @@ from backend.checkpoints import ModelFile
 from backend.core.options import SETTINGS
 from backend.core.schemas import Txt2ImgRequest
 from backend.engine.devices import DevicePolicy
+from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.engine.pipelines import txt2img
 from backend.engine.pipelines.common import JobContext, StepClock
@@ -38,12 +39,12 @@ def documented_example() -> dict:
 @pytest.fixture(scope="module")
 def job(tiny_models):
     policy = DevicePolicy(device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32)
-    model = load_sd_model(tiny_models["sd1"])
-    policy.place(model)
+    loaded = LoadedModel(load_sd_model(tiny_models["sd1"]))
+    policy.place(loaded)
     ckpt = tiny_models["sd1"]
 
     def generate(hooks, **req_kw):
-        ctx = JobContext(model=model, policy=policy, options={s.key: s.default for s in SETTINGS},
+        ctx = JobContext(loaded=loaded, policy=policy, options={s.key: s.default for s in SETTINGS},
                          outputs_root=ckpt.parent, checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None,
                          control=StepClock(), sampling_hooks=list(hooks))
         body = dict(prompt="a red house", negative_prompt="blurry", steps=4, width=64, height=64, seed=7,
