@@ -277,7 +277,7 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
     assert policy.mode_for(model) == "resident"
     plans = []
 
-    def pipeline(kind, payload, ctx, state):
+    def pipeline(payload, ctx, state):
         plans.append(policy.mode_for(model))
         if plans[-1] != "lowvram":  # pretend only a streamed UNet fits
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -287,13 +287,13 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
         def get(self, path, limit):
             return model
 
-    monkeypatch.setattr(worker, "_run_pipeline", pipeline)
+    monkeypatch.setattr(worker, "_run_txt2img", pipeline)
     monkeypatch.setattr(worker, "_prepare_controlnet", lambda *a: [])
     ckpt = tiny_models["sd1"]
-    state = {"policy": policy, "cache": Cache(), "hashes": None, "vae": worker.VaeSwitcher(), "postprocess": None}
+    state = worker.WorkerState(policy=policy, cache=Cache(), hashes=None, vae=worker.VaeSwitcher())
     payload = {"checkpoint": ModelFile(ckpt.name, ckpt, sha256="0" * 64), "options": options(), "data_dir": ckpt.parent,
                "request": None}
-    result = worker._run_job("txt2img", payload, state, StepClock())
+    result = worker.run_job("txt2img", payload, state, StepClock())
     assert plans == ["resident", "partial", "lowvram"]
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
     assert np.array_equal(pixels, resident)

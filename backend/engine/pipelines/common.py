@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,16 @@ from PIL import Image
 from backend.engine import schedules
 from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
 from backend.core.errors import UserError
+
+if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines' neighbours, so not at run time
+    from pathlib import Path
+
+    from backend.checkpoints import ModelFile
+    from backend.embeddings import JobEmbeddings
+    from backend.engine.controlnet.apply import ControlSet
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.model_loader import SDModel
+    from backend.engine.postprocess.runtime import PostprocessRuntime
 
 VERSION = "easel-0.1.0"
 
@@ -65,22 +75,24 @@ class _StopSampling(Exception):
 
 @dataclass
 class JobContext:
-    model: object  # backend.engine.model_loader.SDModel, placed by the device policy
-    policy: object  # backend.engine.devices.DevicePolicy
+    """What a pipeline runs with besides its request: the model, the device policy, the settings, where to save."""
+
+    model: SDModel  # placed by the device policy
+    policy: DevicePolicy
     options: dict
-    outputs_root: object  # Path of the data dir (output folders are relative to it)
-    checkpoint: object  # backend.checkpoints.ModelFile, with sha256
-    vae: object | None
+    outputs_root: Path  # the data dir (output folders are relative to it)
+    checkpoint: ModelFile  # with sha256
+    vae: ModelFile | None  # the VAE file applied (None: the checkpoint's own)
     control: JobControl
     warnings: list[str] = field(default_factory=list)
     # Infotext entries added by features around the pipeline (LoRA hashes, ControlNet units, face restoration).
-    extra_params: dict = field(default_factory=dict)
-    # backend.engine.controlnet.apply.ControlSet of the job's ControlNet units (None: none); run_sampler hands it to the denoiser.
-    controls: object | None = None
-    # backend.engine.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
-    postprocess: object | None = None
-    # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
-    embeddings: object | None = None
+    extra_params: dict[str, object] = field(default_factory=dict)
+    # The job's ControlNet units (None: none); run_sampler hands them to the denoiser.
+    controls: ControlSet | None = None
+    # Upscaler models (hires. fix) and face restoration (restore_faces).
+    postprocess: PostprocessRuntime | None = None
+    # The textual-inversion embeddings the prompts may use (set with the job's LoRAs).
+    embeddings: JobEmbeddings | None = None
 
 
 class CFGDenoiser:
