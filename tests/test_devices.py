@@ -22,6 +22,7 @@ from backend.core.cmd_args import parse_args
 from backend.engine.devices import MiB, DevicePolicy, Plan, RESIDENT, stream_units, unet_blocks
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
+from backend.core.sampler_catalog import resolve_sampling
 from backend.engine.pipelines import txt2img
 from backend.engine.pipelines.common import JobContext, StepClock
 from backend.core.schemas import Txt2ImgRequest
@@ -39,12 +40,15 @@ def options(**kw) -> dict:
 
 
 def generate(model, policy, ckpt, opts=None, **req_kw) -> tuple[np.ndarray, object, JobContext]:
-    ctx = JobContext(model=model, policy=policy, options=opts or options(), outputs_root=ckpt.parent,
-                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock())
     body = dict(prompt="a red house", negative_prompt="blurry", steps=3, width=64, height=64, seed=5,
                 sampler_name="Euler", cfg_scale=6, do_not_save_samples=True, do_not_save_grid=True)
     body.update(req_kw)
-    result = txt2img.run(Txt2ImgRequest(**body), ctx)
+    req = Txt2ImgRequest(**body)
+    opts = opts or options()
+    ctx = JobContext(model=model, policy=policy, options=opts, outputs_root=ckpt.parent,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock(),
+                     sampling=resolve_sampling(req, opts["default_sampler"]))
+    result = txt2img.run(req, ctx)
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
     return pixels, result, ctx
 

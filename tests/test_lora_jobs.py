@@ -18,6 +18,7 @@ from backend.engine.devices import DevicePolicy
 from backend.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
 from backend.engine.pipelines.common import StepClock
 from backend.core.options import SETTINGS
+from backend.core.sampler_catalog import resolve_sampling
 from backend.core.schemas import Txt2ImgRequest
 from lora_factory import save_embedding, save_lora, simple_lora
 
@@ -55,6 +56,7 @@ class Backend:
         body.update(kw)
         payload = {"checkpoint": ModelFile(self.ckpt.name, self.ckpt, sha256="1" * 64), "vae": None, "options": opts,
                    "data_dir": self.root, "request": Txt2ImgRequest(**body)}
+        payload["sampling"] = resolve_sampling(payload["request"], opts["default_sampler"])  # as the service sends it
         result = worker.run_job("txt2img", payload, self.state, StepClock())
         pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
         return pixels, result

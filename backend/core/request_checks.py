@@ -1,9 +1,10 @@
 """The checks of generation requests that need no model: run once by the app at the edge, before a job is queued.
 
 Torch-free (the app process imports it): sizes, steps, seeds, hires. fix (its target size and the latent
-upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments. Names of upscaler
+upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments, and img2img's inputs. Names of upscaler
 models are checked by `backend.postprocess.service`, where the model folders are known. The pipelines
-(engine) read the same helpers (`hires_size`, `outpainting_args`, `sd_upscale_args`, ...).
+(engine) trust what passed here and do not check it again; they read the same helpers to parse the request
+(`hires_size`, `outpainting_args`, `sd_upscale_args`, ...).
 """
 from __future__ import annotations
 
@@ -125,6 +126,15 @@ def check_img2img(req: Img2ImgRequest) -> None:
     resize_mode_index(req.resize_mode)
     outpainting_args(req)
     sd_upscale_args(req)
+
+
+def check_img2img_inputs(req: Img2ImgRequest, images: int | None, has_mask: bool) -> None:
+    """What an img2img job gets besides its request: at least one init image (`images`: how many; None: a folder
+    batch's files, counted by the job), and no mask with SD upscale (a mask, or a batch's mask folder)."""
+    if images is not None and images < 1:
+        raise UserError("img2img needs an init image.")
+    if has_mask and is_sd_upscale(req):
+        raise UserError("SD upscale redraws the whole picture; it does not take a mask. Use it from the img2img tab.")
 
 
 def outpainting_args(req: Img2ImgRequest) -> tuple[int, int, int, list[str]] | None:

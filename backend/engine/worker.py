@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs 
     from PIL import Image
 
     from backend.checkpoints import HashCache, ModelFile
+    from backend.core.sampler_catalog import SamplingChoice
     from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
     from backend.engine.controlnet.annotators import AnnotatorEnv
     from backend.engine.controlnet.runtime import ControlNetCache
@@ -248,6 +249,7 @@ class GenerationPayload(TypedDict, total=False):
     """What the app process (`backend.service`) sends with a `load`, `txt2img`, `img2img` or `img2img_batch` job."""
 
     request: Txt2ImgRequest | Img2ImgRequest  # checked at the edge; its override_settings already merged into options
+    sampling: SamplingChoice  # the request's sampler and schedule types, resolved by the service
     options: dict[str, Any]  # the settings the job runs with
     checkpoint: ModelFile
     vae: ModelFile | None
@@ -304,11 +306,12 @@ class JobModel:
 
 def _job_model(state: WorkerState, payload: GenerationPayload) -> JobModel:
     from backend.checkpoints import ModelFile
+    from backend.core.job_options import JobOptions
 
     options = payload["options"]
     policy = state.policy
     policy.apply_options(options)
-    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(options.get("sd_checkpoints_limit", 2)))
+    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(JobOptions.of(options)["sd_checkpoints_limit"]))
     ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state.hashes.sha256(ckpt.path))
     if vae is not None:
         vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state.hashes.sha256(vae.path))
@@ -351,7 +354,7 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
         while True:
             ctx = JobContext(model=model, policy=policy, options=payload["options"], outputs_root=payload["data_dir"],
                              checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
-                             postprocess=state.postprocess,
+                             sampling=payload.get("sampling"), postprocess=state.postprocess,
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes))
             try:
                 _activate_networks(payload, ctx, state)
