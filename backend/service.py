@@ -159,15 +159,11 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
-        from backend.core.prompt_parser import check_brackets, extract_extra_network_tags
-
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
-        check_brackets(extract_extra_network_tags(req.prompt)[0])  # a LoRA's name may hold brackets
-        check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend

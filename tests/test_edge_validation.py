@@ -24,7 +24,7 @@ from backend.core.schemas import Txt2ImgRequest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "backend" / "engine"
 EDGE_ONLY = {"check_txt2img", "check_img2img", "check_img2img_inputs", "validate_generation", "validate_seeds",
-             "resolve_sampler", "resolve_sampling"}
+             "check_prompt_brackets", "check_brackets", "check_prompt_text", "resolve_sampler", "resolve_sampling"}
 
 
 # -- the service resolves, once -------------------------------------------------------------------------------
@@ -58,13 +58,16 @@ def test_the_service_resolves_the_samplers_once_and_sends_them(service, monkeypa
     assert payload["sampling"].hires_sampler.name == "DDIM"  # no hires sampler asked: the first pass's
 
 
-def test_bad_names_are_refused_at_the_edge(service):
+def test_bad_values_are_refused_at_the_edge(service):
     with pytest.raises(UserError, match="Unknown sampler 'Nope'"):
         service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_sampler_name="Nope"))
     with pytest.raises(UserError, match="Unknown schedule type 'Sideways'"):
         service._job_payload(Txt2ImgRequest(prompt="x", scheduler="Sideways"))
     with pytest.raises(UserError, match="cfg_scale must be between 0 and 100"):
         service._job_payload(Txt2ImgRequest(prompt="x", cfg_scale=150))
+    with pytest.raises(UserError, match=r'Hires negative prompt has an unclosed "\(" at position 3'):
+        service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_negative_prompt="a (cat"))
+    assert service._job_payload(Txt2ImgRequest(prompt="<lora:a(b):1> x", hr_prompt="a (cat"))  # no hires pass: unused
 
 
 # -- the engine trusts what it receives -----------------------------------------------------------------------
@@ -146,9 +149,8 @@ def test_the_job_context_reads_settings_with_their_defaults():
 
 def test_no_setting_default_is_written_again_where_settings_are_read():
     """`options.get("<a declared setting>", <a literal default>)` repeats a default `SETTINGS` declares."""
-    files = sorted(ENGINE.rglob("*.py")) + [ROOT / "backend" / "core" / "limits.py"]
     found = []
-    for path in files:
+    for path in sorted(p for folder in ("backend", "api", "ui") for p in (ROOT / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
                     and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)
