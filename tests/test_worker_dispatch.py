@@ -88,7 +88,7 @@ def loose(hint) -> bool:
     return False
 
 
-@pytest.mark.parametrize("cls", [common.JobContext, worker.WorkerState, worker.JobModel])
+@pytest.mark.parametrize("cls", [common.JobContext, worker.WorkerState, worker.JobModel, worker.GenerationPayload])
 def test_the_job_context_and_the_worker_state_are_typed(cls):
     hints = hints_of(cls)  # every annotation resolves to a real class (a renamed one would fail here)
     assert hints and not [name for name, hint in hints.items() if loose(hint)]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs 
     from backend.core.sampler_catalog import SamplingChoice
     from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
     from backend.engine.controlnet.annotators import AnnotatorEnv
-    from backend.engine.controlnet.runtime import ControlNetCache
+    from backend.engine.controlnet.runtime import ControlNetCache, UnitJob
     from backend.engine.devices import DevicePolicy
     from backend.engine.model_loader import SDModel
     from backend.engine.pipelines.common import JobContext, JobControl
@@ -257,7 +257,7 @@ class GenerationPayload(TypedDict, total=False):
     checkpoint_notes: list[str]  # warnings about checkpoints passed over
     data_dir: Path  # output folders are relative to it
     warnings: list[str]  # request fields accepted but not acted on
-    controlnet: list  # the ControlNet units (backend.engine.controlnet.runtime.UnitJob)
+    controlnet: list[UnitJob]  # the enabled ControlNet units, checked and with their model files resolved
     init_images: list[Image.Image]  # img2img
     mask: Image.Image | None  # img2img
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
