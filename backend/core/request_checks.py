@@ -1,10 +1,10 @@
 """The checks of generation requests that need no model: run once by the app at the edge, before a job is queued.
 
-Torch-free (the app process imports it): sizes, steps, seeds, the prompts' brackets, hires. fix (its target size and the latent
-upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments, and img2img's inputs. Names of upscaler
-models are checked by `backend.postprocess.service`, where the model folders are known. The pipelines
-(engine) trust what passed here and do not check it again; they read the same helpers to parse the request
-(`hires_size`, `outpainting_args`, `sd_upscale_args`, ...).
+Torch-free (the app process imports it): sizes, steps, seeds, the prompts' brackets, hires. fix (its target
+size and the latent upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments, and
+img2img's inputs. Names of upscaler models are checked by `backend.postprocess.service`, where the model folders
+are known. The pipelines (engine) trust what passed here and do not check it again; they read the same helpers
+to parse the request (`hires_size`, `outpainting_args`, `sd_upscale_args`, ...).
 """
 from __future__ import annotations
 
