@@ -142,7 +142,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
     "Inpaint not masked"), used by units without an image of their own.
     """
     model = ctx.model
-    limit = int(ctx.options.get("control_net_model_cache_size", 2))
+    limit = int(ctx.options["control_net_model_cache_size"])
     active: list[ActiveControl] = []
     maps: list[bytes] = []
     used_models = []
@@ -200,7 +200,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
                 raise JobInterrupted()
             hr_res = pixel_perfect_resolution(image.width, image.height, hires_size[0], hires_size[1], unit.resize_mode)
             hr_map = run_preprocessor(pre, image, hr_res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
-        if pre.name != "none" and unit.save_detected_map and not ctx.options.get("control_net_no_detectmap", False):
+        if pre.name != "none" and unit.save_detected_map and not ctx.options["control_net_no_detectmap"]:
             maps.append(_png(masked_preview(detected, hint_mask)))
         cache.place_beside(controlnet, ctx.loaded)
         used_models.append(controlnet)

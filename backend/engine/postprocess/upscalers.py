@@ -19,12 +19,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
 
 from backend.core.errors import JobInterrupted, UserError
+from backend.core.job_options import JobOptions
 from backend.core.paths import list_files
 from backend.postprocess.model_files import MODEL_EXTENSIONS, is_helper_file
 
@@ -371,5 +372,6 @@ def upscale_for_job(ctx, image: Image.Image, name: str, width: int, height: int)
     return resize_cover(big, width, height)
 
 
-def tile_settings(options: dict) -> tuple[int, int]:
-    return int(options.get("ESRGAN_tile", DEFAULT_TILE)), int(options.get("ESRGAN_tile_overlap", DEFAULT_TILE_OVERLAP))
+def tile_settings(options: Mapping[str, Any]) -> tuple[int, int]:
+    options = JobOptions.of(options)
+    return int(options["ESRGAN_tile"]), int(options["ESRGAN_tile_overlap"])
