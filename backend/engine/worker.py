@@ -225,7 +225,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         state["postprocess"].clear()
         return {"ok": True}
     if kind == "extras":
-        from backend.postprocess.extras import run_extras_job
+        from backend.engine.postprocess.extras import run_extras_job
         return run_extras_job(payload, state["postprocess"], control)
     if kind == "controlnet_detect":
         from backend.controlnet.service import run_detect_job

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from backend.core.errors import UserError
 from backend.core.paths import list_files
-from backend.state_dict_io import read_safetensors_metadata
+from backend.core.tensor_headers import read_safetensors_metadata
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")

@@ -23,7 +23,8 @@ from PIL import Image
 
 from backend import image_ops
 from backend.core.errors import JobInterrupted, UserError
-from backend.engine.postprocess.upscalers import check_output_size, target_size, upscale_for_job, upscaler_name
+from backend.engine.postprocess.upscalers import target_size, upscale_for_job
+from backend.postprocess.upscaler_catalog import check_output_size, upscaler_name
 from backend.core.request_checks import sd_upscale_args
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.processing import Generation

@@ -30,13 +30,9 @@ from backend.core.infotext import quote, read_infotext_from_image
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess import face_restore, upscalers
 from backend.postprocess.schemas import ExtrasImage, ExtrasRequest, ExtrasResult
+from backend.postprocess.upscaler_catalog import check_extras_size
 
 log = logging.getLogger("easel.extras")
-
-
-def validate(req: ExtrasRequest) -> None:
-    if req.resize_mode == 1:
-        upscalers.check_output_size(req.upscaling_resize_w, req.upscaling_resize_h, "The requested size")
 
 
 def _format_info(info: dict) -> str:
@@ -244,7 +240,7 @@ def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
     """
     req: ExtrasRequest = payload["request"]
     options: dict = payload["options"]
-    validate(req)
+    check_extras_size(req)
     runtime.apply_options(options)
     warnings: list[str] = []
     inputs = _inputs(payload, warnings)
