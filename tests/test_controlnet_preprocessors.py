@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from backend.engine.controlnet import annotators
 from backend.engine.controlnet.annotators import AnnotatorEnv
-from backend.controlnet.preprocessors import canny_edges, find_preprocessor, otsu_threshold, run_preprocessor
+from backend.core.preprocessor_catalog import find_preprocessor
+from backend.engine.controlnet.preprocessors import canny_edges, otsu_threshold, run_preprocessor
 from backend.core.errors import UserError
 
 torch.set_num_threads(1)
@@ -167,7 +168,7 @@ def test_openpose_and_mlsd_run_with_their_weight_files(tmp_path):
     out = run("openpose", drawn(), res=64, env=env)
     assert out.size == (85, 64) and arr(out).max() == 0  # random weights find nobody: a black map
     # /controlnet/detect's half in the backend: the same map, and the poses as OpenPose JSON
-    from backend.controlnet.service import run_detect_job
+    from backend.engine.controlnet.preprocessors import run_detect_job
     detected = run_detect_job({"module": "openpose", "images": [drawn()], "processor_res": 64}, env)
     assert detected["poses"] == [{"people": [], "canvas_width": 85, "canvas_height": 64}]
     assert Image.open(io.BytesIO(detected["maps"][0])).size == (85, 64)

@@ -9,7 +9,6 @@ shapes, metadata) are read without torch by `backend.core.tensor_headers`.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 from pathlib import Path

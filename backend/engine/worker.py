@@ -228,7 +228,7 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
         from backend.engine.postprocess.extras import run_extras_job
         return run_extras_job(payload, state["postprocess"], control)
     if kind == "controlnet_detect":
-        from backend.controlnet.service import run_detect_job
+        from backend.engine.controlnet.preprocessors import run_detect_job
         return run_detect_job(payload, state["annotators"])
     if kind == "cache_info":
         return {"loads": state["cache"].loads, "cached": [Path(k[0]).name for k in state["cache"].models]}

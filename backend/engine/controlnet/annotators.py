@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from backend.core.errors import UserError
-from backend.controlnet.preprocessors import RES, Preprocessor, Slider, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 
 log = logging.getLogger("easel.annotators")
 
@@ -207,7 +207,7 @@ def _scribble_hed(img, res, a, b, seed, **kw):
     """HED edges thinned to strokes: non-maximum suppression, threshold, and a little dilation."""
     padded, remove_pad = resize_with_pad(img, res)
     edge = hed_edges(padded, _env(kw)).astype(np.float32)
-    from backend.controlnet.preprocessors import gaussian_blur
+    from backend.engine.controlnet.preprocessors import gaussian_blur
     smooth = gaussian_blur(edge, 3.0)
     keep = np.zeros_like(smooth, dtype=bool)
     p = np.pad(smooth, 1, mode="edge")
@@ -452,7 +452,7 @@ def openpose_body(img: np.ndarray, env: AnnotatorEnv) -> list[list[tuple[float, 
 
 
 def _assemble_people(heat: np.ndarray, paf: np.ndarray, height: int) -> list:
-    from backend.controlnet.preprocessors import gaussian_blur
+    from backend.engine.controlnet.preprocessors import gaussian_blur
     peaks = []  # per part: [(x, y, score, id)]
     counter = 0
     for part in range(18):
@@ -1314,28 +1314,10 @@ def _segmentation(img, res, a, b, seed, **kw):
     return remove_pad(segment_ade20k(padded, _env(kw)))
 
 
-ANNOTATORS: list[Preprocessor] = [
-    Preprocessor("hed", _hed, RES, model_free=False, aliases=("softedge_hed",), control_type="SoftEdge",
-                 weights=(HED_WEIGHTS.filename,)),
-    Preprocessor("hed_safe", _hed_safe, RES, model_free=False, aliases=("softedge_hedsafe",), control_type="SoftEdge",
-                 weights=(HED_WEIGHTS.filename,)),
-    Preprocessor("scribble_hed", _scribble_hed, RES, model_free=False, control_type="Scribble",
-                 weights=(HED_WEIGHTS.filename,)),
-    Preprocessor("lineart", _lineart, RES, model_free=False, aliases=("lineart_realistic",), control_type="Lineart",
-                 weights=(LINEART_WEIGHTS.filename,)),
-    Preprocessor("lineart_coarse", _lineart_coarse, RES, model_free=False, control_type="Lineart",
-                 weights=(LINEART_COARSE_WEIGHTS.filename,)),
-    Preprocessor("lineart_anime", _lineart_anime, RES, model_free=False, control_type="Lineart",
-                 weights=(LINEART_ANIME_WEIGHTS.filename,)),
-    Preprocessor("openpose", _openpose, RES, model_free=False, control_type="OpenPose",
-                 weights=(OPENPOSE_BODY_WEIGHTS.filename,), with_poses=_openpose_with_json),
-    Preprocessor("mlsd", _mlsd, RES, Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
-                 Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01), model_free=False, control_type="MLSD",
-                 weights=(MLSD_WEIGHTS.filename,)),
-    Preprocessor("depth_anything", _depth_anything, RES, model_free=False, control_type="Depth",
-                 weights=(DEPTH_ANYTHING_WEIGHTS.filename,)),
-    Preprocessor("normal_bae", _normal_bae, RES, model_free=False, control_type="NormalMap",
-                 weights=(NORMAL_BAE_WEIGHTS.filename,)),
-    Preprocessor("segmentation", _segmentation, RES, model_free=False, aliases=("seg_ufade20k",),
-                 control_type="Segmentation", weights=(UNIFORMER_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): the model-based entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "hed": (_hed, None), "hed_safe": (_hed_safe, None), "scribble_hed": (_scribble_hed, None),
+    "lineart": (_lineart, None), "lineart_coarse": (_lineart_coarse, None), "lineart_anime": (_lineart_anime, None),
+    "openpose": (_openpose, _openpose_with_json), "mlsd": (_mlsd, None), "depth_anything": (_depth_anything, None),
+    "normal_bae": (_normal_bae, None), "segmentation": (_segmentation, None),
+}
