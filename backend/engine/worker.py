@@ -312,8 +312,8 @@ def _load_checkpoint(payload: dict, state: dict, limit: int):
 
 def _activate_networks(payload: dict, ctx, state) -> None:
     """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
-    and warnings, and the embeddings the prompts may use (`backend.networks.activation`)."""
-    from backend.networks.activation import activate_for_job
+    and warnings, and the embeddings the prompts may use (`backend.engine.networks.activation`)."""
+    from backend.engine.networks.activation import activate_for_job
     activate_for_job(payload.get("request"), ctx, state.get("networks"))
 
 
@@ -435,7 +435,7 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     hashes = HashCache(paths.cache_dir / "hashes.json")
     from backend.engine.controlnet.annotators import AnnotatorEnv
     from backend.engine.controlnet.runtime import ControlNetCache
-    from backend.networks.activation import NetworkRuntime
+    from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
     state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher(),
              "controlnets": ControlNetCache(policy),
