@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from backend import image_ops
+from backend.engine import image_ops
 from backend.core.errors import JobInterrupted, UserError
 from backend.engine.postprocess.upscalers import target_size, upscale_for_job
 from backend.postprocess.upscaler_catalog import check_output_size, upscaler_name

@@ -127,7 +127,7 @@ def planned_tiles(width: int, height: int, scale: float, model_scale: int, tile:
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     """-> (RGB image, alpha channel or None). 16-bit and palette images become 8-bit RGB."""
-    from backend.image_ops import flatten
+    from backend.core.image_prep import flatten
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return flatten(image if image.mode != "F" else image.convert("I")), None
