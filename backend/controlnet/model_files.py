@@ -115,8 +115,8 @@ class FileFamilies:
 class ControlNetRegistry:
     """The ControlNet files below the ControlNet folders; lookups accept titles, names, stems and hashes.
 
-    The family of each file is read lazily (only the header of a `.safetensors`, a memory-mapped
-    load of a `.pth`) and remembered by (path, size, mtime).
+    The family of each file is read lazily (only the header of a `.safetensors`, the pickle of a `.pth`
+    without its weights) and remembered by (path, size, mtime).
     """
 
     def __init__(self, folders: list[Path]):
