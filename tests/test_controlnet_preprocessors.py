@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw
 
 from backend.engine.controlnet import annotators
 from backend.engine.controlnet.annotators import AnnotatorEnv
-from backend.core.preprocessor_catalog import find_preprocessor
-from backend.engine.controlnet.preprocessors import canny_edges, otsu_threshold, run_preprocessor
+from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
+from backend.engine.controlnet.preprocessors import WEIGHTLESS_RUNNERS, canny_edges, otsu_threshold, run_preprocessor
 from backend.core.errors import UserError
 
 torch.set_num_threads(1)
@@ -32,6 +32,17 @@ def arr(img: Image.Image) -> np.ndarray:
 
 def run(name, img, res=-1, a=-1, b=-1, **kw):
     return run_preprocessor(find_preprocessor(name), img, res, a, b, **kw)
+
+
+def test_catalog_and_runners_name_the_same_preprocessors():
+    # The app lists the catalog (no torch); the backend runs each entry by name: neither may lack the other.
+    listed = all_preprocessors()
+    assert [p.name for p in listed if p.model_free] == list(WEIGHTLESS_RUNNERS)
+    assert [p.name for p in listed if not p.model_free] == list(annotators.RUNNERS)
+    weight_files = {w.filename for w in vars(annotators).values() if isinstance(w, annotators.WeightFile)}
+    for p in listed:
+        assert p.model_free == (not p.weights) and set(p.weights) <= weight_files, p.name
+        assert p.finds_poses == (p.model_free is False and annotators.RUNNERS[p.name][1] is not None), p.name
 
 
 def test_canny_finds_the_rectangle_outline_only():
