@@ -111,7 +111,8 @@ class _StorageType:
 
 
 class InertValue:
-    """Stands in for bookkeeping objects of old training checkpoints (Lightning callbacks, numpy scalars)."""
+    """Stands in for bookkeeping objects of old training checkpoints (Lightning callbacks, numpy scalars here):
+    created empty, it drops whatever state the pickle gives it, so nothing of the original class runs."""
 
     def __init__(self, *args, **kwargs):
         pass

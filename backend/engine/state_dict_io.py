@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from backend.core.errors import UserError
-from backend.core.tensor_headers import (INERT_GLOBALS, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, pickle_refused,
-                                        read_safetensors_header)
+from backend.core.tensor_headers import (INERT_GLOBALS, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, InertValue,
+                                        pickle_refused, read_safetensors_header)
 
 
 def read_state_dict(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -70,24 +70,10 @@ def _header_length(path: Path) -> int:
         return struct.unpack("<Q", f.read(8))[0]
 
 
-class _InertStandIn:
-    """Stands in for harmless bookkeeping objects (Lightning callbacks) found in old training checkpoints.
-
-    It is created empty and drops whatever state the pickle gives it, so nothing of
-    the original class runs.
-    """
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
 def safe_unpickle_globals() -> list:
     """The extra globals `torch.load(weights_only=True)` may accept: inert stand-ins for training-only
     classes and numpy scalars/dtypes, all plain data. Use with `torch.serialization.safe_globals`."""
-    extra: list = [(_InertStandIn, name) for name in INERT_GLOBALS]
+    extra: list = [(InertValue, name) for name in INERT_GLOBALS]
     try:  # numpy scalars and dtypes (e.g. a `global_step` saved as numpy.int64) are plain data
         import numpy as np
         try:
