@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from backend.checkpoints import ModelFile
 from backend.core.cmd_args import parse_args
 from backend.engine.controlnet.apply import ActiveControl, ControlSet
-from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+from backend.controlnet.units import UnitJob
+from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
 from backend.engine.controlnet.script import ControlNetHook
 from backend.controlnet.units import ControlUnit
 from backend.engine.devices import DevicePolicy

@@ -19,7 +19,7 @@ from backend.core.infotext import parse_infotext
 from backend.core.options import SETTINGS
 from backend.engine.pipelines import img2img, sd_upscale
 from backend.engine.pipelines.common import JobContext
-from backend.engine.postprocess import upscalers
+from backend.postprocess import upscaler_catalog
 from backend.core import request_checks
 from backend.core.sampler_catalog import resolve_sampling
 from backend.core.schemas import Img2ImgRequest
@@ -77,11 +77,11 @@ def test_script_args_are_checked_with_clear_messages():
 
 
 def test_upscaler_by_index_or_name():
-    assert upscalers.upscaler_name(1, None) == "Lanczos" and upscalers.upscaler_name("nearest", None) == "Nearest"
+    assert upscaler_catalog.upscaler_name(1, None) == "Lanczos" and upscaler_catalog.upscaler_name("nearest", None) == "Nearest"
     with pytest.raises(UserError, match="index 9 is out of range"):
-        upscalers.upscaler_name(9, None)
+        upscaler_catalog.upscaler_name(9, None)
     with pytest.raises(UserError, match="Unknown upscaler 'Magic'"):
-        upscalers.upscaler_name("Magic", None)
+        upscaler_catalog.upscaler_name("Magic", None)
 
 
 # -- the job, run directly --------------------------------------------------------------------------------------

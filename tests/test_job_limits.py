@@ -218,7 +218,8 @@ def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, t
 def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
     from controlnet_factory import write_tiny_controlnet
 
-    from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+    from backend.controlnet.units import UnitJob
+    from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
     from backend.controlnet.units import ControlUnit
 
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32)

@@ -15,7 +15,7 @@ from PIL import Image
 from backend.engine import worker
 from backend.checkpoints import HashCache, ModelFile
 from backend.engine.devices import DevicePolicy
-from backend.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
+from backend.engine.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
 from backend.engine.pipelines.common import StepClock
 from backend.core.options import SETTINGS
 from backend.core.sampler_catalog import resolve_sampling

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from backend.client import BackendError
-from backend.controlnet.preprocessors import all_preprocessors, find_preprocessor
+from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
 from backend.controlnet.units import CONTROL_MODES, RESIZE_MODES
 from backend.core.errors import UserError
 from backend.service import EaselService

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs 
     from backend.engine.loaded_model import LoadedModel
     from backend.engine.pipelines.common import JobContext, JobControl
     from backend.engine.postprocess.runtime import PostprocessRuntime
-    from backend.networks.activation import NetworkRuntime
+    from backend.engine.networks.activation import NetworkRuntime
     from backend.postprocess.schemas import ExtrasResult
 
 log = logging.getLogger("easel.backend")
@@ -280,12 +280,12 @@ def _unload(state: WorkerState, payload: dict, control: JobControl) -> dict:
 
 
 def _extras(state: WorkerState, payload: dict, control: JobControl) -> ExtrasResult:
-    from backend.postprocess.extras import run_extras_job
+    from backend.engine.postprocess.extras import run_extras_job
     return run_extras_job(payload, state.postprocess, control)
 
 
 def _controlnet_detect(state: WorkerState, payload: dict, control: JobControl) -> dict:
-    from backend.controlnet.service import run_detect_job
+    from backend.engine.controlnet.preprocessors import run_detect_job
     return run_detect_job(payload, state.annotators)
 
 
@@ -416,8 +416,8 @@ def _load_checkpoint(payload: GenerationPayload, state: WorkerState, limit: int)
 
 def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
     """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
-    and warnings, and the embeddings the prompts may use (`backend.networks.activation`)."""
-    from backend.networks.activation import activate_for_job
+    and warnings, and the embeddings the prompts may use (`backend.engine.networks.activation`)."""
+    from backend.engine.networks.activation import activate_for_job
     activate_for_job(payload.get("request"), ctx, state.networks)
 
 
@@ -554,7 +554,7 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     hashes = HashCache(paths.cache_dir / "hashes.json")
     from backend.engine.controlnet.annotators import AnnotatorEnv
     from backend.engine.controlnet.runtime import ControlNetCache
-    from backend.networks.activation import NetworkRuntime
+    from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
     state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
                         controlnets=ControlNetCache(policy),

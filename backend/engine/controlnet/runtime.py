@@ -13,29 +13,22 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from backend.core.errors import JobInterrupted, UserError
-from backend.engine.model_detection import FAMILY_NAMES
+from backend.core.unet_layout import FAMILY_NAMES
 from backend.engine.controlnet.apply import ActiveControl, ControlSet
-from backend.controlnet.model_files import detect_controlnet, load_controlnet, read_shapes
-from backend.controlnet.preprocessors import find_preprocessor, run_preprocessor
-from backend.controlnet.units import ControlUnit, check_unit, pixel_perfect_resolution, unit_infotext
+from backend.controlnet.model_files import detect_controlnet
+from backend.core.tensor_headers import read_shapes
+from backend.engine.controlnet.model_files import load_controlnet
+from backend.core.preprocessor_catalog import find_preprocessor
+from backend.engine.controlnet.preprocessors import run_preprocessor
+from backend.controlnet.units import UnitJob, check_unit, pixel_perfect_resolution, unit_infotext
 
 log = logging.getLogger("easel.controlnet")
-
-
-@dataclass
-class UnitJob:
-    """A unit as the app process sends it: the parsed unit plus its resolved model file."""
-
-    unit: ControlUnit
-    model_path: str | None  # None for units without a model
-    model_title: str
 
 
 class ControlNetCache:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines
 
     from backend.checkpoints import ModelFile
     from backend.core.sampler_catalog import SamplingChoice
-    from backend.embeddings import JobEmbeddings
+    from backend.engine.embeddings import JobEmbeddings
     from backend.engine.devices import DevicePolicy
     from backend.engine.loaded_model import LoadedModel
     from backend.engine.postprocess.runtime import PostprocessRuntime

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backend import image_ops
+from backend.engine import image_ops
 from backend.core.errors import JobInterrupted, UserError
 from backend.core.image_codec import folder_images, open_folder_image
 from backend.core.images import save_image_or_warn

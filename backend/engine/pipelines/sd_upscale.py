@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from backend import image_ops
+from backend.engine import image_ops
 from backend.core.errors import JobInterrupted
-from backend.engine.postprocess.upscalers import check_output_size, target_size, upscale_for_job, upscaler_name
+from backend.engine.postprocess.upscalers import target_size, upscale_for_job
+from backend.postprocess.upscaler_catalog import check_output_size, upscaler_name
 from backend.core.request_checks import sd_upscale_args
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.processing import Generation

@@ -52,7 +52,6 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
 
 def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
     gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
-    sampler_info, schedule = gen.sampler_info, gen.schedule
 
     hires = req.enable_hr
     hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)

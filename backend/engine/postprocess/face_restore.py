@@ -28,24 +28,16 @@ from backend.core.errors import JobInterrupted, UserError
 from backend.core.job_options import JobOptions
 from backend.core.paths import list_files
 from backend.engine.postprocess.face_detection import FACE_SIZE, align_face
-from backend.postprocess.model_files import MODEL_EXTENSIONS, is_helper_file
+from backend.postprocess.model_files import MODEL_EXTENSIONS, canonical_name, is_helper_file
 
 log = logging.getLogger("easel.postprocess")
 
-FACE_RESTORERS = ("CodeFormer", "GFPGAN")
 DOWNLOADS = {
     "GFPGAN": ("https://github.com/TencentARC/GFPGAN/releases/download/v1.3.4/GFPGANv1.4.pth", "GFPGANv1.4.pth"),
     "CodeFormer": ("https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
                    "codeformer-v0.1.0.pth"),
 }
 NO_FACE_NOTE = "No face was found in the image; it is unchanged."
-
-
-def canonical_name(name: str) -> str:
-    for known in FACE_RESTORERS:
-        if (name or "").strip().lower() == known.lower():
-            return known
-    raise UserError(f"Unknown face restoration model {name!r}. Available: {', '.join(FACE_RESTORERS)}.")
 
 
 def find_model_file(name: str, folders: list[Path]) -> Path | None:

@@ -31,13 +31,9 @@ from backend.core.job_options import JobOptions
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess import face_restore, upscalers
 from backend.postprocess.schemas import ExtrasImage, ExtrasRequest, ExtrasResult
+from backend.postprocess.upscaler_catalog import check_extras_size
 
 log = logging.getLogger("easel.extras")
-
-
-def validate(req: ExtrasRequest) -> None:
-    if req.resize_mode == 1:
-        upscalers.check_output_size(req.upscaling_resize_w, req.upscaling_resize_h, "The requested size")
 
 
 def _format_info(info: dict) -> str:
@@ -246,7 +242,7 @@ def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
     """
     req: ExtrasRequest = payload["request"]
     options = JobOptions.of(payload["options"])
-    validate(req)
+    check_extras_size(req)
     runtime.apply_options(options)
     warnings: list[str] = []
     inputs = _inputs(payload, warnings)
