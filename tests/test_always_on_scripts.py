@@ -4,6 +4,7 @@ the `ScriptJob` its scripts see and their hooks into the job's `sampling_hooks`.
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -42,8 +43,12 @@ def test_engine_script_job_and_hooks(monkeypatch):
 
     hook = SamplingHook()
     seen = {}
-    fake = types.SimpleNamespace(prepare=lambda args, job, ctx, resources: (
-        seen.update(args=args, job=job, resources=resources) or ([hook], [b"png"])))
+    made = []
+    fake = types.SimpleNamespace(
+        prepare=lambda args, job, ctx, resources: (
+            seen.update(args=args, job=job, resources=resources) or ([hook], [b"png"])),
+        runtime=lambda policy, models_dir: made.append((policy, models_dir)) or {"cache": len(made)},
+        detect=lambda payload, runtime: {"payload": payload, "runtime": runtime})
     monkeypatch.setitem(always_on.ENGINE_SCRIPTS, "doubler", "fake_script_module")
     monkeypatch.setattr(always_on.importlib, "import_module", lambda name: fake if name == "fake_script_module" else None)
 
@@ -58,8 +63,15 @@ def test_engine_script_job_and_hooks(monkeypatch):
     assert job.init_mask.getextrema() == (255, 255)  # "Inpaint not masked": the scripts see the area repainted
 
     ctx = types.SimpleNamespace(sampling_hooks=[])
-    images = always_on.prepare_scripts({"doubler": [2, 4]}, job, ctx, {"cache": 1})
+    runtimes = always_on.ScriptRuntimes("policy", "models")
+    images = always_on.prepare_scripts({"doubler": [2, 4]}, job, ctx, runtimes)
     assert images == [b"png"] and ctx.sampling_hooks == [hook]
     assert seen["args"] == [2, 4] and seen["job"] is job and seen["resources"] == {"cache": 1}
+    # The script's runtime is made once, on first use, and kept between jobs.
+    always_on.prepare_scripts({"doubler": [1]}, job, ctx, runtimes)
+    assert made == [("policy", Path("models"))] and seen["resources"] is runtimes.get("doubler")
+    # A job kind the script adds runs its function with the payload and the same runtime.
+    monkeypatch.setitem(always_on.SCRIPT_JOBS, "doubler_detect", ("doubler", "detect"))
+    assert always_on.run_script_job("doubler_detect", {"x": 1}, runtimes) == {"payload": {"x": 1}, "runtime": {"cache": 1}}
     with pytest.raises(ValueError, match="no engine component"):
         always_on.prepare_scripts({"unknown": []}, job, ctx, {})

@@ -54,13 +54,13 @@ class Recorder:
 def test_jobs_without_a_model_run_through_the_table():
     import torch
 
-    cache, controlnets, postprocess = Recorder(), Recorder(), Recorder()
+    cache, scripts, postprocess = Recorder(), Recorder(), Recorder()
     state = worker.WorkerState(policy=types.SimpleNamespace(device=torch.device("cpu")), hashes=None, cache=cache,
-                               vae=None, controlnets=controlnets, postprocess=postprocess)
+                               vae=None, scripts=scripts, postprocess=postprocess)
     control = common.StepClock()
     assert worker.run_job("cache_info", {}, state, control) == {"loads": 3, "cached": ["a.safetensors", "b.ckpt"]}
     assert worker.run_job("unload", {}, state, control) == {"ok": True}
-    assert (cache.cleared, controlnets.cleared, postprocess.cleared) == (1, 1, 1)
+    assert (cache.cleared, scripts.cleared, postprocess.cleared) == (1, 1, 1)
     report = worker.run_job("memory", {}, state, control)
     assert report["ram"]["total"] > 0 and set(report) == {"ram", "cuda"}
 

@@ -15,13 +15,12 @@ from backend.client import BackendError, Job
 from backend.core.errors import UserError
 from backend.controlnet.model_files import ControlNetRegistry, FileFamilies
 from backend.core.tensor_headers import read_shapes
-from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
+from backend.core.preprocessor_catalog import ANNOTATORS_FOLDER, all_preprocessors, find_preprocessor
 from backend.controlnet.units import ControlUnit, UnitJob, check_unit, parse_controlnet_args
 
 log = logging.getLogger("easel.controlnet")
 
 API_VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers
-ANNOTATORS_FOLDER = "ControlNet-annotators"
 
 
 def checkpoint_family(path: Path) -> str | None:

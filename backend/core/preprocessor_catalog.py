@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from backend.core.errors import UserError
 
+# The folder under models/ that holds the annotators' weight files.
+ANNOTATORS_FOLDER = "ControlNet-annotators"
+
 
 @dataclass(frozen=True)
 class Slider:

@@ -3,24 +3,71 @@ checked arguments into sampling hooks for the job.
 
 The app process parses a request's `alwayson_scripts` through its registry (`backend.always_on_scripts`) and
 sends the results as the payload's `scripts` ({name: parsed arguments}). Here `ENGINE_SCRIPTS` maps each name
-to the module that prepares it: `prepare(args, job, ctx, resources) -> (hooks, images)`, where `job` is the
+to the module that prepares it: `prepare(args, job, ctx, runtime) -> (hooks, images)`, where `job` is the
 `ScriptJob` below, `ctx` the pipeline's `JobContext` (for warnings, infotext, the model and the device policy),
-`resources` what the backend process keeps between jobs (caches), hooks are `SamplingHook`s and images are PNG
-bytes shown after the job's pictures (A1111 scripts' extra images). Modules are imported on first use.
+`runtime` what the script keeps in the backend process between jobs (made by the module's `runtime(policy,
+models_dir)`, held in `ScriptRuntimes`), hooks are `SamplingHook`s and images are PNG bytes shown after the job's
+pictures (A1111 scripts' extra images). A script may also add job kinds of its own to the worker (`SCRIPT_JOBS`).
+Modules are imported on first use.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
 from backend.core.request_checks import hires_size as hires_size_of
 
-# Script name (lower case, as the request spells it) -> module with `prepare`.
+# Script name (lower case, as the request spells it) -> module with `prepare` (and, when it keeps caches between
+# jobs, `runtime(policy, models_dir)` that makes them).
 ENGINE_SCRIPTS: dict[str, str] = {
     "controlnet": "backend.engine.controlnet.script",
 }
+
+# Job kinds a script adds to the worker's table (the app submits them for the script's own API routes and UI
+# buttons): kind -> (script name, name of the module's function called with the payload and the script's runtime).
+SCRIPT_JOBS: dict[str, tuple[str, str]] = {
+    "controlnet_detect": ("controlnet", "detect"),
+}
+
+
+def _module(name: str):
+    module = ENGINE_SCRIPTS.get(name)
+    if module is None:  # the app's registry and this one list the same names
+        raise ValueError(f"always-on script {name!r} has no engine component")
+    return importlib.import_module(module)
+
+
+class ScriptRuntimes:
+    """What the scripts' engine components keep in the backend process between jobs (loaded models, caches),
+    one runtime per script, made on first use by its module's `runtime(policy, models_dir)`."""
+
+    def __init__(self, policy, models_dir: Path):
+        self.policy = policy
+        self.models_dir = Path(models_dir)
+        self._runtimes: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        """The script's runtime (None for a script that keeps nothing)."""
+        if name not in self._runtimes:
+            make = getattr(_module(name), "runtime", None)
+            self._runtimes[name] = make(self.policy, self.models_dir) if make is not None else None
+        return self._runtimes[name]
+
+    def clear(self) -> None:
+        """Release what the runtimes hold (the worker's `unload` job)."""
+        for runtime in self._runtimes.values():
+            if runtime is not None and hasattr(runtime, "clear"):
+                runtime.clear()
+
+
+def run_script_job(kind: str, payload: dict, runtimes: ScriptRuntimes) -> Any:
+    """A job kind of `SCRIPT_JOBS`: the script's function with the payload and the script's runtime."""
+    name, function = SCRIPT_JOBS[kind]
+    return getattr(_module(name), function)(payload, runtimes.get(name))
 
 
 @dataclass(frozen=True)
@@ -51,15 +98,12 @@ def script_job(kind: str, payload: dict, init_image=None, init_mask=None) -> Scr
                      init_image=init_image, init_mask=init_mask, seed=max(0, int(req.seed)))
 
 
-def prepare_scripts(scripts: dict, job: ScriptJob, ctx, resources) -> list[bytes]:
+def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes) -> list[bytes]:
     """Prepare every script of the job, in the request's order: their hooks become `ctx.sampling_hooks`;
-    returns their images (PNG)."""
+    returns their images (PNG). Each script's `prepare(args, job, ctx, runtime)` gets its own runtime."""
     hooks, images = [], []
     for name, args in scripts.items():
-        module = ENGINE_SCRIPTS.get(name)
-        if module is None:  # the app's registry and this one list the same names
-            raise ValueError(f"always-on script {name!r} has no engine component")
-        new_hooks, new_images = importlib.import_module(module).prepare(args, job, ctx, resources)
+        new_hooks, new_images = _module(name).prepare(args, job, ctx, runtimes.get(name))
         hooks.extend(new_hooks)
         images.extend(new_images)
     ctx.sampling_hooks = hooks

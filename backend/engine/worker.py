@@ -22,14 +22,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypedDict
 
+from backend.engine.always_on import SCRIPT_JOBS, ScriptRuntimes  # torch-free
+
 if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs them
     from PIL import Image
 
     from backend.checkpoints import HashCache, ModelFile
     from backend.core.sampler_catalog import SamplingChoice
     from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
-    from backend.engine.controlnet.annotators import AnnotatorEnv
-    from backend.engine.controlnet.runtime import ControlNetCache
     from backend.engine.devices import DevicePolicy
     from backend.engine.loaded_model import LoadedModel
     from backend.engine.pipelines.common import JobContext, JobControl
@@ -239,8 +239,7 @@ class WorkerState:
     hashes: HashCache  # the model files' sha256 (infotext hashes), cached on disk
     cache: ModelCache  # loaded checkpoints, least recently used first
     vae: VaeSwitcher  # the VAE file applied to the active checkpoint
-    controlnets: ControlNetCache | None = None  # loaded ControlNet models
-    annotators: AnnotatorEnv | None = None  # the ControlNet preprocessors' weights and device
+    scripts: ScriptRuntimes | None = None  # what the always-on scripts keep between jobs (e.g. loaded ControlNets)
     postprocess: PostprocessRuntime | None = None  # upscaler and face restoration models
     networks: NetworkRuntime | None = None  # LoRA and embedding files
 
@@ -273,7 +272,7 @@ def _memory(state: WorkerState, payload: dict, control: JobControl) -> dict:
 
 def _unload(state: WorkerState, payload: dict, control: JobControl) -> dict:
     state.cache.clear()
-    for runtime in (state.controlnets, state.postprocess):
+    for runtime in (state.scripts, state.postprocess):
         if runtime is not None:
             runtime.clear()
     return {"ok": True}
@@ -284,9 +283,13 @@ def _extras(state: WorkerState, payload: dict, control: JobControl) -> ExtrasRes
     return run_extras_job(payload, state.postprocess, control)
 
 
-def _controlnet_detect(state: WorkerState, payload: dict, control: JobControl) -> dict:
-    from backend.engine.controlnet.preprocessors import run_detect_job
-    return run_detect_job(payload, state.annotators)
+def _script_job(kind: str) -> JobHandler:
+    """The handler of a job kind an always-on script adds (`backend.engine.always_on.SCRIPT_JOBS`)."""
+    def handler(state: WorkerState, payload: dict, control: JobControl) -> Any:
+        from backend.engine.always_on import run_script_job
+        return run_script_job(kind, payload, state.scripts)
+    handler.__name__ = f"_script_job_{kind}"
+    return handler
 
 
 def _cache_info(state: WorkerState, payload: dict, control: JobControl) -> dict:
@@ -432,7 +435,7 @@ def _prepare_scripts(kind: str, payload: GenerationPayload, ctx: JobContext, sta
     if not scripts:
         return []
     from backend.engine.always_on import prepare_scripts, script_job
-    return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state)
+    return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state.scripts)
 
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
@@ -461,12 +464,12 @@ JOB_HANDLERS: Mapping[str, JobHandler] = MappingProxyType({
     "memory": _memory,
     "unload": _unload,
     "extras": _extras,
-    "controlnet_detect": _controlnet_detect,
     "cache_info": _cache_info,
     "load": _load,
     "txt2img": _txt2img,
     "img2img": _img2img,
     "img2img_batch": _img2img_batch,
+    **{kind: _script_job(kind) for kind in SCRIPT_JOBS},
 })
 
 
@@ -552,13 +555,10 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
         if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical:
             torch.set_num_threads(physical)
     hashes = HashCache(paths.cache_dir / "hashes.json")
-    from backend.engine.controlnet.annotators import AnnotatorEnv
-    from backend.engine.controlnet.runtime import ControlNetCache
     from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
     state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
-                        controlnets=ControlNetCache(policy),
-                        annotators=AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device)),
+                        scripts=ScriptRuntimes(policy, paths.models_dir),
                         postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths))
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())

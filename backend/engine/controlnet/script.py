@@ -1,10 +1,15 @@
 """ControlNet as an always-on script of the engine: its units become one sampling hook that adds the
 ControlNets' residuals to the UNet (`backend.engine.always_on` calls `prepare`; the math is in `apply.py`,
-loading and preprocessing in `runtime.py`)."""
+loading and preprocessing in `runtime.py`), and the preprocessor-preview job (`detect`)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from backend.core.preprocessor_catalog import ANNOTATORS_FOLDER
+from backend.engine.controlnet.annotators import AnnotatorEnv
 from backend.engine.controlnet.apply import ControlSet
-from backend.engine.controlnet.runtime import prepare_controls
+from backend.engine.controlnet.preprocessors import run_detect_job
+from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
 from backend.engine.sampling_hooks import HIRES_PASS, SamplingHook, StepState, UNetCall
 
 
@@ -22,10 +27,30 @@ class ControlNetHook(SamplingHook):
             height=state.height, hires=state.pass_name == HIRES_PASS) or None
 
 
-def prepare(units: list, job, ctx, resources) -> tuple[list[SamplingHook], list[bytes]]:
-    """The units (`runtime.UnitJob`s, checked by the app) loaded and preprocessed -> ([hook] or [], detected maps).
-    `resources`: the backend's state, with `controlnets` (ControlNetCache) and `annotators` (AnnotatorEnv)."""
-    controls, maps = prepare_controls(units, ctx, resources.controlnets, width=job.width, height=job.height,
+class ControlNetRuntime:
+    """What ControlNet keeps in the backend process between jobs: the loaded ControlNet models (placed beside the
+    checkpoint they run with) and the annotators' weights."""
+
+    def __init__(self, policy, models_dir: Path):
+        self.controlnets = ControlNetCache(policy)
+        self.annotators = AnnotatorEnv(Path(models_dir) / ANNOTATORS_FOLDER, device=str(policy.device))
+
+    def clear(self) -> None:
+        self.controlnets.clear()
+
+
+def runtime(policy, models_dir: Path) -> ControlNetRuntime:
+    return ControlNetRuntime(policy, models_dir)
+
+
+def prepare(units: list, job, ctx, runtime: ControlNetRuntime) -> tuple[list[SamplingHook], list[bytes]]:
+    """The units (`UnitJob`s, checked by the app) loaded and preprocessed -> ([hook] or [], detected maps)."""
+    controls, maps = prepare_controls(units, ctx, runtime.controlnets, width=job.width, height=job.height,
                                       hires_size=job.hires_size, init_image=job.init_image, init_mask=job.init_mask,
-                                      seed=job.seed, annotator_env=resources.annotators)
+                                      seed=job.seed, annotator_env=runtime.annotators)
     return ([ControlNetHook(controls)] if controls else []), maps
+
+
+def detect(payload: dict, runtime: ControlNetRuntime) -> dict:
+    """The `controlnet_detect` job (the API's /controlnet/detect, the UI's preview): the preprocessor's maps."""
+    return run_detect_job(payload, runtime.annotators)
