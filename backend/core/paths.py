@@ -29,7 +29,7 @@ MODEL_FOLDERS = {
     "VAE-taesd": "Put TAESD models here.txt",
 }
 
-PROGRAM_DIR = Path(__file__).resolve().parent.parent  # the folder holding app.py
+PROGRAM_DIR = Path(__file__).resolve().parents[2]  # the folder holding app.py (backend/core/ is two below it)
 PROGRAM_FOLDERS = ("backend", "api", "ui", "extensions", ".git")
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache" / "clip_tokenizer"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "cache" / "clip_tokenizer"  # <repo>/cache
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
 BOS = "<|startoftext|>"
