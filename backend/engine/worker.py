@@ -261,7 +261,8 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                result = _run_pipeline(kind, payload, ctx, state)
+                result = (_run_script(kind, payload, ctx, state) if payload.get("script")
+                          else _run_pipeline(kind, payload, ctx, state))
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -331,6 +332,23 @@ def _prepare_scripts(kind: str, payload: dict, ctx, state, init_image=None, init
         return []
     from backend.engine.always_on import prepare_scripts, script_job
     return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state)
+
+
+def _run_script(kind: str, payload: dict, ctx, state):
+    """A selectable script's job (Prompt matrix, Loopback, ...): the script runs the pipeline as often as it needs
+    (`backend.engine.scripts`), each time with the LoRAs of its prompts."""
+    from backend.engine.scripts import run_script
+
+    active = [(payload["request"].prompt, payload["request"].negative_prompt)]  # whose LoRAs are applied
+
+    def run_pipeline(changed: dict):
+        prompts = (changed["request"].prompt, changed["request"].negative_prompt)
+        if prompts != active[0]:
+            _activate_networks(changed, ctx, state)
+            active[0] = prompts
+        return _run_pipeline(kind, changed, ctx, state)
+
+    return run_script(kind, payload, ctx, run_pipeline)
 
 
 def _run_pipeline(kind: str, payload: dict, ctx, state):
