@@ -230,7 +230,7 @@ class EaselService:
                 sampler_catalog.resolve_sampler(derived.sampler_name or derived.sampler_index, derived.scheduler,
                                                 self.options["default_sampler"])
             except UserError as exc:
-                raise UserError(f"{label}: {exc.message}", status=exc.status) from None
+                raise UserError(f"{label}: {exc.message}", status=422 if exc.status == 400 else exc.status) from None
         max_images = int(self.options["max_images_per_job"])
         if prepared.images is not None and prepared.images > max_images:
             raise UserError(f"{spec.title} would make {prepared.images} images; the limit is {max_images} images per "

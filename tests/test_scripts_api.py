@@ -113,7 +113,7 @@ def test_prompts_from_file_iterate_seed_and_position(api):
     assert info["all_prompts"] == ["base one", "base two"] and info["all_seeds"] == [7, 8]
 
 
-@pytest.mark.parametrize("line, words", [("--stepz 3", "line 1"), ("--steps many", "--steps 'many'"),
+@pytest.mark.parametrize("line, words", [("--stepz 3", "unknown commandline option: --stepz"), ("--steps many", "--steps 'many'"),
                                          ("--steps 999", "steps must be between"),
                                          ("--sampler_name Nope", "Nope"),
                                          ("--outpath_samples /tmp", "output folders")])
