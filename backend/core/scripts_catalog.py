@@ -163,7 +163,7 @@ class ScriptSpec:
             value = values[i] if i < len(values) else spec.default
             if value is None and spec.kind not in ("info", "textbox"):
                 value = spec.default  # a null (a client's "unset") takes the control's default
-            checked.append(spec.check(value, f"{self.title}: script_args[{i}] ({spec.label})"))
+            checked.append(spec.check(value, f"{self.title} script_args[{i}]: {spec.label.lower()}"))
         return checked
 
     def values(self, checked: list) -> dict:
