@@ -160,9 +160,19 @@ class ScriptRun:
         return GenerationResult(images=images, info=info, warnings=warnings, interrupted=stopped)
 
     def run(self, name: str, script: Callable, args) -> GenerationResult:
+        import torch
+
+        from backend.core.errors import UserError
+
         try:
             return script(args, self, self.generate)
         except ScriptStopped:  # Interrupt: the images made so far are the answer
             made = [image for result in self.results for image in result.images if not image.is_grid]
             return self.answer(made, interrupted=True)
+        except UserError as exc:
+            raise UserError(f"Script '{name}': {exc.message}", status=exc.status) from exc
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the worker steps the device policy down and runs the job again
+        except Exception as exc:  # a bug in the script: the job fails naming it (the worker logs the traceback)
+            raise RuntimeError(f"Script '{name}' failed: {type(exc).__name__}: {exc}") from exc
 
