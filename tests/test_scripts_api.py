@@ -162,7 +162,7 @@ def test_unknown_alwayson_script_is_422(api):
 
 @pytest.mark.parametrize("name, args, words", [
     ("Prompt matrix", [False, False, "sideways"], "script_args[2]: select prompt must be one of"),
-    ("Prompt matrix", [False, False, "positive", "comma", 9999], "script_args[4]: grid margins (px) must be between 0 and 500"),
+    ("Prompt matrix", [False, False, "positive", "comma", 9999], "script_args[4]: grid margins (px) must be between 0 and 2048"),
     ("Prompt matrix", [False, False, "positive", "comma", 0, "extra"], "takes 5 script_args"),
 ])
 def test_bad_script_arg_is_named(api, name, args, words):
@@ -172,7 +172,7 @@ def test_bad_script_arg_is_named(api, name, args, words):
 
 def test_bad_loopback_arg_is_named(api):
     r = api.post("/img2img", json=body(picture(64, 64), script_name="Loopback", script_args=[0]))
-    assert r.status_code == 422 and "script_args[0]: loops must be between 1 and 32" in r.json()["detail"], r.text
+    assert r.status_code == 422 and "script_args[0]: loops must be between 1 and 1000" in r.json()["detail"], r.text
     r = api.post("/img2img", json=body(picture(64, 64), script_name="Loopback",
                                        script_args=[2, 0.5, "Linear", "CLIP"]))
     assert r.status_code == 422 and "interrogat" in r.json()["detail"], r.text

@@ -73,3 +73,21 @@ def test_legends_leave_the_cells_and_mark_inactive_parts():
     legend = np.asarray(annotated.crop((pad_left, 0, annotated.width, pad_top)))
     assert (legend == 0).all(axis=-1).any()  # the active label in black
     assert (legend == 153).all(axis=-1).any()  # the inactive one in grey
+
+
+def test_list_arguments_for_multiselect_dropdowns():
+    from backend.core.scripts_catalog import ScriptArg
+    arg = ScriptArg("values", "X values", "list", [])
+    assert arg.check(["Euler", "DDIM"], "X") == ["Euler", "DDIM"] and arg.check("Euler", "X") == ["Euler"]
+    assert arg.check(None, "X") == [] and arg.check([1, 2.5], "X") == ["1", "2.5"]
+    with pytest.raises(UserError, match="X must be a list of values"):
+        arg.check([{"a": 1}], "X")
+
+
+def test_api_accepts_wider_ranges_than_the_sliders_where_safe():
+    spec = ScriptCatalog(SCRIPTS).find("Poor man's outpainting", "img2img")
+    assert spec.check_args([512])[0] == 512  # A1111's API takes more than its 256-pixel slider
+    info = next(i for i in ScriptCatalog(SCRIPTS).script_info() if i["name"] == "poor man's outpainting")
+    assert info["args"][0]["maximum"] == 256
+    with pytest.raises(UserError, match="between 8 and 2048"):
+        spec.check_args([4096])

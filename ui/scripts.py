@@ -42,6 +42,9 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
     if kind == "checkboxgroup":
         return gr.CheckboxGroup(list(spec.choices), value=list(spec.default or []), label=spec.label,
                                 elem_id=elem_id)
+    if kind == "list":
+        return gr.Dropdown(list(spec.choices or []), value=list(spec.default or []), multiselect=True,
+                           allow_custom_value=True, label=spec.label, elem_id=elem_id)
     if kind == "textbox":
         return gr.Textbox(spec.default or "", lines=spec.lines, label=spec.label, elem_id=elem_id)
     if kind == "upscaler":

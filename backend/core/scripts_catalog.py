@@ -34,8 +34,10 @@ class ScriptArg:
 
     kind: "checkbox" (bool), "slider"/"number" (a number in [minimum, maximum]; whole when `step` is whole),
     "radio"/"dropdown" (one of `choices`; `index=True`: A1111 passes the choice's index), "checkboxgroup" (a list
-    of `choices`; a single string is taken as a list of one), "textbox" (text), "upscaler" (an upscaler's index
-    or name, checked where the upscaler list is known), "info" (A1111's HTML/markdown placeholder: any value).
+    of `choices`; a single string is taken as a list of one), "list" (a list of values the script's `prepare`
+    checks, e.g. X/Y/Z plot's dropdown values: A1111's multiselect dropdown), "textbox" (text), "upscaler" (an
+    upscaler's index or name, checked where the upscaler list is known), "info" (A1111's HTML/markdown
+    placeholder: any value). `accept`: the range the API takes when wider than the slider's.
     """
 
     key: str
@@ -48,6 +50,9 @@ class ScriptArg:
     choices: tuple | None = None
     index: bool = False
     lines: int = 1
+    # The range the API accepts when wider than the control's (A1111 does not hold API values to its sliders;
+    # Easel holds them to what is safe): (low, high).
+    accept: tuple[float, float] | None = None
 
     @property
     def whole(self) -> bool:
@@ -75,9 +80,9 @@ class ScriptArg:
                 raise UserError(f"{where} must be a number, got {value!r}.", status=422) from None
             if not math.isfinite(number):
                 raise UserError(f"{where} must be a finite number, got {value!r}.", status=422)
-            if self.minimum is not None and number < self.minimum or self.maximum is not None and number > self.maximum:
-                raise UserError(f"{where} must be between {self.minimum:g} and {self.maximum:g}, got {number:g}.",
-                                status=422)
+            low, high = self.accept or (self.minimum, self.maximum)
+            if low is not None and number < low or high is not None and number > high:
+                raise UserError(f"{where} must be between {low:g} and {high:g}, got {number:g}.", status=422)
             return int(round(number)) if self.whole else number
         if kind in ("radio", "dropdown"):
             choices = list(self.choices or ())
@@ -106,6 +111,12 @@ class ScriptArg:
                     raise UserError(f"{where}: {item!r} is not one of {_listing(self.choices or ())}.", status=422)
                 picked.append(match)
             return picked
+        if kind == "list":
+            values = [] if value is None else ([value] if isinstance(value, str) else value)
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, (str, int, float)) and
+                                                                not isinstance(v, bool) for v in values):
+                raise UserError(f"{where} must be a list of values, got {value!r}.", status=422)
+            return [str(v) for v in values]
         if kind == "textbox":
             if value is None:
                 return ""
@@ -212,7 +223,7 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
         ScriptArg("different_seeds", "Use different seed for each picture", "checkbox", False),
         ScriptArg("prompt_type", "Select prompt", "radio", "positive", choices=("positive", "negative")),
         ScriptArg("variations_delimiter", "Select joining char", "radio", "comma", choices=("comma", "space")),
-        ScriptArg("margin_size", "Grid margins (px)", "slider", 0, minimum=0, maximum=500, step=2),
+        ScriptArg("margin_size", "Grid margins (px)", "slider", 0, minimum=0, maximum=500, step=2, accept=(0, 2048)),
     ), engine=True, prepare=_prepare_prompt_matrix, description="Separate prompt parts with |: one picture for each combination of the parts after "
                                 "the first, in a grid with the parts as legends."),
     ScriptSpec("Prompts from file or textbox", ("txt2img", "img2img"), (
@@ -224,7 +235,7 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
         description='One job per line; a line may set options: --prompt "..." --negative_prompt "..." --steps 10 '
                     '--seed 5 --cfg_scale 7 --sampler_name "Euler a" --width 512 --height 512 ...'),
     ScriptSpec("Loopback", ("img2img",), (
-        ScriptArg("loops", "Loops", "slider", 4, minimum=1, maximum=32, step=1),
+        ScriptArg("loops", "Loops", "slider", 4, minimum=1, maximum=32, step=1, accept=(1, 1000)),
         ScriptArg("final_denoising_strength", "Final denoising strength", "slider", 0.5, minimum=0, maximum=1,
                   step=0.01),
         ScriptArg("denoising_curve", "Denoising strength curve", "dropdown", "Linear", choices=LOOPBACK_CURVES),
@@ -233,8 +244,9 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     ), engine=True, prepare=_prepare_loopback,
         description="Each picture is the next one's input, the denoising strength moving to the final one."),
     ScriptSpec("Poor man's outpainting", ("img2img",), (
-        ScriptArg("pixels", "Pixels to expand", "slider", 128, minimum=8, maximum=256, step=8),
-        ScriptArg("mask_blur", "Mask blur", "slider", 4, minimum=0, maximum=64, step=1),
+        ScriptArg("pixels", "Pixels to expand", "slider", 128, minimum=8, maximum=256, step=8,
+                  accept=(8, 2048)),
+        ScriptArg("mask_blur", "Mask blur", "slider", 4, minimum=0, maximum=64, step=1, accept=(0, 256)),
         ScriptArg("inpainting_fill", "Masked content", "radio", 0, choices=MASKED_CONTENT, index=True),
         ScriptArg("direction", "Outpainting direction", "checkboxgroup", list(OUTPAINT_DIRECTIONS),
                   choices=OUTPAINT_DIRECTIONS),
@@ -242,8 +254,9 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
     ScriptSpec("Outpainting mk2", ("img2img",), (
         ScriptArg("info", "Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8",
                   "info"),
-        ScriptArg("pixels", "Pixels to expand", "slider", 128, minimum=8, maximum=256, step=8),
-        ScriptArg("mask_blur", "Mask blur", "slider", 8, minimum=0, maximum=64, step=1),
+        ScriptArg("pixels", "Pixels to expand", "slider", 128, minimum=8, maximum=256, step=8,
+                  accept=(8, 2048)),
+        ScriptArg("mask_blur", "Mask blur", "slider", 8, minimum=0, maximum=64, step=1, accept=(0, 256)),
         ScriptArg("direction", "Outpainting direction", "checkboxgroup", list(OUTPAINT_DIRECTIONS),
                   choices=OUTPAINT_DIRECTIONS),
         ScriptArg("noise_q", "Fall-off exponent (lower=higher detail)", "slider", 1.0, minimum=0, maximum=4,
