@@ -21,3 +21,26 @@ def test_prompt_matrix_from_the_script_dropdown(server):
         assert page.inner_text("#txt2img_info").startswith("a lighthouse\n")
     grids = list((server.data_dir / "outputs" / "txt2img-grids").rglob("*prompt_matrix*.png"))
     assert grids, "the UI's prompt matrix saved no grid"
+
+
+def test_outpainting_from_the_img2img_script_dropdown(server, tmp_path):
+    """Poor man's outpainting moved from its own accordion into the Script dropdown: its controls still act."""
+    from test_api_img2img import picture
+
+    source = tmp_path / "source.png"
+    picture(64, 64).save(source)
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(source))
+        page.wait_for_selector("#img2img_image img")
+        page.fill("#img2img_prompt textarea", "a wide landscape")
+        set_sizes(page, steps=2, width=64, height=64, tab="img2img")
+        pick_dropdown(page, "#img2img_script_list", "Poor man")  # the helper's JS takes no quote
+        pixels = page.locator("#img2img_script_poor_man_s_outpainting_pixels input[type=number]")
+        pixels.wait_for(state="visible")
+        pixels.fill("16")
+        pixels.press("Enter")
+        page.click("#img2img_generate")
+        page.wait_for_function("document.querySelector('#img2img_info').innerText.includes('Outpainting: 16px')",
+                               timeout=180_000)
+        assert "Size: 96x96" in page.inner_text("#img2img_info")
