@@ -178,6 +178,8 @@ class EaselService:
         check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
         sampler_catalog.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
+        for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
+            ignored += [w for w in request_warnings(derived) if w not in ignored]
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
 

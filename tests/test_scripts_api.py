@@ -210,3 +210,10 @@ def test_interrupt_stops_a_script(api):
     thread.join(300)
     _, info = answer(result["r"])
     assert info["interrupted"] is True and len(info["infotexts"]) < 30
+
+
+def test_prompts_from_file_line_styles_are_warned_about(api):
+    r = api.post("/txt2img", json=txt(steps=1, script_name="Prompts from file or textbox",
+                                      script_args=[False, False, "start", '--prompt "x" --styles "my style"']))
+    _, info = answer(r)
+    assert any(w.startswith("styles ") for w in info["warnings"]), info.get("warnings")
