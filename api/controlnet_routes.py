@@ -56,8 +56,8 @@ def build_controlnet_router(service: EaselService, dependencies: list | None = N
 
     @router.get("/settings")
     def settings() -> dict:
-        return {"control_net_unit_count": int(service.options.get("control_net_unit_count", 3)),
-                "control_net_max_models_num": int(service.options.get("control_net_unit_count", 3))}
+        return {"control_net_unit_count": int(service.options["control_net_unit_count"]),
+                "control_net_max_models_num": int(service.options["control_net_unit_count"])}
 
     @router.post("/detect")
     async def detect(req: DetectRequest) -> dict:

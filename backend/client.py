@@ -125,6 +125,13 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+def _backend_main(*args) -> None:
+    """The backend process's entry point as the app names it: the engine (and torch) is imported there, in the
+    spawned process, never in the app process (which pickles only this function's name)."""
+    from backend.engine.worker import worker_main
+    worker_main(*args)
+
+
 class BackendClient:
     def __init__(self, args_dict: dict, start_timeout: float = 600.0, queue_limit: Callable[[], int] | None = None):
         self.args_dict = args_dict
@@ -151,12 +158,10 @@ class BackendClient:
 
     # -- process lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        from backend.engine.worker import worker_main
-
         self._jobs = self._ctx.Queue()
         self._events = self._ctx.Queue()
         self._ready.clear()
-        self.process = self._ctx.Process(target=worker_main, name="easel-backend", daemon=True,
+        self.process = self._ctx.Process(target=_backend_main, name="easel-backend", daemon=True,
                                          args=(self.args_dict, self._jobs, self._events, self._interrupt, self._skip))
         self.process.start()
         if not getattr(self, "_reader", None) or not self._reader.is_alive():

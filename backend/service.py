@@ -166,17 +166,12 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
-        from backend.core.prompt_parser import check_brackets, extract_extra_network_tags
-
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
-        check_brackets(extract_extra_network_tags(req.prompt)[0])  # a LoRA's name may hold brackets
-        check_brackets(extract_extra_network_tags(req.negative_prompt)[0], what="Negative prompt")
-        sampler_catalog.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, self.options["default_sampler"])
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
         for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
             ignored += [w for w in request_warnings(derived) if w not in ignored]
@@ -194,7 +189,9 @@ class EaselService:
         options.update({k: v for k, v in job_overrides.items() if k not in ("sd_model_checkpoint", "sd_vae")})
         for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
             options[key] = self.options[key]
-        payload = {"request": req, **model, "options": options, "data_dir": self.paths.data_dir,
+        # The one resolution of the sampler names (the job's default_sampler may be overridden): the engine runs it.
+        sampling = sampler_catalog.resolve_sampling(req, options["default_sampler"])
+        payload = {"request": req, "sampling": sampling, **model, "options": options, "data_dir": self.paths.data_dir,
                    "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
         # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (ControlNet: images
         # decoded, models resolved); the backend receives them parsed, by name, and prepares their hooks.
@@ -229,8 +226,7 @@ class EaselService:
             try:
                 limits.check_request(derived, self.options)
                 (request_checks.check_img2img if tab == "img2img" else request_checks.check_txt2img)(derived)
-                sampler_catalog.resolve_sampler(derived.sampler_name or derived.sampler_index, derived.scheduler,
-                                                self.options["default_sampler"])
+                sampler_catalog.resolve_sampling(derived, self.options["default_sampler"])
             except UserError as exc:
                 raise UserError(f"{label}: {exc.message}", status=422 if exc.status == 400 else exc.status) from None
         max_images = int(self.options["max_images_per_job"])
@@ -248,8 +244,7 @@ class EaselService:
     def submit_img2img(self, req: Img2ImgRequest, init_images: list[Image.Image], mask: Image.Image | None,
                        listener: Callable[[Job], None] | None = None) -> Job:
         """img2img/inpaint with decoded images (the request's base64 fields are not sent to the backend)."""
-        if not init_images:
-            raise UserError("img2img needs an init image.")
+        request_checks.check_img2img_inputs(req, len(init_images), mask is not None)
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
         payload["init_images"] = [img.copy() for img in init_images]
         payload["mask"] = mask.copy() if mask is not None else None
@@ -271,6 +266,7 @@ class EaselService:
         """img2img over a folder. Folders outside the data folder are refused when the UI is shared on a network."""
         if self.args.hide_ui_dir_config:
             raise UserError("Batch folders are disabled on this server (--hide-ui-dir-config).", status=403)
+        request_checks.check_img2img_inputs(req, None, bool(mask_dir.strip()))
         batch = {"input_dir": self._batch_folder(input_dir, "Input", must_exist=True),
                  "output_dir": self._batch_folder(output_dir, "Output", write=True) if output_dir.strip() else None,
                  "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}

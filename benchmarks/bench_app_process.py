@@ -2,8 +2,9 @@
 
 Starts `app.py --api` of a checkout (this one by default, or the repository root given as argument, to compare
 two versions) on an empty data dir, so no model is loaded. Measures the seconds until GET /sdapi/v1/samplers
-answers 200, then the app process's resident memory (psutil, the app's pid only: the backend process it spawns
-is its child and is counted apart), and whether torch's library is mapped into the app process. The started
+answers 200, the CPU time the app process spent until then (user + system: less sensitive than the wall time
+to other load on the machine), then the app process's resident memory (psutil, the app's pid only: the backend
+process it spawns is its child and is counted apart), and whether torch's library is mapped into the app process. The started
 app keeps its bytecode in --pycache (never writes into the checkout); a warm-up start fills it.
 
     venv/bin/python benchmarks/bench_app_process.py                 # --rounds 3 (median)
@@ -76,8 +77,10 @@ def one_round(root: Path, timeout: float, pycache: str) -> dict:
             ready_s = time.perf_counter() - start
             app = psutil.Process(proc.pid)
             children = app.children(recursive=True)
+            cpu = app.cpu_times()
             return {
                 "ready_s": ready_s,
+                "app_cpu_s": cpu.user + cpu.system,
                 "app_rss_mib": app.memory_info().rss / 2**20,
                 "backend_rss_mib": sum(c.memory_info().rss for c in children) / 2**20,
                 "torch_in_app": torch_mapped(proc.pid),
@@ -105,12 +108,14 @@ def main() -> int:
     for _ in range(max(0, args.warmup)):
         one_round(root, args.timeout, args.pycache)
     rounds = [one_round(root, args.timeout, args.pycache) for _ in range(max(1, args.rounds))]
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("ready_s", "app_rss_mib", "backend_rss_mib")}
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("ready_s", "app_cpu_s", "app_rss_mib", "backend_rss_mib")}
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"checkout: {root}")
     print(f"rounds: {len(rounds)} (median), after {args.warmup} warm-up start(s)")
     each = ", ".join(f"{r['ready_s']:.1f}" for r in rounds)
     print(f"start-up until /sdapi/v1/samplers answers: {med['ready_s']:.1f} s (rounds: {each})")
+    print(f"app process CPU time until then: {med['app_cpu_s']:.1f} s (user + system, the backend apart; "
+          f"steadier than the wall time when the machine is shared)")
     print(f"app process RSS: {med['app_rss_mib']:.0f} MiB (backend process, apart: {med['backend_rss_mib']:.0f} MiB)")
     print(f"torch library mapped in the app process: {'yes' if any(r['torch_in_app'] for r in rounds) else 'no'}")
     return 0

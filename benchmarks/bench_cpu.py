@@ -56,6 +56,7 @@ def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
     from backend.core.options import SETTINGS
     from backend.engine.pipelines import txt2img
     from backend.engine.pipelines.common import JobContext, StepClock
+    from backend.core.sampler_catalog import resolve_sampling
     from backend.core.schemas import Txt2ImgRequest
 
     options = {s.key: s.default for s in SETTINGS}
@@ -66,11 +67,12 @@ def run_easel(ckpt: Path, args, flags: list[str]) -> dict:
     policy.place(model)
     load_s = time.perf_counter() - t0
     clock = StepClock()
-    ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
-                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock)
     req = Txt2ImgRequest(prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", seed=1,
                          steps=args.steps, width=args.size, height=args.size, cfg_scale=7, sampler_name="Euler",
                          do_not_save_samples=True, do_not_save_grid=True)
+    ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock,
+                     sampling=resolve_sampling(req, options["default_sampler"]))
     if "--compile" in flags:  # the first image at a size compiles; time the second
         warm = time.perf_counter()
         txt2img.run(req, ctx)

@@ -123,6 +123,7 @@ def bench_easel(family: str, ckpt: Path, mode: str, args) -> dict:
     from backend.core.options import SETTINGS
     from backend.engine.pipelines import txt2img
     from backend.engine.pipelines.common import JobContext
+    from backend.core.sampler_catalog import resolve_sampling
     from backend.core.schemas import Txt2ImgRequest
 
     options = {s.key: s.default for s in SETTINGS}
@@ -134,10 +135,11 @@ def bench_easel(family: str, ckpt: Path, mode: str, args) -> dict:
     size = SIZES[family]
 
     def run(steps):
-        ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
-                         checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock)
         req = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", seed=1, steps=steps, width=size, height=size,
                              cfg_scale=7, sampler_name="Euler", do_not_save_samples=True, do_not_save_grid=True)
+        ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=args.folder,
+                         checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=clock,
+                         sampling=resolve_sampling(req, options["default_sampler"]))
         with torch.no_grad():
             txt2img.run(req, ctx)
         policy.settle(model)

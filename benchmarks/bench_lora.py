@@ -140,9 +140,9 @@ def main() -> None:
 
     from backend.core.cmd_args import parse_args
     from backend.engine.devices import DevicePolicy, cpu_description
-    from backend.networks.activation import NetworkRuntime, activate_for_job
+    from backend.engine.networks.activation import NetworkRuntime, activate_for_job
     from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
-    from backend.networks.lora_files import read_network_file
+    from backend.engine.networks.lora_files import read_network_file
     from backend.core.options import SETTINGS
 
     from _models import random_checkpoint

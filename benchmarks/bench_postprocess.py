@@ -66,7 +66,7 @@ def run_case(args) -> dict:
     import torch
     from PIL import Image
 
-    from backend.postprocess.model_files import LoadedModel, load_model
+    from backend.engine.postprocess.model_files import LoadedModel, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.controlnet.model_files import diffusers_controlnet_to_ldm  # noqa: E402
+from backend.engine.controlnet.model_files import diffusers_controlnet_to_ldm  # noqa: E402
 from model_factory import _randomize, tiny_configs  # noqa: E402
 
 

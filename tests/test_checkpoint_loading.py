@@ -18,7 +18,8 @@ from backend.engine.ldm_convert import diffusers_to_ldm, ldm_to_diffusers  # noq
 from backend.engine.model_detection import ModelSpec, detect_checkpoint  # noqa: E402
 from backend.engine.model_loader import (apply_vae_state_dict, guess_v_prediction, load_sd_model, load_vae_file,  # noqa: E402
                                   sd_alphas_cumprod)
-from backend.state_dict_io import read_safetensors_metadata, read_state_dict  # noqa: E402
+from backend.core.tensor_headers import read_safetensors_metadata  # noqa: E402
+from backend.engine.state_dict_io import read_state_dict  # noqa: E402
 from backend.engine.tokenizer import clip_tokenizer  # noqa: E402
 from model_factory import tiny_configs, write_tiny_checkpoint  # noqa: E402
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from backend.checkpoints import ModelFile
 from backend.core.cmd_args import parse_args
 from backend.engine.controlnet.apply import ActiveControl, ControlSet
-from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+from backend.controlnet.units import UnitJob
+from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
 from backend.engine.controlnet.script import ControlNetHook
 from backend.controlnet.units import ControlUnit
 from backend.engine.devices import DevicePolicy
@@ -22,6 +23,7 @@ from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
 from backend.core import request_checks
+from backend.core.sampler_catalog import resolve_sampling
 from backend.engine.pipelines import txt2img
 from backend.engine.pipelines.common import JobContext, StepClock
 from backend.core.schemas import Txt2ImgRequest
@@ -67,12 +69,13 @@ def generate(env, units, family="sd1", control=None, **req_kw):
     model = env["models"][family]
     ckpt = env["ckpts"][family]
     opts = {s.key: s.default for s in SETTINGS}
-    ctx = JobContext(loaded=model, policy=env["policy"], options=opts, outputs_root=ckpt.parent,
-                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control or StepClock())
     body = dict(prompt="a house", steps=4, width=64, height=64, seed=3, sampler_name="Euler", cfg_scale=7,
                 do_not_save_samples=True, do_not_save_grid=True)
     body.update(req_kw)
     req = Txt2ImgRequest(**body)
+    ctx = JobContext(loaded=model, policy=env["policy"], options=opts, outputs_root=ckpt.parent,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control or StepClock(),
+                     sampling=resolve_sampling(req, opts["default_sampler"]))
     hires = request_checks.hires_size(req) if req.enable_hr else None
     maps, controls = [], None
     if units:

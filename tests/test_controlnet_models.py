@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.controlnet.model_files import (ControlNetRegistry, detect_controlnet, legacy_short_hash, load_controlnet,
-                                            read_shapes)
+from backend.controlnet.model_files import ControlNetRegistry, detect_controlnet, legacy_short_hash
+from backend.core.tensor_headers import read_shapes
+from backend.engine.controlnet.model_files import load_controlnet
 from backend.engine.controlnet.runtime import fits
 from backend.core.errors import UserError
 from controlnet_factory import write_tiny_controlnet

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from backend.engine.controlnet import annotators
 from backend.engine.controlnet.annotators import (AnnotatorEnv, depth_anything, hed, lineart, lineart_anime, mlsd,
                                                   normal_bae, openpose, uniformer)
-from backend.controlnet.preprocessors import canny_edges, find_preprocessor, otsu_threshold, run_preprocessor
+from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
+from backend.engine.controlnet.preprocessors import WEIGHTLESS_RUNNERS, canny_edges, otsu_threshold, run_preprocessor
 from backend.core.errors import UserError
 
 torch.set_num_threads(1)
@@ -31,6 +33,17 @@ def arr(img: Image.Image) -> np.ndarray:
 
 def run(name, img, res=-1, a=-1, b=-1, **kw):
     return run_preprocessor(find_preprocessor(name), img, res, a, b, **kw)
+
+
+def test_catalog_and_runners_name_the_same_preprocessors():
+    # The app lists the catalog (no torch); the backend runs each entry by name: neither may lack the other.
+    listed = all_preprocessors()
+    assert [p.name for p in listed if p.model_free] == list(WEIGHTLESS_RUNNERS)
+    assert [p.name for p in listed if not p.model_free] == list(annotators.RUNNERS)
+    weight_files = {w.filename for w in annotators.WEIGHT_FILES}
+    for p in listed:
+        assert p.model_free == (not p.weights) and set(p.weights) <= weight_files, p.name
+        assert p.finds_poses == (p.model_free is False and annotators.RUNNERS[p.name][1] is not None), p.name
 
 
 def test_canny_finds_the_rectangle_outline_only():
@@ -167,7 +180,7 @@ def test_openpose_and_mlsd_run_with_their_weight_files(tmp_path):
     out = run("openpose", drawn(), res=64, env=env)
     assert out.size == (85, 64) and arr(out).max() == 0  # random weights find nobody: a black map
     # /controlnet/detect's half in the backend: the same map, and the poses as OpenPose JSON
-    from backend.controlnet.service import run_detect_job
+    from backend.engine.controlnet.preprocessors import run_detect_job
     detected = run_detect_job({"module": "openpose", "images": [drawn()], "processor_res": 64}, env)
     assert detected["poses"] == [{"people": [], "canvas_width": 85, "canvas_height": 64}]
     assert Image.open(io.BytesIO(detected["maps"][0])).size == (85, 64)

@@ -23,6 +23,7 @@ from backend.engine.devices import MiB, DevicePolicy, Plan, RESIDENT, stream_uni
 from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.core.options import SETTINGS
+from backend.core.sampler_catalog import resolve_sampling
 from backend.engine.pipelines import txt2img
 from backend.engine.pipelines.common import JobContext, StepClock
 from backend.core.schemas import Txt2ImgRequest
@@ -40,12 +41,15 @@ def options(**kw) -> dict:
 
 
 def generate(loaded, policy, ckpt, opts=None, **req_kw) -> tuple[np.ndarray, object, JobContext]:
-    ctx = JobContext(loaded=loaded, policy=policy, options=opts or options(), outputs_root=ckpt.parent,
-                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock())
     body = dict(prompt="a red house", negative_prompt="blurry", steps=3, width=64, height=64, seed=5,
                 sampler_name="Euler", cfg_scale=6, do_not_save_samples=True, do_not_save_grid=True)
     body.update(req_kw)
-    result = txt2img.run(Txt2ImgRequest(**body), ctx)
+    req = Txt2ImgRequest(**body)
+    opts = opts or options()
+    ctx = JobContext(loaded=loaded, policy=policy, options=opts, outputs_root=ckpt.parent,
+                     checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock(),
+                     sampling=resolve_sampling(req, opts["default_sampler"]))
+    result = txt2img.run(req, ctx)
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
     return pixels, result, ctx
 
@@ -289,7 +293,7 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
     assert policy.mode_for(loaded) == "resident"
     plans = []
 
-    def pipeline(kind, payload, ctx, state):
+    def pipeline(payload, ctx, state):
         plans.append(policy.mode_for(loaded))
         if plans[-1] != "lowvram":  # pretend only a streamed UNet fits
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -299,13 +303,13 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
         def get(self, path, limit):
             return loaded
 
-    monkeypatch.setattr(worker, "_run_pipeline", pipeline)
+    monkeypatch.setattr(worker, "_run_txt2img", pipeline)
     monkeypatch.setattr(worker, "_prepare_scripts", lambda *a: [])
     ckpt = tiny_models["sd1"]
-    state = {"policy": policy, "cache": Cache(), "hashes": None, "vae": worker.VaeSwitcher(), "postprocess": None}
+    state = worker.WorkerState(policy=policy, cache=Cache(), hashes=None, vae=worker.VaeSwitcher())
     payload = {"checkpoint": ModelFile(ckpt.name, ckpt, sha256="0" * 64), "options": options(), "data_dir": ckpt.parent,
                "request": None}
-    result = worker._run_job("txt2img", payload, state, StepClock())
+    result = worker.run_job("txt2img", payload, state, StepClock())
     assert plans == ["resident", "partial", "lowvram"]
     pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
     assert np.array_equal(pixels, resident)

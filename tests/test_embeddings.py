@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from backend.engine.conditioning import TextConditioner, tokenize_prompt
-from backend.embeddings import EmbeddingDatabase, JobEmbeddings, checkpoint_text_dims, read_embedding_file
+from backend.embeddings import EmbeddingDatabase, checkpoint_text_dims, read_embedding_info
+from backend.engine.embeddings import EmbeddingVectors, JobEmbeddings, read_embedding_file
 from backend.core.errors import UserError
 from lora_factory import save_embedding
 
@@ -52,6 +53,25 @@ def test_file_formats(tmp_path):
         read_embedding_file(tmp_path / "two.pt")
 
 
+def test_listing_reads_the_same_embeddings_without_their_vectors(tmp_path):
+    # The app lists embeddings from the files' headers (no torch); it must see what the backend reads.
+    files = [save_embedding(tmp_path / "a1111.pt", vectors(3, 32, 1)),
+             save_embedding(tmp_path / "plain.safetensors", vectors(2, 32, 4)),
+             save_embedding(tmp_path / "diffusers.bin", vectors(1, 32, 6)[0]),
+             save_embedding(tmp_path / "xl.safetensors", {"clip_l": vectors(2, 32, 2), "clip_g": vectors(2, 64, 3)})]
+    for path in files:
+        full, listed = read_embedding_file(path), read_embedding_info(path)
+        assert listed.describe() == full.describe() and listed.dims == full.dims, path.name
+        assert all(not isinstance(v, torch.Tensor) for v in listed.vectors)
+    assert read_embedding_info(files[0]).describe()["step"] == 1500
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path / "two.pt")
+    with pytest.raises(UserError, match="not a textual-inversion file"):
+        read_embedding_info(tmp_path / "two.pt")
+    torch.save({"emb_params": torch.zeros(2, 4, dtype=torch.int64)}, tmp_path / "ints.pt")
+    with pytest.raises(UserError, match="not a float tensor"):
+        read_embedding_info(tmp_path / "ints.pt")
+
+
 def test_checkpoint_text_dims(tiny_models):
     assert checkpoint_text_dims(tiny_models["sd1"]) == [32]
     assert checkpoint_text_dims(tiny_models["sdxl"]) == [32, 64]
@@ -61,7 +81,7 @@ def test_checkpoint_text_dims(tiny_models):
 def test_embedding_replaces_its_name_with_its_vectors(sd1, tmp_path):
     v = vectors(2, 32, 5)
     path = save_embedding(tmp_path / "emb" / "mystyle.pt", v)
-    db = EmbeddingDatabase(tmp_path / "emb")
+    db = EmbeddingVectors(tmp_path / "emb")
     params, warnings = {}, []
     job = db.for_job(sd1, params, warnings)
     plain = TextConditioner(sd1, CPU).encode("a mystyle cat").crossattn
@@ -88,7 +108,7 @@ def test_embedding_replaces_its_name_with_its_vectors(sd1, tmp_path):
 
 def test_emphasis_applies_to_embedding_vectors(sd1, tmp_path):
     save_embedding(tmp_path / "emb" / "mystyle.safetensors", vectors(3, 32, 6))
-    job = EmbeddingDatabase(tmp_path / "emb").for_job(sd1, {}, [])
+    job = EmbeddingVectors(tmp_path / "emb").for_job(sd1, {}, [])
     chunks, count = tokenize_prompt(sd1.tokenizers[0], "a (mystyle:1.5) cat", 49407, job)
     chunk = chunks[0]
     assert count == 5 and [offset for offset, _ in chunk.fixes] == [1]
@@ -100,7 +120,7 @@ def test_emphasis_applies_to_embedding_vectors(sd1, tmp_path):
 
 def test_embedding_that_would_cross_a_chunk_boundary_moves_to_the_next_chunk(sd1, tmp_path):
     save_embedding(tmp_path / "emb" / "wide.pt", vectors(4, 32, 7))
-    job = EmbeddingDatabase(tmp_path / "emb").for_job(sd1, {}, [])
+    job = EmbeddingVectors(tmp_path / "emb").for_job(sd1, {}, [])
     prompt = " ".join(["cat"] * 73) + " wide"
     chunks, _ = tokenize_prompt(sd1.tokenizers[0], prompt, 49407, job)
     assert len(chunks) == 2 and chunks[0].fixes == [] and [o for o, _ in chunks[1].fixes] == [0]
@@ -113,7 +133,7 @@ def test_sdxl_embedding_gives_each_encoder_its_own_vectors(sdxl, tmp_path):
     save_embedding(tmp_path / "emb" / "xlstyle.safetensors", {"clip_l": l, "clip_g": g})
     save_embedding(tmp_path / "emb" / "sd1only.pt", vectors(1, 32, 10))
     params, warnings = {}, []
-    job = EmbeddingDatabase(tmp_path / "emb").for_job(sdxl, params, warnings)
+    job = EmbeddingVectors(tmp_path / "emb").for_job(sdxl, params, warnings)
     seen = []
     handles = [getattr(enc, "text_model", enc).embeddings.register_forward_hook(
         lambda _m, _i, out, k=k: seen.append((k, out.detach().clone()))) for k, enc in enumerate(sdxl.text_encoders)]

@@ -13,9 +13,9 @@ from backend.core.cmd_args import parse_args
 from backend.engine.devices import DevicePolicy
 from backend.core.errors import UserError
 from backend.core.paths import DataPaths
-from backend.postprocess import extras
+from backend.engine.postprocess import extras
 from backend.engine.postprocess import face_detection as fd, face_restore as fr
-from backend.postprocess.model_files import LoadedModel, load_model
+from backend.engine.postprocess.model_files import LoadedModel, load_model
 from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
 from backend.postprocess.schemas import ExtrasRequest
 from postprocess_factory import link_models, write_test_models

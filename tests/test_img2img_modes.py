@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from backend import image_ops
+from backend.engine import image_ops
 from backend.core.errors import UserError
 from ui.img2img import drawn_mask, image_and_mask
 

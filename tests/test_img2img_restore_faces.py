@@ -3,6 +3,8 @@ the inpainting overlay (pixels outside the mask never change), is recorded in th
 is a warning, not a failure."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -12,6 +14,7 @@ from backend.core.cmd_args import parse_args
 from backend.engine.devices import DevicePolicy
 from backend.core.infotext import parse_infotext
 from backend.core.paths import DataPaths
+from backend.core.sampler_catalog import resolve_sampling
 from backend.engine.pipelines import img2img
 from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
 from backend.core.schemas import Img2ImgRequest
@@ -34,9 +37,8 @@ def runtime_for(data_dir, files: dict) -> PostprocessRuntime:
 
 def job(model, ckpt, tmp_path, runtime, **options):
     ctx = context(model, ckpt, tmp_path, RecordingControl())
-    ctx.postprocess = runtime
-    ctx.options.update(options)
-    return ctx
+    return replace(ctx, postprocess=runtime, options={**ctx.options, **options},
+                   sampling=resolve_sampling(request(), ctx.options["default_sampler"]))
 
 
 def request(**kw) -> Img2ImgRequest:

@@ -19,8 +19,9 @@ from backend.core.infotext import parse_infotext
 from backend.core.options import SETTINGS
 from backend.engine.pipelines import img2img, sd_upscale
 from backend.engine.pipelines.common import JobContext
-from backend.engine.postprocess import upscalers
+from backend.postprocess import upscaler_catalog
 from backend.core import request_checks
+from backend.core.sampler_catalog import resolve_sampling
 from backend.core.schemas import Img2ImgRequest
 from test_api_img2img import body, images_of, picture
 
@@ -76,11 +77,11 @@ def test_script_args_are_checked_with_clear_messages():
 
 
 def test_upscaler_by_index_or_name():
-    assert upscalers.upscaler_name(1, None) == "Lanczos" and upscalers.upscaler_name("nearest", None) == "Nearest"
+    assert upscaler_catalog.upscaler_name(1, None) == "Lanczos" and upscaler_catalog.upscaler_name("nearest", None) == "Nearest"
     with pytest.raises(UserError, match="index 9 is out of range"):
-        upscalers.upscaler_name(9, None)
+        upscaler_catalog.upscaler_name(9, None)
     with pytest.raises(UserError, match="Unknown upscaler 'Magic'"):
-        upscalers.upscaler_name("Magic", None)
+        upscaler_catalog.upscaler_name("Magic", None)
 
 
 # -- the job, run directly --------------------------------------------------------------------------------------
@@ -121,7 +122,8 @@ def context(loaded, ckpt, out_root, control) -> JobContext:
     options["live_previews_enable"] = False
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32, free_memory=lambda: 1 << 40)
     return JobContext(loaded=loaded, policy=policy, options=options, outputs_root=out_root,
-                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control)
+                      checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=control,
+                      sampling=resolve_sampling(_direct_req(), options["default_sampler"]))  # every run here: Euler
 
 
 def _direct_req(**kw) -> Img2ImgRequest:
@@ -153,10 +155,21 @@ def test_interrupt_stops_between_tiles(placed_sd1, tiny_models, tmp_path):
     assert Image.open(io.BytesIO(result.images[0].png)).size == (128, 128)
 
 
-def test_sd_upscale_takes_no_mask(placed_sd1, tiny_models, tmp_path):
-    ctx = context(placed_sd1, tiny_models["sd1"], tmp_path, RecordingControl())
+def test_sd_upscale_takes_no_mask(tmp_path):
+    """Refused at the edge, before a job is queued: a mask, or a folder batch's mask folder (the engine trusts it)."""
+    from backend.core.cmd_args import parse_args
+    from backend.service import EaselService
+
+    service = EaselService(parse_args(["--data-dir", str(tmp_path), "--no-download-sd-model"]))  # no backend started
     with pytest.raises(UserError, match="does not take a mask"):
-        img2img.run(_direct_req(), ctx, [picture(64, 64)], Image.new("L", (64, 64), 255))
+        service.submit_img2img(_direct_req(), [picture(64, 64)], Image.new("L", (64, 64), 255))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(UserError, match="does not take a mask"):
+        service.submit_img2img_batch(_direct_req(), str(tmp_path / "in"), "", str(tmp_path / "masks"))
+    request_checks.check_img2img_inputs(_direct_req(), 1, has_mask=False)  # without a mask it passes
+    with pytest.raises(UserError, match="needs an init image"):
+        service.submit_img2img(_direct_req(), [], None)
 
 
 # -- through the API ----------------------------------------------------------------------------------------------

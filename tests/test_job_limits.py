@@ -20,6 +20,7 @@ from backend.engine.loaded_model import LoadedModel
 from backend.core.errors import JobInterrupted
 from backend.core.options import SETTINGS
 from backend.core.paths import DataPaths
+from backend.core.sampler_catalog import resolve_sampling
 from backend.engine.pipelines import txt2img
 from backend.engine.pipelines.common import JobContext
 from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
@@ -176,12 +177,13 @@ def test_interrupt_during_the_hires_upscale_returns_the_first_pass(sd1, tiny_mod
     options = {s.key: s.default for s in SETTINGS}
     options.update({"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 4, "live_previews_enable": False, "samples_save": False})
     ckpt = tiny_models["sd1"]
-    ctx = JobContext(loaded=loaded, policy=DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32),
-                     options=options, outputs_root=tmp_path, checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64),
-                     vae=None, control=control, postprocess=runtime)
     req = Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64, seed=3, sampler_name="Euler", enable_hr=True,
                          hr_scale=4, hr_upscaler="R-ESRGAN General 4xV3", hr_second_pass_steps=2,
                          denoising_strength=0.5, do_not_save_samples=True, do_not_save_grid=True)
+    ctx = JobContext(loaded=loaded, policy=DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32),
+                     options=options, outputs_root=tmp_path, checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64),
+                     vae=None, control=control, postprocess=runtime,
+                     sampling=resolve_sampling(req, options["default_sampler"]))
     result = txt2img.run(req, ctx)
     assert loads == ["R-ESRGAN General 4xV3"]
     assert result.interrupted
@@ -216,7 +218,8 @@ def test_interrupt_between_faces_keeps_the_rest_as_they_were(tmp_path_factory, t
 def test_interrupt_between_controlnet_units(sd1, tiny_models, tmp_path):
     from controlnet_factory import write_tiny_controlnet
 
-    from backend.engine.controlnet.runtime import ControlNetCache, UnitJob, prepare_controls
+    from backend.controlnet.units import UnitJob
+    from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
     from backend.controlnet.units import ControlUnit
 
     policy = DevicePolicy(device=CPU, dtype=torch.float32, vae_dtype=torch.float32)

@@ -17,7 +17,7 @@ from backend.engine.loaded_model import LoadedModel
 from backend.engine.model_loader import load_sd_model
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
 from backend.engine.worker import VaeSwitcher
-from backend.networks.lora_files import read_network_file
+from backend.engine.networks.lora_files import read_network_file
 from controlnet_factory import write_tiny_controlnet
 from lora_factory import save_lora, simple_lora
 

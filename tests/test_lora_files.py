@@ -10,7 +10,7 @@ import torch
 from backend.core.errors import UserError
 from backend.engine.loaded_model import LoadedModel
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher, add_updates, target_table
-from backend.networks.lora_files import read_network_file, split_key
+from backend.engine.networks.lora_files import read_network_file, split_key
 from lora_factory import build_file, save_lora, simple_lora
 
 torch.set_num_threads(1)

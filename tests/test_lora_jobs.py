@@ -1,4 +1,4 @@
-"""LoRA and embeddings through the backend's job path (`worker._run_job`, as the backend process runs it):
+"""LoRA and embeddings through the backend's job path (`worker.run_job`, as the backend process runs it):
 a LoRA job changes the picture, the next job without it gives bit-identical pixels to a job before any
 LoRA, the checkpoint is never read again, infotexts carry `Lora hashes` / `TI hashes`, bad tags warn."""
 from __future__ import annotations
@@ -15,9 +15,10 @@ from PIL import Image
 from backend.engine import worker
 from backend.checkpoints import HashCache, ModelFile
 from backend.engine.devices import DevicePolicy
-from backend.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
+from backend.engine.networks.activation import NetworkRuntime, parse_lora_args, parse_network_tags
 from backend.engine.pipelines.common import StepClock
 from backend.core.options import SETTINGS
+from backend.core.sampler_catalog import resolve_sampling
 from backend.core.schemas import Txt2ImgRequest
 from lora_factory import save_embedding, save_lora, simple_lora
 
@@ -45,8 +46,8 @@ class Backend:
         self.policy = policy or DevicePolicy(device=CPU, mode="resident", dtype=torch.float32, vae_dtype=torch.float32)
         hashes = HashCache(root / "cache" / "hashes.json")
         self.runtime = NetworkRuntime([root / "models" / "Lora", root / "models" / "LyCORIS"], root / "embeddings", root / "cache")
-        self.state = {"policy": self.policy, "hashes": hashes, "cache": worker.ModelCache(self.policy, hashes),
-                      "vae": worker.VaeSwitcher(), "postprocess": None, "networks": self.runtime}
+        self.state = worker.WorkerState(policy=self.policy, hashes=hashes, cache=worker.ModelCache(self.policy, hashes),
+                                        vae=worker.VaeSwitcher(), networks=self.runtime)
 
     def run(self, prompt: str, negative: str = "blurry", **kw):
         opts = {s.key: s.default for s in SETTINGS}
@@ -55,7 +56,8 @@ class Backend:
         body.update(kw)
         payload = {"checkpoint": ModelFile(self.ckpt.name, self.ckpt, sha256="1" * 64), "vae": None, "options": opts,
                    "data_dir": self.root, "request": Txt2ImgRequest(**body)}
-        result = worker._run_job("txt2img", payload, self.state, StepClock())
+        payload["sampling"] = resolve_sampling(payload["request"], opts["default_sampler"])  # as the service sends it
+        result = worker.run_job("txt2img", payload, self.state, StepClock())
         pixels = np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
         return pixels, result
 
@@ -81,7 +83,7 @@ def test_lora_changes_the_picture_and_its_removal_restores_it_bit_for_bit(sd1_ba
     after, last = b.run("a red house")
     assert np.array_equal(after, before)  # bit-identical to the job before any LoRA
     assert "Lora hashes" not in last.images[0].infotext
-    assert b.state["cache"].loads == 1  # the checkpoint was read once, never again
+    assert b.state.cache.loads == 1  # the checkpoint was read once, never again
     assert b.runtime.reads == 1  # and the LoRA file once
 
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from backend.checkpoints import ModelFile
 from backend.core.options import SETTINGS
+from backend.core.sampler_catalog import resolve_sampling
 from backend.core.schemas import Txt2ImgRequest
 from backend.engine.devices import DevicePolicy
 from backend.engine.loaded_model import LoadedModel
@@ -50,7 +51,9 @@ def job(tiny_models):
         body = dict(prompt="a red house", negative_prompt="blurry", steps=4, width=64, height=64, seed=7,
                     sampler_name="Euler", cfg_scale=7, do_not_save_samples=True, do_not_save_grid=True)
         body.update(req_kw)
-        result = txt2img.run(Txt2ImgRequest(**body), ctx)
+        req = Txt2ImgRequest(**body)
+        ctx.sampling = resolve_sampling(req, ctx.options["default_sampler"])
+        result = txt2img.run(req, ctx)
         return np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB")).astype(np.int32)
 
     return generate

@@ -86,7 +86,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
 
 def test_an_unwritable_folder_is_a_warning_not_a_failure(tmp_path):
     from backend.core.images import save_image_or_warn
-    from backend.postprocess.extras import _save
+    from backend.engine.postprocess.extras import _save
 
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the output folder should be")
@@ -125,7 +125,7 @@ def test_image_files_are_recognised_by_name_and_content(tmp_path):
 
 
 def test_extras_folder_batch_reads_only_images(tmp_path):
-    from backend.postprocess.extras import _inputs
+    from backend.engine.postprocess.extras import _inputs
 
     _mixed_folder(tmp_path)
     warnings: list[str] = []

@@ -93,7 +93,8 @@ def test_prompt_matrix_margins_and_same_seed(api):
 
 
 def test_prompts_from_file_lines_with_options(api):
-    text = 'first prompt\n--prompt "second prompt" --steps 3 --seed 5\n\n--negative_prompt "ugly" --cfg_scale 4.5'
+    text = ('first prompt\n--prompt "second prompt" --steps 3 --seed 5 --sampler_name DDIM\n\n'
+            '--negative_prompt "ugly" --cfg_scale 4.5')
     r = api.post("/txt2img", json=txt(prompt="", script_name="Prompts from file or textbox",
                                       script_args=[False, False, "start", text]))
     images, info = answer(r)
@@ -103,6 +104,7 @@ def test_prompts_from_file_lines_with_options(api):
     assert info["infotexts"][1].startswith("second prompt\n")
     assert params[0]["Steps"] == "2" and params[1]["Steps"] == "3" and params[2]["Steps"] == "2"
     assert params[1]["Seed"] == "5" and params[0]["Seed"] == "7"
+    assert params[1]["Sampler"] == "DDIM" and params[0]["Sampler"] == params[2]["Sampler"] == "Euler"
     assert "Negative prompt: ugly" in info["infotexts"][2] and params[2]["CFG scale"] == "4.5"
 
 

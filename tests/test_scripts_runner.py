@@ -26,8 +26,8 @@ class Control:
 
 def make_run(interrupt_after: int | None = None):
     control = Control()
-    ctx = SimpleNamespace(control=control, options={"grid_save": False}, extra_params={}, warnings=[],
-                          outputs_root="/nonexistent")
+    ctx = SimpleNamespace(control=control, options={"grid_save": False, "default_sampler": "Euler a"},
+                          extra_params={}, warnings=[], outputs_root="/nonexistent", sampling=None)
     calls = []
 
     def pipeline(payload):

@@ -19,7 +19,8 @@ from backend.engine.devices import DevicePolicy
 from backend.core.errors import UserError
 from backend.core.paths import DataPaths
 from backend.engine.postprocess import upscalers as up
-from backend.postprocess.model_files import LoadedModel, load_model
+from backend.postprocess import upscaler_catalog as catalog
+from backend.engine.postprocess.model_files import LoadedModel, load_model
 from backend.engine.postprocess.runtime import DEVICE_PARTS, PostprocessRuntime
 from postprocess_factory import link_models, write_test_models
 
@@ -52,7 +53,7 @@ def photo(width: int = 96, height: int = 72) -> Image.Image:
 
 
 def test_registry_lists_builtins_and_model_files_by_a1111_names(paths):
-    reg = up.UpscalerRegistry.from_paths(paths)
+    reg = catalog.UpscalerRegistry.from_paths(paths)
     names = reg.names()
     assert names[:3] == ["None", "Lanczos", "Nearest"]
     for name in ("R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "4x-Tiny", "R-ESRGAN 4x+ Anime6B"):
@@ -77,18 +78,18 @@ def test_model_path_flags_add_folders(tmp_path, sr_files):
     args = parse_args(["--data-dir", str(tmp_path / "data"), "--esrgan-models-path", str(extra),
                        "--realesrgan-models-path", str(tmp_path / "more")])
     paths = DataPaths.from_args(args)
-    reg = up.UpscalerRegistry.from_paths(paths)
+    reg = catalog.UpscalerRegistry.from_paths(paths)
     found = reg.find("2x_Other")
     assert found.path == target.resolve() and found.family == "ESRGAN" and found.scale == 2
     assert paths.realesrgan_dirs[-1] == (tmp_path / "more").resolve()
 
 
 def test_scale_from_file_names():
-    assert up.scale_from_name("4x-UltraSharp") == 4
-    assert up.scale_from_name("RealESRGAN_x2plus") == 2
-    assert up.scale_from_name("DAT_x3") == 3
-    assert up.scale_from_name("1x_ReFocus") == 1
-    assert up.scale_from_name("mystery") == 4
+    assert catalog.scale_from_name("4x-UltraSharp") == 4
+    assert catalog.scale_from_name("RealESRGAN_x2plus") == 2
+    assert catalog.scale_from_name("DAT_x3") == 3
+    assert catalog.scale_from_name("1x_ReFocus") == 1
+    assert catalog.scale_from_name("mystery") == 4
 
 
 @pytest.mark.parametrize("key,arch", [("rrdb", "ESRGAN"), ("compact", "RealESRGAN Compact"), ("esrgan_old", "ESRGAN")])
@@ -246,7 +247,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from postprocess_factory import write_compact
-from backend.postprocess.model_files import LoadedModel, load_model
+from backend.engine.postprocess.model_files import LoadedModel, load_model
 from backend.engine.postprocess.upscalers import run_model
 path = write_compact(Path({str(tmp_path)!r}) / "realesr-general-x4v3.pth", num_feat=4, num_conv=1)
 loaded = LoadedModel(load_model(path, "upscaler"), path, "upscaler", torch.device("cpu"), torch.float32)
@@ -305,7 +306,7 @@ class _Control:
 
 
 def test_extras_batch_from_directory_keeps_names_and_records_steps(paths, tmp_path):
-    from backend.postprocess.extras import run_extras_job
+    from backend.engine.postprocess.extras import run_extras_job
     from backend.postprocess.schemas import ExtrasRequest
 
     src, dst = tmp_path / "in", tmp_path / "out"

@@ -177,11 +177,13 @@ def test_nan_retry_is_written_into_the_infotext(nan_model, tiny_models):
 
     from backend.core.infotext import parse_infotext
     from backend.engine.pipelines import txt2img
+    from backend.core.sampler_catalog import resolve_sampling
     from backend.core.schemas import Txt2ImgRequest
     loaded, policy = nan_model
-    ctx = context(loaded, tiny_models, policy=policy)
     req = Txt2ImgRequest(prompt="x", steps=2, width=64, height=64, seed=1, sampler_name="Euler",
                          do_not_save_samples=True, do_not_save_grid=True)
+    ctx = context(loaded, tiny_models, policy=policy)
+    ctx.sampling = resolve_sampling(req, ctx.options["default_sampler"])
     result = txt2img.run(req, ctx)
     text = result.images[0].infotext
     assert "VAE precision: float32 (NaN retry)" in text

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from backend.client import BackendError
-from backend.controlnet.preprocessors import all_preprocessors, find_preprocessor
+from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
 from backend.controlnet.units import CONTROL_MODES, RESIZE_MODES
 from backend.core.errors import UserError
 from backend.service import EaselService
@@ -77,7 +77,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                 img2img: bool = False, width: gr.components.Component | None = None,
                 height: gr.components.Component | None = None) -> UnitsPanel:
     """The units panel; `checkpoint` filters the model lists by its type, `width`/`height` serve Pixel Perfect previews."""
-    count = int(service.options.get("control_net_unit_count", 3))
+    count = int(service.options["control_net_unit_count"])
     modules = [p.name for p in all_preprocessors()]
     inputs: list = []
     model_dropdowns = []

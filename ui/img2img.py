@@ -5,7 +5,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from backend import image_ops
+from backend.core import image_prep
 
 from backend.core import request_checks
 from backend.core.errors import UserError
@@ -51,28 +51,28 @@ def image_and_mask(mode: str, init_image, sketch: dict | None, inpaint: dict | N
     if mode == "img2img":
         if init_image is None:
             raise UserError("Upload an image in the img2img tab first.")
-        return image_ops.flatten(init_image), None
+        return image_prep.flatten(init_image), None
     if mode == "inpaint_upload":
         if upload_image is None or upload_mask is None:
             raise UserError("Inpaint upload needs both an image and a mask.")
-        return image_ops.flatten(upload_image), upload_mask
+        return image_prep.flatten(upload_image), upload_mask
     editor = {"sketch": sketch, "inpaint": inpaint, "inpaint_sketch": inpaint_sketch}.get(mode)
     if mode not in ("sketch", "inpaint", "inpaint_sketch"):
         raise UserError(f"Unknown img2img mode {mode!r}.")
     background = (editor or {}).get("background")
     if background is None:
         raise UserError(f"Upload an image in the {what} tab first.")
-    background = image_ops.flatten(background)
+    background = image_prep.flatten(background)
     if mode == "sketch":
         composite = editor.get("composite")
-        return (image_ops.flatten(composite) if composite is not None else background), None
+        return (image_prep.flatten(composite) if composite is not None else background), None
     mask = drawn_mask(editor.get("layers") or [], background.size)
     if mask is None:
         raise UserError(f"Draw a mask on the image in the {what} tab first (the brush marks what to repaint).")
     if mode == "inpaint":
         return background, mask
     composite = editor.get("composite")
-    return (image_ops.flatten(composite) if composite is not None else background), mask
+    return (image_prep.flatten(composite) if composite is not None else background), mask
 
 
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict, dict]:
@@ -126,12 +126,12 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             with gr.Accordion("Inpaint options", open=True, elem_id="img2img_inpaint_controls"):
                 with gr.Row():
                     c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
-                    c["inpainting_mask_invert"] = gr.Radio(image_ops.MASK_MODES, value=image_ops.MASK_MODES[0], type="index",
+                    c["inpainting_mask_invert"] = gr.Radio(image_prep.MASK_MODES, value=image_prep.MASK_MODES[0], type="index",
                                                            label="Mask mode", elem_id="img2img_mask_mode")
-                c["inpainting_fill"] = gr.Radio(image_ops.MASKED_CONTENT, value="original", type="index",
+                c["inpainting_fill"] = gr.Radio(image_prep.MASKED_CONTENT, value="original", type="index",
                                                 label="Masked content", elem_id="img2img_inpainting_fill")
                 with gr.Row():
-                    c["inpaint_full_res"] = gr.Radio(image_ops.INPAINT_AREAS, value="Whole picture", type="index",
+                    c["inpaint_full_res"] = gr.Radio(image_prep.INPAINT_AREAS, value="Whole picture", type="index",
                                                      label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                               elem_id="img2img_inpaint_full_res_padding")

@@ -1,4 +1,4 @@
-"""ControlNet model files: find them, tell what they are from their tensors, load them into diffusers.
+"""ControlNet model files: find them, tell what they are from their tensors' names and shapes (no torch).
 
 Layouts read:
 - the original single-file layout of lllyasviel's ControlNet 1.0/1.1 (`control_v11p_sd15_canny.pth`,
@@ -12,7 +12,9 @@ Layouts read:
 
 As `backend.engine.model_detection` does for checkpoints, the architecture is read from the shapes
 (levels, blocks, transformer depths, context width, linear or conv projections, SDXL's size
-embedding), so a real SD 1.5 ControlNet and a tiny test file go through the same code.
+embedding), so a real SD 1.5 ControlNet and a tiny test file go through the same code. The app reads
+the shapes from the file's header (`backend.core.tensor_headers`) to list the models that fit a
+checkpoint; the backend loads the weights (`backend.engine.controlnet.model_files`).
 Family: `label_emb`/`add_embedding` -> sdxl; linear `proj_in` -> sd2; conv `proj_in` -> sd1.
 
 Model names are listed as sd-webui-controlnet lists them: `control_v11p_sd15_canny [d14c016b]`,
@@ -29,12 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from backend.core.errors import UserError
-from backend.engine.ldm_convert import UNetLayout, unet_key_to_diffusers, unet_key_to_ldm
-from backend.engine.model_detection import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
 from backend.core.paths import list_files
+from backend.core.tensor_headers import read_shapes
+from backend.core.unet_layout import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ class FileFamilies:
 class ControlNetRegistry:
     """The ControlNet files below the ControlNet folders; lookups accept titles, names, stems and hashes.
 
-    The family of each file is read lazily (only the header of a `.safetensors`, a memory-mapped
-    load of a `.pth`) and remembered by (path, size, mtime).
+    The family of each file is read lazily (only the header of a `.safetensors`, the pickle of a `.pth`
+    without its weights) and remembered by (path, size, mtime).
     """
 
     def __init__(self, folders: list[Path]):
@@ -184,36 +184,6 @@ class ControlNetRegistry:
         if family is None:
             return self.titles()
         return [f.title for f in self.files if self.family_of(f) == family]
-
-
-# -- reading --------------------------------------------------------------------------------------
-class _Shape:
-    """Stands in for a tensor where only its shape is needed (detection from a file header)."""
-
-    def __init__(self, shape):
-        self.shape = torch.Size(shape)
-        self.ndim = len(self.shape)
-
-
-def read_shapes(path: Path) -> dict:
-    """{key: object with .shape/.ndim} without reading the weights (header or memory map)."""
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from backend.state_dict_io import read_safetensors_header
-        header = read_safetensors_header(path)
-        return {k: _Shape(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    from backend.state_dict_io import safe_unpickle_globals
-    try:
-        with torch.serialization.safe_globals(safe_unpickle_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  old (non-zip) pickles cannot be memory-mapped: read them whole
-        from backend.state_dict_io import read_state_dict
-        return read_state_dict(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path.name} does not hold a state dict.")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 # -- detection ------------------------------------------------------------------------------------
@@ -373,104 +343,3 @@ def _require(sd: dict, key: str, prefix: str):
         return sd[key]
     except KeyError:
         raise UserError(f"The ControlNet file is missing {prefix}{key}; it is incomplete or of an unsupported layout.") from None
-
-
-# -- key conversion -------------------------------------------------------------------------------
-def _layout(config: dict) -> UNetLayout:
-    return UNetLayout({**config, "up_block_types": [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]})
-
-
-def ldm_controlnet_to_diffusers(sd: dict[str, torch.Tensor], info: ControlNetInfo) -> tuple[dict, list[str]]:
-    """Original-layout ControlNet tensors -> diffusers ControlNetModel names; returns (state dict, unknown keys)."""
-    layout = _layout(info.config)
-    n = len(info.prefix)
-    hint_idx = sorted({int(k[n:].split(".")[1]) for k in sd if k.startswith(info.prefix + "input_hint_block.")})
-    hint_names = {hint_idx[0]: "conv_in", hint_idx[-1]: "conv_out"}
-    for j, idx in enumerate(hint_idx[1:-1]):
-        hint_names[idx] = f"blocks.{j}"
-    out, unknown = {}, []
-    for full, v in sd.items():
-        if not full.startswith(info.prefix):
-            continue
-        k = full[len(info.prefix):]
-        p = k.split(".")
-        nk = None
-        if p[0] == "input_hint_block" and len(p) == 3 and int(p[1]) in hint_names:
-            nk = f"controlnet_cond_embedding.{hint_names[int(p[1])]}.{p[2]}"
-        elif p[0] == "zero_convs" and len(p) == 4 and p[2] == "0":
-            nk = f"controlnet_down_blocks.{p[1]}.{p[3]}"
-        elif p[0] == "middle_block_out" and len(p) == 3 and p[1] == "0":
-            nk = f"controlnet_mid_block.{p[2]}"
-        elif p[0] in ("time_embed", "label_emb", "input_blocks", "middle_block"):
-            nk = unet_key_to_diffusers(k, layout)
-        if nk is None:
-            unknown.append(full)
-        else:
-            out[nk] = v
-    return out, unknown
-
-
-def diffusers_controlnet_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str = LDM_PREFIX) -> dict:
-    """diffusers ControlNetModel tensors -> the original single-file layout (the exact inverse of the above)."""
-    layout = _layout(config)
-    n_blocks = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("controlnet_cond_embedding.blocks."))
-    hint = {"conv_in": 0, "conv_out": 2 * (n_blocks + 1)}
-    hint.update({f"blocks.{j}": 2 * (j + 1) for j in range(n_blocks)})
-    out = {}
-    for k, v in sd.items():
-        p = k.split(".")
-        if p[0] == "controlnet_cond_embedding":
-            name = ".".join(p[1:-1])
-            nk = f"input_hint_block.{hint[name]}.{p[-1]}"
-        elif p[0] == "controlnet_down_blocks":
-            nk = f"zero_convs.{p[1]}.0.{p[2]}"
-        elif p[0] == "controlnet_mid_block":
-            nk = f"middle_block_out.0.{p[1]}"
-        else:
-            nk = unet_key_to_ldm(k, layout)
-        if nk is None:
-            raise KeyError(f"no original-layout name for ControlNet key {k}")
-        out[prefix + nk] = v
-    return out
-
-
-# -- loading --------------------------------------------------------------------------------------
-def _global_average_pooling(path: Path) -> bool:
-    """Shuffle models average their control over the image: `global_average_pooling: True` in the yaml beside
-    the file (as sd-webui-controlnet reads it), or a name saying shuffle."""
-    yaml_path = path.with_suffix(".yaml")
-    if yaml_path.is_file():
-        text = yaml_path.read_text(encoding="utf-8", errors="replace")
-        m = re.search(r"global_average_pooling\s*:\s*(\w+)", text)
-        if m:
-            return m.group(1).lower() == "true"
-    return "shuffle" in path.name.lower()
-
-
-def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_time_embed_dim: int | None = None):
-    """(diffusers ControlNetModel on the CPU in `dtype`, ControlNetInfo) for a ControlNet file."""
-    from diffusers import ControlNetModel
-
-    from backend.engine.model_loader import build_without_weights, few_names, load_weights
-    from backend.state_dict_io import read_state_dict
-
-    path = Path(path)
-    sd = read_state_dict(path)
-    try:
-        info = detect_controlnet(sd, addition_time_embed_dim=addition_time_embed_dim)
-    except UserError as exc:
-        raise UserError(f"{path.name}: {exc.message}", status=exc.status) from exc
-    if info.layout == "ldm":
-        weights, unknown = ldm_controlnet_to_diffusers(sd, info)
-    else:
-        weights, unknown = sd, []
-    if unknown:
-        log.warning("%s: %d tensors matched no rule and are ignored: %s", path.name, len(unknown), few_names(unknown))
-    del sd
-    if info.config.get("addition_embed_type") and info.config.get("addition_time_embed_dim") is None:
-        raise UserError(f"{path.name}: cannot tell this SDXL ControlNet's size-embedding width (input "
-                        f"{info.config['projection_class_embeddings_input_dim']}); load an SDXL checkpoint first.")
-    model = build_without_weights(lambda: ControlNetModel(**info.config))
-    load_weights(model, weights, f"ControlNet {path.name}", dtype=dtype, device="cpu")
-    info.global_average_pooling = _global_average_pooling(path)
-    return model, info

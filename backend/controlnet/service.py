@@ -13,9 +13,10 @@ from PIL import Image
 
 from backend.client import BackendError, Job
 from backend.core.errors import UserError
-from backend.controlnet.model_files import ControlNetRegistry, FileFamilies, read_shapes
-from backend.controlnet.preprocessors import all_preprocessors, find_preprocessor
-from backend.controlnet.units import ControlUnit, check_unit, parse_controlnet_args
+from backend.controlnet.model_files import ControlNetRegistry, FileFamilies
+from backend.core.tensor_headers import read_shapes
+from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
+from backend.controlnet.units import ControlUnit, UnitJob, check_unit, parse_controlnet_args
 
 log = logging.getLogger("easel.controlnet")
 
@@ -92,8 +93,6 @@ class ControlNetService:
     # -- jobs -----------------------------------------------------------------------------------
     def units_for_job(self, alwayson_scripts: dict | None, *, img2img: bool) -> list:
         """The enabled units of a request, checked and with their model files resolved (for the backend)."""
-        from backend.engine.controlnet.runtime import UnitJob
-
         units = parse_controlnet_args(alwayson_scripts)
         jobs = []
         for index, unit in enumerate(units):
@@ -160,20 +159,4 @@ def _copy_unit(unit: ControlUnit) -> ControlUnit:
     from dataclasses import replace
     return replace(unit, image=unit.image.copy() if unit.image is not None else None,
                    mask=unit.mask.copy() if unit.mask is not None else None)
-
-
-def run_detect_job(payload: dict, env) -> dict:
-    """The backend's half of detect: run the preprocessor; {"maps": PNG bytes per image, "poses": OpenPose JSON
-    per image for pose preprocessors, else None}."""
-    from backend.controlnet.preprocessors import run_preprocessor_with_poses
-    pre = find_preprocessor(payload["module"])
-    maps, poses = [], []
-    for img in payload["images"]:
-        result, pose = run_preprocessor_with_poses(pre, img, payload.get("processor_res", 512),
-                                                   payload.get("threshold_a", -1), payload.get("threshold_b", -1), env=env)
-        buf = io.BytesIO()
-        result.save(buf, format="PNG")
-        maps.append(buf.getvalue())
-        poses.append(pose)
-    return {"maps": maps, "poses": poses}
 

@@ -72,6 +72,15 @@ class ControlUnit:
         return out
 
 
+@dataclass
+class UnitJob:
+    """A unit as the app process sends it: the parsed unit plus its resolved model file."""
+
+    unit: ControlUnit
+    model_path: str | None  # None for units without a model
+    model_title: str
+
+
 def decode_image(data: Any, what: str) -> Image.Image | None:
     """A control image from the API: base64 (or data: URL), a PIL image, an array, or {image, mask}."""
     if data is None or (isinstance(data, str) and not data.strip()):

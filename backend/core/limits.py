@@ -15,8 +15,6 @@ CHUNK_TOKENS = 75
 # No CLIP token is longer than this many characters, and the emphasis syntax around one, like "((word:1.25))",
 # adds a handful more: a prompt longer than max_chunks * 75 * CHARS_PER_TOKEN_BOUND characters cannot fit.
 CHARS_PER_TOKEN_BOUND = 32
-DEFAULT_PROMPT_MAX_CHUNKS = 40
-DEFAULT_MAX_IMAGES_PER_JOB = 1000
 LIMIT_SETTINGS = ("prompt_max_chunks", "max_images_per_job")
 
 PROMPT_FIELDS = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"), ("hr_prompt", "Hires prompt"),
@@ -47,12 +45,12 @@ def check_chunk_count(chunks: int, tokens: int, what: str, max_chunks: int) -> N
 def check_request(req, options) -> None:
     """The app process's early checks of a generation request against the server's limits (`options`: its
     settings, never the request's override_settings)."""
-    max_chunks = int(options.get("prompt_max_chunks", DEFAULT_PROMPT_MAX_CHUNKS))
+    max_chunks = int(options["prompt_max_chunks"])
     for field, what in PROMPT_FIELDS:
         text = getattr(req, field, None)
         if isinstance(text, str):
             check_prompt_text(text, what, max_chunks)
-    max_images = int(options.get("max_images_per_job", DEFAULT_MAX_IMAGES_PER_JOB))
+    max_images = int(options["max_images_per_job"])
     images = int(req.batch_size) * int(req.n_iter)
     if images > max_images:
         raise UserError(f"batch_size x n_iter is {req.batch_size} x {req.n_iter} = {images} images; the limit is "

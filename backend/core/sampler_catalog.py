@@ -13,6 +13,8 @@ functions that compute are in the engine and are looked up by name when a job ru
     as "DPM++ 2M Karras" are understood.
 ``resolve_sampler(sampler_name, scheduler, default)``
     A request's sampler and schedule type, as (SamplerInfo, schedule label).
+``resolve_sampling(req, default)`` / ``SamplingChoice``
+    The same for a whole request (with hires. fix's second pass), done once by the app for each job.
 
 The module holds constant tables only: no state is shared between calls.
 """
@@ -25,7 +27,7 @@ from typing import Callable, Iterable, Mapping
 from backend.core.errors import UserError
 
 __all__ = ["SchedulerInfo", "SCHEDULERS", "find_scheduler", "SamplerInfo", "SAMPLERS", "find_sampler",
-           "split_sampler_and_schedule", "resolve_sampler"]
+           "split_sampler_and_schedule", "resolve_sampler", "SamplingChoice", "resolve_sampling"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,24 @@ def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: st
         if schedule.lower() in (s.name.lower(), s.label.lower()):
             return info, s.label
     raise UserError(f"Unknown schedule type {schedule!r}. Valid: {', '.join(s.label for s in SCHEDULERS)}")
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """A request's sampler and schedule type, resolved once by the app process (`resolve_sampling`) and sent with
+    the job; the engine runs what it holds. ``hires_*``: hires. fix's second pass (the first pass's unless the
+    request names a hires sampler)."""
+    sampler: SamplerInfo
+    schedule: str  # a schedule type's label ("Automatic", "Karras", ...)
+    hires_sampler: SamplerInfo
+    hires_schedule: str
+
+
+def resolve_sampling(req, default_sampler: str) -> SamplingChoice:
+    """The sampling of a txt2img/img2img request (`default_sampler`: the job's setting, used when the request
+    names none); an unknown name raises UserError listing the valid ones."""
+    sampler, schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler, default_sampler)
+    hires_sampler, hires_schedule = sampler, schedule
+    if getattr(req, "enable_hr", False) and getattr(req, "hr_sampler_name", None):
+        hires_sampler, hires_schedule = resolve_sampler(req.hr_sampler_name, req.hr_scheduler or schedule, sampler.name)
+    return SamplingChoice(sampler, schedule, hires_sampler, hires_schedule)

@@ -201,13 +201,35 @@ def _prepare_prompts_from_file(req, values: dict) -> PreparedScript:
                           images=sum(r.batch_size * r.n_iter for _, r in lines))
 
 
+def prompt_matrix_combinations(text: str, put_at_start: bool, delimiter: str) -> tuple[list[str], list[str]]:
+    """Prompt matrix: -> (the prompt's `|`-separated parts, one prompt per combination), in A1111's order: bit i
+    of combination n selects variable part i; the variable parts go after the first part, or before it."""
+    parts = text.split("|")
+    prompts = []
+    for number in range(2 ** (len(parts) - 1)):
+        selected = [part.strip().strip(",") for i, part in enumerate(parts[1:]) if number & (1 << i)]
+        selected = selected + [parts[0]] if put_at_start else [parts[0]] + selected
+        prompts.append(delimiter.join(selected))
+    return parts, prompts
+
+
+MAX_MATRIX_PARTS = 10  # 2^10 = 1024 pictures, past the default images-per-job limit already
+
+
 def _prepare_prompt_matrix(req, values: dict) -> PreparedScript:
-    text = req.prompt if values["prompt_type"] == "positive" else req.negative_prompt
+    positive = values["prompt_type"] == "positive"
+    text = req.prompt if positive else req.negative_prompt
     variable = len(text.split("|")) - 1
-    if variable > 16:
+    if variable > MAX_MATRIX_PARTS:
         raise UserError(f"Prompt matrix: {variable} variable parts (separated by |) would make 2^{variable} "
-                        f"pictures; use fewer.", status=422)
-    return PreparedScript(args=values, images=2 ** variable)
+                        f"pictures; use at most {MAX_MATRIX_PARTS}.", status=422)
+    delimiter = ", " if values["variations_delimiter"] == "comma" else " "
+    _, prompts = prompt_matrix_combinations(text, values["put_at_start"], delimiter)
+    field_name = "prompt" if positive else "negative_prompt"
+    return PreparedScript(args=values, images=len(prompts),  # each combination's prompt is checked like the job's
+                          requests=[(f"Prompt matrix: combination {n} ({prompt!r})",
+                                     req.model_copy(update={field_name: prompt, "batch_size": 1, "n_iter": 1}))
+                                    for n, prompt in enumerate(prompts)])
 
 
 def _prepare_loopback(req, values: dict) -> PreparedScript:

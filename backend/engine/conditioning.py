@@ -16,7 +16,7 @@ import torch
 
 from backend.core import prompt_parser
 from backend.core.errors import JobInterrupted
-from backend.core.limits import check_chunk_count, check_prompt_text
+from backend.core.limits import check_chunk_count
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
@@ -221,11 +221,8 @@ class TextConditioner:
         return self.encode("").crossattn[:77]
 
     def schedules(self, prompts: list[str], steps: int, is_negative: bool, hires_steps: int | None = None) -> "ScheduledConds":
+        # The texts' lengths and brackets were checked at the edge (backend.core.limits, request_checks).
         prompts = [prompt_parser.extract_extra_network_tags(p)[0] for p in prompts]  # tags stay in the infotext only
-        for p in prompts:
-            if self.max_chunks is not None:  # a text too long to parse in reasonable time is refused first
-                check_prompt_text(p, "Negative prompt" if is_negative else "Prompt", self.max_chunks)
-            prompt_parser.check_brackets(p)
         plans = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
         encoded = [[(end, self.encode(text, is_negative)) for end, text in plan] for plan in plans]
         return ScheduledConds(encoded)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend.core.errors import UserError
+from backend.core.unet_layout import FAMILY_NAMES, GROUPS, HEAD_CHANNELS, SD1_HEADS, unet_input_levels
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -36,9 +37,6 @@ SDXL_TEXT1_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 
-GROUPS = 32
-SD1_HEADS = 8
-HEAD_CHANNELS = 64
 SD_VAE_SCALE = 0.18215
 SDXL_VAE_SCALE = 0.13025
 CLIP_VOCAB = 49408
@@ -183,9 +181,6 @@ def detect_checkpoint(state_dict: dict[str, torch.Tensor]) -> ModelSpec:
         is_sdxl=family == "sdxl", default_clip_skip=d["clip_skip"], text_encoder_layer=d["layer"],
         final_norm_on_hidden=d["final_norm"], zero_terminal_snr="ztsnr" in keys,
     )
-
-
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
 
 
 def _openai_prefix(state_dict, base: str) -> str:
@@ -355,26 +350,6 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     elif family == "sdxl":
         raise UserError("Unsupported SDXL variant: its UNet has no size/crop embedding (label_emb).")
     return config
-
-
-def unet_input_levels(sd, n_input: int, what: str = "UNet") -> list[list[int]]:
-    """The indices of an LDM UNet's (or ControlNet's) resnet input blocks, grouped by level.
-
-    Walks `input_blocks.1` .. `input_blocks.{n_input - 1}` (keys without prefix): a resnet adds to the
-    current level, a downsampler closes it. Every level must hold the same number of blocks; `what`
-    names the network in the errors."""
-    levels: list[list[int]] = [[]]
-    for n in range(1, n_input):
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            levels.append([])
-        elif f"input_blocks.{n}.0.in_layers.0.weight" in sd:
-            levels[-1].append(n)
-        else:
-            raise UserError(f"Unrecognized {what} block input_blocks.{n}.")
-    counts = {len(level) for level in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise UserError(f"Unsupported {what} layout: levels hold different numbers of blocks ({[len(l) for l in levels]}).")
-    return levels
 
 
 def _transformer_depth(sd, block_prefix: str) -> int:

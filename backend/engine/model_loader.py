@@ -19,7 +19,7 @@ import torch
 from backend.core.errors import UserError
 from backend.engine.ldm_convert import convert_vae_ldm_to_diffusers, is_vae_attention_matrix, ldm_to_diffusers
 from backend.engine.model_detection import FAMILY_NAMES, VAE_PREFIX, ModelSpec, detect_checkpoint, detect_vae
-from backend.state_dict_io import read_state_dict
+from backend.engine.state_dict_io import read_state_dict
 from backend.engine.tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)

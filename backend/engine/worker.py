@@ -4,6 +4,9 @@ It talks to the app process through two queues (jobs in, events out) and two
 shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`.
 Loaded checkpoints stay in a least-recently-used cache (the active one on the
 device, the others in RAM), so switching back to a cached one reads no file.
+
+Each job kind has one handler in `JOB_HANDLERS`, called with the process's
+`WorkerState`, the job's payload and its progress/stop control (`run_job`).
 """
 from __future__ import annotations
 
@@ -14,11 +17,25 @@ import os
 import time
 import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypedDict
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs them
+    from PIL import Image
+
+    from backend.checkpoints import HashCache, ModelFile
+    from backend.core.sampler_catalog import SamplingChoice
+    from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
+    from backend.engine.controlnet.annotators import AnnotatorEnv
+    from backend.engine.controlnet.runtime import ControlNetCache
+    from backend.engine.devices import DevicePolicy
     from backend.engine.loaded_model import LoadedModel
+    from backend.engine.pipelines.common import JobContext, JobControl
+    from backend.engine.postprocess.runtime import PostprocessRuntime
+    from backend.engine.networks.activation import NetworkRuntime
+    from backend.postprocess.schemas import ExtrasResult
 
 log = logging.getLogger("easel.backend")
 
@@ -213,56 +230,141 @@ class VaeSwitcher:
         choice.path = vae_path
 
 
-def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
+# -- the jobs ----------------------------------------------------------------------------------------------------
+@dataclass
+class WorkerState:
+    """What the backend process keeps from job to job: made once by `worker_main`, handed to every job handler."""
+
+    policy: DevicePolicy  # device, dtypes and residency of every model
+    hashes: HashCache  # the model files' sha256 (infotext hashes), cached on disk
+    cache: ModelCache  # loaded checkpoints, least recently used first
+    vae: VaeSwitcher  # the VAE file applied to the active checkpoint
+    controlnets: ControlNetCache | None = None  # loaded ControlNet models
+    annotators: AnnotatorEnv | None = None  # the ControlNet preprocessors' weights and device
+    postprocess: PostprocessRuntime | None = None  # upscaler and face restoration models
+    networks: NetworkRuntime | None = None  # LoRA and embedding files
+
+
+class GenerationPayload(TypedDict, total=False):
+    """What the app process (`backend.service`) sends with a `load`, `txt2img`, `img2img` or `img2img_batch` job."""
+
+    request: Txt2ImgRequest | Img2ImgRequest  # checked at the edge; its override_settings already merged into options
+    sampling: SamplingChoice  # the request's sampler and schedule types, resolved by the service
+    options: dict[str, Any]  # the settings the job runs with
+    checkpoint: ModelFile
+    vae: ModelFile | None
+    checkpoint_fallbacks: list[tuple[ModelFile, ModelFile | None]]  # automatic choice: the next candidates
+    checkpoint_notes: list[str]  # warnings about checkpoints passed over
+    data_dir: Path  # output folders are relative to it
+    warnings: list[str]  # request fields accepted but not acted on
+    scripts: dict[str, Any]  # the always-on scripts' arguments, checked and parsed by the app ({name: parsed})
+    init_images: list[Image.Image]  # img2img
+    mask: Image.Image | None  # img2img
+    batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
+    script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
+
+
+# A job handler: (the worker's state, the job's payload, its progress/stop control) -> the result sent back.
+JobHandler = Callable[["WorkerState", Any, "JobControl"], Any]
+
+
+def _memory(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    return memory_report(state.policy.device)
+
+
+def _unload(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    state.cache.clear()
+    for runtime in (state.controlnets, state.postprocess):
+        if runtime is not None:
+            runtime.clear()
+    return {"ok": True}
+
+
+def _extras(state: WorkerState, payload: dict, control: JobControl) -> ExtrasResult:
+    from backend.engine.postprocess.extras import run_extras_job
+    return run_extras_job(payload, state.postprocess, control)
+
+
+def _controlnet_detect(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    from backend.engine.controlnet.preprocessors import run_detect_job
+    return run_detect_job(payload, state.annotators)
+
+
+def _cache_info(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    return {"loads": state.cache.loads, "cached": [Path(k[0]).name for k in state.cache.models]}
+
+
+@dataclass
+class JobModel:
+    """The job's checkpoint, loaded (or taken from the cache) and with its VAE applied."""
+
+    model: LoadedModel
+    checkpoint: ModelFile  # with its sha256
+    vae: ModelFile | None  # with its sha256; None: the checkpoint's own
+    notes: list[str]  # warnings about checkpoints passed over
+    unloadable: dict[str, str]  # {path: why it did not load}
+
+
+def _job_model(state: WorkerState, payload: GenerationPayload) -> JobModel:
+    from backend.checkpoints import ModelFile
+    from backend.core.job_options import JobOptions
+
+    options = payload["options"]
+    policy = state.policy
+    policy.apply_options(options)
+    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(JobOptions.of(options)["sd_checkpoints_limit"]))
+    ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state.hashes.sha256(ckpt.path))
+    if vae is not None:
+        vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state.hashes.sha256(vae.path))
+    policy.settle(model)  # weights in RAM while the VAE is swapped
+    state.vae.apply(model, str(vae.path) if vae else None)
+    return JobModel(model, ckpt, vae, load_notes, unloadable)
+
+
+def _load(state: WorkerState, payload: GenerationPayload, control: JobControl) -> dict:
+    loaded = _job_model(state, payload)
+    return {"loaded": loaded.checkpoint.title, "family": loaded.model.family,
+            "vae": loaded.vae.name if loaded.vae else None, "warnings": loaded.notes,
+            "unloadable_checkpoints": loaded.unloadable}
+
+
+def _txt2img(state: WorkerState, payload: GenerationPayload, control: JobControl) -> GenerationResult:
+    return _generate("txt2img", state, payload, control, _run_txt2img)
+
+
+def _img2img(state: WorkerState, payload: GenerationPayload, control: JobControl) -> GenerationResult:
+    return _generate("img2img", state, payload, control, _run_img2img)
+
+
+def _img2img_batch(state: WorkerState, payload: GenerationPayload, control: JobControl) -> GenerationResult:
+    return _generate("img2img_batch", state, payload, control, _run_img2img_batch)
+
+
+def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control: JobControl,
+              pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult]) -> GenerationResult:
+    """A generation job: its checkpoint, LoRAs and always-on scripts, then `pipeline`; run again with a smaller
+    residency when the device runs out of memory."""
     import torch
 
-    from backend.checkpoints import ModelFile
     from backend.core.errors import JobInterrupted
     from backend.engine.pipelines.common import JobContext
 
-    if kind == "memory":
-        return memory_report(state["policy"].device)
-    if kind == "unload":
-        state["cache"].clear()
-        state["controlnets"].clear()
-        state["postprocess"].clear()
-        return {"ok": True}
-    if kind == "extras":
-        from backend.postprocess.extras import run_extras_job
-        return run_extras_job(payload, state["postprocess"], control)
-    if kind == "controlnet_detect":
-        from backend.controlnet.service import run_detect_job
-        return run_detect_job(payload, state["annotators"])
-    if kind == "cache_info":
-        return {"loads": state["cache"].loads, "cached": [Path(k[0]).name for k in state["cache"].models]}
-    if kind not in ("txt2img", "img2img", "img2img_batch", "load"):
-        raise ValueError(f"unknown job kind {kind!r}")
-
-    options = payload["options"]
-    policy = state["policy"]
-    policy.apply_options(options)
-    model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(options.get("sd_checkpoints_limit", 2)))
-    ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state["hashes"].sha256(ckpt.path))
-    if vae is not None:
-        vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state["hashes"].sha256(vae.path))
-    policy.settle(model)  # weights in RAM while the VAE is swapped
-    state["vae"].apply(model, str(vae.path) if vae else None)
-    if kind == "load":
-        return {"loaded": ckpt.title, "family": model.family, "vae": vae.name if vae else None,
-                "warnings": load_notes, "unloadable_checkpoints": unloadable}
+    loaded = _job_model(state, payload)
+    model, policy = loaded.model, state.policy
     try:
         while True:
-            ctx = JobContext(loaded=model, policy=policy, options=options, outputs_root=payload["data_dir"],
-                             checkpoint=ckpt, vae=vae, control=control, postprocess=state["postprocess"],
-                             warnings=list(payload.get("warnings") or []) + list(load_notes))
+            ctx = JobContext(loaded=model, policy=policy, options=payload["options"], outputs_root=payload["data_dir"],
+                             checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
+                             sampling=payload.get("sampling"), postprocess=state.postprocess,
+                             warnings=list(payload.get("warnings") or []) + list(loaded.notes))
             try:
                 _activate_networks(payload, ctx, state)
                 try:
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                result = (_run_script(kind, payload, ctx, state) if payload.get("script")
-                          else _run_pipeline(kind, payload, ctx, state))
+                result = (_run_script(kind, pipeline, payload, ctx, state) if payload.get("script")
+                          else pipeline(payload, ctx, state))
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -273,13 +375,13 @@ def _run_job(kind: str, payload: dict, state: dict, control: WorkerJobControl):
                     raise
     finally:
         policy.settle(model)
-    result.info["sd_model_checkpoint"] = ckpt.title
+    result.info["sd_model_checkpoint"] = loaded.checkpoint.title
     result.extra_images = maps
-    result.unloadable_checkpoints = unloadable
+    result.unloadable_checkpoints = loaded.unloadable
     return result
 
 
-def _load_checkpoint(payload: dict, state: dict, limit: int):
+def _load_checkpoint(payload: GenerationPayload, state: WorkerState, limit: int):
     """The job's model: its checkpoint, or, when the checkpoint was chosen automatically (the user asked for none),
     the first of the candidates that loads. -> (model, checkpoint, vae, warnings, {path: why it did not load}).
 
@@ -295,7 +397,7 @@ def _load_checkpoint(payload: dict, state: dict, limit: int):
     unloadable: dict[str, str] = {}
     for number, (ckpt, vae) in enumerate(candidates, 1):
         try:
-            return state["cache"].get(ckpt.path, limit), ckpt, vae, notes, unloadable
+            return state.cache.get(ckpt.path, limit), ckpt, vae, notes, unloadable
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # noqa: BLE001  a broken file: the next candidate is tried
@@ -314,14 +416,15 @@ def _load_checkpoint(payload: dict, state: dict, limit: int):
     raise AssertionError("unreachable")
 
 
-def _activate_networks(payload: dict, ctx, state) -> None:
+def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
     """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
-    and warnings, and the embeddings the prompts may use (`backend.networks.activation`)."""
-    from backend.networks.activation import activate_for_job
-    activate_for_job(payload.get("request"), ctx, state.get("networks"))
+    and warnings, and the embeddings the prompts may use (`backend.engine.networks.activation`)."""
+    from backend.engine.networks.activation import activate_for_job
+    activate_for_job(payload.get("request"), ctx, state.networks)
 
 
-def _prepare_scripts(kind: str, payload: dict, ctx, state, init_image=None, init_mask=None) -> list[bytes]:
+def _prepare_scripts(kind: str, payload: GenerationPayload, ctx: JobContext, state: WorkerState, init_image=None,
+                     init_mask=None) -> list[bytes]:
     """Prepare the job's always-on scripts (`payload["scripts"]`, parsed by the app): their sampling hooks into
     `ctx.sampling_hooks`; returns the images they add after the job's (PNG).
 
@@ -334,37 +437,65 @@ def _prepare_scripts(kind: str, payload: dict, ctx, state, init_image=None, init
     return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state)
 
 
-def _run_script(kind: str, payload: dict, ctx, state):
-    """A selectable script's job (Prompt matrix, Loopback, ...): the script runs the pipeline as often as it needs
+def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult],
+                payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
+    """A selectable script's job (Prompt matrix, Loopback, ...): the script runs `pipeline` as often as it needs
     (`backend.engine.scripts`), each time with the LoRAs of its prompts."""
     from backend.engine.scripts import run_script
 
     active = [(payload["request"].prompt, payload["request"].negative_prompt)]  # whose LoRAs are applied
 
-    def run_pipeline(changed: dict):
+    def run_pipeline(changed: GenerationPayload) -> GenerationResult:
         prompts = (changed["request"].prompt, changed["request"].negative_prompt)
         if prompts != active[0]:
             _activate_networks(changed, ctx, state)
             active[0] = prompts
-        return _run_pipeline(kind, changed, ctx, state)
+        return pipeline(changed, ctx, state)
 
     return run_script(kind, payload, ctx, run_pipeline)
 
 
-def _run_pipeline(kind: str, payload: dict, ctx, state):
-    if kind == "txt2img":
-        from backend.engine.pipelines import txt2img
-        return txt2img.run(payload["request"], ctx)
+def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
+    from backend.engine.pipelines import txt2img
+    return txt2img.run(payload["request"], ctx)
+
+
+def _run_img2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import img2img
-    if kind == "img2img_batch":
-        batch = payload["batch"]
-        # Always-on scripts are prepared per file, so what uses the img2img image follows the folder.
-        before_each = ((lambda image, mask: _prepare_scripts(kind, payload, ctx, state, init_image=image,
-                                                             init_mask=mask))
-                       if payload.get("scripts") else None)
-        return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
-                                 before_each=before_each)
     return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
+
+
+def _run_img2img_batch(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
+    from backend.engine.pipelines import img2img
+    batch = payload["batch"]
+    # Always-on scripts are prepared per file, so what uses the img2img image follows the folder.
+    before_each = ((lambda image, mask: _prepare_scripts("img2img_batch", payload, ctx, state, init_image=image,
+                                                         init_mask=mask))
+                   if payload.get("scripts") else None)
+    return img2img.run_batch(payload["request"], ctx, batch["input_dir"], batch["output_dir"], batch["mask_dir"],
+                             before_each=before_each)
+
+
+# Every job kind the app process sends (`BackendClient.submit(kind, payload)`) and the handler that runs it.
+JOB_HANDLERS: Mapping[str, JobHandler] = MappingProxyType({
+    "memory": _memory,
+    "unload": _unload,
+    "extras": _extras,
+    "controlnet_detect": _controlnet_detect,
+    "cache_info": _cache_info,
+    "load": _load,
+    "txt2img": _txt2img,
+    "img2img": _img2img,
+    "img2img_batch": _img2img_batch,
+})
+
+
+def run_job(kind: str, payload: Any, state: WorkerState, control: JobControl) -> Any:
+    """Run one job with the handler of its kind (`JOB_HANDLERS`); an unknown kind is an error naming the known ones."""
+    handler = JOB_HANDLERS.get(kind)
+    if handler is None:
+        raise ValueError(f"unknown job kind {kind!r}; the backend runs: {', '.join(JOB_HANDLERS)}")
+    return handler(state, payload, control)
 
 
 def app_process_alive() -> bool:
@@ -443,12 +574,12 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     hashes = HashCache(paths.cache_dir / "hashes.json")
     from backend.engine.controlnet.annotators import AnnotatorEnv
     from backend.engine.controlnet.runtime import ControlNetCache
-    from backend.networks.activation import NetworkRuntime
+    from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
-    state = {"policy": policy, "hashes": hashes, "cache": ModelCache(policy, hashes), "vae": VaeSwitcher(),
-             "controlnets": ControlNetCache(policy),
-             "annotators": AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device)),
-             "postprocess": PostprocessRuntime(paths, args), "networks": NetworkRuntime.from_paths(paths)}
+    state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
+                        controlnets=ControlNetCache(policy),
+                        annotators=AnnotatorEnv(paths.models_dir / "ControlNet-annotators", device=str(policy.device)),
+                        postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths))
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})
@@ -459,7 +590,7 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
         job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]
         control = WorkerJobControl(job_id, events, flags)
         try:
-            result = _run_job(kind, payload, state, control)
+            result = run_job(kind, payload, state, control)
             events.put({"type": "result", "job_id": job_id, "result": result})
         except UserError as exc:
             events.put({"type": "error", "job_id": job_id, "message": exc.message, "status": exc.status})

@@ -1,11 +1,11 @@
-"""Extra networks: LoRA / LyCORIS files and textual-inversion embeddings.
+"""Extra networks as the app lists them: LoRA / LyCORIS files and textual-inversion embeddings (no torch).
 
-- `lora_files`   read a LoRA/LyCORIS file into per-module weights, detect its format and base model,
-                 and compute each module's weight update (the math of every supported type);
-- `lora_apply`   map those modules onto a loaded `SDModel`'s diffusers/transformers modules and
-                 add the updates to the weights in place, restoring the originals exactly;
-- `registry`     the files on disk: listing, metadata, previews, A1111's hashes (no torch needed);
-- `activation`   what a generation job does: read the `<lora:...>` tags, apply, annotate the infotext.
+- `registry`     the files on disk: listing, metadata, previews, A1111's hashes, the base model a LoRA says it
+                 was made for;
+- `catalog`      what the UI's Extra Networks cards and the `/sdapi/v1/loras`, `/embeddings` routes show.
 
-Textual inversion lives in `backend/embeddings.py`.
+The backend's side is `backend.engine.networks`: `lora_files` (read a file into per-module weights and
+compute each module's update), `lora_apply` (add the updates to a loaded model's weights and restore the
+originals exactly) and `activation` (what a generation job does with the `<lora:...>` tags). Textual
+inversion lives in `backend/embeddings.py` (listing) and `backend/engine/embeddings.py` (the vectors).
 """

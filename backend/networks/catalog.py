@@ -1,8 +1,8 @@
 """The app process's view of LoRA and embedding files: A1111's API lists and the cards of the UI tabs.
 
-`EaselService.networks` holds one. LoRA listing needs no torch; the embeddings list reads the (small)
-embedding files to know their widths, and sorts them into loaded / skipped against the text encoders
-of the selected checkpoint (read from its header), as A1111's `/sdapi/v1/embeddings` does.
+`EaselService.networks` holds one. No torch: the embeddings list reads the embedding files' headers to
+know their widths, and sorts them into loaded / skipped against the text encoders of the selected
+checkpoint (read from its header), as A1111's `/sdapi/v1/embeddings` does.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.networks.lora_files import FAMILY_LABELS, detect_family
+from backend.networks.registry import FAMILY_LABELS, detect_family
+from backend.embeddings import EmbeddingDatabase, checkpoint_text_dims
 from backend.networks.registry import EmbeddingRegistry, LoraRegistry, NetworkEntry
 
 THUMBNAIL_SIZE = 256
@@ -87,7 +88,7 @@ class ExtraNetworksCatalog:
         self.paths = paths
         self.loras = LoraRegistry(paths.lora_dirs)
         self.embedding_files = EmbeddingRegistry(paths.embeddings_dir)
-        self._embeddings = None  # backend.embeddings.EmbeddingDatabase, made on first use (imports torch)
+        self._embeddings = None  # backend.embeddings.EmbeddingDatabase, made on first use
         self._dims: dict[tuple, list[int] | None] = {}
         self._thumbs: dict = {}
         self._lock = threading.Lock()
@@ -162,7 +163,6 @@ class ExtraNetworksCatalog:
     # -- embeddings ---------------------------------------------------------------------------------
     def _database(self):
         if self._embeddings is None:
-            from backend.embeddings import EmbeddingDatabase
             self._embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
             self._embeddings.refresh()
         return self._embeddings
@@ -176,7 +176,6 @@ class ExtraNetworksCatalog:
         except OSError:
             return None
         if key not in self._dims:
-            from backend.embeddings import checkpoint_text_dims
             self._dims[key] = checkpoint_text_dims(checkpoint.path)
         return self._dims[key]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from backend.core.errors import UserError
 from backend.core.paths import list_files
-from backend.state_dict_io import read_safetensors_metadata
+from backend.core.tensor_headers import read_safetensors_metadata
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
@@ -33,6 +33,8 @@ PREVIEW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 METADATA_ORDER = {"ss_sd_model_name": 1, "ss_base_model_version": 2, "ss_resolution": 3, "ss_clip_skip": 4,
                   "ss_network_module": 5, "ss_network_dim": 6, "ss_network_alpha": 7, "ss_num_train_images": 10,
                   "ss_tag_frequency": 20}
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
 _LOCK = threading.Lock()
 
 
@@ -274,3 +276,18 @@ class NetworkHashes:
 
 def short_hash(full: str) -> str:
     return full[:12]
+
+
+def detect_family(metadata: dict, parts: set[str]) -> str | None:
+    """The base model a LoRA was trained for, from kohya's metadata or SDXL's second text encoder; None if unknown."""
+    base = str(metadata.get("ss_base_model_version", "")).lower()
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if base.startswith("sd_v2") or str(metadata.get("ss_v2", "")) == "True" or arch.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd1"
+    if "te2" in parts:
+        return "sdxl"
+    return None

@@ -15,9 +15,10 @@ from PIL import Image
 from backend.client import Job
 from backend.core.errors import UserError
 from backend.core.request_checks import LATENT_UPSCALE_MODES, sd_upscale_args
-from backend.engine.postprocess.face_restore import FACE_RESTORERS
+from backend.postprocess.model_files import FACE_RESTORERS
 from backend.postprocess.schemas import ExtrasRequest
-from backend.engine.postprocess.upscalers import REALESRGAN_MODELS, Upscaler, UpscalerRegistry, upscaler_name
+from backend.postprocess.upscaler_catalog import (REALESRGAN_MODELS, Upscaler, UpscalerRegistry, check_extras_size,
+                                                  upscaler_name)
 
 log = logging.getLogger("easel.extras")
 
@@ -83,8 +84,7 @@ class PostprocessService:
                 "images": [], "input_dir": None, "output_dir": None}
 
     def _check(self, req: ExtrasRequest) -> None:
-        from backend.postprocess.extras import validate
-        validate(req)
+        check_extras_size(req)
         registry = self.registry()
         registry.find(req.upscaler_1)
         if req.upscaler_2 not in (None, "", "None"):

@@ -13,29 +13,22 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from backend.core.errors import JobInterrupted, UserError
-from backend.engine.model_detection import FAMILY_NAMES
+from backend.core.unet_layout import FAMILY_NAMES
 from backend.engine.controlnet.apply import ActiveControl, ControlSet
-from backend.controlnet.model_files import detect_controlnet, load_controlnet, read_shapes
-from backend.controlnet.preprocessors import find_preprocessor, run_preprocessor
-from backend.controlnet.units import ControlUnit, check_unit, pixel_perfect_resolution, unit_infotext
+from backend.controlnet.model_files import detect_controlnet
+from backend.core.tensor_headers import read_shapes
+from backend.engine.controlnet.model_files import load_controlnet
+from backend.core.preprocessor_catalog import find_preprocessor
+from backend.engine.controlnet.preprocessors import run_preprocessor
+from backend.controlnet.units import UnitJob, check_unit, pixel_perfect_resolution, unit_infotext
 
 log = logging.getLogger("easel.controlnet")
-
-
-@dataclass
-class UnitJob:
-    """A unit as the app process sends it: the parsed unit plus its resolved model file."""
-
-    unit: ControlUnit
-    model_path: str | None  # None for units without a model
-    model_title: str
 
 
 class ControlNetCache:
@@ -142,7 +135,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
     "Inpaint not masked"), used by units without an image of their own.
     """
     model = ctx.model
-    limit = int(ctx.options.get("control_net_model_cache_size", 2))
+    limit = int(ctx.options["control_net_model_cache_size"])
     active: list[ActiveControl] = []
     maps: list[bytes] = []
     used_models = []
@@ -200,7 +193,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
                 raise JobInterrupted()
             hr_res = pixel_perfect_resolution(image.width, image.height, hires_size[0], hires_size[1], unit.resize_mode)
             hr_map = run_preprocessor(pre, image, hr_res, unit.threshold_a, unit.threshold_b, seed=seed, env=annotator_env)
-        if pre.name != "none" and unit.save_detected_map and not ctx.options.get("control_net_no_detectmap", False):
+        if pre.name != "none" and unit.save_detected_map and not ctx.options["control_net_no_detectmap"]:
             maps.append(_png(masked_preview(detected, hint_mask)))
         cache.place_beside(controlnet, ctx.loaded)
         used_models.append(controlnet)

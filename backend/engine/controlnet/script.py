@@ -24,8 +24,8 @@ class ControlNetHook(SamplingHook):
 
 def prepare(units: list, job, ctx, resources) -> tuple[list[SamplingHook], list[bytes]]:
     """The units (`runtime.UnitJob`s, checked by the app) loaded and preprocessed -> ([hook] or [], detected maps).
-    `resources`: the backend's "controlnets" (ControlNetCache) and "annotators" (AnnotatorEnv)."""
-    controls, maps = prepare_controls(units, ctx, resources["controlnets"], width=job.width, height=job.height,
+    `resources`: the backend's state, with `controlnets` (ControlNetCache) and `annotators` (AnnotatorEnv)."""
+    controls, maps = prepare_controls(units, ctx, resources.controlnets, width=job.width, height=job.height,
                                       hires_size=job.hires_size, init_image=job.init_image, init_mask=job.init_mask,
-                                      seed=job.seed, annotator_env=resources["annotators"])
+                                      seed=job.seed, annotator_env=resources.annotators)
     return ([ControlNetHook(controls)] if controls else []), maps

@@ -33,6 +33,7 @@ import torch
 
 from backend.engine.devices.attention import attention_from_args, configure_attention
 from backend.engine.devices.compilation import compile_unet
+from backend.core.job_options import JobOptions
 from backend.engine.devices.cpu import cpu_bf16_supported, cpu_description
 from backend.engine.devices.streaming import (MiB, WeightStreamer, largest_within, move_all_but, pin_module,
                                               stream_units, tensor_bytes, unet_blocks)
@@ -118,7 +119,7 @@ class DevicePolicy:
                      attention=attention_from_args(args), compile=bool(getattr(args, "compile", False)),
                      nan_check=not getattr(args, "disable_nan_check", False),
                      medvram_sdxl=bool(getattr(args, "medvram_sdxl", False)) and mode == "auto",
-                     cpu_bf16=str((options or {}).get("cpu_bf16", "auto")), full_precision=full, no_half_vae=no_half_vae)
+                     cpu_bf16=str(JobOptions.of(options or {})["cpu_bf16"]), full_precision=full, no_half_vae=no_half_vae)
         policy._derive_dtypes()
         return policy
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from backend.engine.loaded_model import LoadedModel
-from backend.networks.lora_files import FAMILY_LABELS, NetworkFile, ShapeMismatch, compute_update, low_rank_update
+from backend.engine.networks.lora_files import NetworkFile, ShapeMismatch, compute_update, low_rank_update
+from backend.networks.registry import FAMILY_LABELS
 
 log = logging.getLogger("easel.lora")
 

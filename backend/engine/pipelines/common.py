@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,17 @@ from backend.engine import schedules
 from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
 from backend.engine.sampling_hooks import FIRST_PASS, HookChain, SamplingHook, StepState, UNetCall
 from backend.core.errors import UserError
+from backend.core.job_options import JobOptions
+
+if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines' neighbours, so not at run time
+    from pathlib import Path
+
+    from backend.checkpoints import ModelFile
+    from backend.core.sampler_catalog import SamplingChoice
+    from backend.engine.embeddings import JobEmbeddings
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.loaded_model import LoadedModel
+    from backend.engine.postprocess.runtime import PostprocessRuntime
 
 VERSION = "easel-0.1.0"
 
@@ -66,23 +77,35 @@ class _StopSampling(Exception):
 
 @dataclass
 class JobContext:
-    loaded: object  # backend.engine.loaded_model.LoadedModel: the checkpoint, placed by the device policy
-    policy: object  # backend.engine.devices.DevicePolicy
-    options: dict
-    outputs_root: object  # Path of the data dir (output folders are relative to it)
-    checkpoint: object  # backend.checkpoints.ModelFile, with sha256
-    vae: object | None
+    """What a pipeline runs with besides its request: the model, the device policy, the settings, where to save.
+
+    The request was checked at the edge (`backend.core.request_checks`, by the app) and its sampler resolved there
+    (`sampling`); a pipeline trusts both and does not check them again.
+    """
+
+    loaded: LoadedModel  # the checkpoint, placed by the device policy
+    policy: DevicePolicy
+    options: JobOptions  # the job's settings (a dict given here is wrapped: missing keys read as their defaults)
+    outputs_root: Path  # the data dir (output folders are relative to it)
+    checkpoint: ModelFile  # with sha256
+    vae: ModelFile | None  # the VAE file applied (None: the checkpoint's own)
     control: JobControl
     warnings: list[str] = field(default_factory=list)
     # Infotext entries added by features around the pipeline (LoRA hashes, always-on scripts, face restoration).
-    extra_params: dict = field(default_factory=dict)
-    # The job's sampling hooks from its always-on scripts (backend.engine.sampling_hooks.SamplingHook); the
-    # pipelines give them to every denoiser they build, after their own (the inpainting latent mask).
+    extra_params: dict[str, object] = field(default_factory=dict)
+    # The job's sampling hooks from its always-on scripts; the pipelines give them to every denoiser they build,
+    # after their own (the inpainting latent mask).
     sampling_hooks: list[SamplingHook] = field(default_factory=list)
-    # backend.engine.postprocess.runtime.PostprocessRuntime: upscaler models (hires. fix) and face restoration (restore_faces).
-    postprocess: object | None = None
-    # backend.embeddings.JobEmbeddings: the textual-inversion embeddings the prompts may use (set with the job's LoRAs).
-    embeddings: object | None = None
+    # Upscaler models (hires. fix) and face restoration (restore_faces).
+    postprocess: PostprocessRuntime | None = None
+    # The textual-inversion embeddings the prompts may use (set with the job's LoRAs).
+    embeddings: JobEmbeddings | None = None
+    # The request's sampler and schedule types, resolved by the app (`sampler_catalog.resolve_sampling`); a pipeline
+    # run directly (scripts, tests) resolves them the same way and passes them here.
+    sampling: SamplingChoice | None = None
+
+    def __post_init__(self):
+        self.options = JobOptions.of(self.options)
 
     @property
     def model(self):
@@ -245,11 +268,11 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
         return (state["denoised"] if state["denoised"] is not None else x), reason
 
 
-def sampler_extra_args(sampler_info, req, options: dict) -> dict:
+def sampler_extra_args(sampler_info, req, options: JobOptions) -> dict:
     """eta and the churn/noise knobs, from the request or the settings (A1111 semantics)."""
     extra = {}
     is_ddim = sampler_info.name == "DDIM"
-    eta = req.eta if req.eta is not None else options.get("eta_ddim" if is_ddim else "eta_ancestral", 0.0 if is_ddim else 1.0)
+    eta = req.eta if req.eta is not None else JobOptions.of(options)["eta_ddim" if is_ddim else "eta_ancestral"]
     extra["eta"] = float(eta)
     for key in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
         value = getattr(req, key, None)
@@ -265,8 +288,8 @@ def vae_tiling_for(ctx: JobContext, width: int, height: int) -> tuple[int, int] 
     """(tile, overlap) in pixels when this VAE pass should be tiled (setting `vae_tiling`), else None."""
     from backend.engine.vae_tiling import should_tile
     options, policy = ctx.options, ctx.policy
-    setting = options.get("vae_tiling", "Automatic")
-    tile, overlap = int(options.get("vae_tile_size", 512)), int(options.get("vae_tile_overlap", 64))
+    setting = options["vae_tiling"]
+    tile, overlap = int(options["vae_tile_size"]), int(options["vae_tile_overlap"])
     mode_for = getattr(policy, "mode_for", None)
     if setting == "Automatic" and mode_for is not None and mode_for(ctx.loaded) == "lowvram":
         setting = "Always"  # streamed UNet: the VAE gets a tile's worth of memory
@@ -304,7 +327,7 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
         decoded = _decode_one(ctx, z)
         if getattr(policy, "nan_check", True) and torch.isnan(decoded).any():
             dtype = next(model.vae.parameters()).dtype
-            if dtype == torch.float32 or not ctx.options.get("auto_vae_precision", True):
+            if dtype == torch.float32 or not ctx.options["auto_vae_precision"]:
                 raise UserError("A tensor with NaNs was produced in the VAE"
                                 + (" in float32; the latents are not finite" if dtype == torch.float32 else
                                    "; turn on 'Automatically revert VAE to 32-bit floats' or use --no-half-vae")

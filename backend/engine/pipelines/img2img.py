@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backend import image_ops
+from backend.engine import image_ops
 from backend.core.errors import JobInterrupted, UserError
 from backend.core.image_codec import folder_images, open_folder_image
 from backend.core.images import save_image_or_warn
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.rng import ImageRNG
-from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, check_img2img, is_sd_upscale, outpainting_args, resize_mode_index,
+from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
                               validate_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
@@ -113,9 +113,8 @@ class SoftInpainting(LatentMask):
 
 def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
         samples_dir: Path | None = None) -> GenerationResult:
-    if not init_images:
-        raise UserError("img2img needs an init image (init_images is empty).")
-    check_img2img(req)
+    """One img2img job on `init_images` (at least one) and `mask`; `req` was checked by the app
+    (`request_checks.check_img2img`, `check_img2img_inputs`)."""
     if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = resize_mode_index(req.resize_mode)
@@ -142,7 +141,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
                      samples_dir=samples_dir)
     model, device = ctx.model, gen.device
-    if ctx.options.get("save_init_img", False):
+    if ctx.options["save_init_img"]:
         gen.params["Init image hash"] = save_init_images(gen, images)
     prepared = prepare_mask(mask, images[0].size, req, mode) if mask is not None else None
 
@@ -163,7 +162,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     _record_params(gen, req, mode, prepared, fill, soft, outpaint)
     denoise = float(req.denoising_strength)
     sigmas_all = img2img_sigmas(gen.sampler_info, gen.schedule, gen.model_schedule, req.steps, denoise,
-                                bool(ctx.options.get("img2img_fix_steps", False)))
+                                bool(ctx.options["img2img_fix_steps"]))
     steps_run = len(sigmas_all) - 1 if denoise > 0 else 0
     ctx.control.begin(req.n_iter, steps_run * req.n_iter)
 
@@ -214,7 +213,7 @@ def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fi
     if mode:
         p["Resize mode"] = RESIZE_MODES[mode]
     multiplier = (req.initial_noise_multiplier if req.initial_noise_multiplier is not None
-                  else gen.ctx.options.get("initial_noise_multiplier", 1.0))
+                  else gen.ctx.options["initial_noise_multiplier"])
     if multiplier not in (1, 1.0):
         p["Noise multiplier"] = format_number(multiplier)
     if prepared is not None:
@@ -273,7 +272,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
     denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
                            ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks)
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
-                       else ctx.options.get("initial_noise_multiplier", 1.0))
+                       else ctx.options["initial_noise_multiplier"])
     x = init + noise * sigmas[0] * multiplier
     noise_sampler = lambda _s, _sn: rng.next().to(device)  # noqa: E731
     latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)

@@ -1,8 +1,9 @@
 """What every generation job (txt2img, img2img) shares around its sampling loop.
 
-`Generation` resolves the sampler, seeds, prompts and text conditioner from a
-request, keeps the infotext parameters, saves each finished image (with its
-infotext) as A1111 does, and assembles the grid and the `info` of the result.
+`Generation` takes the sampler resolved by the app (`JobContext.sampling`), sets
+up seeds, prompts and the text conditioner from a request, keeps the infotext
+parameters, saves each finished image (with its infotext) as A1111 does, and
+assembles the grid and the `info` of the result.
 The pipelines only add their own sampling between `begin` and `finish`.
 """
 from __future__ import annotations
@@ -12,10 +13,8 @@ from pathlib import Path
 from PIL import Image
 
 from backend.engine import schedules
-from backend.core.sampler_catalog import resolve_sampler
 from backend.engine.conditioning import TextConditioner
 from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
-from backend.core.limits import DEFAULT_PROMPT_MAX_CHUNKS
 from backend.engine.rng import fix_seed
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
@@ -24,12 +23,14 @@ from backend.engine.pipelines.common import VERSION, JobContext, format_number, 
 class Generation:
     def __init__(self, req: Txt2ImgRequest, ctx: JobContext, *, samples_dir_key: str, grids_dir_key: str,
                  samples_dir: Path | None = None):
+        if ctx.sampling is None:
+            raise ValueError("JobContext.sampling is not set: resolve the request's sampler with "
+                             "backend.core.sampler_catalog.resolve_sampling (the app does it for every job)")
         self.req, self.ctx = req, ctx
         model, options = ctx.model, ctx.options
         self.device = ctx.policy.device
-        self.sampler_info, self.schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler,
-                                                           options.get("default_sampler", "Euler a"))
-        self.clip_skip = int(options.get("CLIP_stop_at_last_layers", 1))  # the job's override is merged in, checked
+        self.sampler_info, self.schedule = ctx.sampling.sampler, ctx.sampling.schedule
+        self.clip_skip = int(options["CLIP_stop_at_last_layers"])  # the job's override is merged in, checked
         self.model_schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
         self.extra = sampler_extra_args(self.sampler_info, req, options)
 
@@ -42,9 +43,9 @@ class Generation:
         self.negatives = [req.negative_prompt] * self.total_images
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
-                                           max_chunks=int(options.get("prompt_max_chunks", DEFAULT_PROMPT_MAX_CHUNKS)),
+                                           max_chunks=int(options["prompt_max_chunks"]),
                                            should_stop=ctx.control.interrupted)
-        self.preview_every = int(options.get("show_progress_every_n_steps", 2)) if options.get("live_previews_enable", True) else -1
+        self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
 
         self.params: dict[str, object] = {
             "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
@@ -59,11 +60,11 @@ class Generation:
             "Tiling": True if req.tiling else None,
         }
 
-        self.save_samples = not req.do_not_save_samples and options.get("samples_save", True)
-        self.out_dir = samples_dir or day_folder(self.outdir(samples_dir_key), options.get("save_to_dirs", True))
+        self.save_samples = not req.do_not_save_samples and options["samples_save"]
+        self.out_dir = samples_dir or day_folder(self.outdir(samples_dir_key), options["save_to_dirs"])
         self.grids_dir_key = grids_dir_key
-        self.fmt = options.get("samples_format", "png")
-        self.pattern = options.get("samples_filename_pattern", "")
+        self.fmt = options["samples_format"]
+        self.pattern = options["samples_filename_pattern"]
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
         self.interrupted = False
@@ -88,7 +89,7 @@ class Generation:
         return False
 
     def outdir(self, key: str) -> Path:
-        target = Path(self.ctx.options.get(key))
+        target = Path(self.ctx.options[key])
         return target if target.is_absolute() else Path(self.ctx.outputs_root) / target
 
     def infotext(self, i: int) -> str:
@@ -117,7 +118,7 @@ class Generation:
             path = save_image_or_warn(self.ctx.warnings, "image", img, self.out_dir, seed=self.all_seeds[i],
                                       infotext=text, fmt=self.fmt, pattern=self.pattern,
                                       name_values=self.name_values(self.all_seeds[i]),
-                                      with_pnginfo=self.ctx.options.get("enable_pnginfo", True), basename=basename or "")
+                                      with_pnginfo=self.ctx.options["enable_pnginfo"], basename=basename or "")
         self.outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=self.all_seeds[i],
                                            subseed=self.all_subseeds[i], prompt=self.prompts[i],
                                            negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
@@ -126,15 +127,15 @@ class Generation:
     def finish(self, info_extra: dict | None = None) -> GenerationResult:
         req, ctx, options = self.req, self.ctx, self.ctx.options
         if (len(self.pil_images) > 1 and not req.do_not_save_grid
-                and (options.get("return_grid", True) or options.get("grid_save", True))):
+                and (options["return_grid"] or options["grid_save"])):
             grid = image_grid(self.pil_images)
             text = self.infotext(0)
             path = None
-            if options.get("grid_save", True):
-                grid_dir = day_folder(self.outdir(self.grids_dir_key), options.get("save_to_dirs", True))
+            if options["grid_save"]:
+                grid_dir = day_folder(self.outdir(self.grids_dir_key), options["save_to_dirs"])
                 path = save_image_or_warn(ctx.warnings, "grid", grid, grid_dir, seed=self.all_seeds[0], infotext=text,
-                                          fmt=self.fmt, basename="grid", with_pnginfo=options.get("enable_pnginfo", True))
-            if options.get("return_grid", True):
+                                          fmt=self.fmt, basename="grid", with_pnginfo=options["enable_pnginfo"])
+            if options["return_grid"]:
                 self.outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=self.all_seeds[0],
                                                       subseed=self.all_subseeds[0], prompt=self.prompts[0],
                                                       negative_prompt=self.negatives[0],

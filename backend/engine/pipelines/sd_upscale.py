@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from backend import image_ops
-from backend.core.errors import JobInterrupted, UserError
-from backend.engine.postprocess.upscalers import check_output_size, target_size, upscale_for_job, upscaler_name
+from backend.engine import image_ops
+from backend.core.errors import JobInterrupted
+from backend.engine.postprocess.upscalers import target_size, upscale_for_job
+from backend.postprocess.upscaler_catalog import check_output_size, upscaler_name
 from backend.core.request_checks import sd_upscale_args
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.processing import Generation
@@ -124,9 +125,7 @@ def run(req: Img2ImgRequest, ctx, init_images: list[Image.Image], mask: Image.Im
         samples_dir=None) -> GenerationResult:
     from backend.engine.pipelines import img2img  # img2img dispatches here: imported when running
 
-    args = sd_upscale_args(req)
-    if mask is not None:
-        raise UserError("SD upscale redraws the whole picture; it does not take a mask. Use it from the img2img tab.")
+    args = sd_upscale_args(req)  # checked by the app, as is the absence of a mask (`request_checks.check_img2img_inputs`)
     name = upscaler_name(args.upscaler, ctx.postprocess.upscalers() if ctx.postprocess is not None else None)
     source = image_ops.flatten(init_images[0])
     width, height = target_size(source.width, source.height, args.scale)
@@ -149,7 +148,7 @@ def run(req: Img2ImgRequest, ctx, init_images: list[Image.Image], mask: Image.Im
     groups = [tiles[i:i + group] for i in range(0, len(tiles), group)]
     denoise = float(req.denoising_strength)
     sigmas = img2img_sigmas(gen.sampler_info, gen.schedule, gen.model_schedule, req.steps, denoise,
-                            bool(ctx.options.get("img2img_fix_steps", False)))
+                            bool(ctx.options["img2img_fix_steps"]))
     steps = len(sigmas) - 1 if denoise > 0 else 0
     ctx.control.begin(req.n_iter * len(groups), req.n_iter * len(groups) * steps)
 

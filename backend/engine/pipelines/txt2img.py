@@ -1,7 +1,9 @@
 """txt2img, with AUTOMATIC1111's seeds, batches, prompt schedules and hires. fix.
 
-    validate -> seeds -> for each batch: encode prompts, draw noise, sample,
+    seeds -> for each batch: encode prompts, draw noise, sample,
     (hires. fix: upscale, re-noise, sample again), decode, save -> grid -> result
+
+The request was checked and its samplers resolved by the app (`backend.core.request_checks`, `ctx.sampling`).
 """
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backend.engine import schedules
-from backend.core.sampler_catalog import resolve_sampler
 from backend.core.errors import JobInterrupted
-from backend.core.request_checks import LATENT_UPSCALE_MODES, check_txt2img, hires_size
+from backend.core.request_checks import LATENT_UPSCALE_MODES, hires_size
 from backend.engine.rng import ImageRNG
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
@@ -50,17 +51,14 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
 
 
 def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
-    check_txt2img(req)
     gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
-    sampler_info, schedule = gen.sampler_info, gen.schedule
 
     hires = req.enable_hr
     hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)
     hr_steps = req.hr_second_pass_steps or req.steps
     hr_denoise = DEFAULT_HIRES_DENOISE if req.denoising_strength is None else float(req.denoising_strength)
     hr_upscaler = req.hr_upscaler or "Latent"
-    hr_sampler_info, hr_schedule = (resolve_sampler(req.hr_sampler_name, req.hr_scheduler or schedule, sampler_info.name)
-                                    if hires and req.hr_sampler_name else (sampler_info, schedule))
+    hr_sampler_info, hr_schedule = ctx.sampling.hires_sampler, ctx.sampling.hires_schedule
     hires_sampling = hires and hr_denoise > 0
     steps_per_batch = req.steps + (hr_steps if hires_sampling else 0)
     ctx.control.begin(req.n_iter, steps_per_batch * req.n_iter)

@@ -25,26 +25,19 @@ import numpy as np
 from PIL import Image
 
 from backend.core.errors import JobInterrupted, UserError
+from backend.core.job_options import JobOptions
 from backend.core.paths import list_files
 from backend.engine.postprocess.face_detection import FACE_SIZE, align_face
-from backend.postprocess.model_files import MODEL_EXTENSIONS, is_helper_file
+from backend.postprocess.model_files import MODEL_EXTENSIONS, canonical_name, is_helper_file
 
 log = logging.getLogger("easel.postprocess")
 
-FACE_RESTORERS = ("CodeFormer", "GFPGAN")
 DOWNLOADS = {
     "GFPGAN": ("https://github.com/TencentARC/GFPGAN/releases/download/v1.3.4/GFPGANv1.4.pth", "GFPGANv1.4.pth"),
     "CodeFormer": ("https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
                    "codeformer-v0.1.0.pth"),
 }
 NO_FACE_NOTE = "No face was found in the image; it is unchanged."
-
-
-def canonical_name(name: str) -> str:
-    for known in FACE_RESTORERS:
-        if (name or "").strip().lower() == known.lower():
-            return known
-    raise UserError(f"Unknown face restoration model {name!r}. Available: {', '.join(FACE_RESTORERS)}.")
 
 
 def find_model_file(name: str, folders: list[Path]) -> Path | None:
@@ -166,16 +159,17 @@ def restore_faces_for_job(ctx, images: list[Image.Image]) -> list[Image.Image]:
         ctx.warnings.append("Face restoration skipped: this job has no post-processing models.")
         return images
     runtime.apply_options(ctx.options)
+    options = JobOptions.of(ctx.options)
     try:
-        name = canonical_name(ctx.options.get("face_restoration_model", "CodeFormer"))
+        name = canonical_name(options["face_restoration_model"])
         loaded = runtime.load_face_restorer(name)
-        detector = runtime.face_detector(ctx.options.get("face_detector", "Automatic"), loaded.device)
+        detector = runtime.face_detector(options["face_detector"], loaded.device)
     except UserError as exc:
         note = f"Face restoration skipped: {exc.message}"
         if note not in ctx.warnings:
             ctx.warnings.append(note)
         return images
-    weight = float(ctx.options.get("code_former_weight", 0.5))
+    weight = float(options["code_former_weight"])
     ctx.extra_params["Face restoration"] = name
     should_stop = getattr(getattr(ctx, "control", None), "interrupted", None)  # Interrupt, checked between faces
     restored = []

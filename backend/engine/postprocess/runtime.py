@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.engine.postprocess.face_detection import FaceDetectors
-from backend.postprocess.model_files import LoadedModel, PostprocessModelCache
-from backend.engine.postprocess.upscalers import Upscaler, UpscalerRegistry, model_file
+from backend.engine.postprocess.model_files import LoadedModel, PostprocessModelCache
+from backend.engine.postprocess.upscalers import model_file
+from backend.postprocess.upscaler_catalog import Upscaler, UpscalerRegistry
 
 DEVICE_PARTS = ("esrgan", "gfpgan", "codeformer")
 
@@ -41,7 +42,8 @@ class PostprocessRuntime:
         return list(self.paths.gfpgan_dirs if name == "GFPGAN" else self.paths.codeformer_dirs)
 
     def load_face_restorer(self, name: str) -> LoadedModel:
-        from backend.engine.postprocess.face_restore import canonical_name, model_path
+        from backend.engine.postprocess.face_restore import model_path
+        from backend.postprocess.model_files import canonical_name
 
         name = canonical_name(name)
         return self.cache.get(model_path(name, self.face_restorer_folders(name)), name.lower())

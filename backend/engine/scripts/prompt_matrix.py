@@ -8,20 +8,9 @@ from __future__ import annotations
 
 from backend.core.grid_legends import annotated_grid, combination_labels
 from backend.core.images import image_grid
+from backend.core.scripts_catalog import prompt_matrix_combinations
 from backend.engine.rng import fix_seed
 from backend.engine.scripts.runner import pil_of
-
-
-def combinations(text: str, put_at_start: bool, delimiter: str) -> tuple[list[str], list[str]]:
-    """-> (the prompt's parts, one prompt per combination), in A1111's order: bit i of combination n selects
-    variable part i."""
-    parts = text.split("|")
-    prompts = []
-    for number in range(2 ** (len(parts) - 1)):
-        selected = [part.strip().strip(",") for i, part in enumerate(parts[1:]) if number & (1 << i)]
-        selected = selected + [parts[0]] if put_at_start else [parts[0]] + selected
-        prompts.append(delimiter.join(selected))
-    return parts, prompts
 
 
 def run(args: dict, job, generate):
@@ -29,7 +18,7 @@ def run(args: dict, job, generate):
     positive = args["prompt_type"] == "positive"
     original = req.prompt if positive else req.negative_prompt
     delimiter = ", " if args["variations_delimiter"] == "comma" else " "
-    parts, prompts = combinations(original, args["put_at_start"], delimiter)
+    parts, prompts = prompt_matrix_combinations(original, args["put_at_start"], delimiter)
     seed = fix_seed(req.seed)
     one = {"batch_size": 1, "n_iter": 1, "do_not_save_grid": True, "script_name": None, "script_args": []}
     requests = [req.model_copy(update={**one, ("prompt" if positive else "negative_prompt"): prompt,

@@ -60,6 +60,11 @@ class ScriptProgress:
         self.base.clear_skip()
 
 
+def _sampler_fields(request) -> tuple:
+    return (request.sampler_name, request.sampler_index, request.scheduler, getattr(request, "hr_sampler_name", None),
+            getattr(request, "hr_scheduler", None))
+
+
 def pil_of(image: GeneratedImage) -> Image.Image:
     picture = Image.open(io.BytesIO(image.png))
     picture.load()
@@ -106,12 +111,15 @@ class ScriptRun:
             payload["init_images"] = init_images
         added = {k: v for k, v in (extra_params or {}).items() if k not in self.ctx.extra_params}
         self.ctx.extra_params.update(added)
-        control = self.ctx.control
+        control, sampling = self.ctx.control, self.ctx.sampling
         self.ctx.control = self.progress
+        if _sampler_fields(request) != _sampler_fields(self.request):  # a line's --sampler_name, an axis
+            from backend.core.sampler_catalog import resolve_sampling  # names checked by the app for this request
+            self.ctx.sampling = payload["sampling"] = resolve_sampling(request, self.ctx.options["default_sampler"])
         try:
             result = self._run_pipeline(payload)
         finally:
-            self.ctx.control = control
+            self.ctx.control, self.ctx.sampling = control, sampling
             for key in added:
                 self.ctx.extra_params.pop(key, None)
         self.progress.next_generation()

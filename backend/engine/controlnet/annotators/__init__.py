@@ -15,9 +15,10 @@ uses; key names follow those files):
   `upernet_global_small.pth`, painted in the ADE20K palette;
 - `common`: what they share: `WeightFile`, `AnnotatorEnv` (finding, downloading and loading weights), helpers.
 
-Each network module lists its preprocessors in `PREPROCESSORS`; `ANNOTATORS` here is all of them, in the
-order the registry (`backend.controlnet.preprocessors`) shows them. To add an annotator: write its module
-(network, weight file, preprocessor functions, `PREPROCESSORS`) and add it to `ANNOTATORS`.
+Each network module maps its preprocessors' names to their functions in `RUNNERS`; `RUNNERS` here is all of
+them. Their names, sliders and weight files are data in the torch-free catalog the app lists
+(`backend.core.preprocessor_catalog`). To add an annotator: write its module (network, weight file, preprocessor
+functions, `RUNNERS`), add it to `RUNNERS` here, and its entry to the catalog.
 
 Weights are looked for in `models/ControlNet-annotators/` (also in a sub-folder named after the
 annotator, as sd-webui-controlnet's `annotator/downloads/<name>/` lays them out). When missing,
@@ -27,15 +28,22 @@ Importing the package does not import torch; the networks import it when they ar
 """
 from __future__ import annotations
 
-from backend.controlnet.preprocessors import Preprocessor
+from typing import Callable
+
 from backend.engine.controlnet.annotators import (depth_anything, hed, lineart, lineart_anime, mlsd, normal_bae,
                                                   openpose, uniformer)
 from backend.engine.controlnet.annotators.common import AnnotatorEnv, WeightFile
 
-ANNOTATORS: list[Preprocessor] = [
-    *hed.PREPROCESSORS, *lineart.PREPROCESSORS, *lineart_anime.PREPROCESSORS, *openpose.PREPROCESSORS,
-    *mlsd.PREPROCESSORS, *depth_anything.PREPROCESSORS, *normal_bae.PREPROCESSORS, *uniformer.PREPROCESSORS,
-]
+# name -> (run, run with poses or None): the model-based entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    **hed.RUNNERS, **lineart.RUNNERS, **lineart_anime.RUNNERS, **openpose.RUNNERS, **mlsd.RUNNERS,
+    **depth_anything.RUNNERS, **normal_bae.RUNNERS, **uniformer.RUNNERS,
+}
 
-__all__ = ["ANNOTATORS", "AnnotatorEnv", "WeightFile", "depth_anything", "hed", "lineart", "lineart_anime", "mlsd",
+# Every network's weight file.
+WEIGHT_FILES: tuple[WeightFile, ...] = tuple(
+    value for module in (hed, lineart, lineart_anime, openpose, mlsd, depth_anything, normal_bae, uniformer)
+    for value in vars(module).values() if isinstance(value, WeightFile))
+
+__all__ = ["RUNNERS", "WEIGHT_FILES", "AnnotatorEnv", "WeightFile", "depth_anything", "hed", "lineart", "lineart_anime", "mlsd",
            "normal_bae", "openpose", "uniformer"]

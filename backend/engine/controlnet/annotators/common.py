@@ -72,7 +72,7 @@ class AnnotatorEnv:
             self.models.clear()  # one annotator network in memory at a time (some are 1 GB and more)
             import torch
 
-            from backend.state_dict_io import read_state_dict
+            from backend.engine.state_dict_io import read_state_dict
             path = self.weights_path(weights, what)
             sd = _read_nested(path, unwrap) if unwrap else read_state_dict(path)
             try:
@@ -96,7 +96,7 @@ def _read_nested(path: Path, key: str) -> dict:
     """The tensors under `key` of a checkpoint dict (e.g. {"model": state_dict, ...}), loaded with weights_only."""
     import torch
 
-    from backend.state_dict_io import read_state_dict, safe_unpickle_globals
+    from backend.engine.state_dict_io import read_state_dict, safe_unpickle_globals
     if path.suffix.lower() == ".safetensors":
         return read_state_dict(path)
     try:

@@ -2,9 +2,11 @@
 `depth_anything` preprocessor, relative depth with near as bright."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 from backend.engine.controlnet.annotators.common import AnnotatorEnv, WeightFile, env_from
 
 DEPTH_ANYTHING_WEIGHTS = WeightFile(
@@ -209,7 +211,7 @@ def _depth_anything(img, res, a, b, seed, **kw):
     return hwc3(remove_pad(depth_anything(padded, env_from(kw))))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("depth_anything", _depth_anything, RES, model_free=False, control_type="Depth",
-                 weights=(DEPTH_ANYTHING_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "depth_anything": (_depth_anything, None),
+}

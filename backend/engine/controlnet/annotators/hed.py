@@ -2,9 +2,11 @@
 `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`, quantized to 3 levels) and `scribble_hed` (thinned strokes)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from
 
 HED_WEIGHTS = WeightFile("ControlNetHED.pth", "hed", ANNOTATORS_URL + "ControlNetHED.pth")
@@ -80,7 +82,7 @@ def _scribble_hed(img, res, a, b, seed, **kw):
     """HED edges thinned to strokes: non-maximum suppression, threshold, and a little dilation."""
     padded, remove_pad = resize_with_pad(img, res)
     edge = hed_edges(padded, env_from(kw)).astype(np.float32)
-    from backend.controlnet.preprocessors import gaussian_blur
+    from backend.engine.controlnet.preprocessors import gaussian_blur
     smooth = gaussian_blur(edge, 3.0)
     keep = np.zeros_like(smooth, dtype=bool)
     p = np.pad(smooth, 1, mode="edge")
@@ -94,11 +96,9 @@ def _scribble_hed(img, res, a, b, seed, **kw):
     return hwc3(remove_pad(dilated * 255))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("hed", _hed, RES, model_free=False, aliases=("softedge_hed",), control_type="SoftEdge",
-                 weights=(HED_WEIGHTS.filename,)),
-    Preprocessor("hed_safe", _hed_safe, RES, model_free=False, aliases=("softedge_hedsafe",), control_type="SoftEdge",
-                 weights=(HED_WEIGHTS.filename,)),
-    Preprocessor("scribble_hed", _scribble_hed, RES, model_free=False, control_type="Scribble",
-                 weights=(HED_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "hed": (_hed, None),
+    "hed_safe": (_hed_safe, None),
+    "scribble_hed": (_scribble_hed, None),
+}

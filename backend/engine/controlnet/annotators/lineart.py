@@ -2,9 +2,11 @@
 and the preprocessors `lineart` (`lineart_realistic`) and `lineart_coarse`, white lines on black."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from
 
 LINEART_WEIGHTS = WeightFile("sk_model.pth", "lineart", ANNOTATORS_URL + "sk_model.pth")
@@ -66,9 +68,8 @@ def _lineart_coarse(img, res, a, b, seed, **kw):
     return hwc3(remove_pad(lineart_lines(padded, env_from(kw), coarse=True)))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("lineart", _lineart, RES, model_free=False, aliases=("lineart_realistic",), control_type="Lineart",
-                 weights=(LINEART_WEIGHTS.filename,)),
-    Preprocessor("lineart_coarse", _lineart_coarse, RES, model_free=False, control_type="Lineart",
-                 weights=(LINEART_COARSE_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "lineart": (_lineart, None),
+    "lineart_coarse": (_lineart_coarse, None),
+}

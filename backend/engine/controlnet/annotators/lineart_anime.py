@@ -2,9 +2,11 @@
 `lineart_anime` preprocessor, white lines on black, run at multiples of 256 pixels."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, WeightFile, env_from, resize_maps
 
 LINEART_ANIME_WEIGHTS = WeightFile("netG.pth", "lineart_anime", ANNOTATORS_URL + "netG.pth")
@@ -76,7 +78,7 @@ def _lineart_anime(img, res, a, b, seed, **kw):
     return hwc3(remove_pad(255 - line))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("lineart_anime", _lineart_anime, RES, model_free=False, control_type="Lineart",
-                 weights=(LINEART_ANIME_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "lineart_anime": (_lineart_anime, None),
+}

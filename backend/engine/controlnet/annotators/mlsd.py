@@ -2,9 +2,11 @@
 and the `mlsd` preprocessor, line segments in white on black with its value and distance thresholds."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, Slider, hwc3, resize_with_pad
+from backend.engine.controlnet.preprocessors import hwc3, resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from
 
 MLSD_WEIGHTS = WeightFile("mlsd_large_512_fp32.pth", "mlsd", ANNOTATORS_URL + "mlsd_large_512_fp32.pth")
@@ -148,8 +150,7 @@ def _mlsd(img, res, a, b, seed, **kw):
     return hwc3(remove_pad(mlsd_lines(padded, env_from(kw), float(a), float(b))))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("mlsd", _mlsd, RES, Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
-                 Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01), model_free=False, control_type="MLSD",
-                 weights=(MLSD_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "mlsd": (_mlsd, None),
+}

@@ -2,9 +2,11 @@
 preprocessor, normals encoded as RGB."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, resize_with_pad
+from backend.engine.controlnet.preprocessors import resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from
 
 NORMAL_BAE_WEIGHTS = WeightFile("scannet.pt", "normal_bae", ANNOTATORS_URL + "scannet.pt")
@@ -194,7 +196,7 @@ def _normal_bae(img, res, a, b, seed, **kw):
     return remove_pad(normal_bae(padded, env_from(kw)))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("normal_bae", _normal_bae, RES, model_free=False, control_type="NormalMap",
-                 weights=(NORMAL_BAE_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "normal_bae": (_normal_bae, None),
+}

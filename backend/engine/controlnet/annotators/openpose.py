@@ -3,9 +3,11 @@ people, ControlNet's OpenPose drawing and the OpenPose JSON of the people found;
 (which also returns that JSON for /controlnet/detect)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, resize_with_pad
+from backend.engine.controlnet.preprocessors import resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from, resize_maps
 
 # COCO-18 keypoints; limbs as pairs of 1-based keypoint numbers, the PAF channels (x, y) of each, and
@@ -113,7 +115,7 @@ def openpose_body(img: np.ndarray, env: AnnotatorEnv) -> list[list[tuple[float, 
 
 
 def assemble_people(heat: np.ndarray, paf: np.ndarray, height: int) -> list:
-    from backend.controlnet.preprocessors import gaussian_blur
+    from backend.engine.controlnet.preprocessors import gaussian_blur
     peaks = []  # per part: [(x, y, score, id)]
     counter = 0
     for part in range(18):
@@ -243,7 +245,7 @@ def _openpose(img, res, a, b, seed, **kw):
     return _openpose_with_json(img, res, a, b, seed, **kw)[0]
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("openpose", _openpose, RES, model_free=False, control_type="OpenPose",
-                 weights=(OPENPOSE_BODY_WEIGHTS.filename,), with_poses=_openpose_with_json),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "openpose": (_openpose, _openpose_with_json),
+}

@@ -2,9 +2,11 @@
 `segmentation` preprocessor (`seg_ufade20k`), each pixel painted in its class's colour."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from backend.controlnet.preprocessors import RES, Preprocessor, resize_with_pad
+from backend.engine.controlnet.preprocessors import resize_with_pad
 from backend.engine.controlnet.annotators.common import AnnotatorEnv, WeightFile, env_from
 
 UNIFORMER_WEIGHTS = WeightFile(
@@ -205,7 +207,7 @@ def _segmentation(img, res, a, b, seed, **kw):
     return remove_pad(segment_ade20k(padded, env_from(kw)))
 
 
-PREPROCESSORS: list[Preprocessor] = [
-    Preprocessor("segmentation", _segmentation, RES, model_free=False, aliases=("seg_ufade20k",),
-                 control_type="Segmentation", weights=(UNIFORMER_WEIGHTS.filename,)),
-]
+# name -> (run, run with poses or None): this module's entries of `backend.core.preprocessor_catalog`.
+RUNNERS: dict[str, tuple[Callable, Callable | None]] = {
+    "segmentation": (_segmentation, None),
+}

@@ -1,71 +1,22 @@
-"""ControlNet preprocessors that need no weights, in numpy (no OpenCV), and the preprocessor registry.
+"""Running the ControlNet preprocessors: those that need no weights, in numpy (no OpenCV), and the runner
+of every preprocessor by name (the model-based ones live in the `annotators` package).
 
 Each preprocessor takes an RGB uint8 image (H, W, 3) and returns the control map as RGB uint8,
 following sd-webui-controlnet's behaviour: most first scale the image so its short side is the
 preprocessor resolution (`resize_image_with_pad`: edge-padded to a multiple of 64 while working,
 the padding cut off afterwards), so the map has the size of the scaled image.
 
-Names are sd-webui-controlnet's internal module names (`canny`, `invert`, `color`, ...); the
-display names it also accepts (`invert (from white bg & black line)`, `t2ia_color_grid`, ...)
-are aliases. Model-based preprocessors live in `annotators.py` and join the same registry.
+What the preprocessors are called and which sliders they take is `backend.core.preprocessor_catalog`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import io
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from backend.core.errors import UserError
-
-
-@dataclass(frozen=True)
-class Slider:
-    name: str
-    value: float
-    min: float
-    max: float
-    step: float = 1.0
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "value": self.value, "min": self.min, "max": self.max, "step": self.step}
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """A preprocessor: `run(image, resolution, threshold_a, threshold_b, seed) -> map` (RGB uint8 arrays)."""
-
-    name: str
-    run: Callable
-    resolution: Slider | None = None
-    threshold_a: Slider | None = None
-    threshold_b: Slider | None = None
-    model_free: bool = True
-    aliases: tuple[str, ...] = ()
-    image_like: bool = False  # the map is a picture (filled with its border colour by "Resize and Fill")
-    control_type: str = "All"
-    weights: tuple[str, ...] = field(default_factory=tuple)  # annotator files it needs
-    # The map is the picture with its masked pixels marked -1 (ControlNet 1.1 inpaint): needs the unit's mask,
-    # the control image's transparent pixels, or the img2img inpaint mask.
-    uses_mask: bool = False
-    # Pose preprocessors: like `run`, returning (map, OpenPose JSON of the people found) for /controlnet/detect.
-    with_poses: Callable | None = None
-
-    @property
-    def display_name(self) -> str:
-        return self.aliases[0] if self.aliases else self.name
-
-    def sliders(self) -> list[dict]:
-        return [s.as_dict() for s in (self.resolution, self.threshold_a, self.threshold_b) if s is not None]
-
-    def defaults(self) -> tuple[int, float, float]:
-        return (int(self.resolution.value) if self.resolution else 512,
-                float(self.threshold_a.value) if self.threshold_a else -1.0,
-                float(self.threshold_b.value) if self.threshold_b else -1.0)
-
-
-RES = Slider("Preprocessor Resolution", 512, 64, 2048, 8)
+from backend.core.preprocessor_catalog import Preprocessor, find_preprocessor
 
 
 # -- image helpers --------------------------------------------------------------------------------
@@ -313,67 +264,55 @@ def _shuffle(img, res, a, b, seed):
     return remove_pad(out[0].permute(1, 2, 0).numpy().clip(0, 255).round().astype(np.uint8))
 
 
-WEIGHTLESS: list[Preprocessor] = [
-    Preprocessor("none", _none, image_like=True),
-    Preprocessor("invert", _invert, aliases=("invert (from white bg & black line)",), control_type="Lineart"),
-    Preprocessor("canny", _canny, RES, Slider("Canny Low Threshold", 100, 1, 255), Slider("Canny High Threshold", 200, 1, 255),
-                 control_type="Canny"),
-    Preprocessor("binary", _binary, RES, Slider("Binary threshold", 0, 0, 255), control_type="Scribble"),
-    Preprocessor("threshold", _threshold, RES, Slider("Binarization Threshold", 127, 0, 255), control_type="Scribble"),
-    Preprocessor("scribble_xdog", _scribble_xdog, RES, Slider("XDoG Threshold", 32, 1, 64), control_type="Scribble"),
-    Preprocessor("blur_gaussian", _blur_gaussian, RES, Slider("Sigma", 9.0, 0.01, 64.0, 0.01), image_like=True,
-                 control_type="Tile"),
-    Preprocessor("tile_resample", _tile_resample, None, Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01), image_like=True,
-                 control_type="Tile"),
-    Preprocessor("shuffle", _shuffle, RES, image_like=True, control_type="Shuffle"),
-    Preprocessor("color", _color_grid, RES, aliases=("t2ia_color_grid",), image_like=True, control_type="T2I-Adapter"),
-    Preprocessor("lineart_standard", _lineart_standard, RES, aliases=("lineart_standard (from white bg & black line)",),
-                 control_type="Lineart"),
-    Preprocessor("inpaint", _none, aliases=("inpaint_global_harmonious",), image_like=True, control_type="Inpaint",
-                 uses_mask=True),
-    Preprocessor("inpaint_only", _none, image_like=True, control_type="Inpaint", uses_mask=True),
-]
+# name -> run(image, resolution, threshold_a, threshold_b, seed): the entries of the catalog that need no weights.
+WEIGHTLESS_RUNNERS: dict[str, Callable] = {
+    "none": _none, "invert": _invert, "canny": _canny, "binary": _binary, "threshold": _threshold,
+    "scribble_xdog": _scribble_xdog, "blur_gaussian": _blur_gaussian, "tile_resample": _tile_resample,
+    "shuffle": _shuffle, "color": _color_grid, "lineart_standard": _lineart_standard, "inpaint": _none,
+    "inpaint_only": _none,
+}
 
 
-# -- the registry ---------------------------------------------------------------------------------
-def all_preprocessors() -> list[Preprocessor]:
-    from backend.engine.controlnet.annotators import ANNOTATORS
-    return WEIGHTLESS + ANNOTATORS
-
-
-def find_preprocessor(name: str | None) -> Preprocessor:
-    """A preprocessor by internal name or display name (case-insensitive); None/"" mean "none"."""
-    wanted = (name or "none").strip().lower()
-    for p in all_preprocessors():
-        if wanted == p.name.lower() or wanted in (a.lower() for a in p.aliases):
-            return p
-    names = ", ".join(p.name for p in all_preprocessors())
-    raise UserError(f"Unknown ControlNet preprocessor {name!r}. Available: {names}")
-
-
-def _arguments(pre: Preprocessor, resolution, threshold_a, threshold_b) -> tuple[int, float, float]:
-    """The values a preprocessor runs with; -1 (or None) means its default."""
-    d_res, d_a, d_b = pre.defaults()
-    res = int(resolution) if resolution is not None and resolution > 0 else d_res
-    a = float(threshold_a) if threshold_a is not None and threshold_a != -1 else d_a
-    b = float(threshold_b) if threshold_b is not None and threshold_b != -1 else d_b
-    return max(64, min(4096, res)), a, b
+def runners(pre: Preprocessor) -> tuple[Callable, Callable | None]:
+    """(run, run with poses or None) of a catalog entry: `run(image, res, a, b, seed[, env=...])` -> map."""
+    if pre.name in WEIGHTLESS_RUNNERS:
+        return WEIGHTLESS_RUNNERS[pre.name], None
+    from backend.engine.controlnet.annotators import RUNNERS
+    return RUNNERS[pre.name]
 
 
 def run_preprocessor(pre: Preprocessor, image: Image.Image, resolution: int, threshold_a: float, threshold_b: float,
                      *, seed: int = 0, **kwargs) -> Image.Image:
     """Run `pre` on a PIL image; -1 (or None) for a value means the preprocessor's default."""
-    res, a, b = _arguments(pre, resolution, threshold_a, threshold_b)
+    res, a, b = pre.arguments(resolution, threshold_a, threshold_b)
     arr = to_array(image)
-    result = pre.run(arr, res, a, b, seed) if pre.model_free else pre.run(arr, res, a, b, seed, **kwargs)
+    run = runners(pre)[0]
+    result = run(arr, res, a, b, seed) if pre.model_free else run(arr, res, a, b, seed, **kwargs)
     return Image.fromarray(hwc3(result))
 
 
 def run_preprocessor_with_poses(pre: Preprocessor, image: Image.Image, resolution: int, threshold_a: float,
                                 threshold_b: float, *, seed: int = 0, **kwargs) -> tuple[Image.Image, dict | None]:
     """`run_preprocessor`, plus the OpenPose JSON of a pose preprocessor (None for the others)."""
-    if pre.with_poses is None:
+    with_poses = runners(pre)[1]
+    if with_poses is None:
         return run_preprocessor(pre, image, resolution, threshold_a, threshold_b, seed=seed, **kwargs), None
-    res, a, b = _arguments(pre, resolution, threshold_a, threshold_b)
-    result, poses = pre.with_poses(to_array(image), res, a, b, seed, **kwargs)
+    res, a, b = pre.arguments(resolution, threshold_a, threshold_b)
+    result, poses = with_poses(to_array(image), res, a, b, seed, **kwargs)
     return Image.fromarray(hwc3(result)), poses
+
+
+def run_detect_job(payload: dict, env) -> dict:
+    """The backend's half of detect: run the preprocessor; {"maps": PNG bytes per image, "poses": OpenPose JSON
+    per image for pose preprocessors, else None}."""
+    pre = find_preprocessor(payload["module"])
+    maps, poses = [], []
+    for img in payload["images"]:
+        result, pose = run_preprocessor_with_poses(pre, img, payload.get("processor_res", 512),
+                                                   payload.get("threshold_a", -1), payload.get("threshold_b", -1), env=env)
+        buf = io.BytesIO()
+        result.save(buf, format="PNG")
+        maps.append(buf.getvalue())
+        poses.append(pose)
+    return {"maps": maps, "poses": poses}
+

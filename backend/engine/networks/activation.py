@@ -25,7 +25,7 @@ from pathlib import Path
 from backend.core.errors import UserError
 from backend.core.prompt_parser import extract_extra_network_tags
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
-from backend.networks.lora_files import NetworkFile, file_stamp, read_network_file
+from backend.engine.networks.lora_files import NetworkFile, file_stamp, read_network_file
 from backend.networks.registry import LoraRegistry, NetworkHashes, short_hash
 
 log = logging.getLogger("easel.lora")
@@ -81,11 +81,11 @@ class NetworkRuntime:
     """The backend's extra-network state: finding LoRA files, the files read, the embeddings."""
 
     def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None):
-        from backend.embeddings import EmbeddingDatabase
+        from backend.engine.embeddings import EmbeddingVectors
 
         self.loras = LoraRegistry(lora_dirs)
         self.hashes = NetworkHashes(cache_dir / "network_hashes.json" if cache_dir else None)
-        self.embeddings = EmbeddingDatabase(embeddings_dir, self.hashes)
+        self.embeddings = EmbeddingVectors(embeddings_dir, self.hashes)
         self.files: OrderedDict[str, NetworkFile] = OrderedDict()
         self.reads = 0  # LoRA files read from disk (tests check caching with it)
 

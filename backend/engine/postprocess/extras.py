@@ -27,16 +27,13 @@ from PIL import Image, PngImagePlugin
 from backend.core.errors import JobInterrupted, UserError
 from backend.core.image_codec import folder_images, image_format_of, open_folder_image
 from backend.core.infotext import quote, read_infotext_from_image
+from backend.core.job_options import JobOptions
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess import face_restore, upscalers
 from backend.postprocess.schemas import ExtrasImage, ExtrasRequest, ExtrasResult
+from backend.postprocess.upscaler_catalog import check_extras_size
 
 log = logging.getLogger("easel.extras")
-
-
-def validate(req: ExtrasRequest) -> None:
-    if req.resize_mode == 1:
-        upscalers.check_output_size(req.upscaling_resize_w, req.upscaling_resize_h, "The requested size")
 
 
 def _format_info(info: dict) -> str:
@@ -97,10 +94,10 @@ def _upscale_step(image: Image.Image, req: ExtrasRequest, runtime, info: dict, t
     return result
 
 
-def _face_step(image: Image.Image, name: str, visibility: float, weight: float, runtime, options: dict,
+def _face_step(image: Image.Image, name: str, visibility: float, weight: float, runtime, options: JobOptions,
                notes: list[str], progress: _Progress) -> Image.Image:
     loaded = runtime.load_face_restorer(name)
-    detector = runtime.face_detector(options.get("face_detector", "Automatic"), loaded.device)
+    detector = runtime.face_detector(options["face_detector"], loaded.device)
     outcome = face_restore.restore_faces(image, loaded, detector, codeformer_weight=weight, should_stop=progress.stopped)
     progress.step()
     for note in outcome.notes:
@@ -115,6 +112,7 @@ def _face_step(image: Image.Image, name: str, visibility: float, weight: float, 
 def process_image(image: Image.Image, req: ExtrasRequest, runtime, options: dict,
                   progress: _Progress) -> tuple[Image.Image, str, list[str]]:
     """One image through the Extras steps -> (result, post-processing infotext, notes)."""
+    options = JobOptions.of(options)
     tile, overlap = upscalers.tile_settings(options)
     info: dict[str, object] = {}
     notes: list[str] = []
@@ -218,19 +216,19 @@ def _inputs(payload: dict, warnings: list[str]) -> list[_Input]:
     return [_Input(p.name, path=p) for p in files]
 
 
-def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: dict, name: str,
+def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: JobOptions, name: str,
           warnings: list[str]) -> Path | None:
     """Save one result; a folder that cannot be written adds a warning (the image is still returned): None."""
     from backend.core.images import save_image_or_warn
 
-    fmt = options.get("samples_format", "png")
+    fmt = options["samples_format"]
     extras_chunk = {"extras": steps} if steps else None
-    with_info = options.get("enable_pnginfo", True)
+    with_info = options["enable_pnginfo"]
     if payload.get("output_dir") is not None:
         return save_image_or_warn(warnings, "image", image, Path(payload["output_dir"]), seed=None, infotext=parameters,
                                   fmt=fmt, forced_name=Path(name).stem or "image", with_pnginfo=with_info,
                                   extra_text=extras_chunk)
-    target = Path(options.get("outdir_extras_samples", "outputs/extras-images"))
+    target = Path(options["outdir_extras_samples"])
     folder = target if target.is_absolute() else Path(payload["data_dir"]) / target
     return save_image_or_warn(warnings, "image", image, folder, seed=None, infotext=parameters, fmt=fmt,
                               with_pnginfo=with_info, extra_text=extras_chunk)
@@ -243,8 +241,8 @@ def run_extras_job(payload: dict, runtime, control) -> ExtrasResult:
     save (bool), options (settings dict), data_dir.
     """
     req: ExtrasRequest = payload["request"]
-    options: dict = payload["options"]
-    validate(req)
+    options = JobOptions.of(payload["options"])
+    check_extras_size(req)
     runtime.apply_options(options)
     warnings: list[str] = []
     inputs = _inputs(payload, warnings)

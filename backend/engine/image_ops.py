@@ -2,7 +2,8 @@
 
 Resize modes, the binary/blurred masks, the "only masked" crop region, the
 "fill" of masked content, the overlay that pastes the untouched pixels back,
-and the canvas growth used by outpainting. Pure PIL/numpy; no model here.
+and the canvas growth used by outpainting, in the backend process (the mask blur and the "fill" run
+in torch). No model here.
 """
 from __future__ import annotations
 
@@ -12,28 +13,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from backend.core.errors import UserError
+# flatten and the choice lists are the app's too (torch-free); the img2img pipeline reads them here.
+from backend.core.image_prep import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, OUTPAINT_DIRECTIONS, flatten  # noqa: F401
 from backend.core.request_checks import LATENT_RESIZE
-
-MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
-INPAINT_AREAS = ["Whole picture", "Only masked"]
-MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
-OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
-
-
-def flatten(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
-    """Any mode (RGBA, LA, P, I;16, L) -> RGB, compositing transparency over a background, as A1111 does."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    return img.convert("RGB")
-
 
 def resize_cover(img: Image.Image, w: int, h: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
     """Scale to cover w x h keeping the aspect ratio, then crop the middle ("Crop and resize")."""

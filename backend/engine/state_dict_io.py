@@ -4,11 +4,11 @@
 `.pth`, `.bin`) are read with `torch.load(weights_only=True)`, which refuses to build
 arbitrary Python objects: a file that needs more than tensors and plain containers is
 refused with a message suggesting a conversion to `.safetensors`. Every problem with
-the file itself (missing, truncated, not a model) becomes a `UserError` naming it.
+the file itself (missing, truncated, not a model) becomes a `UserError` naming it. Headers (names,
+shapes, metadata) are read without torch by `backend.core.tensor_headers`.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 from pathlib import Path
@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 from backend.core.errors import UserError
-
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
+from backend.core.tensor_headers import (INERT_GLOBALS, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, InertValue,
+                                        pickle_refused, read_safetensors_header)
 
 
 def read_state_dict(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -41,40 +39,6 @@ def read_state_dict(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> di
         return sd
     raise UserError(f"Unsupported model file type {suffix or '(none)'!r} for {path.name}: "
                     f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}.")
-
-
-def read_safetensors_metadata(path: Path) -> dict:
-    """The `__metadata__` of a `.safetensors` file's header (strings), read without loading any tensor."""
-    path = Path(path)
-    header = read_safetensors_header(path)
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise UserError(f"{path.name} has a malformed safetensors header (metadata is not a mapping).")
-    return dict(meta)
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """A .safetensors file's JSON header ({name: {dtype, shape, data_offsets}}, `__metadata__`) without
-    reading the tensors; `UserError` naming the file when it is missing, truncated or malformed."""
-    if not path.is_file():
-        raise UserError(f"Model file not found: {path}", status=404)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file too short")
-            (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_HEADER:
-                raise ValueError(f"header length {length} is implausible")
-            data = f.read(length)
-            if len(data) != length:
-                raise ValueError("header is truncated")
-        header = json.loads(data.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        return header
-    except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"{path.name} is not a valid .safetensors file (corrupt or incomplete download?): {e}") from e
 
 
 def _read_safetensors(path: Path, exclude_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -106,31 +70,10 @@ def _header_length(path: Path) -> int:
         return struct.unpack("<Q", f.read(8))[0]
 
 
-class _InertStandIn:
-    """Stands in for harmless bookkeeping objects (Lightning callbacks) found in old training checkpoints.
-
-    It is created empty and drops whatever state the pickle gives it, so nothing of
-    the original class runs.
-    """
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-# Globals old Stable Diffusion .ckpt files carry beside their weights (A1111 allows the same ones).
-_STAND_INS = (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
-)
-
-
 def safe_unpickle_globals() -> list:
     """The extra globals `torch.load(weights_only=True)` may accept: inert stand-ins for training-only
     classes and numpy scalars/dtypes, all plain data. Use with `torch.serialization.safe_globals`."""
-    extra: list = [(_InertStandIn, name) for name in _STAND_INS]
+    extra: list = [(InertValue, name) for name in INERT_GLOBALS]
     try:  # numpy scalars and dtypes (e.g. a `global_step` saved as numpy.int64) are plain data
         import numpy as np
         try:
@@ -158,10 +101,7 @@ def load_pickle(path: Path):
         text = str(e)
         if "Unsupported global" in text or "unsupported GLOBAL" in text or "allowlisted" in text:
             found = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
-            raise UserError(
-                f"{path.name} contains Python objects ({found}) beyond plain tensors, which Easel will not unpickle "
-                f"for safety: unpickling can run arbitrary code. Convert the file to .safetensors with a tool you "
-                f"trust, or download a .safetensors version of this model.") from e
+            raise pickle_refused(path, found) from e
         raise UserError(f"Could not read {path.name}: the file is corrupt or not a PyTorch checkpoint ({_short(e)}).") from e
     except Exception as e:  # noqa: BLE001  truncated zips, garbage bytes, ... all mean a damaged file
         raise UserError(f"Could not read {path.name}: the file is corrupt or incomplete ({_short(e)}).") from e

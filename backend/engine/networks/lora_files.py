@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from backend.core.errors import UserError
-from backend.state_dict_io import read_safetensors_metadata, read_state_dict
+from backend.core.tensor_headers import read_safetensors_metadata
+from backend.engine.state_dict_io import read_state_dict
+from backend.networks.registry import detect_family
 
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 # kohya / LyCORIS: the module name has no "."; the part follows the first ".".
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
@@ -164,21 +165,6 @@ def _strip_compvis(name: str, part: str) -> str:
         if not name.startswith("text_model_"):
             name = "text_model_" + name
     return name
-
-
-def detect_family(metadata: dict, parts: set[str]) -> str | None:
-    """The base model a LoRA was trained for, from kohya's metadata or SDXL's second text encoder; None if unknown."""
-    base = str(metadata.get("ss_base_model_version", "")).lower()
-    arch = str(metadata.get("modelspec.architecture", "")).lower()
-    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if base.startswith("sd_v2") or str(metadata.get("ss_v2", "")) == "True" or arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "sd1"
-    if "te2" in parts:
-        return "sdxl"
-    return None
 
 
 def read_network_file(path: Path, name: str | None = None) -> NetworkFile:
