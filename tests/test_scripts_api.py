@@ -219,3 +219,9 @@ def test_prompts_from_file_line_styles_are_warned_about(api):
                                       script_args=[False, False, "start", '--prompt "x" --styles "my style"']))
     _, info = answer(r)
     assert any(w.startswith("styles ") for w in info["warnings"]), info.get("warnings")
+
+
+def test_prompt_matrix_combinations_are_checked_at_the_edge(api):
+    # "a (b" is one of the combinations: its unpaired bracket is refused before any image, naming it
+    r = api.post("/txt2img", json=txt(prompt="a (b|c)", script_name="Prompt matrix"))
+    assert r.status_code == 422 and "Prompt matrix: combination 0 ('a (b')" in r.json()["detail"], r.text
