@@ -44,3 +44,20 @@ def test_outpainting_from_the_img2img_script_dropdown(server, tmp_path):
         page.wait_for_function("document.querySelector('#img2img_info').innerText.includes('Outpainting: 16px')",
                                timeout=180_000)
         assert "Size: 96x96" in page.inner_text("#img2img_info")
+
+
+def test_prompts_from_a_text_file(server, tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text('a red door\n--prompt "a blue door" --steps 1\n')
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        set_sizes(page, steps=2, width=64, height=64)
+        pick_dropdown(page, "#txt2img_script_list", "Prompts from file")
+        upload = "#txt2img_script_prompts_from_file_or_textbox_prompt_txt_file input[type=file]"
+        page.locator(upload).set_input_files(str(lines))
+        page.wait_for_function("document.querySelector('#txt2img_script_prompts_from_file_or_textbox_prompt_txt "
+                               "textarea').value.includes('a blue door')")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.startsWith('a red door')",
+                               timeout=180_000)
+        page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 2", timeout=60_000)

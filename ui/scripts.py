@@ -46,12 +46,24 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
         return gr.Dropdown(list(spec.choices or []), value=list(spec.default or []), multiselect=True,
                            allow_custom_value=True, label=spec.label, elem_id=elem_id)
     if kind == "textbox":
-        return gr.Textbox(spec.default or "", lines=spec.lines, label=spec.label, elem_id=elem_id)
+        box = gr.Textbox(spec.default or "", lines=spec.lines, label=spec.label, elem_id=elem_id)
+        if spec.upload:
+            upload = gr.File(label="Upload prompt inputs", file_types=[".txt"], type="binary",
+                             elem_id=f"{elem_id}_file")
+            upload.upload(_text_of_file, inputs=[upload], outputs=[box], queue=False)
+        return box
     if kind == "upscaler":
         names = service.postprocess.upscaler_names()
         return gr.Dropdown(names, value=spec.default if spec.default in names else (names[0] if names else None),
                            label=spec.label, elem_id=elem_id)
     raise AssertionError(f"no control for script argument kind {kind!r}")
+
+
+def _text_of_file(data: bytes | None):
+    """An uploaded text file's contents for its textbox (UTF-8, as A1111 reads it)."""
+    if not data:
+        return gr.update()
+    return data.decode("utf-8", errors="replace")
 
 
 @dataclass

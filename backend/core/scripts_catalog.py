@@ -53,6 +53,7 @@ class ScriptArg:
     # The range the API accepts when wider than the control's (A1111 does not hold API values to its sliders;
     # Easel holds them to what is safe): (low, high).
     accept: tuple[float, float] | None = None
+    upload: bool = False  # textbox: the UI offers a text file to fill it (A1111's "Upload prompt inputs")
 
     @property
     def whole(self) -> bool:
@@ -252,7 +253,7 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
         ScriptArg("checkbox_iterate", "Iterate seed every line", "checkbox", False),
         ScriptArg("checkbox_iterate_batch", "Use same random seed for all lines", "checkbox", False),
         ScriptArg("prompt_position", "Insert prompts at the", "radio", "start", choices=("start", "end")),
-        ScriptArg("prompt_txt", "List of prompt inputs", "textbox", "", lines=6),
+        ScriptArg("prompt_txt", "List of prompt inputs", "textbox", "", lines=6, upload=True),
     ), engine=True, prepare=_prepare_prompts_from_file,
         description='One job per line; a line may set options: --prompt "..." --negative_prompt "..." --steps 10 '
                     '--seed 5 --cfg_scale 7 --sampler_name "Euler a" --width 512 --height 512 ...'),
