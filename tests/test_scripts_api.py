@@ -225,3 +225,26 @@ def test_prompt_matrix_combinations_are_checked_at_the_edge(api):
     # "a (b" is one of the combinations: its unpaired bracket is refused before any image, naming it
     r = api.post("/txt2img", json=txt(prompt="a (b|c)", script_name="Prompt matrix"))
     assert r.status_code == 422 and "Prompt matrix: combination 0 ('a (b')" in r.json()["detail"], r.text
+
+
+def test_outpainting_mk2_grows_one_side_with_matched_noise(api, server):
+    init = picture(64, 64)
+    before = set((server.data_dir / "outputs" / "img2img-images").rglob("*.png"))
+    # processed at 128x64: the pass covers the new border and the picture (the kept part pasted back)
+    r = api.post("/img2img", json=body(init, steps=2, denoising_strength=0.8, save_images=True, width=128,
+                                       script_name="Outpainting mk2", script_args=["", 64, 2, ["left"], 1.0, 0.05]))
+    images, info = answer(r)
+    assert len(images) == 1 and images[0].size == (128, 64)
+    grown = np.asarray(images[0]).astype(int)
+    diff = np.abs(grown[:, 64:] - np.asarray(init).astype(int)).max(axis=(0, 2))
+    assert (diff[32:] == 0).all()  # the picture, untouched, away from the seam
+    assert grown[:, :64].std() > 1  # a new left border, not a flat fill
+    assert info["infotexts"][0].startswith("a red boat\n") and "Size: 128x64" in info["infotexts"][0]
+    saved = set((server.data_dir / "outputs" / "img2img-images").rglob("*.png")) - before
+    assert len(saved) == 1 and Image.open(saved.pop()).size == (128, 64)  # the grown picture, not the pass's
+
+
+def test_outpainting_mk2_needs_a_direction(api):
+    r = api.post("/img2img", json=body(picture(64, 64), script_name="Outpainting mk2",
+                                       script_args=["", 64, 8, []]))
+    assert r.status_code == 422 and "direction" in r.json()["detail"], r.text

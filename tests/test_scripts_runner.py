@@ -81,3 +81,20 @@ def test_a_failing_script_is_named():
     run, _, _ = make_run()
     with pytest.raises(RuntimeError, match="Script 'broken' failed: KeyError"):
         run.run("broken", broken, None)
+
+
+def test_matched_noise_keeps_the_picture_and_matches_its_colours():
+    import numpy as np
+
+    from backend.engine.scripts.outpainting_mk2 import matched_noise
+
+    rng = np.random.default_rng(1)
+    image = np.zeros((64, 64, 3))
+    image[:, 32:] = rng.uniform(0.2, 0.4, (64, 32, 3))  # the kept half: dark-ish colours
+    mask = np.zeros((64, 64))
+    mask[:, :32] = 1.0  # the new half
+    out = matched_noise(image, mask, 1.0, 0.05)
+    assert np.array_equal(out[:, 32:], image[:, 32:])
+    new = out[:, :32]
+    assert new.std() > 0.01 and 0.19 <= new.min() and new.max() <= 0.41  # noise in the kept pixels' colour range
+    assert np.array_equal(out, matched_noise(image, mask, 1.0, 0.05))  # deterministic, as A1111's

@@ -10,8 +10,8 @@ Each script is a `ScriptSpec`: its A1111 title, the tabs it shows in, and its po
 
 A script runs in one of two ways. `engine=True`: the backend's script registry (`backend/engine/scripts/`, same
 lower-case name) runs it around the ordinary pipeline (several generations in one job). `engine=False`: the
-img2img pipeline itself reads the script from the request (Poor man's outpainting, Outpainting mk2, SD upscale;
-their arguments through `backend.core.request_checks`).
+img2img pipeline itself reads the script from the request (Poor man's outpainting, SD upscale; their arguments
+through `backend.core.request_checks`).
 
 To plug a script in: one `ScriptSpec` in `SCRIPTS` here (with `prepare` when its arguments need more than the
 per-argument checks) and, for an engine script, one entry in `ENGINE_SCRIPTS` of `backend/engine/scripts/__init__.py`.
@@ -233,6 +233,13 @@ def _prepare_prompt_matrix(req, values: dict) -> PreparedScript:
                                     for n, prompt in enumerate(prompts)])
 
 
+def _prepare_outpainting_mk2(req, values: dict) -> PreparedScript:
+    if not values["direction"]:
+        raise UserError("Outpainting mk2: choose at least one outpainting direction (left, right, up, down).",
+                        status=422)
+    return PreparedScript(args=values, images=req.batch_size * req.n_iter)
+
+
 def _prepare_loopback(req, values: dict) -> PreparedScript:
     if values["append_interrogation"] != "None":
         raise UserError("Loopback: 'Append interrogated prompt at each iteration' (CLIP/DeepBooru) is not available "
@@ -285,8 +292,9 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
         ScriptArg("noise_q", "Fall-off exponent (lower=higher detail)", "slider", 1.0, minimum=0, maximum=4,
                   step=0.01),
         ScriptArg("color_variation", "Color variation", "slider", 0.05, minimum=0, maximum=1, step=0.01),
-    ), engine=False, description="Outpainting with the original pixels as the new border's start (the fall-off "
-                                 "and color variation of A1111's noise fill are not used)."),
+    ), engine=True, prepare=_prepare_outpainting_mk2,
+        description="Grow the picture outwards, one side per pass; each new border starts as noise matched to "
+                    "the picture. Recommended: 80-100 steps, Euler a, denoising strength 0.8."),
     ScriptSpec("SD upscale", ("img2img",), (
         ScriptArg("info", "Will upscale the image by the selected scale factor; use width and height sliders to "
                           "set tile size", "info"),

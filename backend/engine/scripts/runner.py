@@ -17,6 +17,9 @@ from backend.core.images import day_folder, encode_png, save_image_or_warn
 from backend.core.schemas import GeneratedImage, GenerationResult
 
 
+_SAME = object()  # generate(): the job's own mask
+
+
 class ScriptStopped(Exception):
     """Interrupt was pressed: the script stops; the job answers with the images made so far."""
 
@@ -100,15 +103,18 @@ class ScriptRun:
             return int(min(denoise, 0.999) * request.steps)
         return request.steps + ((request.hr_second_pass_steps or request.steps) if request.enable_hr else 0)
 
-    def generate(self, request, init_images: list[Image.Image] | None = None,
-                 extra_params: dict | None = None) -> GenerationResult:
-        """The pipeline for `request` (and, in img2img, `init_images`), its infotexts with `extra_params` added."""
+    def generate(self, request, init_images: list[Image.Image] | None = None, extra_params: dict | None = None,
+                 mask: Image.Image | None | object = _SAME) -> GenerationResult:
+        """The pipeline for `request` (and, in img2img, `init_images` and `mask`, by default the job's), its
+        infotexts with `extra_params` added."""
         if self.ctx.control.interrupted():
             raise ScriptStopped
         payload = dict(self.payload, request=request)
         payload.pop("script", None)
         if init_images is not None:
             payload["init_images"] = init_images
+        if mask is not _SAME:
+            payload["mask"] = mask
         added = {k: v for k, v in (extra_params or {}).items() if k not in self.ctx.extra_params}
         self.ctx.extra_params.update(added)
         control, sampling = self.ctx.control, self.ctx.sampling
@@ -128,17 +134,35 @@ class ScriptRun:
             raise ScriptStopped
         return result
 
+    def _folder(self, key: str) -> Path:
+        folder = Path(self.ctx.options.get(key))
+        folder = folder if folder.is_absolute() else Path(self.ctx.outputs_root) / folder
+        return day_folder(folder, self.ctx.options.get("save_to_dirs", True))
+
+    def sample(self, picture: Image.Image, infotext: str, seed: int) -> GeneratedImage:
+        """A picture the script composed itself (Outpainting mk2's grown picture): saved as the job's sample
+        (settings `samples_save`, unless the request says not to) with `infotext`, and returned for the answer."""
+        options, req = self.ctx.options, self.request
+        path = None
+        if options.get("samples_save", True) and not req.do_not_save_samples:
+            path = save_image_or_warn(self.ctx.warnings, "image", picture,
+                                      self._folder("outdir_img2img_samples" if self.img2img else "outdir_txt2img_samples"),
+                                      seed=seed, infotext=infotext, fmt=options.get("samples_format", "png"),
+                                      with_pnginfo=options.get("enable_pnginfo", True))
+        made = [i for r in self.results for i in r.images if not i.is_grid]
+        return GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
+                              subseed=made[0].subseed if made else -1, prompt=req.prompt,
+                              negative_prompt=req.negative_prompt, saved_path=str(path) if path else None)
+
     def grid(self, picture: Image.Image, first: GeneratedImage, basename: str = "grid") -> GeneratedImage | None:
         """The script's grid, saved to the tab's grids folder (setting `grid_save`, unless the request says not to
         save grids) with the infotext of the first image; returned for the answer when `return_grid` is on."""
         options, req = self.ctx.options, self.request
         path = None
         if options.get("grid_save", True) and not req.do_not_save_grid:
-            key = "outdir_img2img_grids" if self.img2img else "outdir_txt2img_grids"
-            folder = Path(options.get(key))
-            folder = folder if folder.is_absolute() else Path(self.ctx.outputs_root) / folder
             path = save_image_or_warn(self.ctx.warnings, "grid", picture,
-                                      day_folder(folder, options.get("save_to_dirs", True)), seed=first.seed,
+                                      self._folder("outdir_img2img_grids" if self.img2img else "outdir_txt2img_grids"),
+                                      seed=first.seed,
                                       infotext=first.infotext, fmt=options.get("samples_format", "png"),
                                       basename=basename, with_pnginfo=options.get("enable_pnginfo", True))
         if not options.get("return_grid", True):
