@@ -133,6 +133,14 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     def schedulers() -> list[dict]:
         return service.scheduler_list()
 
+    @router.get("/scripts")
+    def scripts() -> dict:
+        return service.selectable_scripts.scripts_list()
+
+    @router.get("/script-info")
+    def script_info() -> list[dict]:
+        return service.selectable_scripts.script_info({"upscaler": tuple(service.postprocess.upscaler_names())})
+
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
         return [{"name": name} for name in LATENT_UPSCALE_MODES]

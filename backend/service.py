@@ -52,6 +52,9 @@ class EaselService:
         from backend.controlnet.always_on import ControlNetScript
         # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
         self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)])
+        from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog
+        # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
+        self.selectable_scripts = ScriptCatalog(SCRIPTS)
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -164,11 +167,14 @@ class EaselService:
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
+        req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
+        for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
+            ignored += [w for w in request_warnings(derived) if w not in ignored]
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
 
@@ -193,9 +199,41 @@ class EaselService:
         if scripts:
             payload["scripts"] = scripts
             payload["request"] = req.model_copy(update={"alwayson_scripts": rest})
+        if script is not None and script[0].engine:  # run by the backend's script registry around the pipeline
+            payload["script"] = {"name": script[0].name, "args": script[1].args}
+            payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)
         return payload
+
+    def _selectable_script(self, req: Txt2ImgRequest):
+        """The request's `script_name`/`script_args` checked at the edge (`backend.core.scripts_catalog`): an unknown
+        script or a bad argument is a 422 naming it; missing trailing arguments take their defaults. The requests a
+        script derives (Prompts from file: one per line) pass the same checks as the job's own.
+        -> (the request with the checked arguments, (ScriptSpec, PreparedScript) or None)."""
+        from backend.core.scripts_catalog import PreparedScript, check_alwayson_names
+
+        tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
+        check_alwayson_names(req.alwayson_scripts, tab)
+        spec = self.selectable_scripts.find(req.script_name, tab)
+        if spec is None:
+            return req.model_copy(update={"script_name": None, "script_args": []}), None
+        checked = spec.check_args(req.script_args)
+        req = req.model_copy(update={"script_name": spec.title, "script_args": checked})
+        values = spec.values(checked)
+        prepared = spec.prepare(req, values) if spec.prepare else PreparedScript(args=values)
+        for label, derived in prepared.requests:
+            try:
+                limits.check_request(derived, self.options)
+                (request_checks.check_img2img if tab == "img2img" else request_checks.check_txt2img)(derived)
+                sampler_catalog.resolve_sampling(derived, self.options["default_sampler"])
+            except UserError as exc:
+                raise UserError(f"{label}: {exc.message}", status=422 if exc.status == 400 else exc.status) from None
+        max_images = int(self.options["max_images_per_job"])
+        if prepared.images is not None and prepared.images > max_images:
+            raise UserError(f"{spec.title} would make {prepared.images} images; the limit is {max_images} images per "
+                            f"job (Settings > Limits, max_images_per_job).")
+        return req, (spec, prepared)
 
     def submit_txt2img(self, req: Txt2ImgRequest, listener: Callable[[Job], None] | None = None) -> Job:
         return self.client.submit("txt2img", self._job_payload(req), listener, task_id=req.force_task_id or None)
@@ -233,6 +271,9 @@ class EaselService:
                  "output_dir": self._batch_folder(output_dir, "Output", write=True) if output_dir.strip() else None,
                  "mask_dir": self._batch_folder(mask_dir, "Mask", must_exist=True) if mask_dir.strip() else None}
         payload = self._job_payload(req.model_copy(update={"init_images": [], "mask": None}))
+        if "script" in payload:
+            raise UserError(f"The script {req.script_name!r} does not run on a folder batch in Easel; choose None "
+                            f"(or Poor man's outpainting, Outpainting mk2, SD upscale) for the Batch tab.")
         payload["batch"] = batch
         return self.client.submit("img2img_batch", payload, listener, task_id=req.force_task_id or None)
 

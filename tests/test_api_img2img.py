@@ -200,7 +200,7 @@ def test_mask_of_another_size_is_resized(api):
     ({"inpainting_fill": 7}, 400, "inpainting_fill"),
     ({"denoising_strength": 1.5}, 400, "denoising_strength"),
     ({"resize_mode": 9}, 400, "resize_mode"),
-    ({"script_name": "Nope script"}, 400, "Nope script"),
+    ({"script_name": "Nope script"}, 422, "Nope script"),
 ])
 def test_bad_img2img_input_is_a_clear_4xx(api, patch, status, words):
     r = api.post("/img2img", json=body(picture(64, 64), **patch))

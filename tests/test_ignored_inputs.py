@@ -52,15 +52,29 @@ def test_many_fields_many_warnings():
         assert any(w.startswith(f"{field} ") for w in warnings), field
 
 
-def test_unknown_scripts_are_named():
-    assert request_warnings(Txt2ImgRequest(script_name="X/Y/Z plot"))[0].startswith("script_name 'X/Y/Z plot' ")
-    warnings = request_warnings(Txt2ImgRequest(alwayson_scripts={"ADetailer": {"args": []}, "ControlNet": {"args": []},
-                                                                 "Soft Inpainting": {"args": [True]}}))
-    assert len(warnings) == 2 and "'ADetailer'" in warnings[0] and "'Soft Inpainting'" in warnings[1], warnings
-    # the scripts Easel runs: no warning (img2img's own script_name is checked by img2img, which refuses unknown ones)
+def test_scripts_are_not_ignored_inputs():
+    # script_name and alwayson_scripts are checked at the edge (backend.core.scripts_catalog: unknown ones are a
+    # 422, as in A1111), never warned about as ignored
+    assert request_warnings(Txt2ImgRequest(script_name="X/Y/Z plot", alwayson_scripts={"ADetailer": {}})) == []
     assert request_warnings(Img2ImgRequest(alwayson_scripts={"controlnet": {"args": []},
                                                              "soft inpainting": {"args": [True]}},
                                            script_name="SD upscale")) == []
+
+
+def test_unknown_alwayson_scripts_are_422():
+    from backend.core.errors import UserError
+    from backend.core.scripts_catalog import check_alwayson_names
+
+    with pytest.raises(UserError) as err:
+        check_alwayson_names({"ADetailer": {"args": []}}, "txt2img")
+    assert err.value.status == 422 and "always on script ADetailer not found" in err.value.message
+    with pytest.raises(UserError) as err:  # soft inpainting is an img2img script, as in A1111
+        check_alwayson_names({"Soft Inpainting": {"args": [True]}}, "txt2img")
+    assert err.value.status == 422
+    with pytest.raises(UserError) as err:
+        check_alwayson_names({"Prompt matrix": {"args": []}}, "img2img")
+    assert "selectable script" in err.value.message
+    check_alwayson_names({"ControlNet": {"args": []}, "soft inpainting": {"args": [True]}}, "img2img")
 
 
 def test_unused_flags_are_warned_about():

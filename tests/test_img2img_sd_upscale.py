@@ -208,5 +208,5 @@ def test_sd_upscale_errors_are_4xx(api, script_args, words):
 
 
 def test_unknown_script_lists_sd_upscale(api):
-    r = api.post("/img2img", json=body(picture(64, 64), steps=1, script_name="Loopback"))
-    assert r.status_code == 400 and "SD upscale" in r.json()["detail"]
+    r = api.post("/img2img", json=body(picture(64, 64), steps=1, script_name="Nope script"))
+    assert r.status_code == 422 and "SD upscale" in r.json()["detail"]

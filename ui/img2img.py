@@ -12,11 +12,12 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import controlnet, generation
+from ui import controlnet, generation, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
                "inpaint_upload": "Inpaint upload", "batch": "Batch"}
+OUTPAINTING = ("Poor man's outpainting", "Outpainting mk2")  # scripts that make their own mask
 SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047", "#1e88e5", "#8e24aa", "#6d4c41"]
 
 # Request fields the tab edits, in the order of the `inputs` list (after the images and mode controls).
@@ -24,8 +25,7 @@ FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "wi
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
           "inpaint_full_res", "inpaint_full_res_padding"]
-EXTRA = ["scale_mode", "scale_by", "soft_inpainting", "outpaint", "outpaint_pixels", "outpaint_blur", "outpaint_directions",
-         "sd_upscale", "sd_upscale_overlap", "sd_upscale_upscaler", "sd_upscale_scale", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
+EXTRA = ["scale_mode", "scale_by", "soft_inpainting", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
 def drawn_mask(layers: list, size: tuple[int, int]) -> Image.Image | None:
@@ -155,39 +155,24 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             generation.extra_controls(service, "img2img", c)
             c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="img2img_restore_faces",
                                              info="Settings: face restoration model and CodeFormer weight")
-            with gr.Accordion("Outpainting", open=False, elem_id="img2img_outpainting"):
-                c["outpaint"] = gr.Checkbox(False, label="Outpaint: grow the picture outwards", elem_id="img2img_outpaint")
-                with gr.Row():
-                    c["outpaint_pixels"] = gr.Slider(8, 512, value=128, step=8, label="Pixels to expand")
-                    c["outpaint_blur"] = gr.Slider(0, 64, value=8, step=1, label="Seam blur")
-                c["outpaint_directions"] = gr.CheckboxGroup(list(image_prep.OUTPAINT_DIRECTIONS),
-                                                            value=list(image_prep.OUTPAINT_DIRECTIONS),
-                                                            label="Outpainting direction")
-            with gr.Accordion("SD upscale", open=False, elem_id="img2img_sd_upscale"):
-                c["sd_upscale"] = gr.Checkbox(False, label="SD upscale: upscale, then redraw in tiles of Width x Height",
-                                              elem_id="img2img_sd_upscale_enable")
-                with gr.Row():
-                    c["sd_upscale_overlap"] = gr.Slider(0, 256, value=64, step=16, label="Tile overlap",
-                                                        elem_id="img2img_sd_upscale_overlap")
-                    c["sd_upscale_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Scale Factor",
-                                                      elem_id="img2img_sd_upscale_scale")
-                c["sd_upscale_upscaler"] = gr.Dropdown(service.postprocess.upscaler_names(), value="Lanczos",
-                                                       label="Upscaler", elem_id="img2img_sd_upscale_upscaler")
             cn_panel = controlnet.build_units(service, "img2img", checkpoint, img2img=True, width=c["width"],
                                               height=c["height"])
+            script_panel = scripts.build(service, "img2img")
         with gr.Column(scale=1):
             r = generation.results_column("img2img")
 
     image_inputs = [images[k] for k in ("init_image", "sketch", "inpaint", "inpaint_sketch", "upload_image", "upload_mask")]
     inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + cn_panel.inputs
     n_base = len(inputs) - len(cn_panel.inputs)
+    n_cn = len(inputs)
+    inputs += script_panel.inputs
 
     async def on_generate(*values):
         async for update in generation.stream_job(service, lambda: submit(list(values))):
             yield update
 
     def submit(values: list):
-        values, cn_values = values[:n_base], values[n_base:]
+        values, cn_values, script_values = values[:n_base], values[n_base:n_cn], values[n_cn:]
         ckpt, vae_choice, mode_name, *rest = values
         pictures, rest = rest[:len(image_inputs)], rest[len(image_inputs):]
         fields = dict(zip(FIELDS + EXTRA, rest))
@@ -199,21 +184,13 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         if extra["soft_inpainting"]:
             request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
         request.setdefault("alwayson_scripts", {}).update(cn_panel.alwayson_scripts(cn_values))
-        if extra["outpaint"] and extra["sd_upscale"]:
-            raise UserError("Choose one script: turn off either Outpainting or SD upscale.")
-        if extra["sd_upscale"]:
-            request["script_name"] = "SD upscale"
-            request["script_args"] = [None, int(extra["sd_upscale_overlap"]), extra["sd_upscale_upscaler"] or "None",
-                                      float(extra["sd_upscale_scale"])]
-        if extra["outpaint"]:
-            request["script_name"] = "Poor man's outpainting"
-            request["script_args"] = [int(extra["outpaint_pixels"]), int(extra["outpaint_blur"]), fields["inpainting_fill"],
-                                      list(extra["outpaint_directions"] or [])]
+        request.update(script_panel.request_fields(script_values))
+        outpainting = request.get("script_name") in OUTPAINTING
         if mode_name == "batch":
             return service.submit_img2img_batch(Img2ImgRequest(**request), extra["batch_input_dir"] or "",
                                                 extra["batch_output_dir"] or "", extra["batch_mask_dir"] or "")
         image, mask = image_and_mask(mode_name, *pictures)
-        if extra["outpaint"]:
+        if outpainting:
             mask = None  # outpainting makes its own mask of the new area
         if extra["scale_mode"] == "Resize by":
             request["width"] = max(64, int(round(image.width * float(extra["scale_by"]) / 8)) * 8)

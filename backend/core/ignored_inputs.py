@@ -57,7 +57,8 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too; their readers: the
+# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too (any other key is a 422:
+# backend.core.scripts_catalog.check_alwayson_names, as A1111 answers); their readers: the
 # registries of backend/always_on_scripts.py (app) and backend/engine/always_on.py (engine) for "controlnet", and
 # backend/engine/pipelines/img2img.py (soft_inpainting_enabled) for "soft inpainting".
 ALWAYSON_SCRIPTS: dict[str, bool] = {"controlnet": True, "soft inpainting": False}
@@ -88,14 +89,4 @@ def request_warnings(req: Any) -> list[str]:
     for name, (is_default, why) in IGNORED_FIELDS.items():
         if name in fields and not is_default(getattr(req, name)):
             warnings.append(f"{name} is accepted for AUTOMATIC1111 compatibility but ignored: {why}.")
-    img2img = "init_images" in fields
-    if not img2img and (req.script_name or "").strip():  # img2img refuses a script it does not know
-        warnings.append(f"script_name {req.script_name!r} is ignored: Easel has no txt2img scripts yet; "
-                        f"the job runs as plain txt2img.")
-    for key in req.alwayson_scripts or {}:
-        runs_in_txt2img = ALWAYSON_SCRIPTS.get(str(key).strip().lower())
-        if runs_in_txt2img is None or not (img2img or runs_in_txt2img):
-            known = ", ".join(k for k, both in ALWAYSON_SCRIPTS.items() if img2img or both)
-            warnings.append(f"alwayson_scripts {str(key)!r} is ignored: Easel has no such script "
-                            f"{'in img2img' if img2img else 'in txt2img'} (it has: {known}).")
     return warnings

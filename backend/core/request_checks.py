@@ -158,10 +158,7 @@ def check_img2img_inputs(req: Img2ImgRequest, images: int | None, has_mask: bool
 def outpainting_args(req: Img2ImgRequest) -> tuple[int, int, int, list[str]] | None:
     """(pixels, mask blur, masked content, directions) from A1111's outpainting scripts' args, or None."""
     name = (req.script_name or "").strip().lower()
-    if name not in OUTPAINT_SCRIPTS:
-        if name and not is_sd_upscale(req):
-            raise UserError(f"Unknown script {req.script_name!r}. Available for img2img: Poor man's outpainting, "
-                            f"Outpainting mk2, {SD_UPSCALE_SCRIPT}.")
+    if name not in OUTPAINT_SCRIPTS:  # another script (names are checked by backend.core.scripts_catalog)
         return None
     args = list(req.script_args or [])
     try:

@@ -260,6 +260,7 @@ class GenerationPayload(TypedDict, total=False):
     init_images: list[Image.Image]  # img2img
     mask: Image.Image | None  # img2img
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
+    script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
 
 
 # A job handler: (the worker's state, the job's payload, its progress/stop control) -> the result sent back.
@@ -365,7 +366,8 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                result = pipeline(payload, ctx, state)
+                result = (_run_script(kind, pipeline, payload, ctx, state) if payload.get("script")
+                          else pipeline(payload, ctx, state))
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -436,6 +438,24 @@ def _prepare_scripts(kind: str, payload: GenerationPayload, ctx: JobContext, sta
         return []
     from backend.engine.always_on import prepare_scripts, script_job
     return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state.scripts)
+
+
+def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult],
+                payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
+    """A selectable script's job (Prompt matrix, Loopback, ...): the script runs `pipeline` as often as it needs
+    (`backend.engine.scripts`), each time with the LoRAs of its prompts."""
+    from backend.engine.scripts import run_script
+
+    active = [(payload["request"].prompt, payload["request"].negative_prompt)]  # whose LoRAs are applied
+
+    def run_pipeline(changed: GenerationPayload) -> GenerationResult:
+        prompts = (changed["request"].prompt, changed["request"].negative_prompt)
+        if prompts != active[0]:
+            _activate_networks(changed, ctx, state)
+            active[0] = prompts
+        return pipeline(changed, ctx, state)
+
+    return run_script(kind, payload, ctx, run_pipeline)
 
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:

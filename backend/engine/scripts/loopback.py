@@ -1,0 +1,68 @@
+"""A1111's "Loopback" (img2img): each picture becomes the next loop's input, the denoising strength moving from
+the job's to "Final denoising strength" along a curve (Aggressive: sine, Linear, Lazy: 1 - cosine), the seed
+growing by one each loop. With batch count n, n chains start from the job's image; their last pictures are
+shown (one chain: every loop's picture), after a one-row grid of them. "Append interrogated prompt" needs an
+interrogator, which Easel does not have: the app refuses anything but None.
+"""
+from __future__ import annotations
+
+import math
+
+from backend.engine.pipelines.common import format_number
+from backend.engine.rng import fix_seed
+from backend.engine.scripts.runner import pil_of
+
+
+def denoising_strength(loop: int, loops: int, initial: float, final: float, curve: str) -> float:
+    """The strength of loop `loop` (from 0), A1111's calculate_denoising_strength."""
+    if loops == 1:
+        return initial
+    progress = loop / (loops - 1)
+    if curve == "Aggressive":
+        share = math.sin(progress * math.pi * 0.5)
+    elif curve == "Lazy":
+        share = 1 - math.cos(progress * math.pi * 0.5)
+    else:
+        share = progress
+    return initial + (final - initial) * share
+
+
+def run(args: dict, job, generate):
+    req = job.request
+    loops, final, curve = int(args["loops"]), float(args["final_denoising_strength"]), args["denoising_curve"]
+    chains = req.n_iter
+    initial = float(req.denoising_strength)
+    params = {"Final denoising strength": format_number(final), "Denoising curve": curve}
+    one = {"batch_size": 1, "n_iter": 1, "do_not_save_grid": True, "script_name": None, "script_args": []}
+    strengths = [denoising_strength(i, loops, initial, final, curve) for i in range(loops)]
+    job.plan(loops * chains, chains * sum(job.steps_of(req.model_copy(update={"denoising_strength": s}))
+                                          for s in strengths))
+
+    seed = fix_seed(req.seed)
+    shown, history = [], []
+    for _chain in range(chains):
+        pictures = job.init_images
+        fill = req.inpainting_fill
+        last = None
+        for loop in range(loops):
+            request = req.model_copy(update={**one, "seed": seed, "denoising_strength": strengths[loop],
+                                             "inpainting_fill": fill})
+            result = generate(request, pictures, extra_params=params)
+            made = [image for image in result.images if not image.is_grid]
+            seed += 1
+            if not made:
+                break
+            last = made[0]
+            pictures = [pil_of(last)]
+            fill = 1  # the next loops start from the picture: masked content "original"
+            if chains == 1:
+                shown.append(last)
+        if chains > 1 and last is not None:
+            shown.append(last)
+    images = list(shown)
+    if len(shown) > 1:
+        from backend.core.images import image_grid
+        grid = job.grid(image_grid([pil_of(image) for image in shown], rows=1), shown[0])
+        if grid is not None:
+            images.insert(0, grid)
+    return job.answer(images, {"denoising_strength": initial})

@@ -1,0 +1,63 @@
+"""Browser: the Script dropdown shows the chosen script's controls, and Generate runs the script."""
+from __future__ import annotations
+
+from browser import browser_page, pick_dropdown, set_sizes
+
+
+def test_prompt_matrix_from_the_script_dropdown(server):
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        assert not page.is_visible("#txt2img_script_prompt_matrix_put_at_start")
+        page.fill("#txt2img_prompt textarea", "a lighthouse|at dusk")
+        set_sizes(page, steps=2, width=64, height=64)
+        pick_dropdown(page, "#txt2img_script_list", "Prompt matrix")
+        page.wait_for_selector("#txt2img_script_prompt_matrix_put_at_start", state="visible")
+        assert not page.is_visible("#txt2img_script_prompts_from_file_or_textbox_prompt_txt")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 2')",
+                               timeout=180_000)
+        # the grid, then one picture per combination
+        page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 3", timeout=60_000)
+        assert page.inner_text("#txt2img_info").startswith("a lighthouse\n")
+    grids = list((server.data_dir / "outputs" / "txt2img-grids").rglob("*prompt_matrix*.png"))
+    assert grids, "the UI's prompt matrix saved no grid"
+
+
+def test_outpainting_from_the_img2img_script_dropdown(server, tmp_path):
+    """Poor man's outpainting moved from its own accordion into the Script dropdown: its controls still act."""
+    from test_api_img2img import picture
+
+    source = tmp_path / "source.png"
+    picture(64, 64).save(source)
+    with browser_page(server.url) as page:
+        page.get_by_role("tab", name="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(source))
+        page.wait_for_selector("#img2img_image img")
+        page.fill("#img2img_prompt textarea", "a wide landscape")
+        set_sizes(page, steps=2, width=64, height=64, tab="img2img")
+        pick_dropdown(page, "#img2img_script_list", "Poor man")  # the helper's JS takes no quote
+        pixels = page.locator("#img2img_script_poor_man_s_outpainting_pixels input[type=number]")
+        pixels.wait_for(state="visible")
+        pixels.fill("16")
+        pixels.press("Enter")
+        page.click("#img2img_generate")
+        page.wait_for_function("document.querySelector('#img2img_info').innerText.includes('Outpainting: 16px')",
+                               timeout=180_000)
+        assert "Size: 96x96" in page.inner_text("#img2img_info")
+
+
+def test_prompts_from_a_text_file(server, tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text('a red door\n--prompt "a blue door" --steps 1\n')
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        set_sizes(page, steps=2, width=64, height=64)
+        pick_dropdown(page, "#txt2img_script_list", "Prompts from file")
+        upload = "#txt2img_script_prompts_from_file_or_textbox_prompt_txt_file input[type=file]"
+        page.locator(upload).set_input_files(str(lines))
+        page.wait_for_function("document.querySelector('#txt2img_script_prompts_from_file_or_textbox_prompt_txt "
+                               "textarea').value.includes('a blue door')")
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.startsWith('a red door')",
+                               timeout=180_000)
+        page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 2", timeout=60_000)
