@@ -154,7 +154,7 @@ def test_dropdown_axes_against_catalogs():
 
 
 def test_img2img_indices_and_plan_pickles():
-    r = Img2ImgRequest(prompt="p", steps=5)
+    r = Img2ImgRequest(prompt="p", steps=5, script_name="x/y/z plot", script_args=[4, "1-3"])
     plan = parse_xyz_args(args(I["Denoising"], "0.25-0.75 [3]", I["Sampler"], "Euler"), r, is_img2img=True)
     assert plan.x.values == (0.25, 0.5, 0.75) and plan.y.type.label == "Sampler"
     assert pickle.loads(pickle.dumps(plan)) == plan
@@ -283,6 +283,21 @@ def test_costly_axis_runs_outermost(tmp_path):
     grid = pil(result.images[0])
     pad_left, pad_top = grid.width - 2 * CELL, grid.height - 3 * CELL
     assert grid.getpixel((pad_left + CELL + 4, pad_top + 2 * CELL + 4))[0] == 60  # b, steps 3: column 1, row 2
+
+
+def test_cells_are_ordinary_generations_and_interrupt_keeps_what_was_made(tmp_path):
+    r = req(script_name="X/Y/Z plot", script_args=args(T["Steps"], "1-4"))
+    gen = FakeGenerate()
+
+    plan = parse_xyz_args(r.script_args, r)
+    j = job(tmp_path, r)
+    j.interrupted = lambda: len(gen.requests) >= 2
+    result = xyz_plot.run(plan, j, gen)
+    assert [q.script_name for q in gen.requests] == [None, None] and gen.requests[0].script_args == []
+    assert result.interrupted and len(gen.requests) == 2
+    grid = pil(result.images[0])
+    pad_top = grid.height - CELL
+    assert grid.getpixel((CELL + 4, pad_top + 4))[0] == 40 and grid.getpixel((3 * CELL + 4, pad_top + 4)) == (0, 0, 0)
 
 
 def test_grid_saved_with_first_image_infotext(tmp_path):

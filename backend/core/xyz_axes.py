@@ -27,7 +27,7 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, permutations
 from typing import Any, Iterable, Sequence
 
@@ -660,7 +660,8 @@ def _reorder(prompt: str, tokens: Sequence[str]) -> str:
 def cell_request(request, cell: Iterable[tuple[AxisType, Any, Sequence[Any]]]):
     """`request` (a pydantic request) with each (axis type, value, all the axis's values) applied, as A1111's
     `AxisOption.apply`: request fields are set, settings go into `override_settings`, Prompt S/R replaces the first
-    value in the prompts, Prompt order reorders the prompt. The base request is not changed."""
+    value in the prompts, Prompt order reorders the prompt. The cell is an ordinary generation: its `script_name`
+    and `script_args` are cleared. The base request is not changed."""
     update: dict[str, Any] = {}
     overrides = dict(request.override_settings)
     prompt, negative = request.prompt, request.negative_prompt
@@ -682,5 +683,6 @@ def cell_request(request, cell: Iterable[tuple[AxisType, Any, Sequence[Any]]]):
             overrides[at.setting] = value
         else:
             update[at.field] = value
-    update.update(prompt=prompt, negative_prompt=negative, override_settings=overrides)
+    update.update(prompt=prompt, negative_prompt=negative, override_settings=overrides, script_name=None,
+                  script_args=[])
     return request.model_copy(update=update)
