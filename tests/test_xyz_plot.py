@@ -133,6 +133,7 @@ def test_dropdown_axes_against_catalogs():
     cat = XYZCatalogs(checkpoints=("sub/anime.safetensors [0123abcd]", "base.ckpt [ffff0000]"),
                       vaes=("kl-f8.safetensors",), upscalers=("R-ESRGAN 4x+",))
     assert values(T["Sampler"], "euler a, k_lms, DPM++ 2M") == ("Euler a", "LMS", "DPM++ 2M")
+    assert values(T["Hires sampler"], "dpm++ 2m karras") == ("DPM++ 2M Karras",)  # A1111's legacy combined name
     with pytest.raises(UserError) as err:
         values(T["Sampler"], "Euler, Eulerish")
     assert "X axis (Sampler)" in err.value.message and "'Eulerish'" in err.value.message

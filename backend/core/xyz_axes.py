@@ -36,7 +36,8 @@ import numpy as np
 from backend.core.errors import UserError
 from backend.core.options import SETTINGS_BY_KEY, coerce
 from backend.core.request_checks import LATENT_UPSCALE_MODES, check_img2img, check_txt2img
-from backend.core.sampler_catalog import SAMPLERS, SCHEDULERS, find_sampler, find_scheduler
+from backend.core.sampler_catalog import (SAMPLERS, SCHEDULERS, find_sampler, find_scheduler,
+                                          split_sampler_and_schedule)
 
 SCRIPT_TITLE = "X/Y/Z plot"
 
@@ -386,10 +387,12 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
     kind, label = at.choices, at.label
     if kind == SAMPLER:
         try:
-            return find_sampler(value).name
+            base, schedule = split_sampler_and_schedule(value)  # "DPM++ 2M Karras": the sampler with its schedule
+            name = find_sampler(base).name
         except UserError:
             raise _bad(axis, label, value, f"is not a sampler. Valid samplers: "
                                             f"{', '.join(s.name for s in SAMPLERS)}.") from None
+        return f"{name} {schedule}" if schedule else name
     if kind == SCHEDULE:
         try:
             return find_scheduler(value).label
