@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from backend.core.errors import UserError
-from backend.core.grid_legends import GridLabel, annotated_grid, combination_labels
+from backend.core.grid_legends import GridAnnotation, combination_labels, draw_grid_annotations
 from backend.core.images import image_grid
 from backend.core.prompt_file_lines import parse_line
 from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog
@@ -63,9 +63,9 @@ def test_legends_leave_the_cells_and_mark_inactive_parts():
     cells = [Image.new("RGB", (64, 64), (40 * i, 80, 120)) for i in range(4)]
     grid = image_grid(cells, rows=2)
     columns, rows = combination_labels(["red", "blue"])
-    assert columns == [[GridLabel("red", False)], [GridLabel("red", True)]]
-    assert rows == [[GridLabel("blue", False)], [GridLabel("blue", True)]]
-    annotated = annotated_grid(grid, 64, 64, columns, rows, margin=6)
+    assert columns == [[GridAnnotation("red", False)], [GridAnnotation("red", True)]]
+    assert rows == [[GridAnnotation("blue", False)], [GridAnnotation("blue", True)]]
+    annotated = draw_grid_annotations(grid, 64, 64, columns, rows, margin=6)
     pad_left, pad_top = annotated.width - (128 + 6), annotated.height - (128 + 6)
     assert pad_left > 0 and pad_top > 0
     assert np.array_equal(np.asarray(annotated.crop((pad_left + 70, pad_top + 70, pad_left + 134, pad_top + 134))),

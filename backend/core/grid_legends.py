@@ -1,110 +1,157 @@
-"""Grids with legends (A1111's annotated grids, as Prompt matrix and X/Y/Z plot draw them), torch-free, with PIL.
+"""Grids with legends, as AUTOMATIC1111's `image_grid` and `draw_grid_annotations` draw them (torch-free, PIL):
+the X/Y/Z plot's axes and the Prompt matrix's parts.
 
-`annotated_grid` lays out a grid of equal cells with optional margins between them, writes each column's labels
-above it and each row's labels to its left. A label is active (black) or inactive (grey, struck through), as
-A1111 shows which prompt parts a cell has.
+``layout_grid(images, rows)``
+    Images in a grid of `rows` rows; each cell is as large as the largest image, smaller ones are centred.
+``draw_grid_annotations(grid, cell_w, cell_h, hor_texts, ver_texts, margin=0)``
+    The grid with a band of column labels above it and a column of row labels at its left, `margin` pixels
+    between the cells. Each label is a list of `GridAnnotation` lines; inactive lines are grey and struck
+    through (A1111's prompt matrix uses them). Text is wrapped to the width it has and shrunk when a word is wider.
+``combination_labels(parts)``
+    The Prompt matrix's legends: which variable parts each column and row has.
+
+The font is PIL's built-in default font, at a size that scales with the cells ((width + height) / 25, as A1111,
+at least 10 pixels);
+no font file is read or downloaded.
 """
 from __future__ import annotations
 
 import math
-import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-ACTIVE = (0, 0, 0)
-INACTIVE = (153, 153, 153)
+BACKGROUND = (255, 255, 255)
+TEXT_ACTIVE = (0, 0, 0)
+TEXT_INACTIVE = (153, 153, 153)
+MIN_FONT_SIZE = 10  # A1111's (w + h) / 25 is unreadable for small cells; labels still shrink to fit their width
 
 
-@dataclass(frozen=True)
-class GridLabel:
-    text: str
-    active: bool = True
+@dataclass
+class GridAnnotation:
+    text: str = ""
+    is_active: bool = True
+    size: tuple[int, int] = field(default=(0, 0), repr=False)
+    allowed_width: int = field(default=0, repr=False)
 
 
-@lru_cache(maxsize=16)
-def legend_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """DejaVu Sans when the system has it, else Pillow's built-in scalable font."""
-    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size)
+@lru_cache(maxsize=64)
+def get_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """PIL's default font at `size` pixels (a scalable font with FreeType; the fixed bitmap font without)."""
+    try:
+        return ImageFont.load_default(size=max(1, int(size)))
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> list[str]:
-    """Lines of `text` that fit in `max_width` pixels (long words are cut)."""
-    if not text:
-        return [""]
-    average = max(1.0, draw.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
-    width = max(1, int(max_width / average))
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        lines.extend(textwrap.wrap(paragraph, width=width, break_long_words=True) or [""])
+def layout_grid(images: list[Image.Image], rows: int, background=BACKGROUND) -> Image.Image:
+    """`images` in `rows` rows (A1111's image_grid with explicit rows): cells the size of the largest image."""
+    if not images:
+        raise ValueError("a grid needs at least one image")
+    rows = max(1, min(rows, len(images)))
+    cols = -(-len(images) // rows)
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    grid = Image.new("RGB", (cols * w, rows * h), background)
+    for i, im in enumerate(images):
+        dx, dy = (w - im.width) // 2, (h - im.height) // 2
+        grid.paste(im.convert("RGB"), (i % cols * w + dx, i // cols * h + dy))
+    return grid
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, line_length: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        line = f"{lines[-1]} {word}".strip()
+        if draw.textlength(line, font=font) <= line_length:
+            lines[-1] = line
+        else:
+            lines.append(word)
     return lines
 
 
-def _block(draw, labels: list[GridLabel], font, max_width: int, spacing: int) -> list[tuple[str, bool]]:
-    return [(line, label.active) for label in labels for line in _wrap(draw, label.text, font, max_width)]
+def draw_grid_annotations(grid: Image.Image, cell_w: int, cell_h: int, hor_texts: list[list[GridAnnotation]],
+                          ver_texts: list[list[GridAnnotation]], margin: int = 0) -> Image.Image:
+    """A new image: `grid` (cells of cell_w x cell_h) with column labels above, row labels left, margins between.
 
+    `hor_texts` has one entry per column, `ver_texts` one per row. With no row text at all there is no left band;
+    with no column text no top band.
+    """
+    cols, rows = grid.width // cell_w, grid.height // cell_h
+    if cols != len(hor_texts):
+        raise ValueError(f"bad number of horizontal texts: {len(hor_texts)}; must be {cols}")
+    if rows != len(ver_texts):
+        raise ValueError(f"bad number of vertical texts: {len(ver_texts)}; must be {rows}")
 
-def _draw_block(draw, lines: list[tuple[str, bool]], center_x: float, top: float, font, line_height: int) -> None:
-    for i, (line, active) in enumerate(lines):
-        width = draw.textlength(line, font=font)
-        x, y = center_x - width / 2, top + i * line_height
-        draw.text((x, y), line, font=font, fill=ACTIVE if active else INACTIVE)
-        if not active and line:
-            mid = y + line_height * 0.55
-            draw.line((x, mid, x + width, mid), fill=INACTIVE, width=max(1, line_height // 12))
+    fontsize = max(MIN_FONT_SIZE, (cell_w + cell_h) // 25)
+    line_spacing = fontsize // 2
+    font = get_font(fontsize)
+    has_row_text = any(line.text for lines in ver_texts for line in lines)
+    pad_left = cell_w * 3 // 4 if has_row_text else 0
 
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    hor = [_prepare(measure, lines, font, cell_w) for lines in hor_texts]
+    ver = [_prepare(measure, lines, font, pad_left) for lines in ver_texts]
 
-def annotated_grid(grid: Image.Image, cell_width: int, cell_height: int, column_labels: list[list[GridLabel]],
-                   row_labels: list[list[GridLabel]], margin: int = 0) -> Image.Image:
-    """`grid` (cells of `cell_width` x `cell_height`, as `backend.core.images.image_grid` lays them out) redrawn on
-    white with `margin` pixels between cells, `column_labels[c]` above column c and `row_labels[r]` left of row r.
-    Empty label lists leave no room for legends on that side."""
-    cols, rows = grid.width // cell_width, grid.height // cell_height
-    font_size = max(10, (cell_width + cell_height) // 25)
-    font = legend_font(font_size)
-    line_height = int(font_size * 1.25)
-    spacing = font_size // 2
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    hor_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing for lines in hor]
+    ver_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing * len(lines) for lines in ver]
+    pad_top = 0 if sum(hor_heights) == 0 else max(hor_heights) + line_spacing * 2
 
-    has_rows = any(label.text for labels in row_labels for label in labels)
-    has_cols = any(label.text for labels in column_labels for label in labels)
-    pad_left = cell_width * 3 // 4 if has_rows else 0
-    col_blocks = [_block(scratch, labels, font, cell_width, spacing) for labels in column_labels[:cols]]
-    row_blocks = [_block(scratch, labels, font, max(1, pad_left - spacing), spacing) for labels in row_labels[:rows]]
-    pad_top = (max((len(b) for b in col_blocks), default=0) * line_height + spacing * 2) if has_cols else 0
-
-    result = Image.new("RGB", (grid.width + pad_left + margin * (cols - 1),
-                               grid.height + pad_top + margin * (rows - 1)), "white")
+    result = Image.new("RGB", (grid.width + pad_left + margin * (cols - 1), grid.height + pad_top + margin * (rows - 1)),
+                       BACKGROUND)
     for row in range(rows):
         for col in range(cols):
-            cell = grid.crop((col * cell_width, row * cell_height, (col + 1) * cell_width, (row + 1) * cell_height))
-            result.paste(cell, (pad_left + col * (cell_width + margin), pad_top + row * (cell_height + margin)))
+            cell = grid.crop((cell_w * col, cell_h * row, cell_w * (col + 1), cell_h * (row + 1)))
+            result.paste(cell, (pad_left + (cell_w + margin) * col, pad_top + (cell_h + margin) * row))
+
     draw = ImageDraw.Draw(result)
-    if has_cols:
-        for col, lines in enumerate(col_blocks):
-            center = pad_left + col * (cell_width + margin) + cell_width / 2
-            top = pad_top / 2 - len(lines) * line_height / 2
-            _draw_block(draw, lines, center, top, font, line_height)
-    if has_rows:
-        for row, lines in enumerate(row_blocks):
-            center_y = pad_top + row * (cell_height + margin) + cell_height / 2
-            _draw_block(draw, lines, pad_left / 2, center_y - len(lines) * line_height / 2, font, line_height)
+    for col in range(cols):
+        x = pad_left + (cell_w + margin) * col + cell_w / 2
+        y = pad_top / 2 - hor_heights[col] / 2
+        _draw_lines(draw, x, y, hor[col], fontsize, line_spacing)
+    for row in range(rows):
+        x = pad_left / 2
+        y = pad_top + (cell_h + margin) * row + cell_h / 2 - ver_heights[row] / 2
+        _draw_lines(draw, x, y, ver[row], fontsize, line_spacing)
     return result
 
 
-def combination_labels(parts: list[str]) -> tuple[list[list[GridLabel]], list[list[GridLabel]]]:
+def _prepare(measure: ImageDraw.ImageDraw, lines: list[GridAnnotation], font, allowed_width: int) -> list[GridAnnotation]:
+    """The label's lines wrapped to `allowed_width`, each with its measured size."""
+    out = []
+    for line in lines:
+        for text in _wrap(measure, line.text, font, allowed_width):
+            wrapped = GridAnnotation(text, line.is_active)
+            left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
+            wrapped.size = (right - left, bottom - top)
+            wrapped.allowed_width = allowed_width
+            out.append(wrapped)
+    return out
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, x: float, y: float, lines: list[GridAnnotation], fontsize: int,
+                line_spacing: int) -> None:
+    for line in lines:
+        size, font = fontsize, get_font(fontsize)
+        while size > 1 and draw.textlength(line.text, font=font) > line.allowed_width:
+            size -= 1
+            font = get_font(size)
+        color = TEXT_ACTIVE if line.is_active else TEXT_INACTIVE
+        draw.multiline_text((x, y + line.size[1] / 2), line.text, font=font, fill=color, anchor="mm", align="center")
+        if not line.is_active:
+            draw.line((x - line.size[0] // 2, y + line.size[1] // 2, x + line.size[0] // 2, y + line.size[1] // 2),
+                      fill=color, width=4)
+        y += line.size[1] + line_spacing
+
+
+def combination_labels(parts: list[str]) -> tuple[list[list[GridAnnotation]], list[list[GridAnnotation]]]:
     """A1111's prompt-matrix legends for the variable `parts`: the first half labels the columns, the rest the rows;
-    cell (row r, column c) holds part i when bit i of its combination is set."""
+    cell (row r, column c) holds part i when bit i of its combination is set (inactive parts are struck through)."""
     boundary = math.ceil(len(parts) / 2)
     horizontal, vertical = parts[:boundary], parts[boundary:]
-    columns = [[GridLabel(text, pos & (1 << i) != 0) for i, text in enumerate(horizontal)]
+    columns = [[GridAnnotation(text, pos & (1 << i) != 0) for i, text in enumerate(horizontal)]
                for pos in range(1 << len(horizontal))]
-    rows = [[GridLabel(text, pos & (1 << i) != 0) for i, text in enumerate(vertical)]
+    rows = [[GridAnnotation(text, pos & (1 << i) != 0) for i, text in enumerate(vertical)]
             for pos in range(1 << len(vertical))]
     return columns, rows

@@ -6,7 +6,7 @@ plus its number ("Use different seed for each picture").
 """
 from __future__ import annotations
 
-from backend.core.grid_legends import annotated_grid, combination_labels
+from backend.core.grid_legends import combination_labels, draw_grid_annotations
 from backend.core.images import image_grid
 from backend.core.scripts_catalog import prompt_matrix_combinations
 from backend.engine.rng import fix_seed
@@ -34,7 +34,7 @@ def run(args: dict, job, generate):
     pictures = [pil_of(image) for image in images]
     grid = image_grid(pictures, rows=1 << ((len(parts) - 1) // 2))
     columns, rows = combination_labels([part.strip() for part in parts[1:]])
-    grid = annotated_grid(grid, pictures[0].width, pictures[0].height, columns, rows, int(args["margin_size"]))
+    grid = draw_grid_annotations(grid, pictures[0].width, pictures[0].height, columns, rows, int(args["margin_size"]))
     grid_image = job.grid(grid, images[0], basename="prompt_matrix")
     return job.answer(([grid_image] if grid_image else []) + images,
                       {"prompt": req.prompt, "negative_prompt": req.negative_prompt})

@@ -1,0 +1,361 @@
+"""X/Y/Z plot: the axis list in A1111's order, the value syntax and its refusals (backend/core/xyz_axes.py), the
+grids with legends (backend/core/grid_legends.py) and the runner (backend/engine/scripts/xyz_plot.py) with a fake
+generation whose solid colours encode each cell's values, and once through the real txt2img pipeline on the tiny
+SD 1.x model."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.core.errors import UserError
+from backend.core.grid_legends import GridAnnotation, draw_grid_annotations, layout_grid
+from backend.core.images import encode_png
+from backend.core.infotext import parse_infotext
+from backend.core.schemas import GeneratedImage, GenerationResult, Img2ImgRequest, Txt2ImgRequest
+from backend.core.xyz_axes import XYZ_ARG_NAMES, XYZCatalogs, parse_xyz_args, xyz_arg_specs, xyz_axes
+from backend.engine.scripts import xyz_plot
+from backend.engine.scripts.xyz_plot import ScriptJob
+
+T = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(False))))}  # txt2img label -> index
+I = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(True))))}  # img2img label -> index
+CELL = 32
+
+
+def req(**kw) -> Txt2ImgRequest:
+    body = dict(prompt="a red house, big tree", negative_prompt="blurry", steps=10, cfg_scale=7, seed=5,
+                width=64, height=64)
+    body.update(kw)
+    return Txt2ImgRequest(**body)
+
+
+def args(x_type=0, x_values="", y_type=0, y_values="", z_type=0, z_values="", **flags) -> list:
+    out = dict(x_type=x_type, x_values=x_values, x_values_dropdown=[], y_type=y_type, y_values=y_values,
+               y_values_dropdown=[], z_type=z_type, z_values=z_values, z_values_dropdown=[], draw_legend=True,
+               include_lone_images=False, include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False,
+               vary_seeds_y=False, vary_seeds_z=False, margin_size=0, csv_mode=False)
+    out.update(flags)
+    return [out[name] for name in XYZ_ARG_NAMES]
+
+
+def values(x_type, text, request=None, **kw):
+    return parse_xyz_args(args(x_type, text), request or req(), **kw).x.values
+
+
+# --- the axis list -------------------------------------------------------------------------------------------------
+
+def test_axis_indices_are_a1111s_for_each_tab():
+    txt = [a.label for a in xyz_axes(False)]
+    assert txt[:12] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale",
+                        "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name"]
+    assert txt.index("Schedule type") == 17 and txt.index("Clip skip") == 24 and txt.index("VAE") == 29
+    assert txt.index("Denoising") == 25 and txt.index("Hires upscaler") == 28 and txt[-1] == "Size"
+    img = [a.label for a in xyz_axes(True)]
+    assert img[:11] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale",
+                        "Prompt S/R", "Prompt order", "Sampler", "Checkpoint name"]
+    assert "Hires steps" not in img and "Cond. Image Mask Weight" in img and "Cond. Image Mask Weight" not in txt
+    assert len(txt) == 42 and len(img) == 41
+
+
+def test_unsupported_axis_is_refused_by_name_not_shifted():
+    with pytest.raises(UserError) as err:
+        parse_xyz_args(args(T["Negative Guidance minimum sigma"], "0-1"), req())
+    assert "Negative Guidance minimum sigma" in err.value.message and "not supported in Easel" in err.value.message
+    assert 400 <= err.value.status < 500
+    with pytest.raises(UserError, match="not an axis index"):
+        parse_xyz_args(args(99, "1"), req())
+    # the index after an unsupported one is still A1111's: 13 is Sigma Churn
+    assert parse_xyz_args(args(13, "0, 1"), req()).x.type.label == "Sigma Churn"
+
+
+def test_arg_specs_follow_script_args():
+    specs = xyz_arg_specs(False)
+    assert [s.name for s in specs] == list(XYZ_ARG_NAMES) and len(specs) == 18
+    assert specs[0].label == "X type" and specs[0].value == "Seed" and specs[0].choices[4] == "Steps"
+    assert specs[3].value == "Nothing" and specs[9].label == "Draw legend" and specs[9].value is True
+    margin = specs[16].as_dict()
+    assert margin["label"] == "Grid margins (px)" and margin["maximum"] == 500 and margin["step"] == 2
+    assert xyz_arg_specs(True)[0].choices[6] == "Image CFG Scale"
+
+
+# --- values --------------------------------------------------------------------------------------------------------
+
+def test_int_ranges_increments_and_counts():
+    assert values(T["Steps"], "1-5") == (1, 2, 3, 4, 5)
+    assert values(T["Steps"], "1-5 (+2)") == (1, 3, 5)
+    assert values(T["Steps"], "10-1 (-3)") == (10, 7, 4)
+    assert values(T["Steps"], "1-10 [5]") == (1, 3, 5, 7, 10)
+    assert values(T["Steps"], "3, 8-9, 20") == (3, 8, 9, 20)
+
+
+def test_float_ranges_and_lists():
+    assert values(T["CFG Scale"], "1-2 (+0.5)") == (1.0, 1.5, 2.0)
+    assert values(T["CFG Scale"], "0-1 [5]") == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert values(T["CFG Scale"], "3, 5.5,7") == (3.0, 5.5, 7.0)
+    plan = parse_xyz_args(args(T["CFG Scale"], "3, 5.5"), req())
+    assert plan.x.labels == ("CFG Scale: 3.0", "CFG Scale: 5.5")
+
+
+def test_csv_quotes_prompt_sr_and_order():
+    r = req(prompt="a red house, big tree")
+    assert values(T["Prompt S/R"], 'red, "green, bright", blue', r) == ("red", "green, bright", "blue")
+    with pytest.raises(UserError) as err:
+        values(T["Prompt S/R"], "purple, red", r)
+    assert "X axis (Prompt S/R)" in err.value.message and "'purple'" in err.value.message
+    order = parse_xyz_args(args(T["Prompt order"], "red, big"), r).x
+    assert order.values == (("red", "big"), ("big", "red")) and order.labels == ("red, big", "big, red")
+
+
+def test_bad_values_name_axis_and_value():
+    with pytest.raises(UserError) as err:
+        parse_xyz_args(args(T["Seed"], "1", T["Steps"], "5, ten"), req())
+    assert "Y axis (Steps)" in err.value.message and "'ten'" in err.value.message
+    with pytest.raises(UserError) as err:
+        values(T["CFG Scale"], "1.5, x")
+    assert "X axis (CFG Scale)" in err.value.message and "'x'" in err.value.message
+    with pytest.raises(UserError) as err:  # the request checks, before any image
+        values(T["Steps"], "10, 500")
+    assert "500" in err.value.message and "steps" in err.value.message
+    with pytest.raises(UserError, match="increment must not be 0"):
+        values(T["CFG Scale"], "1-2 (+0)")
+    with pytest.raises(UserError, match="at most 1000"):
+        values(T["Seed"], "1-100000000")
+    with pytest.raises(UserError, match="has no values"):
+        values(T["Steps"], "")
+    with pytest.raises(UserError, match="max_images_per_job"):
+        parse_xyz_args(args(T["Steps"], "1-5", T["CFG Scale"], "1-5"), req(batch_size=2), max_images=20)
+
+
+def test_dropdown_axes_against_catalogs():
+    cat = XYZCatalogs(checkpoints=("sub/anime.safetensors [0123abcd]", "base.ckpt [ffff0000]"),
+                      vaes=("kl-f8.safetensors",), upscalers=("R-ESRGAN 4x+",))
+    assert values(T["Sampler"], "euler a, k_lms, DPM++ 2M") == ("Euler a", "LMS", "DPM++ 2M")
+    assert values(T["Hires sampler"], "dpm++ 2m karras") == ("DPM++ 2M Karras",)  # A1111's legacy combined name
+    with pytest.raises(UserError) as err:
+        values(T["Sampler"], "Euler, Eulerish")
+    assert "X axis (Sampler)" in err.value.message and "'Eulerish'" in err.value.message
+    plan = parse_xyz_args(args(T["Sampler"], "", x_values_dropdown=["DDIM", "Heun"]), req())
+    assert plan.x.values == ("DDIM", "Heun") and plan.x.text == "DDIM,Heun"
+    assert values(T["Schedule type"], "karras, SGM Uniform") == ("Karras", "SGM Uniform")
+    plan = parse_xyz_args(args(T["Checkpoint name"], "anime, base.ckpt"), req(), cat)
+    assert plan.x.values == cat.checkpoints and plan.x.labels == ("anime.safetensors", "base.ckpt")
+    with pytest.raises(UserError, match="'nope'"):
+        parse_xyz_args(args(T["Checkpoint name"], "nope"), req(), cat)
+    assert parse_xyz_args(args(T["VAE"], "auto, none, KL-F8.safetensors"), req(), cat).x.values == \
+        ("Automatic", "None", "kl-f8.safetensors")
+    with pytest.raises(UserError, match="X axis \\(VAE\\)"):
+        parse_xyz_args(args(T["VAE"], "missing.pt"), req(), cat)
+    assert parse_xyz_args(args(T["Hires upscaler"], "latent, r-esrgan 4x+"), req(), cat).x.values == \
+        ("Latent", "R-ESRGAN 4x+")
+    with pytest.raises(UserError, match="Clip skip"):
+        values(T["Clip skip"], "1, 40")
+
+
+def test_img2img_indices_and_plan_pickles():
+    r = Img2ImgRequest(prompt="p", steps=5, script_name="x/y/z plot", script_args=[4, "1-3"])
+    plan = parse_xyz_args(args(I["Denoising"], "0.25-0.75 [3]", I["Sampler"], "Euler"), r, is_img2img=True)
+    assert plan.x.values == (0.25, 0.5, 0.75) and plan.y.type.label == "Sampler"
+    assert pickle.loads(pickle.dumps(plan)) == plan
+    with pytest.raises(UserError, match="denoising_strength"):
+        parse_xyz_args(args(I["Denoising"], "0.5, 1.5"), r, is_img2img=True)
+
+
+# --- legends -------------------------------------------------------------------------------------------------------
+
+def test_annotations_add_bands_with_text():
+    cells = [Image.new("RGB", (CELL, CELL), (0, 0, 200)) for _ in range(4)]
+    grid = layout_grid(cells, rows=2)
+    assert grid.size == (2 * CELL, 2 * CELL)
+    out = draw_grid_annotations(grid, CELL, CELL, [[GridAnnotation("Steps: 1")], [GridAnnotation("Steps: 2")]],
+                                [[GridAnnotation("CFG 3")], [GridAnnotation("CFG 5")]], margin=4)
+    pad_left = CELL * 3 // 4
+    assert out.width == 2 * CELL + pad_left + 4 and out.height > 2 * CELL + 4
+    pad_top = out.height - 2 * CELL - 4
+    top_band = np.asarray(out.crop((pad_left, 0, out.width, pad_top)))
+    left_band = np.asarray(out.crop((0, pad_top, pad_left, out.height)))
+    assert (top_band < 100).any() and (left_band < 100).any()  # dark text on the white bands
+
+
+# --- the runner with a fake generation -----------------------------------------------------------------------------
+
+class FakeGenerate:
+    """One solid-colour image per call: red = steps * 20, green = cfg * 10, blue = seed % 256."""
+
+    def __init__(self):
+        self.requests: list = []
+
+    def __call__(self, r) -> GenerationResult:
+        self.requests.append(r)
+        colour = (r.steps * 20 % 256, int(r.cfg_scale * 10) % 256, r.seed % 256)
+        text = f"{r.prompt}\nSteps: {r.steps}, CFG scale: {r.cfg_scale:g}, Seed: {r.seed}"
+        img = Image.new("RGB", (CELL, CELL), colour)
+        out = GeneratedImage(png=encode_png(img, text), infotext=text, seed=r.seed, subseed=r.subseed,
+                             prompt=r.prompt, negative_prompt=r.negative_prompt)
+        return GenerationResult(images=[out], info={"prompt": r.prompt, "infotexts": [text]})
+
+
+def job(tmp_path, r=None, **options) -> ScriptJob:
+    opts = {"grid_save": False, "return_grid": True, "samples_format": "png", "save_to_dirs": False,
+            "outdir_txt2img_grids": "outputs/txt2img-grids", "enable_pnginfo": True}
+    opts.update(options)
+    return ScriptJob(request=r or req(), options=opts, outputs_root=tmp_path)
+
+
+def pil(image: GeneratedImage) -> Image.Image:
+    return Image.open(io.BytesIO(image.png)).convert("RGB")
+
+
+def run_plan(tmp_path, plan_args, r=None, **options):
+    r = r or req()
+    gen = FakeGenerate()
+    result = xyz_plot.run(parse_xyz_args(plan_args, r), job(tmp_path, r, **options), gen)
+    return result, gen
+
+
+def test_cells_are_placed_by_x_and_y_with_legends(tmp_path):
+    result, gen = run_plan(tmp_path, args(T["Steps"], "1-3", T["CFG Scale"], "2, 4"))
+    assert len(gen.requests) == 6 and len(result.images) == 1 and result.images[0].is_grid
+    grid = pil(result.images[0])
+    bare_w, bare_h = 3 * CELL, 2 * CELL
+    assert grid.width > bare_w and grid.height > bare_h  # legend bands
+    pad_left, pad_top = grid.width - bare_w, grid.height - bare_h
+    for i, steps in enumerate((1, 2, 3)):
+        for j, cfg in enumerate((2, 4)):
+            x, y = pad_left + i * CELL + CELL // 2, pad_top + j * CELL + CELL // 2
+            assert grid.getpixel((x, y)) == (steps * 20, cfg * 10, 5)
+    assert (np.asarray(grid.crop((pad_left, 0, grid.width, pad_top))) < 128).any()
+    assert (np.asarray(grid.crop((0, pad_top, pad_left, grid.height))) < 128).any()
+    params = parse_infotext(result.info["infotexts"][0])
+    assert params["Script"] == "X/Y/Z plot" and params["X Type"] == "Steps" and params["X Values"] == "1-3"
+    assert params["Y Type"] == "CFG Scale" and str(params["Steps"]) == "1"
+
+
+def test_no_legend_and_margins(tmp_path):
+    result, _ = run_plan(tmp_path, args(T["Steps"], "1-3", T["CFG Scale"], "2, 4", draw_legend=False))
+    assert pil(result.images[0]).size == (3 * CELL, 2 * CELL)
+    with_margin, _ = run_plan(tmp_path, args(T["Steps"], "1-3", T["CFG Scale"], "2, 4", margin_size=10))
+    plain, _ = run_plan(tmp_path, args(T["Steps"], "1-3", T["CFG Scale"], "2, 4"))
+    assert pil(with_margin.images[0]).width == pil(plain.images[0]).width + 20
+
+
+def test_lone_images_and_sub_grids(tmp_path):
+    a = args(T["Steps"], "1, 2", T["CFG Scale"], "2, 4", T["Sigma Churn"], "0, 1, 2",
+             include_lone_images=True, include_sub_grids=True)
+    result, gen = run_plan(tmp_path, a)
+    assert len(gen.requests) == 12
+    assert len(result.images) == 1 + 3 + 12 and len(result.info["infotexts"]) == 16
+    assert [im.is_grid for im in result.images] == [True] * 4 + [False] * 12
+    sub = pil(result.images[1])
+    main = pil(result.images[0])
+    assert main.width > 3 * sub.width - 1 and main.height > sub.height  # the Z titles above
+    # lone images in A1111's index order: x fastest, then y, then z
+    firsts = [pil(im).getpixel((0, 0)) for im in result.images[4:8]]
+    assert firsts == [(20, 20, 5), (40, 20, 5), (20, 40, 5), (40, 40, 5)]
+    assert "Z Type: Sigma Churn" in result.info["infotexts"][0] and "Z Type" not in result.info["infotexts"][1]
+    result, _ = run_plan(tmp_path, args(T["Steps"], "1, 2", z_type=T["CFG Scale"], z_values="2, 4"))
+    assert len(result.images) == 1
+
+
+def test_seeds_fixed_kept_and_varied(tmp_path):
+    _, gen = run_plan(tmp_path, args(T["Steps"], "1-3"), r=req(seed=-1))
+    seeds = {r.seed for r in gen.requests}
+    assert len(seeds) == 1 and -1 not in seeds  # one random seed shared by every cell
+    _, gen = run_plan(tmp_path, args(T["Steps"], "1-3", no_fixed_seeds=True), r=req(seed=-1))
+    assert [r.seed for r in gen.requests] == [-1, -1, -1]
+    _, gen = run_plan(tmp_path, args(T["Steps"], "1-3", T["CFG Scale"], "2, 4", vary_seeds_x=True, vary_seeds_y=True))
+    assert sorted(r.seed for r in gen.requests) == [5, 6, 7, 8, 9, 10]
+    result, gen = run_plan(tmp_path, args(T["Seed"], "-1, 3, -1"))
+    seeds = [r.seed for r in gen.requests]
+    assert seeds[1] == 3 and -1 not in seeds
+    assert parse_infotext(result.info["infotexts"][0])["Fixed X Values"] == ", ".join(map(str, seeds))
+
+
+def test_costly_axis_runs_outermost(tmp_path):
+    cat = XYZCatalogs(checkpoints=("a.safetensors", "b.safetensors"))
+    r = req()
+    plan = parse_xyz_args(args(T["Checkpoint name"], "a, b", T["Steps"], "1-3"), r, cat)
+    gen = FakeGenerate()
+    result = xyz_plot.run(plan, job(tmp_path, r), gen)
+    models = [q.override_settings["sd_model_checkpoint"] for q in gen.requests]
+    assert models == ["a.safetensors"] * 3 + ["b.safetensors"] * 3  # one switch, not five
+    grid = pil(result.images[0])
+    pad_left, pad_top = grid.width - 2 * CELL, grid.height - 3 * CELL
+    assert grid.getpixel((pad_left + CELL + 4, pad_top + 2 * CELL + 4))[0] == 60  # b, steps 3: column 1, row 2
+
+
+def test_cells_are_ordinary_generations_and_interrupt_keeps_what_was_made(tmp_path):
+    r = req(script_name="X/Y/Z plot", script_args=args(T["Steps"], "1-4"))
+    gen = FakeGenerate()
+
+    plan = parse_xyz_args(r.script_args, r)
+    j = job(tmp_path, r)
+    j.interrupted = lambda: len(gen.requests) >= 2
+    result = xyz_plot.run(plan, j, gen)
+    assert [q.script_name for q in gen.requests] == [None, None] and gen.requests[0].script_args == []
+    assert result.interrupted and len(gen.requests) == 2
+    grid = pil(result.images[0])
+    pad_top = grid.height - CELL
+    assert grid.getpixel((CELL + 4, pad_top + 4))[0] == 40 and grid.getpixel((3 * CELL + 4, pad_top + 4)) == (0, 0, 0)
+
+
+def test_grid_saved_with_first_image_infotext(tmp_path):
+    result, _ = run_plan(tmp_path, args(T["Steps"], "1, 2"), grid_save=True)
+    saved = list((tmp_path / "outputs" / "txt2img-grids").glob("*.png"))
+    assert len(saved) == 1 and "xyz_grid" in saved[0].name and result.images[0].saved_path == str(saved[0])
+    text = Image.open(saved[0]).info["parameters"]
+    assert text.startswith("a red house, big tree\nSteps: 1,") and "X Type: Steps" in text
+    _, _ = run_plan(tmp_path / "nosave", args(T["Steps"], "1, 2"), r=req(do_not_save_grid=True), grid_save=True)
+    assert not (tmp_path / "nosave" / "outputs").exists()
+
+
+def test_prompt_sr_and_size_reach_the_requests(tmp_path):
+    _, gen = run_plan(tmp_path, args(T["Prompt S/R"], "red, blue", T["Size"], "64x64, 96x64"))
+    assert [(q.prompt, q.width) for q in gen.requests] == [
+        ("a red house, big tree", 64), ("a blue house, big tree", 64),
+        ("a red house, big tree", 96), ("a blue house, big tree", 96)]
+
+
+# --- through the real txt2img pipeline on the tiny model -----------------------------------------------------------
+
+def test_steps_axis_through_the_tiny_model(tiny_models, tmp_path):
+    import torch
+
+    from backend.checkpoints import ModelFile
+    from backend.core.options import SETTINGS
+    from backend.engine.devices import DevicePolicy
+    from backend.engine.loaded_model import LoadedModel
+    from backend.engine.model_loader import load_sd_model
+    from backend.engine.pipelines import txt2img
+    from backend.engine.pipelines.common import JobContext, StepClock
+
+    torch.set_num_threads(1)
+    policy = DevicePolicy(device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32)
+    loaded = LoadedModel(load_sd_model(tiny_models["sd1"]))
+    policy.place(loaded)
+    ckpt = tiny_models["sd1"]
+    options = {s.key: s.default for s in SETTINGS}
+
+    def generate(r):
+        ctx = JobContext(loaded=loaded, policy=policy, options=options, outputs_root=tmp_path,
+                         checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock())
+        return txt2img.run(r, ctx)
+
+    base = Txt2ImgRequest(prompt="a red house", steps=4, width=64, height=64, seed=-1, sampler_name="Euler",
+                          do_not_save_samples=True)
+    plan = parse_xyz_args(args(T["Steps"], "1-3", include_lone_images=True), base)
+    result = xyz_plot.run(plan, ScriptJob(request=base, options=options, outputs_root=tmp_path), generate)
+    assert len(result.images) == 4 and result.images[0].is_grid
+    cells = [np.asarray(pil(im)).astype(int) for im in result.images[1:]]
+    assert all(c.shape == (64, 64, 3) for c in cells)
+    # the tiny random model changes little per step, but each step count gives other pixels
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
+    assert not np.array_equal(cells[0], cells[2])
+    texts = [parse_infotext(t) for t in result.info["infotexts"][1:]]
+    assert [str(t["Steps"]) for t in texts] == ["1", "2", "3"] and len({t["Seed"] for t in texts}) == 1
+    grid = pil(result.images[0])
+    assert grid.width == 3 * 64 and grid.height > 64  # column labels above; no row labels without a Y axis
+    saved = list((tmp_path / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
+    assert len(saved) == 1 and "Script: X/Y/Z plot" in Image.open(saved[0]).info["parameters"]
