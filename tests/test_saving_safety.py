@@ -86,6 +86,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
 
 def test_an_unwritable_folder_is_a_warning_not_a_failure(tmp_path):
     from backend.core.images import save_image_or_warn
+    from backend.core.job_options import JobOptions
     from backend.engine.postprocess.extras import _save
 
     blocker = tmp_path / "outputs"
@@ -96,7 +97,8 @@ def test_an_unwritable_folder_is_a_warning_not_a_failure(tmp_path):
     assert len(warnings) == 1 and "Could not save the image" in warnings[0] and str(blocker) in warnings[0]
     # Extras (batch from directory into an output folder that became unusable): a warning, no exception
     extras_warnings: list[str] = []
-    saved = _save(picture(), "", "Postprocess upscale by: 2", {"output_dir": blocker}, {}, "x.png", extras_warnings)
+    saved = _save(picture(), "", "Postprocess upscale by: 2", {"output_dir": blocker}, JobOptions.of({}), "x.png",
+                  extras_warnings)
     assert saved is None and "Could not save" in extras_warnings[0]
     assert blocker.read_text().startswith("a file")
 
