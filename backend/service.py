@@ -52,9 +52,11 @@ class EaselService:
         from backend.controlnet.always_on import ControlNetScript
         # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
         self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)])
-        from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog
+        from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
+        for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
+            self.selectable_scripts.add(spec)
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -120,6 +122,12 @@ class EaselService:
 
     def checkpoint_titles(self) -> list[str]:
         return [f.title for f in self.registry.checkpoints]
+
+    def _xyz_catalogs(self):
+        """The names the X/Y/Z plot's dropdown axes are checked against."""
+        from backend.core.xyz_axes import XYZCatalogs
+        return XYZCatalogs(checkpoints=tuple(self.checkpoint_titles()), vaes=tuple(f.name for f in self.registry.vaes),
+                           upscalers=tuple(self.postprocess.upscaler_names()))
 
     def vae_choices(self) -> list[str]:
         return ["Automatic", "None"] + [f.name for f in self.registry.vaes]

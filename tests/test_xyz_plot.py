@@ -329,6 +329,7 @@ def test_steps_axis_through_the_tiny_model(tiny_models, tmp_path):
     from backend.engine.loaded_model import LoadedModel
     from backend.engine.model_loader import load_sd_model
     from backend.engine.pipelines import txt2img
+    from backend.core.sampler_catalog import resolve_sampling
     from backend.engine.pipelines.common import JobContext, StepClock
 
     torch.set_num_threads(1)
@@ -340,7 +341,8 @@ def test_steps_axis_through_the_tiny_model(tiny_models, tmp_path):
 
     def generate(r):
         ctx = JobContext(loaded=loaded, policy=policy, options=options, outputs_root=tmp_path,
-                         checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock())
+                         checkpoint=ModelFile(ckpt.name, ckpt, sha256="0" * 64), vae=None, control=StepClock(),
+                         sampling=resolve_sampling(r, options["default_sampler"]))
         return txt2img.run(r, ctx)
 
     base = Txt2ImgRequest(prompt="a red house", steps=4, width=64, height=64, seed=-1, sampler_name="Euler",

@@ -305,6 +305,51 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
 )
 
 
+# Axes whose cells would need another checkpoint or VAE than the job's: one job runs one loaded model in Easel.
+XYZ_MODEL_AXES = ("Checkpoint name", "VAE")
+
+
+def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -> list[ScriptSpec]:
+    """The X/Y/Z plot, one spec per tab (txt2img and img2img list different axes, in A1111's order): its 18
+    `script_args` in A1111's order; `prepare` parses and checks every axis value (`backend.core.xyz_axes`) against
+    the app's catalogs (`catalogs()`: an `XYZCatalogs` of checkpoint, VAE and upscaler names) and the images-per-job
+    limit, before any image is made."""
+    from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, parse_xyz_args, xyz_arg_specs
+
+    def arg(spec) -> ScriptArg:
+        if spec.name.endswith("_type"):
+            return ScriptArg(spec.name, spec.label, "dropdown", spec.value, choices=spec.choices, index=True)
+        if spec.name.endswith("_values_dropdown"):
+            return ScriptArg(spec.name, spec.label, "list", [])
+        if spec.name.endswith("_values"):
+            return ScriptArg(spec.name, spec.label, "textbox", "")
+        if isinstance(spec.value, bool):
+            return ScriptArg(spec.name, spec.label, "checkbox", spec.value)
+        return ScriptArg(spec.name, spec.label, "slider", spec.value, minimum=spec.minimum, maximum=spec.maximum,
+                         step=spec.step)
+
+    def prepare_for(img2img: bool) -> Callable[[Any, dict], PreparedScript]:
+        def prepare(req, values: dict) -> PreparedScript:
+            try:
+                plan = parse_xyz_args([values[name] for name in XYZ_ARG_NAMES], req, catalogs(), is_img2img=img2img,
+                                      max_images=max_images())
+            except UserError as exc:  # a script argument the edge refuses: 422, as the other scripts' arguments
+                raise UserError(exc.message, status=422 if exc.status == 400 else exc.status) from None
+            for axis in plan.axes:
+                if not axis.is_nothing and axis.type.label in XYZ_MODEL_AXES:
+                    raise UserError(f"X/Y/Z plot: the {axis.name} axis type {axis.type.label!r} is not available yet "
+                                    "in Easel (a job runs with one checkpoint and VAE); make one plot per "
+                                    f"{axis.type.label.lower()} instead.", status=422)
+            return PreparedScript(args=plan)
+        return prepare
+
+    return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(arg(s) for s in xyz_arg_specs(tab == "img2img")), engine=True,
+                       prepare=prepare_for(tab == "img2img"),
+                       description="One picture per combination of the X, Y and Z values, in a grid with the values as "
+                                   "legends.")
+            for tab in TABS]
+
+
 class ScriptCatalog:
     """The selectable scripts by tab; `add` plugs another one in (the X/Y/Z plot)."""
 
@@ -312,7 +357,9 @@ class ScriptCatalog:
         self.scripts: list[ScriptSpec] = list(scripts)
 
     def add(self, spec: ScriptSpec) -> None:
-        self.scripts = [s for s in self.scripts if s.name != spec.name] + [spec]
+        """Add `spec`, in place of a script of the same name in the same tabs (a script may differ between tabs)."""
+        self.scripts = [s for s in self.scripts
+                        if s.name != spec.name or not set(s.tabs) & set(spec.tabs)] + [spec]
 
     def for_tab(self, tab: str) -> list[ScriptSpec]:
         return [s for s in self.scripts if tab in s.tabs]

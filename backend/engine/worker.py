@@ -449,11 +449,23 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
     active = [(payload["request"].prompt, payload["request"].negative_prompt)]  # whose LoRAs are applied
 
     def run_pipeline(changed: GenerationPayload) -> GenerationResult:
+        from backend.core.job_options import JobOptions
+
         prompts = (changed["request"].prompt, changed["request"].negative_prompt)
         if prompts != active[0]:
             _activate_networks(changed, ctx, state)
             active[0] = prompts
-        return pipeline(changed, ctx, state)
+        # A derived request's own settings (an X/Y/Z cell's Clip skip, Eta, ...; checked by the app's settings
+        # gate when the script was prepared) hold for its run; the job's checkpoint and VAE stay loaded.
+        overrides = {k: v for k, v in (changed["request"].override_settings or {}).items()
+                     if k not in ("sd_model_checkpoint", "sd_vae")}
+        job_options = ctx.options
+        if overrides:
+            ctx.options = JobOptions.of({**{k: job_options[k] for k in job_options}, **overrides})
+        try:
+            return pipeline(changed, ctx, state)
+        finally:
+            ctx.options = job_options
 
     return run_script(kind, payload, ctx, run_pipeline)
 

@@ -1,5 +1,6 @@
 """The engine side of selectable scripts (A1111's Script dropdown): scripts that run the ordinary pipeline
-several times in one job and compose what it returns (Prompt matrix, Prompts from file or textbox, Loopback, Outpainting mk2).
+several times in one job and compose what it returns (X/Y/Z plot, Prompt matrix, Prompts from file or textbox,
+Loopback, Outpainting mk2).
 
 The app checks a request's `script_name` and `script_args` (`backend.core.scripts_catalog`) and sends the
 script in the payload as `{"name": lower-case title, "args": what its spec prepared}`. `ENGINE_SCRIPTS` maps
@@ -23,6 +24,7 @@ ENGINE_SCRIPTS: dict[str, str] = {
     "prompts from file or textbox": "backend.engine.scripts.prompts_from_file",
     "loopback": "backend.engine.scripts.loopback",
     "outpainting mk2": "backend.engine.scripts.outpainting_mk2",
+    "x/y/z plot": "backend.engine.scripts.xyz_plot",
 }
 
 

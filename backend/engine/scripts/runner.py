@@ -90,6 +90,22 @@ class ScriptRun:
     def img2img(self) -> bool:
         return self.kind == "img2img"
 
+    @property
+    def options(self):
+        """The job's settings (`JobOptions`)."""
+        return self.ctx.options
+
+    @property
+    def outputs_root(self) -> Path:
+        return Path(self.ctx.outputs_root)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.ctx.warnings
+
+    def interrupted(self) -> bool:
+        return self.ctx.control.interrupted()
+
     def plan(self, job_count: int, total_steps: int) -> None:
         """One progress bar for the whole script: `job_count` batches, `total_steps` sampler steps."""
         self.progress.plan(job_count, total_steps)

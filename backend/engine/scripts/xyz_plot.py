@@ -40,6 +40,7 @@ from backend.core.images import day_folder, encode_png, save_image_or_warn
 from backend.core.infotext import format_value, quote
 from backend.core.schemas import GeneratedImage, GenerationResult
 from backend.core.xyz_axes import SCRIPT_TITLE, Axis, XYZPlan, cell_request
+from backend.engine.scripts.runner import ScriptStopped
 
 SEED_AXES = ("Seed", "Var. seed")
 RANDOM_SEED_RANGE = 4294967294  # A1111's get_fixed_seed
@@ -110,6 +111,11 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
     xs, ys, zs = (_fixed_axis_values(a, plan.no_fixed_seeds) for a in plan.axes)
     nx, ny, nz = len(xs), len(ys), len(zs)
     count = nx * ny * nz
+    if hasattr(job, "plan"):  # one progress bar over every cell (the scripts framework's ScriptRun)
+        steps = sum(job.steps_of(cell_request(base, [(plan.x.type, xs[ix], xs), (plan.y.type, ys[iy], ys),
+                                                     (plan.z.type, zs[iz], zs)]))
+                    for ix, iy, iz in plan.cells())
+        job.plan(count * base.n_iter, steps * base.n_iter)
     images: list[Image.Image | None] = [None] * count
     outputs: list[GeneratedImage | None] = [None] * count
     first_result: GenerationResult | None = None
@@ -130,7 +136,7 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
             req = req.model_copy(update={"seed": seed})
         try:
             result = generate(req)
-        except JobInterrupted:
+        except (JobInterrupted, ScriptStopped):  # Interrupt: the cells made so far, the rest left black
             was_interrupted = True
             break
         for w in result.warnings:

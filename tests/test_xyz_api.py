@@ -1,0 +1,66 @@
+"""X/Y/Z plot through the API, as A1111's clients call it: `script_name: "X/Y/Z plot"` with its 18 positional
+`script_args` (axis types as indices into A1111's axis list); the grid first, then the cells; refusals before any
+image is made."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from backend.core.infotext import parse_infotext
+from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
+from test_scripts_api import answer, txt
+
+T = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(False))))}  # txt2img axis label -> index
+
+
+def xyz_args(x_type=0, x_values="", y_type=0, y_values="", **flags) -> list:
+    out = dict(x_type=x_type, x_values=x_values, x_values_dropdown=[], y_type=y_type, y_values=y_values,
+               y_values_dropdown=[], z_type=0, z_values="", z_values_dropdown=[], draw_legend=True,
+               include_lone_images=True, include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False,
+               vary_seeds_y=False, vary_seeds_z=False, margin_size=0, csv_mode=False)
+    out.update(flags)
+    return [out[name] for name in XYZ_ARG_NAMES]
+
+
+def test_xyz_plot_is_listed_with_a1111s_arguments(api):
+    listed = api.get("/scripts").json()
+    assert "x/y/z plot" in listed["txt2img"] and "x/y/z plot" in listed["img2img"]
+    infos = [i for i in api.get("/script-info").json() if i["name"] == "x/y/z plot"]
+    assert sorted(i["is_img2img"] for i in infos) == [False, True]
+    txt2img = next(i for i in infos if not i["is_img2img"])
+    assert [a["label"] for a in txt2img["args"][:3]] == ["X type", "X values", "X values"]
+    assert txt2img["args"][0]["choices"][T["Steps"]] == "Steps"
+    assert len(txt2img["args"]) == len(XYZ_ARG_NAMES)
+
+
+def test_steps_by_cfg_grid_then_cells_with_their_infotexts(api, server):
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", save_images=True,
+                                      script_args=xyz_args(T["Steps"], "2, 3", T["CFG Scale"], "1, 9")))
+    images, info = answer(r)
+    assert len(images) == 5  # the grid, then the 2 x 2 cells
+    grid, cells = images[0], images[1:]
+    assert grid.width > 2 * 64 and grid.height > 2 * 64  # legends above and left of the cells
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [(p["Steps"], float(p["CFG scale"])) for p in texts] == [("2", 1.0), ("3", 1.0), ("2", 9.0), ("3", 9.0)]
+    assert len({p["Seed"] for p in texts}) == 1  # one fixed seed for every cell
+    grid_params = parse_infotext(info["infotexts"][0])
+    assert grid_params["Script"] == "X/Y/Z plot" and grid_params["X Type"] == "Steps"
+    assert grid_params["X Values"] == "2, 3" and grid_params["Y Type"] == "CFG Scale"
+    # Each cell sits in the grid where its values are: the bottom-right cell is Steps 3, CFG 9.
+    pad_left, pad_top = grid.width - 128, grid.height - 128
+    corner = np.asarray(grid.crop((pad_left + 64, pad_top + 64, pad_left + 128, pad_top + 128)), dtype=np.int32)
+    assert np.abs(corner - np.asarray(cells[3], dtype=np.int32)).max() <= 2
+    assert np.abs(np.asarray(cells[0], dtype=np.int32) - np.asarray(cells[3], dtype=np.int32)).mean() > 1
+    grids = list((Path(server.data_dir) / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
+    assert len(grids) == 1
+
+
+def test_bad_axis_values_are_refused_before_any_image(api):
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot",
+                                      script_args=xyz_args(T["Sampler"], "Euler, Nonexistent sampler")))
+    assert r.status_code == 422 and "X axis" in r.text and "Nonexistent sampler" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Steps"], "ten")))
+    assert r.status_code == 422 and "ten" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Checkpoint name"], "x")))
+    assert r.status_code == 422 and "Checkpoint name" in r.text
