@@ -208,7 +208,11 @@ class EaselService:
             payload["scripts"] = scripts
             payload["request"] = req.model_copy(update={"alwayson_scripts": rest})
         if script is not None and script[0].engine:  # run by the backend's script registry around the pipeline
-            payload["script"] = {"name": script[0].name, "args": script[1].args}
+            # The sampling of every request the script derives (a line's --sampler_name, an X/Y/Z Sampler axis),
+            # resolved here as the job's own: the engine looks it up by the request's sampler fields.
+            derived_sampling = {sampler_catalog.sampler_fields(derived): sampler_catalog.resolve_sampling(
+                derived, options["default_sampler"]) for _label, derived in script[1].requests}
+            payload["script"] = {"name": script[0].name, "args": script[1].args, "sampling": derived_sampling}
             payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)

@@ -64,3 +64,14 @@ def test_bad_axis_values_are_refused_before_any_image(api):
     assert r.status_code == 422 and "ten" in r.text
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Checkpoint name"], "x")))
     assert r.status_code == 422 and "Checkpoint name" in r.text
+
+
+def test_sampler_axis_runs_each_sampler_the_app_resolved(api):
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot",
+                                      script_args=xyz_args(T["Sampler"], "Euler, DPM++ 2M, Euler a")))
+    images, info = answer(r)
+    assert len(images) == 4
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [p["Sampler"] for p in texts] == ["Euler", "DPM++ 2M", "Euler a"]
+    pixels = [np.asarray(im, dtype=np.int32) for im in images[1:]]
+    assert (pixels[0] != pixels[2]).any()  # Euler a adds noise each step: not Euler's picture (tiny model: close)

@@ -211,3 +211,9 @@ def resolve_sampling(req, default_sampler: str) -> SamplingChoice:
     if getattr(req, "enable_hr", False) and getattr(req, "hr_sampler_name", None):
         hires_sampler, hires_schedule = resolve_sampler(req.hr_sampler_name, req.hr_scheduler or schedule, sampler.name)
     return SamplingChoice(sampler, schedule, hires_sampler, hires_schedule)
+
+
+def sampler_fields(request) -> tuple:
+    """The request fields its sampling is resolved from (`resolve_sampling`): a key for requests that share it."""
+    return (request.sampler_name, request.sampler_index, request.scheduler, getattr(request, "hr_sampler_name", None),
+            getattr(request, "hr_scheduler", None))

@@ -314,7 +314,7 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
     `script_args` in A1111's order; `prepare` parses and checks every axis value (`backend.core.xyz_axes`) against
     the app's catalogs (`catalogs()`: an `XYZCatalogs` of checkpoint, VAE and upscaler names) and the images-per-job
     limit, before any image is made."""
-    from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, parse_xyz_args, xyz_arg_specs
+    from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, cell_request, parse_xyz_args, xyz_arg_specs
 
     def arg(spec) -> ScriptArg:
         if spec.name.endswith("_type"):
@@ -340,7 +340,13 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
                     raise UserError(f"X/Y/Z plot: the {axis.name} axis type {axis.type.label!r} is not available yet "
                                     "in Easel (a job runs with one checkpoint and VAE); make one plot per "
                                     f"{axis.type.label.lower()} instead.", status=422)
-            return PreparedScript(args=plan)
+            # Every cell is checked at the edge like the job's own request (and its sampler resolved there).
+            cells = [(f"X/Y/Z plot: cell {ix + 1},{iy + 1},{iz + 1}",
+                      cell_request(req, [(plan.x.type, plan.x.values[ix], plan.x.values),
+                                         (plan.y.type, plan.y.values[iy], plan.y.values),
+                                         (plan.z.type, plan.z.values[iz], plan.z.values)]))
+                     for ix, iy, iz in plan.cells()]
+            return PreparedScript(args=plan, requests=cells)
         return prepare
 
     return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(arg(s) for s in xyz_arg_specs(tab == "img2img")), engine=True,

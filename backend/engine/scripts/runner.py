@@ -14,6 +14,7 @@ from typing import Callable
 from PIL import Image
 
 from backend.core.images import day_folder, encode_png, save_image_or_warn
+from backend.core.sampler_catalog import sampler_fields
 from backend.core.schemas import GeneratedImage, GenerationResult
 
 
@@ -63,11 +64,6 @@ class ScriptProgress:
         self.base.clear_skip()
 
 
-def _sampler_fields(request) -> tuple:
-    return (request.sampler_name, request.sampler_index, request.scheduler, getattr(request, "hr_sampler_name", None),
-            getattr(request, "hr_scheduler", None))
-
-
 def pil_of(image: GeneratedImage) -> Image.Image:
     picture = Image.open(io.BytesIO(image.png))
     picture.load()
@@ -114,7 +110,7 @@ class ScriptRun:
         """Sampler steps one batch of `request` runs (hires. fix included; img2img: the denoised share)."""
         if self.img2img:
             denoise = float(request.denoising_strength or 0)
-            if self.ctx.options.get("img2img_fix_steps", False):
+            if self.ctx.options["img2img_fix_steps"]:
                 return request.steps if denoise > 0 else 0
             return int(min(denoise, 0.999) * request.steps)
         return request.steps + ((request.hr_second_pass_steps or request.steps) if request.enable_hr else 0)
@@ -135,9 +131,10 @@ class ScriptRun:
         self.ctx.extra_params.update(added)
         control, sampling = self.ctx.control, self.ctx.sampling
         self.ctx.control = self.progress
-        if _sampler_fields(request) != _sampler_fields(self.request):  # a line's --sampler_name, an axis
-            from backend.core.sampler_catalog import resolve_sampling  # names checked by the app for this request
-            self.ctx.sampling = payload["sampling"] = resolve_sampling(request, self.ctx.options["default_sampler"])
+        key = sampler_fields(request)
+        if key != sampler_fields(self.request):  # a line's --sampler_name, an X/Y/Z Sampler axis
+            # resolved by the app with the script's other derived requests (`payload["script"]["sampling"]`)
+            self.ctx.sampling = payload["sampling"] = self.payload["script"]["sampling"][key]
         try:
             result = self._run_pipeline(payload)
         finally:
@@ -151,20 +148,20 @@ class ScriptRun:
         return result
 
     def _folder(self, key: str) -> Path:
-        folder = Path(self.ctx.options.get(key))
+        folder = Path(self.ctx.options[key])
         folder = folder if folder.is_absolute() else Path(self.ctx.outputs_root) / folder
-        return day_folder(folder, self.ctx.options.get("save_to_dirs", True))
+        return day_folder(folder, self.ctx.options["save_to_dirs"])
 
     def sample(self, picture: Image.Image, infotext: str, seed: int) -> GeneratedImage:
         """A picture the script composed itself (Outpainting mk2's grown picture): saved as the job's sample
         (settings `samples_save`, unless the request says not to) with `infotext`, and returned for the answer."""
         options, req = self.ctx.options, self.request
         path = None
-        if options.get("samples_save", True) and not req.do_not_save_samples:
+        if options["samples_save"] and not req.do_not_save_samples:
             path = save_image_or_warn(self.ctx.warnings, "image", picture,
                                       self._folder("outdir_img2img_samples" if self.img2img else "outdir_txt2img_samples"),
-                                      seed=seed, infotext=infotext, fmt=options.get("samples_format", "png"),
-                                      with_pnginfo=options.get("enable_pnginfo", True))
+                                      seed=seed, infotext=infotext, fmt=options["samples_format"],
+                                      with_pnginfo=options["enable_pnginfo"])
         made = [i for r in self.results for i in r.images if not i.is_grid]
         return GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
                               subseed=made[0].subseed if made else -1, prompt=req.prompt,
@@ -175,13 +172,13 @@ class ScriptRun:
         save grids) with the infotext of the first image; returned for the answer when `return_grid` is on."""
         options, req = self.ctx.options, self.request
         path = None
-        if options.get("grid_save", True) and not req.do_not_save_grid:
+        if options["grid_save"] and not req.do_not_save_grid:
             path = save_image_or_warn(self.ctx.warnings, "grid", picture,
                                       self._folder("outdir_img2img_grids" if self.img2img else "outdir_txt2img_grids"),
                                       seed=first.seed,
-                                      infotext=first.infotext, fmt=options.get("samples_format", "png"),
-                                      basename=basename, with_pnginfo=options.get("enable_pnginfo", True))
-        if not options.get("return_grid", True):
+                                      infotext=first.infotext, fmt=options["samples_format"],
+                                      basename=basename, with_pnginfo=options["enable_pnginfo"])
+        if not options["return_grid"]:
             return None
         return GeneratedImage(png=encode_png(picture, first.infotext), infotext=first.infotext, seed=first.seed,
                               subseed=first.subseed, prompt=first.prompt, negative_prompt=first.negative_prompt,

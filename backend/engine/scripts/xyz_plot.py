@@ -36,6 +36,7 @@ from PIL import Image
 
 from backend.core.errors import JobInterrupted
 from backend.core.grid_legends import GridAnnotation, draw_grid_annotations, layout_grid
+from backend.core.job_options import JobOptions
 from backend.core.images import day_folder, encode_png, save_image_or_warn
 from backend.core.infotext import format_value, quote
 from backend.core.schemas import GeneratedImage, GenerationResult
@@ -94,7 +95,7 @@ def _axis_params(axis: Axis, values: tuple, keep_random: bool) -> dict[str, obje
 
 
 def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> GenerationResult:
-    options = job.options
+    options = JobOptions.of(job.options)
     interrupted = getattr(job, "interrupted", None) or (lambda: False)
     warnings: list[str] = getattr(job, "warnings", None)
     if warnings is None:
@@ -104,7 +105,7 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
     if not plan.no_fixed_seeds:
         update["seed"] = _random_seed() if base.seed in (None, -1) else base.seed
         update["subseed"] = _random_seed() if base.subseed in (None, -1) else base.subseed
-    if not options.get("return_grid", True):
+    if not options["return_grid"]:
         update["batch_size"] = 1
     base = base.model_copy(update=update)
 
@@ -189,21 +190,21 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
     sub_texts = [with_params(cell_text(iz * nx * ny), xy_params) for iz in range(nz)]
 
     request = job.request
-    save_grids = options.get("grid_save", True) and not getattr(request, "do_not_save_grid", False)
+    save_grids = options["grid_save"] and not getattr(request, "do_not_save_grid", False)
     grids: list[tuple[Image.Image, str, int]] = [(main_grid, main_text, 0)]
     grids += [(g, t, iz * nx * ny) for iz, (g, t) in enumerate(zip(sub_grids, sub_texts))]
     to_save = grids[:1] if not plan.include_sub_grids or nz == 1 else grids
     saved: dict[int, str] = {}
     if save_grids:
         key = "outdir_img2img_grids" if plan.is_img2img else "outdir_txt2img_grids"
-        target = Path(options.get(key, "outputs/img2img-grids" if plan.is_img2img else "outputs/txt2img-grids"))
+        target = Path(options[key])
         folder = day_folder(target if target.is_absolute() else Path(job.outputs_root) / target,
-                            options.get("save_to_dirs", True))
+                            options["save_to_dirs"])
         for n, (grid, text, first) in enumerate(to_save):
             source = outputs[first] or template
             path = save_image_or_warn(warnings, "grid", grid, folder, seed=source.seed, infotext=text,
-                                      fmt=options.get("samples_format", "png"), basename="xyz_grid",
-                                      with_pnginfo=options.get("enable_pnginfo", True))
+                                      fmt=options["samples_format"], basename="xyz_grid",
+                                      with_pnginfo=options["enable_pnginfo"])
             if path is not None:
                 saved[n] = str(path)
 
