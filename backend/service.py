@@ -209,6 +209,8 @@ class EaselService:
             payload["request"] = req.model_copy(update={"alwayson_scripts": rest})
         if script is not None and script[0].engine:  # run by the backend's script registry around the pipeline
             payload["script"] = {"name": script[0].name, "args": script[1].args}
+            if script[1].models:  # cells with their own checkpoint or VAE (X/Y/Z plot): their files, resolved here
+                payload["script"]["models"] = self._script_models(job_overrides, script[1].models)
             payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)
@@ -333,6 +335,19 @@ class EaselService:
 
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+
+    def _script_models(self, job_overrides: dict, choices: list[dict]) -> dict:
+        """The files of the model settings a script's generations choose (X/Y/Z plot's Checkpoint name and VAE
+        values), resolved as the job's own (`_model_payload`) -> {(sd_model_checkpoint, sd_vae) as the generation's
+        request carries them in override_settings: [(checkpoint, VAE or None), ...]}. With no checkpoint chosen the
+        list holds a pair for each automatic candidate: the backend takes the one of the checkpoint it loaded."""
+        table = {}
+        for choice in choices:
+            settings = {**job_overrides, **choice}
+            key = (settings.get("sd_model_checkpoint"), settings.get("sd_vae"))
+            model = self._model_payload(settings)
+            table[key] = [(model["checkpoint"], model["vae"]), *model["checkpoint_fallbacks"]]
+        return table
 
     def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None,
                                on_end: Callable[[Job], None] | None = None) -> Job:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from backend.core.infotext import parse_infotext
 from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
@@ -62,5 +63,75 @@ def test_bad_axis_values_are_refused_before_any_image(api):
     assert r.status_code == 422 and "X axis" in r.text and "Nonexistent sampler" in r.text
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Steps"], "ten")))
     assert r.status_code == 422 and "ten" in r.text
-    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Checkpoint name"], "x")))
-    assert r.status_code == 422 and "Checkpoint name" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot",
+                                      script_args=xyz_args(T["Checkpoint name"], "tiny-sd1, no-such-model")))
+    assert r.status_code == 422 and "Checkpoint name" in r.text and "no-such-model" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["VAE"], "Automatic, nope.pt")))
+    assert r.status_code == 422 and "VAE" in r.text and "nope.pt" in r.text
+
+
+@pytest.fixture(scope="module")
+def other_models(server):
+    """A second SD 1.x checkpoint (other random weights) and a VAE file (that checkpoint's VAE) in the server's
+    model folders; named after the tiny-* files, so the automatic checkpoint choice stays the same."""
+    import httpx
+    from safetensors.torch import load_file, save_file
+
+    from model_factory import write_tiny_checkpoint
+
+    ckpt = server.data_dir / "models" / "Stable-diffusion" / "xyz-sd1-b.safetensors"
+    if not ckpt.exists():
+        write_tiny_checkpoint(ckpt, "sd1", seed=7)
+    vae = server.data_dir / "models" / "VAE" / "xyz-vae.safetensors"
+    if not vae.exists():
+        vae.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v for k, v in load_file(str(ckpt)).items() if k.startswith("first_stage_model.")}, str(vae))
+    assert httpx.post(server.url + "/sdapi/v1/refresh-checkpoints", timeout=60).status_code == 200
+    return ckpt.name, vae.name
+
+
+def loads_of(server, name: str) -> int:
+    """How often the backend read the checkpoint file `name` (its log line per load)."""
+    return server.log_path.read_text(errors="replace").count(f"loaded {name} (")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int32)
+
+
+def test_checkpoint_axis_runs_each_cell_with_its_checkpoint(api, server, other_models):
+    other, _ = other_models
+    before = loads_of(server, other)
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", steps=1, script_args=xyz_args(
+        T["Checkpoint name"], f"tiny-sd1, {other}", T["Steps"], "1, 2")))
+    images, info = answer(r)
+    assert len(images) == 5  # the grid, then the 2 x 2 cells (X: checkpoint, Y: steps)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [(p["Model"], p["Steps"]) for p in texts] == [("tiny-sd1", "1"), ("xyz-sd1-b", "1"),
+                                                          ("tiny-sd1", "2"), ("xyz-sd1-b", "2")]
+    assert texts[0]["Model hash"] != texts[1]["Model hash"] and texts[0]["Model hash"] == texts[2]["Model hash"]
+    cells = images[1:]
+    assert np.abs(pixels(cells[0]) - pixels(cells[1])).mean() > 1  # other weights, other pixels
+    # the checkpoint axis runs outermost: the second checkpoint was read once for its two cells
+    assert loads_of(server, other) == before + 1
+    grid_params = parse_infotext(info["infotexts"][0])
+    assert grid_params["X Type"] == "Checkpoint name" and grid_params["Model"] == "tiny-sd1"
+    # afterwards the cache is as after any job: the job's own checkpoint is still cached (limit 2), a plain
+    # generation with it reads no file and gives the first cell's picture
+    sd1_loads = loads_of(server, "tiny-sd1.safetensors")
+    plain, plain_info = answer(api.post("/txt2img", json=txt(steps=1)))
+    assert loads_of(server, "tiny-sd1.safetensors") == sd1_loads
+    assert parse_infotext(plain_info["infotexts"][0])["Model"] == "tiny-sd1"
+    assert np.abs(pixels(plain[0]) - pixels(cells[0])).max() <= 1
+
+
+def test_vae_axis_runs_each_cell_with_its_vae(api, other_models):
+    _, vae = other_models
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", steps=1,
+                                      script_args=xyz_args(T["VAE"], f"Automatic, {vae}")))
+    images, info = answer(r)
+    assert len(images) == 3
+    automatic, chosen = (parse_infotext(t) for t in info["infotexts"][1:])
+    assert "VAE" not in automatic and chosen["VAE"] == "xyz-vae" and chosen.get("VAE hash")
+    assert automatic["Model"] == chosen["Model"] == "tiny-sd1"
+    assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1  # same latents, another decoder
