@@ -135,3 +135,55 @@ def test_vae_axis_runs_each_cell_with_its_vae(api, other_models):
     assert "VAE" not in automatic and chosen["VAE"] == "xyz-vae" and chosen.get("VAE hash")
     assert automatic["Model"] == chosen["Model"] == "tiny-sd1"
     assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1  # same latents, another decoder
+
+
+def test_checkpoint_axis_with_controlnet_prepares_it_for_each_checkpoint(api, server, other_models):
+    """An always-on ControlNet unit acts in every cell: its hook is prepared again for each cell's checkpoint."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from controlnet_factory import write_tiny_controlnet
+
+    other, _ = other_models
+    model = server.data_dir / "models" / "ControlNet" / "control_v11p_sd15_canny.pth"
+    if not model.exists():
+        write_tiny_controlnet(model, "sd1", seed=21)
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).rectangle((16, 16, 47, 47), fill="white")
+    buf = io.BytesIO()
+    control.save(buf, format="PNG")
+    unit = {"enabled": True, "image": base64.b64encode(buf.getvalue()).decode(), "module": "canny",
+            "model": "control_v11p_sd15_canny", "processor_res": 64, "threshold_a": 100, "threshold_b": 200}
+
+    def plot(weight: float):
+        return answer(api.post("/txt2img", json=txt(
+            script_name="X/Y/Z plot", steps=1, script_args=xyz_args(T["Checkpoint name"], f"tiny-sd1, {other}"),
+            alwayson_scripts={"controlnet": {"args": [dict(unit, weight=weight)]}})))
+
+    controlled, info = plot(1.0)
+    plain, _ = plot(0.0)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:3]]
+    assert [p["Model"] for p in texts] == ["tiny-sd1", "xyz-sd1-b"]
+    assert all(p["ControlNet 0"].startswith("Module: canny") for p in texts)
+    for with_unit, without in zip(controlled[1:3], plain[1:3]):  # both cells, either checkpoint
+        assert np.abs(pixels(with_unit) - pixels(without)).mean() > 1
+
+
+def test_checkpoint_axis_applies_the_prompts_loras_to_each_checkpoint(api, server, other_models):
+    """The prompt's LoRA is applied to the checkpoint a cell switches to (and changes with the cell's prompt)."""
+    from lora_factory import save_lora, simple_lora
+
+    other, _ = other_models
+    save_lora(server.data_dir / "models" / "Lora" / "xyz_lora.safetensors", simple_lora("sd1", seed=31), family="sd1")
+    assert api.post("/refresh-loras").status_code == 200
+    images, info = answer(api.post("/txt2img", json=txt(
+        script_name="X/Y/Z plot", prompt="a red boat <lora:xyz_lora:0.9>",
+        script_args=xyz_args(T["Checkpoint name"], f"tiny-sd1, {other}", T["Prompt S/R"], "0.9, 0"))))
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [p["Model"] for p in texts] == ["tiny-sd1", "xyz-sd1-b", "tiny-sd1", "xyz-sd1-b"]
+    assert all(p["Lora hashes"].startswith("xyz_lora: ") for p in texts)
+    strong, weak = images[1:3], images[3:5]  # Y: the LoRA at 0.9, then at 0
+    for a, b in zip(strong, weak):  # either checkpoint: the LoRA changed its picture
+        assert np.abs(pixels(a) - pixels(b)).mean() > 1
