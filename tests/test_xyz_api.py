@@ -190,3 +190,16 @@ def test_checkpoint_axis_applies_the_prompts_loras_to_each_checkpoint(api, serve
     assert all(p["Lora hashes"].startswith("xyz_lora: ") for p in texts)
     for a, b in zip(with_lora[1:3], plain[1:3]):  # either checkpoint: the LoRA changed its picture
         assert np.abs(pixels(a) - pixels(b)).mean() > 1
+
+
+def test_img2img_checkpoint_axis(api, other_models):
+    from test_api_img2img import body, picture
+
+    other, _ = other_models
+    img2img_axes = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(True))))}
+    r = api.post("/img2img", json=body(picture(), steps=2, script_name="X/Y/Z plot", script_args=xyz_args(
+        img2img_axes["Checkpoint name"], f"tiny-sd1, {other}")))
+    images, info = answer(r)
+    assert len(images) == 3
+    assert [parse_infotext(t)["Model"] for t in info["infotexts"][1:]] == ["tiny-sd1", "xyz-sd1-b"]
+    assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1
