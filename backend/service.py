@@ -213,6 +213,8 @@ class EaselService:
             derived_sampling = {sampler_catalog.sampler_fields(derived): sampler_catalog.resolve_sampling(
                 derived, options["default_sampler"]) for _label, derived in script[1].requests}
             payload["script"] = {"name": script[0].name, "args": script[1].args, "sampling": derived_sampling}
+            if script[1].models:  # cells with their own checkpoint or VAE (X/Y/Z plot): their files, resolved here
+                payload["script"]["models"] = self._script_models(job_overrides, script[1].models)
             payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)
@@ -337,6 +339,19 @@ class EaselService:
 
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+
+    def _script_models(self, job_overrides: dict, choices: list[dict]) -> dict:
+        """The files of the model settings a script's generations choose (X/Y/Z plot's Checkpoint name and VAE
+        values), resolved as the job's own (`_model_payload`) -> {(sd_model_checkpoint, sd_vae) as the generation's
+        request carries them in override_settings: [(checkpoint, VAE or None), ...]}. With no checkpoint chosen the
+        list holds a pair for each automatic candidate: the backend takes the one of the checkpoint it loaded."""
+        table = {}
+        for choice in choices:
+            settings = {**job_overrides, **choice}
+            key = (settings.get("sd_model_checkpoint"), settings.get("sd_vae"))
+            model = self._model_payload(settings)
+            table[key] = [(model["checkpoint"], model["vae"]), *model["checkpoint_fallbacks"]]
+        return table
 
     def submit_load_checkpoint(self, listener: Callable[[Job], None] | None = None,
                                on_end: Callable[[Job], None] | None = None) -> Job:

@@ -61,3 +61,30 @@ def test_prompts_from_a_text_file(server, tmp_path):
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.startsWith('a red door')",
                                timeout=180_000)
         page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 2", timeout=60_000)
+
+
+def test_xyz_plot_from_the_script_dropdown(server):
+    """X/Y/Z plot chosen in the Script dropdown, X type Steps over "1,2": the gallery shows the grid (with the
+    legend band above its cells) and the cells."""
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "a small cabin")
+        set_sizes(page, steps=3, width=64, height=64)
+        assert not page.is_visible("#txt2img_script_x_y_z_plot_x_type")
+        pick_dropdown(page, "#txt2img_script_list", "X/Y/Z plot")
+        page.wait_for_selector("#txt2img_script_x_y_z_plot_x_type", state="visible")
+        pick_dropdown(page, "#txt2img_script_x_y_z_plot_x_type", "Steps")
+        page.fill("#txt2img_script_x_y_z_plot_x_values textarea", "1,2")
+        page.locator("#txt2img_script_x_y_z_plot_include_lone_images input").check()
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: ')",
+                               timeout=180_000)
+        info = page.inner_text("#txt2img_info")
+        assert "Steps: 1," in info or "Steps: 2," in info, info  # a cell's steps, not the tab's 3
+        page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 3", timeout=60_000)
+        first = page.locator("#txt2img_gallery img").first
+        page.wait_for_function("document.querySelector('#txt2img_gallery img').naturalWidth > 0")
+        width, height = first.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert width == 2 * 64 and height > 64  # two cells side by side under their "Steps: 1" / "Steps: 2" band
+    grids = list((server.data_dir / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
+    assert grids, "the UI's X/Y/Z plot saved no grid"

@@ -99,3 +99,17 @@ def test_every_handler_takes_the_typed_state():
         hints = hints_of(handler)
         assert hints["state"] is worker.WorkerState, kind
         assert "payload" in hints and "control" in hints and "return" in hints, kind
+
+
+def test_a_script_cell_runs_with_the_model_files_the_app_resolved_for_it():
+    """X/Y/Z plot's model axes: a cell's (checkpoint, VAE) setting picks the files the app sent; with no checkpoint
+    chosen (a VAE axis) and an automatic checkpoint, the pair of the checkpoint the job loaded; else the job's own."""
+    from backend.checkpoints import ModelFile
+
+    a, b = ModelFile("a.safetensors", Path("/m/a.safetensors")), ModelFile("b.safetensors", Path("/m/b.safetensors"))
+    vae, vae_b = ModelFile("v.pt", Path("/m/VAE/v.pt")), ModelFile("b.vae.pt", Path("/m/b.vae.pt"))
+    job = worker.JobModel(model=None, checkpoint=b, vae=vae_b, notes=[], unloadable={})
+    table = {("a.safetensors [1]", None): [(a, None)], (None, "v.pt"): [(a, vae), (b, vae)]}
+    assert worker._cell_model_files(table, {"sd_model_checkpoint": "a.safetensors [1]"}, job) == (a, None)
+    assert worker._cell_model_files(table, {"sd_vae": "v.pt"}, job) == (b, vae)  # the job fell back to b
+    assert worker._cell_model_files(table, {"CLIP_stop_at_last_layers": 2}, job) == (b, vae_b)

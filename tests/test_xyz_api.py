@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from backend.core.infotext import parse_infotext
 from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
@@ -62,8 +63,146 @@ def test_bad_axis_values_are_refused_before_any_image(api):
     assert r.status_code == 422 and "X axis" in r.text and "Nonexistent sampler" in r.text
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Steps"], "ten")))
     assert r.status_code == 422 and "ten" in r.text
-    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["Checkpoint name"], "x")))
-    assert r.status_code == 422 and "Checkpoint name" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot",
+                                      script_args=xyz_args(T["Checkpoint name"], "tiny-sd1, no-such-model")))
+    assert r.status_code == 422 and "Checkpoint name" in r.text and "no-such-model" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(T["VAE"], "Automatic, nope.pt")))
+    assert r.status_code == 422 and "VAE" in r.text and "nope.pt" in r.text
+
+
+@pytest.fixture(scope="module")
+def other_models(server):
+    """A second SD 1.x checkpoint (other random weights) and a VAE file (that checkpoint's VAE) in the server's
+    model folders; named after the tiny-* files, so the automatic checkpoint choice stays the same."""
+    import httpx
+    from safetensors.torch import load_file, save_file
+
+    from model_factory import write_tiny_checkpoint
+
+    ckpt = server.data_dir / "models" / "Stable-diffusion" / "xyz-sd1-b.safetensors"
+    if not ckpt.exists():
+        write_tiny_checkpoint(ckpt, "sd1", seed=7)
+    vae = server.data_dir / "models" / "VAE" / "xyz-vae.safetensors"
+    if not vae.exists():
+        vae.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v for k, v in load_file(str(ckpt)).items() if k.startswith("first_stage_model.")}, str(vae))
+    assert httpx.post(server.url + "/sdapi/v1/refresh-checkpoints", timeout=60).status_code == 200
+    return ckpt.name, vae.name
+
+
+def loads_of(server, name: str) -> int:
+    """How often the backend read the checkpoint file `name` (its log line per load)."""
+    return server.log_path.read_text(errors="replace").count(f"loaded {name} (")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int32)
+
+
+def test_checkpoint_axis_runs_each_cell_with_its_checkpoint(api, server, other_models):
+    other, _ = other_models
+    before = loads_of(server, other)
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", steps=1, script_args=xyz_args(
+        T["Checkpoint name"], f"tiny-sd1, {other}", T["Steps"], "1, 2")))
+    images, info = answer(r)
+    assert len(images) == 5  # the grid, then the 2 x 2 cells (X: checkpoint, Y: steps)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [(p["Model"], p["Steps"]) for p in texts] == [("tiny-sd1", "1"), ("xyz-sd1-b", "1"),
+                                                          ("tiny-sd1", "2"), ("xyz-sd1-b", "2")]
+    assert texts[0]["Model hash"] != texts[1]["Model hash"] and texts[0]["Model hash"] == texts[2]["Model hash"]
+    cells = images[1:]
+    assert np.abs(pixels(cells[0]) - pixels(cells[1])).mean() > 1  # other weights, other pixels
+    # the checkpoint axis runs outermost: the second checkpoint was read once for its two cells
+    assert loads_of(server, other) == before + 1
+    grid_params = parse_infotext(info["infotexts"][0])
+    assert grid_params["X Type"] == "Checkpoint name" and grid_params["Model"] == "tiny-sd1"
+    # afterwards the cache is as after any job: the job's own checkpoint is still cached (limit 2), a plain
+    # generation with it reads no file and gives the first cell's picture
+    sd1_loads = loads_of(server, "tiny-sd1.safetensors")
+    plain, plain_info = answer(api.post("/txt2img", json=txt(steps=1)))
+    assert loads_of(server, "tiny-sd1.safetensors") == sd1_loads
+    assert parse_infotext(plain_info["infotexts"][0])["Model"] == "tiny-sd1"
+    assert np.abs(pixels(plain[0]) - pixels(cells[0])).max() <= 1
+
+
+def test_vae_axis_runs_each_cell_with_its_vae(api, other_models):
+    _, vae = other_models
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", steps=1,
+                                      script_args=xyz_args(T["VAE"], f"Automatic, {vae}")))
+    images, info = answer(r)
+    assert len(images) == 3
+    automatic, chosen = (parse_infotext(t) for t in info["infotexts"][1:])
+    assert "VAE" not in automatic and chosen["VAE"] == "xyz-vae" and chosen.get("VAE hash")
+    assert automatic["Model"] == chosen["Model"] == "tiny-sd1"
+    assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1  # same latents, another decoder
+
+
+def test_checkpoint_axis_with_controlnet_prepares_it_for_each_checkpoint(api, server, other_models):
+    """An always-on ControlNet unit acts in every cell: its hook is prepared again for each cell's checkpoint."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from controlnet_factory import write_tiny_controlnet
+
+    other, _ = other_models
+    model = server.data_dir / "models" / "ControlNet" / "control_v11p_sd15_canny.pth"
+    if not model.exists():
+        write_tiny_controlnet(model, "sd1", seed=21)
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).rectangle((16, 16, 47, 47), fill="white")
+    buf = io.BytesIO()
+    control.save(buf, format="PNG")
+    unit = {"enabled": True, "image": base64.b64encode(buf.getvalue()).decode(), "module": "canny",
+            "model": "control_v11p_sd15_canny", "processor_res": 64, "threshold_a": 100, "threshold_b": 200}
+
+    def plot(weight: float):
+        return answer(api.post("/txt2img", json=txt(
+            script_name="X/Y/Z plot", steps=1, script_args=xyz_args(T["Checkpoint name"], f"tiny-sd1, {other}"),
+            alwayson_scripts={"controlnet": {"args": [dict(unit, weight=weight)]}})))
+
+    controlled, info = plot(1.0)
+    plain, _ = plot(0.0)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:3]]
+    assert [p["Model"] for p in texts] == ["tiny-sd1", "xyz-sd1-b"]
+    assert all(p["ControlNet 0"].startswith("Module: canny") for p in texts)
+    for with_unit, without in zip(controlled[1:3], plain[1:3]):  # both cells, either checkpoint
+        assert np.abs(pixels(with_unit) - pixels(without)).mean() > 1
+
+
+def test_checkpoint_axis_applies_the_prompts_loras_to_each_checkpoint(api, server, other_models):
+    """The prompt's LoRA is applied to the checkpoint a cell switches to (the same prompt as the cell before)."""
+    from lora_factory import save_lora, simple_lora
+
+    other, _ = other_models
+    save_lora(server.data_dir / "models" / "Lora" / "xyz_lora.safetensors", simple_lora("sd1", seed=31), family="sd1")
+    assert api.post("/refresh-loras").status_code == 200
+
+    def plot(prompt: str):
+        return answer(api.post("/txt2img", json=txt(script_name="X/Y/Z plot", prompt=prompt, script_args=xyz_args(
+            T["Checkpoint name"], f"tiny-sd1, {other}"))))
+
+    with_lora, info = plot("a red boat <lora:xyz_lora:0.9>")
+    plain, _ = plot("a red boat")
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert [p["Model"] for p in texts] == ["tiny-sd1", "xyz-sd1-b"]
+    assert all(p["Lora hashes"].startswith("xyz_lora: ") for p in texts)
+    for a, b in zip(with_lora[1:3], plain[1:3]):  # either checkpoint: the LoRA changed its picture
+        assert np.abs(pixels(a) - pixels(b)).mean() > 1
+
+
+def test_img2img_checkpoint_axis(api, other_models):
+    from test_api_img2img import body, picture
+
+    other, _ = other_models
+    img2img_axes = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(True))))}
+    r = api.post("/img2img", json=body(picture(), steps=2, script_name="X/Y/Z plot", script_args=xyz_args(
+        img2img_axes["Checkpoint name"], f"tiny-sd1, {other}")))
+    images, info = answer(r)
+    assert len(images) == 3
+    assert [parse_infotext(t)["Model"] for t in info["infotexts"][1:]] == ["tiny-sd1", "xyz-sd1-b"]
+    assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1
 
 
 def test_sampler_axis_runs_each_sampler_the_app_resolved(api):

@@ -361,3 +361,16 @@ def test_steps_axis_through_the_tiny_model(tiny_models, tmp_path):
     assert grid.width == 3 * 64 and grid.height > 64  # column labels above; no row labels without a Y axis
     saved = list((tmp_path / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
     assert len(saved) == 1 and "Script: X/Y/Z plot" in Image.open(saved[0]).info["parameters"]
+
+
+def test_model_axes_name_the_checkpoints_and_vaes_their_cells_use():
+    from backend.core.scripts_catalog import xyz_model_choices
+
+    cat = XYZCatalogs(checkpoints=("a.safetensors [00aa]", "b.safetensors [00bb]"), vaes=("v.pt",))
+    plan = parse_xyz_args(args(T["Steps"], "1, 2", T["Checkpoint name"], "a, b", T["VAE"], "None, v.pt"), req(), cat)
+    assert xyz_model_choices(plan) == [  # each combination once, in the order the cells run (checkpoint outermost)
+        {"sd_model_checkpoint": "a.safetensors [00aa]", "sd_vae": "None"},
+        {"sd_model_checkpoint": "a.safetensors [00aa]", "sd_vae": "v.pt"},
+        {"sd_model_checkpoint": "b.safetensors [00bb]", "sd_vae": "None"},
+        {"sd_model_checkpoint": "b.safetensors [00bb]", "sd_vae": "v.pt"}]
+    assert xyz_model_choices(parse_xyz_args(args(T["Steps"], "1, 2"), req())) == []

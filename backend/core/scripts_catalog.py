@@ -148,6 +148,10 @@ class PreparedScript:
     args: Any
     requests: list[tuple[str, Any]] = field(default_factory=list)
     images: int | None = None
+    # The model settings some of the script's generations run with besides the job's (X/Y/Z's Checkpoint name and
+    # VAE axes): each a dict of `sd_model_checkpoint` and/or `sd_vae`. The app resolves each to its files and sends
+    # them with the script (`backend.service`); the engine switches the job's model between generations.
+    models: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -305,15 +309,30 @@ SCRIPTS: tuple[ScriptSpec, ...] = (
 )
 
 
-# Axes whose cells would need another checkpoint or VAE than the job's: one job runs one loaded model in Easel.
-XYZ_MODEL_AXES = ("Checkpoint name", "VAE")
+# The settings whose axes (Checkpoint name, VAE) make cells run with another model than the job's.
+MODEL_SETTINGS = ("sd_model_checkpoint", "sd_vae")
+
+
+def xyz_model_choices(plan) -> list[dict]:
+    """The model settings (`sd_model_checkpoint`, `sd_vae`) the plan's cells set, each combination once, in the
+    order the cells run (empty when no axis chooses a model)."""
+    choices: dict[tuple, dict] = {}
+    for cell in plan.cells():
+        chosen: dict[str, Any] = {}
+        for axis, index in zip(plan.axes, cell):
+            if not axis.is_nothing and axis.type.setting in MODEL_SETTINGS:
+                chosen[axis.type.setting] = axis.values[index]
+        if chosen:
+            choices.setdefault(tuple(sorted(chosen.items())), chosen)
+    return list(choices.values())
 
 
 def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -> list[ScriptSpec]:
     """The X/Y/Z plot, one spec per tab (txt2img and img2img list different axes, in A1111's order): its 18
     `script_args` in A1111's order; `prepare` parses and checks every axis value (`backend.core.xyz_axes`) against
     the app's catalogs (`catalogs()`: an `XYZCatalogs` of checkpoint, VAE and upscaler names) and the images-per-job
-    limit, before any image is made."""
+    limit, before any image is made; the checkpoints and VAEs its cells run with (Checkpoint name and VAE axes) go
+    in `PreparedScript.models`, which the app resolves to files."""
     from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, cell_request, parse_xyz_args, xyz_arg_specs
 
     def arg(spec) -> ScriptArg:
@@ -335,18 +354,13 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
                                       max_images=max_images())
             except UserError as exc:  # a script argument the edge refuses: 422, as the other scripts' arguments
                 raise UserError(exc.message, status=422 if exc.status == 400 else exc.status) from None
-            for axis in plan.axes:
-                if not axis.is_nothing and axis.type.label in XYZ_MODEL_AXES:
-                    raise UserError(f"X/Y/Z plot: the {axis.name} axis type {axis.type.label!r} is not available yet "
-                                    "in Easel (a job runs with one checkpoint and VAE); make one plot per "
-                                    f"{axis.type.label.lower()} instead.", status=422)
             # Every cell is checked at the edge like the job's own request (and its sampler resolved there).
             cells = [(f"X/Y/Z plot: cell {ix + 1},{iy + 1},{iz + 1}",
                       cell_request(req, [(plan.x.type, plan.x.values[ix], plan.x.values),
                                          (plan.y.type, plan.y.values[iy], plan.y.values),
                                          (plan.z.type, plan.z.values[iz], plan.z.values)]))
                      for ix, iy, iz in plan.cells()]
-            return PreparedScript(args=plan, requests=cells)
+            return PreparedScript(args=plan, requests=cells, models=xyz_model_choices(plan))
         return prepare
 
     return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(arg(s) for s in xyz_arg_specs(tab == "img2img")), engine=True,

@@ -354,8 +354,13 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
 
     loaded = _job_model(state, payload)
     model, policy = loaded.model, state.policy
+    active = [loaded]  # the model the job runs with now: a script's generations may switch it (X/Y/Z plot)
     try:
         while True:
+            if active[0] is not loaded:  # run again after a switch: from the job's own model
+                policy.settle(active[0].model)
+                active[0] = loaded = _job_model(state, payload)
+                model = loaded.model
             ctx = JobContext(loaded=model, policy=policy, options=payload["options"], outputs_root=payload["data_dir"],
                              checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
@@ -366,18 +371,18 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                result = (_run_script(kind, pipeline, payload, ctx, state) if payload.get("script")
+                result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
                           else pipeline(payload, ctx, state))
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
                 del ctx
-                policy.settle(model)
+                policy.settle(active[0].model)
                 torch.cuda.empty_cache()
-                if not policy.degrade(model):
+                if not policy.degrade(active[0].model):
                     raise
     finally:
-        policy.settle(model)
+        policy.settle(active[0].model)
     result.info["sd_model_checkpoint"] = loaded.checkpoint.title
     result.extra_images = maps
     result.unloadable_checkpoints = loaded.unloadable
@@ -440,24 +445,67 @@ def _prepare_scripts(kind: str, payload: GenerationPayload, ctx: JobContext, sta
     return prepare_scripts(scripts, script_job(kind, payload, init_image, init_mask), ctx, state.scripts)
 
 
+def _cell_model_files(table: dict, settings: dict, job: JobModel) -> tuple[ModelFile, ModelFile | None]:
+    """The checkpoint and VAE files a script's generation runs with: those the app resolved for its model settings
+    (`payload["script"]["models"]`, keyed by the request's sd_model_checkpoint and sd_vae), else the job's own."""
+    pairs = table.get((settings.get("sd_model_checkpoint"), settings.get("sd_vae")))
+    if not pairs:
+        return job.checkpoint, job.vae
+    # no checkpoint chosen (a VAE axis) with an automatic checkpoint: the pair of the checkpoint the job loaded
+    return next(((c, v) for c, v in pairs if c.path == job.checkpoint.path), pairs[0])
+
+
+def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx: JobContext, current: JobModel,
+                  checkpoint: ModelFile, vae: ModelFile | None) -> JobModel:
+    """Run the rest of the job with another checkpoint or VAE (an X/Y/Z cell's): taken from the model cache (its
+    LRU order and limit hold as for any job) and placed by the device policy; the context's model, infotext files
+    and always-on scripts' hooks (ControlNet, placed beside the new model) follow. The caller applies the LoRAs."""
+    from backend.core.errors import JobInterrupted
+
+    state.policy.settle(current.model)
+    switched = _job_model(state, {**payload, "checkpoint": checkpoint, "vae": vae, "checkpoint_fallbacks": [],
+                                  "checkpoint_notes": []})
+    ctx.loaded, ctx.checkpoint, ctx.vae = switched.model, switched.checkpoint, switched.vae
+    if payload.get("scripts") and kind != "img2img_batch":
+        try:
+            _prepare_scripts(kind, payload, ctx, state)  # its detected maps were added to the job's at the start
+        except JobInterrupted:
+            ctx.sampling_hooks = []
+    return switched
+
+
 def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult],
-                payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
-    """A selectable script's job (Prompt matrix, Loopback, ...): the script runs `pipeline` as often as it needs
-    (`backend.engine.scripts`), each time with the LoRAs of its prompts."""
+                payload: GenerationPayload, ctx: JobContext, state: WorkerState,
+                models: list[JobModel] | None = None) -> GenerationResult:
+    """A selectable script's job (Prompt matrix, Loopback, X/Y/Z plot, ...): the script runs `pipeline` as often as
+    it needs (`backend.engine.scripts`), each time with the LoRAs of its prompts and, when the app resolved model
+    files for its generations' settings (X/Y/Z plot's Checkpoint name and VAE axes), with that checkpoint and VAE.
+    `models[0]`: the job's model now (the caller's, updated on a switch)."""
     from backend.engine.scripts import run_script
 
     active = [(payload["request"].prompt, payload["request"].negative_prompt)]  # whose LoRAs are applied
+    table = payload["script"].get("models") or {}
+    models = models if models is not None else []
+    job_model = models[0] if models else None
 
     def run_pipeline(changed: GenerationPayload) -> GenerationResult:
         from backend.core.job_options import JobOptions
 
+        settings = changed["request"].override_settings or {}
+        if table and job_model is not None:
+            checkpoint, vae = _cell_model_files(table, settings, job_model)
+            current = models[0]
+            if (checkpoint.path, vae.path if vae else None) != \
+                    (current.checkpoint.path, current.vae.path if current.vae else None):
+                models[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
+                active[0] = None  # the LoRAs go onto the new model
         prompts = (changed["request"].prompt, changed["request"].negative_prompt)
         if prompts != active[0]:
             _activate_networks(changed, ctx, state)
             active[0] = prompts
         # A derived request's own settings (an X/Y/Z cell's Clip skip, Eta, ...; checked by the app's settings
-        # gate when the script was prepared) hold for its run; the job's checkpoint and VAE stay loaded.
-        overrides = {k: v for k, v in (changed["request"].override_settings or {}).items()
+        # gate when the script was prepared) hold for its run; its checkpoint and VAE were switched above.
+        overrides = {k: v for k, v in settings.items()
                      if k not in ("sd_model_checkpoint", "sd_vae")}
         job_options = ctx.options
         if overrides:
