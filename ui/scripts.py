@@ -38,7 +38,9 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
         return gr.Radio(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
                         elem_id=elem_id)
     if kind == "dropdown":
-        return gr.Dropdown(list(spec.choices), value=spec.default, label=spec.label, elem_id=elem_id)
+        value = spec.choices[spec.default] if spec.index else spec.default  # index: A1111 passes the choice's index
+        return gr.Dropdown(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
+                           elem_id=elem_id)
     if kind == "checkboxgroup":
         return gr.CheckboxGroup(list(spec.choices), value=list(spec.default or []), label=spec.label,
                                 elem_id=elem_id)
