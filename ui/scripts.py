@@ -38,7 +38,8 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
         return gr.Radio(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
                         elem_id=elem_id)
     if kind == "dropdown":
-        value = spec.choices[spec.default] if spec.index else spec.default  # index: A1111 passes the choice's index
+        # index: A1111 passes the choice's index (a default given as an index is shown as its choice)
+        value = spec.choices[spec.default] if spec.index and isinstance(spec.default, int) else spec.default
         return gr.Dropdown(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
                            elem_id=elem_id)
     if kind == "checkboxgroup":

@@ -37,6 +37,7 @@ def run_script(kind: str, payload: dict, ctx, run_pipeline):
 
     script = payload["script"]
     # an AUTOMATIC1111 script from an extension (`modules/`) carries a ScriptCall; Easel's own are listed above
-    module = importlib.import_module(A1111_SCRIPT if isinstance(script["args"], ScriptCall)
-                                     else ENGINE_SCRIPTS[script["name"]])
-    return ScriptRun(kind, payload, ctx, run_pipeline).run(script["name"], module.run, script["args"])
+    a1111 = isinstance(script["args"], ScriptCall)
+    module = importlib.import_module(A1111_SCRIPT if a1111 else ENGINE_SCRIPTS[script["name"]])
+    name = script["args"].title if a1111 else script["name"]  # errors name an extension's script by its title
+    return ScriptRun(kind, payload, ctx, run_pipeline).run(name, module.run, script["args"])

@@ -1,0 +1,131 @@
+"""AUTOMATIC1111 scripts from an extension, run unchanged through the compatibility layer (`modules/`): listed,
+chosen by `script_name` with positional `script_args`, always-on ones through `alwayson_scripts`, broken files
+skipped with a log line; a script that raises fails its job naming it, and the server serves on."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from a1111_test_extension import write_test_extensions
+from conftest import ROOT, Server
+from test_api_img2img import SD1
+
+
+def txt(**kw) -> dict:
+    b = {"prompt": "a red boat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 7,
+         "seed": 11, "override_settings": {"sd_model_checkpoint": SD1}}
+    b.update(kw)
+    return b
+
+
+def answer(resp) -> tuple[list[np.ndarray], dict]:
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB")).astype(int)
+              for s in data["images"]]
+    return images, json.loads(data["info"])
+
+
+@pytest.fixture(scope="module")
+def ext_server(tmp_path_factory, tiny_models):
+    data_dir = tmp_path_factory.mktemp("easel-ext-data")
+    write_test_extensions(data_dir)
+    with Server(data_dir, models=tiny_models) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ext_api(ext_server):
+    import httpx
+    with httpx.Client(base_url=ext_server.url + "/sdapi/v1", timeout=600) as client:
+        yield client
+
+
+def test_listed_with_their_ui_controls_as_args(ext_api):
+    scripts = ext_api.get("/scripts").json()
+    for tab in ("txt2img", "img2img"):
+        assert "test steps override" in scripts[tab] and "test raiser" in scripts[tab]
+        assert "broken script" not in scripts[tab]
+    info = [i for i in ext_api.get("/script-info").json() if i["name"] == "test steps override"]
+    assert len(info) == 2
+    args = info[0]["args"]
+    assert args[0] == {"label": "Override steps", "value": 3, "minimum": 1, "maximum": 20, "step": 1, "choices": None}
+    assert args[1]["label"] == "Shout the prompt" and args[1]["value"] is False
+
+
+def test_run_changes_p_and_process_images_runs_the_pipeline(ext_api):
+    images, info = answer(ext_api.post("/txt2img", json=txt(script_name="Test steps override", script_args=[4, True])))
+    assert len(images) == 1
+    text = info["infotexts"][0]
+    assert text.startswith("A RED BOAT\n")
+    assert "Steps: 4," in text and "Test override: steps 4" in text and "Test format: png" in text
+    # defaults fill missing trailing script_args, as A1111
+    _, info = answer(ext_api.post("/txt2img", json=txt(script_name="test steps override", script_args=[])))
+    assert "Steps: 3," in info["infotexts"][0] and info["infotexts"][0].startswith("a red boat\n")
+
+
+def test_bad_script_args_are_refused_at_the_edge(ext_api):
+    r = ext_api.post("/txt2img", json=txt(script_name="Test steps override", script_args=[50]))
+    assert r.status_code == 422 and "override steps" in r.text.lower()
+
+
+def test_always_visible_process_and_postprocess_image(ext_api):
+    plain, _ = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test invert": {"args": [False]}})))
+    inverted, info = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test invert": {"args": [True]}})))
+    assert np.array_equal(inverted[0], 255 - plain[0])
+    assert "Test invert: True" in info["infotexts"][0]
+    # with a selectable script: its generations get the always-on script too
+    both, info = answer(ext_api.post("/txt2img", json=txt(script_name="Test steps override", script_args=[2],
+                                                          alwayson_scripts={"test invert": {"args": [True]}})))
+    assert np.array_equal(both[0], 255 - plain[0])
+    assert "Test override: steps 2" in info["infotexts"][0] and "Test invert: True" in info["infotexts"][0]
+
+
+def test_on_cfg_denoiser_callback_changes_sampling(ext_api):
+    plain, _ = answer(ext_api.post("/txt2img", json=txt()))
+    silenced, _ = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test silence": {"args": [True]}})))
+    assert np.abs(silenced[0] - plain[0]).mean() > 1
+
+
+def test_unknown_always_on_name_is_422(ext_api):
+    r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Broken script": {"args": []}}))
+    assert r.status_code == 422
+
+
+def test_script_that_raises_fails_its_job_and_the_server_serves_on(ext_api):
+    r = ext_api.post("/txt2img", json=txt(script_name="Test raiser", script_args=["no thanks"]))
+    assert r.status_code >= 400
+    assert "Test raiser" in r.text and "the test script refuses: no thanks" in r.text
+    images, _ = answer(ext_api.post("/txt2img", json=txt()))
+    assert len(images) == 1
+
+
+def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
+    import httpx
+    assert httpx.get(ext_server.url + "/", timeout=60).status_code == 200  # the UI loads
+    log = ext_server.log_path.read_text(errors="replace")
+    assert "needs_missing.py" in log and "sd_model" in log
+    assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
+    assert "ui_tabs.py" in log and "on_ui_tabs is not supported" in log
+
+
+def test_layer_names_what_it_lacks_and_imports_no_torch():
+    code = (
+        "import sys\n"
+        "import modules.scripts, modules.processing, modules.shared, modules.images, modules.script_callbacks\n"
+        "import modules.script_loading, backend.a1111_scripts\n"
+        "try:\n    modules.shared.sd_model\nexcept AttributeError as e:\n    print('ERR', e)\n"
+        "try:\n    modules.shared.opts.samples_format\nexcept RuntimeError as e:\n    print('CTX', e)\n"
+        "print('TORCH', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR modules.shared.sd_model is not available" in out.stdout
+    assert "CTX modules.shared.opts is only available while Easel runs" in out.stdout
+    assert "TORCH False" in out.stdout
