@@ -186,6 +186,11 @@ class ExtensionScripts:
     def always_on(self) -> list[ExtensionScript]:
         return [ExtensionScript(s) for s in self.scripts if s.always_on]
 
+    def always_on_specs(self, tab: str) -> list[ScriptSpec]:
+        """The AlwaysVisible scripts of a tab as specs (their controls in the tab, in their own accordion)."""
+        return [ScriptSpec(s.title, (tab,), s.args[tab], engine=True) for s in self.scripts
+                if s.always_on and tab in s.args]
+
     def always_on_tabs(self) -> dict[str, bool]:
         """{name: runs in txt2img too} (the shape of `ignored_inputs.ALWAYSON_SCRIPTS`)."""
         return {s.title.strip().lower(): "txt2img" in s.args for s in self.scripts if s.always_on and s.args}

@@ -129,3 +129,26 @@ def test_layer_names_what_it_lacks_and_imports_no_torch():
     assert "ERR modules.shared.sd_model is not available" in out.stdout
     assert "CTX modules.shared.opts is only available while Easel runs" in out.stdout
     assert "TORCH False" in out.stdout
+
+
+def test_browser_script_dropdown_and_always_on_accordion(ext_server):
+    """The extension's script in the Script dropdown with the controls its ui() returned; the AlwaysVisible one's
+    checkbox in its own accordion; Generate runs both."""
+    from browser import browser_page, pick_dropdown, set_sizes
+
+    with browser_page(ext_server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "a quiet harbour")
+        set_sizes(page, steps=2, width=64, height=64)
+        assert not page.is_visible("#txt2img_script_test_steps_override_arg1")
+        pick_dropdown(page, "#txt2img_script_list", "Test steps override")
+        page.wait_for_selector("#txt2img_script_test_steps_override_arg1", state="visible")
+        page.click("#txt2img_script_test_steps_override_arg1 input[type=checkbox]")
+        page.click("#txt2img_script_test_invert")  # open the always-on script's accordion
+        page.locator("#txt2img_script_test_invert_arg0 input[type=checkbox]").click()
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Test override')",
+                               timeout=180_000)
+        info = page.inner_text("#txt2img_info")
+        assert info.startswith("A QUIET HARBOUR\n")
+        assert "Steps: 3," in info and "Test override: steps 3" in info and "Test invert: True" in info
