@@ -64,6 +64,8 @@ class EaselService:
             taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
         for spec in self.extension_scripts.selectable_specs():
             self.selectable_scripts.add(spec)
+        for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
+            self.selectable_scripts.add_always_on(spec)
         self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)] + self.extension_scripts.always_on())
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)

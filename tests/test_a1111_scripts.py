@@ -53,7 +53,12 @@ def test_listed_with_their_ui_controls_as_args(ext_api):
     for tab in ("txt2img", "img2img"):
         assert "test steps override" in scripts[tab] and "test raiser" in scripts[tab]
         assert "broken script" not in scripts[tab]
-    info = [i for i in ext_api.get("/script-info").json() if i["name"] == "test steps override"]
+        assert "test invert" in scripts[tab]  # always-on scripts are listed too, as A1111 lists them
+    infos = ext_api.get("/script-info").json()
+    invert = [i for i in infos if i["name"] == "test invert"]
+    assert len(invert) == 2 and all(i["is_alwayson"] for i in invert)
+    assert invert[0]["args"][0]["label"] == "Invert the picture"
+    info = [i for i in infos if i["name"] == "test steps override"]
     assert len(info) == 2
     args = info[0]["args"]
     assert args[0] == {"label": "Override steps", "value": 3, "minimum": 1, "maximum": 20, "step": 1, "choices": None}
@@ -69,6 +74,21 @@ def test_run_changes_p_and_process_images_runs_the_pipeline(ext_api):
     # defaults fill missing trailing script_args, as A1111
     _, info = answer(ext_api.post("/txt2img", json=txt(script_name="test steps override", script_args=[])))
     assert "Steps: 3," in info["infotexts"][0] and info["infotexts"][0].startswith("a red boat\n")
+
+
+def test_img2img_script_gets_the_init_image(ext_api):
+    from test_api_img2img import body, picture
+
+    req = body(picture(64, 64), prompt="a red boat", steps=4, denoising_strength=0.5, seed=11,
+               script_name="Test steps override", script_args=[2, False],
+               override_settings={"sd_model_checkpoint": SD1})
+    images, info = answer(ext_api.post("/img2img", json=req))
+    assert len(images) == 1 and images[0].shape == (64, 64, 3)
+    assert "Steps: 2," in info["infotexts"][0] and "Test override: steps 2" in info["infotexts"][0]
+    assert "Denoising strength: 0.5" in info["infotexts"][0]
+    # the always-on script can't be chosen as the selectable one
+    r = ext_api.post("/img2img", json=dict(req, script_name="Test invert", script_args=[True]))
+    assert r.status_code == 422
 
 
 def test_bad_script_args_are_refused_at_the_edge(ext_api):

@@ -355,6 +355,11 @@ class ScriptCatalog:
 
     def __init__(self, scripts: tuple[ScriptSpec, ...] | list[ScriptSpec] = SCRIPTS):
         self.scripts: list[ScriptSpec] = list(scripts)
+        # always-on scripts listed beside them (A1111 lists those too; they are never a `script_name`)
+        self.always_on: list[ScriptSpec] = []
+
+    def add_always_on(self, spec: ScriptSpec) -> None:
+        self.always_on.append(spec)
 
     def add(self, spec: ScriptSpec) -> None:
         """Add `spec`, in place of a script of the same name in the same tabs (a script may differ between tabs)."""
@@ -377,14 +382,18 @@ class ScriptCatalog:
 
     def scripts_list(self) -> dict:
         """GET /sdapi/v1/scripts: {"txt2img": [...], "img2img": [...]}, lower-case titles as A1111 returns them."""
-        return {tab: [s.name for s in self.for_tab(tab)] for tab in TABS}
+        return {tab: [s.name for s in self.for_tab(tab)] + [s.name for s in self.always_on if tab in s.tabs]
+                for tab in TABS}
 
     def script_info(self, dynamic_choices: dict[str, tuple] | None = None) -> list[dict]:
         """GET /sdapi/v1/script-info: one entry per script and tab it shows in, as A1111's."""
         dynamic = dynamic_choices or {}
         return [{"name": s.name, "is_alwayson": False, "is_img2img": tab == "img2img",
                  "args": [a.info(dynamic.get(a.kind)) for a in s.args]}
-                for tab in TABS for s in self.for_tab(tab)]
+                for tab in TABS for s in self.for_tab(tab)] + \
+               [{"name": s.name, "is_alwayson": True, "is_img2img": tab == "img2img",
+                 "args": [a.info(dynamic.get(a.kind)) for a in s.args]}
+                for tab in TABS for s in self.always_on if tab in s.tabs]
 
 
 
