@@ -61,12 +61,10 @@ def current(what: str) -> ScriptContext:
     return context
 
 
-def missing(module: str, name: str) -> AttributeError:
-    """The error for a name the layer does not provide."""
-    return AttributeError(f"{module}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer "
-                          f"(it provides: {', '.join(_provided(module))}).")
+def missing(where: str, name: str) -> AttributeError:
+    """The error for a name the layer does not provide (`where`: the module or object, e.g. `modules.shared`)."""
+    import sys
 
-
-def _provided(module: str) -> list[str]:
-    import importlib
-    return list(getattr(importlib.import_module(module), "__all__", []))
+    provided = getattr(sys.modules.get(where), "__all__", None)
+    return AttributeError(f"{where}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer"
+                          + (f" (it provides: {', '.join(provided)})." if provided else "."))

@@ -172,3 +172,44 @@ def test_browser_script_dropdown_and_always_on_accordion(ext_server):
         info = page.inner_text("#txt2img_info")
         assert info.startswith("A QUIET HARBOUR\n")
         assert "Steps: 3," in info and "Test override: steps 3" in info and "Test invert: True" in info
+
+
+def test_request_of_p_is_checked_like_a_request():
+    """What a script sets on `p` is checked as the app checks a request before the engine runs it."""
+    from backend.core.errors import UserError
+    from backend.core.job_options import JobOptions
+    from backend.core.schemas import Txt2ImgRequest
+    from backend.engine.a1111_bridge import processing_object, request_of
+
+    req = Txt2ImgRequest(prompt="a boat", steps=5, width=64, height=64)
+    p = processing_object(req, img2img=False)
+    assert request_of(p, req, JobOptions.of({}), "process_images(p)") is req  # nothing changed: the same request
+    p.steps, p.prompt = 7, "a ship"
+    p.extra_generation_params["X"] = 1
+    changed = request_of(p, req, JobOptions.of({}), "process_images(p)")
+    assert (changed.steps, changed.prompt, changed.width) == (7, "a ship", 64)
+    p.steps = -3
+    with pytest.raises(UserError, match="process_images\\(p\\): steps must be between"):
+        request_of(p, req, JobOptions.of({}), "process_images(p)")
+    p.steps, p.batch_size, p.n_iter = 5, 100, 100
+    with pytest.raises(UserError, match="images per job"):
+        request_of(p, req, JobOptions.of({}), "process_images(p)")
+    with pytest.raises(AttributeError, match="sd_model is not available"):
+        p.sd_model
+
+
+def test_callbacks_the_layer_cannot_run_are_refused_at_registration(tmp_path):
+    from modules.script_loading import load_script_file
+
+    script = tmp_path / "ext" / "scripts" / "saver.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("from modules import script_callbacks\nscript_callbacks.on_image_saved(print)\n")
+    with pytest.raises(NotImplementedError, match="on_image_saved is not supported"):
+        load_script_file(script)
+    script.write_text("import modules.scripts as scripts\nfrom modules import script_callbacks\n"
+                      "script_callbacks.on_cfg_denoiser(print)\n"
+                      "class S(scripts.Script):\n    def title(self):\n        return 'S'\n"
+                      "BASE = scripts.basedir()\n")
+    loaded = load_script_file(script)
+    assert loaded.callbacks.cfg_denoiser == [print] and [c.__name__ for c in loaded.classes] == ["S"]
+    assert loaded.module.BASE == str(tmp_path / "ext")

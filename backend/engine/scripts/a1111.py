@@ -23,7 +23,7 @@ def run(call, job, generate):
     made: dict[int, tuple] = {}  # id(PIL picture) -> (picture, GeneratedImage): pictures the pipeline made
 
     def process_images(p) -> Processed:
-        request = request_of(p, job.request, job.options, where)
+        request = request_of(p, job.request, job.options, "process_images(p)")
         images = {"init_images": list(p.init_images), "mask": p.image_mask} if job.img2img else {}
         result = generate(request, extra_params=dict(p.extra_generation_params), **images)
         pictures = []
