@@ -94,7 +94,6 @@ class LoadedScript:
     path: Path
     always_on: bool
     args: dict[str, tuple[ScriptArg, ...]] = field(default_factory=dict)  # tab -> arguments
-    unsupported: tuple[str, ...] = ()  # overridden methods the layer does not call (always-on scripts)
 
 
 class ExtensionScript:
@@ -109,10 +108,6 @@ class ExtensionScript:
         tab = "img2img" if img2img else "txt2img"
         if tab not in loaded.args:
             raise UserError(f"always on script {loaded.title} does not run in {tab}.", status=422)
-        if loaded.unsupported:
-            raise UserError(f"Script '{loaded.title}' ({loaded.path.name}) overrides "
-                            f"{', '.join(loaded.unsupported)}, which Easel's AUTOMATIC1111 compatibility layer does "
-                            "not call yet.", status=422)
         if isinstance(entry, dict):
             values = entry.get("args", [])
         elif isinstance(entry, list):
@@ -166,9 +161,11 @@ class ExtensionScripts:
                     elif not shown:
                         continue
                     entry.args[tab] = _ui_args(script, img2img, where)
-                if entry.always_on:
-                    entry.unsupported = tuple(m for m in UNSUPPORTED_METHODS
-                                              if getattr(cls, m) is not getattr(Script, m))
+                unsupported = [m for m in UNSUPPORTED_METHODS if getattr(cls, m) is not getattr(Script, m)]
+                if entry.always_on and unsupported:  # it would run in every job: skipped rather than half-run
+                    log.error("extension script %r in %s skipped: it overrides %s, which Easel's AUTOMATIC1111 "
+                              "compatibility layer does not call yet", title, path, ", ".join(unsupported))
+                    continue
                 loaded.append(entry)
         return loaded
 

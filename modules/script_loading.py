@@ -28,7 +28,7 @@ class _Loading:
 
 _loading: ContextVar[_Loading | None] = ContextVar("a1111_script_loading", default=None)
 
-# Script methods Easel's layer does not call yet: an AlwaysVisible script overriding one is refused when used.
+# Script methods Easel's layer does not call yet: an AlwaysVisible script overriding one is skipped at load.
 UNSUPPORTED_METHODS = ("setup", "before_process_batch", "process_batch", "postprocess_batch", "postprocess")
 
 

@@ -105,6 +105,21 @@ class Script(scripts.Script):
         raise ValueError(f"the test script refuses: {message}")
 '''
 
+POSTPROCESS = '''
+import modules.scripts as scripts
+
+
+class AfterAll(scripts.Script):
+    def title(self):
+        return "Test after all"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def postprocess(self, p, processed, *args):
+        processed.images.clear()
+'''
+
 MISSING_NAME = '''
 import modules.scripts as scripts
 from modules.shared import sd_model  # Easel's layer has no global model
@@ -136,6 +151,7 @@ def write_test_extensions(data_dir: Path) -> Path:
         "broken-ext/scripts/needs_missing.py": MISSING_NAME,
         "broken-ext/scripts/import_error.py": MISSING_PACKAGE,
         "broken-ext/scripts/ui_tabs.py": UI_TABS,
+        "broken-ext/scripts/postprocess.py": POSTPROCESS,
     }
     for name, text in files.items():
         path = root / name

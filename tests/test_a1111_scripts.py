@@ -134,6 +134,22 @@ def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
     assert "needs_missing.py" in log and "sd_model" in log
     assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
     assert "ui_tabs.py" in log and "on_ui_tabs is not supported" in log
+    assert "'Test after all'" in log and "overrides postprocess" in log
+    assert "test after all" not in ext_server_scripts(ext_server)["txt2img"]
+
+
+def ext_server_scripts(srv) -> dict:
+    import httpx
+    return httpx.get(srv.url + "/sdapi/v1/scripts", timeout=60).json()
+
+
+def test_always_on_in_img2img(ext_api):
+    from test_api_img2img import body, picture
+
+    req = body(picture(64, 64), steps=4, denoising_strength=0.5, seed=11)
+    plain, _ = answer(ext_api.post("/img2img", json=dict(req, alwayson_scripts={"Test invert": {"args": [False]}})))
+    inverted, info = answer(ext_api.post("/img2img", json=dict(req, alwayson_scripts={"Test invert": {"args": [True]}})))
+    assert np.array_equal(inverted[0], 255 - plain[0]) and "Test invert: True" in info["infotexts"][0]
 
 
 def test_layer_names_what_it_lacks_and_imports_no_torch():
