@@ -27,6 +27,8 @@ class Script(scripts.Script):
         return [steps, shout]
 
     def run(self, p, steps, shout):
+        shared.state.job_count = 1
+        assert not shared.state.interrupted
         p.steps = int(steps)
         if shout:
             p.prompt = p.prompt.upper()

@@ -24,6 +24,9 @@ def run(call, job, generate):
 
     def process_images(p) -> Processed:
         request = request_of(p, job.request, job.options, "process_images(p)")
+        planned = context.state.job_count
+        if planned > 1 and not job.progress.planned:  # A1111 scripts announce their generations in state.job_count
+            job.plan(planned, planned * job.steps_of(request))
         images = {"init_images": list(p.init_images), "mask": p.image_mask} if job.img2img else {}
         result = generate(request, extra_params=dict(p.extra_generation_params), **images)
         pictures = []
