@@ -144,6 +144,9 @@ class ExtensionScripts:
         loaded = []
         with running(ScriptContext(options=options, cmd_opts=cmd_opts, where=str(path))):
             script_file = load_script_file(path, extension)
+            if script_file.callbacks.cfg_denoiser and not script_file.classes:
+                raise ValueError("it registers on_cfg_denoiser callbacks but defines no Script: Easel runs a file's "
+                                 "callbacks in the jobs that use one of its scripts, so they would never run")
             for cls in script_file.classes:
                 script = cls()
                 script.filename = str(path)

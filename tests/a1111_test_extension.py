@@ -132,6 +132,12 @@ class Script(scripts.Script):
         return "Broken script"
 '''
 
+CALLBACK_ONLY = '''
+from modules import script_callbacks
+
+script_callbacks.on_cfg_denoiser(lambda params: None)
+'''
+
 MISSING_PACKAGE = '''
 import no_such_package_for_easel_tests  # noqa: F401
 '''
@@ -154,6 +160,7 @@ def write_test_extensions(data_dir: Path) -> Path:
         "broken-ext/scripts/import_error.py": MISSING_PACKAGE,
         "broken-ext/scripts/ui_tabs.py": UI_TABS,
         "broken-ext/scripts/postprocess.py": POSTPROCESS,
+        "broken-ext/scripts/callback_only.py": CALLBACK_ONLY,
     }
     for name, text in files.items():
         path = root / name

@@ -135,6 +135,7 @@ def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
     assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
     assert "ui_tabs.py" in log and "on_ui_tabs is not supported" in log
     assert "'Test after all'" in log and "overrides postprocess" in log
+    assert "callback_only.py" in log and "defines no Script" in log
     assert "test after all" not in ext_server_scripts(ext_server)["txt2img"]
 
 
