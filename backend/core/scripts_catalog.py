@@ -83,7 +83,9 @@ class ScriptArg:
                 raise UserError(f"{where} must be a finite number, got {value!r}.", status=422)
             low, high = self.accept or (self.minimum, self.maximum)
             if low is not None and number < low or high is not None and number > high:
-                raise UserError(f"{where} must be between {low:g} and {high:g}, got {number:g}.", status=422)
+                bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None  # an extension's
+                          else f"at least {low:g}" if low is not None else f"at most {high:g}")  # gr.Number: one
+                raise UserError(f"{where} must be {bounds}, got {number:g}.", status=422)
             return int(round(number)) if self.whole else number
         if kind in ("radio", "dropdown"):
             choices = list(self.choices or ())
