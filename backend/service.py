@@ -50,7 +50,6 @@ class EaselService:
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
         from backend.always_on_scripts import AlwaysOnScripts
         from backend.controlnet.always_on import ControlNetScript
-        # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
@@ -66,6 +65,7 @@ class EaselService:
             self.selectable_scripts.add(spec)
         for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
             self.selectable_scripts.add_always_on(spec)
+        # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
         self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)] + self.extension_scripts.always_on())
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
