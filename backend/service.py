@@ -50,13 +50,23 @@ class EaselService:
         self.controlnet = ControlNetService(self.paths, self.options, self.client)
         from backend.always_on_scripts import AlwaysOnScripts
         from backend.controlnet.always_on import ControlNetScript
-        # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
-        self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)])
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
         for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
             self.selectable_scripts.add(spec)
+        from backend.a1111_scripts import ExtensionScripts, find_script_files
+        # AUTOMATIC1111 scripts in extensions/*/scripts (through modules/): selectable ones join the Script
+        # dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged and skipped
+        self.extension_scripts = ExtensionScripts(
+            find_script_files(self.paths.data_dir), self.options.as_dict(), args,
+            taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
+        for spec in self.extension_scripts.selectable_specs():
+            self.selectable_scripts.add(spec)
+        for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
+            self.selectable_scripts.add_always_on(spec)
+        # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
+        self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)] + self.extension_scripts.always_on())
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -228,7 +238,7 @@ class EaselService:
         from backend.core.scripts_catalog import PreparedScript, check_alwayson_names
 
         tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
-        check_alwayson_names(req.alwayson_scripts, tab)
+        check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs())
         spec = self.selectable_scripts.find(req.script_name, tab)
         if spec is None:
             return req.model_copy(update={"script_name": None, "script_args": []}), None

@@ -184,6 +184,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         if extra["soft_inpainting"]:
             request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
         request.setdefault("alwayson_scripts", {}).update(cn_panel.alwayson_scripts(cn_values))
+        request["alwayson_scripts"].update(script_panel.alwayson_scripts(script_values))
         request.update(script_panel.request_fields(script_values))
         outpainting = request.get("script_name") in OUTPAINTING
         if mode_name == "batch":

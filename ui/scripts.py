@@ -38,7 +38,10 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
         return gr.Radio(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
                         elem_id=elem_id)
     if kind == "dropdown":
-        return gr.Dropdown(list(spec.choices), value=spec.default, label=spec.label, elem_id=elem_id)
+        # index: A1111 passes the choice's index (a default given as an index is shown as its choice)
+        value = spec.choices[spec.default] if spec.index and isinstance(spec.default, int) else spec.default
+        return gr.Dropdown(list(spec.choices), value=value, type="index" if spec.index else "value", label=spec.label,
+                           elem_id=elem_id)
     if kind == "checkboxgroup":
         return gr.CheckboxGroup(list(spec.choices), value=list(spec.default or []), label=spec.label,
                                 elem_id=elem_id)
@@ -74,10 +77,20 @@ class ScriptPanel:
     dropdown: gr.Dropdown
     scripts: list[ScriptSpec]
     controls: dict[str, list] = field(default_factory=dict)  # script name -> its components (None: info text)
+    # AlwaysVisible extension scripts (A1111's always-on accordions): title -> their components, after the others
+    always_on: dict[str, list] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list:
-        return [self.dropdown] + [c for name in self.controls for c in self.controls[name] if c is not None]
+        return [self.dropdown] + [c for name in self.controls for c in self.controls[name] if c is not None] + \
+            [c for title in self.always_on for c in self.always_on[title] if c is not None]
+
+    def alwayson_scripts(self, values: list) -> dict:
+        """{title: {"args": [...]}} for the always-on extension scripts, as A1111's UI sends every one of them."""
+        own = sum(1 for controls in self.controls.values() for c in controls if c is not None)
+        rest = iter(values[1 + own:])
+        return {title: {"args": [None if c is None else next(rest) for c in controls]}
+                for title, controls in self.always_on.items()}
 
     def request_fields(self, values: list) -> dict:
         """{} for None, else {"script_name": title, "script_args": [...]} in A1111's order."""
@@ -98,10 +111,15 @@ class ScriptPanel:
 
 
 def build(service: EaselService, tab: str) -> ScriptPanel:
+    always_on = {}
+    for spec in service.extension_scripts.always_on_specs(tab):  # A1111: each in its own accordion, above
+        with gr.Accordion(spec.title, open=False, elem_id=f"{tab}_script_{_slug(spec.title)}"):
+            always_on[spec.title] = [_control(service, arg, f"{tab}_script_{_slug(spec.title)}_{arg.key}")
+                                     for arg in spec.args]
     scripts = service.selectable_scripts.for_tab(tab)
     dropdown = gr.Dropdown([NONE] + [s.title for s in scripts], value=NONE, label="Script",
                            elem_id=f"{tab}_script_list")
-    panel = ScriptPanel(dropdown, scripts)
+    panel = ScriptPanel(dropdown, scripts, always_on=always_on)
     groups = []
     for spec in scripts:
         with gr.Group(visible=False, elem_id=f"{tab}_script_{_slug(spec.title)}") as group:

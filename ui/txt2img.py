@@ -58,7 +58,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         fields = generation.clean_fields(dict(zip(FIELDS, rest)))
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
         return Txt2ImgRequest(**fields, override_settings=overrides, save_images=True,
-                              alwayson_scripts=cn_panel.alwayson_scripts(values[n_base:n_cn]),
+                              alwayson_scripts={**cn_panel.alwayson_scripts(values[n_base:n_cn]),
+                                                **script_panel.alwayson_scripts(values[n_cn:])},
                               **script_panel.request_fields(values[n_cn:]))
 
     async def on_generate(*values):

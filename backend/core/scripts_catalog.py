@@ -83,7 +83,9 @@ class ScriptArg:
                 raise UserError(f"{where} must be a finite number, got {value!r}.", status=422)
             low, high = self.accept or (self.minimum, self.maximum)
             if low is not None and number < low or high is not None and number > high:
-                raise UserError(f"{where} must be between {low:g} and {high:g}, got {number:g}.", status=422)
+                bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None  # an extension's
+                          else f"at least {low:g}" if low is not None else f"at most {high:g}")  # gr.Number: one
+                raise UserError(f"{where} must be {bounds}, got {number:g}.", status=422)
             return int(round(number)) if self.whole else number
         if kind in ("radio", "dropdown"):
             choices = list(self.choices or ())
@@ -375,6 +377,11 @@ class ScriptCatalog:
 
     def __init__(self, scripts: tuple[ScriptSpec, ...] | list[ScriptSpec] = SCRIPTS):
         self.scripts: list[ScriptSpec] = list(scripts)
+        # always-on scripts listed beside them (A1111 lists those too; they are never a `script_name`)
+        self.always_on: list[ScriptSpec] = []
+
+    def add_always_on(self, spec: ScriptSpec) -> None:
+        self.always_on.append(spec)
 
     def add(self, spec: ScriptSpec) -> None:
         """Add `spec`, in place of a script of the same name in the same tabs (a script may differ between tabs)."""
@@ -397,22 +404,28 @@ class ScriptCatalog:
 
     def scripts_list(self) -> dict:
         """GET /sdapi/v1/scripts: {"txt2img": [...], "img2img": [...]}, lower-case titles as A1111 returns them."""
-        return {tab: [s.name for s in self.for_tab(tab)] for tab in TABS}
+        return {tab: [s.name for s in self.for_tab(tab)] + [s.name for s in self.always_on if tab in s.tabs]
+                for tab in TABS}
 
     def script_info(self, dynamic_choices: dict[str, tuple] | None = None) -> list[dict]:
         """GET /sdapi/v1/script-info: one entry per script and tab it shows in, as A1111's."""
         dynamic = dynamic_choices or {}
         return [{"name": s.name, "is_alwayson": False, "is_img2img": tab == "img2img",
                  "args": [a.info(dynamic.get(a.kind)) for a in s.args]}
-                for tab in TABS for s in self.for_tab(tab)]
+                for tab in TABS for s in self.for_tab(tab)] + \
+               [{"name": s.name, "is_alwayson": True, "is_img2img": tab == "img2img",
+                 "args": [a.info(dynamic.get(a.kind)) for a in s.args]}
+                for tab in TABS for s in self.always_on if tab in s.tabs]
 
 
 
-def check_alwayson_names(alwayson_scripts: dict | None, tab: str) -> None:
+def check_alwayson_names(alwayson_scripts: dict | None, tab: str, extra: dict[str, bool] | None = None) -> None:
     """A1111 answers 422 for an `alwayson_scripts` entry it has no always-on script for in the tab, and for a
-    selectable script named there; Easel does the same (its always-on scripts: `ignored_inputs.ALWAYSON_SCRIPTS`)."""
+    selectable script named there; Easel does the same (its always-on scripts: `ignored_inputs.ALWAYSON_SCRIPTS`,
+    and `extra`, the extensions' AlwaysVisible scripts: {name: runs in txt2img too})."""
     from backend.core.ignored_inputs import ALWAYSON_SCRIPTS
 
+    ALWAYSON_SCRIPTS = {**ALWAYSON_SCRIPTS, **(extra or {})}
     for key in alwayson_scripts or {}:
         runs_in_txt2img = ALWAYSON_SCRIPTS.get(str(key).strip().lower())
         if runs_in_txt2img is None or not (tab == "img2img" or runs_in_txt2img):

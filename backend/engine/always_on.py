@@ -27,6 +27,9 @@ ENGINE_SCRIPTS: dict[str, str] = {
     "controlnet": "backend.engine.controlnet.script",
 }
 
+# An extension's AlwaysVisible AUTOMATIC1111 script (its entry is a `modules.script_loading.ScriptCall`).
+A1111_ALWAYS_ON = "backend.engine.a1111_always_on"
+
 # Job kinds a script adds to the worker's table (the app submits them for the script's own API routes and UI
 # buttons): kind -> (script name, name of the module's function called with the payload and the script's runtime).
 SCRIPT_JOBS: dict[str, tuple[str, str]] = {
@@ -101,9 +104,14 @@ def script_job(kind: str, payload: dict, init_image=None, init_mask=None) -> Scr
 def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes) -> list[bytes]:
     """Prepare every script of the job, in the request's order: their hooks become `ctx.sampling_hooks`;
     returns their images (PNG). Each script's `prepare(args, job, ctx, runtime)` gets its own runtime."""
+    from modules.script_loading import ScriptCall
+
     hooks, images = [], []
     for name, args in scripts.items():
-        new_hooks, new_images = _module(name).prepare(args, job, ctx, runtimes.get(name))
+        if isinstance(args, ScriptCall):  # an extension's AlwaysVisible A1111 script (modules/): keeps nothing
+            new_hooks, new_images = importlib.import_module(A1111_ALWAYS_ON).prepare(args, job, ctx, None)
+        else:
+            new_hooks, new_images = _module(name).prepare(args, job, ctx, runtimes.get(name))
         hooks.extend(new_hooks)
         images.extend(new_images)
     ctx.sampling_hooks = hooks

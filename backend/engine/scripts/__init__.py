@@ -26,12 +26,18 @@ ENGINE_SCRIPTS: dict[str, str] = {
     "outpainting mk2": "backend.engine.scripts.outpainting_mk2",
     "x/y/z plot": "backend.engine.scripts.xyz_plot",
 }
+A1111_SCRIPT = "backend.engine.scripts.a1111"  # runs an extension's A1111 `Script.run(p, *args)`
 
 
 def run_script(kind: str, payload: dict, ctx, run_pipeline):
     """Run the payload's script; `run_pipeline(payload)` runs the ordinary pipeline for a payload."""
     from backend.engine.scripts.runner import ScriptRun
 
+    from modules.script_loading import ScriptCall
+
     script = payload["script"]
-    module = importlib.import_module(ENGINE_SCRIPTS[script["name"]])
-    return ScriptRun(kind, payload, ctx, run_pipeline).run(script["name"], module.run, script["args"])
+    # an AUTOMATIC1111 script from an extension (`modules/`) carries a ScriptCall; Easel's own are listed above
+    a1111 = isinstance(script["args"], ScriptCall)
+    module = importlib.import_module(A1111_SCRIPT if a1111 else ENGINE_SCRIPTS[script["name"]])
+    name = script["args"].title if a1111 else script["name"]  # errors name an extension's script by its title
+    return ScriptRun(kind, payload, ctx, run_pipeline).run(name, module.run, script["args"])

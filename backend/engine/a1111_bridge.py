@@ -1,0 +1,129 @@
+"""The backend side of the AUTOMATIC1111 compatibility layer (`modules/`): what a script's code reaches while a
+job runs it.
+
+- `processing_object(request, ...)`: A1111's `p` for the job's request (the request's fields under their A1111
+  names, img2img's pictures as PIL);
+- `request_of(p, request)`: the request for `p` as the script left it, checked like a request at the edge (a
+  script's `p.steps = 10**9` is an error naming the script, never a job the engine trusts);
+- `script_context(...)`: the `ScriptContext` a script's call runs in (the job's settings, flags, saving and
+  `process_images`);
+- `load_script(call)`: the script instance of a `ScriptCall`, loaded fresh for the job;
+- `CFGDenoiserCallbacks`: a file's `on_cfg_denoiser` callbacks as a sampling hook.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.core.errors import UserError
+from backend.engine.sampling_hooks import SamplingHook, StepState, UNetCall
+
+# Request fields a script's `p` does not change the request through (images travel separately; the job's scripts
+# are already chosen).
+_NOT_FROM_P = ("init_images", "mask", "script_name", "script_args", "alwayson_scripts", "override_settings")
+
+
+def processing_object(request, img2img: bool, init_images=None, mask=None, script_args: tuple = ()):
+    from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+
+    fields = {k: v for k, v in request.model_dump().items() if k not in ("init_images", "mask")}
+    fields["override_settings"] = dict(request.override_settings or {})
+    fields["script_args"] = tuple(script_args)
+    if img2img:
+        return StableDiffusionProcessingImg2Img(**fields, init_images=list(init_images or []), image_mask=mask)
+    return StableDiffusionProcessingTxt2Img(**fields)
+
+
+def changed_fields(p, request) -> dict:
+    """{field: value} of the request fields the script changed on `p`."""
+    names = [n for n in type(request).model_fields if n not in _NOT_FROM_P]
+    return {k: v for k, v in p.request_fields(names).items() if v != getattr(request, k)}
+
+
+def request_of(p, request, options, where: str):
+    """The request for `p`: the script's changes applied and checked as the app checks a request."""
+    from pydantic import ValidationError
+
+    from backend.core import limits, request_checks
+    from backend.core.schemas import Img2ImgRequest
+
+    changes = changed_fields(p, request)
+    if not changes:
+        return request
+    try:
+        changed = type(request).model_validate({**request.model_dump(), **changes})
+    except ValidationError as exc:
+        problems = "; ".join(f"p.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"{where}: {problems}", status=422) from None
+    changed = request.model_copy(update={k: getattr(changed, k) for k in changes})
+    try:
+        limits.check_request(changed, options)
+        (request_checks.check_img2img if isinstance(changed, Img2ImgRequest) else request_checks.check_txt2img)(changed)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc.message}", status=exc.status) from None
+    return changed
+
+
+def script_context(ctx, where: str, process_images: Callable | None = None):
+    """The ScriptContext of a script's call in the job `ctx` (a JobContext)."""
+    from modules.context import ScriptContext
+
+    def save_image(image, path, *, basename, seed, extension, info, forced_filename, suffix):
+        from backend.core.images import save_image as save
+        from backend.core.paths import resolve_inside
+
+        root = Path(ctx.outputs_root)
+        folder = resolve_inside(Path(path) if Path(path).is_absolute() else root / path, [root],
+                                f"{where}: modules.images.save_image's folder")
+        return save(image, folder, seed=seed, infotext=info, fmt=extension or "png",
+                    basename=f"{basename}{suffix}" if basename or suffix else "", forced_name=forced_filename or "",
+                    with_pnginfo=bool(ctx.options["enable_pnginfo"]))
+
+    return ScriptContext(options=ctx.options, cmd_opts=None, process_images=process_images,
+                         interrupted=ctx.control.interrupted, skipped=ctx.control.skipped, save_image=save_image,
+                         where=where)
+
+
+def load_script(call) -> tuple[Any, Any]:
+    """(the script instance, its ScriptFile) of a ScriptCall, the file loaded fresh for this job."""
+    from modules.script_loading import load_script_file
+
+    try:
+        script_file = load_script_file(call.path)
+        return script_file.instance(call.title, call.img2img), script_file
+    except Exception as exc:  # noqa: BLE001  the file changed or broke since the app loaded it
+        raise UserError(f"Script '{call.title}' could not be loaded from {call.path}: "
+                        f"{type(exc).__name__}: {exc}", status=500) from exc
+
+
+class CFGDenoiserCallbacks(SamplingHook):
+    """A script file's `on_cfg_denoiser` callbacks, run at each model call before the UNet: they see A1111's
+    `CFGDenoiserParams` and may change `x` (the model input) and `text_cond` (the text features)."""
+
+    def __init__(self, callbacks: list, context):
+        self.callbacks = list(callbacks)
+        self.context = context
+
+    def unet_inputs(self, state: StepState, call: UNetCall) -> UNetCall:
+        from modules.context import running
+        from modules.script_callbacks import CFGDenoiserParams
+
+        if call.cond_mask is not None:
+            rows = int(call.cond_mask.sum().item())
+            text_cond, text_uncond = call.context[:rows], call.context[rows:]
+        else:
+            text_cond, text_uncond = call.context, None
+        params = CFGDenoiserParams(x=call.sample, image_cond=None, sigma=state.sigma, sampling_step=state.step,
+                                   total_sampling_steps=state.total_steps, text_cond=text_cond,
+                                   text_uncond=text_uncond)
+        with running(self.context):
+            for callback in self.callbacks:
+                callback(params)
+        if params.x is call.sample and params.text_cond is text_cond and params.text_uncond is text_uncond:
+            return call
+        context = call.context
+        if params.text_cond is not text_cond or params.text_uncond is not text_uncond:
+            import torch
+            context = (params.text_cond if params.text_uncond is None
+                       else torch.cat([params.text_cond, params.text_uncond]))
+        return call.with_changes(sample=params.x, context=context)

@@ -1,0 +1,12 @@
+"""AUTOMATIC1111's `modules` namespace, as a thin compatibility layer over Easel's own interfaces, so that small
+A1111 scripts kept in `extensions/NAME/scripts/*.py` run unchanged (`import modules.scripts as scripts`,
+`from modules.processing import process_images`, `from modules.shared import opts, state`, ...).
+
+What a script may use is listed in each module's `__all__`; any other name raises an error naming it
+(`modules.shared.sd_model is not available in Easel's AUTOMATIC1111 compatibility layer`), so a script that needs
+more fails to load with that message and is skipped, and the rest of the UI loads.
+
+The layer holds no engine state: what a script's code reaches through it (the job's settings, `process_images`,
+the interrupt flag) comes from the `ScriptContext` the process running the script sets for the duration of the
+call (`modules.context`). The layer imports neither torch nor Gradio.
+"""

@@ -1,0 +1,70 @@
+"""The context an A1111 script's code runs in: set by the process that calls the script (the app for `title`,
+`show` and `ui`; the backend for `run`, `process`, `postprocess_image`, ...) for the duration of the call, read by
+`modules.shared`, `modules.processing` and `modules.images`. A `ContextVar`, so nothing is shared between jobs
+and no engine state is global.
+"""
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+@dataclass
+class ScriptState:
+    """What A1111's `shared.state` holds that a script may set (`job_count`, `job`, `textinfo`, ...)."""
+
+    job: str = ""
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    textinfo: str | None = None
+
+
+@dataclass
+class ScriptContext:
+    """options: the settings (the job's, in the backend) by A1111 key. process_images(p) -> Processed: the ordinary
+    pipeline in the running job (None outside a job). interrupted/skipped: the job's flags. save_image: Easel's
+    saving for `modules.images.save_image` (None outside a job). cmd_opts: the command-line flags."""
+
+    options: Mapping[str, Any]
+    cmd_opts: Any = None
+    process_images: Callable[[Any], Any] | None = None
+    interrupted: Callable[[], bool] = lambda: False
+    skipped: Callable[[], bool] = lambda: False
+    save_image: Callable[..., Any] | None = None
+    state: ScriptState = field(default_factory=ScriptState)
+    where: str = "a script"  # names the script in error messages
+
+
+_current: ContextVar[ScriptContext | None] = ContextVar("a1111_script_context", default=None)
+
+
+@contextlib.contextmanager
+def running(context: ScriptContext):
+    """Make `context` the one the layer reads while the block runs (a script's call)."""
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def current(what: str) -> ScriptContext:
+    """The running script's context; `what` names the layer's name used outside one."""
+    context = _current.get()
+    if context is None:
+        raise RuntimeError(f"{what} is only available while Easel runs an AUTOMATIC1111 script "
+                           "(its title/show/ui in the app, run/process/postprocess_image in a job).")
+    return context
+
+
+def missing(where: str, name: str) -> AttributeError:
+    """The error for a name the layer does not provide (`where`: the module or object, e.g. `modules.shared`)."""
+    import sys
+
+    provided = getattr(sys.modules.get(where), "__all__", None)
+    return AttributeError(f"{where}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer"
+                          + (f" (it provides: {', '.join(provided)})." if provided else "."))

@@ -1,0 +1,73 @@
+"""AUTOMATIC1111's `modules.shared`: `opts` (the settings by A1111 key: the job's in a job, the app's in `ui()`),
+`state` (the job's interrupt flag, `job_count` and friends) and `cmd_opts` (the command-line flags), read from the
+running script's context (`modules.context`)."""
+from __future__ import annotations
+
+from modules.context import current, missing
+
+__all__ = ["opts", "state", "cmd_opts"]
+
+
+class _Options:
+    """`opts.KEY` reads setting KEY; `opts.data` is all of them."""
+
+    def __getattr__(self, key: str):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        options = current("modules.shared.opts").options
+        if key == "data":
+            return {k: options[k] for k in options}
+        try:
+            return options[key]
+        except KeyError:
+            raise AttributeError(f"modules.shared.opts.{key}: Easel has no setting {key!r}.") from None
+
+    def __setattr__(self, key: str, value):
+        raise AttributeError(f"modules.shared.opts.{key}: a script cannot change Easel's settings (use the "
+                             "request's override_settings or the Settings tab).")
+
+    def get(self, key: str, default=None):
+        options = current("modules.shared.opts").options
+        return options[key] if key in options else default
+
+
+class _State:
+    """`state.interrupted` / `state.skipped`: the job's flags; `job_count`, `job_no`, `job`, `textinfo`,
+    `sampling_step(s)`: the script's own bookkeeping (Easel's progress bar follows the pipeline's steps)."""
+
+    def __getattr__(self, key: str):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        context = current("modules.shared.state")
+        if key == "interrupted":
+            return context.interrupted()
+        if key == "skipped":
+            return context.skipped()
+        if hasattr(context.state, key):
+            return getattr(context.state, key)
+        raise missing("modules.shared.state", key)
+
+    def __setattr__(self, key: str, value):
+        context = current("modules.shared.state")
+        if not hasattr(context.state, key):
+            raise missing("modules.shared.state", key)
+        setattr(context.state, key, value)
+
+
+class _CmdOpts:
+    def __getattr__(self, key: str):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        flags = current("modules.shared.cmd_opts").cmd_opts
+        if flags is None or not hasattr(flags, key):
+            raise missing("modules.shared.cmd_opts", key)
+        return getattr(flags, key)
+
+
+opts = _Options()
+state = _State()
+cmd_opts = _CmdOpts()
+
+
+def __getattr__(name: str):
+    raise missing(__name__, name)
