@@ -71,9 +71,14 @@ def test_bad_values_are_refused_at_the_edge(service):
 
 
 # -- the engine trusts what it receives -----------------------------------------------------------------------
+# Requests an AUTOMATIC1111 script builds inside the backend (its `p` after `run`) were never seen by the edge:
+# the one module that turns them into requests checks them where they are made, with the edge's own checks.
+FIRST_MADE_IN_THE_ENGINE = ("a1111_bridge.py",)
+
+
 def test_no_engine_module_checks_or_resolves_a_request_again():
     found = []
-    for path in sorted(ENGINE.rglob("*.py")):
+    for path in sorted(p for p in ENGINE.rglob("*.py") if p.name not in FIRST_MADE_IN_THE_ENGINE):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.ImportFrom)
                      else [node.id] if isinstance(node, ast.Name) else [node.attr] if isinstance(node, ast.Attribute)
