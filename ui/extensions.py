@@ -12,6 +12,7 @@ from backend.core.errors import UserError
 from backend.extensions import ACCESS_DISABLED, INDEX_URL, extension_access_allowed, load_index, restart_program
 from backend.service import EaselService
 
+RESTARTING = "Restarting the server"
 RESTART_DELAY_S = 1.0  # lets the answer reach the browser before the process is replaced
 
 # After "Apply and restart UI": wait until the server has gone away and answers again, then reload the page.
@@ -115,11 +116,10 @@ def build(service: EaselService):
             service.extensions.check_access()
             disabled = service.extensions.set_enabled(list(chosen or []))
         except UserError as exc:
-            return _error(exc.message), installed_table(service), False
+            return _error(exc.message), installed_table(service)
         threading.Timer(RESTART_DELAY_S, restart_program, args=(service,)).start()
         note = f"disabled: {', '.join(disabled)}" if disabled else "all extensions enabled"
-        return html.escape(f"Saved ({note}). Restarting the server; the page reloads when it is back."), \
-            installed_table(service), True
+        return html.escape(f"Saved ({note}). {RESTARTING}; the page reloads when it is back."), installed_table(service)
 
     def on_check():
         try:
@@ -145,9 +145,9 @@ def build(service: EaselService):
         return (msg, gr.update(choices=[e.name for e in exts], value=[e.name for e in exts if e.enabled]),
                 installed_table(service))
 
-    restarting = gr.State(False)
-    apply.click(on_apply, inputs=[enabled], outputs=[message, table, restarting]).then(
-        None, inputs=[restarting], js=f"(restarting) => {{ if (restarting) ({RELOAD_WHEN_BACK_JS})(); }}")
+    # (a State's value never reaches the browser: the message itself says whether the server restarts)
+    apply.click(on_apply, inputs=[enabled], outputs=[message, table]).then(
+        None, inputs=[message], js=f"(msg) => {{ if (String(msg).includes({RESTARTING!r})) ({RELOAD_WHEN_BACK_JS})(); }}")
     check.click(on_check, outputs=[message, table])
     load.click(on_load_available, inputs=[index_url], outputs=[available])
     install.click(on_install, inputs=[url, branch, folder], outputs=[install_result, enabled, table])
