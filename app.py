@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.service import EaselService
 
     service = EaselService(args)
+    service.extensions.log_state()
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     from api.http_guard import LoginThrottle, allowed_hosts_for
     allowed_hosts, throttle = allowed_hosts_for(args), LoginThrottle()

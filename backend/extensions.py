@@ -226,6 +226,16 @@ class ExtensionManager:
     def enabled(self) -> list[Extension]:
         return enabled_extensions(self.paths, self.options, self.args)
 
+    def log_state(self) -> None:
+        """At start: which extensions run, and the flags that turned them off (as A1111 prints them)."""
+        if getattr(self.args, "disable_all_extensions", False):
+            log.warning("--disable-all-extensions is on: no extension is loaded")
+        elif getattr(self.args, "disable_extra_extensions", False):
+            log.warning("--disable-extra-extensions is on: only built-in extensions are loaded")
+        names = [e.name for e in self.enabled()]
+        if names:
+            log.info("extensions: %s", ", ".join(names))
+
     def api_list(self) -> list[dict]:
         """GET /sdapi/v1/extensions, as A1111's."""
         return [{"name": e.name, "remote": e.git.remote, "branch": e.git.branch, "commit_hash": e.git.commit_hash,

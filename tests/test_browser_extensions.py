@@ -107,3 +107,16 @@ def test_extensions_tab_shows_and_toggles_extensions(ext_server):
     enabled = {e["name"]: e["enabled"] for e in httpx.get(ext_server.url + "/sdapi/v1/extensions", timeout=30).json()}
     assert enabled == {"easel-test-ext": False, "other-ext": True}
     assert httpx.get(ext_server.url + "/extension-assets/easel-test-ext/javascript/mark.js", timeout=30).status_code == 404
+
+
+def test_front_end_files_need_the_web_ui_login(tmp_path):
+    data = tmp_path / "data"
+    js = data / "extensions" / "private-ext" / "javascript"
+    js.mkdir(parents=True)
+    (js / "p.js").write_text("window.easelPrivate = 1;\n")
+    with Server(data, ["--gradio-auth", "a:pw"]) as srv, httpx.Client(timeout=30) as client:
+        url = srv.url + "/extension-assets/private-ext/javascript/p.js"
+        assert client.get(url).status_code == 401
+        assert client.post(srv.url + "/login", data={"username": "a", "password": "pw"}).json() == {"success": True}
+        answer = client.get(url)
+        assert answer.status_code == 200 and "easelPrivate" in answer.text
