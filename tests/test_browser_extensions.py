@@ -120,3 +120,30 @@ def test_front_end_files_need_the_web_ui_login(tmp_path):
         assert client.post(srv.url + "/login", data={"username": "a", "password": "pw"}).json() == {"success": True}
         answer = client.get(url)
         assert answer.status_code == 200 and "easelPrivate" in answer.text
+
+
+def test_tab_installs_from_a_git_url_and_says_when_the_index_is_offline(ext_server, tmp_path):
+    origin = tmp_path / "sd-webui-from-url"
+    (origin / "scripts").mkdir(parents=True)
+    (origin / "scripts" / "s.py").write_text("")
+    _git("init", "-q", "-b", "main", cwd=origin)
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-q", "-m", "first", cwd=origin)
+    with browser_page(ext_server.url) as page:
+        page.get_by_role("tab", name="Extensions").click()
+        page.get_by_role("tab", name="Available").click()
+        page.locator("#extensions_index_url textarea, #extensions_index_url input").first.fill("http://127.0.0.1:9/index.json")
+        page.click("#extensions_load_available")
+        page.wait_for_function("document.querySelector('#extensions_available_list').innerText.includes('offline')")
+
+        page.get_by_role("tab", name="Install from URL").click()
+        page.locator("#extensions_install_url textarea, #extensions_install_url input").first.fill(origin.as_uri())
+        page.click("#extensions_install_button")
+        page.wait_for_function("document.querySelector('#extensions_install_result').innerText.includes('Installed into')")
+        assert (ext_server.data_dir / "extensions" / "sd-webui-from-url" / "scripts" / "s.py").is_file()
+        page.click("#extensions_install_button")  # again: the folder exists
+        page.wait_for_function("document.querySelector('#extensions_install_result').innerText.includes('already exists')")
+        page.get_by_role("tab", name="Installed").click()
+        page.locator('#extensions_table tr[data-extension="sd-webui-from-url"]').wait_for()
+    listed = {e["name"]: e for e in httpx.get(ext_server.url + "/sdapi/v1/extensions", timeout=30).json()}
+    assert listed["sd-webui-from-url"]["remote"] == origin.as_uri() and listed["sd-webui-from-url"]["enabled"] is True
