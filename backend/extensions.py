@@ -71,10 +71,31 @@ def asset_url(ext: Extension, file: Path) -> str:
     return f"{ASSET_PREFIX}/{quote(ext.name)}/{quote(rel)}"
 
 
+# The helpers A1111's page (script.js) gives extensions' scripts: gradioApp(), onUiLoaded, onUiUpdate,
+# onAfterUiUpdate (callbacks run when the UI first appears, on each change of the page, and once changes settle).
+A1111_SCRIPT_HELPERS = """<script>(() => {
+  if (window.onUiLoaded) return;
+  window.gradioApp = () => { const app = document.getElementsByTagName("gradio-app")[0];
+    return app ? (app.shadowRoot || app) : document; };
+  const loaded = [], updated = [], after = []; let isLoaded = false, timer = null;
+  const run = (callbacks, arg) => callbacks.forEach((cb) => { try { cb(arg); } catch (e) { console.error(e); } });
+  const checkLoaded = () => { if (!isLoaded && gradioApp().querySelector("#tabs")) { isLoaded = true; run(loaded); } };
+  window.onUiLoaded = (cb) => { if (isLoaded) run([cb]); else loaded.push(cb); };  // late scripts still get it
+  window.onUiUpdate = (cb) => updated.push(cb);
+  window.onAfterUiUpdate = (cb) => after.push(cb);
+  new MutationObserver((mutations) => {
+    checkLoaded();
+    run(updated, mutations);
+    clearTimeout(timer); timer = setTimeout(() => run(after), 200);
+  }).observe(document.documentElement, {childList: true, subtree: true});
+  checkLoaded();
+})();</script>"""
+
+
 def page_head(extensions: list[Extension]) -> str:
     """<script>/<link> tags for the enabled extensions' `javascript/*.js` and `style.css` (A1111's order: scripts of
-    each extension, then its style)."""
-    tags = []
+    each extension, then its style), after A1111's helpers for them."""
+    tags = [A1111_SCRIPT_HELPERS] if any(e.javascript_files for e in extensions) else []
     for ext in extensions:
         for js in ext.javascript_files:
             tags.append(f'<script type="text/javascript" src="{html.escape(asset_url(ext, js))}"></script>')

@@ -22,6 +22,7 @@ const addMark = () => {
     document.body.appendChild(mark);
 };
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", addMark); else addMark();
+onUiLoaded(() => { window.easelUiLoaded = Boolean(gradioApp().querySelector("#tabs")); });  // A1111's helpers
 """
 
 
@@ -84,6 +85,7 @@ def test_extensions_tab_shows_and_toggles_extensions(ext_server):
         page.wait_for_selector("#easel-test-ext-mark", state="attached")
         assert page.evaluate("getComputedStyle(document.querySelector('#easel-test-ext-mark')).color") == "rgb(1, 2, 3)"
         assert page.evaluate("window.easelOtherExtension") is None  # disabled: its script is not in the page
+        page.wait_for_function("window.easelUiLoaded === true")
 
         page.get_by_role("tab", name="Extensions").click()
         row = page.locator('#extensions_table tr[data-extension="easel-test-ext"]')
