@@ -81,6 +81,8 @@ def add_api(app, service, args, throttle=None) -> None:
     app.include_router(build_postprocess_router(service, deps, log_requests=bool(args.api_log)))
     from api.networks_routes import build_networks_router
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
+    from api.extensions_routes import build_extensions_router
+    app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def stop_on_sigterm() -> None:
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.service import EaselService
 
     service = EaselService(args)
+    service.extensions.log_state()
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     from api.http_guard import LoginThrottle, allowed_hosts_for
     allowed_hosts, throttle = allowed_hosts_for(args), LoginThrottle()
@@ -120,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ui.layout import CSS, build_ui
         from ui.theme import theme_head
+        from backend.extensions import page_head
         demo = build_ui(service)
         demo.queue(default_concurrency_limit=None)
         logins = _logins(args)
         app, local_url, share_url = demo.launch(
             server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
-            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, head=theme_head(args.theme), quiet=True,
+            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, head=theme_head(args.theme) + page_head(service.extensions.enabled()), quiet=True,
             max_file_size=service.options["upload_max_file_size_mb"] * 2**20,
             app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
                         # the API's docs, as with --nowebui (Gradio turns them off by default)
@@ -137,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         if share_url:
             from urllib.parse import urlsplit
             allowed_hosts.add(urlsplit(share_url).hostname)
+        from api.extensions_routes import build_extension_assets_router
+        app.include_router(build_extension_assets_router(service))  # the extensions' scripts and styles
         if args.api:
             add_api(app, service, args, throttle)
-            # Gradio's catch-all routes were registered first: move ours to the front.
-            api_routes = [r for r in app.router.routes if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/"))]
-            others = [r for r in app.router.routes if r not in api_routes]
-            app.router.routes[:] = api_routes + others
+        # Gradio's catch-all routes were registered first: move ours to the front.
+        api_routes = [r for r in app.router.routes
+                      if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/", "/extension-assets/"))]
+        others = [r for r in app.router.routes if r not in api_routes]
+        app.router.routes[:] = api_routes + others
         print(f"Running on local URL:  {local_url}", flush=True)
         if share_url:
             print(f"Running on public URL: {share_url}", flush=True)

@@ -99,6 +99,11 @@ def main() -> int:
         return hand_over([python, "-m", "pytest", "-q", *pytest_args])
     python = (Path(sys.executable) if args.skip_install or args.skip_prepare_environment
               else prepare_environment(with_tests=False))
+    if not (args.skip_install or args.skip_prepare_environment):  # as A1111: with the requirements
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from backend.extensions import run_installers
+        run_installers(python, args)  # each enabled extension's install.py, once (gated by --listen/--share)
     return hand_over([python, ROOT / "app.py", *[a for a in rest if a != "--skip-install"]])
 
 

@@ -73,6 +73,9 @@ class EaselService:
         from backend.postprocess.service import PostprocessService
         # upscalers and face restorers (lists, hires. fix names), Extras jobs
         self.postprocess = PostprocessService(args, self.paths, self.options, self.client, self._batch_folder)
+        from backend.extensions import ExtensionManager
+        # the folders in extensions/ (Extensions tab, /sdapi/v1/extensions, the page's extension scripts and styles)
+        self.extensions = ExtensionManager(args, self.paths, self.options)
 
     def _select_initial_checkpoint(self, ckpt: str) -> None:
         path = Path(ckpt).expanduser()

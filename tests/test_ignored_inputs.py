@@ -80,12 +80,13 @@ def test_unknown_alwayson_scripts_are_422():
 def test_unused_flags_are_warned_about():
     assert flag_warnings(parse_args([])) == []
     # flags that act: no warning
-    assert flag_warnings(parse_args(["--api", "--medvram", "--port", "7000", "--theme", "dark"])) == []
+    assert flag_warnings(parse_args(["--api", "--medvram", "--port", "7000", "--theme", "dark",
+                                     "--enable-insecure-extension-access"])) == []
     args = parse_args(["--lowram", "--styles-file", "styles.csv", "--upcast-sampling",
-                       "--skip-load-model-at-start", "--enable-insecure-extension-access", "--skip-torch-cuda-test"])
+                       "--skip-load-model-at-start", "--skip-torch-cuda-test"])
     text = "\n".join(flag_warnings(args))
     for flag in ("--lowram", "--styles-file", "--upcast-sampling", "--skip-load-model-at-start",
-                 "--enable-insecure-extension-access", "--skip-torch-cuda-test"):
+                 "--skip-torch-cuda-test"):
         assert flag in text, flag
     for dest in IGNORED_FLAGS:  # every listed flag exists in the parser (a renamed flag would never warn)
         assert hasattr(args, dest), dest

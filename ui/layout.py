@@ -11,7 +11,7 @@ from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from ui import controlnet, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
+from ui import controlnet, extensions, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -52,6 +52,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 controlnet.build_tab(service)
             with gr.Tab("Settings", id="settings"):
                 settings = settings_tab.build(service, {"sd_model_checkpoint": checkpoint, "sd_vae": vae})
+            with gr.Tab("Extensions", id="extensions"):
+                extensions_refresh, extensions_outputs = extensions.build(service)
 
         send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
 
@@ -99,6 +101,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
                     + [gr.update(value=clip_skip) for _ in clip_skips] + settings.refreshed(service))
 
         demo.load(on_page_load, outputs=[checkpoint, vae] + clip_skips + settings.outputs(), queue=False)
+        demo.load(extensions_refresh, outputs=extensions_outputs, queue=False)
 
         def on_load():
             offer = bool(service.no_checkpoint_message()) and not service.args.no_download_sd_model

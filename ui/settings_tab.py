@@ -98,6 +98,8 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         result = gr.HTML(elem_id="settings_result")
     sections: dict[str, list] = {}
     for s in SETTINGS:
+        if s.kind is list:
+            continue  # lists of names have their own tab (disabled_extensions: the Extensions tab)
         sections.setdefault(s.section, []).append(s)
     components: dict[str, gr.components.Component] = {}
     for section, items in sections.items():

@@ -101,12 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the web UI's colour scheme (default: the browser's preference)")
     launch.add_argument("--loglevel", default="INFO")
     launch.add_argument("--run-tests", action="store_true", help="set up the test environment and run the test suite")
+
+    ext = p.add_argument_group("extensions")
+    ext.add_argument("--disable-all-extensions", action="store_true", help="load no extension at all")
+    ext.add_argument("--disable-extra-extensions", action="store_true",
+                     help="load only the built-in extensions (extensions-builtin/)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; unknown flags are an error, like AUTOMATIC1111's launcher when not running extensions."""
+    """Parse flags; unknown flags are an error, like AUTOMATIC1111's launcher when not running extensions.
+    Extensions' `preload.py` add their flags first (`backend.core.extensions.run_preloads`)."""
     parser = build_parser()
+    first, _ = parser.parse_known_args(argv)  # where the extensions are, before their flags exist
+    from backend.core.extensions import run_preloads
+    run_preloads(parser, first.data_dir, disable_all=first.disable_all_extensions,
+                 disable_extra=first.disable_extra_extensions)
     args, unknown = parser.parse_known_args(argv)
     args.unknown = unknown
     if args.port is None:

@@ -20,7 +20,6 @@ from typing import Any, Callable
 IGNORED_FLAGS: dict[str, str] = {
     "lowram": "checkpoint weights are always read into RAM before they are moved to the GPU",
     "styles_file": "prompt styles are not implemented yet",
-    "enable_insecure_extension_access": "Easel has no extension management (install or update from the UI) to allow",
     "upcast_sampling": "sampling is not upcast separately; use --no-half (or --precision full) for float32",
     "skip_load_model_at_start": "Easel loads the checkpoint when the first job needs it, never at start",
     "skip_torch_cuda_test": "Easel's launcher runs no CUDA test (without a usable GPU Easel runs on the CPU)",

@@ -95,6 +95,8 @@ SETTINGS: list[Setting] = [
             minimum=1, maximum=100000),
     Setting("queue_max_jobs", 200, "Most jobs that may wait in the queue (more are refused: HTTP 503 with Retry-After)",
             "System", int, minimum=1, maximum=100000),
+    # the Extensions tab's enabled checkboxes (not a field of the Settings tab), as A1111 keeps them in config.json
+    Setting("disabled_extensions", [], "Disabled extensions", "Extensions", list, restart_needed=True),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))
@@ -134,6 +136,8 @@ def coerce(setting: Setting, value: Any) -> Any:
             raise UserError(f"Setting {key!r} must be true or false, got {_shown(value)}.")
     elif setting.kind in (int, float):
         value = _number(setting, value)
+    elif setting.kind is list:
+        value = _names(setting, value)
     else:
         if value is None:
             value = ""
@@ -158,6 +162,27 @@ def coerce(setting: Setting, value: Any) -> Any:
     if problem:
         raise UserError(problem)
     return value
+
+
+MAX_LIST_ITEMS = 1000
+
+
+def _names(setting: Setting, value: Any) -> list[str]:
+    """A list of folder names (the disabled extensions): strings without path separators, control characters or
+    '..'; repeated names once."""
+    key = setting.key
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"Setting {key!r} must be a list of names, got {_shown(value)}.")
+    if len(value) > MAX_LIST_ITEMS:
+        raise UserError(f"Setting {key!r} has too many entries ({len(value)}, at most {MAX_LIST_ITEMS}).")
+    names: list[str] = []
+    for item in value:
+        if (not isinstance(item, str) or not item or len(item) > 255 or item in (".", "..")
+                or any(ch in item for ch in "/\\") or any(ord(ch) < 32 or ord(ch) == 127 for ch in item)):
+            raise UserError(f"Setting {key!r}: each entry must be a folder name, got {_shown(item)}.")
+        if item not in names:
+            names.append(item)
+    return names
 
 
 def _number(setting: Setting, value: Any) -> int | float:
