@@ -24,21 +24,6 @@ from backend.core.scripts_catalog import TABS, PreparedScript, ScriptArg, Script
 
 log = logging.getLogger("easel")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_script_files(data_dir: Path | None) -> list[tuple[Path, Path]]:
-    """(script file, its extension's folder) for `extensions/*/scripts/*.py` under the program folder and the data
-    dir, in name order. (The extensions module will replace this with the enabled extensions' script files.)"""
-    roots = [REPO_ROOT / "extensions"]
-    if data_dir is not None and (Path(data_dir) / "extensions").resolve() != roots[0].resolve():
-        roots.append(Path(data_dir) / "extensions")
-    found = []
-    for root in roots:
-        if root.is_dir():
-            for extension in sorted(p for p in root.iterdir() if p.is_dir()):
-                found += [(f, extension) for f in sorted((extension / "scripts").glob("*.py"))]
-    return found
 
 
 def _choices(component) -> tuple:

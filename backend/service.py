@@ -55,11 +55,14 @@ class EaselService:
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
         for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
             self.selectable_scripts.add(spec)
-        from backend.a1111_scripts import ExtensionScripts, find_script_files
-        # AUTOMATIC1111 scripts in extensions/*/scripts (through modules/): selectable ones join the Script
-        # dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged and skipped
+        from backend.a1111_scripts import ExtensionScripts
+        from backend.extensions import enabled_extensions
+        # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
+        # join the Script dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged
+        # and skipped
+        script_files = [(f, e.path) for e in enabled_extensions(self.paths, self.options, args) for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
-            find_script_files(self.paths.data_dir), self.options.as_dict(), args,
+            script_files, self.options.as_dict(), args,
             taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
         for spec in self.extension_scripts.selectable_specs():
             self.selectable_scripts.add(spec)
