@@ -35,7 +35,12 @@ def test_xyz_plot_is_listed_with_a1111s_arguments(api):
     assert len(txt2img["args"]) == len(XYZ_ARG_NAMES)
 
 
+def _xyz_grid_files(server) -> set[Path]:
+    return set((Path(server.data_dir) / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
+
+
 def test_steps_by_cfg_grid_then_cells_with_their_infotexts(api, server):
+    grids_before = _xyz_grid_files(server)  # the server is shared: other tests' plots may be there already
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", save_images=True,
                                       script_args=xyz_args(T["Steps"], "2, 3", T["CFG Scale"], "1, 9")))
     images, info = answer(r)
@@ -53,8 +58,7 @@ def test_steps_by_cfg_grid_then_cells_with_their_infotexts(api, server):
     corner = np.asarray(grid.crop((pad_left + 64, pad_top + 64, pad_left + 128, pad_top + 128)), dtype=np.int32)
     assert np.abs(corner - np.asarray(cells[3], dtype=np.int32)).max() <= 2
     assert np.abs(np.asarray(cells[0], dtype=np.int32) - np.asarray(cells[3], dtype=np.int32)).mean() > 1
-    grids = list((Path(server.data_dir) / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
-    assert len(grids) == 1
+    assert len(_xyz_grid_files(server) - grids_before) == 1  # this plot's grid, saved
 
 
 def test_bad_axis_values_are_refused_before_any_image(api):
