@@ -64,6 +64,8 @@ class EaselService:
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
             taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
+        # their on_ui_settings callbacks: the options they add join the settings table before any is used
+        self.extension_scripts.register_settings(self.options)
         for spec in self.extension_scripts.selectable_specs():
             self.selectable_scripts.add(spec)
         for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
@@ -206,7 +208,7 @@ class EaselService:
         # the job sees only the checked, coerced values.
         keep = not req.override_settings_restore_afterwards
         overrides = self.options.check(req.override_settings, per_job=not keep)
-        job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
+        job_overrides = {k: v for k, v in overrides.items() if self.options.setting(k) is not None}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
         options = self.options.as_dict()

@@ -27,7 +27,8 @@ class ScriptState:
 class ScriptContext:
     """options: the settings (the job's, in the backend) by A1111 key. process_images(p) -> Processed: the ordinary
     pipeline in the running job (None outside a job). interrupted/skipped: the job's flags. save_image: Easel's
-    saving for `modules.images.save_image` (None outside a job). cmd_opts: the command-line flags."""
+    saving for `modules.images.save_image` (None outside a job). cmd_opts: the command-line flags. add_option:
+    registers an extension's setting (only while the app runs the on_ui_settings callbacks)."""
 
     options: Mapping[str, Any]
     cmd_opts: Any = None
@@ -36,6 +37,8 @@ class ScriptContext:
     skipped: Callable[[], bool] = lambda: False
     save_image: Callable[..., Any] | None = None
     state: ScriptState = field(default_factory=ScriptState)
+    # `shared.opts.add_option(key, info)` in an on_ui_settings callback (the app, at start-up); None elsewhere
+    add_option: Callable[[str, Any], None] | None = None
     where: str = "a script"  # names the script in error messages
 
 
