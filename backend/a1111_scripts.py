@@ -239,6 +239,25 @@ class ExtensionScripts:
         """`on_app_started(demo, app)`, once the FastAPI app (and the Gradio blocks, None with --nowebui) exist."""
         self._call("app_started", (demo, app), options=options)
 
+    def set_app_default_context(self, options) -> None:
+        """What extension code reaches through `modules` when it runs later in the app process outside Easel's calls
+        (an on_app_started route, an on_ui_tabs tab's event handler): the live settings, the flags."""
+        from collections.abc import Mapping
+
+        from modules.context import ScriptContext, set_app_default
+
+        class LiveOptions(Mapping):
+            def __getitem__(self, key):
+                return options[key]
+
+            def __iter__(self):
+                return iter(options.as_dict())
+
+            def __len__(self):
+                return len(options.as_dict())
+
+        set_app_default(ScriptContext(options=LiveOptions(), cmd_opts=self.cmd_opts, where="an extension"))
+
     def backend_callback_files(self) -> list[tuple[str, str]]:
         """[(file, extension)] of the files whose callbacks run in every job (on_cfg_denoiser,
         on_before_image_saved, on_image_saved, on_model_loaded): the backend loads them for each job."""

@@ -43,6 +43,15 @@ class ScriptContext:
 
 
 _current: ContextVar[ScriptContext | None] = ContextVar("a1111_script_context", default=None)
+# The app process's context for extension code that runs outside a call Easel makes (a route on_app_started added,
+# an event handler of an on_ui_tabs tab): set once by the app (`EaselService`), it reads the live settings. The
+# backend sets none: there a script's code runs only inside the job's calls.
+_app_default: ScriptContext | None = None
+
+
+def set_app_default(context: ScriptContext | None) -> None:
+    global _app_default
+    _app_default = context
 
 
 @contextlib.contextmanager
@@ -57,7 +66,7 @@ def running(context: ScriptContext):
 
 def current(what: str) -> ScriptContext:
     """The running script's context; `what` names the layer's name used outside one."""
-    context = _current.get()
+    context = _current.get() or _app_default
     if context is None:
         raise RuntimeError(f"{what} is only available while Easel runs an AUTOMATIC1111 script "
                            "(its title/show/ui in the app, run/process/postprocess_image in a job).")
