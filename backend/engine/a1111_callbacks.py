@@ -127,6 +127,13 @@ class JobCallbacks:
         return ImageSaveCallbacks(self, ctx, request, img2img)
 
 
+def save_hooks(ctx) -> dict:
+    """`save_image`'s `before_save` / `after_save` for a save of the job `ctx` (a JobContext, or None): the enabled
+    extensions' on_before_image_saved / on_image_saved; {} when none registered."""
+    hooks = getattr(ctx, "image_save", None)
+    return {"before_save": hooks.before_save, "after_save": hooks.after_save} if hooks is not None else {}
+
+
 class ImageSaveCallbacks:
     """`before_save` / `after_save` for `backend.core.images.save_image`: A1111's `ImageSaveParams(image, p,
     filename, pnginfo)`; what `on_before_image_saved` leaves in `params.image` and `params.pnginfo` is written."""

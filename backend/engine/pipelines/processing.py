@@ -110,8 +110,8 @@ class Generation:
 
     def save_callbacks(self) -> dict:
         """`save_image`'s before_save / after_save: the extensions' on_before_image_saved / on_image_saved."""
-        hooks = self.ctx.image_save
-        return {"before_save": hooks.before_save, "after_save": hooks.after_save} if hooks is not None else {}
+        from backend.engine.a1111_callbacks import save_hooks
+        return save_hooks(self.ctx)
 
     def add_image(self, img: Image.Image, i: int, basename: str | None = None, infotext: str | None = None) -> None:
         """Record (and, unless told not to, save) image i of the job with its infotext (`infotext`: one made elsewhere,
