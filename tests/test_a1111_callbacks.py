@@ -135,3 +135,25 @@ def test_tab_and_settings_in_the_browser(cb_server):
         assert "Easel callbacks test" in page.locator("body").inner_text()
         assert page.locator("#settings_easel_test_tag textarea, #settings_easel_test_tag input").first.input_value() \
             == "Tagged by the test extension"
+
+
+def test_registered_setting_takes_its_stored_value_and_passes_the_gate(tmp_path):
+    from backend.a1111_scripts import setting_of
+    from backend.core.errors import UserError
+    from backend.core.options import Options, Setting
+    from modules.shared import OptionInfo
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ext_mode": "b", "ext_level": 99}))
+    options = Options(config, tmp_path)
+    options.register(setting_of("ext_mode", OptionInfo("a", "Mode", None, {"choices": ["a", "b"]},
+                                                       section=("ext", "Ext")), "ext"))
+    options.register(setting_of("ext_level", OptionInfo(2, "Level", None, {"minimum": 0, "maximum": 5}), "ext"))
+    assert options["ext_mode"] == "b"  # the stored value, checked as the setting holds it
+    assert options["ext_level"] == 2  # a stored value the setting refuses: its default
+    assert options.setting("ext_mode").section == "Ext" and options.setting("ext_level").section == "ext"
+    with pytest.raises(UserError, match="ext_mode"):
+        options.update({"ext_mode": "c"})
+    assert options.check({"ext_level": "4"}, per_job=True) == {"ext_level": 4}  # override_settings pass it too
+    with pytest.raises(ValueError, match="Easel's own"):
+        options.register(Setting("samples_save", False, "x", "x", bool))
