@@ -19,7 +19,7 @@ from backend.client import BackendClient, Job
 from backend.core.errors import UserError
 from backend.core.ignored_inputs import request_warnings
 from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
-from backend.core.options import SETTINGS_BY_KEY, Options
+from backend.core.options import Options
 from backend.core.paths import DataPaths
 from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 

@@ -376,7 +376,7 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                _add_extension_callbacks(kind, payload, ctx)
+                _add_extension_callbacks(payload, ctx)
                 result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
                           else pipeline(payload, ctx, state))
                 break
@@ -430,7 +430,7 @@ def _load_checkpoint(payload: GenerationPayload, state: WorkerState, limit: int)
     raise AssertionError("unreachable")
 
 
-def _add_extension_callbacks(kind: str, payload: GenerationPayload, ctx: JobContext) -> None:
+def _add_extension_callbacks(payload: GenerationPayload, ctx: JobContext) -> None:
     """The enabled extensions' script_callbacks that run in every job, as A1111 (`payload["a1111_callbacks"]`, the
     files the app found): on_cfg_denoiser after the always-on scripts' sampling hooks, on_before_image_saved /
     on_image_saved around each save (`backend.engine.a1111_callbacks`)."""
