@@ -85,6 +85,16 @@ def add_api(app, service, args, throttle=None) -> None:
     app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
 
 
+def extensions_app_started(service, demo, app) -> None:
+    """A1111's `on_app_started(demo, app)` callbacks of the extensions (demo None with --nowebui), once the app and
+    its routes exist; the routes they add go in front of Gradio's catch-all ones, as ours do."""
+    before = list(app.router.routes)
+    service.extension_scripts.app_started(demo, app, service.options)
+    added = [r for r in app.router.routes if r not in before]
+    if added:
+        app.router.routes[:] = added + [r for r in app.router.routes if r not in added]
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (a service manager, `kill`, the launcher's parent) ends the app as Ctrl+C does: the web server
     closes and `service.stop()` stops the backend process, so nothing keeps serving or holding the port."""
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nowebui:
             import uvicorn
             app = create_api_app(service, args, guards, throttle)
+            extensions_app_started(service, None, app)
             log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
             uvicorn.run(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
                         root_path=args.subpath or "", log_level="warning")
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                       if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/", "/extension-assets/"))]
         others = [r for r in app.router.routes if r not in api_routes]
         app.router.routes[:] = api_routes + others
+        extensions_app_started(service, demo, app)
         print(f"Running on local URL:  {local_url}", flush=True)
         if share_url:
             print(f"Running on public URL: {share_url}", flush=True)

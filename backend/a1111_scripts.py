@@ -105,15 +105,58 @@ class ExtensionScript:
         return ScriptCall(str(loaded.path), loaded.title, img2img, tuple(spec.check_args(values)), always_on=True)
 
 
+@dataclass
+class FileCallbacks:
+    """The `modules.script_callbacks` one loaded script file registered (its extension named in the log when one
+    raises)."""
+
+    path: Path
+    extension: str
+    registry: Any  # modules.script_callbacks.CallbackRegistry
+
+    @property
+    def where(self) -> str:
+        return f"extension {self.extension} ({self.path.name})"
+
+
+def setting_of(key: str, info, extension: str):
+    """The Easel `Setting` for an extension's `shared.opts.add_option(key, shared.OptionInfo(...))`: its kind from
+    the default's type, the range and choices from the component's arguments, the section's title."""
+    from backend.core.options import Setting
+
+    if not isinstance(key, str) or not key.isidentifier():
+        raise ValueError(f"opts.add_option: {key!r} is not a setting name (letters, digits, underscores)")
+    default = info.default
+    kind = next((t for t in (bool, int, float, str) if type(default) is t), None)
+    if kind is None:
+        raise ValueError(f"opts.add_option({key!r}): the default {default!r} is not a bool, number or string, "
+                         "which Easel's settings hold")
+    args = info.component_args() if callable(info.component_args) else dict(info.component_args or {})
+    choices = args.get("choices")
+    if choices is not None:
+        choices = tuple(c[1] if isinstance(c, (tuple, list)) else c for c in choices)
+    section = info.section[1] if isinstance(info.section, (tuple, list)) and len(info.section) > 1 else extension
+    minimum, maximum = args.get("minimum"), args.get("maximum")
+    if kind is int and isinstance(args.get("step"), float) and not float(args["step"]).is_integer():
+        kind = float  # a slider of fractions whose default happens to be whole
+    return Setting(key, float(default) if kind is float else default, str(info.label or key), str(section or extension),
+                   kind, choices=choices, minimum=minimum if kind in (int, float) else None,
+                   maximum=maximum if kind in (int, float) else None)
+
+
 class ExtensionScripts:
     """The A1111 scripts of the extensions' script files, loaded in the app process."""
 
     def __init__(self, files: list[tuple[Path, Path]], options: dict, cmd_opts=None, taken: set[str] = frozenset()):
         self.scripts: list[LoadedScript] = []
         self.failures: dict[str, str] = {}  # file -> why it was skipped
+        self.callbacks: list[FileCallbacks] = []  # the script_callbacks each loaded file registered
+        self.cmd_opts = cmd_opts
         for path, extension in files:
             try:
-                self.scripts += self._load(path, extension, options, cmd_opts, taken)
+                scripts, callbacks = self._load(path, extension, options, cmd_opts, taken)
+                self.scripts += scripts
+                self.callbacks.append(FileCallbacks(path, extension.name, callbacks))
             except Exception as exc:  # noqa: BLE001  a broken extension never stops the app
                 message = f"{type(exc).__name__}: {exc}"
                 self.failures[str(path)] = message
@@ -121,7 +164,7 @@ class ExtensionScripts:
             taken = taken | {s.title.lower() for s in self.scripts}
 
     @staticmethod
-    def _load(path: Path, extension: Path, options: dict, cmd_opts, taken) -> list[LoadedScript]:
+    def _load(path: Path, extension: Path, options: dict, cmd_opts, taken):
         from modules.context import ScriptContext, running
         from modules.script_loading import UNSUPPORTED_METHODS, load_script_file
         from modules.scripts import AlwaysVisible, Script
@@ -129,9 +172,6 @@ class ExtensionScripts:
         loaded = []
         with running(ScriptContext(options=options, cmd_opts=cmd_opts, where=str(path))):
             script_file = load_script_file(path, extension)
-            if script_file.callbacks.cfg_denoiser and not script_file.classes:
-                raise ValueError("it registers on_cfg_denoiser callbacks but defines no Script: Easel runs a file's "
-                                 "callbacks in the jobs that use one of its scripts, so they would never run")
             for cls in script_file.classes:
                 script = cls()
                 script.filename = str(path)
@@ -155,7 +195,73 @@ class ExtensionScripts:
                               "compatibility layer does not call yet", title, path, ", ".join(unsupported))
                     continue
                 loaded.append(entry)
-        return loaded
+        return loaded, script_file.callbacks
+
+    # -- script_callbacks (app side) ---------------------------------------------------------------
+    def _call(self, name: str, args: tuple = (), options: Any = None, add_option=None) -> list:
+        """Each file's `name` callbacks, with the file's extension in the log when one raises (skipped)."""
+        from modules.context import ScriptContext, running
+        from modules.script_callbacks import call_each
+
+        results = []
+        for file in self.callbacks:
+            callbacks = getattr(file.registry, name)
+            if not callbacks:
+                continue
+            opts = options.as_dict() if options is not None else {}
+            context = ScriptContext(options=opts, cmd_opts=self.cmd_opts, where=file.where,
+                                    add_option=(lambda key, info, f=file: add_option(key, info, f))
+                                    if add_option else None)
+            with running(context):
+                results += [(file, r) for r in call_each(callbacks, args, f"on_{name} of {file.where}")]
+        return results
+
+    def register_settings(self, options) -> None:
+        """`on_ui_settings`: the options the callbacks add join `options`' table (the Settings tab,
+        /sdapi/v1/options, the settings gate, `shared.opts.KEY` in both processes). Called once at start-up."""
+        def add(key, info, file: FileCallbacks):
+            options.register(setting_of(key, info, file.extension))
+        self._call("ui_settings", options=options, add_option=add)
+
+    def ui_tabs(self, options) -> list[tuple]:
+        """`on_ui_tabs`, called while the web UI is built (inside its Blocks): [(gr.Blocks, title, elem_id)] of
+        every callback, in the extensions' order. A malformed answer is logged with the extension and skipped."""
+        tabs = []
+        for file, answer in self._call("ui_tabs", options=options):
+            for tab in answer or []:
+                if isinstance(tab, (tuple, list)) and len(tab) >= 2:
+                    tabs.append((tab[0], str(tab[1]), str(tab[2]) if len(tab) > 2 and tab[2] else None))
+                else:
+                    log.error("on_ui_tabs of %s: %r is not (gr.Blocks, title, elem_id); skipped", file.where, tab)
+        return tabs
+
+    def app_started(self, demo, app, options) -> None:
+        """`on_app_started(demo, app)`, once the FastAPI app (and the Gradio blocks, None with --nowebui) exist."""
+        self._call("app_started", (demo, app), options=options)
+
+    def set_app_default_context(self, options) -> None:
+        """What extension code reaches through `modules` when it runs later in the app process outside Easel's calls
+        (an on_app_started route, an on_ui_tabs tab's event handler): the live settings, the flags."""
+        from collections.abc import Mapping
+
+        from modules.context import ScriptContext, set_app_default
+
+        class LiveOptions(Mapping):
+            def __getitem__(self, key):
+                return options[key]
+
+            def __iter__(self):
+                return iter(options.as_dict())
+
+            def __len__(self):
+                return len(options.as_dict())
+
+        set_app_default(ScriptContext(options=LiveOptions(), cmd_opts=self.cmd_opts, where="an extension"))
+
+    def backend_callback_files(self) -> list[tuple[str, str]]:
+        """[(file, extension)] of the files whose callbacks run in every job (on_cfg_denoiser,
+        on_before_image_saved, on_image_saved, on_model_loaded): the backend loads them for each job."""
+        return [(str(f.path), f.extension) for f in self.callbacks if f.registry.any_backend()]
 
     def selectable_specs(self) -> list[ScriptSpec]:
         """One ScriptSpec per selectable script and tab (ui() may differ between tabs)."""

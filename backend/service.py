@@ -19,7 +19,7 @@ from backend.client import BackendClient, Job
 from backend.core.errors import UserError
 from backend.core.ignored_inputs import request_warnings
 from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
-from backend.core.options import SETTINGS_BY_KEY, Options
+from backend.core.options import Options
 from backend.core.paths import DataPaths
 from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 
@@ -64,6 +64,9 @@ class EaselService:
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
             taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
+        # their on_ui_settings callbacks: the options they add join the settings table before any is used
+        self.extension_scripts.register_settings(self.options)
+        self.extension_scripts.set_app_default_context(self.options)
         for spec in self.extension_scripts.selectable_specs():
             self.selectable_scripts.add(spec)
         for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
@@ -206,7 +209,7 @@ class EaselService:
         # the job sees only the checked, coerced values.
         keep = not req.override_settings_restore_afterwards
         overrides = self.options.check(req.override_settings, per_job=not keep)
-        job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
+        job_overrides = {k: v for k, v in overrides.items() if self.options.setting(k) is not None}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
         options = self.options.as_dict()
@@ -217,6 +220,8 @@ class EaselService:
         sampling = sampler_catalog.resolve_sampling(req, options["default_sampler"])
         payload = {"request": req, "sampling": sampling, **model, "options": options, "data_dir": self.paths.data_dir,
                    "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
+        # the extensions' script files whose callbacks run in every job (on_cfg_denoiser, on_image_saved, ...)
+        payload["a1111_callbacks"] = self.extension_scripts.backend_callback_files()
         # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (ControlNet: images
         # decoded, models resolved); the backend receives them parsed, by name, and prepares their hooks.
         scripts, rest = self.scripts.for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
@@ -374,6 +379,7 @@ class EaselService:
         """Load the selected checkpoint (and VAE) into the backend's cache ahead of the next job."""
         payload = self._model_payload()
         payload["options"] = self.options.as_dict()
+        payload["a1111_callbacks"] = self.extension_scripts.backend_callback_files()  # on_model_loaded
         return self.client.submit("load", payload, listener, on_end=on_end)
 
     def submit_options(self, changes: dict) -> Job | None:

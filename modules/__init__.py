@@ -8,5 +8,7 @@ more fails to load with that message and is skipped, and the rest of the UI load
 
 The layer holds no engine state: what a script's code reaches through it (the job's settings, `process_images`,
 the interrupt flag) comes from the `ScriptContext` the process running the script sets for the duration of the
-call (`modules.context`). The layer imports neither torch nor Gradio.
+call (`modules.context`); in the app process, extension code running outside such a call (a route added by
+`on_app_started`, a tab's event handler) reads the app's default context (the live settings, the flags). The layer
+imports neither torch nor Gradio.
 """

@@ -27,7 +27,8 @@ class ScriptState:
 class ScriptContext:
     """options: the settings (the job's, in the backend) by A1111 key. process_images(p) -> Processed: the ordinary
     pipeline in the running job (None outside a job). interrupted/skipped: the job's flags. save_image: Easel's
-    saving for `modules.images.save_image` (None outside a job). cmd_opts: the command-line flags."""
+    saving for `modules.images.save_image` (None outside a job). cmd_opts: the command-line flags. add_option:
+    registers an extension's setting (only while the app runs the on_ui_settings callbacks)."""
 
     options: Mapping[str, Any]
     cmd_opts: Any = None
@@ -36,10 +37,21 @@ class ScriptContext:
     skipped: Callable[[], bool] = lambda: False
     save_image: Callable[..., Any] | None = None
     state: ScriptState = field(default_factory=ScriptState)
+    # `shared.opts.add_option(key, info)` in an on_ui_settings callback (the app, at start-up); None elsewhere
+    add_option: Callable[[str, Any], None] | None = None
     where: str = "a script"  # names the script in error messages
 
 
 _current: ContextVar[ScriptContext | None] = ContextVar("a1111_script_context", default=None)
+# The app process's context for extension code that runs outside a call Easel makes (a route on_app_started added,
+# an event handler of an on_ui_tabs tab): set once by the app (`EaselService`), it reads the live settings. The
+# backend sets none: there a script's code runs only inside the job's calls.
+_app_default: ScriptContext | None = None
+
+
+def set_app_default(context: ScriptContext | None) -> None:
+    global _app_default
+    _app_default = context
 
 
 @contextlib.contextmanager
@@ -54,7 +66,7 @@ def running(context: ScriptContext):
 
 def current(what: str) -> ScriptContext:
     """The running script's context; `what` names the layer's name used outside one."""
-    context = _current.get()
+    context = _current.get() or _app_default
     if context is None:
         raise RuntimeError(f"{what} is only available while Easel runs an AUTOMATIC1111 script "
                            "(its title/show/ui in the app, run/process/postprocess_image in a job).")

@@ -5,7 +5,43 @@ from __future__ import annotations
 
 from modules.context import current, missing
 
-__all__ = ["opts", "state", "cmd_opts"]
+__all__ = ["opts", "state", "cmd_opts", "OptionInfo"]
+
+
+class OptionInfo:
+    """An extension's setting, as `on_ui_settings` callbacks give it to `opts.add_option(key, info)`: its default,
+    label, Gradio component (gr.Slider, gr.Checkbox, gr.Dropdown, gr.Radio, gr.Textbox, gr.Number) and that
+    component's arguments (`{"minimum": .., "maximum": .., "step": ..}`, `{"choices": [...]}`, or a function
+    returning them), `section=(id, title)` (the Settings tab's section)."""
+
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):
+        self.default = default
+        self.label = label
+        self.component = component
+        self.component_args = component_args
+        self.onchange = onchange
+        self.section = section
+        self.refresh = refresh
+        self.comment_before, self.comment_after = comment_before, comment_after
+        self.infotext = infotext
+        self.restrict_api = restrict_api
+        self.category_id = category_id
+
+    def info(self, info):
+        self.comment_after += f" ({info})"
+        return self
+
+    def html(self, html):
+        self.comment_after += html
+        return self
+
+    def needs_restart(self):
+        return self
+
+    def needs_reload_ui(self):
+        return self
 
 
 class _Options:
@@ -25,6 +61,13 @@ class _Options:
     def __setattr__(self, key: str, value):
         raise AttributeError(f"modules.shared.opts.{key}: a script cannot change Easel's settings (use the "
                              "request's override_settings or the Settings tab).")
+
+    def add_option(self, key: str, info: OptionInfo) -> None:
+        """In an `on_ui_settings` callback: add the extension's setting `key` (see `OptionInfo`)."""
+        add = current("modules.shared.opts.add_option").add_option
+        if add is None:
+            raise RuntimeError("modules.shared.opts.add_option can only be called in an on_ui_settings callback.")
+        add(key, info)
 
     def get(self, key: str, default=None):
         options = current("modules.shared.opts").options

@@ -1,7 +1,8 @@
 """An AUTOMATIC1111-style test extension, written by test fixtures into a data dir's `extensions/` folder: script
 files in the style of real extensions' (a selectable `Script` with `ui` and `run` calling `process_images`, an
 `AlwaysVisible` one with `process` and `postprocess_image`, one whose file registers an `on_cfg_denoiser`
-callback, one that raises in `run`) and a broken extension (a missing package, a name the layer lacks)."""
+callback and a setting, one that raises in `run`), an extension using every script callback (`CALLBACKS`) and a
+broken extension (a missing package, a name the layer lacks, a tab callback that raises)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,13 +70,20 @@ CFG_CALLBACK = '''
 import gradio as gr
 
 import modules.scripts as scripts
-from modules import script_callbacks
+from modules import script_callbacks, shared
 
 
-def silence_prompt(params):
-    params.text_cond = params.text_cond * 0
+def add_settings():
+    shared.opts.add_option("easel_test_silence", shared.OptionInfo(False, "Silence the prompt (test extension)",
+                                                                   gr.Checkbox, section=("easel_test", "Easel test")))
 
 
+def silence_prompt(params):  # runs in every job, as A1111's: the setting decides
+    if shared.opts.easel_test_silence:
+        params.text_cond = params.text_cond * 0
+
+
+script_callbacks.on_ui_settings(add_settings)
 script_callbacks.on_cfg_denoiser(silence_prompt)
 
 
@@ -145,7 +153,74 @@ import no_such_package_for_easel_tests  # noqa: F401
 UI_TABS = '''
 from modules import script_callbacks
 
-script_callbacks.on_ui_tabs(lambda: [])
+
+def broken_tab():
+    raise RuntimeError("the test tab is broken")
+
+
+script_callbacks.on_ui_tabs(broken_tab)
+'''
+
+# Every app and backend callback, in the style of real extensions; what the backend's callbacks saw is written
+# beside the extension (saved.txt, models.txt).
+CALLBACKS = '''
+from pathlib import Path
+
+import gradio as gr
+
+from modules import script_callbacks, shared
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def on_ui_settings():
+    section = ("easel_callbacks", "Easel callbacks test")
+    shared.opts.add_option("easel_test_level", shared.OptionInfo(
+        3, "Test level", gr.Slider, {"minimum": 0, "maximum": 10, "step": 1}, section=section))
+    shared.opts.add_option("easel_test_tag", shared.OptionInfo(
+        "Tagged by the test extension", "Infotext tag", gr.Textbox, section=section))
+
+
+def on_ui_tabs():
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.Markdown("Hello from the callbacks test tab", elem_id="easel_callbacks_tab_text")
+    return [(tab, "Callbacks test", "easel_callbacks_tab")]
+
+
+def on_app_started(demo, app):
+    @app.get("/easel-callbacks-test/ping")
+    def ping():
+        return {"pong": True, "with_ui": demo is not None, "level": shared.opts.easel_test_level}
+
+
+def on_before_image_saved(params):
+    if params.p is not None and "[tag]" in params.p.prompt:
+        params.pnginfo["parameters"] += f", Test tag: {shared.opts.easel_test_tag} level {shared.opts.easel_test_level}"
+
+
+def on_image_saved(params):
+    with open(HERE / "saved.txt", "a", encoding="utf-8") as f:
+        f.write(params.filename + "\\n")
+
+
+def raises(*args):
+    raise ValueError("this callback always fails")
+
+
+def on_model_loaded(sd_model):
+    info = sd_model.sd_checkpoint_info
+    with open(HERE / "models.txt", "a", encoding="utf-8") as f:
+        f.write(f"{info.title}|{info.filename}\\n")
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_before_image_saved(raises)
+script_callbacks.on_before_image_saved(on_before_image_saved)
+script_callbacks.on_image_saved(on_image_saved)
+script_callbacks.on_model_loaded(on_model_loaded)
+script_callbacks.on_cfg_denoiser(raises)
 '''
 
 
@@ -161,6 +236,7 @@ def write_test_extensions(data_dir: Path) -> Path:
         "broken-ext/scripts/ui_tabs.py": UI_TABS,
         "broken-ext/scripts/postprocess.py": POSTPROCESS,
         "broken-ext/scripts/callback_only.py": CALLBACK_ONLY,
+        "easel-callbacks-ext/scripts/callbacks.py": CALLBACKS,
     }
     for name, text in files.items():
         path = root / name

@@ -109,9 +109,13 @@ def test_always_visible_process_and_postprocess_image(ext_api):
 
 
 def test_on_cfg_denoiser_callback_changes_sampling(ext_api):
+    # the callback runs in every job (no script of its file used), as A1111's; its extension's setting decides
     plain, _ = answer(ext_api.post("/txt2img", json=txt()))
-    silenced, _ = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test silence": {"args": [True]}})))
+    silenced, _ = answer(ext_api.post("/txt2img", json=txt(override_settings={"sd_model_checkpoint": SD1,
+                                                                              "easel_test_silence": True})))
     assert np.abs(silenced[0] - plain[0]).mean() > 1
+    again, _ = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test silence": {"args": [True]}})))
+    assert np.array_equal(again[0], plain[0])
 
 
 def test_unknown_always_on_name_is_422(ext_api):
@@ -133,9 +137,9 @@ def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
     log = ext_server.log_path.read_text(errors="replace")
     assert "needs_missing.py" in log and "sd_model" in log
     assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
-    assert "ui_tabs.py" in log and "on_ui_tabs is not supported" in log
+    assert "on_ui_tabs of extension broken-ext (ui_tabs.py)" in log and "the test tab is broken" in log
     assert "'Test after all'" in log and "overrides postprocess" in log
-    assert "callback_only.py" in log and "defines no Script" in log
+    assert "callback_only.py" not in log  # a file with callbacks and no Script loads: they run in every job
     assert "test after all" not in ext_server_scripts(ext_server)["txt2img"]
 
 
@@ -215,14 +219,19 @@ def test_request_of_p_is_checked_like_a_request():
         p.sd_model
 
 
-def test_callbacks_the_layer_cannot_run_are_refused_at_registration(tmp_path):
+def test_callbacks_go_into_the_registry_of_their_file(tmp_path):
+    from modules import script_callbacks
     from modules.script_loading import load_script_file
 
     script = tmp_path / "ext" / "scripts" / "saver.py"
     script.parent.mkdir(parents=True)
-    script.write_text("from modules import script_callbacks\nscript_callbacks.on_image_saved(print)\n")
-    with pytest.raises(NotImplementedError, match="on_image_saved is not supported"):
-        load_script_file(script)
+    script.write_text("from modules import script_callbacks\nscript_callbacks.on_image_saved(print)\n"
+                      "script_callbacks.on_model_loaded(repr)\n")
+    loaded = load_script_file(script)
+    assert loaded.callbacks.image_saved == [print] and loaded.callbacks.model_loaded == [repr]
+    assert loaded.callbacks.any_backend() and not loaded.callbacks.ui_tabs
+    with pytest.raises(RuntimeError, match="must be called when the script file is imported"):
+        script_callbacks.on_ui_tabs(list)  # no global list to fall into
     script.write_text("import modules.scripts as scripts\nfrom modules import script_callbacks\n"
                       "script_callbacks.on_cfg_denoiser(print)\n"
                       "class S(scripts.Script):\n    def title(self):\n        return 'S'\n"

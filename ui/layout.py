@@ -23,6 +23,8 @@ CSS = """
 
 
 def build_ui(service: EaselService) -> gr.Blocks:
+    from ui import extension_tabs
+    added_tabs = extension_tabs.collect(service)  # extensions' on_ui_tabs: their own Blocks, made before the page's
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
         # allow_custom_value: titles change when a file's hash becomes known, and a Generate pressed before the page
         # load's refresh arrives must not fail Gradio's choices check; the settings gate checks the names instead.
@@ -50,6 +52,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
             with gr.Tab("ControlNet", id="controlnet"):
                 controlnet.build_tab(service)
+            extension_tabs.render(added_tabs)  # the extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):
                 settings = settings_tab.build(service, {"sd_model_checkpoint": checkpoint, "sd_vae": vae})
             with gr.Tab("Extensions", id="extensions"):

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 log = logging.getLogger("easel.images")
 
-_SAVE_LOCK = threading.Lock()
+_SAVE_LOCK = threading.RLock()  # reentrant: an extension's before_save may save a picture itself
 TEMP_PREFIX = ".easel-partial-"  # files being written (see write_atomically); never a sequence number
 _BAD_CHARS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 _TOKEN = re.compile(r"\[(\w+)(?:<([^>]*)>)?\]")
@@ -88,11 +88,15 @@ def _exif_user_comment(infotext: str) -> bytes:
 
 def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: str | None, fmt: str = "png",
                pattern: str = "", name_values: dict | None = None, basename: str = "", with_pnginfo: bool = True,
-               forced_name: str = "", extra_text: dict[str, str] | None = None) -> Path:
+               forced_name: str = "", extra_text: dict[str, str] | None = None,
+               before_save: Callable | None = None, after_save: Callable | None = None) -> Path:
     """Write `image` into `folder` as `NNNNN-SEED.ext` (or the pattern), never overwriting a file.
 
     `forced_name`: save as `NAME.ext` instead (`NAME-1.ext`, ... when taken), as A1111 keeps the original names of
     a batch from a directory. `extra_text`: more PNG text chunks beside `parameters` (e.g. A1111's `extras`).
+    `before_save(image, path, texts) -> (image, texts)` / `after_save(image, path, texts)`: called with the file's
+    path once it is chosen / once it is written (the extensions' on_before_image_saved / on_image_saved); `texts`
+    is {"parameters": infotext, **extra_text}, and what `before_save` returns is what is written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     fmt = fmt.lower().replace("jpeg", "jpg")
@@ -112,6 +116,12 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
             if not path.exists():
                 break
             number += 1
+        if before_save is not None or after_save is not None:
+            texts = {**({"parameters": infotext} if infotext else {}), **(extra_text or {})}
+            if before_save is not None:
+                image, texts = before_save(image, path, texts)
+            infotext = texts.get("parameters")
+            extra_text = {k: str(v) for k, v in texts.items() if k != "parameters" and v is not None}
         text = infotext if with_pnginfo else None
         if fmt == "png":
             pnginfo = None
@@ -128,6 +138,8 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
             if text:
                 kwargs["exif"] = _exif_user_comment(text)
             write_atomically(path, lambda f: img.save(f, format="JPEG" if fmt == "jpg" else "WEBP", **kwargs))
+    if after_save is not None:
+        after_save(image, path, {**({"parameters": infotext} if infotext else {}), **(extra_text or {})})
     return path
 
 

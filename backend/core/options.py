@@ -228,6 +228,8 @@ class Options:
         self.frozen = frozen
         self.hide_dir_config = hide_dir_config
         self._lock = threading.Lock()
+        # the settings table: SETTINGS, and those extensions register at start-up (`register`)
+        self._settings: dict[str, Setting] = dict(SETTINGS_BY_KEY)
         self._values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
         self._extra: dict[str, Any] = {}
         self._listeners: list[Callable[[str, Any], None]] = []
@@ -263,6 +265,31 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             return {**self._extra, **self._values}
+
+    def settings(self) -> list[Setting]:
+        """The settings table: Easel's own, then those registered by extensions (`register`)."""
+        return list(self._settings.values())
+
+    def setting(self, key: str) -> Setting | None:
+        return self._settings.get(key)
+
+    def register(self, setting: Setting) -> None:
+        """Add an extension's setting (A1111's `on_ui_settings` + `shared.opts.add_option`), at start-up before
+        the settings are used: it then passes the gate (`check`) and shows in the Settings tab and
+        `/sdapi/v1/options`. A value config.json already holds for it (kept verbatim until now) is checked as the
+        setting holds it; a stale one falls back to the default. Easel's own settings cannot be replaced."""
+        if setting.key in SETTINGS_BY_KEY:
+            raise ValueError(f"setting {setting.key!r} is one of Easel's own and cannot be registered again")
+        coerce(setting, setting.default)  # a default the setting itself refuses is the extension's bug
+        with self._lock:
+            self._settings[setting.key] = setting
+            value = setting.default
+            if setting.key in self._extra:
+                try:
+                    value = coerce(setting, self._extra.pop(setting.key))
+                except UserError:
+                    pass
+            self._values[setting.key] = value
 
     def on_change(self, listener: Callable[[str, Any], None]) -> None:
         self._listeners.append(listener)
@@ -305,7 +332,7 @@ class Options:
         for key, value in changes.items():
             if not isinstance(key, str) or not key:
                 raise UserError(f"Setting names must be non-empty strings, got {_shown(key)}.")
-            setting = SETTINGS_BY_KEY.get(key)
+            setting = self._settings.get(key)
             if setting is None and per_job:
                 continue
             if setting is None:
@@ -343,7 +370,7 @@ class Options:
         coerced = self.check(changes, from_flags=from_flags)
         with self._lock:
             for key, value in coerced.items():
-                if key in SETTINGS_BY_KEY:
+                if key in self._settings:
                     self._values[key] = value
                 else:
                     self._extra[key] = value

@@ -6,13 +6,12 @@
   (steps, prompt, ...) are refused with an error naming them: Easel does not carry them into the job yet;
 - `postprocess_image(p, pp, *args)` runs on each final picture (the `after_decode` sampling hook: before face
   restoration and saving); the picture it leaves in `pp.image` is the job's;
-- the file's `on_cfg_denoiser` callbacks become a sampling hook of the job.
+- the file's `on_cfg_denoiser` callbacks run in every job, with the other extensions' (`a1111_callbacks`).
 """
 from __future__ import annotations
 
 from backend.core.errors import UserError
-from backend.engine.a1111_bridge import (CFGDenoiserCallbacks, changed_fields, load_script, processing_object,
-                                         script_context)
+from backend.engine.a1111_bridge import changed_fields, load_script, processing_object, script_context
 from backend.engine.sampling_hooks import SamplingHook, StepState
 
 
@@ -39,7 +38,7 @@ def prepare(call, job, ctx, runtime):
     from modules.context import running
     from modules.scripts import Script
 
-    script, script_file = load_script(call)
+    script, _script_file = load_script(call)
     where = f"Script '{call.title}'"
     context = script_context(ctx, where)
     init_images = [job.init_image] if job.init_image is not None else []
@@ -61,6 +60,4 @@ def prepare(call, job, ctx, runtime):
     hooks: list[SamplingHook] = []
     if type(script).postprocess_image is not Script.postprocess_image:
         hooks.append(PostprocessImage(script, p, call.args, context))
-    if script_file.callbacks.cfg_denoiser:
-        hooks.append(CFGDenoiserCallbacks(script_file.callbacks.cfg_denoiser, context))
     return hooks, []

@@ -8,7 +8,8 @@ job runs it.
 - `script_context(...)`: the `ScriptContext` a script's call runs in (the job's settings, flags, saving and
   `process_images`);
 - `load_script(call)`: the script instance of a `ScriptCall`, loaded fresh for the job;
-- `CFGDenoiserCallbacks`: a file's `on_cfg_denoiser` callbacks as a sampling hook.
+- `CFGDenoiserCallbacks`: a file's `on_cfg_denoiser` callbacks as a sampling hook (`backend/engine/a1111_callbacks.py`
+  gives every job those of the enabled extensions).
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def script_context(ctx, where: str, process_images: Callable | None = None):
                                 f"{where}: modules.images.save_image's folder")
         return save(image, folder, seed=seed, infotext=info, fmt=extension or "png",
                     basename=f"{basename}{suffix}" if basename or suffix else "", forced_name=forced_filename or "",
-                    with_pnginfo=bool(ctx.options["enable_pnginfo"]))
+                    with_pnginfo=bool(ctx.options["enable_pnginfo"]),
+                    **({"before_save": ctx.image_save.before_save, "after_save": ctx.image_save.after_save}
+                       if getattr(ctx, "image_save", None) is not None else {}))  # on_(before_)image_saved
 
     return ScriptContext(options=ctx.options, cmd_opts=None, process_images=process_images,
                          interrupted=ctx.control.interrupted, skipped=ctx.control.skipped, save_image=save_image,
@@ -100,9 +103,10 @@ class CFGDenoiserCallbacks(SamplingHook):
     """A script file's `on_cfg_denoiser` callbacks, run at each model call before the UNet: they see A1111's
     `CFGDenoiserParams` and may change `x` (the model input) and `text_cond` (the text features)."""
 
-    def __init__(self, callbacks: list, context):
+    def __init__(self, callbacks: list, context, where: str = "an extension"):
         self.callbacks = list(callbacks)
         self.context = context
+        self.where = where  # names the extension when a callback raises (logged and skipped, as A1111)
 
     def unet_inputs(self, state: StepState, call: UNetCall) -> UNetCall:
         from modules.context import running
@@ -116,9 +120,9 @@ class CFGDenoiserCallbacks(SamplingHook):
         params = CFGDenoiserParams(x=call.sample, image_cond=None, sigma=state.sigma, sampling_step=state.step,
                                    total_sampling_steps=state.total_steps, text_cond=text_cond,
                                    text_uncond=text_uncond)
+        from modules.script_callbacks import call_each
         with running(self.context):
-            for callback in self.callbacks:
-                callback(params)
+            call_each(self.callbacks, (params,), f"on_cfg_denoiser of {self.where}")
         if params.x is call.sample and params.text_cond is text_cond and params.text_uncond is text_uncond:
             return call
         context = call.context

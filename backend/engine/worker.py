@@ -257,6 +257,7 @@ class GenerationPayload(TypedDict, total=False):
     data_dir: Path  # output folders are relative to it
     warnings: list[str]  # request fields accepted but not acted on
     scripts: dict[str, Any]  # the always-on scripts' arguments, checked and parsed by the app ({name: parsed})
+    a1111_callbacks: list[tuple[str, str]]  # [(script file, extension)] whose script_callbacks run in every job
     init_images: list[Image.Image]  # img2img
     mask: Image.Image | None  # img2img
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
@@ -315,8 +316,12 @@ def _job_model(state: WorkerState, payload: GenerationPayload) -> JobModel:
     options = payload["options"]
     policy = state.policy
     policy.apply_options(options)
+    loads = state.cache.loads
     model, ckpt, vae, load_notes, unloadable = _load_checkpoint(payload, state, int(JobOptions.of(options)["sd_checkpoints_limit"]))
     ckpt = ModelFile(name=ckpt.name, path=ckpt.path, sha256=ckpt.sha256 or state.hashes.sha256(ckpt.path))
+    if state.cache.loads != loads and payload.get("a1111_callbacks"):  # read from its file (not the cache): A1111's
+        from backend.engine.a1111_callbacks import JobCallbacks  # on_model_loaded of the enabled extensions
+        JobCallbacks(payload["a1111_callbacks"], options).model_loaded(ckpt, model.family)
     if vae is not None:
         vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state.hashes.sha256(vae.path))
     policy.settle(model)  # weights in RAM while the VAE is swapped
@@ -371,6 +376,7 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
+                _add_extension_callbacks(payload, ctx)
                 result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
                           else pipeline(payload, ctx, state))
                 break
@@ -424,6 +430,22 @@ def _load_checkpoint(payload: GenerationPayload, state: WorkerState, limit: int)
     raise AssertionError("unreachable")
 
 
+def _add_extension_callbacks(payload: GenerationPayload, ctx: JobContext) -> None:
+    """The enabled extensions' script_callbacks that run in every job, as A1111 (`payload["a1111_callbacks"]`, the
+    files the app found): on_cfg_denoiser after the always-on scripts' sampling hooks, on_before_image_saved /
+    on_image_saved around each save (`backend.engine.a1111_callbacks`)."""
+    if not payload.get("a1111_callbacks"):
+        return
+    from backend.engine.a1111_callbacks import JobCallbacks
+    from backend.core.schemas import Img2ImgRequest
+
+    callbacks = JobCallbacks(payload["a1111_callbacks"], ctx.options)
+    ctx.extension_hooks = callbacks.sampling_hooks(ctx)
+    ctx.sampling_hooks = list(ctx.sampling_hooks) + ctx.extension_hooks
+    request = payload.get("request")
+    ctx.image_save = callbacks.image_saving(ctx, request, isinstance(request, Img2ImgRequest))
+
+
 def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
     """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
     and warnings, and the embeddings the prompts may use (`backend.engine.networks.activation`)."""
@@ -471,6 +493,7 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
             _prepare_scripts(kind, payload, ctx, state)  # its detected maps were added to the job's at the start
         except JobInterrupted:
             ctx.sampling_hooks = []
+        ctx.sampling_hooks = list(ctx.sampling_hooks) + list(ctx.extension_hooks)  # the extensions' callbacks
     return switched
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,11 @@ class JobContext:
     # The request's sampler and schedule types, resolved by the app (`sampler_catalog.resolve_sampling`); a pipeline
     # run directly (scripts, tests) resolves them the same way and passes them here.
     sampling: SamplingChoice | None = None
+    # The enabled extensions' on_before_image_saved / on_image_saved callbacks (backend.engine.a1111_callbacks.
+    # ImageSaveCallbacks): given to every save of the job's pictures; None: none registered.
+    image_save: Any = None
+    # Their on_cfg_denoiser callbacks (in sampling_hooks too; kept again when a script switches the model).
+    extension_hooks: list[SamplingHook] = field(default_factory=list)
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

@@ -108,6 +108,11 @@ class Generation:
                 "sampler": self.sampler_info.name, "width": req.width, "height": req.height,
                 "model_name": ctx.checkpoint.model_name, "model_hash": ctx.checkpoint.shorthash}
 
+    def save_callbacks(self) -> dict:
+        """`save_image`'s before_save / after_save: the extensions' on_before_image_saved / on_image_saved."""
+        from backend.engine.a1111_callbacks import save_hooks
+        return save_hooks(self.ctx)
+
     def add_image(self, img: Image.Image, i: int, basename: str | None = None, infotext: str | None = None) -> None:
         """Record (and, unless told not to, save) image i of the job with its infotext (`infotext`: one made elsewhere,
         as SD upscale takes its first tile's)."""
@@ -118,7 +123,8 @@ class Generation:
             path = save_image_or_warn(self.ctx.warnings, "image", img, self.out_dir, seed=self.all_seeds[i],
                                       infotext=text, fmt=self.fmt, pattern=self.pattern,
                                       name_values=self.name_values(self.all_seeds[i]),
-                                      with_pnginfo=self.ctx.options["enable_pnginfo"], basename=basename or "")
+                                      with_pnginfo=self.ctx.options["enable_pnginfo"], basename=basename or "",
+                                      **self.save_callbacks())
         self.outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=self.all_seeds[i],
                                            subseed=self.all_subseeds[i], prompt=self.prompts[i],
                                            negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
@@ -134,7 +140,8 @@ class Generation:
             if options["grid_save"]:
                 grid_dir = day_folder(self.outdir(self.grids_dir_key), options["save_to_dirs"])
                 path = save_image_or_warn(ctx.warnings, "grid", grid, grid_dir, seed=self.all_seeds[0], infotext=text,
-                                          fmt=self.fmt, basename="grid", with_pnginfo=options["enable_pnginfo"])
+                                          fmt=self.fmt, basename="grid", with_pnginfo=options["enable_pnginfo"],
+                                          **self.save_callbacks())
             if options["return_grid"]:
                 self.outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=self.all_seeds[0],
                                                       subseed=self.all_subseeds[0], prompt=self.prompts[0],

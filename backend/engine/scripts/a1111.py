@@ -3,14 +3,13 @@ compatibility layer (`modules/`): the script gets A1111's `p` for the job's requ
 `modules.processing.process_images(p)` runs the ordinary pipeline here (`generate`: one progress bar, Interrupt
 stops the script), with `p.extra_generation_params` in the infotexts. What `run` returns (`Processed`, or None:
 A1111 then processes `p` itself) is the job's answer; pictures the script made itself are encoded with the
-infotexts it gives. The file's `on_cfg_denoiser` callbacks are sampling hooks of its generations.
+infotexts it gives. The file's `on_cfg_denoiser` callbacks run in every job (`backend/engine/a1111_callbacks.py`).
 """
 from __future__ import annotations
 
 from backend.core.images import encode_png
 from backend.core.schemas import GeneratedImage
-from backend.engine.a1111_bridge import (CFGDenoiserCallbacks, load_script, processing_object, request_of,
-                                         script_context)
+from backend.engine.a1111_bridge import load_script, processing_object, request_of, script_context
 from backend.engine.scripts.runner import pil_of
 
 
@@ -18,7 +17,7 @@ def run(call, job, generate):
     from modules.context import running
     from modules.processing import Processed
 
-    script, script_file = load_script(call)
+    script, _script_file = load_script(call)
     where = f"Script '{call.title}'"
     made: dict[int, tuple] = {}  # id(PIL picture) -> (picture, GeneratedImage): pictures the pipeline made
 
@@ -44,16 +43,10 @@ def run(call, job, generate):
 
     context = script_context(job.ctx, where, process_images)
     p = processing_object(job.request, job.img2img, job.init_images, job.mask, call.args)
-    hooks = list(job.ctx.sampling_hooks)
-    if script_file.callbacks.cfg_denoiser:
-        job.ctx.sampling_hooks = hooks + [CFGDenoiserCallbacks(script_file.callbacks.cfg_denoiser, context)]
-    try:
-        with running(context):
-            processed = script.run(p, *call.args)
-            if processed is None:  # A1111: a script that returns nothing leaves the job to process p
-                processed = process_images(p)
-    finally:
-        job.ctx.sampling_hooks = hooks
+    with running(context):
+        processed = script.run(p, *call.args)
+        if processed is None:  # A1111: a script that returns nothing leaves the job to process p
+            processed = process_images(p)
     if not isinstance(processed, Processed):
         raise TypeError(f"run() returned {type(processed).__name__}, not modules.processing.Processed")
     return job.answer(_answer_images(processed, made, job.request))

@@ -14,6 +14,7 @@ from typing import Callable
 from PIL import Image
 
 from backend.core.images import day_folder, encode_png, save_image_or_warn
+from backend.engine.a1111_callbacks import save_hooks  # the extensions' on_(before_)image_saved
 from backend.core.sampler_catalog import sampler_fields
 from backend.core.schemas import GeneratedImage, GenerationResult
 
@@ -161,7 +162,7 @@ class ScriptRun:
             path = save_image_or_warn(self.ctx.warnings, "image", picture,
                                       self._folder("outdir_img2img_samples" if self.img2img else "outdir_txt2img_samples"),
                                       seed=seed, infotext=infotext, fmt=options["samples_format"],
-                                      with_pnginfo=options["enable_pnginfo"])
+                                      with_pnginfo=options["enable_pnginfo"], **save_hooks(self.ctx))
         made = [i for r in self.results for i in r.images if not i.is_grid]
         return GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
                               subseed=made[0].subseed if made else -1, prompt=req.prompt,
@@ -177,7 +178,8 @@ class ScriptRun:
                                       self._folder("outdir_img2img_grids" if self.img2img else "outdir_txt2img_grids"),
                                       seed=first.seed,
                                       infotext=first.infotext, fmt=options["samples_format"],
-                                      basename=basename, with_pnginfo=options["enable_pnginfo"])
+                                      basename=basename, with_pnginfo=options["enable_pnginfo"],
+                                      **save_hooks(self.ctx))
         if not options["return_grid"]:
             return None
         return GeneratedImage(png=encode_png(picture, first.infotext), infotext=first.infotext, seed=first.seed,

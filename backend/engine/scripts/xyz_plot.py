@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 
 from PIL import Image
 
+from backend.engine.a1111_callbacks import save_hooks  # the extensions' on_(before_)image_saved
 from backend.core.errors import JobInterrupted
 from backend.core.grid_legends import GridAnnotation, draw_grid_annotations, layout_grid
 from backend.core.job_options import JobOptions
@@ -204,7 +205,7 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
             source = outputs[first] or template
             path = save_image_or_warn(warnings, "grid", grid, folder, seed=source.seed, infotext=text,
                                       fmt=options["samples_format"], basename="xyz_grid",
-                                      with_pnginfo=options["enable_pnginfo"])
+                                      with_pnginfo=options["enable_pnginfo"], **save_hooks(getattr(job, "ctx", None)))
             if path is not None:
                 saved[n] = str(path)
 
