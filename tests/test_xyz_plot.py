@@ -73,10 +73,10 @@ def test_unsupported_axis_is_refused_by_name_not_shifted():
 
 def test_arg_specs_follow_script_args():
     specs = xyz_arg_specs(False)
-    assert [s.name for s in specs] == list(XYZ_ARG_NAMES) and len(specs) == 18
-    assert specs[0].label == "X type" and specs[0].value == "Seed" and specs[0].choices[4] == "Steps"
-    assert specs[3].value == "Nothing" and specs[9].label == "Draw legend" and specs[9].value is True
-    margin = specs[16].as_dict()
+    assert [s.key for s in specs] == list(XYZ_ARG_NAMES) and len(specs) == 18
+    assert specs[0].label == "X type" and specs[0].default == "Seed" and specs[0].choices[4] == "Steps"
+    assert specs[3].default == "Nothing" and specs[9].label == "Draw legend" and specs[9].default is True
+    margin = specs[16].info()
     assert margin["label"] == "Grid margins (px)" and margin["maximum"] == 500 and margin["step"] == 2
     assert xyz_arg_specs(True)[0].choices[6] == "Image CFG Scale"
 

@@ -337,18 +337,6 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
     in `PreparedScript.models`, which the app resolves to files."""
     from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, cell_request, parse_xyz_args, xyz_arg_specs
 
-    def arg(spec) -> ScriptArg:
-        if spec.name.endswith("_type"):
-            return ScriptArg(spec.name, spec.label, "dropdown", spec.value, choices=spec.choices, index=True)
-        if spec.name.endswith("_values_dropdown"):
-            return ScriptArg(spec.name, spec.label, "list", [])
-        if spec.name.endswith("_values"):
-            return ScriptArg(spec.name, spec.label, "textbox", "")
-        if isinstance(spec.value, bool):
-            return ScriptArg(spec.name, spec.label, "checkbox", spec.value)
-        return ScriptArg(spec.name, spec.label, "slider", spec.value, minimum=spec.minimum, maximum=spec.maximum,
-                         step=spec.step)
-
     def prepare_for(img2img: bool) -> Callable[[Any, dict], PreparedScript]:
         def prepare(req, values: dict) -> PreparedScript:
             try:
@@ -365,7 +353,7 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
             return PreparedScript(args=plan, requests=cells, models=xyz_model_choices(plan))
         return prepare
 
-    return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(arg(s) for s in xyz_arg_specs(tab == "img2img")), engine=True,
+    return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(xyz_arg_specs(tab == "img2img")), engine=True,
                        prepare=prepare_for(tab == "img2img"),
                        description="One picture per combination of the X, Y and Z values, in a grid with the values as "
                                    "legends.")

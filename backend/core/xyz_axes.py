@@ -13,7 +13,7 @@ shifting the indices of the others.
     The base request with one cell's axis values applied (what the runner generates; the parser checks each value
     this way too, so a value the request checks refuse is refused before the first image).
 ``xyz_arg_specs(is_img2img)``
-    The script's controls as `ArgSpec`s (labels, defaults, ranges, choices) for ``/sdapi/v1/script-info`` and the UI.
+    The script's controls as the scripts catalog's `ScriptArg`s, for ``/sdapi/v1/script-info`` and the UI.
 
 Value syntax as A1111: comma-separated (CSV, so ``"a, b", c`` is two values), integer and float ranges
 ``1-5``, ``1-5 (+2)``, ``10-1 (-3)``, ``1-10 [5]`` (five values evenly spaced), Prompt S/R (the first value is
@@ -155,41 +155,28 @@ XYZ_ARG_DEFAULTS: dict[str, Any] = {
 MARGIN_MAX = 500
 
 
-@dataclass(frozen=True)
-class ArgSpec:
-    """One control of a script as /sdapi/v1/script-info describes it (A1111's ScriptArg)."""
-    name: str
-    label: str
-    value: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    choices: tuple[str, ...] | None = None
+def xyz_arg_specs(is_img2img: bool) -> list:
+    """The 18 controls as `ScriptArg`s of the scripts catalog, in `script_args` order, with A1111's labels and
+    defaults (axis types: dropdowns whose index A1111's clients send; values: text, or a multiselect list)."""
+    from backend.core.scripts_catalog import ScriptArg  # the catalog imports this module only inside a function
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "value": self.value, "minimum": self.minimum, "maximum": self.maximum,
-                "step": self.step, "choices": list(self.choices) if self.choices is not None else None}
-
-
-def xyz_arg_specs(is_img2img: bool) -> list[ArgSpec]:
-    """The 18 controls, in `script_args` order, with A1111's labels and defaults."""
     labels = tuple(a.label for a in xyz_axes(is_img2img))
-    specs: list[ArgSpec] = []
+    specs = []
     for axis, default in (("x", labels[1]), ("y", labels[0]), ("z", labels[0])):
         upper = axis.upper()
-        specs += [ArgSpec(f"{axis}_type", f"{upper} type", default, choices=labels),
-                  ArgSpec(f"{axis}_values", f"{upper} values", ""),
-                  ArgSpec(f"{axis}_values_dropdown", f"{upper} values", [], choices=())]
-    specs += [ArgSpec("draw_legend", "Draw legend", True),
-              ArgSpec("include_lone_images", "Include Sub Images", False),
-              ArgSpec("include_sub_grids", "Include Sub Grids", False),
-              ArgSpec("no_fixed_seeds", "Keep -1 for seeds", False),
-              ArgSpec("vary_seeds_x", "Vary seeds for X", False),
-              ArgSpec("vary_seeds_y", "Vary seeds for Y", False),
-              ArgSpec("vary_seeds_z", "Vary seeds for Z", False),
-              ArgSpec("margin_size", "Grid margins (px)", 0, minimum=0, maximum=MARGIN_MAX, step=2),
-              ArgSpec("csv_mode", "Use text inputs instead of dropdowns", False)]
-    assert tuple(s.name for s in specs) == XYZ_ARG_NAMES
+        specs += [ScriptArg(f"{axis}_type", f"{upper} type", "dropdown", default, choices=labels, index=True),
+                  ScriptArg(f"{axis}_values", f"{upper} values", "textbox", ""),
+                  ScriptArg(f"{axis}_values_dropdown", f"{upper} values", "list", [])]
+    specs += [ScriptArg("draw_legend", "Draw legend", "checkbox", True),
+              ScriptArg("include_lone_images", "Include Sub Images", "checkbox", False),
+              ScriptArg("include_sub_grids", "Include Sub Grids", "checkbox", False),
+              ScriptArg("no_fixed_seeds", "Keep -1 for seeds", "checkbox", False),
+              ScriptArg("vary_seeds_x", "Vary seeds for X", "checkbox", False),
+              ScriptArg("vary_seeds_y", "Vary seeds for Y", "checkbox", False),
+              ScriptArg("vary_seeds_z", "Vary seeds for Z", "checkbox", False),
+              ScriptArg("margin_size", "Grid margins (px)", "slider", 0, minimum=0, maximum=MARGIN_MAX, step=2),
+              ScriptArg("csv_mode", "Use text inputs instead of dropdowns", "checkbox", False)]
+    assert tuple(s.key for s in specs) == XYZ_ARG_NAMES
     return specs
 
 
