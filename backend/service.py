@@ -46,30 +46,33 @@ class EaselService:
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
                                     queue_limit=lambda: self.options["queue_max_jobs"])
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
-        from backend.controlnet.service import ControlNetService
-        self.controlnet = ControlNetService(self.paths, self.options, self.client)
         from backend.always_on_scripts import AlwaysOnScripts
-        from backend.controlnet.always_on import ControlNetScript
+        from backend.core.native_extensions import load_registry
+        from backend.extensions import enabled_extensions
+        # the enabled extensions' easel_extension.py (docs/extensions.md; the built-in ones in extensions-builtin/):
+        # their components (made once here), always-on scripts, job kinds, API routers and UI parts
+        self.native_extensions = load_registry(enabled_extensions(self.paths, self.options, args))
+        self.components = {key: make(self) for key, make in self.native_extensions.components.items()}
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
         for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
             self.selectable_scripts.add(spec)
         from backend.a1111_scripts import ExtensionScripts
-        from backend.extensions import enabled_extensions
         # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
         # join the Script dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged
         # and skipped
         script_files = [(f, e.path) for e in enabled_extensions(self.paths, self.options, args) for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
-            taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
+            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()))
         for spec in self.extension_scripts.selectable_specs():
             self.selectable_scripts.add(spec)
         for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
             self.selectable_scripts.add_always_on(spec)
         # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
-        self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)] + self.extension_scripts.always_on())
+        self.scripts = AlwaysOnScripts([d.app(self) for d in self.native_extensions.always_on]
+                                       + self.extension_scripts.always_on())
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -217,7 +220,7 @@ class EaselService:
         sampling = sampler_catalog.resolve_sampling(req, options["default_sampler"])
         payload = {"request": req, "sampling": sampling, **model, "options": options, "data_dir": self.paths.data_dir,
                    "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
-        # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (ControlNet: images
+        # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (e.g. ControlNet: images
         # decoded, models resolved); the backend receives them parsed, by name, and prepares their hooks.
         scripts, rest = self.scripts.for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
         if scripts:
@@ -244,7 +247,8 @@ class EaselService:
         from backend.core.scripts_catalog import PreparedScript, check_alwayson_names
 
         tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
-        check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs())
+        check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs(),
+                             native=self.native_extensions.alwayson_tabs())
         spec = self.selectable_scripts.find(req.script_name, tab)
         if spec is None:
             return req.model_copy(update={"script_name": None, "script_args": []}), None

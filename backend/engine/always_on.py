@@ -9,6 +9,10 @@ to the module that prepares it: `prepare(args, job, ctx, runtime) -> (hooks, ima
 models_dir)`, held in `ScriptRuntimes`), hooks are `SamplingHook`s and images are PNG bytes shown after the job's
 pictures (A1111 scripts' extra images). A script may also add job kinds of its own to the worker (`SCRIPT_JOBS`).
 Modules are imported on first use.
+
+Both tables come from the extensions' `easel_extension.py` files (docs/extensions.md), read here again rather than
+sent by the app: the program's extension folders when this module is imported (so the worker's job table has the
+built-in extensions' job kinds), `DATA_DIR/extensions` when the backend process starts (`add_extension_tables`).
 """
 from __future__ import annotations
 
@@ -19,22 +23,27 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from backend.core.native_extensions import engine_tables
 from backend.core.request_checks import hires_size as hires_size_of
 
 # Script name (lower case, as the request spells it) -> module with `prepare` (and, when it keeps caches between
-# jobs, `runtime(policy, models_dir)` that makes them).
-ENGINE_SCRIPTS: dict[str, str] = {
-    "controlnet": "backend.engine.controlnet.script",
-}
+# jobs, `runtime(policy, models_dir)` that makes them). Job kinds a script adds to the worker's table (the app
+# submits them for the script's own API routes and UI buttons): kind -> (script name, name of the module's function
+# called with the payload and the script's runtime).
+ENGINE_SCRIPTS, SCRIPT_JOBS = engine_tables(None)
 
 # An extension's AlwaysVisible AUTOMATIC1111 script (its entry is a `modules.script_loading.ScriptCall`).
 A1111_ALWAYS_ON = "backend.engine.a1111_always_on"
 
-# Job kinds a script adds to the worker's table (the app submits them for the script's own API routes and UI
-# buttons): kind -> (script name, name of the module's function called with the payload and the script's runtime).
-SCRIPT_JOBS: dict[str, tuple[str, str]] = {
-    "controlnet_detect": ("controlnet", "detect"),
-}
+
+
+def add_extension_tables(data_dir) -> None:
+    """At the backend process's start: the engine parts of the extensions in `DATA_DIR/extensions` too."""
+    scripts, jobs = engine_tables(data_dir)
+    for name, module in scripts.items():
+        ENGINE_SCRIPTS.setdefault(name, module)
+    for kind, target in jobs.items():
+        SCRIPT_JOBS.setdefault(kind, target)
 
 
 def _module(name: str):
