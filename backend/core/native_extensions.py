@@ -29,7 +29,7 @@ class AlwaysOnDecl:
 
     name: str
     app: Callable[[Any], Any]
-    engine: str
+    engine: str  # a module path, or the absolute path of a .py file in the extension's folder
     txt2img: bool = True  # img2img always; txt2img too unless False (A1111 answers 422 for it in txt2img then)
 
 
@@ -63,6 +63,7 @@ class ExtensionRegistry:
     settings: list[Any] = field(default_factory=list)  # backend.core.options.Setting
     loaded: list[str] = field(default_factory=list)  # extension names whose register() ran
     current: str = ""  # the extension being registered (log messages)
+    folder: Path | None = None  # its folder (an engine part given as a file is relative to it)
 
     # -- what register() calls ------------------------------------------------------------------------------------
     def add_component(self, key: str, make: Callable[[Any], Any]) -> None:
@@ -73,9 +74,18 @@ class ExtensionRegistry:
         self.components[key] = make
 
     def add_always_on_script(self, name: str, *, app: Callable[[Any], Any], engine: str, txt2img: bool = True) -> None:
+        """`engine`: a module path (importable in the backend process, e.g. `backend.engine.controlnet.script`) or
+        a `.py` file in the extension's folder (`engine="engine_part.py"`)."""
         key = name.strip().lower()
         if any(d.name == key for d in self.always_on):
             raise ValueError(f"always-on script {name!r} is already registered")
+        if engine.endswith(".py"):
+            if self.folder is None:
+                raise ValueError(f"always-on script {name!r}: an engine file needs the extension's folder")
+            file = (self.folder / engine).resolve()
+            if self.folder.resolve() not in file.parents or not file.is_file():
+                raise ValueError(f"always-on script {name!r}: engine file {engine} is not a file in the extension")
+            engine = str(file)
         self.always_on.append(AlwaysOnDecl(key, app, engine, txt2img))
 
     def add_job_kind(self, kind: str, *, script: str, function: str) -> None:
@@ -124,7 +134,7 @@ def load_extension_file(path: Path, name: str, registry: ExtensionRegistry) -> b
         register = getattr(module, "register", None)
         if not callable(register):
             raise AttributeError(f"{EXTENSION_FILE} has no register(registry) function")
-        registry.current = name
+        registry.current, registry.folder = name, path.parent
         register(registry)
     except Exception as exc:  # an extension's bug must not stop the app
         log.error("extension %s skipped: %s: %s", name, type(exc).__name__, exc)
@@ -135,7 +145,7 @@ def load_extension_file(path: Path, name: str, registry: ExtensionRegistry) -> b
             del items[count:]
         return False
     finally:
-        registry.current = ""
+        registry.current, registry.folder = "", None
     registry.loaded.append(name)
     return True
 

@@ -16,6 +16,7 @@ built-in extensions' job kinds), `DATA_DIR/extensions` when the backend process 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,22 @@ def _module(name: str):
     module = ENGINE_SCRIPTS.get(name)
     if module is None:  # the app's registry and this one list the same names
         raise ValueError(f"always-on script {name!r} has no engine component")
+    if module.endswith(".py"):  # a file in an extension's folder (not on the import path)
+        return _file_module(module)
     return importlib.import_module(module)
+
+
+def _file_module(path: str):
+    import importlib.util
+    import sys
+
+    key = "easel_engine_part_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 class ScriptRuntimes:
