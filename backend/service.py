@@ -19,7 +19,7 @@ from backend.client import BackendClient, Job
 from backend.core.errors import UserError
 from backend.core.ignored_inputs import request_warnings
 from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
-from backend.core.options import SETTINGS_BY_KEY, Options
+from backend.core.options import Options
 from backend.core.paths import DataPaths
 from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 
@@ -52,6 +52,8 @@ class EaselService:
         # the enabled extensions' easel_extension.py (docs/extensions.md; the built-in ones in extensions-builtin/):
         # their components (made once here), always-on scripts, job kinds, API routers and UI parts
         self.native_extensions = load_registry(enabled_extensions(self.paths, self.options, args))
+        for setting in self.native_extensions.settings:  # through the one settings gate, like Easel's own
+            self.options.add_setting(setting)
         self.components = {key: make(self) for key, make in self.native_extensions.components.items()}
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
@@ -209,7 +211,7 @@ class EaselService:
         # the job sees only the checked, coerced values.
         keep = not req.override_settings_restore_afterwards
         overrides = self.options.check(req.override_settings, per_job=not keep)
-        job_overrides = {k: v for k, v in overrides.items() if k in SETTINGS_BY_KEY}
+        job_overrides = {k: v for k, v in overrides.items() if self.options.setting(k) is not None}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
         options = self.options.as_dict()

@@ -1,6 +1,6 @@
 """An Easel-native test extension (docs/extensions.md), written into a data dir's `extensions/` by fixtures:
 an always-on script "native invert" whose engine part (a file in the extension) inverts the job's pictures in the
-`after_decode` sampling hook, a job kind of its own, a component, an API router and a generation UI part."""
+`after_decode` sampling hook, a job kind of its own, a setting, a component, an API router and a generation UI part."""
 
 EASEL_EXTENSION = '''
 from backend.core.errors import UserError
@@ -34,7 +34,8 @@ def _router(service, dependencies, log_requests):
 
     @router.post("/double")
     async def double(n: int):
-        return await run_job(service.client.submit, "native_test_double", {"n": n})
+        factor = service.options["native_test_factor"]
+        return await run_job(service.client.submit, "native_test_double", {"n": n, "factor": factor})
 
     return router
 
@@ -54,6 +55,9 @@ def _panel(service, tab, **context):
 
 
 def register(registry):
+    from backend.core.options import Setting
+    registry.add_setting(Setting("native_test_factor", 2, "Factor of the double job", "Native test", int,
+                                 minimum=1, maximum=10))
     registry.add_component("native-test", Greeter)
     registry.add_always_on_script("native invert", app=lambda service: InvertScript(), engine="engine_part.py")
     registry.add_job_kind("native_test_double", script="native invert", function="double")
@@ -82,7 +86,7 @@ def prepare(enabled, job, ctx, runtime):
 
 def double(payload, runtime):
     runtime["calls"] += 1
-    return {"double": 2 * payload["n"], "calls": runtime["calls"]}
+    return {"double": payload["factor"] * payload["n"], "calls": runtime["calls"]}
 '''
 
 

@@ -1,7 +1,7 @@
 """Easel's native extension API (backend/core/native_extensions.py, docs/extensions.md): `easel_extension.py`
 with `register(registry)`; the built-in extensions ControlNet and soft inpainting use it; a native test extension
 in a data dir's `extensions/` adds an always-on script whose sampling hook changes the pictures, a job kind, a
-router and a UI part; disabling ControlNet removes its always-on script (422 as in A1111), routes and accordion."""
+setting, a router and a UI part; disabling ControlNet removes its always-on script (422 as in A1111), routes and accordion."""
 from __future__ import annotations
 
 import base64
@@ -116,6 +116,15 @@ def test_native_router_component_and_job_kind(native_api):
     second = native_api.post("/native-test/double", params={"n": 1}).json()
     # run in the backend by the extension's engine file, whose runtime is kept between jobs
     assert first == {"double": 42, "calls": 1} and second == {"double": 2, "calls": 2}
+
+
+def test_native_setting_passes_the_settings_gate(native_api):
+    assert native_api.get("/sdapi/v1/options").json()["native_test_factor"] == 2
+    bad = native_api.post("/sdapi/v1/options", json={"native_test_factor": 99})
+    assert bad.status_code == 400 and "native_test_factor" in bad.text, bad.text
+    assert native_api.post("/sdapi/v1/options", json={"native_test_factor": 3}).status_code == 200
+    assert native_api.post("/native-test/double", params={"n": 5}).json()["double"] == 15
+    native_api.post("/sdapi/v1/options", json={"native_test_factor": 2})
 
 
 def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):

@@ -44,7 +44,7 @@ class SettingsTab:
 
 def current_values(service: EaselService) -> dict[str, Any]:
     """The settings as the tab shows them: the stored values, and the checkpoint jobs use now (its title)."""
-    values = {s.key: service.options[s.key] for s in SETTINGS}
+    values = {s.key: service.options[s.key] for s in service.options.settings()}
     try:
         values["sd_model_checkpoint"] = service.current_checkpoint().title
     except UserError:
@@ -52,9 +52,9 @@ def current_values(service: EaselService) -> dict[str, Any]:
     return values
 
 
-def changed(loaded: dict[str, Any], shown: dict[str, Any]) -> dict[str, Any]:
+def changed(loaded: dict[str, Any], shown: dict[str, Any], settings: list[Setting] = SETTINGS) -> dict[str, Any]:
     """The settings whose shown value differs from the one the page loaded (compared as the setting holds them)."""
-    by_key = {s.key: s for s in SETTINGS}
+    by_key = {s.key: s for s in settings}
     return {key: value for key, value in shown.items()
             if key not in loaded or not _same(by_key[key], value, loaded[key])}
 
@@ -97,7 +97,7 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         result = gr.HTML(elem_id="settings_result")
     sections: dict[str, list] = {}
-    for s in SETTINGS:
+    for s in service.options.settings():  # Easel's, then the extensions' (docs/extensions.md)
         if s.kind is list:
             continue  # lists of names have their own tab (disabled_extensions: the Extensions tab)
         sections.setdefault(s.section, []).append(s)
@@ -110,7 +110,7 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
     quick_keys = [key for key in ("sd_model_checkpoint", "sd_vae") if key in quick]
 
     def on_apply(loaded: dict, *values):
-        changes = changed(loaded, dict(zip(components, values)))
+        changes = changed(loaded, dict(zip(components, values)), service.options.settings())
         keep = [gr.update() for _ in tab.outputs()] + [gr.update() for _ in quick_keys]
         if not changes:
             return ["Nothing changed."] + keep

@@ -105,7 +105,9 @@ class ExtensionRegistry:
         self.tabs.append(TabDecl(title, elem_id or title.lower().replace(" ", "_"), build))
 
     def add_setting(self, setting: Any) -> None:
-        """A `backend.core.options.Setting`: it goes through the one settings gate like Easel's own."""
+        """A `backend.core.options.Setting`: the service adds it to its `Options` (`Options.add_setting`), so it
+        passes the one settings gate, is stored in config.json, shown in the Settings tab under its section, listed
+        by /sdapi/v1/options and may be a job's `override_settings`, like Easel's own."""
         self.settings.append(setting)
 
     # -- what the app and the engine read -------------------------------------------------------------------------

@@ -232,6 +232,7 @@ class Options:
         self._extra: dict[str, Any] = {}
         self._listeners: list[Callable[[str, Any], None]] = []
         self._value_checks: dict[str, Callable[[Any], Any]] = {}
+        self._added: dict[str, Setting] = {}  # settings the extensions declared (add_setting)
         if path is not None and path.exists():
             try:
                 stored = json.loads(path.read_text(encoding="utf-8"))
@@ -266,6 +267,26 @@ class Options:
 
     def on_change(self, listener: Callable[[str, Any], None]) -> None:
         self._listeners.append(listener)
+
+    def add_setting(self, setting: Setting) -> None:
+        """A setting an extension declares (`easel_extension.py`, docs/extensions.md): from here on it passes the
+        gate, is stored and listed like the settings of `SETTINGS`; a value stored earlier in config.json is kept."""
+        if setting.key in SETTINGS_BY_KEY or setting.key in self._added:
+            raise ValueError(f"setting {setting.key!r} already exists")
+        with self._lock:
+            self._added[setting.key] = setting
+            stored = self._extra.pop(setting.key, setting.default)
+            try:
+                self._values[setting.key] = self._coerce(setting, stored)
+            except UserError:
+                self._values[setting.key] = setting.default  # a stale value falls back to the default
+
+    def settings(self) -> list[Setting]:
+        """Every setting: `SETTINGS`, then those the extensions added."""
+        return SETTINGS + list(self._added.values())
+
+    def setting(self, key: str) -> Setting | None:
+        return SETTINGS_BY_KEY.get(key) or self._added.get(key)
 
     def add_value_check(self, key: str, check: Callable[[Any], Any]) -> None:
         """Add a check that needs what the app knows (the checkpoint and VAE files): `check(value)` returns the value
@@ -305,7 +326,7 @@ class Options:
         for key, value in changes.items():
             if not isinstance(key, str) or not key:
                 raise UserError(f"Setting names must be non-empty strings, got {_shown(key)}.")
-            setting = SETTINGS_BY_KEY.get(key)
+            setting = self.setting(key)
             if setting is None and per_job:
                 continue
             if setting is None:
@@ -343,7 +364,7 @@ class Options:
         coerced = self.check(changes, from_flags=from_flags)
         with self._lock:
             for key, value in coerced.items():
-                if key in SETTINGS_BY_KEY:
+                if self.setting(key) is not None:
                     self._values[key] = value
                 else:
                     self._extra[key] = value
