@@ -48,10 +48,13 @@ class EaselService:
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
         from backend.always_on_scripts import AlwaysOnScripts
         from backend.core.native_extensions import load_registry
-        from backend.extensions import enabled_extensions
+        from backend.extensions import all_extensions, enabled_extensions
         # the enabled extensions' easel_extension.py (docs/extensions.md; the built-in ones in extensions-builtin/):
         # their components (made once here), always-on scripts, job kinds, API routers and UI parts
-        self.native_extensions = load_registry(enabled_extensions(self.paths, self.options, args))
+        running = enabled_extensions(self.paths, self.options, args)
+        self.native_extensions = load_registry(running)
+        self._extensions_off = [e.name for e in all_extensions(self.paths.data_dir, self.options, with_git=False)
+                                if e.name not in {r.name for r in running}]  # named in the 422 of their scripts
         for setting in self.native_extensions.settings:  # through the one settings gate, like Easel's own
             self.options.add_setting(setting)
         self.components = {key: make(self) for key, make in self.native_extensions.components.items()}
@@ -249,8 +252,16 @@ class EaselService:
         from backend.core.scripts_catalog import PreparedScript, check_alwayson_names
 
         tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
-        check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs(),
-                             native=self.native_extensions.alwayson_tabs())
+        try:
+            check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs(),
+                                 native=self.native_extensions.alwayson_tabs())
+        except UserError as exc:  # a script of a disabled extension (ControlNet): say so
+            off = {_loose_name(name): name for name in self._extensions_off}
+            hints = [off[_loose_name(key)] for key in req.alwayson_scripts or {} if _loose_name(key) in off]
+            if hints:
+                exc = UserError(f"{exc.message} The extension {', '.join(hints)} is disabled (Extensions tab, or "
+                                f"--disable-all-extensions / --disable-extra-extensions).", status=exc.status)
+            raise exc from None
         spec = self.selectable_scripts.find(req.script_name, tab)
         if spec is None:
             return req.model_copy(update={"script_name": None, "script_args": []}), None
@@ -432,6 +443,11 @@ class EaselService:
     def scheduler_list() -> list[dict]:
         return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for s in sampler_catalog.SCHEDULERS]
+
+
+def _loose_name(name) -> str:
+    """An extension's folder name or an always-on script's name, compared loosely ("soft-inpainting")."""
+    return " ".join(str(name).lower().replace("-", " ").replace("_", " ").split())
 
 
 def _wait(job: Job) -> GenerationResult:

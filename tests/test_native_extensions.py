@@ -132,6 +132,7 @@ def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):
             "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "module": "none", "model": "None"}]}}}
     resp = native_api.post("/sdapi/v1/txt2img", json=body)
     assert resp.status_code == 422 and "always on script controlnet not found" in resp.text, resp.text
+    assert "The extension controlnet is disabled" in resp.text
     assert native_api.get("/controlnet/version").status_code == 404
     # soft inpainting (another built-in extension) is still on
     picture = io.BytesIO()
