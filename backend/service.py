@@ -88,6 +88,13 @@ class EaselService:
         # the folders in extensions/ (Extensions tab, /sdapi/v1/extensions, the page's extension scripts and styles)
         self.extensions = ExtensionManager(args, self.paths, self.options)
 
+    def __getattr__(self, name: str):
+        """An extension's component is also the service's attribute of its key (`service.controlnet`)."""
+        components = self.__dict__.get("components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _select_initial_checkpoint(self, ckpt: str) -> None:
         path = Path(ckpt).expanduser()
         if path.is_file():
