@@ -67,7 +67,7 @@ class EaselService:
         # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
         # join the Script dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged
         # and skipped
-        script_files = [(f, e.path) for e in enabled_extensions(self.paths, self.options, args) for f in e.script_files]
+        script_files = [(f, e.path) for e in running for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
             taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()))
