@@ -134,6 +134,10 @@ def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):
     assert resp.status_code == 422 and "always on script controlnet not found" in resp.text, resp.text
     assert "The extension controlnet is disabled" in resp.text
     assert native_api.get("/controlnet/version").status_code == 404
+    listed = native_api.get("/sdapi/v1/scripts").json()  # always-on scripts are listed, as A1111 lists them
+    assert "native invert" in listed["txt2img"] and "soft inpainting" in listed["img2img"]
+    assert "soft inpainting" not in listed["txt2img"]
+    assert "controlnet" not in listed["txt2img"] + listed["img2img"]
     # soft inpainting (another built-in extension) is still on
     picture = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 200)).save(picture, format="PNG")
