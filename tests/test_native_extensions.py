@@ -149,5 +149,10 @@ def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):
     elem_ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert "txt2img_native_invert" in elem_ids and "img2img_soft_inpainting" in elem_ids
     assert not {"txt2img_controlnet", "img2img_controlnet", "controlnet_detect_run"} & elem_ids
-    extensions = {e["name"]: e["enabled"] for e in native_api.get("/sdapi/v1/extensions").json()}
-    assert extensions["controlnet"] is False and extensions["native-test"] is True
+    # A1111's API lists no built-in extension; the Extensions tab shows ControlNet, off
+    assert {e["name"]: e["enabled"] for e in native_api.get("/sdapi/v1/extensions").json()} == {"native-test": True}
+    table = next(c["props"]["value"] for c in config["components"]
+                 if c.get("props", {}).get("elem_id") == "extensions_table")
+    row = table.split('<tr data-extension="controlnet">')[1].split("</tr>")[0]
+    assert "controlnet (built-in)" in row and "<td>disabled</td>" in row
+    assert '<tr data-extension="soft-inpainting"><td>soft-inpainting (built-in)' in table
