@@ -81,6 +81,7 @@ def runtime(policy, models_dir):
 
 
 def prepare(enabled, job, ctx, runtime):
+    ctx.extra_params["Native invert"] = True  # written into the infotext
     return [Invert()], []
 
 

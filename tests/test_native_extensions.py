@@ -104,6 +104,8 @@ def test_native_always_on_script_changes_the_pixels_through_the_api(native_api):
                                        json={**body, "alwayson_scripts": {"Native Invert": {"args": [True]}}}))
     assert plain.std() > 0
     assert np.array_equal(inverted, 255 - plain)  # the extension's after_decode hook ran on the job's picture
+    assert "Native invert: True" in native_api.post("/sdapi/v1/txt2img", json={
+        **body, "alwayson_scripts": {"native invert": {"args": [True]}}}).json()["info"]
     off = _pixels(native_api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"native invert": {"args": [False]}}}))
     assert np.array_equal(off, plain)
     bad = native_api.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"native invert": {"args": ["yes"]}}})
@@ -156,3 +158,22 @@ def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):
     row = table.split('<tr data-extension="controlnet">')[1].split("</tr>")[0]
     assert "controlnet (built-in)" in row and "<td>disabled</td>" in row
     assert '<tr data-extension="soft-inpainting"><td>soft-inpainting (built-in)' in table
+
+
+def test_browser_native_panel_and_no_controlnet_accordion(native_server):
+    """The extension's panel under txt2img: its checkbox switches its always-on script on for Generate; ControlNet's
+    accordion and tab are absent (its extension is disabled), soft inpainting's accordion is in img2img."""
+    from browser import browser_page, set_sizes
+
+    with browser_page(native_server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        assert page.locator("#txt2img_controlnet").count() == 0 and page.locator("#img2img_controlnet").count() == 0
+        assert page.locator("#img2img_soft_inpainting_accordion").count() == 1
+        page.fill("#txt2img_prompt textarea", "a quiet harbour")
+        set_sizes(page, steps=2, width=64, height=64)
+        page.click("#txt2img_native_invert")  # open the extension's accordion
+        page.locator("#txt2img_native_invert_enabled input[type=checkbox]").click()
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 2')",
+                               timeout=180_000)
+        assert "Native invert: True" in page.inner_text("#txt2img_info")
