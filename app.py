@@ -75,8 +75,8 @@ def add_api(app, service, args, throttle=None) -> None:
     if args.api_auth:
         deps.append(Depends(basic_auth_dependency(parse_logins(args.api_auth), throttle)))
     app.include_router(build_router(service, deps, log_requests=bool(args.api_log)))
-    from api.controlnet_routes import build_controlnet_router
-    app.include_router(build_controlnet_router(service, deps, log_requests=bool(args.api_log)))
+    for build in service.native_extensions.routers:  # the extensions' routers (ControlNet's /controlnet/...)
+        app.include_router(build(service, deps, bool(args.api_log)))
     from api.postprocess_routes import build_postprocess_router
     app.include_router(build_postprocess_router(service, deps, log_requests=bool(args.api_log)))
     from api.networks_routes import build_networks_router
@@ -152,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if share_url:
             from urllib.parse import urlsplit
             allowed_hosts.add(urlsplit(share_url).hostname)
+        gradio_routes = list(app.router.routes)
         from api.extensions_routes import build_extension_assets_router
         app.include_router(build_extension_assets_router(service))  # the extensions' scripts and styles
         if args.api:
             add_api(app, service, args, throttle)
         # Gradio's catch-all routes were registered first: move ours to the front.
-        api_routes = [r for r in app.router.routes
-                      if getattr(r, "path", "").startswith(("/sdapi/", "/controlnet/", "/extension-assets/"))]
+        api_routes = [r for r in app.router.routes if r not in gradio_routes]
         others = [r for r in app.router.routes if r not in api_routes]
         app.router.routes[:] = api_routes + others
         extensions_app_started(service, demo, app)

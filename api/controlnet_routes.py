@@ -34,7 +34,7 @@ class DetectRequest(JsonRequest):
 def build_controlnet_router(service: EaselService, dependencies: list | None = None, log_requests: bool = False) -> APIRouter:
     route_class = type("EaselControlNetRoute", (A1111Route,), {"log_requests": log_requests})
     router = APIRouter(prefix="/controlnet", dependencies=dependencies or [], route_class=route_class)
-    cn = service.controlnet
+    cn = service.components["controlnet"]
 
     @router.get("/version")
     def version() -> dict:

@@ -135,7 +135,11 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
 
     @router.get("/scripts")
     def scripts() -> dict:
-        return service.selectable_scripts.scripts_list()
+        listed = service.selectable_scripts.scripts_list()
+        for name, in_txt2img in service.native_extensions.alwayson_tabs().items():  # A1111 lists always-on ones
+            for tab in ("txt2img", "img2img") if in_txt2img else ("img2img",):
+                listed[tab].append(name)
+        return listed
 
     @router.get("/script-info")
     def script_info() -> list[dict]:

@@ -258,10 +258,11 @@ class ExtensionManager:
             log.info("extensions: %s", ", ".join(names))
 
     def api_list(self) -> list[dict]:
-        """GET /sdapi/v1/extensions, as A1111's."""
+        """GET /sdapi/v1/extensions, as A1111's: the built-in extensions (extensions-builtin/, part of the program's
+        own checkout, with no remote of their own) are not listed; the Extensions tab shows them."""
         return [{"name": e.name, "remote": e.git.remote, "branch": e.git.branch, "commit_hash": e.git.commit_hash,
                  "version": e.git.version, "commit_date": e.git.commit_date, "enabled": e.enabled}
-                for e in self.list()]
+                for e in self.list() if not e.is_builtin]
 
     def set_enabled(self, enabled_names: list[str]) -> list[str]:
         """Store the extensions not in `enabled_names` as disabled (through the settings gate); returns that list.

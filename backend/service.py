@@ -46,24 +46,31 @@ class EaselService:
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
                                     queue_limit=lambda: self.options["queue_max_jobs"])
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
-        from backend.controlnet.service import ControlNetService
-        self.controlnet = ControlNetService(self.paths, self.options, self.client)
         from backend.always_on_scripts import AlwaysOnScripts
-        from backend.controlnet.always_on import ControlNetScript
+        from backend.core.native_extensions import load_registry
+        from backend.extensions import all_extensions, enabled_extensions
+        # the enabled extensions' easel_extension.py (docs/extensions.md; the built-in ones in extensions-builtin/):
+        # their components (made once here), always-on scripts, job kinds, API routers and UI parts
+        running = enabled_extensions(self.paths, self.options, args)
+        self.native_extensions = load_registry(running)
+        self._extensions_off = [e.name for e in all_extensions(self.paths.data_dir, self.options, with_git=False)
+                                if e.name not in {r.name for r in running}]  # named in the 422 of their scripts
+        for setting in self.native_extensions.settings:  # through the one settings gate, like Easel's own
+            self.options.register(setting)
+        self.components = {key: make(self) for key, make in self.native_extensions.components.items()}
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
         for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
             self.selectable_scripts.add(spec)
         from backend.a1111_scripts import ExtensionScripts
-        from backend.extensions import enabled_extensions
         # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
         # join the Script dropdown, AlwaysVisible ones the always-on scripts; a file that fails to load is logged
         # and skipped
-        script_files = [(f, e.path) for e in enabled_extensions(self.paths, self.options, args) for f in e.script_files]
+        script_files = [(f, e.path) for e in running for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
-            taken={s.name for s in self.selectable_scripts.scripts} | {"controlnet", "soft inpainting"})
+            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()))
         # their on_ui_settings callbacks: the options they add join the settings table before any is used
         self.extension_scripts.register_settings(self.options)
         self.extension_scripts.set_app_default_context(self.options)
@@ -72,7 +79,8 @@ class EaselService:
         for spec in (s for tab in ("txt2img", "img2img") for s in self.extension_scripts.always_on_specs(tab)):
             self.selectable_scripts.add_always_on(spec)
         # alwayson_scripts whose arguments are checked here and prepared into sampling hooks in the backend
-        self.scripts = AlwaysOnScripts([ControlNetScript(self.controlnet)] + self.extension_scripts.always_on())
+        self.scripts = AlwaysOnScripts([d.app(self) for d in self.native_extensions.always_on]
+                                       + self.extension_scripts.always_on())
         from backend.networks.catalog import ExtraNetworksCatalog
         # LoRA and embedding files (LoRA / Textual Inversion tabs, /sdapi/v1/loras, /sdapi/v1/embeddings)
         self.networks = ExtraNetworksCatalog(self.paths)
@@ -82,6 +90,13 @@ class EaselService:
         from backend.extensions import ExtensionManager
         # the folders in extensions/ (Extensions tab, /sdapi/v1/extensions, the page's extension scripts and styles)
         self.extensions = ExtensionManager(args, self.paths, self.options)
+
+    def __getattr__(self, name: str):
+        """An extension's component is also the service's attribute of its key (`service.controlnet`)."""
+        components = self.__dict__.get("components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _select_initial_checkpoint(self, ckpt: str) -> None:
         path = Path(ckpt).expanduser()
@@ -222,7 +237,7 @@ class EaselService:
                    "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
         # the extensions' script files whose callbacks run in every job (on_cfg_denoiser, on_image_saved, ...)
         payload["a1111_callbacks"] = self.extension_scripts.backend_callback_files()
-        # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (ControlNet: images
+        # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (e.g. ControlNet: images
         # decoded, models resolved); the backend receives them parsed, by name, and prepares their hooks.
         scripts, rest = self.scripts.for_job(req.alwayson_scripts, img2img=isinstance(req, Img2ImgRequest))
         if scripts:
@@ -249,7 +264,16 @@ class EaselService:
         from backend.core.scripts_catalog import PreparedScript, check_alwayson_names
 
         tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
-        check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs())
+        try:
+            check_alwayson_names(req.alwayson_scripts, tab, self.extension_scripts.always_on_tabs(),
+                                 native=self.native_extensions.alwayson_tabs())
+        except UserError as exc:  # a script of a disabled extension (ControlNet): say so
+            off = {_loose_name(name): name for name in self._extensions_off}
+            hints = [off[_loose_name(key)] for key in req.alwayson_scripts or {} if _loose_name(key) in off]
+            if hints:
+                exc = UserError(f"{exc.message} The extension {', '.join(hints)} is disabled (Extensions tab, or "
+                                f"--disable-all-extensions / --disable-extra-extensions).", status=exc.status)
+            raise exc from None
         spec = self.selectable_scripts.find(req.script_name, tab)
         if spec is None:
             return req.model_copy(update={"script_name": None, "script_args": []}), None
@@ -432,6 +456,11 @@ class EaselService:
     def scheduler_list() -> list[dict]:
         return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for s in sampler_catalog.SCHEDULERS]
+
+
+def _loose_name(name) -> str:
+    """An extension's folder name or an always-on script's name, compared loosely ("soft-inpainting")."""
+    return " ".join(str(name).lower().replace("-", " ").replace("_", " ").split())
 
 
 def _wait(job: Job) -> GenerationResult:

@@ -300,6 +300,8 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
         return generate(loaded, policy, tiny_models["sd1"])[1]
 
     class Cache:
+        loads = 1  # ModelCache counts the checkpoints it read from their files
+
         def get(self, path, limit):
             return loaded
 

@@ -88,7 +88,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
             ckpt = service.current_checkpoint(title or None)
         except UserError:
             pass
-        return service.controlnet.model_titles(ckpt)
+        return service.components["controlnet"].model_titles(ckpt)
 
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab_name}_controlnet"):
         with gr.Tabs():
@@ -137,7 +137,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                         if pp and pre.resolution is not None:
                             from backend.controlnet.units import pixel_perfect_resolution
                             r = pixel_perfect_resolution(img.width, img.height, int(w or 512), int(h or 512), rm)
-                        out = service.controlnet.detect(mod, [img], int(r) if pre.resolution else -1,
+                        out = service.components["controlnet"].detect(mod, [img], int(r) if pre.resolution else -1,
                                                         a if pre.threshold_a else -1, b if pre.threshold_b else -1)
                     except (UserError, BackendError) as exc:
                         return None, _error(exc)
@@ -148,7 +148,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                           outputs=[preview, status])
 
                 def on_refresh(current, title=None):
-                    service.controlnet.refresh()
+                    service.components["controlnet"].refresh()
                     choices = models_for(title)
                     return gr.update(choices=choices, value=current if current in choices else "None")
 
@@ -171,7 +171,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
 
 def build_tab(service: EaselService) -> None:
     """The ControlNet tab: the models found (and which checkpoint type each fits), the preprocessors, detect."""
-    cn = service.controlnet
+    cn = service.components["controlnet"]
 
     def model_rows():
         rows = []

@@ -12,7 +12,7 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import controlnet, generation, scripts
+from ui import extension_parts, generation, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -25,7 +25,7 @@ FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "wi
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
           "inpaint_full_res", "inpaint_full_res_padding"]
-EXTRA = ["scale_mode", "scale_by", "soft_inpainting", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
+EXTRA = ["scale_mode", "scale_by", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
 def drawn_mask(layers: list, size: tuple[int, int]) -> Image.Image | None:
@@ -135,8 +135,6 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                      label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                               elem_id="img2img_inpaint_full_res_padding")
-                c["soft_inpainting"] = gr.Checkbox(False, label="Soft inpainting (blend the mask edge smoothly)",
-                                                   elem_id="img2img_soft_inpainting")
             with gr.Row():
                 c["scale_mode"] = gr.Radio(["Resize to", "Resize by"], value="Resize to", label="Size",
                                            elem_id="img2img_scale_mode")
@@ -155,16 +153,16 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             generation.extra_controls(service, "img2img", c)
             c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="img2img_restore_faces",
                                              info="Settings: face restoration model and CodeFormer weight")
-            cn_panel = controlnet.build_units(service, "img2img", checkpoint, img2img=True, width=c["width"],
-                                              height=c["height"])
+            ext_panel = extension_parts.build_generation_parts(service, "img2img", checkpoint=checkpoint,
+                                                              width=c["width"], height=c["height"])
             script_panel = scripts.build(service, "img2img")
         with gr.Column(scale=1):
             r = generation.results_column("img2img")
 
     image_inputs = [images[k] for k in ("init_image", "sketch", "inpaint", "inpaint_sketch", "upload_image", "upload_mask")]
-    inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + cn_panel.inputs
-    n_base = len(inputs) - len(cn_panel.inputs)
-    n_cn = len(inputs)
+    inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + ext_panel.inputs
+    n_base = len(inputs) - len(ext_panel.inputs)
+    n_ext = len(inputs)
     inputs += script_panel.inputs
 
     async def on_generate(*values):
@@ -172,7 +170,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             yield update
 
     def submit(values: list):
-        values, cn_values, script_values = values[:n_base], values[n_base:n_cn], values[n_cn:]
+        values, ext_values, script_values = values[:n_base], values[n_base:n_ext], values[n_ext:]
         ckpt, vae_choice, mode_name, *rest = values
         pictures, rest = rest[:len(image_inputs)], rest[len(image_inputs):]
         fields = dict(zip(FIELDS + EXTRA, rest))
@@ -181,9 +179,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         fields["inpaint_full_res"] = bool(fields["inpaint_full_res"])
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
         request = dict(fields, override_settings=overrides, save_images=True)
-        if extra["soft_inpainting"]:
-            request["alwayson_scripts"] = {"soft inpainting": {"args": [True]}}
-        request.setdefault("alwayson_scripts", {}).update(cn_panel.alwayson_scripts(cn_values))
+        request["alwayson_scripts"] = ext_panel.alwayson_scripts(ext_values)
         request["alwayson_scripts"].update(script_panel.alwayson_scripts(script_values))
         request.update(script_panel.request_fields(script_values))
         outpainting = request.get("script_name") in OUTPAINTING

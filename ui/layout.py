@@ -11,7 +11,7 @@ from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from ui import controlnet, extensions, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
+from ui import extension_parts, extensions, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -50,9 +50,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
             with gr.Tab("LoRA", id="lora"):
                 extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
-            with gr.Tab("ControlNet", id="controlnet"):
-                controlnet.build_tab(service)
-            extension_tabs.render(added_tabs)  # the extensions' tabs (on_ui_tabs), before Settings as in A1111
+            extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
+            extension_tabs.render(added_tabs)  # the A1111 extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):
                 settings = settings_tab.build(service, {"sd_model_checkpoint": checkpoint, "sd_vae": vae})
             with gr.Tab("Extensions", id="extensions"):

@@ -98,7 +98,7 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         result = gr.HTML(elem_id="settings_result")
     sections: dict[str, list] = {}
-    for s in service.options.settings():  # Easel's own, then the extensions' (on_ui_settings)
+    for s in service.options.settings():  # Easel's own, then the extensions' (easel_extension.py, on_ui_settings)
         if s.kind is list:
             continue  # lists of names have their own tab (disabled_extensions: the Extensions tab)
         sections.setdefault(s.section, []).append(s)

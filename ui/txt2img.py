@@ -6,7 +6,7 @@ import gradio as gr
 from backend.core.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
-from ui import controlnet, generation, scripts
+from ui import extension_parts, generation, scripts
 
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
@@ -44,23 +44,24 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             generation.extra_controls(service, "txt2img", c)
             c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="txt2img_restore_faces",
                                              info="Settings: face restoration model and CodeFormer weight")
-            cn_panel = controlnet.build_units(service, "txt2img", checkpoint, width=c["width"], height=c["height"])
+            ext_panel = extension_parts.build_generation_parts(service, "txt2img", checkpoint=checkpoint,
+                                                              width=c["width"], height=c["height"])
             script_panel = scripts.build(service, "txt2img")
         with gr.Column(scale=1):
             r = generation.results_column("txt2img")
 
-    inputs = [checkpoint, vae] + [c[name] for name in FIELDS] + cn_panel.inputs + script_panel.inputs
+    inputs = [checkpoint, vae] + [c[name] for name in FIELDS] + ext_panel.inputs + script_panel.inputs
     n_base = 2 + len(FIELDS)
-    n_cn = n_base + len(cn_panel.inputs)
+    n_ext = n_base + len(ext_panel.inputs)
 
     def make_request(values: list) -> Txt2ImgRequest:
         ckpt, vae_choice, *rest = values[:n_base]
         fields = generation.clean_fields(dict(zip(FIELDS, rest)))
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
         return Txt2ImgRequest(**fields, override_settings=overrides, save_images=True,
-                              alwayson_scripts={**cn_panel.alwayson_scripts(values[n_base:n_cn]),
-                                                **script_panel.alwayson_scripts(values[n_cn:])},
-                              **script_panel.request_fields(values[n_cn:]))
+                              alwayson_scripts={**ext_panel.alwayson_scripts(values[n_base:n_ext]),
+                                                **script_panel.alwayson_scripts(values[n_ext:])},
+                              **script_panel.request_fields(values[n_ext:]))
 
     async def on_generate(*values):
         async for update in generation.stream_job(service, lambda: service.submit_txt2img(make_request(list(values)))):

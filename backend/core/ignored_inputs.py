@@ -56,10 +56,10 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-# alwayson_scripts Easel runs (key, compared without case) -> whether txt2img runs it too (any other key is a 422:
-# backend.core.scripts_catalog.check_alwayson_names, as A1111 answers); their readers: the
-# registries of backend/always_on_scripts.py (app) and backend/engine/always_on.py (engine) for "controlnet", and
-# backend/engine/pipelines/img2img.py (soft_inpainting_enabled) for "soft inpainting".
+# The always-on scripts of Easel's built-in extensions (key, compared without case) -> whether txt2img runs it too
+# (any other key is a 422: backend.core.scripts_catalog.check_alwayson_names, as A1111 answers). A running server
+# checks against what its enabled extensions registered (extensions-builtin/*/easel_extension.py); this is the
+# list when all are enabled.
 ALWAYSON_SCRIPTS: dict[str, bool] = {"controlnet": True, "soft inpainting": False}
 
 

@@ -274,12 +274,15 @@ class Options:
         return self._settings.get(key)
 
     def register(self, setting: Setting) -> None:
-        """Add an extension's setting (A1111's `on_ui_settings` + `shared.opts.add_option`), at start-up before
+        """Add an extension's setting (an `easel_extension.py`'s `add_setting`, or A1111's `on_ui_settings` +
+        `shared.opts.add_option`), at start-up before
         the settings are used: it then passes the gate (`check`) and shows in the Settings tab and
         `/sdapi/v1/options`. A value config.json already holds for it (kept verbatim until now) is checked as the
         setting holds it; a stale one falls back to the default. Easel's own settings cannot be replaced."""
         if setting.key in SETTINGS_BY_KEY:
             raise ValueError(f"setting {setting.key!r} is one of Easel's own and cannot be registered again")
+        if setting.key in self._settings:
+            raise ValueError(f"setting {setting.key!r} already exists (another extension registered it)")
         coerce(setting, setting.default)  # a default the setting itself refuses is the extension's bug
         with self._lock:
             self._settings[setting.key] = setting

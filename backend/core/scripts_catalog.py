@@ -407,13 +407,15 @@ class ScriptCatalog:
 
 
 
-def check_alwayson_names(alwayson_scripts: dict | None, tab: str, extra: dict[str, bool] | None = None) -> None:
+def check_alwayson_names(alwayson_scripts: dict | None, tab: str, extra: dict[str, bool] | None = None, *,
+                         native: dict[str, bool] | None = None) -> None:
     """A1111 answers 422 for an `alwayson_scripts` entry it has no always-on script for in the tab, and for a
-    selectable script named there; Easel does the same (its always-on scripts: `ignored_inputs.ALWAYSON_SCRIPTS`,
+    selectable script named there; Easel does the same (its always-on scripts: `native`, those the enabled
+    extensions' easel_extension.py registered, by default `ignored_inputs.ALWAYSON_SCRIPTS`, the built-in ones;
     and `extra`, the extensions' AlwaysVisible scripts: {name: runs in txt2img too})."""
     from backend.core.ignored_inputs import ALWAYSON_SCRIPTS
 
-    ALWAYSON_SCRIPTS = {**ALWAYSON_SCRIPTS, **(extra or {})}
+    ALWAYSON_SCRIPTS = {**(ALWAYSON_SCRIPTS if native is None else native), **(extra or {})}
     for key in alwayson_scripts or {}:
         runs_in_txt2img = ALWAYSON_SCRIPTS.get(str(key).strip().lower())
         if runs_in_txt2img is None or not (tab == "img2img" or runs_in_txt2img):

@@ -9,9 +9,14 @@ to the module that prepares it: `prepare(args, job, ctx, runtime) -> (hooks, ima
 models_dir)`, held in `ScriptRuntimes`), hooks are `SamplingHook`s and images are PNG bytes shown after the job's
 pictures (A1111 scripts' extra images). A script may also add job kinds of its own to the worker (`SCRIPT_JOBS`).
 Modules are imported on first use.
+
+Both tables come from the extensions' `easel_extension.py` files (docs/extensions.md), read here again rather than
+sent by the app: the program's extension folders when this module is imported (so the worker's job table has the
+built-in extensions' job kinds), `DATA_DIR/extensions` when the backend process starts (`add_extension_tables`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +24,49 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from backend.core.native_extensions import engine_tables
 from backend.core.request_checks import hires_size as hires_size_of
 
 # Script name (lower case, as the request spells it) -> module with `prepare` (and, when it keeps caches between
-# jobs, `runtime(policy, models_dir)` that makes them).
-ENGINE_SCRIPTS: dict[str, str] = {
-    "controlnet": "backend.engine.controlnet.script",
-}
+# jobs, `runtime(policy, models_dir)` that makes them). Job kinds a script adds to the worker's table (the app
+# submits them for the script's own API routes and UI buttons): kind -> (script name, name of the module's function
+# called with the payload and the script's runtime).
+ENGINE_SCRIPTS, SCRIPT_JOBS = engine_tables(None)
 
 # An extension's AlwaysVisible AUTOMATIC1111 script (its entry is a `modules.script_loading.ScriptCall`).
 A1111_ALWAYS_ON = "backend.engine.a1111_always_on"
 
-# Job kinds a script adds to the worker's table (the app submits them for the script's own API routes and UI
-# buttons): kind -> (script name, name of the module's function called with the payload and the script's runtime).
-SCRIPT_JOBS: dict[str, tuple[str, str]] = {
-    "controlnet_detect": ("controlnet", "detect"),
-}
+
+
+def add_extension_tables(data_dir) -> None:
+    """At the backend process's start: the engine parts of the extensions in `DATA_DIR/extensions` too."""
+    scripts, jobs = engine_tables(data_dir)
+    for name, module in scripts.items():
+        ENGINE_SCRIPTS.setdefault(name, module)
+    for kind, target in jobs.items():
+        SCRIPT_JOBS.setdefault(kind, target)
 
 
 def _module(name: str):
     module = ENGINE_SCRIPTS.get(name)
     if module is None:  # the app's registry and this one list the same names
         raise ValueError(f"always-on script {name!r} has no engine component")
+    if module.endswith(".py"):  # a file in an extension's folder (not on the import path)
+        return _file_module(module)
     return importlib.import_module(module)
+
+
+def _file_module(path: str):
+    import importlib.util
+    import sys
+
+    key = "easel_engine_part_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 class ScriptRuntimes:

@@ -579,6 +579,8 @@ JOB_HANDLERS: Mapping[str, JobHandler] = MappingProxyType({
 def run_job(kind: str, payload: Any, state: WorkerState, control: JobControl) -> Any:
     """Run one job with the handler of its kind (`JOB_HANDLERS`); an unknown kind is an error naming the known ones."""
     handler = JOB_HANDLERS.get(kind)
+    if handler is None and kind in SCRIPT_JOBS:  # a job kind of an extension in DATA_DIR/extensions
+        handler = _script_job(kind)
     if handler is None:
         raise ValueError(f"unknown job kind {kind!r}; the backend runs: {', '.join(JOB_HANDLERS)}")
     return handler(state, payload, control)
@@ -658,6 +660,8 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
         if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical:
             torch.set_num_threads(physical)
     hashes = HashCache(paths.cache_dir / "hashes.json")
+    from backend.engine.always_on import add_extension_tables
+    add_extension_tables(paths.data_dir)  # the engine parts of the extensions in DATA_DIR/extensions
     from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
     state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),

@@ -36,12 +36,17 @@ from backend.engine.sampling_hooks import SamplingHook, StepState
 
 log = logging.getLogger("easel.img2img")
 
-def soft_inpainting_enabled(req: Img2ImgRequest) -> bool:
-    for name, script in (req.alwayson_scripts or {}).items():
-        if name.strip().lower() == "soft inpainting":
-            args = script.get("args", []) if isinstance(script, dict) else script
-            return bool(args and args[0])
-    return False
+class InpaintMaskReplacement(SamplingHook):
+    """A job hook (an always-on script's, e.g. the soft-inpainting extension's) that replaces the inpainting latent
+    mask: `latent_mask(init, change)` gets the init latent and the blurred change map (never rounded) and returns
+    the hook used instead of `LatentMask`. It changes nothing else in sampling."""
+
+    def latent_mask(self, init_latent: torch.Tensor, change: torch.Tensor) -> SamplingHook:
+        raise NotImplementedError
+
+
+def mask_replacement(ctx: JobContext) -> InpaintMaskReplacement | None:
+    return next((h for h in ctx.sampling_hooks if isinstance(h, InpaintMaskReplacement)), None)
 
 
 @dataclass
@@ -99,7 +104,7 @@ class LatentMask(SamplingHook):
 
 
 class SoftInpainting(LatentMask):
-    """The soft inpainting hook (always-on script "soft inpainting"): the change map keeps its blurred values and
+    """The soft inpainting hook (the built-in extension soft-inpainting, `SoftInpaintingMask`): the change map keeps its blurred values and
     a latent joins the denoising only once the pass's remaining fraction falls below its mask value (differential
     diffusion), so weakly masked edges change a little and the transition is smooth; unmasked latents never change."""
 
@@ -109,6 +114,13 @@ class SoftInpainting(LatentMask):
     def after_sampling(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
         free = (self.change > 0).to(self.init.dtype)
         return self.init * (1 - free) + latents * free
+
+
+class SoftInpaintingMask(InpaintMaskReplacement):
+    """What the always-on script "soft inpainting" adds to an img2img job: `SoftInpainting` instead of the mask."""
+
+    def latent_mask(self, init_latent: torch.Tensor, change: torch.Tensor) -> SamplingHook:
+        return SoftInpainting(init_latent, change)
 
 
 def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
@@ -136,7 +148,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
         req = req.model_copy(update={"batch_size": len(images)})
         base = images[0].size
         images = [im if im.size == base else im.resize(base, Image.Resampling.LANCZOS) for im in images]
-    soft = soft_inpainting_enabled(req) and mask is not None
+    soft = mask_replacement(ctx) is not None and mask is not None
 
     gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
                      samples_dir=samples_dir)
@@ -265,10 +277,11 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
             init = init * (1 - change) + noise * change
         elif fill == 3:  # latent nothing
             init = init * (1 - change)
-        latent_mask = (SoftInpainting if soft else LatentMask)(init, change)
+        latent_mask = mask_replacement(ctx).latent_mask(init, change) if soft else LatentMask(init, change)
 
     image_cond = _image_conditioning(ctx, processed[:n], prepared) if model.is_inpaint else None
-    hooks = ([latent_mask] if latent_mask is not None else []) + list(ctx.sampling_hooks)
+    hooks = ([latent_mask] if latent_mask is not None else []) + [
+        h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
     denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
                            ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks)
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
