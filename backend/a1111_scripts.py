@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.core.errors import UserError
 from backend.core.scripts_catalog import TABS, PreparedScript, ScriptArg, ScriptSpec
+
+if TYPE_CHECKING:
+    from modules.script_callbacks import FileCallbacks
 
 log = logging.getLogger("easel")
 
@@ -105,20 +108,6 @@ class ExtensionScript:
         return ScriptCall(str(loaded.path), loaded.title, img2img, tuple(spec.check_args(values)), always_on=True)
 
 
-@dataclass
-class FileCallbacks:
-    """The `modules.script_callbacks` one loaded script file registered (its extension named in the log when one
-    raises)."""
-
-    path: Path
-    extension: str
-    registry: Any  # modules.script_callbacks.CallbackRegistry
-
-    @property
-    def where(self) -> str:
-        return f"extension {self.extension} ({self.path.name})"
-
-
 def setting_of(key: str, info, extension: str):
     """The Easel `Setting` for an extension's `shared.opts.add_option(key, shared.OptionInfo(...))`: its kind from
     the default's type, the range and choices from the component's arguments, the section's title."""
@@ -148,6 +137,8 @@ class ExtensionScripts:
     """The A1111 scripts of the extensions' script files, loaded in the app process."""
 
     def __init__(self, files: list[tuple[Path, Path]], options: dict, cmd_opts=None, taken: set[str] = frozenset()):
+        from modules.script_callbacks import FileCallbacks
+
         self.scripts: list[LoadedScript] = []
         self.failures: dict[str, str] = {}  # file -> why it was skipped
         self.callbacks: list[FileCallbacks] = []  # the script_callbacks each loaded file registered

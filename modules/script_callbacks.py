@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from modules.context import missing
@@ -106,3 +107,17 @@ on_model_loaded = _register("model_loaded")
 
 def __getattr__(name: str):
     raise missing(__name__, name)
+
+
+@dataclass
+class FileCallbacks:
+    """The callbacks one loaded script file registered, with where they come from (named in the log when one
+    raises); the app process and the backend process each keep a list of them."""
+
+    path: Path
+    extension: str
+    registry: CallbackRegistry
+
+    @property
+    def where(self) -> str:
+        return f"extension {self.extension} ({self.path.name})"

@@ -19,24 +19,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modules.script_callbacks import FileCallbacks
 
 log = logging.getLogger("easel")
 
 
-@dataclass
-class LoadedCallbacks:
-    path: str
-    extension: str
-    registry: Any  # modules.script_callbacks.CallbackRegistry
-
-    @property
-    def where(self) -> str:
-        return f"extension {self.extension} ({Path(self.path).name})"
-
-
-def load_callbacks(files) -> list[LoadedCallbacks]:
+def load_callbacks(files) -> list[FileCallbacks]:
     """The callbacks of the files [(path, extension)], each file loaded fresh; one that fails is logged, skipped."""
+    from modules.script_callbacks import FileCallbacks
     from modules.script_loading import load_script_file
 
     loaded = []
@@ -47,7 +40,7 @@ def load_callbacks(files) -> list[LoadedCallbacks]:
             log.error("extension script %s (extension %s) skipped in this job: %s: %s", path, extension,
                       type(exc).__name__, exc)
             continue
-        loaded.append(LoadedCallbacks(str(path), str(extension), script_file.callbacks))
+        loaded.append(FileCallbacks(Path(path), str(extension), script_file.callbacks))
     return loaded
 
 
@@ -93,7 +86,7 @@ class JobCallbacks:
         self.files = load_callbacks(files)
         self.options = options
 
-    def _context(self, file: LoadedCallbacks, ctx=None):
+    def _context(self, file: FileCallbacks, ctx=None):
         from modules.context import ScriptContext
 
         if ctx is not None:
