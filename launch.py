@@ -37,6 +37,18 @@ def requirements_stamp(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+NEEDED_DISK_GB = 8  # torch with its CUDA libraries, diffusers, gradio and the test tools: about 7 GB in the venv
+
+
+def warn_if_disk_is_short(folder: Path) -> None:
+    """Say before a long install, not after it, when the disk cannot hold the environment."""
+    free_gb = shutil.disk_usage(folder if folder.exists() else folder.parent).free / 2**30
+    if free_gb < NEEDED_DISK_GB:
+        print(f"warning: {free_gb:.1f} GB free on the disk of {folder}; installing the requirements needs about "
+              f"{NEEDED_DISK_GB} GB. Free some space (or set EASEL_VENV to a folder on a larger disk) if pip fails "
+              "with 'No space left on device'.", file=sys.stderr, flush=True)
+
+
 def prepare_environment(with_tests: bool) -> Path:
     """Create the virtual environment if needed and install the pinned requirements (once per change)."""
     if not venv_python().exists():
@@ -46,7 +58,9 @@ def prepare_environment(with_tests: bool) -> Path:
     stamp_file = VENV / (".easel-requirements-tests" if with_tests else ".easel-requirements")
     stamp = requirements_stamp(files + [nodeps])
     if not stamp_file.exists() or stamp_file.read_text() != stamp:
-        cmd = [venv_python(), "-m", "pip", "install", "--disable-pip-version-check"]
+        warn_if_disk_is_short(VENV)
+        # --no-cache-dir: the downloaded wheels are not kept a second time in pip's cache (several GB with torch)
+        cmd = [venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"]
         for f in files:
             cmd += ["-r", f]
         run(cmd)

@@ -37,8 +37,19 @@ def pick_dropdown(page, elem: str, text: str) -> None:
     """Type `text` into the Gradio dropdown `elem` (a CSS selector) and pick the choice it leads to."""
     box = page.locator(f"{elem} input").first
     box.click()
-    box.fill(text)
-    page.wait_for_timeout(300)
+    box.fill("")
+    box.press_sequentially(text)  # Gradio filters the list on key events (fill() alone leaves it unfiltered)
+    # Enter picks the list's active entry: wait until Gradio has filtered the list down to the typed text,
+    # or under load Enter lands first and picks whatever was active before (the old value stays selected).
+    page.wait_for_function(
+        """([elem, text]) => {
+            const options = document.querySelectorAll(`${elem} li[role=option]`);
+            const want = text.toLowerCase();
+            return options.length > 0 && Array.from(options).every(
+                o => (o.getAttribute('aria-label') || o.textContent).toLowerCase().includes(want));
+        }""",
+        arg=[elem, text],
+    )
     box.press("Enter")
     page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")
 
