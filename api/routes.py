@@ -109,6 +109,10 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         service.refresh_checkpoints()
         return {}
 
+    @router.get("/prompt-styles")
+    def prompt_styles() -> list[dict]:
+        return [s.as_api() for s in service.styles.all()]
+
     @router.get("/options")
     def get_options() -> dict:
         return service.options.as_dict()

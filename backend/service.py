@@ -38,6 +38,11 @@ class EaselService:
         self.options = Options(self.paths.config_file, self.paths.data_dir, frozen=args.freeze_settings,
                                hide_dir_config=args.hide_ui_dir_config)
         self.hashes = HashCache(self.paths.cache_dir / "hashes.json")
+        from backend.core.styles import StyleDatabase
+        # prompt styles (styles.csv; the Styles dropdown, /sdapi/v1/prompt-styles, a request's `styles`)
+        self.styles = StyleDatabase(self.paths.styles_files)
+        for problem in self.styles.errors:
+            log.warning(problem)
         self.registry = ModelRegistry(self.paths.ckpt_dirs, self.paths.vae_dirs, self.hashes)
         self.options.add_value_check("sd_model_checkpoint", self._checkpoint_title)
         self.options.add_value_check("sd_vae", self._vae_choice)
@@ -217,6 +222,10 @@ class EaselService:
         ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
         for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
             ignored += [w for w in request_warnings(derived) if w not in ignored]
+        styles = list(dict.fromkeys(name for r in [req, *(d for _l, d in (script[1].requests if script else ()))]
+                                    for name in r.styles or []))
+        ignored += [f"style {name!r} does not exist (styles: {', '.join(self.styles.names()) or 'none'}); it was "
+                    "not applied" for name in self.styles.unknown(styles)]
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
 
@@ -234,7 +243,8 @@ class EaselService:
         # The one resolution of the sampler names (the job's default_sampler may be overridden): the engine runs it.
         sampling = sampler_catalog.resolve_sampling(req, options["default_sampler"])
         payload = {"request": req, "sampling": sampling, **model, "options": options, "data_dir": self.paths.data_dir,
-                   "warnings": ignored}  # the job's result carries these (info.warnings, the UI's info area)
+                   "warnings": ignored,  # the job's result carries these (info.warnings, the UI's info area)
+                   "styles": self.styles.table(styles)}  # the texts of the styles the job names (applied by the engine)
         # the extensions' script files whose callbacks run in every job (on_cfg_denoiser, on_image_saved, ...)
         payload["a1111_callbacks"] = self.extension_scripts.backend_callback_files()
         # Always-on scripts (alwayson_scripts): each registered one checks its arguments here (e.g. ControlNet: images

@@ -16,7 +16,7 @@ from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 # a value other than the default for every ignored field
 SET_VALUES = {
-    "styles": ["my style"], "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
+    "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
     "s_min_uncond": 0.5, "hr_checkpoint_name": "other.safetensors", "firstpass_image": "iVBORw0KGgo=",
     "comments": {"a comment": 1}, "infotext": "a cat\nSteps: 20, Seed: 1",
     "firstphase_width": 512, "firstphase_height": 512, "sampler_index_legacy": 3, "image_cfg_scale": 1.5,
@@ -81,11 +81,10 @@ def test_unused_flags_are_warned_about():
     assert flag_warnings(parse_args([])) == []
     # flags that act: no warning
     assert flag_warnings(parse_args(["--api", "--medvram", "--port", "7000", "--theme", "dark",
-                                     "--enable-insecure-extension-access"])) == []
-    args = parse_args(["--lowram", "--styles-file", "styles.csv", "--upcast-sampling",
-                       "--skip-load-model-at-start", "--skip-torch-cuda-test"])
+                                     "--enable-insecure-extension-access", "--styles-file", "styles.csv"])) == []
+    args = parse_args(["--lowram", "--upcast-sampling", "--skip-load-model-at-start", "--skip-torch-cuda-test"])
     text = "\n".join(flag_warnings(args))
-    for flag in ("--lowram", "--styles-file", "--upcast-sampling", "--skip-load-model-at-start",
+    for flag in ("--lowram", "--upcast-sampling", "--skip-load-model-at-start",
                  "--skip-torch-cuda-test"):
         assert flag in text, flag
     for dest in IGNORED_FLAGS:  # every listed flag exists in the parser (a renamed flag would never warn)

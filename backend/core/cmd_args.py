@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--codeformer-models-path", default=None)
     paths.add_argument("--esrgan-models-path", default=None)
     paths.add_argument("--realesrgan-models-path", default=None)
-    paths.add_argument("--styles-file", default=None)
+    paths.add_argument("--styles-file", action="append", default=[],
+                       help="a styles file or a glob of them; may be given several times (default DATA_DIR/styles.csv)")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default DATA_DIR/config.json)")
 
     mem = p.add_argument_group("device, memory and precision")

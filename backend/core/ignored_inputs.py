@@ -19,7 +19,6 @@ from typing import Any, Callable
 # Flag (argparse dest) -> why it has no effect. Warned about when its value differs from the parser's default.
 IGNORED_FLAGS: dict[str, str] = {
     "lowram": "checkpoint weights are always read into RAM before they are moved to the GPU",
-    "styles_file": "prompt styles are not implemented yet",
     "upcast_sampling": "sampling is not upcast separately; use --no-half (or --precision full) for float32",
     "skip_load_model_at_start": "Easel loads the checkpoint when the first job needs it, never at start",
     "skip_torch_cuda_test": "Easel's launcher runs no CUDA test (without a usable GPU Easel runs on the CPU)",
@@ -38,7 +37,6 @@ def _unset(*defaults: Any) -> Callable[[Any], bool]:
 # Request field -> (is it left at its default?, why it is ignored). Img2img-only fields are checked only on
 # img2img requests (the txt2img request has no such field).
 IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "styles": (_unset(), "prompt styles are not implemented yet"),
     "refiner_checkpoint": (_unset("None"), "the refiner (a second checkpoint for the last steps) is not implemented "
                                            "yet; the whole job uses the main checkpoint"),
     "refiner_switch_at": (_unset(), "the refiner is not implemented yet"),

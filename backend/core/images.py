@@ -49,8 +49,8 @@ class FilenameGenerator:
             if key == "prompt_words":
                 words = re.findall(r"[\w]+", str(self.values.get("prompt", "")))[:8]
                 return " ".join(words) or "empty"
-            if key in ("prompt", "prompt_no_styles"):
-                return str(self.values.get("prompt", ""))[:MAX_NAME]
+            if key in ("prompt", "prompt_no_styles"):  # the prompt with / without the job's styles
+                return str(self.values.get(key, self.values.get("prompt", "")))[:MAX_NAME]
             value = self.values.get(key)
             return m.group(0) if value is None else str(value)
 

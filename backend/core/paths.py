@@ -53,6 +53,7 @@ class DataPaths:
     outputs_dir: Path | None = None
     config_file: Path | None = None
     cache_dir: Path | None = None
+    styles_files: list[str] = field(default_factory=list)  # --styles-file values (globs allowed), in order
 
     @classmethod
     def from_args(cls, args) -> "DataPaths":
@@ -82,6 +83,7 @@ class DataPaths:
             outputs_dir=data_dir / "outputs",
             config_file=Path(args.ui_settings_file).expanduser().resolve() if args.ui_settings_file else data_dir / "config.json",
             cache_dir=data_dir / "cache",
+            styles_files=list(getattr(args, "styles_file", None) or []) or [str(data_dir / "styles.csv")],
         )
 
     def model_folders(self) -> list[Path]:

@@ -369,7 +369,8 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
             ctx = JobContext(loaded=model, policy=policy, options=payload["options"], outputs_root=payload["data_dir"],
                              checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
-                             warnings=list(payload.get("warnings") or []) + list(loaded.notes))
+                             warnings=list(payload.get("warnings") or []) + list(loaded.notes),
+                             styles=payload.get("styles") or {})
             try:
                 _activate_networks(payload, ctx, state)
                 try:

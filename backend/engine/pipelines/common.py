@@ -108,6 +108,9 @@ class JobContext:
     image_save: Any = None
     # Their on_cfg_denoiser callbacks (in sampling_hooks too; kept again when a script switches the model).
     extension_hooks: list[SamplingHook] = field(default_factory=list)
+    # The prompt styles the job's requests name, {name: (prompt, negative prompt)} (`backend.core.styles`; the app
+    # reads styles.csv): applied to every request's prompts as A1111's setup_prompts does.
+    styles: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

@@ -16,6 +16,7 @@ from backend.engine import schedules
 from backend.engine.conditioning import TextConditioner
 from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
 from backend.engine.rng import fix_seed
+from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
 
@@ -39,8 +40,13 @@ class Generation:
         self.subseed = fix_seed(req.subseed)
         self.all_seeds = [self.seed + (i if req.subseed_strength == 0 else 0) for i in range(self.total_images)]
         self.all_subseeds = [self.subseed + i for i in range(self.total_images)]
-        self.prompts = [req.prompt] * self.total_images
-        self.negatives = [req.negative_prompt] * self.total_images
+        # the request's styles go into its prompts (hires. prompts too), and so into the infotext, as A1111's
+        prompt, negative = styled_prompts(req.prompt, req.negative_prompt, req.styles, ctx.styles)
+        self.prompts = [prompt] * self.total_images
+        self.negatives = [negative] * self.total_images
+        hr_prompt, hr_negative = getattr(req, "hr_prompt", ""), getattr(req, "hr_negative_prompt", "")
+        self.hr_prompt, self.hr_negative = styled_prompts(hr_prompt, hr_negative, req.styles, ctx.styles)
+        self.hr_prompt, self.hr_negative = self.hr_prompt if hr_prompt else "", self.hr_negative if hr_negative else ""
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
@@ -104,7 +110,7 @@ class Generation:
 
     def name_values(self, seed: int) -> dict:
         req, ctx = self.req, self.ctx
-        return {"seed": seed, "prompt": req.prompt, "steps": req.steps, "cfg": format_number(req.cfg_scale),
+        return {"seed": seed, "prompt": self.prompts[0], "prompt_no_styles": req.prompt, "steps": req.steps, "cfg": format_number(req.cfg_scale),
                 "sampler": self.sampler_info.name, "width": req.width, "height": req.height,
                 "model_name": ctx.checkpoint.model_name, "model_hash": ctx.checkpoint.shorthash}
 

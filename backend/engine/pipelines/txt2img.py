@@ -73,10 +73,10 @@ def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
         gen.params["Hires upscaler"] = hr_upscaler
         if req.hr_sampler_name:
             gen.params["Hires sampler"] = hr_sampler_info.name
-        if req.hr_prompt and req.hr_prompt != req.prompt:
-            gen.params["Hires prompt"] = req.hr_prompt
-        if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
-            gen.params["Hires negative prompt"] = req.hr_negative_prompt
+        if gen.hr_prompt and gen.hr_prompt != gen.prompts[0]:
+            gen.params["Hires prompt"] = gen.hr_prompt
+        if gen.hr_negative and gen.hr_negative != gen.negatives[0]:
+            gen.params["Hires negative prompt"] = gen.hr_negative
 
     try:
         _run_batches(req, ctx, gen, hr_w, hr_h, hr_steps, hr_denoise, hr_upscaler, hr_sampler_info, hr_schedule)
@@ -114,8 +114,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
 
             images = None
             if hires and stop is None:
-                hr_prompts = [req.hr_prompt or p for p in prompts[idx]]
-                hr_negs = [req.hr_negative_prompt or p for p in negatives[idx]]
+                hr_prompts = [gen.hr_prompt or p for p in prompts[idx]]  # with the request's styles
+                hr_negs = [gen.hr_negative or p for p in negatives[idx]]
                 if hr_upscaler in LATENT_UPSCALE_MODES:
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
                 else:
