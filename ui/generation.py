@@ -31,8 +31,9 @@ INT_FIELDS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subse
               "inpaint_full_res_padding")
 
 
-def prompt_row(tab: str, c: dict) -> dict:
-    """Prompt, negative prompt, Generate / Interrupt / Skip."""
+def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
+    """Prompt, negative prompt, Generate / Interrupt / Skip, Styles."""
+    from ui import styles
     buttons = {}
     with gr.Row(elem_id=f"{tab}_toprow"):
         with gr.Column(scale=6):
@@ -44,6 +45,7 @@ def prompt_row(tab: str, c: dict) -> dict:
             with gr.Row():
                 buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
                 buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
+            styles.build(service, tab, c)
     return buttons
 
 

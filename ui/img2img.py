@@ -21,7 +21,7 @@ OUTPAINTING = ("Poor man's outpainting", "Outpainting mk2")  # scripts that make
 SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047", "#1e88e5", "#8e24aa", "#6d4c41"]
 
 # Request fields the tab edits, in the order of the `inputs` list (after the images and mode controls).
-FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
+FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
           "inpaint_full_res", "inpaint_full_res_padding"]
@@ -78,7 +78,7 @@ def image_and_mask(mode: str, init_image, sketch: dict | None, inpaint: dict | N
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict, dict]:
     """Lay out the tab. Returns (fields, results, image inputs) for PNG Info and the Send to buttons."""
     c: dict[str, gr.components.Component] = {}
-    buttons = generation.prompt_row("img2img", c)
+    buttons = generation.prompt_row(service, "img2img", c)
     images: dict = {}
     mode = gr.State("img2img")
     with gr.Row():

@@ -9,7 +9,7 @@ from backend.service import EaselService
 from ui import extension_parts, generation, scripts
 
 # Request fields the tab edits, in the order of the `inputs` list.
-FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
+FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
           "hr_scale", "hr_resize_x", "hr_resize_y"]
@@ -18,7 +18,7 @@ FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "wi
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict]:
     """Lay out the tab. Returns (field components by request-field name, result components)."""
     c: dict[str, gr.components.Component] = {}
-    buttons = generation.prompt_row("txt2img", c)
+    buttons = generation.prompt_row(service, "txt2img", c)
     with gr.Row():
         with gr.Column(scale=1):
             generation.sampler_controls(service, "txt2img", c)
