@@ -11,7 +11,8 @@ from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from ui import extension_parts, extensions, extra_networks, extras, img2img, pnginfo, send_to, settings_tab, txt2img
+from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, send_to,
+                settings_tab, txt2img)
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -58,6 +59,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 extensions_refresh, extensions_outputs = extensions.build(service)
 
         send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
+        page_scripts.wire_settings(service, demo)  # what ui/javascript/*.js reads (keyboard emphasis steps)
 
         def on_refresh():
             service.refresh_checkpoints()

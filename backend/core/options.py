@@ -61,6 +61,12 @@ SETTINGS: list[Setting] = [
             "(normally you'd do less with less denoising)", "img2img", bool),
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
+    Setting("keyedit_precision_attention", 0.1, "Ctrl+Up/Down precision when editing (attention:1.1)",
+            "User interface", float, minimum=0.01, maximum=0.2),
+    Setting("keyedit_precision_extra", 0.05, "Ctrl+Up/Down precision when editing <extra networks:0.9>",
+            "User interface", float, minimum=0.01, maximum=0.2),
+    Setting("keyedit_delimiters", ".,\\/!?%^*;:{}=`~() ", "Word delimiters when editing the prompt with Ctrl+Up/Down",
+            "User interface"),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "
             "--no-half / --precision full keep float32)", "Optimizations", str, choices=("auto", "on", "off")),
