@@ -46,6 +46,14 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
                 buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
                 buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
             styles.build(service, tab, c)
+            with gr.Row():
+                buttons["paste"] = gr.Button("Read parameters", size="sm", elem_id=f"{tab}_paste",
+                                             elem_classes=["easel-tool"])
+                buttons["clear_prompt"] = gr.Button("Clear prompts", size="sm", elem_id=f"{tab}_clear_prompt",
+                                                    elem_classes=["easel-tool"])
+            # set by a paste (PNG Info, Send to, Read parameters): settings this tab's next jobs use, as A1111's
+            c["override_choices"] = gr.Dropdown([], value=[], multiselect=True, label="Override settings",
+                                                visible=False, elem_id=f"{tab}_override_settings")
     return buttons
 
 
@@ -56,6 +64,13 @@ def sampler_controls(service: EaselService, tab: str, c: dict) -> None:
         c["scheduler"] = gr.Dropdown([s.label for s in sampler_catalog.SCHEDULERS], value="Automatic", label="Schedule type",
                                      elem_id=f"{tab}_scheduler")
     c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab}_steps")
+
+
+def swap_size_button(tab: str, c: dict) -> gr.Button:
+    """⇅: width and height swapped (call after both sliders exist)."""
+    button = gr.Button("Swap width and height", size="sm", elem_id=f"{tab}_res_switch_btn", elem_classes=["easel-tool"])
+    button.click(lambda w, h: (h, w), [c["width"], c["height"]], [c["width"], c["height"]], queue=False)
+    return button
 
 
 def batch_controls(tab: str, c: dict) -> None:
@@ -205,6 +220,7 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
     reattach_on_load(service, r, presses)
     buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
     buttons["skip"].click(lambda: service.skip(), queue=False)
+    buttons["clear_prompt"].click(lambda: ("", ""), outputs=[c["prompt"], c["negative_prompt"]], queue=False)
     buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
     buttons["reuse_seed"].click(lambda s: s, inputs=[r["last_seed"]], outputs=[c["seed"]], queue=False)
 

@@ -48,7 +48,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("Extras", id="extras"):
                 extras_image = extras.build(service)
             with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
+                pnginfo.build(service, fields, tabs, i2i_fields, i2i_images, extras_image, checkpoint)
             with gr.Tab("LoRA", id="lora"):
                 extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
             extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
@@ -58,7 +58,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("Extensions", id="extensions"):
                 extensions_refresh, extensions_outputs = extensions.build(service)
 
-        send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
+        send_to.wire(service, tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image, checkpoint)
         page_scripts.wire_settings(service, demo)  # what ui/javascript/*.js reads (keyboard emphasis steps)
 
         def on_refresh():

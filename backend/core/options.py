@@ -67,6 +67,8 @@ SETTINGS: list[Setting] = [
             "User interface", float, minimum=0.01, maximum=0.2),
     Setting("keyedit_delimiters", ".,\\/!?%^*;:{}=`~() ", "Word delimiters when editing the prompt with Ctrl+Up/Down",
             "User interface"),
+    Setting("infotext_styles", "Apply if any", "Infotext: handling of styles when pasting (PNG Info, Send to, the "
+            "paste button)", "User interface", choices=("Ignore", "Apply", "Discard", "Apply if any")),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "
             "--no-half / --precision full keep float32)", "Optimizations", str, choices=("auto", "on", "off")),
