@@ -157,8 +157,8 @@ class ExtensionScripts:
     @staticmethod
     def _load(path: Path, extension: Path, options: dict, cmd_opts, taken):
         from modules.context import ScriptContext, running
-        from modules.script_loading import UNSUPPORTED_METHODS, load_script_file
-        from modules.scripts import AlwaysVisible, Script
+        from modules.script_loading import load_script_file
+        from modules.scripts import AlwaysVisible
 
         loaded = []
         with running(ScriptContext(options=options, cmd_opts=cmd_opts, where=str(path))):
@@ -180,11 +180,6 @@ class ExtensionScripts:
                     elif not shown:
                         continue
                     entry.args[tab] = _ui_args(script, img2img, where)
-                unsupported = [m for m in UNSUPPORTED_METHODS if getattr(cls, m) is not getattr(Script, m)]
-                if entry.always_on and unsupported:  # it would run in every job: skipped rather than half-run
-                    log.error("extension script %r in %s skipped: it overrides %s, which Easel's AUTOMATIC1111 "
-                              "compatibility layer does not call yet", title, path, ", ".join(unsupported))
-                    continue
                 loaded.append(entry)
         return loaded, script_file.callbacks
 

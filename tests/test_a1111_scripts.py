@@ -138,9 +138,9 @@ def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
     assert "needs_missing.py" in log and "sd_model" in log
     assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
     assert "on_ui_tabs of extension broken-ext (ui_tabs.py)" in log and "the test tab is broken" in log
-    assert "'Test after all'" in log and "overrides postprocess" in log
     assert "callback_only.py" not in log  # a file with callbacks and no Script loads: they run in every job
-    assert "test after all" not in ext_server_scripts(ext_server)["txt2img"]
+    # AlwaysVisible scripts overriding the per-batch and end-of-job methods load (they run where A1111 runs them)
+    assert "batch_hooks.py" not in log and "test batch hooks" in ext_server_scripts(ext_server)["txt2img"]
 
 
 def ext_server_scripts(srv) -> dict:
@@ -239,3 +239,55 @@ def test_callbacks_go_into_the_registry_of_their_file(tmp_path):
     loaded = load_script_file(script)
     assert loaded.callbacks.cfg_denoiser == [print] and [c.__name__ for c in loaded.classes] == ["S"]
     assert loaded.module.BASE == str(tmp_path / "ext")
+
+
+def test_always_visible_batch_methods_and_postprocess(ext_api):
+    """setup, before_process, process, then per batch before_process_batch / process_batch (with batch_number,
+    prompts, seeds, subseeds), postprocess_batch (a BCHW tensor in 0..1, edited in place: the pictures change),
+    postprocess_batch_list, and postprocess with the job's Processed (a picture it adds is in the answer)."""
+    body = txt(batch_size=2, n_iter=2, alwayson_scripts={"Test batch hooks": {"args": [True]}})
+    images, info = answer(ext_api.post("/txt2img", json=body))
+    plain, plain_info = answer(ext_api.post("/txt2img", json=txt(batch_size=2, n_iter=2)))
+    first = info["index_of_first_image"]
+    assert len(images) == len(plain) + 1  # the grid, four pictures and the one postprocess added
+    calls = info["infotexts"][-1].split("; ")
+    assert calls[:3] == ["setup", "before_process", "process"]
+    assert calls[3:7] == ["before_process_batch 0 2 0", "process_batch 0 a red boat in batch 0",
+                          "postprocess_batch 0 (2, 3, 64, 64) True", "postprocess_batch_list 0 2"]
+    assert calls[7] == "before_process_batch 1 2 2" and calls[8] == "process_batch 1 a red boat in batch 1"
+    assert calls[-1] == f"postprocess {len(plain)}"
+    assert np.array_equal(images[-1], np.full((8, 8, 3), (1, 2, 3)))
+    # the prompts the batch methods changed are the pictures' (their infotexts), the tensor edit their pixels
+    assert info["infotexts"][first].startswith("a red boat in batch 0\n")
+    assert info["infotexts"][first + 2].startswith("a red boat in batch 1\n")
+    for picture, before in zip(images[first:first + 4], plain[plain_info["index_of_first_image"]:]):
+        assert picture[..., 0].max() == 0 and before[..., 0].max() > 0
+    # disabled: the methods still run (as A1111's), the pictures are the plain job's
+    images, info = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test batch hooks": {"args": [False]}})))
+    one, _ = answer(ext_api.post("/txt2img", json=txt()))
+    assert len(images) == 1 and np.array_equal(images[0], one[0])
+
+
+def test_process_rewrites_the_request_on_p(ext_api):
+    """Request fields an always-on script sets on p take effect; rewritten p.all_prompts / p.all_seeds give each
+    picture its own (Dynamic Prompts' way); a value the edge refuses fails the job naming the script."""
+    rewritten, info = answer(ext_api.post("/txt2img", json=txt(
+        alwayson_scripts={"Test prompt rewrite": {"args": ["fields"]}})))
+    same, same_info = answer(ext_api.post("/txt2img", json=txt(prompt="a green field", steps=3, cfg_scale=5,
+                                                               sampler_name="Euler a")))
+    assert np.array_equal(rewritten[0], same[0])
+    text = info["infotexts"][0]
+    assert text.startswith("a green field\n") and "Steps: 3," in text and "Sampler: Euler a," in text
+    assert "CFG scale: 5," in text
+
+    _, info = answer(ext_api.post("/txt2img", json=txt(
+        batch_size=2, alwayson_scripts={"Test prompt rewrite": {"args": ["all prompts"]}})))
+    assert info["all_prompts"] == ["a red boat variant 0", "a red boat variant 1"]
+    assert info["all_seeds"] == [1000, 1001]
+    assert info["infotexts"][-1].startswith("a red boat variant 1\n") and "Seed: 1001," in info["infotexts"][-1]
+
+    r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test prompt rewrite": {"args": ["bad steps"]}}))
+    assert 400 <= r.status_code < 500 and "Test prompt rewrite" in r.text and "steps must be" in r.text, r.text
+    r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test prompt rewrite": {"args": ["bad sampler"]}}))
+    assert 400 <= r.status_code < 500 and "Test prompt rewrite" in r.text and "No such sampler" in r.text, r.text
+    assert len(answer(ext_api.post("/txt2img", json=txt()))[0]) == 1  # the server serves on

@@ -65,6 +65,52 @@ def request_of(p, request, options, where: str):
     return changed
 
 
+def processed_of(p, result, made: dict):
+    """A1111's `Processed` of a pipeline's GenerationResult for `p`; each PIL picture is recorded in `made`
+    (id(picture) -> (picture, GeneratedImage)), so that the pictures a script hands back unchanged keep their files
+    (`answer_images`)."""
+    from modules.processing import Processed
+
+    from backend.engine.scripts.runner import pil_of
+
+    pictures = []
+    for image in result.images:
+        picture = pil_of(image)
+        made[id(picture)] = (picture, image)
+        pictures.append(picture)
+    info = result.info
+    first = info.get("index_of_first_image", 0)
+    return Processed(p, pictures, seed=info.get("seed", -1), subseed=info.get("subseed"),
+                     info=result.images[first].infotext if len(result.images) > first else "",
+                     all_prompts=info.get("all_prompts"), all_negative_prompts=info.get("all_negative_prompts"),
+                     all_seeds=info.get("all_seeds"), all_subseeds=info.get("all_subseeds"),
+                     index_of_first_image=first, infotexts=[i.infotext for i in result.images])
+
+
+def answer_images(processed, made: dict, request) -> list:
+    """The GeneratedImages of a script's `Processed`: the pipeline's own for the pictures it made (their saved files
+    kept), the others encoded with the infotexts the script gives."""
+    from backend.core.images import encode_png
+    from backend.core.schemas import GeneratedImage
+
+    images = []
+    for n, picture in enumerate(processed.images):
+        known = made.get(id(picture))
+        infotext = processed.infotexts[n] if n < len(processed.infotexts) else processed.info
+        if known is not None and known[0] is picture and known[1].infotext == infotext:
+            images.append(known[1])
+            continue
+        seeds = processed.all_seeds or [processed.seed]
+        seed = int(seeds[min(n, len(seeds) - 1)] if seeds else -1)
+        is_grid = known[1].is_grid if known is not None and known[0] is picture else False
+        images.append(GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
+                                     subseed=int(processed.subseed if processed.subseed is not None else -1),
+                                     prompt=processed.prompt or request.prompt,
+                                     negative_prompt=processed.negative_prompt or request.negative_prompt,
+                                     is_grid=is_grid))
+    return images
+
+
 def script_context(ctx, where: str, process_images: Callable | None = None):
     """The ScriptContext of a script's call in the job `ctx` (a JobContext)."""
     from modules.context import ScriptContext

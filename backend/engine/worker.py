@@ -376,9 +376,12 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                _add_extension_callbacks(payload, ctx)
-                result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
-                          else pipeline(payload, ctx, state))
+                job_payload = _scripts_request(payload, ctx, state)
+                _add_extension_callbacks(job_payload, ctx)
+                result = (_run_script(kind, pipeline, job_payload, ctx, state, active) if payload.get("script")
+                          else pipeline(job_payload, ctx, state))
+                if ctx.a1111_scripts is not None:  # the AUTOMATIC1111 always-on scripts' postprocess
+                    result = ctx.a1111_scripts.postprocess(result)
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -444,6 +447,20 @@ def _add_extension_callbacks(payload: GenerationPayload, ctx: JobContext) -> Non
     ctx.sampling_hooks = list(ctx.sampling_hooks) + ctx.extension_hooks
     request = payload.get("request")
     ctx.image_save = callbacks.image_saving(ctx, request, isinstance(request, Img2ImgRequest))
+
+
+def _scripts_request(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationPayload:
+    """The payload with the request the job's AUTOMATIC1111 always-on scripts left (`p.prompt`, `p.steps`, ... set
+    in their setup/before_process/process; checked there as the app checks a request); the prompts' LoRAs again
+    when the scripts changed them."""
+    scripts = ctx.a1111_scripts
+    if scripts is None or scripts.request is payload["request"]:
+        return payload
+    before, request = payload["request"], scripts.request
+    changed = dict(payload, request=request)
+    if (request.prompt, request.negative_prompt) != (before.prompt, before.negative_prompt):
+        _activate_networks(changed, ctx, state)
+    return changed
 
 
 def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:

@@ -108,6 +108,9 @@ class JobContext:
     image_save: Any = None
     # Their on_cfg_denoiser callbacks (in sampling_hooks too; kept again when a script switches the model).
     extension_hooks: list[SamplingHook] = field(default_factory=list)
+    # The job's AlwaysVisible AUTOMATIC1111 scripts (backend.engine.a1111_always_on.A1111AlwaysOn, also in
+    # sampling_hooks): the request as their setup/before_process/process left it, their postprocess at the end.
+    a1111_scripts: Any = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)
