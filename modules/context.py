@@ -39,6 +39,18 @@ class ScriptContext:
     state: ScriptState = field(default_factory=ScriptState)
     # `shared.opts.add_option(key, info)` in an on_ui_settings callback (the app, at start-up); None elsewhere
     add_option: Callable[[str, Any], None] | None = None
+    # `shared.state.interrupt()` / `skip()`: stop the running job, skip its current batch (None outside a job)
+    interrupt: Callable[[], None] | None = None
+    skip: Callable[[], None] | None = None
+    # `shared.sd_model`, `p.sd_model`: A1111's description of the job's model (`sd_checkpoint_info`, `is_sdxl`,
+    # ...; None outside a job); `modules.devices`: the job's device and dtypes (None outside a job)
+    model: Callable[[], Any] | None = None
+    device: Any = None
+    dtype: Any = None
+    dtype_vae: Any = None
+    # `modules.sd_models`: the checkpoints on disk as A1111's CheckpointInfo (the app process), the selected one
+    checkpoints: Callable[[], list] | None = None
+    selected_checkpoint: Callable[[], Any] | None = None
     where: str = "a script"  # names the script in error messages
 
 
@@ -62,6 +74,11 @@ def running(context: ScriptContext):
         yield context
     finally:
         _current.reset(token)
+
+
+def peek() -> ScriptContext | None:
+    """The running script's context (or the app's default), None outside one."""
+    return _current.get() or _app_default
 
 
 def current(what: str) -> ScriptContext:

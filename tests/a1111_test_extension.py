@@ -202,6 +202,48 @@ class PromptRewrite(scripts.Script):
             p.sampler_name = "No such sampler"
 '''
 
+# The compatibility names scripts commonly use: modules.ui_components in ui(), modules.sd_models in the app and in
+# a job, shared.sd_model / p.sd_model, modules.devices, shared.state.interrupt().
+COMPAT_NAMES = '''
+import gradio as gr
+
+import modules.scripts as scripts
+from modules import devices, sd_models, shared
+from modules.ui_components import FormRow, InputAccordion, ToolButton
+
+
+class CompatNames(scripts.Script):
+    def title(self):
+        return "Test compat names"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with InputAccordion(False, label="Compat names") as enabled:
+            with FormRow():
+                checkpoint = gr.Dropdown(sd_models.checkpoint_tiles(), value=sd_models.select_checkpoint().title,
+                                         label="Checkpoint")
+                ToolButton("R")
+            stop = gr.Checkbox(False, label="Interrupt after the first batch")
+        return [enabled, checkpoint, stop]
+
+    def process(self, p, enabled, checkpoint, stop):
+        if not enabled:
+            return
+        model = shared.sd_model
+        assert p.sd_model.sd_checkpoint_info.title == model.sd_checkpoint_info.title
+        p.extra_generation_params["Test compat"] = "|".join(str(x) for x in (
+            model.sd_checkpoint_info.title, model.is_sd1, model.is_sdxl, devices.device, devices.dtype,
+            sd_models.select_checkpoint().filename == model.sd_checkpoint_info.filename))
+
+    def postprocess_batch(self, p, enabled, checkpoint, stop, images, batch_number):
+        if enabled and stop and batch_number == 0:
+            assert not shared.state.interrupted
+            shared.state.interrupt()
+            assert shared.state.interrupted
+'''
+
 MISSING_NAME = '''
 import modules.scripts as scripts
 from modules.shared import sd_model  # Easel's layer has no global model
@@ -308,6 +350,7 @@ def write_test_extensions(data_dir: Path) -> Path:
         "broken-ext/scripts/ui_tabs.py": UI_TABS,
         "easel-test-ext/scripts/batch_hooks.py": BATCH_HOOKS,
         "easel-test-ext/scripts/prompt_rewrite.py": PROMPT_REWRITE,
+        "easel-test-ext/scripts/compat_names.py": COMPAT_NAMES,
         "broken-ext/scripts/callback_only.py": CALLBACK_ONLY,
         "easel-callbacks-ext/scripts/callbacks.py": CALLBACKS,
     }

@@ -162,14 +162,19 @@ def test_layer_names_what_it_lacks_and_imports_no_torch():
         "import sys\n"
         "import modules.scripts, modules.processing, modules.shared, modules.images, modules.script_callbacks\n"
         "import modules.script_loading, backend.a1111_scripts\n"
+        "import modules.devices, modules.sd_models, modules.ui_components\n"
         "try:\n    modules.shared.sd_model\nexcept AttributeError as e:\n    print('ERR', e)\n"
         "try:\n    modules.shared.opts.samples_format\nexcept RuntimeError as e:\n    print('CTX', e)\n"
-        "print('TORCH', 'torch' in sys.modules)\n")
+        "try:\n    modules.devices.device\nexcept RuntimeError as e:\n    print('DEV', e)\n"
+        "try:\n    modules.ui_components.NoSuchBlock\nexcept AttributeError as e:\n    print('UIC', e)\n"
+        "print('TORCH', 'torch' in sys.modules, 'gradio' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR modules.shared.sd_model is not available" in out.stdout
     assert "CTX modules.shared.opts is only available while Easel runs" in out.stdout
-    assert "TORCH False" in out.stdout
+    assert "DEV modules.devices.device is only available while Easel runs" in out.stdout
+    assert "UIC modules.ui_components.NoSuchBlock is not available" in out.stdout
+    assert "TORCH False False" in out.stdout
 
 
 def test_browser_script_dropdown_and_always_on_accordion(ext_server):
@@ -291,3 +296,24 @@ def test_process_rewrites_the_request_on_p(ext_api):
     r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test prompt rewrite": {"args": ["bad sampler"]}}))
     assert 400 <= r.status_code < 500 and "Test prompt rewrite" in r.text and "No such sampler" in r.text, r.text
     assert len(answer(ext_api.post("/txt2img", json=txt()))[0]) == 1  # the server serves on
+
+
+def test_compat_names_in_ui_and_in_a_job(ext_api, ext_server):
+    """modules.ui_components (InputAccordion, FormRow, ToolButton) and modules.sd_models in ui() in the app;
+    shared.sd_model, p.sd_model, modules.devices and sd_models.select_checkpoint() in a job; shared.state.interrupt()
+    stops the job after the batch it was called in."""
+    import hashlib
+
+    info = [i for i in ext_api.get("/script-info").json() if i["name"] == "test compat names"][0]
+    assert info["is_alwayson"] and [a["label"] for a in info["args"]] == [
+        "Compat names", "Checkpoint", "Interrupt after the first batch"]
+    choice = next(c for c in info["args"][1]["choices"] if c.startswith(SD1))  # the checkpoints on disk (the app)
+    path = ext_server.data_dir / "models" / "Stable-diffusion" / SD1
+    title = f"{SD1} [{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}]"
+    images, info = answer(ext_api.post("/txt2img", json=txt(
+        n_iter=3, alwayson_scripts={"Test compat names": {"args": [True, choice, True]}})))
+    assert len(images) == 1 and len(info["infotexts"]) == 1  # interrupted after the first batch
+    assert f"Test compat: {title}|True|False|cpu|torch.float32|True" in info["infotexts"][0], info["infotexts"][0]
+    images, _ = answer(ext_api.post("/txt2img", json=txt(n_iter=2, do_not_save_grid=True, alwayson_scripts={
+        "Test compat names": {"args": [True, choice, False]}})))
+    assert len(images) >= 2  # the next job is not interrupted

@@ -30,7 +30,7 @@ from typing import Any
 
 from backend.core.errors import JobInterrupted, UserError
 from backend.engine.a1111_bridge import (answer_images, load_script, processed_of, processing_object, request_of,
-                                         script_context)
+                                         sampling_of, script_context)
 from backend.engine.sampling_hooks import BatchState, SamplingHook, StepState
 
 # p's per-picture lists (A1111's `process_images_inner` fills them before `process`) and the batch's field each
@@ -109,7 +109,7 @@ class A1111AlwaysOn(SamplingHook):
     def _take_request(self, entry: _Script, method: str) -> None:
         """The request's fields the script changed on `p`, checked as the app checks a request; a sampler named
         anew is resolved as the app resolves one."""
-        from backend.core.sampler_catalog import resolve_sampling, sampler_fields
+        from backend.core.sampler_catalog import sampler_fields
 
         where = f"{entry.where} in {method}()"
         changed = request_of(self.p, self.request, self.ctx.options, where)
@@ -119,10 +119,7 @@ class A1111AlwaysOn(SamplingHook):
             raise UserError(f"{where}: an img2img folder batch keeps the request's fields; Easel's AUTOMATIC1111 "
                             "compatibility layer cannot change them for each file.", status=422)
         if sampler_fields(changed) != sampler_fields(self.request):
-            try:
-                self.ctx.sampling = resolve_sampling(changed, self.ctx.options["default_sampler"])
-            except UserError as exc:
-                raise UserError(f"{where}: {exc.message}", status=exc.status) from None
+            self.ctx.sampling = sampling_of(changed, self.ctx.options, where)
         self.request = changed
 
     def _fill_lists(self) -> dict[str, list]:

@@ -111,6 +111,16 @@ def answer_images(processed, made: dict, request) -> list:
     return images
 
 
+def sampling_of(request, options, where: str):
+    """The sampling of a request a script made (`request_of`), resolved as the app resolves a request's."""
+    from backend.core.sampler_catalog import resolve_sampling
+
+    try:
+        return resolve_sampling(request, options["default_sampler"])
+    except UserError as exc:
+        raise UserError(f"{where}: {exc.message}", status=exc.status) from None
+
+
 def script_context(ctx, where: str, process_images: Callable | None = None):
     """The ScriptContext of a script's call in the job `ctx` (a JobContext)."""
     from modules.context import ScriptContext
@@ -128,9 +138,28 @@ def script_context(ctx, where: str, process_images: Callable | None = None):
                     **({"before_save": ctx.image_save.before_save, "after_save": ctx.image_save.after_save}
                        if getattr(ctx, "image_save", None) is not None else {}))  # on_(before_)image_saved
 
+    def model():  # the model the job runs with now (an X/Y/Z cell may have switched it)
+        from backend.engine.a1111_callbacks import model_loaded_info
+        return model_loaded_info(ctx.checkpoint, ctx.loaded.family)
+
+    def selected_checkpoint():
+        from modules.sd_models import CheckpointInfo
+        return CheckpointInfo.of(ctx.checkpoint)
+
+    policy = ctx.policy
     return ScriptContext(options=ctx.options, cmd_opts=None, process_images=process_images,
                          interrupted=ctx.control.interrupted, skipped=ctx.control.skipped, save_image=save_image,
+                         interrupt=_stop_action(ctx.control, "interrupt"), skip=_stop_action(ctx.control, "skip"),
+                         model=model, selected_checkpoint=selected_checkpoint, device=getattr(policy, "device", None),
+                         dtype=getattr(policy, "dtype", None), dtype_vae=getattr(policy, "vae_dtype", None),
                          where=where)
+
+
+def _stop_action(control, name: str):
+    """The job control's `interrupt` / `skip` (through a script's progress wrapper), None when it has none."""
+    while control is not None and not hasattr(type(control), name):
+        control = getattr(control, "base", None)
+    return getattr(control, name) if control is not None else None
 
 
 def load_script(call) -> tuple[Any, Any]:

@@ -70,6 +70,14 @@ class WorkerJobControl:
     def clear_skip(self) -> None:
         self.flags.skip_flag.value = 0
 
+    def interrupt(self) -> None:
+        """Stop the job, as the Interrupt button (an AUTOMATIC1111 script's `shared.state.interrupt()`)."""
+        self.flags.interrupt_flag.value = 1
+
+    def skip(self) -> None:
+        """Skip the current batch, as the Skip button (`shared.state.skip()`)."""
+        self.flags.skip_flag.value = 1
+
     def begin(self, job_count: int, total_steps: int) -> None:
         self.job_count, self.total_steps, self.done_steps = job_count, total_steps, 0
         self._send(None)
