@@ -94,6 +94,7 @@ def missing(where: str, name: str) -> AttributeError:
     """The error for a name the layer does not provide (`where`: the module or object, e.g. `modules.shared`)."""
     import sys
 
-    provided = getattr(sys.modules.get(where), "__all__", None)
+    module = sys.modules.get(where)
+    provided = getattr(module, "PROVIDED", None) or getattr(module, "__all__", None)  # PROVIDED: with lazy names
     return AttributeError(f"{where}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer"
                           + (f" (it provides: {', '.join(provided)})." if provided else "."))

@@ -9,9 +9,10 @@ import gc
 
 from modules.context import current, missing
 
-__all__ = ["cpu", "device", "dtype", "dtype_vae", "dtype_unet", "device_interrogate", "device_gfpgan",
-           "device_esrgan", "device_codeformer", "get_optimal_device", "get_optimal_device_name", "torch_gc",
-           "autocast", "has_mps", "without_autocast"]
+__all__ = ["get_optimal_device", "get_optimal_device_name", "torch_gc", "autocast", "has_mps", "without_autocast"]
+# read when asked for (module __getattr__): torch is imported then, and the job's device is known only in a job
+PROVIDED = (*__all__, "cpu", "device", "dtype", "dtype_vae", "dtype_unet", "device_interrogate", "device_gfpgan",
+            "device_esrgan", "device_codeformer")
 
 _JOB_DEVICE = ("device", "device_interrogate", "device_gfpgan", "device_esrgan", "device_codeformer")
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from modules.context import current, missing
 
-__all__ = ["CheckpointInfo", "checkpoints_list", "list_models", "checkpoint_tiles", "select_checkpoint",
-           "get_closet_checkpoint_match"]
+__all__ = ["CheckpointInfo", "list_models", "checkpoint_tiles", "select_checkpoint", "get_closet_checkpoint_match"]
+PROVIDED = (*__all__, "checkpoints_list")  # checkpoints_list: read when asked for (module __getattr__)
 
 
 @dataclass

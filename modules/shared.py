@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from modules.context import current, missing, peek
 
-__all__ = ["opts", "state", "cmd_opts", "OptionInfo", "sd_model"]
+__all__ = ["opts", "state", "cmd_opts", "OptionInfo"]
+PROVIDED = (*__all__, "sd_model")  # sd_model: while a job runs the script (module __getattr__)
 
 
 class OptionInfo:
