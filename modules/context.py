@@ -94,7 +94,7 @@ def missing(where: str, name: str) -> AttributeError:
     """The error for a name the layer does not provide (`where`: the module or object, e.g. `modules.shared`)."""
     import sys
 
-    module = sys.modules.get(where)
-    provided = getattr(module, "PROVIDED", None) or getattr(module, "__all__", None)  # PROVIDED: with lazy names
+    names = vars(sys.modules[where]) if where in sys.modules else {}  # not getattr: modules' __getattr__ ends here
+    provided = names.get("PROVIDED") or names.get("__all__")  # PROVIDED: with the names read when asked for
     return AttributeError(f"{where}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer"
                           + (f" (it provides: {', '.join(provided)})." if provided else "."))
