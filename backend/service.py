@@ -75,7 +75,8 @@ class EaselService:
         script_files = [(f, e.path) for e in running for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
-            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()))
+            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()),
+            models=self.registry)  # modules.sd_models: the checkpoints on disk
         # their on_ui_settings callbacks: the options they add join the settings table before any is used
         self.extension_scripts.register_settings(self.options)
         self.extension_scripts.set_app_default_context(self.options)

@@ -132,9 +132,13 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
     from modules.script_loading import ScriptCall
 
     hooks, images = [], []
+    a1111 = [args for args in scripts.values() if isinstance(args, ScriptCall)]
+    ctx.a1111_scripts = None
     for name, args in scripts.items():
-        if isinstance(args, ScriptCall):  # an extension's AlwaysVisible A1111 script (modules/): keeps nothing
-            new_hooks, new_images = importlib.import_module(A1111_ALWAYS_ON).prepare(args, job, ctx, None)
+        if isinstance(args, ScriptCall):  # extensions' AlwaysVisible A1111 scripts (modules/): keep nothing
+            if args is not a1111[0]:
+                continue  # prepared together with the first, on one `p` (as A1111)
+            new_hooks, new_images = importlib.import_module(A1111_ALWAYS_ON).prepare(a1111, job, ctx, None)
         else:
             new_hooks, new_images = _module(name).prepare(args, job, ctx, runtimes.get(name))
         hooks.extend(new_hooks)

@@ -70,6 +70,14 @@ class WorkerJobControl:
     def clear_skip(self) -> None:
         self.flags.skip_flag.value = 0
 
+    def interrupt(self) -> None:
+        """Stop the job, as the Interrupt button (an AUTOMATIC1111 script's `shared.state.interrupt()`)."""
+        self.flags.interrupt_flag.value = 1
+
+    def skip(self) -> None:
+        """Skip the current batch, as the Skip button (`shared.state.skip()`)."""
+        self.flags.skip_flag.value = 1
+
     def begin(self, job_count: int, total_steps: int) -> None:
         self.job_count, self.total_steps, self.done_steps = job_count, total_steps, 0
         self._send(None)
@@ -377,9 +385,12 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                _add_extension_callbacks(payload, ctx)
-                result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
-                          else pipeline(payload, ctx, state))
+                job_payload = _scripts_request(payload, ctx, state)
+                _add_extension_callbacks(job_payload, ctx)
+                result = (_run_script(kind, pipeline, job_payload, ctx, state, active) if payload.get("script")
+                          else pipeline(job_payload, ctx, state))
+                if ctx.a1111_scripts is not None:  # the AUTOMATIC1111 always-on scripts' postprocess
+                    result = ctx.a1111_scripts.postprocess(result)
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -445,6 +456,20 @@ def _add_extension_callbacks(payload: GenerationPayload, ctx: JobContext) -> Non
     ctx.sampling_hooks = list(ctx.sampling_hooks) + ctx.extension_hooks
     request = payload.get("request")
     ctx.image_save = callbacks.image_saving(ctx, request, isinstance(request, Img2ImgRequest))
+
+
+def _scripts_request(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationPayload:
+    """The payload with the request the job's AUTOMATIC1111 always-on scripts left (`p.prompt`, `p.steps`, ... set
+    in their setup/before_process/process; checked there as the app checks a request); the prompts' LoRAs again
+    when the scripts changed them."""
+    scripts = ctx.a1111_scripts
+    if scripts is None or scripts.request is payload["request"]:
+        return payload
+    before, request = payload["request"], scripts.request
+    changed = dict(payload, request=request)
+    if (request.prompt, request.negative_prompt) != (before.prompt, before.negative_prompt):
+        _activate_networks(changed, ctx, state)
+    return changed
 
 
 def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:

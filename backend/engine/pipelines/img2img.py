@@ -191,7 +191,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                     if init_latent is None:
                         init_latent = _init_latents(ctx, processed, req, mode)
                     results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
-                                                  subseeds, sigmas_all.to(device))
+                                                  subseeds, sigmas_all.to(device), idx)
                 if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
                     results = restore_faces_for_job(ctx, results)
                 for j, result in enumerate(results):
@@ -257,13 +257,13 @@ def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgReq
 
 def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, processed: list[Image.Image],
                   init_latent: torch.Tensor, prepared: PreparedMask | None, fill: int, soft: bool,
-                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor):
+                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor, idx: slice):
     model, device = ctx.model, gen.device
     n = len(seeds)
     init = init_latent[:n].to(device)
     shape = tuple(init.shape[1:])
-    conds = gen.conditioner.schedules(gen.prompts[:n], req.steps, is_negative=False)
-    unconds = gen.conditioner.schedules(gen.negatives[:n], req.steps, is_negative=True)
+    conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
+    unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
     rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
     noise = rng.first().to(device)
 

@@ -83,7 +83,25 @@ class Generation:
                 self.interrupted = True
                 return
             self.ctx.control.set_job(n)
-            yield n, slice(n * size, (n + 1) * size)
+            idx = slice(n * size, (n + 1) * size)
+            self._before_batch(n, idx)
+            yield n, idx
+
+    def _before_batch(self, n: int, idx: slice) -> None:
+        """The sampling hooks' `before_batch` (an AUTOMATIC1111 script's `process_batch`): what they leave in the
+        batch's prompts and seeds is what the batch is made with."""
+        from backend.engine.sampling_hooks import BatchState, run_before_batch
+
+        lists = (self.prompts, self.negatives, self.all_seeds, self.all_subseeds)
+        batch = BatchState(n, *(list(values[idx]) for values in lists))
+        if not run_before_batch(self.ctx.sampling_hooks, batch):
+            return
+        changed = (batch.prompts, batch.negative_prompts, batch.seeds, batch.subseeds)
+        for values, new in zip(lists, changed):
+            if len(new) != len(values[idx]):
+                raise ValueError(f"batch {n}: a script changed the number of prompts or seeds of the batch "
+                                 f"({len(values[idx])} -> {len(new)})")
+            values[idx] = list(new)
 
     def end_batch(self, stop: str | None) -> bool:
         """After a batch's images are added: True when the job must stop (Interrupt); Skip moves on."""
