@@ -108,6 +108,8 @@ class JobContext:
     image_save: Any = None
     # Their on_cfg_denoiser callbacks (in sampling_hooks too; kept again when a script switches the model).
     extension_hooks: list[SamplingHook] = field(default_factory=list)
+    # The extra_params keys the always-on scripts set when last prepared (taken out when they are prepared again).
+    script_params: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)
