@@ -153,6 +153,16 @@ def test_xyz_values_dropdown_csv_mode_swap_and_the_grids_infotext(server):
         page.wait_for_function(f"document.querySelector('{XYZ}_x_type input').value === 'Sampler'")
         page.wait_for_function(f"document.querySelectorAll('{XYZ}_x_values_dropdown .token').length === 2")
 
+        # the fill button of an axis with choices picks every choice (Z: Schedule type); Nothing takes them away
+        assert not page.is_visible(f"{XYZ}_fill_z")
+        pick_dropdown(page, f"{XYZ}_z_type", "Schedule type")
+        page.click(f"{XYZ}_fill_z")
+        page.wait_for_function(f"document.querySelectorAll('{XYZ}_z_values_dropdown .token').length > 5")
+        assert {"Automatic", "Karras"} <= set(_tokens(page, f"{XYZ}_z_values_dropdown"))
+        pick_dropdown(page, f"{XYZ}_z_type", "Nothing")
+        page.wait_for_selector(f"{XYZ}_z_values_dropdown", state="hidden")
+        page.wait_for_selector(f"{XYZ}_fill_z", state="hidden")
+
         page.click("#txt2img_generate")
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('X Type: Sampler')",
                                timeout=180_000)
