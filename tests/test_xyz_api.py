@@ -293,3 +293,20 @@ def test_controlnet_axis_values_the_extension_refuses_are_422(api, server):
         "[ControlNet] Model", "control_v11p_sd15_canny, no_such_controlnet"),
         alwayson_scripts={"controlnet": {"args": [unit]}}))
     assert r.status_code == 422 and "[ControlNet] Model" in r.text and "no_such_controlnet" in r.text, r.text
+
+
+def test_controlnet_weight_axis_with_checkpoint_axis(api, server, other_models):
+    """Checkpoint name (outermost: a switch re-prepares the job's units) by [ControlNet] Weight: every cell has its
+    checkpoint and its weight, and the weight changes the picture for either checkpoint."""
+    other, _ = other_models
+    unit = _canny_unit(server)
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(
+        T["Checkpoint name"], f"tiny-sd1, {other}", "[ControlNet] Weight", "0, 1.5"),
+        alwayson_scripts={"controlnet": {"args": [unit]}}))
+    images, info = answer(r)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:5]]
+    assert [(p["Model"], parse_unit_infotext(p["ControlNet 0"])["weight"]) for p in texts] == [
+        ("tiny-sd1", 0), ("xyz-sd1-b", 0), ("tiny-sd1", 1.5), ("xyz-sd1-b", 1.5)]
+    cells = [pixels(im) for im in images[1:5]]
+    assert np.abs(cells[0] - cells[2]).mean() > 1 and np.abs(cells[1] - cells[3]).mean() > 1
+    assert np.abs(cells[0] - cells[1]).mean() > 1  # the two checkpoints
