@@ -131,9 +131,11 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
     returns their images (PNG). Each script's `prepare(args, job, ctx, runtime)` gets its own runtime."""
     from modules.script_loading import ScriptCall
 
-    for key in getattr(ctx, "script_params", ()):  # prepared again (an X/Y/Z cell's own scripts): the infotext
-        ctx.extra_params.pop(key, None)  # entries of the last preparation go
-    before = set(ctx.extra_params)
+    params = getattr(ctx, "extra_params", None)  # the job's infotext entries (JobContext)
+    if params is not None:  # prepared again (an X/Y/Z cell's own scripts): the last preparation's entries go
+        for key in getattr(ctx, "script_params", ()):
+            params.pop(key, None)
+        before = set(params)
     hooks, images = [], []
     for name, args in scripts.items():
         if isinstance(args, ScriptCall):  # an extension's AlwaysVisible A1111 script (modules/): keeps nothing
@@ -143,5 +145,6 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
         hooks.extend(new_hooks)
         images.extend(new_images)
     ctx.sampling_hooks = hooks
-    ctx.script_params = set(ctx.extra_params) - before
+    if params is not None:
+        ctx.script_params = set(params) - before
     return images
