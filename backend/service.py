@@ -66,7 +66,10 @@ class EaselService:
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
-        for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
+        # the X/Y/Z plot's axes the enabled extensions add (ControlNet's "[ControlNet] Weight", ...), after A1111's
+        self.xyz_extra_axes = [axis for build in self.native_extensions.xyz_axes for axis in build(self)]
+        for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"]),
+                                   self.xyz_extra_axes):
             self.selectable_scripts.add(spec)
         from backend.a1111_scripts import ExtensionScripts
         # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
@@ -169,6 +172,11 @@ class EaselService:
         return XYZCatalogs(checkpoints=tuple(self.checkpoint_titles()), vaes=tuple(f.name for f in self.registry.vaes),
                            upscalers=tuple(self.postprocess.upscaler_names()))
 
+    def xyz_axis_choices(self, axis) -> list[str] | None:
+        """The values an X/Y/Z axis type (`backend.core.xyz_axes.AxisType`) offers in the UI's values dropdown, from
+        the current catalogs; None for an axis whose values are typed."""
+        return self._xyz_catalogs().axis_choices(axis)
+
     def vae_choices(self) -> list[str]:
         return ["Automatic", "None"] + [f.name for f in self.registry.vaes]
 
@@ -262,6 +270,9 @@ class EaselService:
             payload["script"] = {"name": script[0].name, "args": script[1].args, "sampling": derived_sampling}
             if script[1].models:  # cells with their own checkpoint or VAE (X/Y/Z plot): their files, resolved here
                 payload["script"]["models"] = self._script_models(job_overrides, script[1].models)
+            if script[1].always_on:  # cells with their own always-on scripts (X/Y/Z "[ControlNet] Weight"): parsed here
+                payload["script"]["always_on"] = self._script_always_on(script[1].always_on,
+                                                                        img2img=isinstance(req, Img2ImgRequest))
             payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)
@@ -395,6 +406,19 @@ class EaselService:
 
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+
+    def _script_always_on(self, variants: dict, *, img2img: bool) -> dict:
+        """The always-on scripts of a script's generations that run with their own (`PreparedScript.always_on`),
+        each checked and parsed like a job's: {key: {name: parsed arguments}}; a value the script refuses is a 422
+        naming it."""
+        parsed = {}
+        for key, (label, alwayson) in variants.items():
+            try:
+                parsed[key] = self.scripts.for_job(alwayson, img2img=img2img)[0]
+            except UserError as exc:
+                raise UserError(f"{label} is refused: {exc.message}",  # a script argument: 422, as the others
+                                status=422 if exc.status in (400, 404) else exc.status) from None
+        return parsed
 
     def _script_models(self, job_overrides: dict, choices: list[dict]) -> dict:
         """The files of the model settings a script's generations choose (X/Y/Z plot's Checkpoint name and VAE

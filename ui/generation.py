@@ -199,7 +199,8 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     texts = [img.infotext for img in result.images]
     first = next((img for img in result.images if not img.is_grid), None)
     notes = "\n".join(result.warnings + (["Interrupted."] if result.interrupted else []))
-    shown = (first.infotext if first else "") + (f"\n{notes}" if notes else "")
+    # the first picture's infotext, a grid's included, as A1111's info (infotexts[0]; an X/Y/Z grid's names its axes)
+    shown = (texts[0] if texts else "") + (f"\n{notes}" if notes else "")
     maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "extra_images", [])]  # always-on scripts' images, last
     yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
            texts + [""] * len(maps), pictures, NO_JOB)

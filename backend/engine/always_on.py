@@ -131,6 +131,11 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
     returns their images (PNG). Each script's `prepare(args, job, ctx, runtime)` gets its own runtime."""
     from modules.script_loading import ScriptCall
 
+    params = getattr(ctx, "extra_params", None)  # the job's infotext entries (JobContext)
+    if params is not None:  # prepared again (an X/Y/Z cell's own scripts): the last preparation's entries go
+        for key in getattr(ctx, "script_params", ()):
+            params.pop(key, None)
+        before = set(params)
     hooks, images = [], []
     a1111 = [args for args in scripts.values() if isinstance(args, ScriptCall)]
     ctx.a1111_scripts = None
@@ -144,4 +149,6 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
         hooks.extend(new_hooks)
         images.extend(new_images)
     ctx.sampling_hooks = hooks
+    if params is not None:
+        ctx.script_params = set(params) - before
     return images

@@ -523,6 +523,22 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
     return switched
 
 
+_STALE = object()  # _run_script: hooks prepared for a model the job no longer runs
+
+
+def _prepare_cell_scripts(kind: str, changed: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
+    """A script's generation that runs with its own always-on scripts (`changed["scripts"]`, parsed by the app: an
+    X/Y/Z cell of "[ControlNet] Weight"): their hooks replace the job's for it (their extra images are not kept:
+    A1111's X/Y/Z keeps each cell's first image)."""
+    from backend.core.errors import JobInterrupted
+    from backend.engine.always_on import prepare_scripts, script_job
+    try:
+        prepare_scripts(changed.get("scripts") or {}, script_job(kind, changed), ctx, state.scripts)
+    except JobInterrupted:  # the pipeline sees the flag too and returns at once
+        ctx.sampling_hooks = []
+    ctx.sampling_hooks = list(ctx.sampling_hooks) + list(ctx.extension_hooks)
+
+
 def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult],
                 payload: GenerationPayload, ctx: JobContext, state: WorkerState,
                 models: list[JobModel] | None = None) -> GenerationResult:
@@ -536,6 +552,7 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
     table = payload["script"].get("models") or {}
     models = models if models is not None else []
     job_model = models[0] if models else None
+    prepared = [payload.get("scripts")]  # the always-on scripts whose hooks are in the context now
 
     def run_pipeline(changed: GenerationPayload) -> GenerationResult:
         from backend.core.job_options import JobOptions
@@ -548,6 +565,10 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
                     (current.checkpoint.path, current.vae.path if current.vae else None):
                 models[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
                 active[0] = None  # the LoRAs go onto the new model
+                prepared[0] = payload.get("scripts") if payload.get("scripts") else _STALE  # the job's, if any
+        if changed.get("scripts") is not prepared[0]:  # a cell with its own always-on scripts (X/Y/Z extension axis)
+            _prepare_cell_scripts(kind, changed, ctx, state)
+            prepared[0] = changed.get("scripts")
         prompts = (changed["request"].prompt, changed["request"].negative_prompt)
         if prompts != active[0]:
             _activate_networks(changed, ctx, state)

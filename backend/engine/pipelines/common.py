@@ -114,6 +114,8 @@ class JobContext:
     # The job's AlwaysVisible AUTOMATIC1111 scripts (backend.engine.a1111_always_on.A1111AlwaysOn, also in
     # sampling_hooks): the request as their setup/before_process/process left it, their postprocess at the end.
     a1111_scripts: Any = None
+    # The extra_params keys the always-on scripts set when last prepared (taken out when they are prepared again).
+    script_params: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

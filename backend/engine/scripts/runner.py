@@ -116,10 +116,17 @@ class ScriptRun:
             return int(min(denoise, 0.999) * request.steps)
         return request.steps + ((request.hr_second_pass_steps or request.steps) if request.enable_hr else 0)
 
+    @property
+    def always_on_variants(self) -> dict:
+        """The always-on scripts some generations run with instead of the job's, parsed by the app by key
+        (`PreparedScript.always_on`: X/Y/Z plot's "[ControlNet] Weight" cells); give them to `generate(scripts=)`."""
+        return self.payload.get("script", {}).get("always_on") or {}
+
     def generate(self, request, init_images: list[Image.Image] | None = None, extra_params: dict | None = None,
-                 mask: Image.Image | None | object = _SAME) -> GenerationResult:
+                 mask: Image.Image | None | object = _SAME, scripts: dict | object = _SAME) -> GenerationResult:
         """The pipeline for `request` (and, in img2img, `init_images` and `mask`, by default the job's), its
-        infotexts with `extra_params` added."""
+        infotexts with `extra_params` added; `scripts`: the always-on scripts it runs with (one of
+        `always_on_variants`), by default the job's."""
         if self.ctx.control.interrupted():
             raise ScriptStopped
         payload = dict(self.payload, request=request)
@@ -128,6 +135,8 @@ class ScriptRun:
             payload["init_images"] = init_images
         if mask is not _SAME:
             payload["mask"] = mask
+        if scripts is not _SAME:
+            payload["scripts"] = scripts
         added = {k: v for k, v in (extra_params or {}).items() if k not in self.ctx.extra_params}
         self.ctx.extra_params.update(added)
         control, sampling = self.ctx.control, self.ctx.sampling
