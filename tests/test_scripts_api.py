@@ -146,6 +146,37 @@ def test_loopback_denoising_follows_the_curve(api):
     assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
 
 
+def _chroma(image: Image.Image) -> np.ndarray:
+    """The mean a and b of the picture in 8-bit LAB (its colour, without its light)."""
+    import cv2
+    return cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2LAB)[..., 1:].reshape(-1, 2).mean(0)
+
+
+def test_img2img_colour_correction_matches_the_init_colours(api):
+    """The setting img2img_color_correction (A1111's): the output takes the colours of its input, in plain img2img
+    and in every loop of Loopback."""
+    init = Image.new("RGB", (64, 64), (40, 170, 60))
+    init.paste((20, 120, 200), (0, 0, 32, 64))  # green and blue halves
+    settings = {"sd_model_checkpoint": SD1}
+    plain = answer(api.post("/img2img", json=body(init, denoising_strength=1.0, override_settings=settings)))[0][0]
+    corrected = answer(api.post("/img2img", json=body(
+        init, denoising_strength=1.0, override_settings=dict(settings, img2img_color_correction=True))))[0][0]
+    target = _chroma(init)
+    off = lambda image: float(np.abs(_chroma(image) - target).sum())  # noqa: E731
+    # the output's own light is kept (A1111's luminosity blend), which moves its colours a little off the target
+    assert off(corrected) < 0.6 * off(plain) and off(plain) > 20, (_chroma(plain), _chroma(corrected), target)
+    # the correction keeps the model's light and dark: the same picture under other colours
+    lum = lambda im: np.asarray(im.convert("L"), dtype=np.float32).ravel()  # noqa: E731
+    assert np.corrcoef(lum(plain), lum(corrected))[0, 1] > 0.8
+
+    images, info = answer(api.post("/img2img", json=body(
+        init, steps=2, denoising_strength=1.0, override_settings=dict(settings, img2img_color_correction=True),
+        script_name="Loopback", script_args=[3, 1.0, "Linear", "None"])))
+    assert len(images) == 4 and info["index_of_first_image"] == 1
+    for image in images[1:]:
+        assert off(image) < 0.6 * off(plain), (_chroma(image), target)
+
+
 def test_unknown_script_is_422_in_both_tabs(api):
     r = api.post("/txt2img", json=txt(script_name="Nope script"))
     assert r.status_code == 422 and "Nope script" in r.json()["detail"], r.text

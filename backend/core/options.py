@@ -60,6 +60,8 @@ SETTINGS: list[Setting] = [
     Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies "
             "(normally you'd do less with less denoising)", "img2img", bool),
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
+    Setting("img2img_color_correction", False, "Apply color correction to img2img results to match original colors.",
+            "img2img", bool),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "

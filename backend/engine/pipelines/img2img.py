@@ -30,6 +30,7 @@ from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
                      run_sampler, tiling)
 from backend.engine.pipelines import sd_upscale
+from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
 from backend.engine.pipelines.processing import Generation
 from backend.engine.pipelines.txt2img import img2img_sigmas
 from backend.engine.sampling_hooks import SamplingHook, StepState
@@ -124,9 +125,11 @@ class SoftInpaintingMask(InpaintMaskReplacement):
 
 
 def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
-        samples_dir: Path | None = None) -> GenerationResult:
+        samples_dir: Path | None = None, color_from: list[Image.Image] | None = None) -> GenerationResult:
     """One img2img job on `init_images` (at least one) and `mask`; `req` was checked by the app
-    (`request_checks.check_img2img`, `check_img2img_inputs`)."""
+    (`request_checks.check_img2img`, `check_img2img_inputs`). With the setting `img2img_color_correction` each
+    output takes the colours of its (resized, filled) input, as A1111's; `color_from`: the pictures whose colours
+    the outputs take instead (Loopback: the chain's first picture)."""
     if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = resize_mode_index(req.resize_mode)
@@ -168,8 +171,11 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
             if fill == 0:
                 img = image_ops.fill_masked(img, prepared.processing)
         processed.append(img)
+    color_targets = _color_targets(ctx, color_from if color_from is not None else processed)
     if len(processed) == 1:
         processed, overlays = processed * req.batch_size, overlays * req.batch_size
+    if len(color_targets) == 1:
+        color_targets = color_targets * len(processed)
 
     _record_params(gen, req, mode, prepared, fill, soft, outpaint)
     denoise = float(req.denoising_strength)
@@ -195,6 +201,8 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                 if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
                     results = restore_faces_for_job(ctx, results)
                 for j, result in enumerate(results):
+                    if j < len(color_targets):  # before the overlay: the kept pixels stay as they were
+                        result = apply_color_correction(color_targets[j], result)
                     if prepared is not None:
                         result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])
                     gen.add_image(result, n * req.batch_size + j)
@@ -205,6 +213,14 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     return gen.finish({"denoising_strength": denoise, "resize_mode": mode,
                                     "is_using_inpainting_conditioning": bool(model.is_inpaint and prepared is not None)})
+
+
+def _color_targets(ctx: JobContext, pictures: list[Image.Image]) -> list:
+    """The colour-correction targets of a job's outputs, one per input picture; none when the setting is off."""
+    if not ctx.options["img2img_color_correction"]:
+        return []
+    unique = {id(im): correction_target(im) for im in pictures}
+    return [unique[id(im)] for im in pictures]
 
 
 def save_init_images(gen: Generation, images: list[Image.Image]) -> str:
