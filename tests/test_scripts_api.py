@@ -92,6 +92,36 @@ def test_prompt_matrix_margins_and_same_seed(api):
     assert images[0].width == 2 * 64 + 10  # one column label row, no row labels: margin between the 2 cells
 
 
+def test_prompt_matrix_batch_size_batches_the_combinations(api):
+    """As A1111's: batch size 3 runs the 4 combinations in two batches (3 + 1): the same pictures, prompts and seeds
+    as one picture per batch, and one progress bar of 2 batches."""
+    args = [False, False, "negative", "comma", 0]  # the negative prompt split
+    one = answer(api.post("/txt2img", json=txt(negative_prompt="blurry|dark|grainy", script_name="Prompt matrix",
+                                               script_args=args)))
+    three = answer(api.post("/txt2img", json=txt(negative_prompt="blurry|dark|grainy", script_name="Prompt matrix",
+                                                 script_args=args, batch_size=3, n_iter=7)))
+    for images, info in (one, three):
+        assert len(images) == 5 and info["index_of_first_image"] == 1
+        assert info["all_negative_prompts"] == ["blurry", "blurry, dark", "blurry, grainy", "blurry, dark, grainy"]
+        assert info["all_prompts"] == ["a red boat"] * 4 and info["all_seeds"] == [7] * 4
+        assert len(set(info["all_subseeds"])) == 4  # the variation seed plus the picture's number
+    assert three[1]["infotexts"][1:] == one[1]["infotexts"][1:]
+    for a, b in zip(one[0][1:], three[0][1:]):  # a batch makes the pictures one at a time would (CPU rounding aside)
+        assert np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean() < 2
+    assert not np.array_equal(np.asarray(three[0][1]), np.asarray(three[0][2]))  # each its own prompt
+
+
+def test_prompt_matrix_batches_in_img2img(api):
+    init = picture(64, 64)
+    images, info = answer(api.post("/img2img", json=body(init, steps=2, prompt="a house|at night", batch_size=2,
+                                                         script_name="Prompt matrix",
+                                                         script_args=[False, True, "positive", "comma", 0])))
+    assert len(images) == 3 and info["all_prompts"] == ["a house", "a house, at night"]
+    assert info["all_seeds"] == [99, 100]
+    assert [parse_infotext(t)["Seed"] for t in info["infotexts"][1:]] == ["99", "100"]
+    assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
+
+
 def test_prompts_from_file_lines_with_options(api):
     text = ('first prompt\n--prompt "second prompt" --steps 3 --seed 5 --sampler_name DDIM\n\n'
             '--negative_prompt "ugly" --cfg_scale 4.5')

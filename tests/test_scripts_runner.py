@@ -207,3 +207,37 @@ def test_colour_correction_takes_the_target_colours_and_keeps_the_luminosity():
     source = np.asarray(grey, dtype=np.float32)
     assert np.abs(lum(out) - lum(source)).mean() < 6  # its own light and dark
     assert np.corrcoef(lum(out).ravel(), lum(source).ravel())[0, 1] > 0.95
+
+
+def test_prompt_matrix_batches_its_combinations_as_a1111():
+    """batch size 3, 4 combinations: two generations (3 + 1 pictures), each picture with its own prompt, all with
+    the job's seed (different seeds: the seed plus the picture's number); the grid first."""
+    from backend.engine.scripts import prompt_matrix
+
+    for different, seeds in ((False, [5, 5, 5, 5]), (True, [5, 6, 7, 8])):
+        control = Control()
+        ctx = SimpleNamespace(control=control, options={"grid_save": False, "return_grid": True},
+                              extra_params={}, warnings=[], outputs_root="/nonexistent", sampling=None)
+        calls = []
+
+        def pipeline(payload):
+            req, each = payload["request"], payload["each_image"]
+            calls.append((req.batch_size, req.n_iter, req.prompt, list(each.prompts), list(each.seeds),
+                          list(each.subseeds), list(each.negative_prompts)))
+            images = [GeneratedImage(png=encode_png(Image.new("RGB", (8, 8)), p), infotext=p, seed=s, subseed=v,
+                                     prompt=p, negative_prompt=n)
+                      for p, s, v, n in zip(each.prompts, each.seeds, each.subseeds, each.negative_prompts)]
+            return GenerationResult(images=images, info={})
+
+        req = Txt2ImgRequest(prompt="cat|red|hat", negative_prompt="ugly", steps=2, batch_size=3, n_iter=5,
+                             seed=5, subseed=40)
+        run = ScriptRun("txt2img", {"request": req}, ctx, pipeline)
+        args = {"put_at_start": False, "different_seeds": different, "prompt_type": "positive",
+                "variations_delimiter": "comma", "margin_size": 0}
+        result = run.run("Prompt matrix", prompt_matrix.run, args)
+        prompts = ["cat", "cat, red", "cat, hat", "cat, red, hat"]
+        assert calls == [(3, 1, "cat", prompts[:3], seeds[:3], [40, 41, 42], ["ugly"] * 3),
+                         (1, 1, "cat, red, hat", prompts[3:], seeds[3:], [43], ["ugly"])]
+        assert [(i.is_grid, i.prompt, i.seed) for i in result.images] == \
+            [(True, "cat", seeds[0])] + [(False, p, s) for p, s in zip(prompts, seeds)]
+        assert [e for e in control.events if e[0] == "begin"] == [("begin", 2, 4)]  # two batches, 2 steps each

@@ -31,7 +31,7 @@ from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_lat
                      run_sampler, tiling)
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
-from backend.engine.pipelines.processing import Generation
+from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.pipelines.txt2img import img2img_sigmas
 from backend.engine.sampling_hooks import SamplingHook, StepState
 
@@ -125,11 +125,13 @@ class SoftInpaintingMask(InpaintMaskReplacement):
 
 
 def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
-        samples_dir: Path | None = None, color_from: list[Image.Image] | None = None) -> GenerationResult:
+        samples_dir: Path | None = None, color_from: list[Image.Image] | None = None,
+        each: EachImage | None = None) -> GenerationResult:
     """One img2img job on `init_images` (at least one) and `mask`; `req` was checked by the app
     (`request_checks.check_img2img`, `check_img2img_inputs`). With the setting `img2img_color_correction` each
     output takes the colours of its (resized, filled) input, as A1111's; `color_from`: the pictures whose colours
-    the outputs take instead (Loopback: the chain's first picture)."""
+    the outputs take instead (Loopback: the chain's first picture); `each`: a script's prompts and seeds for each
+    image instead of the request's."""
     if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = resize_mode_index(req.resize_mode)
@@ -154,7 +156,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     soft = mask_replacement(ctx) is not None and mask is not None
 
     gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
-                     samples_dir=samples_dir)
+                     samples_dir=samples_dir, each=each)
     model, device = ctx.model, gen.device
     if ctx.options["save_init_img"]:
         gen.params["Init image hash"] = save_init_images(gen, images)
@@ -197,7 +199,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                     if init_latent is None:
                         init_latent = _init_latents(ctx, processed, req, mode)
                     results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
-                                                  subseeds, sigmas_all.to(device))
+                                                  subseeds, sigmas_all.to(device), idx)
                 if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
                     results = restore_faces_for_job(ctx, results)
                 for j, result in enumerate(results):
@@ -273,13 +275,13 @@ def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgReq
 
 def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, processed: list[Image.Image],
                   init_latent: torch.Tensor, prepared: PreparedMask | None, fill: int, soft: bool,
-                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor):
+                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor, idx: slice):
     model, device = ctx.model, gen.device
     n = len(seeds)
     init = init_latent[:n].to(device)
     shape = tuple(init.shape[1:])
-    conds = gen.conditioner.schedules(gen.prompts[:n], req.steps, is_negative=False)
-    unconds = gen.conditioner.schedules(gen.negatives[:n], req.steps, is_negative=True)
+    conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)
+    unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
     rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
     noise = rng.first().to(device)
 

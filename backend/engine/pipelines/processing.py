@@ -8,6 +8,7 @@ The pipelines only add their own sampling between `begin` and `finish`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -20,9 +21,21 @@ from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgReques
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
 
 
+@dataclass(frozen=True)
+class EachImage:
+    """A script's prompt, negative prompt, seed and variation seed for each image of a generation, instead of the
+    request's (A1111's `p.prompt`, `p.seed`, ... given as lists: Prompt matrix batches its combinations). One entry
+    per image: batch size x batch count."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+
+
 class Generation:
     def __init__(self, req: Txt2ImgRequest, ctx: JobContext, *, samples_dir_key: str, grids_dir_key: str,
-                 samples_dir: Path | None = None):
+                 samples_dir: Path | None = None, each: EachImage | None = None):
         if ctx.sampling is None:
             raise ValueError("JobContext.sampling is not set: resolve the request's sampler with "
                              "backend.core.sampler_catalog.resolve_sampling (the app does it for every job)")
@@ -41,6 +54,13 @@ class Generation:
         self.all_subseeds = [self.subseed + i for i in range(self.total_images)]
         self.prompts = [req.prompt] * self.total_images
         self.negatives = [req.negative_prompt] * self.total_images
+        if each is not None:
+            if not (len(each.prompts) == len(each.negative_prompts) == len(each.seeds) == len(each.subseeds)
+                    == self.total_images):
+                raise ValueError(f"EachImage: {self.total_images} entries needed (batch size x batch count)")
+            self.prompts, self.negatives = list(each.prompts), list(each.negative_prompts)
+            self.all_seeds, self.all_subseeds = list(each.seeds), list(each.subseeds)
+            self.seed, self.subseed = self.all_seeds[0], self.all_subseeds[0]
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),

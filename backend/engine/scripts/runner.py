@@ -121,10 +121,11 @@ class ScriptRun:
 
     def generate(self, request, init_images: list[Image.Image] | None = None, extra_params: dict | None = None,
                  mask: Image.Image | None | object = _SAME,
-                 color_from: list[Image.Image] | None = None) -> GenerationResult:
+                 color_from: list[Image.Image] | None = None, each=None) -> GenerationResult:
         """The pipeline for `request` (and, in img2img, `init_images` and `mask`, by default the job's), its
         infotexts with `extra_params` added; img2img with the setting `img2img_color_correction`: `color_from`, the
-        pictures the outputs take their colours from instead of their inputs."""
+        pictures the outputs take their colours from instead of their inputs; `each` (`EachImage`): the prompts and
+        seeds of each image instead of the request's."""
         if self.ctx.control.interrupted():
             raise ScriptStopped
         payload = dict(self.payload, request=request)
@@ -135,6 +136,8 @@ class ScriptRun:
             payload["mask"] = mask
         if color_from is not None:
             payload["color_correction_from"] = color_from
+        if each is not None:
+            payload["each_image"] = each
         added = {k: v for k, v in (extra_params or {}).items() if k not in self.ctx.extra_params}
         self.ctx.extra_params.update(added)
         control, sampling = self.ctx.control, self.ctx.sampling
