@@ -99,6 +99,9 @@ SETTINGS: list[Setting] = [
             "System", int, minimum=1, maximum=100000),
     # the Extensions tab's enabled checkboxes (not a field of the Settings tab), as A1111 keeps them in config.json
     Setting("disabled_extensions", [], "Disabled extensions", "Extensions", list, restart_needed=True),
+    # the Extensions tab's "Disable all extensions" radio (A1111's): none, extra (only built-in ones run), all
+    Setting("disable_all_extensions", "none", "Disable all extensions (preserves the list of disabled extensions)",
+            "Extensions", str, choices=("none", "extra", "all"), restart_needed=True),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))
