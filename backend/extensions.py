@@ -235,7 +235,7 @@ class ExtensionManager:
         self.paths = paths
         self.options = options
         # "Disable all extensions" as the server started with it (a change applies at the next start)
-        self.disable_all_at_start = options.get("disable_all_extensions") or "none"
+        self.disable_all_at_start = options["disable_all_extensions"]
 
     @property
     def install_dir(self) -> Path:

@@ -138,7 +138,7 @@ DISABLE_ALL_CHOICES = ("none", "extra", "all")  # A1111's "Disable all extension
 
 def disable_flags(args, disable_all_setting: str | None) -> tuple[bool, bool]:
     """(no extension runs, only built-in ones run) from the flags and the `disable_all_extensions` setting."""
-    setting = disable_all_setting if disable_all_setting in DISABLE_ALL_CHOICES else "none"
+    setting = disable_all_setting if disable_all_setting in DISABLE_ALL_CHOICES else DISABLE_ALL_CHOICES[0]
     disable_all = bool(getattr(args, "disable_all_extensions", False)) or setting == "all"
     disable_extra = bool(getattr(args, "disable_extra_extensions", False)) or setting == "extra"
     return disable_all, disable_extra
@@ -155,8 +155,8 @@ def stored_choices(settings_file: str | Path | None) -> tuple[list[str], str]:
         stored = {}
     disabled = stored.get("disabled_extensions", [])
     disabled = [d for d in disabled if isinstance(d, str)] if isinstance(disabled, list) else []
-    mode = stored.get("disable_all_extensions", "none")
-    return disabled, mode if mode in DISABLE_ALL_CHOICES else "none"
+    mode = stored.get("disable_all_extensions")  # absent or not one of the choices: the first, "none"
+    return disabled, mode if mode in DISABLE_ALL_CHOICES else DISABLE_ALL_CHOICES[0]
 
 
 def run_preloads(parser, data_dir: str | Path | None, *, disable_all: bool = False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.core.errors import UserError
+from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -101,7 +102,7 @@ SETTINGS: list[Setting] = [
     Setting("disabled_extensions", [], "Disabled extensions", "Extensions", list, restart_needed=True),
     # the Extensions tab's "Disable all extensions" radio (A1111's): none, extra (only built-in ones run), all
     Setting("disable_all_extensions", "none", "Disable all extensions (preserves the list of disabled extensions)",
-            "Extensions", str, choices=("none", "extra", "all"), restart_needed=True),
+            "Extensions", str, choices=DISABLE_ALL_CHOICES, restart_needed=True),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))
