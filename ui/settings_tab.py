@@ -18,6 +18,9 @@ from backend.core.errors import UserError
 from backend.core.options import SETTINGS, Setting, coerce
 from backend.service import EaselService
 
+# settings the Extensions tab sets (its "Disable all extensions" radio), not shown here, as in A1111
+EXTENSIONS_TAB_SETTINGS = ("disable_all_extensions",)
+
 
 @dataclass
 class SettingsTab:
@@ -99,8 +102,8 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         result = gr.HTML(elem_id="settings_result")
     sections: dict[str, list] = {}
     for s in service.options.settings():  # Easel's own, then the extensions' (easel_extension.py, on_ui_settings)
-        if s.kind is list:
-            continue  # lists of names have their own tab (disabled_extensions: the Extensions tab)
+        if s.kind is list or s.key in EXTENSIONS_TAB_SETTINGS:
+            continue  # lists of names, and the Extensions tab's own choices, are set in their tabs
         sections.setdefault(s.section, []).append(s)
     components: dict[str, gr.components.Component] = {}
     for section, items in sections.items():

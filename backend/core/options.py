@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.core.errors import UserError
+from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -60,6 +61,8 @@ SETTINGS: list[Setting] = [
     Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies "
             "(normally you'd do less with less denoising)", "img2img", bool),
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
+    Setting("img2img_color_correction", False, "Apply color correction to img2img results to match original colors.",
+            "img2img", bool),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("keyedit_precision_attention", 0.1, "Ctrl+Up/Down precision when editing (attention:1.1)",
             "User interface", float, minimum=0.01, maximum=0.2),
@@ -105,6 +108,9 @@ SETTINGS: list[Setting] = [
             "System", int, minimum=1, maximum=100000),
     # the Extensions tab's enabled checkboxes (not a field of the Settings tab), as A1111 keeps them in config.json
     Setting("disabled_extensions", [], "Disabled extensions", "Extensions", list, restart_needed=True),
+    # the Extensions tab's "Disable all extensions" radio (A1111's): none, extra (only built-in ones run), all
+    Setting("disable_all_extensions", "none", "Disable all extensions (preserves the list of disabled extensions)",
+            "Extensions", str, choices=DISABLE_ALL_CHOICES, restart_needed=True),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

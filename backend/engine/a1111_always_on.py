@@ -124,9 +124,13 @@ class A1111AlwaysOn(SamplingHook):
 
     def _fill_lists(self) -> dict[str, list]:
         """p's per-picture lists for the request as it stands (A1111's `setup_prompts` and seeds)."""
+        from backend.core.styles import styled_prompts
+
         req = self.request
         total = req.batch_size * req.n_iter
-        given = {"all_prompts": [req.prompt] * total, "all_negative_prompts": [req.negative_prompt] * total,
+        # with the request's styles applied, as A1111's setup_prompts leaves them for process()
+        prompt, negative = styled_prompts(req.prompt, req.negative_prompt, req.styles, self.ctx.styles)
+        given = {"all_prompts": [prompt] * total, "all_negative_prompts": [negative] * total,
                  "all_seeds": [req.seed + (i if req.subseed_strength == 0 else 0) for i in range(total)],
                  "all_subseeds": [req.subseed + i for i in range(total)]}
         for name, values in given.items():

@@ -268,6 +268,8 @@ class GenerationPayload(TypedDict, total=False):
     a1111_callbacks: list[tuple[str, str]]  # [(script file, extension)] whose script_callbacks run in every job
     init_images: list[Image.Image]  # img2img
     mask: Image.Image | None  # img2img
+    color_correction_from: list[Image.Image]  # img2img in a script (Loopback): the pictures outputs take colours from
+    each_image: Any  # in a script (Prompt matrix): `EachImage`, the prompts and seeds of each image of the batch
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
     script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
 
@@ -590,12 +592,13 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import txt2img
-    return txt2img.run(payload["request"], ctx)
+    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"))
 
 
 def _run_img2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import img2img
-    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
+    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"],
+                       color_from=payload.get("color_correction_from"), each=payload.get("each_image"))
 
 
 def _run_img2img_batch(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
