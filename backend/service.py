@@ -170,7 +170,7 @@ class EaselService:
         """The names the X/Y/Z plot's dropdown axes are checked against."""
         from backend.core.xyz_axes import XYZCatalogs
         return XYZCatalogs(checkpoints=tuple(self.checkpoint_titles()), vaes=tuple(f.name for f in self.registry.vaes),
-                           upscalers=tuple(self.postprocess.upscaler_names()))
+                           upscalers=tuple(self.postprocess.upscaler_names()), styles=tuple(self.styles.names()))
 
     def xyz_axis_choices(self, axis) -> list[str] | None:
         """The values an X/Y/Z axis type (`backend.core.xyz_axes.AxisType`) offers in the UI's values dropdown, from

@@ -133,7 +133,7 @@ AXES: tuple[AxisType, ...] = (
     _no("Cond. Image Mask Weight", FLOAT, "the conditioning mask weight of inpainting models is not implemented",
         tab="img2img"),
     AxisType("VAE", TEXT, setting="sd_vae", cost=0.7, choices=VAE),
-    _no("Styles", TEXT, "prompt styles are not implemented", choices=STYLES),
+    AxisType("Styles", TEXT, field="styles", choices=STYLES),
     _no("UniPC Order", INT, "the UniPC order setting is not implemented"),
     AxisType("Face restore", TEXT, field="restore_faces", choices=None, legend=VALUE_ONLY),
     _no("Token merging ratio", FLOAT, _NO_TOME),
@@ -200,11 +200,13 @@ class XYZCatalogs:
     """What dropdown-valued axes are checked against (the app fills it from its catalogs).
 
     `checkpoints`: checkpoint titles as /sdapi/v1/sd-models lists them ("name.safetensors [hash]" or a name);
-    `vaes`: VAE file names; `upscalers`: image upscaler names for hires. fix (the latent modes are always known).
+    `vaes`: VAE file names; `upscalers`: image upscaler names for hires. fix (the latent modes are always known);
+    `styles`: the prompt styles' names (styles.csv).
     """
     checkpoints: tuple[str, ...] = ()
     vaes: tuple[str, ...] = ()
     upscalers: tuple[str, ...] = ()
+    styles: tuple[str, ...] = ()
 
     def choices_for(self, kind: str | None) -> list[str] | None:
         """The values a dropdown axis offers (A1111's `choices()`), None for a text axis."""
@@ -221,7 +223,7 @@ class XYZCatalogs:
         if kind == BOOLEAN:
             return ["False", "True"]
         if kind == STYLES:
-            return []
+            return list(self.styles)
         return None
 
     def axis_choices(self, at: AxisType) -> list[str] | None:
@@ -434,6 +436,12 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
                 return vae
         raise _bad(axis, label, value, f"is not a VAE. Valid: Automatic, None"
                                         f"{''.join(', ' + v for v in catalogs.vaes)}.")
+    if kind == STYLES:  # one value: a style name, or several joined by commas (A1111 splits it), all known
+        unknown = [name for name in _style_names(value) if name not in catalogs.styles]
+        if unknown:
+            raise _bad(axis, label, value, f"names no prompt style ({', '.join(unknown)}). Styles: "
+                                            f"{', '.join(catalogs.styles) or 'none (styles.csv is empty)'}.")
+        return value
     if kind == HIRES_UPSCALER:
         for option in (*LATENT_UPSCALE_MODES, *catalogs.upscalers):
             if option.lower() == value.strip().lower():
@@ -441,6 +449,10 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
         raise _bad(axis, label, value, f"is not a hires. fix upscaler. Valid: "
                                         f"{', '.join([*LATENT_UPSCALE_MODES, *catalogs.upscalers])}.")
     return value
+
+
+def _style_names(value: str) -> list[str]:
+    return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
 def _face_restore(axis: str, value: str) -> tuple[bool, str | None]:
@@ -703,6 +715,8 @@ def cell_request(request, cell: Iterable[tuple[AxisType, Any, Sequence[Any]]]):
             prompt = _reorder(prompt, list(value))
         elif at.label == "Size":
             update["width"], update["height"] = value
+        elif at.label == "Styles":  # added to the request's own styles, as A1111's p.styles.extend
+            update["styles"] = [*update.get("styles", request.styles), *_style_names(value)]
         elif at.label == "Face restore":
             on, model, _text = value
             update["restore_faces"] = on
