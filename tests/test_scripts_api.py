@@ -275,11 +275,12 @@ def test_interrupt_stops_a_script(api):
     assert info["interrupted"] is True and len(info["infotexts"]) < 30
 
 
-def test_prompts_from_file_line_styles_are_warned_about(api):
+def test_prompts_from_file_line_styles_that_do_not_exist_are_warned_about(api):
+    # a line's --styles are applied like the request's (tests/test_styles.py); a name no styles.csv holds is named
     r = api.post("/txt2img", json=txt(steps=1, script_name="Prompts from file or textbox",
                                       script_args=[False, False, "start", '--prompt "x" --styles "my style"']))
     _, info = answer(r)
-    assert any(w.startswith("styles ") for w in info["warnings"]), info.get("warnings")
+    assert any(w.startswith("style 'my style' does not exist") for w in info["warnings"]), info.get("warnings")
 
 
 def test_prompt_matrix_combinations_are_checked_at_the_edge(api):
