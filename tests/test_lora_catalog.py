@@ -1,4 +1,4 @@
-"""The LoRA tab's data: cards with the preview beside the file (`name.png` or `name.preview.png`), subfolders,
+"""The extra-network cards' data: cards with the preview beside the file (`name.png` or `name.preview.png`), subfolders,
 the base model badge, search, refresh, what a click inserts, and kohya's ss_* metadata for the "i" view."""
 from __future__ import annotations
 
