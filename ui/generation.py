@@ -32,7 +32,7 @@ INT_FIELDS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subse
 
 
 def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
-    """Prompt, negative prompt, Generate / Interrupt / Skip, Styles."""
+    """Prompt, negative prompt, Generate / Interrupt / Skip, the extra-networks toggle, Styles."""
     from ui import styles
     buttons = {}
     with gr.Row(elem_id=f"{tab}_toprow"):
@@ -45,6 +45,8 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
             with gr.Row():
                 buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
                 buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
+            # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
+            buttons["extra_networks"] = gr.Button("\U0001f3b4 Extra networks", elem_id=f"{tab}_extra_networks", size="sm")
             styles.build(service, tab, c)
             with gr.Row():
                 buttons["paste"] = gr.Button("Read parameters", size="sm", elem_id=f"{tab}_paste",

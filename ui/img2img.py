@@ -12,7 +12,7 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, generation, paste_params, scripts
+from ui import extension_parts, extra_networks, generation, paste_params, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -79,6 +79,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
     """Lay out the tab. Returns (fields, results, image inputs) for PNG Info and the Send to buttons."""
     c: dict[str, gr.components.Component] = {}
     buttons = generation.prompt_row(service, "img2img", c)
+    extra_networks.build_panel(service, "img2img", buttons["extra_networks"])
     images: dict = {}
     mode = gr.State("img2img")
     with gr.Row():

@@ -35,6 +35,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
             vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae",
                               allow_custom_value=True, scale=2)
+            checkpoint_request = extra_networks.checkpoint_request()  # a checkpoint card's click
         gr.HTML(_exposure_html(service), elem_id="easel_lan_warning", visible=bool(exposure_warnings(service.args)))
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
@@ -49,8 +50,6 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 extras_image = extras.build(service)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo.build(service, fields, tabs, i2i_fields, i2i_images, extras_image, checkpoint)
-            with gr.Tab("LoRA", id="lora"):
-                extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
             extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
             extension_tabs.render(added_tabs)  # the A1111 extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):
@@ -90,6 +89,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         # .input: only the user's choice saves and loads (not the page load's or Apply's refresh of the value)
         checkpoint.input(on_checkpoint, inputs=[checkpoint, settings.loaded], outputs=quick_outputs, show_progress="full")
+        checkpoint_request.change(lambda request, loaded: on_checkpoint(extra_networks.requested_checkpoint(request), loaded),
+                                  inputs=[checkpoint_request, settings.loaded], outputs=quick_outputs, show_progress="full")
         vae.input(lambda choice, loaded: select_and_load({"sd_vae": choice}, loaded), inputs=[vae, settings.loaded],
                   outputs=quick_outputs, show_progress="full")
 

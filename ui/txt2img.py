@@ -6,7 +6,7 @@ import gradio as gr
 from backend.core.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, generation, paste_params, scripts
+from ui import extension_parts, extra_networks, generation, paste_params, scripts
 
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
@@ -19,6 +19,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
     """Lay out the tab. Returns (field components by request-field name, result components)."""
     c: dict[str, gr.components.Component] = {}
     buttons = generation.prompt_row(service, "txt2img", c)
+    extra_networks.build_panel(service, "txt2img", buttons["extra_networks"])
     with gr.Row():
         with gr.Column(scale=1):
             generation.sampler_controls(service, "txt2img", c)

@@ -99,6 +99,12 @@ SETTINGS: list[Setting] = [
     Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
     Setting("api_max_request_body_mb", 256, "Largest HTTP request body, in MB (API requests and uploads; larger "
             "ones are refused with 413 before they are read)", "System", int, minimum=1),
+    Setting("extra_networks_default_multiplier", 1.0, "Default weight a LoRA card adds (<lora:name:weight>)", "Extra Networks",
+            float, minimum=0, maximum=2),
+    Setting("extra_networks_card_width", 0, "Card width for Extra Networks, px (0: 160)", "Extra Networks", int, minimum=0,
+            maximum=1024),
+    Setting("extra_networks_card_height", 0, "Card height for Extra Networks, px (0: 200)", "Extra Networks", int, minimum=0,
+            maximum=1024),
     Setting("upload_max_file_size_mb", 256, "Largest file uploaded through the web UI, in MB", "System", int, minimum=1),
     Setting("prompt_max_chunks", 40, "Longest prompt, in chunks of 75 tokens (longer prompts are refused)", "Limits", int,
             minimum=1, maximum=1000),
