@@ -22,6 +22,7 @@ from backend.client import BackendError, Job
 from backend.core.errors import UserError
 from backend.service import EaselService
 
+from backend.exposure import exposure_reasons
 from ui.progress import info_html, progress_html, wait_with_updates
 
 NO_JOB: dict = {}  # the browser's job reference once the result is shown (Gradio does not store a None)
@@ -42,9 +43,10 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
             c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}_neg_prompt")
         with gr.Column(scale=1, min_width=160):
             buttons["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}_generate")
-            with gr.Row():
-                buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
-                buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
+            with gr.Row():  # there while a job of the tab runs (`busy`)
+                buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm", visible=False)
+                buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm", visible=False)
+            buttons["status"] = gr.HTML(elem_id=f"{tab}_status")  # a job's error, next to Generate
             # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
             buttons["extra_networks"] = gr.Button("\U0001f3b4 Extra networks", elem_id=f"{tab}_extra_networks", size="sm")
             styles.build(service, tab, c)
@@ -103,12 +105,24 @@ def extra_controls(service: EaselService, tab: str, c: dict) -> None:
                                    elem_id=f"{tab}_clip_skip")
 
 
-def results_column(tab: str) -> dict:
-    """Progress, live preview, gallery, infotext and the Send to buttons."""
+def results_column(service: EaselService, tab: str) -> dict:
+    """Progress, the gallery (the live preview takes its place while a job samples), Save / Zip / Open folder,
+    the Send to buttons and the infotext."""
     r: dict = {}
     r["progress"] = gr.HTML(elem_id=f"{tab}_progress")
-    r["preview"] = gr.Image(label="Live preview", interactive=False, height=256, elem_id=f"{tab}_preview")
-    r["gallery"] = gr.Gallery(label="Output", columns=4, height=512, elem_id=f"{tab}_gallery", format="png")
+    r["preview"] = gr.Image(label="Live preview", interactive=False, height=512, visible=False,
+                            elem_id=f"{tab}_preview")
+    r["gallery"] = gr.Gallery(label="Output", columns=4, height=512, elem_id=f"{tab}_gallery", format="png",
+                              object_fit="contain")
+    with gr.Row():
+        r["save"] = gr.Button("Save", size="sm", elem_id=f"save_{tab}", elem_classes=["easel-tool"])
+        r["zip"] = gr.Button("Zip", size="sm", elem_id=f"save_zip_{tab}", elem_classes=["easel-tool"])
+        # opens the output folder on the server's screen: only where the browser is on that machine
+        local = not exposure_reasons(service.args) and not service.args.hide_ui_dir_config
+        r["open_folder"] = gr.Button("Open folder", size="sm", elem_id=f"open_folder_{tab}", visible=local,
+                                     elem_classes=["easel-tool"])
+    r["download"] = gr.File(label="Saved files", file_count="multiple", interactive=False, visible=False,
+                            elem_id=f"download_files_{tab}")
     with gr.Row():
         r["send_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_to_img2img")
         r["send_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{tab}_send_to_inpaint")
@@ -120,13 +134,55 @@ def results_column(tab: str) -> dict:
     r["selected"] = gr.State(0)
     # {"job_id", "key"} of the tab's job until its result is shown, kept in the browser (localStorage) for a reload
     r["job_ref"] = gr.BrowserState(None, storage_key=f"easel_{tab}_job")
+    r["outdir_key"] = f"outdir_{tab}_samples"  # the folder Open folder opens
     return r
 
 
+# What a generation event updates, by name (`result_outputs`), and how a step of it is written (`frame`).
+RESULT_PARTS = ("gallery", "progress", "preview", "info", "last_seed", "infotexts", "images", "job_ref",
+                "generate", "interrupt", "skip", "status")
+
+
 def result_outputs(r: dict) -> list:
-    """The components a generation event updates, in the order of the tuples `stream_job` yields."""
-    return [r["gallery"], r["progress"], r["preview"], r["info"], r["last_seed"], r["infotexts"], r["images"],
-            r["job_ref"]]
+    """The components a generation event updates, in the order of `RESULT_PARTS` (what `frame` yields)."""
+    return [r[name] for name in RESULT_PARTS]
+
+
+def frame(**parts) -> tuple:
+    """One update of a generation event: the named parts changed, the rest kept."""
+    unknown = set(parts) - set(RESULT_PARTS)
+    if unknown:
+        raise ValueError(f"not a result part: {sorted(unknown)}")
+    return tuple(parts.get(name, gr.update()) for name in RESULT_PARTS)
+
+
+def busy(label: str) -> dict:
+    """Generate shows the job's state; Interrupt and Skip are there while it lasts."""
+    return {"generate": gr.update(value=label), "interrupt": gr.update(visible=True), "skip": gr.update(visible=True)}
+
+
+IDLE = {"generate": gr.update(value="Generate"), "interrupt": gr.update(visible=False),
+        "skip": gr.update(visible=False), "preview": gr.update(value=None, visible=False),
+        "gallery": gr.update(visible=True), "progress": ""}
+
+
+def busy_label(job: Job, client) -> str:
+    if job.status == "queued":
+        ahead = client.queued()
+        return f"Queued ({ahead} ahead)" if ahead else "Queued"
+    if job.total:
+        return f"Running {int(job.progress * 100)}%"
+    return "Running"
+
+
+def error_parts(message: str) -> dict:
+    """An error next to Generate (and in the info area, and as a toast), the tab idle again."""
+    gr.Warning(message)
+    return {**IDLE, "info": info_html(message, error=True), "status": info_html(message, error=True)}
+
+
+def error_frame(message: str, **more) -> tuple:
+    return frame(**{**error_parts(message), **more})
 
 
 def overrides_from(checkpoint: str | None, vae_choice: str | None, clip_skip) -> dict:
@@ -149,18 +205,17 @@ def clean_fields(fields: dict) -> dict:
 
 
 async def stream_job(service: EaselService, start: Callable[[], Job]):
-    """Start a job (`start` runs on a worker thread) and follow it, yielding tuples for `result_outputs`.
+    """Start a job (`start` runs on a worker thread) and follow it, yielding `frame`s for `result_outputs`.
 
     The job's reference is stored in the browser first, so that a page reloaded meanwhile reattaches to it.
     """
-    keep = gr.update()
     try:
         job = await anyio.to_thread.run_sync(start)
     except (UserError, BackendError) as exc:
-        yield keep, "", None, info_html(exc.message, error=True), keep, keep, keep, keep
+        yield error_frame(exc.message)
         return
-    yield (keep, progress_html(job, service.client.queued()), None, keep, keep, keep, keep,
-           {"job_id": job.job_id, "key": job.watch_key})
+    yield frame(progress=progress_html(job, service.client.queued()), status="",
+                job_ref={"job_id": job.job_id, "key": job.watch_key}, **busy(busy_label(job, service.client)))
     async for update in follow_job(service, job):
         yield update
 
@@ -168,12 +223,11 @@ async def stream_job(service: EaselService, start: Callable[[], Job]):
 async def reattach(service: EaselService, job_ref, still_wanted: Callable[[], bool] = lambda: True):
     """On page load: follow the job this browser started in the tab, if the page has not shown its result yet
     (and as long as `still_wanted()`)."""
-    keep = gr.update()
     job = None
     if isinstance(job_ref, dict):
         job = service.client.find_job(job_ref.get("job_id", ""), job_ref.get("key", ""))
     if job is None:  # nothing to show; a reference to a job no longer kept is dropped
-        yield keep, keep, keep, keep, keep, keep, keep, (NO_JOB if job_ref else keep)
+        yield frame(**({"job_ref": NO_JOB} if job_ref else {}))
         return
     async for update in follow_job(service, job, still_wanted):
         yield update
@@ -182,19 +236,21 @@ async def reattach(service: EaselService, job_ref, still_wanted: Callable[[], bo
 async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[], bool] = lambda: True):
     """Progress and live preview while `job` waits or runs, then its images and infotext, or its error.
 
-    Awaits without holding a thread; stops, showing nothing more, once `still_wanted()` is false.
-    The last tuple clears the browser's job reference: the page shows the result.
+    The live preview takes the gallery's place while there is one. Awaits without holding a thread; stops, showing
+    nothing more, once `still_wanted()` is false. The last frame clears the browser's job reference: the page shows
+    the result.
     """
-    keep = gr.update()
     async for progress, img in wait_with_updates(job, service.client):
         if not still_wanted():
             return
-        yield keep, progress, img if img is not None else keep, keep, keep, keep, keep, keep
+        parts = {"progress": progress, **busy(busy_label(job, service.client))}
+        if img is not None:
+            parts.update(preview=gr.update(value=img, visible=True), gallery=gr.update(visible=False))
+        yield frame(**parts)
     if not still_wanted():
         return
     if job.error is not None:
-        yield (keep, "", None, info_html(getattr(job.error, "message", str(job.error)), error=True), keep, keep, keep,
-               NO_JOB)
+        yield error_frame(getattr(job.error, "message", str(job.error)), job_ref=NO_JOB)
         return
     result = job.result
     pictures = [Image.open(io.BytesIO(img.png)) for img in result.images]
@@ -204,12 +260,16 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     # the first picture's infotext, a grid's included, as A1111's info (infotexts[0]; an X/Y/Z grid's names its axes)
     shown = (texts[0] if texts else "") + (f"\n{notes}" if notes else "")
     maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "extra_images", [])]  # always-on scripts' images, last
-    yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
-           texts + [""] * len(maps), pictures, NO_JOB)
+    yield frame(**{**IDLE, "status": "", "info": info_html(shown), "last_seed": (first.seed if first else -1),
+                   "infotexts": texts + [""] * len(maps), "images": pictures, "job_ref": NO_JOB,
+                   "gallery": gr.update(value=[(p, None) for p in pictures + maps], visible=True)})
 
 
 def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Callable, inputs: list) -> None:
-    """Generate (button and Enter in the prompt), Interrupt, Skip, the seed buttons, gallery selection."""
+    """Generate (button and Enter in the prompt), Interrupt, Skip, the seed buttons, gallery selection, Save, Zip,
+    Open folder."""
+    r.update(generate=buttons["generate"], interrupt=buttons["interrupt"], skip=buttons["skip"],
+             status=buttons["status"])
     outputs = result_outputs(r)
     presses = GeneratePresses()
 
@@ -233,6 +293,62 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
         return gr.update(), 0
 
     r["gallery"].select(on_select, inputs=[r["infotexts"]], outputs=[r["info"], r["selected"]], queue=False)
+    wire_saving(service, r)
+
+
+def wire_saving(service: EaselService, r: dict) -> None:
+    """Save (the selected picture, or all: setting save_selected_only) and Zip into the save folder, offered for
+    download; Open folder: the tab's output folder in the server's file manager."""
+    from backend.saved_images import save_pictures, zip_pictures
+
+    def done(paths: list, what: str):
+        names = ", ".join(p.name for p in paths)
+        return gr.update(value=[str(p) for p in paths], visible=True), info_html(f"{what}: {names}")
+
+    def on_save(images, texts, selected):
+        try:
+            return done(save_pictures(service.paths, service.options, images or [], texts or [], selected), "Saved")
+        except (UserError, OSError) as exc:
+            message = exc.message if isinstance(exc, UserError) else f"Could not save: {exc}"
+            gr.Warning(message)
+            return gr.update(), info_html(message, error=True)
+
+    def on_zip(images, texts):
+        try:
+            return done([zip_pictures(service.paths, service.options, images or [], texts or [])], "Zipped")
+        except (UserError, OSError) as exc:
+            message = exc.message if isinstance(exc, UserError) else f"Could not zip: {exc}"
+            gr.Warning(message)
+            return gr.update(), info_html(message, error=True)
+
+    r["save"].click(on_save, [r["images"], r["infotexts"], r["selected"]], [r["download"], r["status"]])
+    r["zip"].click(on_zip, [r["images"], r["infotexts"]], [r["download"], r["status"]])
+    key = r.get("outdir_key")
+    if key:
+        r["open_folder"].click(lambda: open_folder(service, key), None, None, queue=False)
+
+
+def open_folder(service: EaselService, key: str) -> None:
+    """The folder of setting `key` (an output folder) in the file manager of the machine the server runs on."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if exposure_reasons(service.args) or service.args.hide_ui_dir_config:
+        raise gr.Error("Open folder works only when the browser is on the server's machine.")
+    target = Path(service.options[key])
+    folder = target if target.is_absolute() else service.paths.data_dir / target
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform == "win32":
+        os.startfile(folder)  # noqa: S606 (a folder of our own settings)
+        return
+    opener = "open" if sys.platform == "darwin" else shutil.which("xdg-open")
+    if not opener:
+        gr.Warning(f"No file manager to open {folder} with (install xdg-utils); the folder is {folder}.")
+        return
+    subprocess.Popen([opener, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class GeneratePresses:

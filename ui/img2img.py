@@ -162,7 +162,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                               width=c["width"], height=c["height"])
             script_panel = scripts.build(service, "img2img")
         with gr.Column(scale=1):
-            r = generation.results_column("img2img")
+            r = generation.results_column(service, "img2img")
 
     image_inputs = [images[k] for k in ("init_image", "sketch", "inpaint", "inpaint_sketch", "upload_image", "upload_mask")]
     inputs = [checkpoint, vae, mode] + image_inputs + [c[name] for name in FIELDS + EXTRA] + ext_panel.inputs

@@ -50,7 +50,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                               width=c["width"], height=c["height"])
             script_panel = scripts.build(service, "txt2img")
         with gr.Column(scale=1):
-            r = generation.results_column("txt2img")
+            r = generation.results_column(service, "txt2img")
 
     inputs = [checkpoint, vae] + [c[name] for name in FIELDS] + ext_panel.inputs + script_panel.inputs
     n_base = 2 + len(FIELDS)

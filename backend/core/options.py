@@ -57,6 +57,9 @@ SETTINGS: list[Setting] = [
     Setting("outdir_img2img_grids", "outputs/img2img-grids", "Output folder for img2img grids", "Paths for saving"),
     Setting("outdir_init_images", "outputs/init-images", "Directory for saving init images when using img2img",
             "Paths for saving"),
+    Setting("outdir_save", "log/images", "Directory for saving images using the Save button", "Paths for saving"),
+    Setting("save_selected_only", True, "When using the Save button, only save the selected image", "Saving images",
+            bool),
     Setting("save_init_img", False, "Save init images when using img2img", "Saving images", bool),
     Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies "
             "(normally you'd do less with less denoising)", "img2img", bool),

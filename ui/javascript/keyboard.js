@@ -182,6 +182,7 @@
     showMenu(button.id.split("_")[0], e.clientX, e.clientY);
   }, true);
   document.addEventListener("click", (e) => {
-    if (!e.target.closest || !e.target.closest(".easel-context-menu")) closeMenu();
+    // a person's click elsewhere closes the menu; generate forever's own presses of Generate do not
+    if (e.isTrusted && (!e.target.closest || !e.target.closest(".easel-context-menu"))) closeMenu();
   });
 })();
