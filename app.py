@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         root_path=args.subpath or "", log_level="warning")
             return 0
         from ui.layout import CSS, build_ui
-        from ui import page_scripts
+        from ui import icons, page_scripts
         from ui.theme import theme_head
         from backend.extensions import page_head
         demo = build_ui(service)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         app, local_url, share_url = demo.launch(
             server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
-            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS, head=theme_head(args.theme) + page_scripts.head() + page_head(service.extensions.enabled()), quiet=True,
+            root_path=args.subpath, inbrowser=args.autolaunch, css=CSS + icons.css(), head=theme_head(args.theme) + icons.head() + page_scripts.head() + page_head(service.extensions.enabled()), quiet=True,
             max_file_size=service.options["upload_max_file_size_mb"] * 2**20,
             app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
                         # the API's docs, as with --nowebui (Gradio turns them off by default)

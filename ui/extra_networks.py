@@ -246,7 +246,7 @@ def _kind_tab(service: EaselService, tab: str, kind: NetworkKind) -> dict:
             sort = gr.Dropdown(list(SORT_KEYS), value=SORT_KEYS[0], show_label=False, elem_id=f"{prefix}_sort",
                                scale=2, min_width=150)
             direction = gr.Button("\u2191 Ascending", elem_id=f"{prefix}_sort_dir", size="sm", scale=1, min_width=120)
-            refresh_button = gr.Button("\U0001f504 Refresh", elem_id=f"{prefix}_refresh", size="sm", scale=1,
+            refresh_button = gr.Button("Refresh", elem_id=f"{prefix}_refresh", size="sm", scale=1,
                                        min_width=100)
         descending = gr.State(False)
         details_request = f"{prefix}_details_request"

@@ -46,15 +46,16 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
             with gr.Row():  # there while a job of the tab runs (`busy`)
                 buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm", visible=False)
                 buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm", visible=False)
-            buttons["status"] = gr.HTML(elem_id=f"{tab}_status")  # a job's error, next to Generate
-            # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
-            buttons["extra_networks"] = gr.Button("\U0001f3b4 Extra networks", elem_id=f"{tab}_extra_networks", size="sm")
-            styles.build(service, tab, c)
-            with gr.Row():
-                buttons["paste"] = gr.Button("Read parameters", size="sm", elem_id=f"{tab}_paste",
+            buttons["status"] = gr.HTML(elem_id=f"{tab}_status", padding=False)  # a job's error, next to Generate
+            with gr.Row(elem_classes=["easel-tool-row"]):  # A1111's row of tool buttons under Generate
+                buttons["paste"] = gr.Button("Read params", size="sm", elem_id=f"{tab}_paste", min_width=60,
                                              elem_classes=["easel-tool"])
-                buttons["clear_prompt"] = gr.Button("Clear prompts", size="sm", elem_id=f"{tab}_clear_prompt",
+                buttons["clear_prompt"] = gr.Button("Clear", size="sm", elem_id=f"{tab}_clear_prompt", min_width=60,
                                                     elem_classes=["easel-tool"])
+                # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
+                buttons["extra_networks"] = gr.Button("Networks", elem_id=f"{tab}_extra_networks", size="sm",
+                                                      min_width=60, elem_classes=["easel-tool"])
+            styles.build(service, tab, c)
             # set by a paste (PNG Info, Send to, Read parameters): settings this tab's next jobs use, as A1111's
             c["override_choices"] = gr.Dropdown([], value=[], multiselect=True, label="Override settings",
                                                 visible=False, elem_id=f"{tab}_override_settings")

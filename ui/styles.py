@@ -23,10 +23,11 @@ def build(service: EaselService, tab: str, c: dict) -> None:
     """Add `c["styles"]` (the request's `styles` field) and the editor, wired to the tab's prompt boxes."""
     c["styles"] = gr.Dropdown(_names(service), value=[], multiselect=True, label="Styles", elem_id=f"{tab}_styles",
                               info="applied to the prompts of every job (styles.csv)")
-    with gr.Row():
-        apply = gr.Button("Apply styles", size="sm", elem_id=f"{tab}_style_apply",
+    with gr.Row(elem_classes=["easel-tool-row"]):
+        apply = gr.Button("Apply styles", size="sm", elem_id=f"{tab}_style_apply", min_width=60,
                           elem_classes=["easel-tool"])
-        edit = gr.Button("Edit styles", size="sm", elem_id=f"{tab}_styles_edit_button", elem_classes=["easel-tool"])
+        edit = gr.Button("Edit styles", size="sm", elem_id=f"{tab}_styles_edit_button", min_width=60,
+                         elem_classes=["easel-tool"])
     with gr.Group(visible=False, elem_id=f"{tab}_styles_dialog") as dialog:
         name = gr.Dropdown(_names(service), value=None, label="Style (pick one, or type a new name)",
                            allow_custom_value=True, elem_id=f"{tab}_edit_style_name")

@@ -5,7 +5,7 @@ script's argument specs), as in A1111:
   ...) shows a multiselect dropdown of its choices instead of the values text box, filled when the type changes;
   "Use text inputs instead of dropdowns" (csv_mode) switches every axis back to its text box, carrying the
   chosen values over as text (and back);
-- the 📒 button beside an axis with choices fills its values with every choice;
+- the "Fill X values" button (A1111's 📒) beside an axis with choices fills its values with every choice;
 - the swap buttons exchange two axes' types and values (X/Y, Y/Z, X/Z).
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import gradio as gr
 from backend.core.xyz_axes import XYZ_ARG_NAMES, list_to_csv, split_values, xyz_axes
 from backend.service import EaselService
 
-FILL_SYMBOL = "\U0001f4d2"  # 📒, A1111's fill-values button
 
 
 def wire(service: EaselService, tab: str, controls: list, elem_prefix: str) -> None:
@@ -54,7 +53,7 @@ def wire(service: EaselService, tab: str, controls: list, elem_prefix: str) -> N
     with gr.Row():
         fills = {}
         for axis in ("x", "y", "z"):
-            fills[axis] = gr.Button(f"{FILL_SYMBOL} {axis.upper()}", visible=False, size="sm",
+            fills[axis] = gr.Button(f"Fill {axis.upper()} values", visible=False, size="sm",
                                     elem_id=f"{elem_prefix}_fill_{axis}")
         swaps = {pair: gr.Button(f"Swap {pair[0].upper()}/{pair[1].upper()} axes", size="sm",
                                  elem_id=f"{elem_prefix}_swap_{pair}")
