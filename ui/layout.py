@@ -12,7 +12,7 @@ from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
 from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, send_to,
-                settings_tab, txt2img)
+                settings_tab, txt2img, ui_config)
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -127,6 +127,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                     _notice_html(service), gr.update(visible=False))
 
         download.click(on_download, outputs=[checkpoint, notice, download_row])
+        # last, before Gradio makes the page config: ui-config.json's defaults and limits of the tabs' controls
+        ui_config.apply(demo, service.paths.ui_config_file or service.paths.data_dir / "ui-config.json")
     return demo
 
 
