@@ -211,3 +211,30 @@ def test_reload_ui_shows_the_current_settings_and_quick_settings(server, api, tm
             _shot(page, tmp_path, "settings_after_reload")
     finally:
         api.post("/options", json={SETTING: before[SETTING], "quicksettings_list": before["quicksettings_list"]})
+
+
+def test_defaults_section_saves_the_pages_values_into_ui_config(server, tmp_path):
+    path = server.data_dir / "ui-config.json"
+    before = path.read_text()
+    assert json.loads(before)["txt2img/Sampling steps/value"] == 20  # written at start with the built-in defaults
+    try:
+        with browser_page(server.url) as page:
+            box = page.locator("#txt2img_steps input[type=number]")
+            box.fill("33")
+            box.press("Enter")
+            _open_settings(page)
+            page.locator("#settings_sections label", has_text="Defaults").click()
+            page.click("#settings_defaults_view")
+            page.wait_for_function("document.querySelector('#settings_defaults_result').innerText"
+                                   ".includes('txt2img/Sampling steps/value')")
+            assert "33" in page.inner_text("#settings_defaults_result")
+            assert "txt2img/Prompt/value" not in page.inner_text("#settings_defaults_result")  # empty stays empty
+            assert json.loads(path.read_text())["txt2img/Sampling steps/value"] == 20  # viewing writes nothing
+            _shot(page, tmp_path, "settings_defaults")
+            page.click("#settings_defaults_apply")
+            page.wait_for_function("document.querySelector('#settings_defaults_result').innerText.includes('Wrote')")
+            stored = json.loads(path.read_text())
+            assert stored["txt2img/Sampling steps/value"] == 33
+            assert stored["txt2img/Width/maximum"] == 2048  # the rest is kept
+    finally:
+        path.write_text(before)

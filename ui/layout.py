@@ -124,7 +124,9 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         download.click(on_download, outputs=[checkpoint, notice, download_row])
         # last, before Gradio makes the page config: ui-config.json's defaults and limits of the tabs' controls
-        ui_config.apply(demo, service.paths.ui_config_file or service.paths.data_dir / "ui-config.json")
+        ui_config_file = service.paths.ui_config_file or service.paths.data_dir / "ui-config.json"
+        ui_config.apply(demo, ui_config_file)
+        ui_config.wire_defaults(demo, ui_config_file, *settings.defaults)  # the Settings tab's Defaults
     return demo
 
 

@@ -24,6 +24,7 @@ from backend.service import EaselService
 class SettingsTab:
     components: dict[str, gr.components.Component]  # by setting key, in the order of the page
     loaded: gr.State  # {key: value} as the page last read them from the server
+    defaults: tuple[gr.Button, gr.Button, gr.HTML]  # the Defaults section's View changes, Apply, and their answer
 
     def outputs(self) -> list:
         """The components to refresh from the server, then the state of what they show."""
@@ -109,6 +110,9 @@ def field_update(service: EaselService, key: str, value: Any, **extra) -> dict:
     return gr.update(value=value, **extra)
 
 
+DEFAULTS = "Defaults"  # the sidebar's last entry: the tabs' controls' defaults (ui-config.json, ui/ui_config.py)
+
+
 def section_id(section: str) -> str:
     """The element id of a section's column (ui/javascript/settings.js makes the same from the sidebar's names)."""
     return "settings_section_" + re.sub(r"[^a-z0-9_]+", "_", section.lower())
@@ -132,7 +136,7 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         with gr.Column(scale=1, min_width=200, elem_id="settings_sidebar"):
             gr.Textbox(placeholder="Search settings...", show_label=False, container=False, interactive=True,
                        elem_id="settings_search")
-            gr.Radio(list(sections), value=next(iter(sections), None), show_label=False, container=False,
+            gr.Radio(list(sections) + [DEFAULTS], value=next(iter(sections), None), show_label=False, container=False,
                      interactive=True, elem_id="settings_sections")
         with gr.Column(scale=5, elem_id="settings_body"):
             for section, items in sections.items():
@@ -140,7 +144,17 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
                     gr.HTML(f"<h2>{html.escape(section)}</h2>")
                     for s in items:
                         components[s.key] = _component(s, initial[s.key], service)
-    tab = SettingsTab(components=components, loaded=gr.State(initial))
+            with gr.Column(elem_id=section_id(DEFAULTS), elem_classes=["easel-settings-section"]):
+                gr.HTML(f"<h2>{DEFAULTS}</h2><p>The default value of each control of the tabs is kept in "
+                        f"{html.escape(str(service.paths.ui_config_file or 'ui-config.json'))}. View changes lists "
+                        "the controls whose value on the page now differs; Apply saves those values as the defaults, "
+                        "used from the next server start.</p>")
+                with gr.Row():
+                    view = gr.Button("View changes", elem_id="settings_defaults_view")
+                    save = gr.Button("Apply", variant="primary", elem_id="settings_defaults_apply")
+                defaults_result = gr.HTML(elem_id="settings_defaults_result")
+    # the buttons' events need every control of the tabs: ui/layout.py wires them (ui_config.wire_defaults)
+    tab = SettingsTab(components=components, loaded=gr.State(initial), defaults=(view, save, defaults_result))
     quick_keys = [key for key in components if key in quick]
 
     def on_apply(loaded: dict, *values):

@@ -11,6 +11,7 @@ request checks), which every job passes whatever the page sent.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -117,3 +118,66 @@ def apply(root, path: Path) -> dict[str, Any]:
         except OSError as exc:
             log.error("The UI config file %s could not be written (%s).", path, exc)
     return result
+
+
+def _as_stored(component: gr.components.Component, value: Any) -> Any:
+    """A control's value as the page sends it, written as ui-config.json holds it (a choice by its name, not by
+    the index a `type="index"` control hands the event; a whole number as an int)."""
+    if getattr(component, "type", None) == "index" and isinstance(value, int) and not isinstance(value, bool):
+        choices = [c[1] if isinstance(c, (tuple, list)) else c for c in (component.choices or [])]
+        value = choices[value] if 0 <= value < len(choices) else value
+    if isinstance(value, float) and value.is_integer() and isinstance(getattr(component, "step", None), int):
+        value = int(value)
+    return value
+
+
+def _empty(value: Any) -> bool:
+    """No value: what the file holds for an empty text box (null) and what the page sends for it ("") match."""
+    return value is None or value == "" or value == []
+
+
+def _differences(path: Path, found: list, values: tuple) -> tuple[dict[str, Any], list[tuple[str, Any, Any]], bool]:
+    stored, writable = read(path)
+    changes = []
+    for (prefix, component), value in zip(found, values):
+        key = f"{prefix}/value"
+        value = _as_stored(component, value)
+        if key in stored and stored[key] != value and not (_empty(stored[key]) and _empty(value)):
+            changes.append((key, stored[key], value))
+    return stored, changes, writable
+
+
+def _table(changes: list[tuple[str, Any, Any]]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(json.dumps(old, ensure_ascii=False))}</td>"
+                   f"<td>{html.escape(json.dumps(new, ensure_ascii=False))}</td></tr>" for key, old, new in changes)
+    return f"<table><thead><tr><th>Path</th><th>Old value</th><th>New value</th></tr></thead><tbody>{rows}</tbody></table>"
+
+
+def wire_defaults(root, path: Path, view: gr.Button, apply_button: gr.Button, result: gr.HTML) -> None:
+    """The Settings tab's Defaults (as A1111's): View changes lists the controls whose value on the page differs
+    from ui-config.json; Apply writes those values there, the controls' defaults from the next server start."""
+    found = controls(root)
+    inputs = [component for _prefix, component in found]
+
+    def on_view(*values):
+        _stored, changes, _writable = _differences(path, found, values)
+        return _table(changes) if changes else "No changes: every control shows its default."
+
+    def on_apply(*values):
+        stored, changes, writable = _differences(path, found, values)
+        if not writable:
+            return (f'<div class="easel-error">The UI config file {html.escape(str(path))} could not be read; fix or '
+                    "delete it, then restart.</div>")
+        if not changes:
+            return "No changes: every control shows its default."
+        stored.update({key: new for key, _old, new in changes})
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stored, indent=4, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            return f'<div class="easel-error">{html.escape(f"{path} could not be written ({exc}).")}</div>'
+        return (html.escape(f"Wrote {len(changes)} default(s) to {path}; they apply after a restart.") + _table(changes))
+
+    view.click(on_view, inputs=inputs, outputs=result)
+    apply_button.click(on_apply, inputs=inputs, outputs=result)

@@ -4,6 +4,10 @@
 // the fields is never touched (ui/settings_tab.py: the sections' columns are #settings_section_<name>, the fields
 // #settings_<key>).
 (() => {
+  // the sidebar: one section name a line
+  const layout = document.createElement("style");
+  layout.textContent = "#settings_sections .wrap { flex-direction: column; align-items: stretch; }";
+  document.head.appendChild(layout);
   const sectionId = (name) => "settings_section_" + name.toLowerCase().replace(/[^a-z0-9_]+/g, "_");
   const styleElement = () => {
     let el = document.getElementById("easel_settings_filter");
