@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
                         # the API's docs, as with --nowebui (Gradio turns them off by default)
                         **({"docs_url": "/docs", "redoc_url": "/redoc"} if args.api else {})},
+            # Gradio's start-up self-check (one HEAD of the page, 3 s timeout, meant for notebooks that cannot reach
+            # localhost) stops the app when the page takes longer to render, as on a busy or slow CPU: skipped, the
+            # server is up either way (gradio is pinned, so this private switch stays).
+            _frontend=False,
         )
         service.options.on_change(lambda key, value: setattr(demo, "max_file_size", value * 2**20)
                                   if key == "upload_max_file_size_mb" else None)

@@ -29,13 +29,17 @@ log = logging.getLogger("easel")
 
 
 
+_KINDS = ("Slider", "Checkbox", "Number", "Dropdown", "Radio", "CheckboxGroup", "Textbox", "HTML", "Markdown")
+
+
 def _choices(component) -> tuple:
     return tuple(c[1] if isinstance(c, (tuple, list)) else c for c in (getattr(component, "choices", None) or ()))
 
 
 def component_arg(component, index: int, where: str) -> ScriptArg:
-    """The ScriptArg for one Gradio component a script's `ui()` returned."""
-    kind = type(component).__name__
+    """The ScriptArg for one Gradio component a script's `ui()` returned (a subclass, as A1111's `ui_components`:
+    `InputAccordion` is a Checkbox, `DropdownMulti` a Dropdown, as the Gradio class it derives from)."""
+    kind = next((c.__name__ for c in type(component).__mro__ if c.__name__ in _KINDS), type(component).__name__)
     label = getattr(component, "label", None) or f"Argument {index}"
     key = f"arg{index}"
     value = getattr(component, "value", None)
@@ -136,16 +140,19 @@ def setting_of(key: str, info, extension: str):
 class ExtensionScripts:
     """The A1111 scripts of the extensions' script files, loaded in the app process."""
 
-    def __init__(self, files: list[tuple[Path, Path]], options: dict, cmd_opts=None, taken: set[str] = frozenset()):
+    def __init__(self, files: list[tuple[Path, Path]], options: dict, cmd_opts=None, taken: set[str] = frozenset(),
+                 models=None):
         from modules.script_callbacks import FileCallbacks
 
         self.scripts: list[LoadedScript] = []
         self.failures: dict[str, str] = {}  # file -> why it was skipped
         self.callbacks: list[FileCallbacks] = []  # the script_callbacks each loaded file registered
         self.cmd_opts = cmd_opts
+        self.models = models  # the app's ModelRegistry: `modules.sd_models` (None: not offered)
         for path, extension in files:
             try:
-                scripts, callbacks = self._load(path, extension, options, cmd_opts, taken)
+                scripts, callbacks = self._load(path, extension, options, cmd_opts, taken,
+                                                self._model_fields(lambda: options))
                 self.scripts += scripts
                 self.callbacks.append(FileCallbacks(path, extension.name, callbacks))
             except Exception as exc:  # noqa: BLE001  a broken extension never stops the app
@@ -154,14 +161,32 @@ class ExtensionScripts:
                 log.error("extension script %s (extension %s) skipped: %s", path, extension.name, message)
             taken = taken | {s.title.lower() for s in self.scripts}
 
+    def _model_fields(self, options) -> dict:
+        """`modules.sd_models` in the app process: the checkpoints on disk, the one `sd_model_checkpoint` selects
+        (`options()`: the settings to read it from)."""
+        if self.models is None:
+            return {}
+        from modules.sd_models import CheckpointInfo
+
+        registry = self.models
+
+        def selected():
+            try:
+                return CheckpointInfo.of(registry.find_checkpoint(options().get("sd_model_checkpoint") or None))
+            except UserError:
+                return None
+
+        return {"checkpoints": lambda: [CheckpointInfo.of(f) for f in registry.checkpoints],
+                "selected_checkpoint": selected}
+
     @staticmethod
-    def _load(path: Path, extension: Path, options: dict, cmd_opts, taken):
+    def _load(path: Path, extension: Path, options: dict, cmd_opts, taken, model_fields: dict):
         from modules.context import ScriptContext, running
-        from modules.script_loading import UNSUPPORTED_METHODS, load_script_file
-        from modules.scripts import AlwaysVisible, Script
+        from modules.script_loading import load_script_file
+        from modules.scripts import AlwaysVisible
 
         loaded = []
-        with running(ScriptContext(options=options, cmd_opts=cmd_opts, where=str(path))):
+        with running(ScriptContext(options=options, cmd_opts=cmd_opts, where=str(path), **model_fields)):
             script_file = load_script_file(path, extension)
             for cls in script_file.classes:
                 script = cls()
@@ -180,11 +205,6 @@ class ExtensionScripts:
                     elif not shown:
                         continue
                     entry.args[tab] = _ui_args(script, img2img, where)
-                unsupported = [m for m in UNSUPPORTED_METHODS if getattr(cls, m) is not getattr(Script, m)]
-                if entry.always_on and unsupported:  # it would run in every job: skipped rather than half-run
-                    log.error("extension script %r in %s skipped: it overrides %s, which Easel's AUTOMATIC1111 "
-                              "compatibility layer does not call yet", title, path, ", ".join(unsupported))
-                    continue
                 loaded.append(entry)
         return loaded, script_file.callbacks
 
@@ -202,7 +222,7 @@ class ExtensionScripts:
             opts = options.as_dict() if options is not None else {}
             context = ScriptContext(options=opts, cmd_opts=self.cmd_opts, where=file.where,
                                     add_option=(lambda key, info, f=file: add_option(key, info, f))
-                                    if add_option else None)
+                                    if add_option else None, **self._model_fields(lambda o=opts: o))
             with running(context):
                 results += [(file, r) for r in call_each(callbacks, args, f"on_{name} of {file.where}")]
         return results
@@ -212,7 +232,29 @@ class ExtensionScripts:
         /sdapi/v1/options, the settings gate, `shared.opts.KEY` in both processes). Called once at start-up."""
         def add(key, info, file: FileCallbacks):
             options.register(setting_of(key, info, file.extension))
+            if callable(getattr(info, "onchange", None)):
+                self._call_onchange_when_changed(options, key, info.onchange, file)
         self._call("ui_settings", options=options, add_option=add)
+
+    def _call_onchange_when_changed(self, options, key: str, onchange, file: FileCallbacks) -> None:
+        """`OptionInfo.onchange()` each time the setting's stored value changes through the settings gate (the
+        Settings tab, POST /sdapi/v1/options), as A1111's `opts.set`: in the app process, with the live settings;
+        one that raises is logged with its extension and skipped."""
+        from modules.context import ScriptContext, running
+        from modules.script_callbacks import call_each
+
+        last = [options[key]]
+
+        def listener(changed_key: str, value) -> None:
+            if changed_key != key or value == last[0]:
+                return
+            last[0] = value
+            context = ScriptContext(options=options.as_dict(), cmd_opts=self.cmd_opts, where=file.where,
+                                    **self._model_fields(options.as_dict))
+            with running(context):
+                call_each([onchange], (), f"onchange of setting {key} of {file.where}")
+
+        options.on_change(listener)
 
     def ui_tabs(self, options) -> list[tuple]:
         """`on_ui_tabs`, called while the web UI is built (inside its Blocks): [(gr.Blocks, title, elem_id)] of
@@ -247,7 +289,8 @@ class ExtensionScripts:
             def __len__(self):
                 return len(options.as_dict())
 
-        set_app_default(ScriptContext(options=LiveOptions(), cmd_opts=self.cmd_opts, where="an extension"))
+        set_app_default(ScriptContext(options=LiveOptions(), cmd_opts=self.cmd_opts, where="an extension",
+                                      **self._model_fields(options.as_dict)))
 
     def backend_callback_files(self) -> list[tuple[str, str]]:
         """[(file, extension)] of the files whose callbacks run in every job (on_cfg_denoiser,

@@ -5,8 +5,9 @@ Discovery is `backend.core.extensions` (the launcher and the flag parser use it 
 - `enabled_extensions(paths, options, args)`: the extensions that run, for the script loader
   (`Extension.script_files`) and the page (`page_head`: each one's `javascript/*.js` and `style.css`, served by
   `asset_path`, which keeps every request inside the extension's folder);
-- `ExtensionManager`: the list in A1111's API shape, applying the enabled checkboxes through the settings gate,
-  checking for updates (`git fetch`), installing from a git URL, A1111's index of available extensions;
+- `ExtensionManager`: the list in A1111's API shape, "Apply and restart UI" (the enabled checkboxes and "Disable
+  all extensions" through the settings gate, the extensions ticked for update moved to their upstream's newest
+  commit), checking for updates (`git fetch`), installing from a git URL, A1111's index of available extensions;
 - `run_installers`: each enabled extension's `install.py`, run once by the launcher (again when the file changes).
 
 Changing extensions (install, update) runs code from elsewhere on this machine: refused, as in A1111, when the
@@ -31,7 +32,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from backend.core.errors import UserError
-from backend.core.extensions import Extension, active_extensions, discover, read_git_info
+from backend.core.extensions import (Extension, active_extensions, disable_flags, discover, read_git_info,
+                                     stored_choices)
 
 log = logging.getLogger("easel.extensions")
 
@@ -44,6 +46,7 @@ ACCESS_DISABLED = ("extension access disabled because of command line flags (--l
 GIT_NETWORK_TIMEOUT_S = 120
 INSTALL_TIMEOUT_S = 1800
 INSTALLERS_RECORD = "extension_installers.json"
+BEHIND = "behind"  # the start of check_updates' answer for an extension with new commits upstream
 
 
 def extension_access_allowed(args) -> bool:
@@ -57,10 +60,11 @@ def all_extensions(data_dir, options, *, with_git: bool = True) -> list[Extensio
 
 
 def enabled_extensions(paths, options, args=None) -> list[Extension]:
-    """The extensions that run (enabled, and allowed by --disable-all-extensions / --disable-extra-extensions)."""
+    """The extensions that run (enabled, and allowed by --disable-all-extensions / --disable-extra-extensions and
+    the setting `disable_all_extensions`)."""
+    disable_all, disable_extra = disable_flags(args, options.get("disable_all_extensions"))
     return active_extensions(all_extensions(paths.data_dir, options, with_git=False),
-                             disable_all=bool(getattr(args, "disable_all_extensions", False)),
-                             disable_extra=bool(getattr(args, "disable_extra_extensions", False)))
+                             disable_all=disable_all, disable_extra=disable_extra)
 
 
 # ---- front-end files -------------------------------------------------------------------------------------------
@@ -132,18 +136,13 @@ def run_installers(python: str | Path, args, *, timeout: float = INSTALL_TIMEOUT
     """Run each enabled extension's `install.py` with `python` (the venv's), once: the file's hash is recorded in
     `DATA_DIR/cache/extension_installers.json` after it succeeded, and it runs again only when it changed.
     Under --listen/--share without --enable-insecure-extension-access nothing runs (logged). Returns the names run."""
-    if getattr(args, "disable_all_extensions", False):
-        return []
     data_dir = Path(args.data_dir).expanduser().resolve()
     config = Path(args.ui_settings_file).expanduser() if getattr(args, "ui_settings_file", None) else data_dir / "config.json"
-    disabled: list = []
-    try:
-        stored = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        disabled = [d for d in stored.get("disabled_extensions", []) if isinstance(d, str)] if isinstance(stored, dict) else []
-    except (OSError, ValueError):
-        pass
-    exts = active_extensions(discover(data_dir, disabled, with_git=False),
-                             disable_extra=bool(getattr(args, "disable_extra_extensions", False)))
+    disabled, mode = stored_choices(config)
+    disable_all, disable_extra = disable_flags(args, mode)
+    if disable_all:
+        return []
+    exts = active_extensions(discover(data_dir, disabled, with_git=False), disable_extra=disable_extra)
     pending = [e for e in exts if e.install_script is not None]
     if not pending:
         return []
@@ -235,6 +234,8 @@ class ExtensionManager:
         self.args = args
         self.paths = paths
         self.options = options
+        # "Disable all extensions" as the server started with it (a change applies at the next start)
+        self.disable_all_at_start = options["disable_all_extensions"]
 
     @property
     def install_dir(self) -> Path:
@@ -245,14 +246,21 @@ class ExtensionManager:
         return all_extensions(self.paths.data_dir, self.options)
 
     def enabled(self) -> list[Extension]:
-        return enabled_extensions(self.paths, self.options, self.args)
+        """The extensions running since the server started."""
+        disable_all, disable_extra = disable_flags(self.args, self.disable_all_at_start)
+        return active_extensions(all_extensions(self.paths.data_dir, self.options, with_git=False),
+                                 disable_all=disable_all, disable_extra=disable_extra)
 
     def log_state(self) -> None:
         """At start: which extensions run, and the flags that turned them off (as A1111 prints them)."""
         if getattr(self.args, "disable_all_extensions", False):
             log.warning("--disable-all-extensions is on: no extension is loaded")
+        elif self.disable_all_at_start == "all":
+            log.warning('"Disable all extensions" is set to all: no extension is loaded')
         elif getattr(self.args, "disable_extra_extensions", False):
             log.warning("--disable-extra-extensions is on: only built-in extensions are loaded")
+        elif self.disable_all_at_start == "extra":
+            log.warning('"Disable all extensions" is set to extra: only built-in extensions are loaded')
         names = [e.name for e in self.enabled()]
         if names:
             log.info("extensions: %s", ", ".join(names))
@@ -294,8 +302,53 @@ class ExtensionManager:
                 status[ext.name] = "no upstream branch to compare with"
                 continue
             behind = _git_run(["rev-list", "--count", "HEAD..@{u}"], cwd=ext.path, timeout=10).stdout.strip()
-            status[ext.name] = "latest" if behind in ("", "0") else f"behind ({behind} new commits)"
+            status[ext.name] = "latest" if behind in ("", "0") else f"{BEHIND} ({behind} new commits)"
         return status
+
+    def update(self, names: list[str]) -> dict[str, str]:
+        """Update the extensions `names` as A1111's "Apply and restart UI" updates the ones ticked after "Check for
+        updates": `git fetch`, then the checkout reset to its upstream branch's newest commit (`git reset --hard`,
+        as A1111's fetch_and_reset_hard: changes made to the extension's files by hand are dropped). Every name is
+        checked before anything changes. name -> "updated to <version>", or why it was not (the others go on)."""
+        self.check_access()
+        by_name = {e.name: e for e in self.list()}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise UserError(f"No extension named {', '.join(map(repr, unknown))} to update.", status=404)
+        results = {}
+        for name in dict.fromkeys(names):
+            ext = by_name[name]
+            if not ext.git.commit_hash:
+                results[name] = "not a git checkout: nothing to update"
+                continue
+            done = _git_run(["fetch", "--quiet"], cwd=ext.path)
+            if done.returncode != 0:
+                results[name] = f"could not reach {ext.git.remote or 'its remote'}: {_last_line(done.stderr)}"
+                continue
+            done = _git_run(["reset", "--hard", "--quiet", "@{u}"], cwd=ext.path, timeout=60)
+            if done.returncode != 0:
+                results[name] = f"could not be updated: {_last_line(done.stderr)}"
+                continue
+            version = read_git_info(ext.path).version
+            log.info("extension %s updated to %s", name, version)
+            results[name] = f"updated to {version}"
+        return results
+
+    def apply(self, enabled_names: list[str], update_names: list[str] = (),
+              disable_all: str = "none") -> tuple[list[str], dict[str, str]]:
+        """A1111's "Apply and restart UI" before the restart: the extensions ticked for update are updated, the
+        ones not in `enabled_names` stored as disabled and "Disable all extensions" (none, extra, all) stored,
+        both through the settings gate (checked before anything changes). Refused, like installing, when the
+        server is reachable from other machines without --enable-insecure-extension-access.
+        Returns (the disabled names, the update results)."""
+        self.check_access()
+        names = [e.name for e in self.list()]
+        chosen = set(enabled_names)
+        changes = {"disabled_extensions": [n for n in names if n not in chosen], "disable_all_extensions": disable_all}
+        self.options.check(changes)
+        updated = self.update(list(update_names)) if update_names else {}
+        self.options.update(changes)
+        return changes["disabled_extensions"], updated
 
     def install_from_url(self, url: str, branch: str = "", folder_name: str = "") -> Extension:
         """git clone `url` into DATA_DIR/extensions/<name> (A1111: the name from the URL unless given)."""

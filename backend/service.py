@@ -66,7 +66,10 @@ class EaselService:
         from backend.core.scripts_catalog import SCRIPTS, ScriptCatalog, xyz_plot_specs
         # the Script dropdown's scripts (script_name + script_args; /sdapi/v1/scripts, /sdapi/v1/script-info)
         self.selectable_scripts = ScriptCatalog(SCRIPTS)
-        for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"])):
+        # the X/Y/Z plot's axes the enabled extensions add (ControlNet's "[ControlNet] Weight", ...), after A1111's
+        self.xyz_extra_axes = [axis for build in self.native_extensions.xyz_axes for axis in build(self)]
+        for spec in xyz_plot_specs(self._xyz_catalogs, lambda: int(self.options["max_images_per_job"]),
+                                   self.xyz_extra_axes):
             self.selectable_scripts.add(spec)
         from backend.a1111_scripts import ExtensionScripts
         # AUTOMATIC1111 scripts of the enabled extensions (extensions/*/scripts, through modules/): selectable ones
@@ -75,7 +78,8 @@ class EaselService:
         script_files = [(f, e.path) for e in running for f in e.script_files]
         self.extension_scripts = ExtensionScripts(
             script_files, self.options.as_dict(), args,
-            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()))
+            taken={s.name for s in self.selectable_scripts.scripts} | set(self.native_extensions.alwayson_tabs()),
+            models=self.registry)  # modules.sd_models: the checkpoints on disk
         # their on_ui_settings callbacks: the options they add join the settings table before any is used
         self.extension_scripts.register_settings(self.options)
         self.extension_scripts.set_app_default_context(self.options)
@@ -166,7 +170,12 @@ class EaselService:
         """The names the X/Y/Z plot's dropdown axes are checked against."""
         from backend.core.xyz_axes import XYZCatalogs
         return XYZCatalogs(checkpoints=tuple(self.checkpoint_titles()), vaes=tuple(f.name for f in self.registry.vaes),
-                           upscalers=tuple(self.postprocess.upscaler_names()))
+                           upscalers=tuple(self.postprocess.upscaler_names()), styles=tuple(self.styles.names()))
+
+    def xyz_axis_choices(self, axis) -> list[str] | None:
+        """The values an X/Y/Z axis type (`backend.core.xyz_axes.AxisType`) offers in the UI's values dropdown, from
+        the current catalogs; None for an axis whose values are typed."""
+        return self._xyz_catalogs().axis_choices(axis)
 
     def vae_choices(self) -> list[str]:
         return ["Automatic", "None"] + [f.name for f in self.registry.vaes]
@@ -261,6 +270,9 @@ class EaselService:
             payload["script"] = {"name": script[0].name, "args": script[1].args, "sampling": derived_sampling}
             if script[1].models:  # cells with their own checkpoint or VAE (X/Y/Z plot): their files, resolved here
                 payload["script"]["models"] = self._script_models(job_overrides, script[1].models)
+            if script[1].always_on:  # cells with their own always-on scripts (X/Y/Z "[ControlNet] Weight"): parsed here
+                payload["script"]["always_on"] = self._script_always_on(script[1].always_on,
+                                                                        img2img=isinstance(req, Img2ImgRequest))
             payload["request"] = payload["request"].model_copy(update={"script_name": None, "script_args": []})
         if keep and overrides:
             self.options.update(overrides)
@@ -394,6 +406,19 @@ class EaselService:
 
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+
+    def _script_always_on(self, variants: dict, *, img2img: bool) -> dict:
+        """The always-on scripts of a script's generations that run with their own (`PreparedScript.always_on`),
+        each checked and parsed like a job's: {key: {name: parsed arguments}}; a value the script refuses is a 422
+        naming it."""
+        parsed = {}
+        for key, (label, alwayson) in variants.items():
+            try:
+                parsed[key] = self.scripts.for_job(alwayson, img2img=img2img)[0]
+            except UserError as exc:
+                raise UserError(f"{label} is refused: {exc.message}",  # a script argument: 422, as the others
+                                status=422 if exc.status in (400, 404) else exc.status) from None
+        return parsed
 
     def _script_models(self, job_overrides: dict, choices: list[dict]) -> dict:
         """The files of the model settings a script's generations choose (X/Y/Z plot's Checkpoint name and VAE

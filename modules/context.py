@@ -39,6 +39,18 @@ class ScriptContext:
     state: ScriptState = field(default_factory=ScriptState)
     # `shared.opts.add_option(key, info)` in an on_ui_settings callback (the app, at start-up); None elsewhere
     add_option: Callable[[str, Any], None] | None = None
+    # `shared.state.interrupt()` / `skip()`: stop the running job, skip its current batch (None outside a job)
+    interrupt: Callable[[], None] | None = None
+    skip: Callable[[], None] | None = None
+    # `shared.sd_model`, `p.sd_model`: A1111's description of the job's model (`sd_checkpoint_info`, `is_sdxl`,
+    # ...; None outside a job); `modules.devices`: the job's device and dtypes (None outside a job)
+    model: Callable[[], Any] | None = None
+    device: Any = None
+    dtype: Any = None
+    dtype_vae: Any = None
+    # `modules.sd_models`: the checkpoints on disk as A1111's CheckpointInfo (the app process), the selected one
+    checkpoints: Callable[[], list] | None = None
+    selected_checkpoint: Callable[[], Any] | None = None
     where: str = "a script"  # names the script in error messages
 
 
@@ -64,6 +76,11 @@ def running(context: ScriptContext):
         _current.reset(token)
 
 
+def peek() -> ScriptContext | None:
+    """The running script's context (or the app's default), None outside one."""
+    return _current.get() or _app_default
+
+
 def current(what: str) -> ScriptContext:
     """The running script's context; `what` names the layer's name used outside one."""
     context = _current.get() or _app_default
@@ -77,6 +94,7 @@ def missing(where: str, name: str) -> AttributeError:
     """The error for a name the layer does not provide (`where`: the module or object, e.g. `modules.shared`)."""
     import sys
 
-    provided = getattr(sys.modules.get(where), "__all__", None)
+    names = vars(sys.modules[where]) if where in sys.modules else {}  # not getattr: modules' __getattr__ ends here
+    provided = names.get("PROVIDED") or names.get("__all__")  # PROVIDED: with the names read when asked for
     return AttributeError(f"{where}.{name} is not available in Easel's AUTOMATIC1111 compatibility layer"
                           + (f" (it provides: {', '.join(provided)})." if provided else "."))

@@ -31,6 +31,9 @@ class StableDiffusionProcessing:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        if name == "sd_model":  # the running job's model as `shared.sd_model` describes it (a script may set it)
+            from modules.shared import job_model
+            return job_model(f"modules.processing.{type(self).__name__}.sd_model")
         raise missing(f"modules.processing.{type(self).__name__}", name)
 
     def request_fields(self, names) -> dict:

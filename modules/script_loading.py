@@ -17,7 +17,7 @@ from types import ModuleType
 
 from modules.script_callbacks import CallbackRegistry
 
-__all__ = ["load_module", "ScriptFile", "ScriptCall", "load_script_file", "UNSUPPORTED_METHODS"]
+__all__ = ["load_module", "ScriptFile", "ScriptCall", "load_script_file"]
 
 
 @dataclass
@@ -27,9 +27,6 @@ class _Loading:
 
 
 _loading: ContextVar[_Loading | None] = ContextVar("a1111_script_loading", default=None)
-
-# Script methods Easel's layer does not call yet: an AlwaysVisible script overriding one is skipped at load.
-UNSUPPORTED_METHODS = ("setup", "before_process_batch", "process_batch", "postprocess_batch", "postprocess")
 
 
 def loading_basedir() -> str:

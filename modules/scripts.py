@@ -5,14 +5,15 @@ How Easel runs a `Script` (see `modules.script_loading` and docs/a1111_scripts.m
 - app process: `title()`, `show(is_img2img)` and `ui(is_img2img)` make the Script dropdown's entry (or, for an
   `AlwaysVisible` script, an `alwayson_scripts` entry) and its `script_args`, in the order `ui` returns them;
 - backend process: `run(p, *args)` for the selected script (its `process_images(p)` runs the ordinary pipeline
-  in the job); `before_process`, `process` and `postprocess_image` of `AlwaysVisible` scripts around each
-  generation.
+  in the job); `AlwaysVisible` scripts' `setup`, `before_process`, `process`, `before_process_batch`,
+  `process_batch`, `postprocess_batch`, `postprocess_batch_list`, `postprocess_image` and `postprocess` where
+  AUTOMATIC1111 1.10 calls them (`backend/engine/a1111_always_on.py`).
 """
 from __future__ import annotations
 
 from modules.context import missing
 
-__all__ = ["Script", "AlwaysVisible", "PostprocessImageArgs", "basedir"]
+__all__ = ["Script", "AlwaysVisible", "PostprocessImageArgs", "PostprocessBatchListArgs", "basedir"]
 
 AlwaysVisible = object()  # show() returns it: the script always runs, its controls in their own accordion
 
@@ -22,6 +23,14 @@ class PostprocessImageArgs:
 
     def __init__(self, image):
         self.image = image
+
+
+class PostprocessBatchListArgs:
+    """`postprocess_batch_list(p, pp, *args, batch_number=)`: `pp.images` is the batch's pictures as a list of
+    (C, H, W) tensors in 0..1; a script may change or replace them (not their number)."""
+
+    def __init__(self, images):
+        self.images = images
 
 
 class Script:
@@ -66,6 +75,9 @@ class Script:
         pass
 
     def postprocess_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess_batch_list(self, p, pp: PostprocessBatchListArgs, *args, **kwargs):
         pass
 
     def postprocess_image(self, p, pp: PostprocessImageArgs, *args):

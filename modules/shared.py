@@ -1,11 +1,14 @@
 """AUTOMATIC1111's `modules.shared`: `opts` (the settings by A1111 key: the job's in a job, the app's in `ui()`),
-`state` (the job's interrupt flag, `job_count` and friends) and `cmd_opts` (the command-line flags), read from the
-running script's context (`modules.context`)."""
+`state` (the job's interrupt and skip flags, `interrupt()`, `skip()`, `job_count` and friends), `cmd_opts` (the
+command-line flags) and, while a job runs the script, `sd_model` (A1111's description of the job's checkpoint:
+`sd_checkpoint_info`, `is_sdxl`, `is_sd1`, `is_sd2`, ...), read from the running script's context
+(`modules.context`)."""
 from __future__ import annotations
 
-from modules.context import current, missing
+from modules.context import current, missing, peek
 
 __all__ = ["opts", "state", "cmd_opts", "OptionInfo"]
+PROVIDED = (*__all__, "sd_model")  # sd_model: while a job runs the script (module __getattr__)
 
 
 class OptionInfo:
@@ -75,7 +78,8 @@ class _Options:
 
 
 class _State:
-    """`state.interrupted` / `state.skipped`: the job's flags; `job_count`, `job_no`, `job`, `textinfo`,
+    """`state.interrupted` / `state.skipped`: the job's flags (`state.interrupt()` / `state.skip()` set them, as
+    the Interrupt and Skip buttons); `job_count`, `job_no`, `job`, `textinfo`,
     `sampling_step(s)`: the script's own bookkeeping (Easel's progress bar follows the pipeline's steps)."""
 
     def __getattr__(self, key: str):
@@ -86,6 +90,11 @@ class _State:
             return context.interrupted()
         if key == "skipped":
             return context.skipped()
+        if key in ("interrupt", "skip"):  # A1111: Interrupt / Skip from a script, on the running job
+            action = getattr(context, key)
+            if action is None:
+                raise RuntimeError(f"modules.shared.state.{key}() can only be called while a job runs the script.")
+            return action
         if hasattr(context.state, key):
             return getattr(context.state, key)
         raise missing("modules.shared.state", key)
@@ -112,5 +121,17 @@ state = _State()
 cmd_opts = _CmdOpts()
 
 
+def job_model(what: str):
+    """A1111's `sd_model` of the running job (`what` names the attribute asked for)."""
+    context = peek()
+    if context is None or context.model is None:
+        raise AttributeError(f"{what} is not available outside a job: Easel's app process holds no model (while a "
+                             "job runs the script it describes the job's checkpoint: sd_checkpoint_info, is_sdxl, "
+                             "is_sd1, is_sd2, sd_model_hash).")
+    return context.model()
+
+
 def __getattr__(name: str):
+    if name == "sd_model":
+        return job_model("modules.shared.sd_model")
     raise missing(__name__, name)

@@ -1,6 +1,7 @@
 """An AUTOMATIC1111-style test extension, written by test fixtures into a data dir's `extensions/` folder: script
 files in the style of real extensions' (a selectable `Script` with `ui` and `run` calling `process_images`, an
-`AlwaysVisible` one with `process` and `postprocess_image`, one whose file registers an `on_cfg_denoiser`
+`AlwaysVisible` one with `process` and `postprocess_image`, one with every per-batch and end-of-job method, one
+rewriting the request on `p`, one whose file registers an `on_cfg_denoiser`
 callback and a setting, one that raises in `run`), an extension using every script callback (`CALLBACKS`) and a
 broken extension (a missing package, a name the layer lacks, a tab callback that raises)."""
 from __future__ import annotations
@@ -115,19 +116,132 @@ class Script(scripts.Script):
         raise ValueError(f"the test script refuses: {message}")
 '''
 
-POSTPROCESS = '''
+# Every per-batch and end-of-job method of an AlwaysVisible script, as AUTOMATIC1111 1.10 calls them.
+BATCH_HOOKS = '''
+import gradio as gr
+from PIL import Image
+
 import modules.scripts as scripts
 
 
-class AfterAll(scripts.Script):
+class BatchHooks(scripts.Script):
     def title(self):
-        return "Test after all"
+        return "Test batch hooks"
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
 
-    def postprocess(self, p, processed, *args):
-        processed.images.clear()
+    def ui(self, is_img2img):
+        return [gr.Checkbox(False, label="Enabled")]
+
+    def setup(self, p, enabled):
+        self.calls = ["setup"]
+
+    def before_process(self, p, enabled):
+        self.calls.append("before_process")
+
+    def process(self, p, enabled):
+        self.calls.append("process")
+
+    def before_process_batch(self, p, enabled, batch_number, prompts, seeds, subseeds):
+        self.calls.append(f"before_process_batch {batch_number} {len(prompts)} {seeds[0] - p.all_seeds[0]}")
+        if enabled:
+            for i in range(len(prompts)):
+                prompts[i] = f"{prompts[i]} in batch {batch_number}"
+
+    def process_batch(self, p, enabled, **kwargs):
+        self.calls.append(f"process_batch {kwargs['batch_number']} {kwargs['prompts'][0]}")
+
+    def postprocess_batch(self, p, enabled, images, batch_number):
+        self.calls.append(f"postprocess_batch {batch_number} {tuple(images.shape)} {float(images.max()) <= 1.0}")
+        if enabled:
+            images[:, 0] = 0  # no red in the saved pictures
+
+    def postprocess_batch_list(self, p, pp, enabled, batch_number):
+        self.calls.append(f"postprocess_batch_list {batch_number} {len(pp.images)}")
+
+    def postprocess(self, p, processed, enabled):
+        self.calls.append(f"postprocess {len(processed.images)}")
+        p.extra_generation_params["Test calls"] = "; ".join(self.calls)
+        if enabled:
+            processed.images.append(Image.new("RGB", (8, 8), (1, 2, 3)))
+            processed.infotexts.append("; ".join(self.calls))
+'''
+
+# Dynamic-Prompts-style changes to the request on p in process() (and a value the edge refuses).
+PROMPT_REWRITE = '''
+import gradio as gr
+
+import modules.scripts as scripts
+
+
+class PromptRewrite(scripts.Script):
+    def title(self):
+        return "Test prompt rewrite"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return [gr.Dropdown(["off", "all prompts", "fields", "bad steps", "bad sampler"], value="off",
+                            label="Mode")]
+
+    def before_process(self, p, mode):
+        if mode == "fields":
+            p.prompt = "a green field"
+
+    def process(self, p, mode):
+        if mode == "all prompts":
+            p.all_prompts = [f"{prompt} variant {i}" for i, prompt in enumerate(p.all_prompts)]
+            p.all_seeds = [1000 + i for i in range(len(p.all_seeds))]
+        elif mode == "fields":
+            p.steps, p.cfg_scale, p.sampler_name = 3, 5, "Euler a"
+        elif mode == "bad steps":
+            p.steps = 0
+        elif mode == "bad sampler":
+            p.sampler_name = "No such sampler"
+'''
+
+# The compatibility names scripts commonly use: modules.ui_components in ui(), modules.sd_models in the app and in
+# a job, shared.sd_model / p.sd_model, modules.devices, shared.state.interrupt().
+COMPAT_NAMES = '''
+import gradio as gr
+
+import modules.scripts as scripts
+from modules import devices, sd_models, shared
+from modules.ui_components import FormRow, InputAccordion, ToolButton
+
+
+class CompatNames(scripts.Script):
+    def title(self):
+        return "Test compat names"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with InputAccordion(False, label="Compat names") as enabled:
+            with FormRow():
+                checkpoint = gr.Dropdown(sd_models.checkpoint_tiles(), value=sd_models.select_checkpoint().title,
+                                         label="Checkpoint")
+                ToolButton("R")
+            stop = gr.Checkbox(False, label="Interrupt after the first batch")
+        return [enabled, checkpoint, stop]
+
+    def process(self, p, enabled, checkpoint, stop):
+        if not enabled:
+            return
+        model = shared.sd_model
+        assert p.sd_model.sd_checkpoint_info.title == model.sd_checkpoint_info.title
+        p.extra_generation_params["Test compat"] = "|".join(str(x) for x in (
+            model.sd_checkpoint_info.title, model.is_sd1, model.is_sdxl, devices.device, devices.dtype,
+            sd_models.select_checkpoint().filename == model.sd_checkpoint_info.filename))
+
+    def postprocess_batch(self, p, enabled, checkpoint, stop, images, batch_number):
+        if enabled and stop and batch_number == 0:
+            assert not shared.state.interrupted
+            shared.state.interrupt()
+            assert shared.state.interrupted
 '''
 
 MISSING_NAME = '''
@@ -234,7 +348,9 @@ def write_test_extensions(data_dir: Path) -> Path:
         "broken-ext/scripts/needs_missing.py": MISSING_NAME,
         "broken-ext/scripts/import_error.py": MISSING_PACKAGE,
         "broken-ext/scripts/ui_tabs.py": UI_TABS,
-        "broken-ext/scripts/postprocess.py": POSTPROCESS,
+        "easel-test-ext/scripts/batch_hooks.py": BATCH_HOOKS,
+        "easel-test-ext/scripts/prompt_rewrite.py": PROMPT_REWRITE,
+        "easel-test-ext/scripts/compat_names.py": COMPAT_NAMES,
         "broken-ext/scripts/callback_only.py": CALLBACK_ONLY,
         "easel-callbacks-ext/scripts/callbacks.py": CALLBACKS,
     }

@@ -157,3 +157,34 @@ def test_registered_setting_takes_its_stored_value_and_passes_the_gate(tmp_path)
     assert options.check({"ext_level": "4"}, per_job=True) == {"ext_level": 4}  # override_settings pass it too
     with pytest.raises(ValueError, match="Easel's own"):
         options.register(Setting("samples_save", False, "x", "x", bool))
+
+
+def test_option_onchange_runs_when_the_setting_changes_through_the_gate(tmp_path):
+    """OptionInfo.onchange: called (with shared.opts reading the new value) each time the stored value changes
+    through the settings gate, not for an unchanged value or another setting; one that raises is logged, skipped."""
+    from backend.a1111_scripts import ExtensionScripts
+    from backend.core.options import Options
+
+    ext = tmp_path / "extensions" / "onchange-ext"
+    (ext / "scripts").mkdir(parents=True)
+    seen = tmp_path / "seen.txt"
+    (ext / "scripts" / "settings.py").write_text(
+        "from modules import script_callbacks, shared\n"
+        "def changed():\n"
+        f"    open({str(seen)!r}, 'a').write(f'{{shared.opts.ext_size}}\\n')\n"
+        "def broken():\n    raise ValueError('onchange fails')\n"
+        "def add():\n"
+        "    shared.opts.add_option('ext_size', shared.OptionInfo(2, 'Size', None, {'minimum': 1, 'maximum': 9},"
+        " onchange=changed, section=('ext', 'Ext')))\n"
+        "    shared.opts.add_option('ext_flag', shared.OptionInfo(False, 'Flag', onchange=broken))\n"
+        "script_callbacks.on_ui_settings(add)\n")
+    options = Options(tmp_path / "config.json", tmp_path)
+    scripts = ExtensionScripts([(ext / "scripts" / "settings.py", ext)], options.as_dict())
+    scripts.register_settings(options)
+    assert not seen.exists()
+    options.update({"ext_size": 5})
+    options.update({"ext_size": 5, "samples_save": False})  # unchanged: not called again
+    options.update({"ext_size": "7"})
+    assert seen.read_text().splitlines() == ["5", "7"]
+    options.update({"ext_flag": True})  # logged and skipped: the setting is stored
+    assert options["ext_flag"] is True

@@ -138,9 +138,9 @@ def test_broken_extension_scripts_are_skipped_with_a_log_line(ext_server):
     assert "needs_missing.py" in log and "sd_model" in log
     assert "import_error.py" in log and "no_such_package_for_easel_tests" in log
     assert "on_ui_tabs of extension broken-ext (ui_tabs.py)" in log and "the test tab is broken" in log
-    assert "'Test after all'" in log and "overrides postprocess" in log
     assert "callback_only.py" not in log  # a file with callbacks and no Script loads: they run in every job
-    assert "test after all" not in ext_server_scripts(ext_server)["txt2img"]
+    # AlwaysVisible scripts overriding the per-batch and end-of-job methods load (they run where A1111 runs them)
+    assert "batch_hooks.py" not in log and "test batch hooks" in ext_server_scripts(ext_server)["txt2img"]
 
 
 def ext_server_scripts(srv) -> dict:
@@ -162,14 +162,19 @@ def test_layer_names_what_it_lacks_and_imports_no_torch():
         "import sys\n"
         "import modules.scripts, modules.processing, modules.shared, modules.images, modules.script_callbacks\n"
         "import modules.script_loading, backend.a1111_scripts\n"
+        "import modules.devices, modules.sd_models, modules.ui_components\n"
         "try:\n    modules.shared.sd_model\nexcept AttributeError as e:\n    print('ERR', e)\n"
         "try:\n    modules.shared.opts.samples_format\nexcept RuntimeError as e:\n    print('CTX', e)\n"
-        "print('TORCH', 'torch' in sys.modules)\n")
+        "try:\n    modules.devices.device\nexcept RuntimeError as e:\n    print('DEV', e)\n"
+        "try:\n    modules.ui_components.NoSuchBlock\nexcept AttributeError as e:\n    print('UIC', e)\n"
+        "print('TORCH', 'torch' in sys.modules, 'gradio' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR modules.shared.sd_model is not available" in out.stdout
     assert "CTX modules.shared.opts is only available while Easel runs" in out.stdout
-    assert "TORCH False" in out.stdout
+    assert "DEV modules.devices.device is only available while Easel runs" in out.stdout
+    assert "UIC modules.ui_components.NoSuchBlock is not available" in out.stdout
+    assert "TORCH False False" in out.stdout
 
 
 def test_browser_script_dropdown_and_always_on_accordion(ext_server):
@@ -239,3 +244,80 @@ def test_callbacks_go_into_the_registry_of_their_file(tmp_path):
     loaded = load_script_file(script)
     assert loaded.callbacks.cfg_denoiser == [print] and [c.__name__ for c in loaded.classes] == ["S"]
     assert loaded.module.BASE == str(tmp_path / "ext")
+
+
+def test_always_visible_batch_methods_and_postprocess(ext_api):
+    """setup, before_process, process, then per batch before_process_batch / process_batch (with batch_number,
+    prompts, seeds, subseeds), postprocess_batch (a BCHW tensor in 0..1, edited in place: the pictures change),
+    postprocess_batch_list, and postprocess with the job's Processed (a picture it adds is in the answer)."""
+    body = txt(batch_size=2, n_iter=2, alwayson_scripts={"Test batch hooks": {"args": [True]}})
+    images, info = answer(ext_api.post("/txt2img", json=body))
+    plain, plain_info = answer(ext_api.post("/txt2img", json=txt(batch_size=2, n_iter=2)))
+    first = info["index_of_first_image"]
+    assert len(images) == len(plain) + 1  # the grid, four pictures and the one postprocess added
+    calls = info["infotexts"][-1].split("; ")
+    assert calls[:3] == ["setup", "before_process", "process"]
+    assert calls[3:7] == ["before_process_batch 0 2 0", "process_batch 0 a red boat in batch 0",
+                          "postprocess_batch 0 (2, 3, 64, 64) True", "postprocess_batch_list 0 2"]
+    assert calls[7] == "before_process_batch 1 2 2" and calls[8] == "process_batch 1 a red boat in batch 1"
+    assert calls[-1] == f"postprocess {len(plain)}"
+    assert np.array_equal(images[-1], np.full((8, 8, 3), (1, 2, 3)))
+    # the prompts the batch methods changed are the pictures' (their infotexts), the tensor edit their pixels
+    assert info["infotexts"][first].startswith("a red boat in batch 0\n")
+    assert info["infotexts"][first + 2].startswith("a red boat in batch 1\n")
+    for picture, before in zip(images[first:first + 4], plain[plain_info["index_of_first_image"]:]):
+        assert picture[..., 0].max() == 0 and before[..., 0].max() > 0
+    # disabled: the methods still run (as A1111's), the pictures are the plain job's
+    images, info = answer(ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test batch hooks": {"args": [False]}})))
+    one, _ = answer(ext_api.post("/txt2img", json=txt()))
+    assert len(images) == 1 and np.array_equal(images[0], one[0])
+
+
+def test_process_rewrites_the_request_on_p(ext_api):
+    """Request fields an always-on script sets on p take effect; rewritten p.all_prompts / p.all_seeds give each
+    picture its own (Dynamic Prompts' way); a value the edge refuses fails the job naming the script."""
+    rewritten, info = answer(ext_api.post("/txt2img", json=txt(
+        alwayson_scripts={"Test prompt rewrite": {"args": ["fields"]}})))
+    same, same_info = answer(ext_api.post("/txt2img", json=txt(prompt="a green field", steps=3, cfg_scale=5,
+                                                               sampler_name="Euler a")))
+    assert np.array_equal(rewritten[0], same[0])
+    text = info["infotexts"][0]
+    assert text.startswith("a green field\n") and "Steps: 3," in text and "Sampler: Euler a," in text
+    assert "CFG scale: 5," in text
+
+    _, info = answer(ext_api.post("/txt2img", json=txt(
+        batch_size=2, alwayson_scripts={"Test prompt rewrite": {"args": ["all prompts"]}})))
+    assert info["all_prompts"] == ["a red boat variant 0", "a red boat variant 1"]
+    assert info["all_seeds"] == [1000, 1001]
+    assert info["infotexts"][-1].startswith("a red boat variant 1\n") and "Seed: 1001," in info["infotexts"][-1]
+
+    r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test prompt rewrite": {"args": ["bad steps"]}}))
+    assert 400 <= r.status_code < 500 and "Test prompt rewrite" in r.text and "steps must be" in r.text, r.text
+    r = ext_api.post("/txt2img", json=txt(alwayson_scripts={"Test prompt rewrite": {"args": ["bad sampler"]}}))
+    assert 400 <= r.status_code < 500 and "Test prompt rewrite" in r.text and "No such sampler" in r.text, r.text
+    assert len(answer(ext_api.post("/txt2img", json=txt()))[0]) == 1  # the server serves on
+
+
+def test_compat_names_in_ui_and_in_a_job(ext_api, ext_server):
+    """modules.ui_components (InputAccordion, FormRow, ToolButton) and modules.sd_models in ui() in the app;
+    shared.sd_model, p.sd_model, modules.devices and sd_models.select_checkpoint() in a job; shared.state.interrupt()
+    stops the job after the batch it was called in."""
+    import hashlib
+
+    info = [i for i in ext_api.get("/script-info").json() if i["name"] == "test compat names"][0]
+    assert info["is_alwayson"] and [a["label"] for a in info["args"]] == [
+        "Compat names", "Checkpoint", "Interrupt after the first batch"]
+    choice = next(c for c in info["args"][1]["choices"] if c.startswith(SD1))  # the checkpoints on disk (the app)
+    path = ext_server.data_dir / "models" / "Stable-diffusion" / SD1
+    title = f"{SD1} [{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}]"
+    images, info = answer(ext_api.post("/txt2img", json=txt(
+        n_iter=3, alwayson_scripts={"Test compat names": {"args": [True, choice, True]}})))
+    assert len(images) == 1 and len(info["infotexts"]) == 1  # interrupted after the first batch
+    import re
+    seen = re.search(r"Test compat: (.*?), Version", info["infotexts"][0]).group(1).split("|")
+    # the job's checkpoint (A1111's title), SD 1.x, the device and dtype the backend runs it with (the CPU here)
+    assert seen[:4] == [title, "True", "False", "cpu"] and seen[5] == "True", seen
+    assert seen[4] in ("torch.float32", "torch.bfloat16", "torch.float16"), seen
+    images, _ = answer(ext_api.post("/txt2img", json=txt(n_iter=2, do_not_save_grid=True, alwayson_scripts={
+        "Test compat names": {"args": [True, choice, False]}})))
+    assert len(images) >= 2  # the next job is not interrupted

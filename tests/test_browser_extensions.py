@@ -149,3 +149,46 @@ def test_tab_installs_from_a_git_url_and_says_when_the_index_is_offline(ext_serv
         page.locator('#extensions_table tr[data-extension="sd-webui-from-url"]').wait_for()
     listed = {e["name"]: e for e in httpx.get(ext_server.url + "/sdapi/v1/extensions", timeout=30).json()}
     assert listed["sd-webui-from-url"]["remote"] == origin.as_uri() and listed["sd-webui-from-url"]["enabled"] is True
+
+
+def test_tab_updates_an_extension_and_disables_the_extra_ones(ext_server):
+    """After "Check for updates" the extension whose git remote has a new commit is ticked for update; "Apply and
+    restart UI" with "Disable all extensions": extra updates it from the remote and, once restarted, runs no extra
+    extension (the list of enabled ones is kept)."""
+    origin, clone = ext_server.origin, ext_server.data_dir / "extensions" / "easel-test-ext"
+    (origin / "javascript" / "mark.js").write_text(MARK_JS + "window.easelTestExtensionVersion = 2;\n")
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-q", "-m", "second", cwd=origin)
+    head = lambda path: subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,  # noqa: E731
+                                       text=True).stdout.strip()
+    new, old = head(origin), head(clone)
+    assert new != old
+    with browser_page(ext_server.url) as page:
+        page.get_by_role("tab", name="Extensions").click()
+        assert page.locator("#extensions_disable_all").get_by_label("none").is_checked()
+        page.click("#extensions_check_updates")
+        page.wait_for_function("document.querySelector('#extensions_table').innerText.includes('behind (1 new commits)')")
+        ticked = page.locator("#extensions_update").get_by_label("easel-test-ext")
+        ticked.wait_for()
+        assert ticked.is_checked()
+        assert head(clone) == old  # checking changes nothing
+        group = page.locator("#extensions_enabled")
+        group.get_by_label("easel-test-ext").check()
+        group.get_by_label("other-ext").check()
+        page.locator("#extensions_disable_all").get_by_label("extra").check()
+        with page.expect_navigation(timeout=300_000):
+            page.click("#extensions_apply")
+            page.wait_for_function("document.querySelector('#extensions_message').innerText.includes('Restarting')")
+        page.get_by_role("tab", name="Extensions").click()
+        page.locator("#extensions_disable_all").get_by_label("extra").wait_for()
+        page.wait_for_function("document.querySelector('#extensions_disable_all input[value=\"extra\"]').checked")
+        assert "only built-in extensions run" in page.locator("#extensions_tabs").inner_text()
+        assert page.evaluate("window.easelTestExtension") is None and page.evaluate("window.easelOtherExtension") is None
+    ext_server.wait()
+    assert head(clone) == new and "easelTestExtensionVersion" in (clone / "javascript" / "mark.js").read_text()
+    stored = json.loads((ext_server.data_dir / "config.json").read_text())
+    assert stored["disable_all_extensions"] == "extra" and "easel-test-ext" not in stored["disabled_extensions"]
+    listed = {e["name"]: e for e in httpx.get(ext_server.url + "/sdapi/v1/extensions", timeout=30).json()}
+    assert listed["easel-test-ext"]["enabled"] is True and listed["easel-test-ext"]["commit_hash"] == new
+    for path in ("easel-test-ext/javascript/mark.js", "other-ext/javascript/o.js"):  # not running: not served
+        assert httpx.get(ext_server.url + "/extension-assets/" + path, timeout=30).status_code == 404

@@ -1,6 +1,7 @@
-"""Browser: the LoRA tab shows a card per file (with its preview), search filters them, a click puts
-`<lora:name:1>` into the txt2img prompt (the negative prompt when that had the focus), a second click takes
-it out, the "i" button shows the file's metadata, and the Textual Inversion tab lists embeddings."""
+"""Browser: txt2img's extra-networks panel (below the prompts) shows a card per LoRA file (with its preview),
+search filters them, a click puts `<lora:name:1>` into the txt2img prompt (the negative prompt when that had
+the focus), a second click takes it out, the "i" button shows the file's metadata, and the Textual Inversion
+sub-tab lists embeddings. (img2img's panel, sorting and checkpoint cards: test_browser_extra_networks.py.)"""
 from __future__ import annotations
 
 import json
@@ -28,37 +29,36 @@ def test_lora_cards_from_the_browser(server, tmp_path):
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "a castle")
-        page.get_by_role("tab", name="LoRA", exact=True).click()
-        page.click("#lora_refresh")
-        card = page.locator('#lora_cards .easel-card[data-name="browser_card"]')
+        page.click("#txt2img_extra_networks")  # the toggle beside the prompts opens the panel
+        page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Lora", exact=True).click()
+        page.click("#txt2img_lora_refresh")
+        card = page.locator('#txt2img_lora_cards .easel-card[data-name="browser_card"]')
         card.wait_for()
         assert card.locator("img").count() == 1  # the preview beside the file
         assert "browser" in card.inner_text()  # its subfolder
-        page.fill("#lora_search input, #lora_search textarea", "browser_ca")
-        page.wait_for_function("document.querySelectorAll('#lora_cards .easel-card').length === 1")
+        page.fill("#txt2img_lora_search input, #txt2img_lora_search textarea", "browser_ca")
+        page.wait_for_function("document.querySelectorAll('#txt2img_lora_cards .easel-card').length === 1")
         page.screenshot(path=str(tmp_path / "lora_tab.png"), full_page=True)
 
         card.click()
-        page.wait_for_function("document.querySelector('#extra_networks_prompt_mirror textarea').value.includes('<lora:browser_card:1>')")
-        page.get_by_role("tab", name="txt2img", exact=True).click()
+        page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:browser_card:1>')")
         assert _prompt(page, "txt2img_prompt") == "a castle <lora:browser_card:1>"
 
         page.click("#txt2img_neg_prompt textarea")  # the negative prompt has the focus now
-        page.get_by_role("tab", name="LoRA", exact=True).click()
         card.click()
-        page.wait_for_function("document.querySelector('#extra_networks_neg_prompt_mirror textarea').value.includes('<lora:browser_card:1>')")
+        page.wait_for_function("document.querySelector('#txt2img_neg_prompt textarea').value.includes('<lora:browser_card:1>')")
         assert "<lora:browser_card:1>" in _prompt(page, "txt2img_neg_prompt")
         card.click()  # a second click takes it out again
-        page.wait_for_function("!document.querySelector('#extra_networks_neg_prompt_mirror textarea').value.includes('<lora')")
+        page.wait_for_function("!document.querySelector('#txt2img_neg_prompt textarea').value.includes('<lora')")
         assert _prompt(page, "txt2img_prompt") == "a castle <lora:browser_card:1>"
 
         card.locator(".easel-card-info").click()
-        page.wait_for_selector("#lora_details_view")
-        details = page.inner_text("#lora_details_view")
+        page.wait_for_selector("#txt2img_lora_details .easel-network-details")
+        details = page.inner_text("#txt2img_lora_details .easel-network-details")
         assert "(768, 768)" in details and "v1-5-pruned.safetensors" in details and "watercolor (12)" in details
         assert "SD 1.x" in details
 
-        page.get_by_role("tab", name="Textual Inversion").click()
-        page.click("#ti_refresh")
-        page.locator('#ti_cards .easel-card[data-name="browser_emb"]').wait_for()
+        page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Textual Inversion").click()
+        page.click("#txt2img_ti_refresh")
+        page.locator('#txt2img_ti_cards .easel-card[data-name="browser_emb"]').wait_for()
         page.screenshot(path=str(tmp_path / "ti_tab.png"), full_page=True)

@@ -81,6 +81,7 @@ def test_xyz_plot_from_the_script_dropdown(server):
                                timeout=180_000)
         info = page.inner_text("#txt2img_info")
         assert "Steps: 1," in info or "Steps: 2," in info, info  # a cell's steps, not the tab's 3
+        assert "X Type: Steps" in info, info  # the grid's infotext, as A1111's info (infotexts[0])
         page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 3", timeout=60_000)
         first = page.locator("#txt2img_gallery img").first
         page.wait_for_function("document.querySelector('#txt2img_gallery img').naturalWidth > 0")
@@ -88,3 +89,86 @@ def test_xyz_plot_from_the_script_dropdown(server):
         assert width == 2 * 64 and height > 64  # two cells side by side under their "Steps: 1" / "Steps: 2" band
     grids = list((server.data_dir / "outputs" / "txt2img-grids").rglob("*xyz_grid*.png"))
     assert grids, "the UI's X/Y/Z plot saved no grid"
+
+
+XYZ = "#txt2img_script_x_y_z_plot"
+
+
+def _tokens(page, elem: str) -> list[str]:
+    return page.eval_on_selector_all(f"{elem} .token span", "spans => spans.map(s => s.textContent.trim())")
+
+
+def _pick_many(page, elem: str, text: str) -> None:
+    """Add the choice `text` to the multiselect dropdown `elem`: typed, the list filtered down to it, Enter."""
+    box = page.locator(f"{elem} input").first
+    box.click()
+    box.press_sequentially(text)
+    page.wait_for_function(
+        """([elem, text]) => {
+            const options = document.querySelectorAll(`${elem} li[role=option]`);
+            return options.length > 0 && Array.from(options).every(
+                o => (o.getAttribute('aria-label') || o.textContent).toLowerCase().includes(text.toLowerCase()));
+        }""", arg=[elem, text])
+    box.press("Enter")
+    page.wait_for_function(
+        """([elem, text]) => Array.from(document.querySelectorAll(`${elem} .token span`))
+            .some(s => s.textContent.trim() === text)""", arg=[elem, text])
+
+
+def test_xyz_values_dropdown_csv_mode_swap_and_the_grids_infotext(server):
+    """A1111's X/Y/Z controls: an axis with choices (Sampler) shows a multiselect of them instead of the text box;
+    "Use text inputs instead of dropdowns" switches back with the values as text; Swap X/Y moves type and values;
+    the picked values make the cells; the info area shows the grid's infotext (infotexts[0], naming the axis)."""
+    with browser_page(server.url) as page:
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.fill("#txt2img_prompt textarea", "a stone bridge")
+        set_sizes(page, steps=2, width=64, height=64)
+        pick_dropdown(page, "#txt2img_script_list", "X/Y/Z plot")
+        page.wait_for_selector(f"{XYZ}_x_type", state="visible")
+        assert page.is_visible(f"{XYZ}_x_values textarea") and not page.is_visible(f"{XYZ}_x_values_dropdown")
+        pick_dropdown(page, f"{XYZ}_x_type", "Sampler")
+        page.wait_for_selector(f"{XYZ}_x_values_dropdown", state="visible")
+        page.wait_for_selector(f"{XYZ}_x_values textarea", state="hidden")
+        _pick_many(page, f"{XYZ}_x_values_dropdown", "Euler a")
+        _pick_many(page, f"{XYZ}_x_values_dropdown", "LMS")
+        assert _tokens(page, f"{XYZ}_x_values_dropdown") == ["Euler a", "LMS"]
+
+        # text inputs instead of dropdowns: the chosen values, as text; and back
+        page.locator(f"{XYZ}_csv_mode input").check()
+        page.wait_for_selector(f"{XYZ}_x_values textarea", state="visible")
+        page.wait_for_selector(f"{XYZ}_x_values_dropdown", state="hidden")
+        assert page.input_value(f"{XYZ}_x_values textarea").replace(" ", "") == "Eulera,LMS"
+        page.locator(f"{XYZ}_csv_mode input").uncheck()
+        page.wait_for_selector(f"{XYZ}_x_values_dropdown", state="visible")
+        page.wait_for_function(f"document.querySelectorAll('{XYZ}_x_values_dropdown .token').length === 2")
+
+        # Swap X/Y: Y gets Sampler and its values, X gets Nothing; swapped back for the run
+        page.click(f"{XYZ}_swap_xy")
+        page.wait_for_function(f"document.querySelector('{XYZ}_y_type input').value === 'Sampler'")
+        page.wait_for_function(f"document.querySelector('{XYZ}_x_type input').value === 'Nothing'")
+        page.wait_for_selector(f"{XYZ}_y_values_dropdown", state="visible")
+        page.wait_for_function(f"document.querySelectorAll('{XYZ}_y_values_dropdown .token').length === 2")
+        assert _tokens(page, f"{XYZ}_y_values_dropdown") == ["Euler a", "LMS"]
+        page.click(f"{XYZ}_swap_xy")
+        page.wait_for_function(f"document.querySelector('{XYZ}_x_type input').value === 'Sampler'")
+        page.wait_for_function(f"document.querySelectorAll('{XYZ}_x_values_dropdown .token').length === 2")
+
+        # the fill button of an axis with choices picks every choice (Z: Schedule type); Nothing takes them away
+        assert not page.is_visible(f"{XYZ}_fill_z")
+        pick_dropdown(page, f"{XYZ}_z_type", "Schedule type")
+        page.click(f"{XYZ}_fill_z")
+        page.wait_for_function(f"document.querySelectorAll('{XYZ}_z_values_dropdown .token').length > 5")
+        assert {"Automatic", "Karras"} <= set(_tokens(page, f"{XYZ}_z_values_dropdown"))
+        pick_dropdown(page, f"{XYZ}_z_type", "Nothing")
+        page.wait_for_selector(f"{XYZ}_z_values_dropdown", state="hidden")
+        page.wait_for_selector(f"{XYZ}_fill_z", state="hidden")
+
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('X Type: Sampler')",
+                               timeout=180_000)
+        info = page.inner_text("#txt2img_info")
+        assert "Script: X/Y/Z plot" in info and "X Values: " in info and "Euler a" in info and "LMS" in info, info
+        page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length >= 1", timeout=60_000)
+        page.wait_for_function("document.querySelector('#txt2img_gallery img').naturalWidth > 0")
+        width = page.locator("#txt2img_gallery img").first.evaluate("img => img.naturalWidth")
+        assert width == 2 * 64  # the grid of the two picked samplers

@@ -239,3 +239,116 @@ def test_available_index_offline_says_so():
     with pytest.raises(UserError) as err:
         load_index("http://127.0.0.1:9/index.json", timeout=5)
     assert "offline" in err.value.message and err.value.status == 503
+
+
+def _commit(origin: Path, rel: str, text: str, message: str) -> str:
+    (origin / rel).write_text(text)
+    _git("add", "-A", cwd=origin)
+    _git("commit", "-q", "-m", message, cwd=origin)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=origin, capture_output=True, text=True).stdout.strip()
+
+
+def _head(path: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+
+
+def test_apply_updates_the_ticked_extensions_from_their_remote(program):
+    """A1111's "Check for updates" then "Apply and restart UI" with the update ticked: the checkout moves to the
+    remote's newest commit (fetch + reset --hard, as A1111's); an extension not ticked stays where it was."""
+    origin = _repo(program.prog / "sd-webui-thing", {"scripts/s.py": "VERSION = 1\n"})
+    other_origin = _repo(program.prog / "sd-webui-other", {"scripts/o.py": ""})
+    manager = _manager(program)
+    ext = manager.install_from_url(origin.as_uri())
+    other = manager.install_from_url(other_origin.as_uri())
+    old, other_old = ext.git.commit_hash, other.git.commit_hash
+    new = _commit(origin, "scripts/s.py", "VERSION = 2\n", "second")
+    _commit(other_origin, "scripts/o.py", "x = 1\n", "other second")
+    (ext.path / "scripts" / "s.py").write_text("VERSION = 'edited by hand'\n")  # dropped by the update, as A1111's
+    status = manager.check_updates()
+    assert status == {"sd-webui-thing": "behind (1 new commits)", "sd-webui-other": "behind (1 new commits)"}
+    assert _head(ext.path) == old  # checking changes nothing
+
+    disabled, updated = manager.apply(["sd-webui-thing"], ["sd-webui-thing"], "none")
+    assert updated == {"sd-webui-thing": f"updated to {new[:8]}"} and disabled == ["sd-webui-other"]
+    assert _head(ext.path) == new and (ext.path / "scripts" / "s.py").read_text() == "VERSION = 2\n"
+    assert _head(other.path) == other_old  # not ticked: not updated
+    assert manager.check_updates()["sd-webui-thing"] == "latest"
+    listed = {e["name"]: e for e in manager.api_list()}
+    assert listed["sd-webui-thing"]["commit_hash"] == new and listed["sd-webui-other"]["enabled"] is False
+
+    # the remote gone: that extension says so, the others still update
+    _git("remote", "set-url", "origin", (program.prog / "gone").as_uri(), cwd=ext.path)
+    result = manager.update(["sd-webui-thing", "sd-webui-other"])
+    assert result["sd-webui-thing"].startswith("could not reach") and result["sd-webui-other"].startswith("updated to")
+    assert _head(other.path) != other_old
+
+
+def test_update_is_refused_under_listen_and_checks_names_first(program):
+    origin = _repo(program.prog / "sd-webui-thing", {"scripts/s.py": ""})
+    ext = _manager(program).install_from_url(origin.as_uri())
+    _commit(origin, "new.txt", "n", "second")
+    for flags in (["--listen"], ["--share"]):
+        manager = _manager(program, *flags)
+        for action in (lambda: manager.update(["sd-webui-thing"]),
+                       lambda: manager.apply(["sd-webui-thing"], ["sd-webui-thing"], "none")):
+            with pytest.raises(UserError) as err:
+                action()
+            assert err.value.message == ACCESS_DISABLED and err.value.status == 403
+    assert _head(ext.path) == ext.git.commit_hash and not (ext.path / "new.txt").exists()
+    manager = _manager(program, "--listen", "--enable-insecure-extension-access")
+    with pytest.raises(UserError) as err:
+        manager.update(["sd-webui-thing", "no-such-ext"])
+    assert err.value.status == 404 and "no-such-ext" in err.value.message
+    assert _head(ext.path) == ext.git.commit_hash  # nothing updated before the bad name was found
+    # a bad "Disable all extensions" value: refused by the settings gate before anything is updated
+    with pytest.raises(UserError, match="disable_all_extensions"):
+        manager.apply(["sd-webui-thing"], ["sd-webui-thing"], "some")
+    assert _head(ext.path) == ext.git.commit_hash
+    assert manager.update(["sd-webui-thing"])["sd-webui-thing"].startswith("updated to")
+    assert (ext.path / "new.txt").is_file()
+
+
+def test_disable_all_extensions_setting(program):
+    """A1111's "Disable all extensions" radio: stored through the settings gate with the list of disabled ones kept;
+    from the next start "extra" runs only the built-in extensions, "all" none (scripts, install.py, preload.py)."""
+    _ext(program.prog / "extensions-builtin", "builtin-one", {"scripts/b.py": ""})
+    _ext(program.data / "extensions", "data-ext", {
+        "install.py": INSTALL, "preload.py": "def preload(parser):\n    parser.add_argument('--data-ext-flag')\n"})
+    _ext(program.data / "extensions", "off-ext", {"scripts/o.py": ""})
+    config = program.data / "config.json"
+    options = Options(config, program.data)
+    manager = ExtensionManager(_args(program.data), SimpleNamespace(data_dir=program.data), options)
+    assert [e.name for e in manager.enabled()] == ["builtin-one", "data-ext", "off-ext"]
+
+    manager.apply(["builtin-one", "data-ext"], [], "extra")
+    stored = json.loads(config.read_text())
+    assert stored["disable_all_extensions"] == "extra" and stored["disabled_extensions"] == ["off-ext"]
+    # "extra" is in effect after the restart: this server still has the extra extension it started with
+    assert [e.name for e in manager.enabled()] == ["builtin-one", "data-ext"]
+    restarted = Options(config, program.data)
+    paths = SimpleNamespace(data_dir=program.data)
+    assert [e.name for e in enabled_extensions(paths, restarted, _args(program.data))] == ["builtin-one"]
+    assert [e.name for e in ExtensionManager(_args(program.data), paths, restarted).enabled()] == ["builtin-one"]
+    assert run_installers(sys.executable, _args(program.data)) == []
+    assert not hasattr(_args(program.data), "data_ext_flag")
+
+    restarted.update({"disable_all_extensions": "all"})
+    assert enabled_extensions(paths, Options(config, program.data), _args(program.data)) == []
+
+    restarted.update({"disable_all_extensions": "none"})
+    assert [e.name for e in enabled_extensions(paths, Options(config, program.data), _args(program.data))] \
+        == ["builtin-one", "data-ext"]  # the disabled list was kept
+    assert hasattr(_args(program.data), "data_ext_flag")
+    assert run_installers(sys.executable, _args(program.data)) == ["data-ext"]
+
+    for bad in ("some", 1, None, ["all"]):
+        with pytest.raises(UserError, match="disable_all_extensions"):
+            restarted.update({"disable_all_extensions": bad})
+
+
+def test_preload_skips_disabled_extensions(program):
+    _ext(program.data / "extensions", "off-ext", {
+        "preload.py": "def preload(parser):\n    parser.add_argument('--off-ext-flag')\n"})
+    assert hasattr(_args(program.data), "off_ext_flag")
+    (program.data / "config.json").write_text(json.dumps({"disabled_extensions": ["off-ext"]}))
+    assert not hasattr(_args(program.data), "off_ext_flag")  # A1111: disabled extensions' preloads do not run

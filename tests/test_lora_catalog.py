@@ -1,4 +1,4 @@
-"""The LoRA tab's data: cards with the preview beside the file (`name.png` or `name.preview.png`), subfolders,
+"""The extra-network cards' data: cards with the preview beside the file (`name.png` or `name.preview.png`), subfolders,
 the base model badge, search, refresh, what a click inserts, and kohya's ss_* metadata for the "i" view."""
 from __future__ import annotations
 
@@ -60,3 +60,43 @@ def test_lora_cards_previews_search_refresh_and_metadata(tmp_path):
     assert "late" in {c.name for c in catalog.lora_cards()}
     listed = {x["name"]: x for x in catalog.lora_api_list()}
     assert listed["castle.style"]["alias"] == "castle.style" and listed["castle.style"]["metadata"]["ss_network_dim"] == "32"
+
+
+def test_cards_sort_by_name_date_and_path_and_the_default_weight(tmp_path):
+    import os
+
+    from backend.checkpoints import ModelFile
+    from backend.networks.catalog import sort_cards
+
+    lora = tmp_path / "Lora"
+    tensors = simple_lora("sd1", seed=2)
+    for i, (rel, name) in enumerate((("b_sub", "Alpha"), ("a_sub", "charlie"), ("c_sub", "bravo"))):
+        path = save_lora(lora / rel / f"{name}.safetensors", tensors)
+        os.utime(path, (1_000_000 + i, 1_000_000 + [30, 10, 20][i]))  # modified: Alpha last, charlie first
+    save_lora(lora / "tuned.safetensors", tensors)
+    (lora / "tuned.json").write_text(json.dumps({"preferred weight": 0.7}))
+    catalog = _catalog(tmp_path)
+
+    cards = [c for c in catalog.lora_cards(multiplier=0.5) if c.name != "tuned"]
+    assert [c.name for c in sort_cards(cards, "Name")] == ["Alpha", "bravo", "charlie"]  # case does not matter
+    assert [c.name for c in sort_cards(cards, "Name", descending=True)] == ["charlie", "bravo", "Alpha"]
+    assert [c.name for c in sort_cards(cards, "Date modified")] == ["charlie", "bravo", "Alpha"]
+    assert [c.name for c in sort_cards(cards, "Date modified", descending=True)] == ["Alpha", "bravo", "charlie"]
+    assert [c.name for c in sort_cards(cards, "Path")] == ["charlie", "Alpha", "bravo"]  # a_sub, b_sub, c_sub
+    assert [c.name for c in sort_cards(cards, "no such order")] == ["Alpha", "bravo", "charlie"]
+
+    inserts = {c.name: c.insert for c in catalog.lora_cards(multiplier=0.5)}
+    assert inserts["Alpha"] == "<lora:Alpha:0.5>"  # extra_networks_default_multiplier
+    assert inserts["tuned"] == "<lora:tuned:0.7>"  # the file's preferred weight wins
+
+    ckpt = tmp_path / "models" / "sub" / "model.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(ckpt.with_suffix(".preview.png"))
+    other = ModelFile("other.ckpt", tmp_path / "models" / "other.ckpt", sha256="ab" * 32)
+    checkpoints = [ModelFile("sub/model.safetensors", ckpt), other]
+    cards = {c.name: c for c in catalog.checkpoint_cards(checkpoints)}
+    assert cards["model"].insert == "sub/model.safetensors" and cards["model"].subfolder == "sub"
+    assert cards["model"].preview.startswith("data:image/jpeg;base64,")
+    assert cards["other"].insert == "other.ckpt [ababababab]" and cards["other"].preview is None
+    assert [c.name for c in catalog.checkpoint_cards(checkpoints, "SUB")] == ["model"]

@@ -39,6 +39,7 @@ def test_builtin_extensions_register_controlnet_and_soft_inpainting():
     assert registry.script_jobs()["controlnet_detect"] == ("controlnet", "detect")
     assert [t.title for t in registry.tabs] == ["ControlNet"] and "controlnet" in registry.components
     assert len(registry.routers) == 1 and len(registry.generation_ui) == 2
+    assert len(registry.xyz_axes) == 1  # ControlNet's X/Y/Z axes
     # the engine reads the same files: its tables and the worker's job table come from them
     from backend.engine import always_on, worker
     assert always_on.ENGINE_SCRIPTS["controlnet"] == "backend.engine.controlnet.script"
@@ -140,6 +141,9 @@ def test_disabled_controlnet_is_gone_from_api_and_ui(native_api):
     assert "native invert" in listed["txt2img"] and "soft inpainting" in listed["img2img"]
     assert "soft inpainting" not in listed["txt2img"]
     assert "controlnet" not in listed["txt2img"] + listed["img2img"]
+    xyz_types = [i["args"][0]["choices"] for i in native_api.get("/sdapi/v1/script-info").json()
+                 if i["name"] == "x/y/z plot"]  # nor ControlNet's X/Y/Z axes
+    assert len(xyz_types) == 2 and all("Steps" in c and not any("ControlNet" in a for a in c) for c in xyz_types)
     # soft inpainting (another built-in extension) is still on
     picture = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 200)).save(picture, format="PNG")

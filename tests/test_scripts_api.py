@@ -92,6 +92,36 @@ def test_prompt_matrix_margins_and_same_seed(api):
     assert images[0].width == 2 * 64 + 10  # one column label row, no row labels: margin between the 2 cells
 
 
+def test_prompt_matrix_batch_size_batches_the_combinations(api):
+    """As A1111's: batch size 3 runs the 4 combinations in two batches (3 + 1): the same pictures, prompts and seeds
+    as one picture per batch, and one progress bar of 2 batches."""
+    args = [False, False, "negative", "comma", 0]  # the negative prompt split
+    one = answer(api.post("/txt2img", json=txt(negative_prompt="blurry|dark|grainy", script_name="Prompt matrix",
+                                               script_args=args)))
+    three = answer(api.post("/txt2img", json=txt(negative_prompt="blurry|dark|grainy", script_name="Prompt matrix",
+                                                 script_args=args, batch_size=3, n_iter=7)))
+    for images, info in (one, three):
+        assert len(images) == 5 and info["index_of_first_image"] == 1
+        assert info["all_negative_prompts"] == ["blurry", "blurry, dark", "blurry, grainy", "blurry, dark, grainy"]
+        assert info["all_prompts"] == ["a red boat"] * 4 and info["all_seeds"] == [7] * 4
+        assert len(set(info["all_subseeds"])) == 4  # the variation seed plus the picture's number
+    assert three[1]["infotexts"][1:] == one[1]["infotexts"][1:]
+    for a, b in zip(one[0][1:], three[0][1:]):  # a batch makes the pictures one at a time would (CPU rounding aside)
+        assert np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean() < 2
+    assert not np.array_equal(np.asarray(three[0][1]), np.asarray(three[0][2]))  # each its own prompt
+
+
+def test_prompt_matrix_batches_in_img2img(api):
+    init = picture(64, 64)
+    images, info = answer(api.post("/img2img", json=body(init, steps=2, prompt="a house|at night", batch_size=2,
+                                                         script_name="Prompt matrix",
+                                                         script_args=[False, True, "positive", "comma", 0])))
+    assert len(images) == 3 and info["all_prompts"] == ["a house", "a house, at night"]
+    assert info["all_seeds"] == [99, 100]
+    assert [parse_infotext(t)["Seed"] for t in info["infotexts"][1:]] == ["99", "100"]
+    assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
+
+
 def test_prompts_from_file_lines_with_options(api):
     text = ('first prompt\n--prompt "second prompt" --steps 3 --seed 5 --sampler_name DDIM\n\n'
             '--negative_prompt "ugly" --cfg_scale 4.5')
@@ -144,6 +174,37 @@ def test_loopback_denoising_follows_the_curve(api):
     assert images[0].size == (64 * loops, 64)  # one row of the loops' pictures
     # each loop starts from the previous picture: loops differ
     assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
+
+
+def _chroma(image: Image.Image) -> np.ndarray:
+    """The mean a and b of the picture in 8-bit LAB (its colour, without its light)."""
+    import cv2
+    return cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2LAB)[..., 1:].reshape(-1, 2).mean(0)
+
+
+def test_img2img_colour_correction_matches_the_init_colours(api):
+    """The setting img2img_color_correction (A1111's): the output takes the colours of its input, in plain img2img
+    and in every loop of Loopback."""
+    init = Image.new("RGB", (64, 64), (40, 170, 60))
+    init.paste((20, 120, 200), (0, 0, 32, 64))  # green and blue halves
+    settings = {"sd_model_checkpoint": SD1}
+    plain = answer(api.post("/img2img", json=body(init, denoising_strength=1.0, override_settings=settings)))[0][0]
+    corrected = answer(api.post("/img2img", json=body(
+        init, denoising_strength=1.0, override_settings=dict(settings, img2img_color_correction=True))))[0][0]
+    target = _chroma(init)
+    off = lambda image: float(np.abs(_chroma(image) - target).sum())  # noqa: E731
+    # the output's own light is kept (A1111's luminosity blend), which moves its colours a little off the target
+    assert off(corrected) < 0.6 * off(plain) and off(plain) > 20, (_chroma(plain), _chroma(corrected), target)
+    # the correction keeps the model's light and dark: the same picture under other colours
+    lum = lambda im: np.asarray(im.convert("L"), dtype=np.float32).ravel()  # noqa: E731
+    assert np.corrcoef(lum(plain), lum(corrected))[0, 1] > 0.8
+
+    images, info = answer(api.post("/img2img", json=body(
+        init, steps=2, denoising_strength=1.0, override_settings=dict(settings, img2img_color_correction=True),
+        script_name="Loopback", script_args=[3, 1.0, "Linear", "None"])))
+    assert len(images) == 4 and info["index_of_first_image"] == 1
+    for image in images[1:]:
+        assert off(image) < 0.6 * off(plain), (_chroma(image), target)
 
 
 def test_unknown_script_is_422_in_both_tabs(api):
@@ -214,11 +275,12 @@ def test_interrupt_stops_a_script(api):
     assert info["interrupted"] is True and len(info["infotexts"]) < 30
 
 
-def test_prompts_from_file_line_styles_are_warned_about(api):
+def test_prompts_from_file_line_styles_that_do_not_exist_are_warned_about(api):
+    # a line's --styles are applied like the request's (tests/test_styles.py); a name no styles.csv holds is named
     r = api.post("/txt2img", json=txt(steps=1, script_name="Prompts from file or textbox",
                                       script_args=[False, False, "start", '--prompt "x" --styles "my style"']))
     _, info = answer(r)
-    assert any(w.startswith("styles ") for w in info["warnings"]), info.get("warnings")
+    assert any(w.startswith("style 'my style' does not exist") for w in info["warnings"]), info.get("warnings")
 
 
 def test_prompt_matrix_combinations_are_checked_at_the_edge(api):

@@ -143,3 +143,28 @@ def test_api_lists_and_applies_styles(styles_server):
                                        "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}})
         assert r.status_code == 200, r.text
         assert json.loads(r.json()["info"])["all_prompts"] == ["sea, oil painting"]
+
+
+def test_xyz_plot_styles_axis(styles_server):
+    import httpx
+
+    from backend.core.infotext import parse_infotext
+    from test_xyz_api import T, xyz_args
+
+    with httpx.Client(base_url=styles_server.url + "/sdapi/v1", timeout=600) as api:
+        body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 5, "styles": ["Oil"],
+                "script_name": "X/Y/Z plot", "script_args": xyz_args(T["Styles"], "Wrap, Nothing here"),
+                "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
+        r = api.post("/txt2img", json=body)
+        assert r.status_code == 422, r.text  # an unknown style in an axis: refused before any image, naming it
+        assert "Nothing here" in r.text and "Styles" in r.text
+        # the values dropdown offers the styles
+        info = next(i for i in api.get("/script-info").json() if i["name"] == "x/y/z plot" and not i["is_img2img"])
+        assert info["args"][0]["choices"][T["Styles"]] == "Styles"
+        r = api.post("/txt2img", json=dict(body, script_args=xyz_args(T["Styles"], '"Wrap,Oil", Wrap')))
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        prompts = [t.split("\n")[0] for t in info["infotexts"][1:]]
+        # each cell: the request's styles (Oil), then the cell's, applied in that order
+        assert prompts == ["masterpiece, a lighthouse, oil painting, oil painting", "masterpiece, a lighthouse, oil painting"]
+        assert parse_infotext(info["infotexts"][0])["X Type"] == "Styles"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.controlnet.units import parse_unit_infotext
 from backend.core.infotext import parse_infotext
 from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
 from test_scripts_api import answer, txt
@@ -218,3 +219,94 @@ def test_sampler_axis_runs_each_sampler_the_app_resolved(api):
     assert [p["Sampler"] for p in texts] == ["Euler", "DPM++ 2M", "Euler a"]
     pixels = [np.asarray(im, dtype=np.int32) for im in images[1:]]
     assert (pixels[0] != pixels[2]).any()  # Euler a adds noise each step: not Euler's picture (tiny model: close)
+
+
+def _canny_unit(server, **fields) -> dict:
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from controlnet_factory import write_tiny_controlnet
+
+    model = server.data_dir / "models" / "ControlNet" / "control_v11p_sd15_canny.pth"
+    if not model.exists():
+        write_tiny_controlnet(model, "sd1", seed=21)
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).rectangle((16, 16, 47, 47), fill="white")
+    buf = io.BytesIO()
+    control.save(buf, format="PNG")
+    return {"enabled": True, "image": base64.b64encode(buf.getvalue()).decode(), "module": "canny",
+            "model": "control_v11p_sd15_canny", "processor_res": 64, "threshold_a": 100, "threshold_b": 200,
+            **fields}
+
+
+CN_AXES = [f"[ControlNet] {n}" for n in ("Enabled", "Model", "Weight", "Guidance Start", "Guidance End", "Control Mode",
+                                          "Resize Mode", "Preprocessor", "Pre Resolution", "Pre Threshold A",
+                                          "Pre Threshold B")]
+
+
+def test_controlnet_axes_follow_a1111s_axes(api):
+    """The ControlNet extension adds its axes after A1111's (whose indices stay), in both tabs."""
+    for info in (i for i in api.get("/script-info").json() if i["name"] == "x/y/z plot"):
+        builtin = [a.label for a in xyz_axes(info["is_img2img"])]
+        for arg in (info["args"][0], info["args"][3], info["args"][6]):  # X, Y and Z type
+            assert arg["choices"] == builtin + CN_AXES
+
+
+def test_controlnet_weight_axis_makes_each_cell_with_its_weight(api, server):
+    unit = _canny_unit(server)
+    weight_axis = len(T) + CN_AXES.index("[ControlNet] Weight")
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(weight_axis, "0, 0.5, 1.5"),
+                                      alwayson_scripts={"controlnet": {"args": [unit]}}))
+    images, info = answer(r)
+    assert len(info["infotexts"]) == 4  # the grid, the cells (then ControlNet's detected map, as A1111's)
+    grid = parse_infotext(info["infotexts"][0])
+    assert grid["X Type"] == "[ControlNet] Weight" and grid["X Values"] == "0, 0.5, 1.5"
+    units = [parse_unit_infotext(parse_infotext(t)["ControlNet 0"]) for t in info["infotexts"][1:]]
+    assert [u["weight"] for u in units] == [0, 0.5, 1.5] and all(u["module"] == "canny" for u in units)
+    cells = [pixels(im) for im in images[1:4]]
+    assert np.abs(cells[0] - cells[2]).mean() > 1 and np.abs(cells[1] - cells[2]).mean() > 0.5
+    # the axis by its label, a second ControlNet axis on Y: every cell's unit has both values
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(
+        "[ControlNet] Weight", "0, 1", "[ControlNet] Guidance End", "0.5, 1"),
+        alwayson_scripts={"controlnet": {"args": [unit]}}))
+    images, info = answer(r)
+    units = [parse_unit_infotext(parse_infotext(t)["ControlNet 0"]) for t in info["infotexts"][1:]]
+    assert [(u["weight"], u["guidance_end"]) for u in units] == [(0, 0.5), (1, 0.5), (0, 1), (1, 1)]
+    # Enabled off: that cell has no ControlNet (its infotext no unit), the other has it
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(
+        "[ControlNet] Enabled", "True, False"), alwayson_scripts={"controlnet": {"args": [unit]}}))
+    images, info = answer(r)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:]]
+    assert "ControlNet 0" in texts[0] and "ControlNet 0" not in texts[1]
+    assert np.abs(pixels(images[1]) - pixels(images[2])).mean() > 1
+
+
+def test_controlnet_axis_values_the_extension_refuses_are_422(api, server):
+    unit = _canny_unit(server)
+    weight_axis = len(T) + CN_AXES.index("[ControlNet] Weight")
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(weight_axis, "1, 3"),
+                                      alwayson_scripts={"controlnet": {"args": [unit]}}))
+    assert r.status_code == 422 and "[ControlNet] Weight" in r.text and "3.0" in r.text and "weight" in r.text
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(
+        "[ControlNet] Model", "control_v11p_sd15_canny, no_such_controlnet"),
+        alwayson_scripts={"controlnet": {"args": [unit]}}))
+    assert r.status_code == 422 and "[ControlNet] Model" in r.text and "no_such_controlnet" in r.text, r.text
+
+
+def test_controlnet_weight_axis_with_checkpoint_axis(api, server, other_models):
+    """Checkpoint name (outermost: a switch re-prepares the job's units) by [ControlNet] Weight: every cell has its
+    checkpoint and its weight, and the weight changes the picture for either checkpoint."""
+    other, _ = other_models
+    unit = _canny_unit(server)
+    r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(
+        T["Checkpoint name"], f"tiny-sd1, {other}", "[ControlNet] Weight", "0, 1.5"),
+        alwayson_scripts={"controlnet": {"args": [unit]}}))
+    images, info = answer(r)
+    texts = [parse_infotext(t) for t in info["infotexts"][1:5]]
+    assert [(p["Model"], parse_unit_infotext(p["ControlNet 0"])["weight"]) for p in texts] == [
+        ("tiny-sd1", 0), ("xyz-sd1-b", 0), ("tiny-sd1", 1.5), ("xyz-sd1-b", 1.5)]
+    cells = [pixels(im) for im in images[1:5]]
+    assert np.abs(cells[0] - cells[2]).mean() > 1 and np.abs(cells[1] - cells[3]).mean() > 1
+    assert np.abs(cells[0] - cells[1]).mean() > 1  # the two checkpoints

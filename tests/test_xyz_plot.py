@@ -374,3 +374,84 @@ def test_model_axes_name_the_checkpoints_and_vaes_their_cells_use():
         {"sd_model_checkpoint": "b.safetensors [00bb]", "sd_vae": "None"},
         {"sd_model_checkpoint": "b.safetensors [00bb]", "sd_vae": "v.pt"}]
     assert xyz_model_choices(parse_xyz_args(args(T["Steps"], "1, 2"), req())) == []
+
+
+# --- axes an extension adds (ControlNet's, through easel_extension.py) ----------------------------------------------
+
+class _FakeControlNet:
+    """What ControlNet's axes read of its component: the model titles and the preprocessor names."""
+
+    class registry:
+        @staticmethod
+        def titles():
+            return ["control_v11p_sd15_canny [d14c016b]"]
+
+    @staticmethod
+    def module_names():
+        return ["none", "canny"]
+
+
+def _cn_axes():
+    from backend.controlnet.xyz_axes import controlnet_axes
+    return controlnet_axes(_FakeControlNet())
+
+
+def test_extension_axes_follow_a1111s_and_change_the_units():
+    from backend.core.scripts_catalog import xyz_plot_specs
+
+    extra = _cn_axes()
+    assert [a.label for a in extra] == [f"[ControlNet] {n}" for n in (
+        "Enabled", "Model", "Weight", "Guidance Start", "Guidance End", "Control Mode", "Resize Mode", "Preprocessor",
+        "Pre Resolution", "Pre Threshold A", "Pre Threshold B")]  # sd-webui-controlnet's order
+    for img2img in (False, True):
+        axes = xyz_axes(img2img, extra)
+        assert axes[:len(xyz_axes(img2img))] == xyz_axes(img2img)  # A1111's indices unchanged
+        assert xyz_arg_specs(img2img, extra)[0].choices == tuple(a.label for a in axes)
+    n = len(xyz_axes(False))
+    units = [{"enabled": True, "weight": 1.0, "model": "x"}, {"enabled": False, "weight": 1.0}]
+    base = req(alwayson_scripts={"controlnet": {"args": units}})
+    plan = parse_xyz_args(args(n + 2, "0-1 (+0.5)", n + 5, "controlnet is more important, Balanced",
+                               n, "False"), base, extra_axes=extra)
+    assert plan.x.values == (0.0, 0.5, 1.0) and plan.x.labels[1] == "[ControlNet] Weight: 0.5"
+    assert plan.y.values == ("ControlNet is more important", "Balanced")  # the dropdown's spelling
+    from backend.core.xyz_axes import cell_request
+    cell = cell_request(base, [(plan.x.type, 0.5, plan.x.values), (plan.y.type, "Balanced", plan.y.values),
+                               (plan.z.type, "False", plan.z.values)])
+    got = cell.alwayson_scripts["controlnet"]["args"]
+    assert [u["weight"] for u in got] == [0.5, 0.5]  # a value goes to every unit, as sd-webui-controlnet's
+    assert [u["control_mode"] for u in got] == ["Balanced", "Balanced"]
+    assert [u["enabled"] for u in got] == ["False", False]  # Enabled: the first unit only
+    assert base.alwayson_scripts["controlnet"]["args"] == units  # the base request is unchanged
+    assert plan.always_on_key((1, 0, 0)) == (1, 0, 0)
+    assert parse_xyz_args(args(T["Steps"], "1, 2"), base, extra_axes=extra).always_on_key((1, 0, 0)) is None
+
+    # the catalog's prepare: one always-on variant per combination of the extension axes' values, named for errors;
+    # the plan the engine receives holds no app-side function (it pickles)
+    spec = xyz_plot_specs(lambda: XYZCatalogs(), lambda: 100, extra)[0]
+    values = spec.values(spec.check_args(args(n + 2, "0, 1", T["Steps"], "1, 2")))
+    prepared = spec.prepare(base, values)
+    assert sorted(prepared.always_on) == [(0, -1, -1), (1, -1, -1)]
+    label, alwayson = prepared.always_on[(1, -1, -1)]
+    assert "X axis ([ControlNet] Weight) value 1.0" in label and alwayson["controlnet"]["args"][0]["weight"] == 1.0
+    plan = pickle.loads(pickle.dumps(prepared.args))
+    assert plan.x.type.label == "[ControlNet] Weight" and plan.x.type.apply is None
+    assert plan.always_on_key((0, 1, 0)) == (0, -1, -1)
+
+
+def test_extension_axis_cells_get_their_variant_of_the_scripts(tmp_path):
+    extra = _cn_axes()
+    n = len(xyz_axes(False))
+    plan = parse_xyz_args(args(n + 2, "0, 1", T["Steps"], "1, 2"), req(), extra_axes=extra)
+    gen = FakeGenerate()
+    calls = []
+
+    def generate(r, **kw):
+        calls.append(kw.get("scripts"))
+        return gen(r)
+
+    j = job(tmp_path)
+    j.always_on_variants = {(0, -1, -1): {"controlnet": "w0"}, (1, -1, -1): {"controlnet": "w1"}}
+    result = xyz_plot.run(plan, j, generate)
+    assert len(result.images) == 1
+    assert calls == [{"controlnet": "w0"}, {"controlnet": "w1"}] * 2  # X fastest, each cell its own
+    assert parse_infotext(result.info["infotexts"][0])["X Type"] == "[ControlNet] Weight"

@@ -1,5 +1,6 @@
-"""The Extensions tab, as AUTOMATIC1111's: Installed (the table, enable/disable, Apply and restart UI, Check for
-updates), Available (A1111's index, when the server is online), Install from URL."""
+"""The Extensions tab, as AUTOMATIC1111's: Installed (the table, enable/disable, "Disable all extensions", Check for
+updates, then Apply and restart UI, which also updates the extensions ticked for update), Available (A1111's index,
+when the server is online), Install from URL."""
 from __future__ import annotations
 
 import html
@@ -9,7 +10,9 @@ import time
 import gradio as gr
 
 from backend.core.errors import UserError
-from backend.extensions import ACCESS_DISABLED, INDEX_URL, extension_access_allowed, load_index, restart_program
+from backend.core.extensions import DISABLE_ALL_CHOICES
+from backend.extensions import (ACCESS_DISABLED, BEHIND, INDEX_URL, extension_access_allowed, load_index,
+                                restart_program)
 from backend.service import EaselService
 
 RESTARTING = "Restarting the server"
@@ -55,11 +58,15 @@ def installed_table(service: EaselService, updates: dict[str, str] | None = None
 
 
 def _flags_note(service: EaselService) -> str:
-    args = service.args
+    args, started = service.args, service.extensions.disable_all_at_start
     if getattr(args, "disable_all_extensions", False):
         return "<p><b>--disable-all-extensions</b> is on: no extension runs.</p>"
+    if started == "all":
+        return '<p><b>"Disable all extensions"</b> is set to <i>all</i>: no extension runs.</p>'
     if getattr(args, "disable_extra_extensions", False):
         return "<p><b>--disable-extra-extensions</b> is on: only built-in extensions run.</p>"
+    if started == "extra":
+        return '<p><b>"Disable all extensions"</b> is set to <i>extra</i>: only built-in extensions run.</p>'
     return ""
 
 
@@ -89,8 +96,13 @@ def build(service: EaselService):
             with gr.Row():
                 apply = gr.Button("Apply and restart UI", variant="primary", elem_id="extensions_apply")
                 check = gr.Button("Check for updates", elem_id="extensions_check_updates")
+                disable_all = gr.Radio(list(DISABLE_ALL_CHOICES), value=service.options["disable_all_extensions"],
+                                       label="Disable all extensions", elem_id="extensions_disable_all")
             enabled = gr.CheckboxGroup(names, value=[e.name for e in service.extensions.list() if e.enabled],
                                        label="Enabled extensions", elem_id="extensions_enabled")
+            # filled by "Check for updates" with the extensions that have new commits, ticked (as A1111's)
+            updates = gr.CheckboxGroup([], value=[], label="Update with Apply and restart UI (after Check for updates)",
+                                       elem_id="extensions_update")
             message = gr.HTML(elem_id="extensions_message")
             table = gr.HTML(installed_table(service), elem_id="extensions_table")
         with gr.Tab("Available", id="extensions_available"):
@@ -109,24 +121,28 @@ def build(service: EaselService):
     def on_page_load():
         exts = service.extensions.list()
         return (gr.update(choices=[e.name for e in exts], value=[e.name for e in exts if e.enabled]),
-                installed_table(service))
+                installed_table(service), service.options["disable_all_extensions"])
 
-    def on_apply(chosen: list[str]):
+    def on_apply(chosen: list[str], to_update: list[str], mode: str):
         try:
-            service.extensions.check_access()
-            disabled = service.extensions.set_enabled(list(chosen or []))
+            disabled, updated = service.extensions.apply(list(chosen or []), list(to_update or []), mode)
         except UserError as exc:
             return _error(exc.message), installed_table(service)
         threading.Timer(RESTART_DELAY_S, restart_program, args=(service,)).start()
         note = f"disabled: {', '.join(disabled)}" if disabled else "all extensions enabled"
+        if mode != "none":
+            note += f"; disable all extensions: {mode}"
+        note += "".join(f"; {name} {result}" for name, result in updated.items())
         return html.escape(f"Saved ({note}). {RESTARTING}; the page reloads when it is back."), installed_table(service)
 
     def on_check():
         try:
             status = service.extensions.check_updates()
         except UserError as exc:
-            return _error(exc.message), installed_table(service)
-        return "Checked for updates.", installed_table(service, status)
+            return _error(exc.message), installed_table(service), gr.update()
+        behind = [name for name, state in status.items() if state.startswith(BEHIND)]
+        return ("Checked for updates." + (" Tick the ones to update, then Apply and restart UI." if behind else ""),
+                installed_table(service, status), gr.update(choices=behind, value=behind))
 
     def on_load_available(index: str):
         try:
@@ -146,9 +162,9 @@ def build(service: EaselService):
                 installed_table(service))
 
     # (a State's value never reaches the browser: the message itself says whether the server restarts)
-    apply.click(on_apply, inputs=[enabled], outputs=[message, table]).then(
+    apply.click(on_apply, inputs=[enabled, updates, disable_all], outputs=[message, table]).then(
         None, inputs=[message], js=f"(msg) => {{ if (String(msg).includes({RESTARTING!r})) ({RELOAD_WHEN_BACK_JS})(); }}")
-    check.click(on_check, outputs=[message, table])
+    check.click(on_check, outputs=[message, table, updates])
     load.click(on_load_available, inputs=[index_url], outputs=[available])
     install.click(on_install, inputs=[url, branch, folder], outputs=[install_result, enabled, table])
-    return on_page_load, [enabled, table]
+    return on_page_load, [enabled, table, disable_all]

@@ -1,29 +1,39 @@
-"""The LoRA tab: A1111's extra-network cards for LoRA files and textual-inversion embeddings.
+"""AUTOMATIC1111's extra-networks panel: cards below the prompts of txt2img and img2img.
 
-`build(service, prompt, negative_prompt)` lays out two sub-tabs, "Lora" and "Textual Inversion", each
-with a search box, a refresh button, a card per file (its preview image when one sits beside it) and a
-details view. Clicking a card adds `<lora:name:1>` (or the embedding's name) to the prompt box last
-clicked in (the txt2img prompt unless the negative prompt, or an img2img prompt, had the focus);
-clicking it again takes it out, as in A1111. The card's "i" button shows the file's metadata (kohya's
-`ss_*` fields: base model, training resolution, tags, ...). The cards' clicks are handled in the browser;
-searching, refreshing and the metadata view are server events.
+`build_panel(service, tab, toggle)` lays out the panel, hidden until the tab's toggle button beside the prompts
+opens it: a sub-tab per kind (Textual Inversion, Checkpoints, Lora, in A1111's order), each with a search box,
+sort order (name, date modified, path) and direction, a refresh button, the cards (a file's preview image when one
+sits beside it) and the details view of a card's "i" button. Card sizes follow the `extra_networks_card_width` /
+`extra_networks_card_height` settings.
+
+Clicking a LoRA card adds `<lora:name:weight>` (the weight: the file's preferred weight, else the
+`extra_networks_default_multiplier` setting), an embedding card the embedding's name, to the prompt box of that
+tab that had the focus last (the positive prompt until one was clicked); clicking it again takes it out, as in
+A1111. A checkpoint card selects its checkpoint: it writes the title into `checkpoint_request()`, which the
+layout wires to the checkpoint dropdown's own handler. Card clicks are handled in the browser; rendering,
+searching, sorting, refreshing and the details are server events.
 """
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
 
+from backend.networks.catalog import SORT_KEYS, Card, sort_cards
 from backend.service import EaselService
 
-PROMPT_BOXES = ("txt2img_prompt", "txt2img_neg_prompt", "img2img_prompt", "img2img_neg_prompt")
+CHECKPOINT_REQUEST = "extra_networks_checkpoint_request"
+DEFAULT_CARD_SIZE = (160, 200)
 
 CARDS_CSS = """
 .easel-networks { font-size: 13px; }
 .easel-network-status { min-height: 1.4em; margin: 2px 0 6px; opacity: .8; }
 .easel-cards { display: flex; flex-wrap: wrap; gap: 10px; }
-.easel-card { position: relative; width: 160px; height: 200px; border-radius: 8px; overflow: hidden; cursor: pointer;
+.easel-card { position: relative; width: var(--easel-card-width, 160px); height: var(--easel-card-height, 200px);
+  border-radius: 8px; overflow: hidden; cursor: pointer;
   border: 1px solid var(--border-color-primary); background: var(--block-background-fill); }
 .easel-card:hover { outline: 2px solid var(--color-accent); }
 .easel-card img { width: 100%; height: 100%; object-fit: cover; display: block; }
@@ -32,25 +42,20 @@ CARDS_CSS = """
 .easel-card-text { position: absolute; left: 0; right: 0; bottom: 0; padding: 6px 8px; color: #fff;
   background: linear-gradient(transparent, rgba(0,0,0,.85)); }
 .easel-card-name { font-weight: 600; word-break: break-word; color: #fff !important; }
-.easel-card-sub { font-size: 11px; opacity: .85; color: #fff !important; }
+.easel-card-sub { font-size: 11px; opacity: .85; color: #fff !important; word-break: break-word; }
 .easel-card-info { position: absolute; top: 4px; right: 4px; width: 24px; height: 24px; border-radius: 12px; padding: 0;
   line-height: 24px; text-align: center; font-size: 13px; border: none; background: rgba(0,0,0,.6); color: #fff !important;
   cursor: pointer; font-weight: 700; }
 .easel-empty { padding: 16px; opacity: .8; }
 """
 
-# Runs once in the browser when the cards are shown. Clicks are delegated from the component's root
-# element, so they keep working after the cards are re-rendered (search, refresh).
+# Runs in the browser when a kind's cards element appears. Clicks are delegated from the component's root
+# element, so they keep working after the cards are re-rendered (search, sort, refresh). The prompt box each
+# tab's cards write to is the one of that tab that had the focus last: ui/javascript/extra_networks.js
+# remembers it from the page's start.
 CARDS_JS = """
-const boxes = %(boxes)s;
-if (!window.easelPromptTarget) {
-  window.easelPromptTarget = boxes[0];
-  document.addEventListener('focusin', (e) => {
-    if (e.target.tagName !== 'TEXTAREA') return;
-    const box = e.target.closest(boxes.map((b) => '#' + b).join(','));
-    if (box) window.easelPromptTarget = box.id;
-  });
-}
+const tab = %(tab)s;
+const boxes = [tab + '_prompt', tab + '_neg_prompt'];
 const setValue = (textarea, value) => {
   textarea.value = value;
   textarea.dispatchEvent(new Event('input', {bubbles: true}));
@@ -66,11 +71,17 @@ element.addEventListener('click', (e) => {
     if (request) setValue(request, card.dataset.name + '|' + Date.now());
     return;
   }
-  const target = window.easelPromptTarget || boxes[0];
-  const textarea = document.querySelector('#' + target + ' textarea');
-  if (!textarea) return;
   const insert = card.dataset.insert;
   const kind = card.dataset.kind;
+  if (kind === 'checkpoint') {
+    const request = document.querySelector('#%(checkpoint_request)s textarea');
+    if (request) setValue(request, insert + '|' + Date.now());
+    if (status) status.textContent = 'Selecting the checkpoint ' + insert + '...';
+    return;
+  }
+  const target = (window.easelPromptTargets || {})[tab] || boxes[0];
+  const textarea = document.querySelector('#' + target + ' textarea');
+  if (!textarea) return;
   let text = textarea.value;
   let pattern;
   if (kind === 'lora') {
@@ -80,7 +91,7 @@ element.addEventListener('click', (e) => {
     const word = insert.replace(/[.*+?^${}()|[\\]\\\\]/g, '\\\\$&');
     pattern = new RegExp('(^|[\\\\s,(\\\\[])' + word + '(?=$|[\\\\s,:)\\\\]])');
   }
-  const where = target.replace('_neg_prompt', ' negative prompt').replace('_prompt', ' prompt');
+  const where = tab + (target.endsWith('_neg_prompt') ? ' negative prompt' : ' prompt');
   if (pattern.test(text)) {
     text = text.replace(pattern, (m, lead) => (kind === 'lora' ? '' : (lead || ''))).replace(/^\\s+/, '');
     if (status) status.textContent = 'Removed ' + insert + ' from the ' + where + '.';
@@ -93,24 +104,49 @@ element.addEventListener('click', (e) => {
 """
 
 
-def _card_html(card, kind: str, index: int) -> str:
+@dataclass
+class NetworkKind:
+    """One sub-tab of the panel: how to list its cards, rescan its files and describe one card."""
+
+    key: str  # in elem_ids: {tab}_{key}_cards, ...
+    label: str
+    card_kind: str  # the cards' data-kind, which the browser code acts on
+    placeholder: str
+    cards: Callable[[str], list[Card]]  # query -> the matching cards
+    refresh: Callable[[], None]
+    empty: str
+    details: Callable[[str], str] | None = None  # card name -> HTML of the "i" view; None: no "i" button
+
+
+def _card_html(card: Card, kind: str, tab: str, index: int, with_info: bool) -> str:
     name = html.escape(card.name)
     image = (f'<img src="{card.preview}" alt="" loading="lazy">' if card.preview
              else f'<div class="easel-card-noimg">{html.escape(card.name[:1].upper())}</div>')
     sub = " \u00b7 ".join(x for x in (card.subfolder, card.badge) if x)
     title = html.escape(card.description or card.name, quote=True)
-    info = '<button class="easel-card-info" title="Show metadata">i</button>' if kind == "lora" else \
-        '<button class="easel-card-info" title="Show details">i</button>'
-    return (f'<div class="easel-card" id="{kind}_card_{index}" data-kind="{kind}" data-name="{html.escape(card.name, quote=True)}" '
-            f'data-insert="{html.escape(card.insert, quote=True)}" title="{title}">{image}{info}'
+    info = '<button class="easel-card-info" title="Show details">i</button>' if with_info else ""
+    return (f'<div class="easel-card" id="{tab}_{kind}_card_{index}" data-kind="{kind}" '
+            f'data-name="{html.escape(card.name, quote=True)}" data-insert="{html.escape(card.insert, quote=True)}" '
+            f'title="{title}">{image}{info}'
             f'<div class="easel-card-text"><div class="easel-card-name">{name}</div>'
             f'<div class="easel-card-sub">{html.escape(sub)}</div></div></div>')
 
 
-def render_cards(cards: list, kind: str, empty: str) -> str:
-    body = "".join(_card_html(c, kind, i) for i, c in enumerate(cards)) or f'<div class="easel-empty">{html.escape(empty)}</div>'
+def render_cards(cards: list[Card], kind: str, empty: str, tab: str = "txt2img", with_info: bool = True,
+                 size: tuple[int, int] = DEFAULT_CARD_SIZE) -> str:
+    """The cards of one kind (or the `empty` message), at `size` (width, height) pixels."""
+    body = ("".join(_card_html(c, kind, tab, i, with_info) for i, c in enumerate(cards))
+            or f'<div class="easel-empty">{html.escape(empty)}</div>')
+    style = f"--easel-card-width:{size[0]}px;--easel-card-height:{size[1]}px"
     return (f'<div class="easel-networks" data-kind="{kind}"><div class="easel-network-status"></div>'
-            f'<div class="easel-cards">{body}</div></div>')
+            f'<div class="easel-cards" style="{style}">{body}</div></div>')
+
+
+def card_size(options) -> tuple[int, int]:
+    """A1111's `extra_networks_card_width` / `_height` settings; 0 means the default size."""
+    width = int(options["extra_networks_card_width"] or 0) or DEFAULT_CARD_SIZE[0]
+    height = int(options["extra_networks_card_height"] or 0) or DEFAULT_CARD_SIZE[1]
+    return width, height
 
 
 def _table(rows: dict) -> str:
@@ -133,83 +169,124 @@ def render_lora_details(service: EaselService, name: str) -> str:
                      f'<pre class="easel-infotext">{raw}</pre></details>')
     else:
         parts.append("<p>This file holds no metadata.</p>")
-    return f'<div id="lora_details_view">{"".join(parts)}</div>'
+    return f'<div class="easel-network-details">{"".join(parts)}</div>'
 
 
-def build(service: EaselService, prompt: gr.Textbox, negative_prompt: gr.Textbox) -> None:
-    """The "Lora" and "Textual Inversion" sub-tabs; their cards add to `prompt` / `negative_prompt` (and img2img's)."""
-    boxes = [b for b in (prompt.elem_id, negative_prompt.elem_id) if b] + [b for b in PROMPT_BOXES
-                                                                           if b not in (prompt.elem_id, negative_prompt.elem_id)]
-    for box in (prompt, negative_prompt):
-        box.focus(None, js=f"() => {{ window.easelPromptTarget = {json.dumps(box.elem_id)}; }}")
+def render_ti_details(service: EaselService, name: str) -> str:
+    card = next((c for c in service.networks.embedding_cards(_checkpoint(service)) if c.name == name), None)
+    if card is None:
+        return f'<div class="easel-error">Embedding {html.escape(name)} was not found; press the refresh button.</div>'
+    rows = {"Name": card.name, "Use": f"write {card.name} in the prompt", "Details": card.description}
+    if card.badge in ("does not fit this model", "unreadable"):
+        rows["Note"] = f"{card.badge}: it is not used with the selected checkpoint"
+    return f'<div class="easel-network-details"><h3>{html.escape(card.name)}</h3>{_table(rows)}</div>'
 
+
+def network_kinds(service: EaselService) -> list[NetworkKind]:
+    """The panel's sub-tabs, in A1111's order."""
     folders = ", ".join(str(d) for d in service.paths.lora_dirs)
-    lora_empty = f"No LoRA files found. Put .safetensors files in {folders} (subfolders too), then press refresh."
-    ti_empty = f"No embeddings found. Put .pt, .bin or .safetensors embeddings in {service.paths.embeddings_dir}, then press refresh."
-
-    def lora_html(query: str = "") -> str:
-        return render_cards(service.networks.lora_cards(query), "lora", lora_empty)
-
-    def ti_html(query: str = "") -> str:
-        return render_cards(service.networks.embedding_cards(_checkpoint(service), query), "ti", ti_empty)
-
-    def lora_details_for(name: str) -> str:
-        return render_lora_details(service, name)
-
-    def ti_details_for(name: str) -> str:
-        card = next((c for c in service.networks.embedding_cards(_checkpoint(service)) if c.name == name), None)
-        if card is None:
-            return f'<div class="easel-error">Embedding {html.escape(name)} was not found; press the refresh button.</div>'
-        rows = {"Name": card.name, "Use": f"write {card.name} in the prompt", "Details": card.description}
-        if card.badge in ("does not fit this model", "unreadable"):
-            rows["Note"] = f"{card.badge}: it is not used with the selected checkpoint"
-        return f'<div id="ti_details_view"><h3>{html.escape(card.name)}</h3>{_table(rows)}</div>'
-
-    gr.Markdown("Click a card to add it to the prompt you last clicked in (txt2img's prompt by default); "
-                "click it again to take it out. The **i** button shows what the file says about itself.")
-    with gr.Row():
-        mirror = gr.Textbox(label="txt2img prompt", interactive=False, lines=2, elem_id="extra_networks_prompt_mirror", scale=3)
-        neg_mirror = gr.Textbox(label="txt2img negative prompt", interactive=False, lines=2,
-                                elem_id="extra_networks_neg_prompt_mirror", scale=2)
-    prompt.change(None, inputs=[prompt], outputs=[mirror], js="(x) => x")
-    negative_prompt.change(None, inputs=[negative_prompt], outputs=[neg_mirror], js="(x) => x")
-
-    with gr.Tabs(elem_id="extra_networks_tabs"):
-        _cards_tab("Lora", "lora", "Search LoRA...", lora_html, service.refresh_loras, lora_details_for, boxes)
-        _cards_tab("Textual Inversion", "ti", "Search embeddings...", ti_html, service.refresh_embeddings,
-                   ti_details_for, boxes)
+    return [
+        NetworkKind("ti", "Textual Inversion", "ti", "Search embeddings...",
+                    lambda q: service.networks.embedding_cards(_checkpoint(service), q), service.refresh_embeddings,
+                    f"No embeddings found. Put .pt, .bin or .safetensors embeddings in {service.paths.embeddings_dir}, "
+                    "then press refresh.", lambda name: render_ti_details(service, name)),
+        NetworkKind("checkpoints", "Checkpoints", "checkpoint", "Search checkpoints...",
+                    lambda q: service.networks.checkpoint_cards(service.registry.checkpoints, q),
+                    service.refresh_checkpoints, service.no_checkpoint_message() or "No checkpoints found."),
+        NetworkKind("lora", "Lora", "lora", "Search LoRA...",
+                    lambda q: service.networks.lora_cards(q, float(service.options["extra_networks_default_multiplier"])),
+                    service.refresh_loras,
+                    f"No LoRA files found. Put .safetensors files in {folders} (subfolders too), then press refresh.",
+                    lambda name: render_lora_details(service, name)),
+    ]
 
 
-def _cards_tab(label: str, prefix: str, placeholder: str, cards_html, refresh, details_html, boxes: list[str]) -> None:
-    """One tab of cards: a search box, a refresh button, the cards, and the details view of the "i" button.
+def checkpoint_request() -> gr.Textbox:
+    """The hidden box a checkpoint card writes "title|click time" into; the layout selects that checkpoint."""
+    return gr.Textbox(visible="hidden", elem_id=CHECKPOINT_REQUEST)
 
-    `cards_html(query)` renders the cards, `refresh()` rescans the files, `details_html(name)` one card's details.
+
+def requested_checkpoint(request: str) -> str:
+    """The checkpoint title of a `checkpoint_request` value ("title|click time": a second click asks again)."""
+    return (request or "").rsplit("|", 1)[0]
+
+
+def build_panel(service: EaselService, tab: str, toggle: gr.Button) -> gr.Column:
+    """The panel of `tab` ("txt2img" / "img2img"), opened and closed by `toggle`. Returns the panel."""
+    is_open = gr.State(False)
+    with gr.Column(visible=False, elem_id=f"{tab}_extra_networks_panel") as panel:
+        with gr.Tabs(elem_id=f"{tab}_extra_tabs"):
+            renders = [_kind_tab(service, tab, kind) for kind in network_kinds(service)]
+    controls = [c for render in renders for c in render["inputs"]]
+
+    def flip(opened: bool):
+        return not opened, gr.update(visible=not opened)
+
+    def render_all(opened: bool, *values):
+        if not opened:
+            return [gr.update() for _ in renders]
+        values = list(values)
+        return [render["html"](*values[3 * i:3 * i + 3]) for i, render in enumerate(renders)]
+
+    toggle.click(flip, inputs=[is_open], outputs=[is_open, panel], queue=False).then(
+        render_all, inputs=[is_open] + controls, outputs=[render["cards"] for render in renders], queue=False,
+        show_progress="hidden")
+    return panel
+
+
+def _kind_tab(service: EaselService, tab: str, kind: NetworkKind) -> dict:
+    """One sub-tab: search, sort, direction, refresh, the cards and the details view.
+
+    Returns {"cards": the HTML component, "inputs": [search, sort, descending], "html": render(query, sort, desc)}.
     """
-    with gr.Tab(label, id=f"extra_networks_{prefix}") as tab:
+    prefix = f"{tab}_{kind.key}"
+    with gr.Tab(kind.label, id=prefix, elem_id=f"{prefix}_tab") as sub_tab:
         with gr.Row():
-            search = gr.Textbox(show_label=False, placeholder=placeholder, elem_id=f"{prefix}_search", scale=6)
-            refresh_button = gr.Button("\U0001f504 Refresh", elem_id=f"{prefix}_refresh", size="sm", scale=1, min_width=100)
-        cards = gr.HTML(cards_html, elem_id=f"{prefix}_cards", css_template=CARDS_CSS,
-                        js_on_load=CARDS_JS % {"boxes": json.dumps(boxes), "details_request": f"{prefix}_details_request"})
-        request = gr.Textbox(visible="hidden", elem_id=f"{prefix}_details_request")
-        details = gr.HTML("", elem_id=f"{prefix}_details")
+            search = gr.Textbox(show_label=False, placeholder=kind.placeholder, elem_id=f"{prefix}_search", scale=6)
+            sort = gr.Dropdown(list(SORT_KEYS), value=SORT_KEYS[0], show_label=False, elem_id=f"{prefix}_sort",
+                               scale=2, min_width=150)
+            direction = gr.Button("\u2191 Ascending", elem_id=f"{prefix}_sort_dir", size="sm", scale=1, min_width=120)
+            refresh_button = gr.Button("\U0001f504 Refresh", elem_id=f"{prefix}_refresh", size="sm", scale=1,
+                                       min_width=100)
+        descending = gr.State(False)
+        details_request = f"{prefix}_details_request"
+        cards = gr.HTML("", elem_id=f"{prefix}_cards", css_template=CARDS_CSS,
+                        js_on_load=CARDS_JS % {"tab": json.dumps(tab), "details_request": details_request,
+                                               "checkpoint_request": CHECKPOINT_REQUEST})
+        if kind.details is not None:
+            request = gr.Textbox(visible="hidden", elem_id=details_request)
+            details = gr.HTML("", elem_id=f"{prefix}_details")
 
-    def refreshed(query):
-        refresh()
-        return cards_html(query)
+    def cards_html(query: str, sort_key: str, desc: bool) -> str:
+        return render_cards(sort_cards(kind.cards(query or ""), sort_key, bool(desc)), kind.card_kind, kind.empty,
+                            tab, with_info=kind.details is not None, size=card_size(service.options))
 
-    def details_for(req: str) -> str:
-        name = (req or "").rsplit("|", 1)[0]  # "name|click time": a second click on one card asks again
-        return details_html(name) if name else ""
+    def refreshed(query, sort_key, desc):
+        kind.refresh()
+        return cards_html(query, sort_key, desc)
 
-    search.change(cards_html, inputs=[search], outputs=[cards], queue=False, show_progress="hidden")
-    refresh_button.click(refreshed, inputs=[search], outputs=[cards])
-    tab.select(cards_html, inputs=[search], outputs=[cards], show_progress="hidden")
-    request.change(details_for, inputs=[request], outputs=[details], queue=False)
+    def flipped(query, sort_key, desc):
+        desc = not desc
+        return desc, gr.update(value="\u2193 Descending" if desc else "\u2191 Ascending"), cards_html(query, sort_key, desc)
+
+    inputs = [search, sort, descending]
+    quiet = {"queue": False, "show_progress": "hidden"}
+    search.change(cards_html, inputs=inputs, outputs=[cards], **quiet)
+    sort.change(cards_html, inputs=inputs, outputs=[cards], **quiet)
+    direction.click(flipped, inputs=inputs, outputs=[descending, direction, cards], **quiet)
+    refresh_button.click(refreshed, inputs=inputs, outputs=[cards])
+    sub_tab.select(cards_html, inputs=inputs, outputs=[cards], show_progress="hidden")
+    if kind.details is not None:
+        def details_for(req: str) -> str:
+            name = (req or "").rsplit("|", 1)[0]  # "name|click time": a second click on one card asks again
+            return kind.details(name) if name else ""
+
+        request.change(details_for, inputs=[request], outputs=[details], queue=False)
+    return {"cards": cards, "inputs": inputs, "html": cards_html}
 
 
 def _checkpoint(service: EaselService):
     try:
         return service.current_checkpoint()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001  (no checkpoint at all: every embedding is listed as it is)
         return None

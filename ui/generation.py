@@ -32,7 +32,7 @@ INT_FIELDS = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subse
 
 
 def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
-    """Prompt, negative prompt, Generate / Interrupt / Skip, Styles."""
+    """Prompt, negative prompt, Generate / Interrupt / Skip, the extra-networks toggle, Styles."""
     from ui import styles
     buttons = {}
     with gr.Row(elem_id=f"{tab}_toprow"):
@@ -45,7 +45,17 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
             with gr.Row():
                 buttons["interrupt"] = gr.Button("Interrupt", elem_id=f"{tab}_interrupt", size="sm")
                 buttons["skip"] = gr.Button("Skip", elem_id=f"{tab}_skip", size="sm")
+            # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
+            buttons["extra_networks"] = gr.Button("\U0001f3b4 Extra networks", elem_id=f"{tab}_extra_networks", size="sm")
             styles.build(service, tab, c)
+            with gr.Row():
+                buttons["paste"] = gr.Button("Read parameters", size="sm", elem_id=f"{tab}_paste",
+                                             elem_classes=["easel-tool"])
+                buttons["clear_prompt"] = gr.Button("Clear prompts", size="sm", elem_id=f"{tab}_clear_prompt",
+                                                    elem_classes=["easel-tool"])
+            # set by a paste (PNG Info, Send to, Read parameters): settings this tab's next jobs use, as A1111's
+            c["override_choices"] = gr.Dropdown([], value=[], multiselect=True, label="Override settings",
+                                                visible=False, elem_id=f"{tab}_override_settings")
     return buttons
 
 
@@ -56,6 +66,13 @@ def sampler_controls(service: EaselService, tab: str, c: dict) -> None:
         c["scheduler"] = gr.Dropdown([s.label for s in sampler_catalog.SCHEDULERS], value="Automatic", label="Schedule type",
                                      elem_id=f"{tab}_scheduler")
     c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab}_steps")
+
+
+def swap_size_button(tab: str, c: dict) -> gr.Button:
+    """⇅: width and height swapped (call after both sliders exist)."""
+    button = gr.Button("Swap width and height", size="sm", elem_id=f"{tab}_res_switch_btn", elem_classes=["easel-tool"])
+    button.click(lambda w, h: (h, w), [c["width"], c["height"]], [c["width"], c["height"]], queue=False)
+    return button
 
 
 def batch_controls(tab: str, c: dict) -> None:
@@ -184,7 +201,8 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     texts = [img.infotext for img in result.images]
     first = next((img for img in result.images if not img.is_grid), None)
     notes = "\n".join(result.warnings + (["Interrupted."] if result.interrupted else []))
-    shown = (first.infotext if first else "") + (f"\n{notes}" if notes else "")
+    # the first picture's infotext, a grid's included, as A1111's info (infotexts[0]; an X/Y/Z grid's names its axes)
+    shown = (texts[0] if texts else "") + (f"\n{notes}" if notes else "")
     maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "extra_images", [])]  # always-on scripts' images, last
     yield ([(p, None) for p in pictures + maps], "", None, info_html(shown), (first.seed if first else -1),
            texts + [""] * len(maps), pictures, NO_JOB)
@@ -205,6 +223,7 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
     reattach_on_load(service, r, presses)
     buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
     buttons["skip"].click(lambda: service.skip(), queue=False)
+    buttons["clear_prompt"].click(lambda: ("", ""), outputs=[c["prompt"], c["negative_prompt"]], queue=False)
     buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
     buttons["reuse_seed"].click(lambda s: s, inputs=[r["last_seed"]], outputs=[c["seed"]], queue=False)
 

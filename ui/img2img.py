@@ -12,7 +12,7 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, generation, scripts
+from ui import extension_parts, extra_networks, generation, paste_params, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -24,7 +24,7 @@ SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047
 FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
-          "inpaint_full_res", "inpaint_full_res_padding"]
+          "inpaint_full_res", "inpaint_full_res_padding", "override_choices"]
 EXTRA = ["scale_mode", "scale_by", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
@@ -79,6 +79,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
     """Lay out the tab. Returns (fields, results, image inputs) for PNG Info and the Send to buttons."""
     c: dict[str, gr.components.Component] = {}
     buttons = generation.prompt_row(service, "img2img", c)
+    extra_networks.build_panel(service, "img2img", buttons["extra_networks"])
     images: dict = {}
     mode = gr.State("img2img")
     with gr.Row():
@@ -143,6 +144,10 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                 with gr.Column():
                     c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="img2img_width")
                     c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="img2img_height")
+                    with gr.Row():
+                        generation.swap_size_button("img2img", c)
+                        detect = gr.Button("Size from image", size="sm", elem_id="img2img_detect_image_size_btn",
+                                           elem_classes=["easel-tool"])
                 with gr.Column():
                     generation.batch_controls("img2img", c)
             with gr.Row():
@@ -178,6 +183,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         fields = generation.clean_fields(fields)
         fields["inpaint_full_res"] = bool(fields["inpaint_full_res"])
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
+        overrides.update(paste_params.overrides_from(service, fields.pop("override_choices")))
         request = dict(fields, override_settings=overrides, save_images=True)
         request["alwayson_scripts"] = ext_panel.alwayson_scripts(ext_values)
         request["alwayson_scripts"].update(script_panel.alwayson_scripts(script_values))
@@ -195,6 +201,19 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         return service.submit_img2img(Img2ImgRequest(**request), [image], mask)
 
     generation.wire_results(service, r, buttons, c, on_generate, inputs)
+
+    def size_from_image(mode_name, *pictures):
+        """📐: width and height of the picture in the current sub-tab (a multiple of 8, as the sizes are)."""
+        picture = dict(zip(("img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload"), pictures)).get(mode_name)
+        if isinstance(picture, dict):  # an editor: its background picture
+            picture = picture.get("background")
+        if picture is None:
+            gr.Warning("No picture in this sub-tab to take the size from.")
+            return gr.update(), gr.update()
+        return picture.width // 8 * 8, picture.height // 8 * 8
+
+    detect.click(size_from_image, [mode] + image_inputs[:5], [c["width"], c["height"]], queue=False)
+    paste_params.wire_paste_button(service, "img2img", buttons["paste"], c, r, checkpoint)
     images["sub_tabs"] = sub_tabs
     images["mode"] = mode
     return c, r, images

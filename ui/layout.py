@@ -29,6 +29,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
         quick = quicksettings.build(service, _current_title(service))  # the settings quicksettings_list names
         checkpoint, refresh, vae = quick.components["sd_model_checkpoint"], quick.refresh, quick.components["sd_vae"]
+        checkpoint_request = extra_networks.checkpoint_request()  # a checkpoint card's click
         gr.HTML(_exposure_html(service), elem_id="easel_lan_warning", visible=bool(exposure_warnings(service.args)))
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
@@ -42,9 +43,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("Extras", id="extras"):
                 extras_image = extras.build(service)
             with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo.build(service, fields, tabs, i2i_fields, i2i_images["init_image"])
-            with gr.Tab("LoRA", id="lora"):
-                extra_networks.build(service, fields["prompt"], fields["negative_prompt"])
+                pnginfo.build(service, fields, tabs, i2i_fields, i2i_images, extras_image, checkpoint)
             extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
             extension_tabs.render(added_tabs)  # the A1111 extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):
@@ -52,7 +51,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             with gr.Tab("Extensions", id="extensions"):
                 extensions_refresh, extensions_outputs = extensions.build(service)
 
-        send_to.wire(tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image)
+        send_to.wire(service, tabs, [t2i_results, i2i_results], i2i_fields, i2i_images, extras_image, checkpoint)
         page_scripts.wire_settings(service, demo)  # what ui/javascript/*.js reads (keyboard emphasis steps)
 
         def on_refresh():
@@ -84,6 +83,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         # .input: only the user's choice saves and loads (not the page load's or Apply's refresh of the value)
         checkpoint.input(on_checkpoint, inputs=[checkpoint, settings.loaded], outputs=quick_outputs, show_progress="full")
+        checkpoint_request.change(lambda request, loaded: on_checkpoint(extra_networks.requested_checkpoint(request), loaded),
+                                  inputs=[checkpoint_request, settings.loaded], outputs=quick_outputs, show_progress="full")
         vae.input(lambda choice, loaded: select_and_load({"sd_vae": choice}, loaded), inputs=[vae, settings.loaded],
                   outputs=quick_outputs, show_progress="full")
 

@@ -1,4 +1,5 @@
-"""Easel's own scripts in the page (`ui/javascript/*.js`: the keyboard habits, generate forever), and the settings
+"""Easel's own scripts in the page (`ui/javascript/*.js`: the keyboard habits, generate forever,
+the prompt box the extra-network cards write to), and the settings
 they read.
 
 The scripts go into the page's <head> inline (`head()`); the settings they need reach them as `window.easelOpts`

@@ -1,16 +1,19 @@
-"""The PNG Info tab: read the generation parameters from an image, send them to txt2img."""
+"""The PNG Info tab: read the generation parameters from an image, send them (and the picture) to txt2img, img2img,
+inpaint or Extras. The parameters go into the tabs through `ui.paste_params` (as every paste does); the checkpoint
+that made the picture is named, and offered to the tab as an override setting when it is here."""
 from __future__ import annotations
 
 import gradio as gr
 
-from backend.core import infotext
 from backend.service import EaselService
 
+from ui import paste_params
 from ui.progress import info_html
 
 
 def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fields: dict | None = None,
-          img2img_image: gr.Image | None = None):
+          img2img_images: dict | None = None, extras_image: gr.Image | None = None,
+          checkpoint: gr.components.Component | None = None):
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Source", type="pil", sources=["upload", "clipboard"], elem_id="pnginfo_image",
@@ -20,54 +23,62 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fi
             raw = gr.Textbox(visible=False, elem_id="pnginfo_generation_info")
             with gr.Row():
                 send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
-                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img", visible=img2img_fields is not None)
+                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img",
+                                         visible=img2img_fields is not None)
+                send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_inpaint",
+                                         visible=img2img_images is not None)
+                send_extras = gr.Button("Send to extras", elem_id="pnginfo_send_extras", visible=extras_image is not None)
 
     def on_image(img):
         if img is None:
             return "", ""
-        text, _params, extra = service.png_info(img)
+        text, params, extra = service.png_info(img)
         if not text and not extra:
             return info_html("This image has no generation parameters."), ""
-        shown = text + "".join(f"\n\n{k}: {v}" for k, v in extra.items())
+        note = paste_params.checkpoint_note(service, params)
+        shown = text + (f"\n\n{note}" if note else "") + "".join(f"\n\n{k}: {v}" for k, v in extra.items())
         return info_html(shown), text
 
     image.change(on_image, inputs=[image], outputs=[html_info, raw])
+    current = [checkpoint] if checkpoint is not None else []
 
-    def field_updates(text: str, names: list[str]) -> list:
-        if not text:
-            return [gr.update() for _ in names]
-        fields = infotext.infotext_to_request_fields(infotext.parse_infotext(text))
-        updates = []
-        for name in names:
-            if name == "clip_skip" and "clip_skip" in fields:
-                updates.append(gr.update(value=int(fields["clip_skip"])))
-            elif name == "scheduler" and "scheduler" in fields:
-                label = _schedule_label(fields["scheduler"])
-                updates.append(gr.update(value=label) if label else gr.update())
-            elif name in fields:
-                updates.append(gr.update(value=fields[name]))
-            else:
-                updates.append(gr.update())
-        return updates
+    def targets(fields: dict) -> tuple[dict, list]:
+        chosen = {n: c for n, c in fields.items() if n != "override_choices"}
+        return chosen, list(chosen.values()) + ([fields["override_choices"]] if "override_choices" in fields else [])
 
-    t2i_names = list(txt2img_fields)
-    send.click(lambda text: field_updates(text, t2i_names) + [gr.Tabs(selected="txt2img")], inputs=[raw],
-               outputs=[txt2img_fields[n] for n in t2i_names] + [tabs])
-    if img2img_fields is not None:
-        i2i_names = [n for n in img2img_fields if n not in ("resize_mode", "inpainting_mask_invert", "inpainting_fill",
-                                                             "inpaint_full_res")]
-        outputs = [img2img_fields[n] for n in i2i_names] + [tabs] + ([img2img_image] if img2img_image is not None else [])
+    t2i_targets, t2i_outputs = targets(txt2img_fields)
 
-        def on_send_img2img(text, img):
-            extra = [img] if img2img_image is not None else []
-            return field_updates(text, i2i_names) + [gr.Tabs(selected="img2img")] + extra
+    def on_send_txt2img(text, *ckpt):
+        updates = paste_params.field_updates(service, text, t2i_targets, "txt2img",
+                                             override=txt2img_fields.get("override_choices"),
+                                             current_checkpoint=ckpt[0] if ckpt else None)
+        return {**updates, tabs: gr.Tabs(selected="txt2img")}
 
-        send_img2img.click(on_send_img2img, inputs=[raw, image], outputs=outputs)
+    send.click(on_send_txt2img, inputs=[raw] + current, outputs=t2i_outputs + [tabs])
+    if img2img_fields is None:
+        return
+    i2i_targets, i2i_outputs = targets(img2img_fields)
 
+    def sender(sub_tab: str, picture_key: str):
+        def send_picture(text, img, *ckpt):
+            updates = paste_params.field_updates(service, text, i2i_targets, "img2img",
+                                                 override=img2img_fields.get("override_choices"),
+                                                 current_checkpoint=ckpt[0] if ckpt else None)
+            updates[tabs] = gr.Tabs(selected="img2img")
+            if img2img_images is not None:
+                updates[img2img_images[picture_key]] = img
+                updates[img2img_images["sub_tabs"]] = gr.Tabs(selected=sub_tab)
+                updates[img2img_images["mode"]] = sub_tab
+            return updates
+        return send_picture
 
-def _schedule_label(value: str) -> str | None:
-    from backend.core import sampler_catalog
-    for s in sampler_catalog.SCHEDULERS:
-        if str(value).lower() in (s.name.lower(), s.label.lower()):
-            return s.label
-    return None
+    picture_outputs = ([img2img_images["init_image"], img2img_images["inpaint"], img2img_images["sub_tabs"],
+                        img2img_images["mode"]] if img2img_images is not None else [])
+    send_img2img.click(sender("img2img", "init_image"), inputs=[raw, image] + current,
+                       outputs=i2i_outputs + [tabs] + picture_outputs)
+    if img2img_images is not None:
+        send_inpaint.click(sender("inpaint", "inpaint"), inputs=[raw, image] + current,
+                           outputs=i2i_outputs + [tabs] + picture_outputs)
+    if extras_image is not None:
+        send_extras.click(lambda img: (img, gr.Tabs(selected="extras")) if img is not None else (gr.update(), gr.update()),
+                          inputs=[image], outputs=[extras_image, tabs])

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from backend.core.scripts_catalog import ScriptArg, ScriptSpec
+from backend.core.xyz_axes import SCRIPT_TITLE as XYZ_TITLE
 from backend.service import EaselService
+from ui import xyz_plot
 
 NONE = "None"
 
@@ -45,9 +47,9 @@ def _control(service: EaselService, spec: ScriptArg, elem_id: str):
     if kind == "checkboxgroup":
         return gr.CheckboxGroup(list(spec.choices), value=list(spec.default or []), label=spec.label,
                                 elem_id=elem_id)
-    if kind == "list":
+    if kind == "list":  # shown once it has choices (X/Y/Z: when the axis type has some, see ui/xyz_plot.py)
         return gr.Dropdown(list(spec.choices or []), value=list(spec.default or []), multiselect=True,
-                           allow_custom_value=True, label=spec.label, elem_id=elem_id)
+                           allow_custom_value=True, label=spec.label, elem_id=elem_id, visible=bool(spec.choices))
     if kind == "textbox":
         box = gr.Textbox(spec.default or "", lines=spec.lines, label=spec.label, elem_id=elem_id)
         if spec.upload:
@@ -127,6 +129,8 @@ def build(service: EaselService, tab: str) -> ScriptPanel:
                 gr.Markdown(spec.description)
             panel.controls[spec.name] = [_control(service, arg, f"{tab}_script_{_slug(spec.title)}_{arg.key}")
                                          for arg in spec.args]
+            if spec.title == XYZ_TITLE:  # its values dropdowns, fill and swap buttons
+                xyz_plot.wire(service, tab, panel.controls[spec.name], f"{tab}_script_{_slug(spec.title)}")
         groups.append(group)
 
     def show(chosen: str):

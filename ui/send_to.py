@@ -1,46 +1,47 @@
 """The "Send to img2img / inpaint / extras" buttons under the result galleries.
 
-Like A1111, sending a picture to img2img also carries its prompt, negative
-prompt and size, so a user can refine or inpaint it straight away.
+As A1111, sending a picture to img2img or inpaint carries its parameters too (prompts, styles, seed, sampler,
+schedule, steps, CFG, clip skip, ...: `ui.paste_params`, the one paste), with the picture's own size as the
+img2img size, so a user can refine or inpaint it straight away.
 """
 from __future__ import annotations
 
 import gradio as gr
 
-from backend.core import infotext
-
+from ui import paste_params
 from ui.generation import selected_image
 
 
-def _carried(texts: list, selected: int, img) -> list:
-    """Prompt, negative prompt, width, height for the img2img fields."""
-    text = texts[selected] if texts and 0 <= selected < len(texts) else ""
-    params = infotext.parse_infotext(text) if text else {}
-    width, height = (img.width // 8 * 8, img.height // 8 * 8) if img is not None else (None, None)
-    values = [params.get("Prompt"), params.get("Negative prompt"), width, height]
-    return [gr.update(value=v) if v is not None else gr.update() for v in values]
-
-
-def wire(tabs: gr.Tabs, results: list[dict], img2img_fields: dict, img2img_images: dict,
-         extras_image: gr.Image | None = None) -> None:
+def wire(service, tabs: gr.Tabs, results: list[dict], img2img_fields: dict, img2img_images: dict,
+         extras_image: gr.Image | None = None, checkpoint: gr.components.Component | None = None) -> None:
     """Connect every results column's Send to buttons to the img2img sub-tabs (and Extras, when present)."""
     sub_tabs, mode = img2img_images["sub_tabs"], img2img_images["mode"]
-    carried = [img2img_fields[k] for k in ("prompt", "negative_prompt", "width", "height")]
+    targets = {n: c for n, c in img2img_fields.items() if n != "override_choices"}
+    carried = list(targets.values()) + [img2img_fields["override_choices"]]
+    current = [checkpoint] if checkpoint is not None else []
     for r in results:
         state = [r["images"], r["selected"], r["infotexts"]]
 
-        def sender(sub_tab: str):
-            def send(images, selected, texts):
+        def sender(sub_tab: str, picture):
+            def send(images, selected, texts, *ckpt):
                 img = selected_image(images, selected)
                 if img is None:
-                    return [gr.update()] * (4 + len(carried))
-                return [img, gr.Tabs(selected="img2img"), gr.Tabs(selected=sub_tab), sub_tab] + _carried(texts, selected, img)
+                    return {}
+                text = texts[selected] if texts and 0 <= selected < len(texts) else paste_params.last_infotext(texts)
+                updates = paste_params.field_updates(service, text, targets, "img2img", keep_size=True,
+                                                     override=img2img_fields["override_choices"],
+                                                     current_checkpoint=ckpt[0] if ckpt else None)
+                updates[targets["width"]] = gr.update(value=img.width // 8 * 8)
+                updates[targets["height"]] = gr.update(value=img.height // 8 * 8)
+                updates.update({picture: img, tabs: gr.Tabs(selected="img2img"), sub_tabs: gr.Tabs(selected=sub_tab),
+                                mode: sub_tab})
+                return updates
             return send
 
-        r["send_img2img"].click(sender("img2img"), inputs=state,
-                                outputs=[img2img_images["init_image"], tabs, sub_tabs, mode] + carried)
-        r["send_inpaint"].click(sender("inpaint"), inputs=state,
-                                outputs=[img2img_images["inpaint"], tabs, sub_tabs, mode] + carried)
+        for button, sub_tab, picture in ((r["send_img2img"], "img2img", img2img_images["init_image"]),
+                                         (r["send_inpaint"], "inpaint", img2img_images["inpaint"])):
+            button.click(sender(sub_tab, picture), inputs=state + current,
+                         outputs=[picture, tabs, sub_tabs, mode] + carried)
         if extras_image is not None:
             def to_extras(images, selected, _texts):
                 img = selected_image(images, selected)

@@ -19,6 +19,9 @@ from backend.core.errors import UserError
 from backend.core.options import SETTINGS, Setting, coerce
 from backend.service import EaselService
 
+# settings the Extensions tab sets (its "Disable all extensions" radio), not shown here, as in A1111
+EXTENSIONS_TAB_SETTINGS = ("disable_all_extensions",)
+
 
 @dataclass
 class SettingsTab:
@@ -97,7 +100,10 @@ def _component(setting, value, service: EaselService, elem_id: str | None = None
 
 def shown_in_tab(setting: Setting) -> bool:
     """Whether the Settings tab (and so the quick settings) has a field for `setting`: lists of names have their own
-    tab (disabled_extensions: the Extensions tab), except the quick settings' list."""
+    tab (disabled_extensions: the Extensions tab), except the quick settings' list; so have the Extensions tab's
+    own choices."""
+    if setting.key in EXTENSIONS_TAB_SETTINGS:
+        return False
     return setting.kind is not list or setting.key == "quicksettings_list"
 
 

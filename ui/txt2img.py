@@ -6,19 +6,20 @@ import gradio as gr
 from backend.core.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, generation, scripts
+from ui import extension_parts, extra_networks, generation, paste_params, scripts
 
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
-          "hr_scale", "hr_resize_x", "hr_resize_y"]
+          "hr_scale", "hr_resize_x", "hr_resize_y", "override_choices"]
 
 
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict]:
     """Lay out the tab. Returns (field components by request-field name, result components)."""
     c: dict[str, gr.components.Component] = {}
     buttons = generation.prompt_row(service, "txt2img", c)
+    extra_networks.build_panel(service, "txt2img", buttons["extra_networks"])
     with gr.Row():
         with gr.Column(scale=1):
             generation.sampler_controls(service, "txt2img", c)
@@ -37,6 +38,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                 with gr.Column():
                     c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
                     c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height")
+                    generation.swap_size_button("txt2img", c)
                 with gr.Column():
                     generation.batch_controls("txt2img", c)
             c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
@@ -58,6 +60,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         ckpt, vae_choice, *rest = values[:n_base]
         fields = generation.clean_fields(dict(zip(FIELDS, rest)))
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
+        overrides.update(paste_params.overrides_from(service, fields.pop("override_choices")))
         return Txt2ImgRequest(**fields, override_settings=overrides, save_images=True,
                               alwayson_scripts={**ext_panel.alwayson_scripts(values[n_base:n_ext]),
                                                 **script_panel.alwayson_scripts(values[n_ext:])},
@@ -68,4 +71,5 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             yield update
 
     generation.wire_results(service, r, buttons, c, on_generate, inputs)
+    paste_params.wire_paste_button(service, "txt2img", buttons["paste"], c, r, checkpoint)
     return c, r

@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     first, _ = parser.parse_known_args(argv)  # where the extensions are, before their flags exist
     from backend.core.extensions import run_preloads
     run_preloads(parser, first.data_dir, disable_all=first.disable_all_extensions,
-                 disable_extra=first.disable_extra_extensions)
+                 disable_extra=first.disable_extra_extensions,
+                 settings_file=first.ui_settings_file or Path(first.data_dir).expanduser() / "config.json")
     args, unknown = parser.parse_known_args(argv)
     args.unknown = unknown
     if args.port is None:

@@ -6,12 +6,15 @@ extension holds: `scripts/*.py`, `javascript/*.js`, `style.css`, `install.py` (r
 `preload.py` (`preload(parser)` adds command-line flags before they are parsed). A git checkout also has its
 remote, branch and commit, read with `git` (absent git or a broken checkout: empty fields).
 
-Which extensions run: all that are not in the `disabled_extensions` setting; none with `--disable-all-extensions`;
-only the built-in ones with `--disable-extra-extensions` (`active_extensions`).
+Which extensions run: all that are not in the `disabled_extensions` setting; none with `--disable-all-extensions`
+or the setting `disable_all_extensions` "all" (the Extensions tab's "Disable all extensions" radio, which keeps the
+list of disabled ones); only the built-in ones with `--disable-extra-extensions` or that setting "extra"
+(`active_extensions`, `disable_flags`).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
@@ -130,14 +133,44 @@ def active_extensions(extensions: list[Extension], *, disable_all: bool = False,
     return [e for e in extensions if e.enabled and (e.is_builtin or not disable_extra)]
 
 
+DISABLE_ALL_CHOICES = ("none", "extra", "all")  # A1111's "Disable all extensions" radio
+
+
+def disable_flags(args, disable_all_setting: str | None) -> tuple[bool, bool]:
+    """(no extension runs, only built-in ones run) from the flags and the `disable_all_extensions` setting."""
+    setting = disable_all_setting if disable_all_setting in DISABLE_ALL_CHOICES else DISABLE_ALL_CHOICES[0]
+    disable_all = bool(getattr(args, "disable_all_extensions", False)) or setting == "all"
+    disable_extra = bool(getattr(args, "disable_extra_extensions", False)) or setting == "extra"
+    return disable_all, disable_extra
+
+
+def stored_choices(settings_file: str | Path | None) -> tuple[list[str], str]:
+    """(`disabled_extensions`, `disable_all_extensions`) as the settings file holds them, for the launcher and the
+    flag parser, which run before the settings are loaded; a missing or unreadable file: ([], "none")."""
+    try:
+        stored = json.loads(Path(settings_file).read_text(encoding="utf-8")) if settings_file else {}
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict):
+        stored = {}
+    disabled = stored.get("disabled_extensions", [])
+    disabled = [d for d in disabled if isinstance(d, str)] if isinstance(disabled, list) else []
+    mode = stored.get("disable_all_extensions")  # absent or not one of the choices: the first, "none"
+    return disabled, mode if mode in DISABLE_ALL_CHOICES else DISABLE_ALL_CHOICES[0]
+
+
 def run_preloads(parser, data_dir: str | Path | None, *, disable_all: bool = False,
-                 disable_extra: bool = False) -> list[str]:
-    """Call each extension's `preload(parser)` (A1111: before the flags are parsed, so an extension adds its own).
-    An extension whose preload fails is logged with its name and skipped. Returns the names whose preload ran."""
-    if disable_all:
+                 disable_extra: bool = False, settings_file: str | Path | None = None) -> list[str]:
+    """Call each running extension's `preload(parser)` (A1111: before the flags are parsed, so an extension adds its
+    own); `settings_file`: where the disabled extensions and "Disable all extensions" are stored. An extension whose
+    preload fails is logged with its name and skipped. Returns the names whose preload ran."""
+    disabled, mode = stored_choices(settings_file)
+    setting_all, setting_extra = disable_flags(None, mode)
+    if disable_all or setting_all:
         return []
     ran = []
-    for ext in active_extensions(discover(data_dir, with_git=False), disable_extra=disable_extra):
+    for ext in active_extensions(discover(data_dir, disabled, with_git=False),
+                                 disable_extra=disable_extra or setting_extra):
         script = ext.preload_script
         if script is None:
             continue

@@ -61,6 +61,7 @@ class ExtensionRegistry:
     generation_ui: list[Callable[..., Any]] = field(default_factory=list)  # build(service, tab, **context)
     tabs: list[TabDecl] = field(default_factory=list)
     settings: list[Any] = field(default_factory=list)  # backend.core.options.Setting
+    xyz_axes: list[Callable[[Any], list]] = field(default_factory=list)  # build(service) -> [xyz_axes.AxisType]
     loaded: list[str] = field(default_factory=list)  # extension names whose register() ran
     current: str = ""  # the extension being registered (log messages)
     folder: Path | None = None  # its folder (an engine part given as a file is relative to it)
@@ -110,6 +111,12 @@ class ExtensionRegistry:
         by /sdapi/v1/options and may be a job's `override_settings`, like Easel's own."""
         self.settings.append(setting)
 
+    def add_xyz_axes(self, build: Callable[[Any], list]) -> None:
+        """X/Y/Z plot axes (A1111's extensions append theirs to its axis list, after the built-in ones):
+        `build(service)` returns `backend.core.xyz_axes.AxisType`s with `script` (the always-on script whose
+        `alwayson_scripts` entry they change), `apply(alwayson_scripts, value)` and, for a dropdown, `options()`."""
+        self.xyz_axes.append(build)
+
     # -- what the app and the engine read -------------------------------------------------------------------------
     def engine_scripts(self) -> dict[str, str]:
         return {d.name: d.engine for d in self.always_on}
@@ -126,7 +133,7 @@ def load_extension_file(path: Path, name: str, registry: ExtensionRegistry) -> b
     """Run one extension's `register(registry)`; a file that fails is logged with the extension's name and
     skipped (what it declared before failing is dropped)."""
     before = (set(registry.components), len(registry.always_on), len(registry.jobs), len(registry.routers), len(registry.generation_ui),
-              len(registry.tabs), len(registry.settings))
+              len(registry.tabs), len(registry.settings), len(registry.xyz_axes))
     module_name = f"easel_extension_{''.join(c if c.isalnum() else '_' for c in name)}"
     try:
         spec = importlib.util.spec_from_file_location(module_name, path)
@@ -143,7 +150,7 @@ def load_extension_file(path: Path, name: str, registry: ExtensionRegistry) -> b
         for key in set(registry.components) - before[0]:
             del registry.components[key]
         for items, count in zip((registry.always_on, registry.jobs, registry.routers, registry.generation_ui,
-                                 registry.tabs, registry.settings), before[1:]):
+                                 registry.tabs, registry.settings, registry.xyz_axes), before[1:]):
             del items[count:]
         return False
     finally:

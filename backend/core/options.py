@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.core.errors import UserError
+from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -60,6 +61,8 @@ SETTINGS: list[Setting] = [
     Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies "
             "(normally you'd do less with less denoising)", "img2img", bool),
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
+    Setting("img2img_color_correction", False, "Apply color correction to img2img results to match original colors.",
+            "img2img", bool),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("keyedit_precision_attention", 0.1, "Ctrl+Up/Down precision when editing (attention:1.1)",
             "User interface", float, minimum=0.01, maximum=0.2),
@@ -67,6 +70,8 @@ SETTINGS: list[Setting] = [
             "User interface", float, minimum=0.01, maximum=0.2),
     Setting("keyedit_delimiters", ".,\\/!?%^*;:{}=`~() ", "Word delimiters when editing the prompt with Ctrl+Up/Down",
             "User interface"),
+    Setting("infotext_styles", "Apply if any", "Infotext: handling of styles when pasting (PNG Info, Send to, the "
+            "paste button)", "User interface", choices=("Ignore", "Apply", "Discard", "Apply if any")),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
     # A1111's default is ["sd_model_checkpoint"]; Easel has always shown the VAE beside it
     Setting("quicksettings_list", ["sd_model_checkpoint", "sd_vae"], "Quicksettings list (settings shown at the top "
@@ -97,6 +102,12 @@ SETTINGS: list[Setting] = [
     Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
     Setting("api_max_request_body_mb", 256, "Largest HTTP request body, in MB (API requests and uploads; larger "
             "ones are refused with 413 before they are read)", "System", int, minimum=1),
+    Setting("extra_networks_default_multiplier", 1.0, "Default weight a LoRA card adds (<lora:name:weight>)", "Extra Networks",
+            float, minimum=0, maximum=2),
+    Setting("extra_networks_card_width", 0, "Card width for Extra Networks, px (0: 160)", "Extra Networks", int, minimum=0,
+            maximum=1024),
+    Setting("extra_networks_card_height", 0, "Card height for Extra Networks, px (0: 200)", "Extra Networks", int, minimum=0,
+            maximum=1024),
     Setting("upload_max_file_size_mb", 256, "Largest file uploaded through the web UI, in MB", "System", int, minimum=1),
     Setting("prompt_max_chunks", 40, "Longest prompt, in chunks of 75 tokens (longer prompts are refused)", "Limits", int,
             minimum=1, maximum=1000),
@@ -106,6 +117,9 @@ SETTINGS: list[Setting] = [
             "System", int, minimum=1, maximum=100000),
     # the Extensions tab's enabled checkboxes (not a field of the Settings tab), as A1111 keeps them in config.json
     Setting("disabled_extensions", [], "Disabled extensions", "Extensions", list, restart_needed=True),
+    # the Extensions tab's "Disable all extensions" radio (A1111's): none, extra (only built-in ones run), all
+    Setting("disable_all_extensions", "none", "Disable all extensions (preserves the list of disabled extensions)",
+            "Extensions", str, choices=DISABLE_ALL_CHOICES, restart_needed=True),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 OUTPUT_DIR_KEYS = tuple(k for k in SETTINGS_BY_KEY if k.startswith("outdir_"))

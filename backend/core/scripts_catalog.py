@@ -154,6 +154,10 @@ class PreparedScript:
     # VAE axes): each a dict of `sd_model_checkpoint` and/or `sd_vae`. The app resolves each to its files and sends
     # them with the script (`backend.service`); the engine switches the job's model between generations.
     models: list[dict] = field(default_factory=list)
+    # The always-on scripts some generations run with instead of the job's (X/Y/Z plot's extension axes, e.g.
+    # "[ControlNet] Weight"): {key: (the words naming them in an error, their `alwayson_scripts`)}. The app parses
+    # each like a job's (`backend.service`) and sends them by key; the script gives a generation its key's scripts.
+    always_on: dict[Any, tuple[str, dict]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,19 +333,21 @@ def xyz_model_choices(plan) -> list[dict]:
     return list(choices.values())
 
 
-def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -> list[ScriptSpec]:
+def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int], extra_axes=()) -> list[ScriptSpec]:
     """The X/Y/Z plot, one spec per tab (txt2img and img2img list different axes, in A1111's order): its 18
     `script_args` in A1111's order; `prepare` parses and checks every axis value (`backend.core.xyz_axes`) against
     the app's catalogs (`catalogs()`: an `XYZCatalogs` of checkpoint, VAE and upscaler names) and the images-per-job
     limit, before any image is made; the checkpoints and VAEs its cells run with (Checkpoint name and VAE axes) go
-    in `PreparedScript.models`, which the app resolves to files."""
+    in `PreparedScript.models`, which the app resolves to files. `extra_axes`: the enabled extensions' axes (`AxisType`s
+    with `script`, after A1111's); the always-on scripts of their cells go in `PreparedScript.always_on`, one entry
+    per combination of their values."""
     from backend.core.xyz_axes import SCRIPT_TITLE, XYZ_ARG_NAMES, cell_request, parse_xyz_args, xyz_arg_specs
 
     def prepare_for(img2img: bool) -> Callable[[Any, dict], PreparedScript]:
         def prepare(req, values: dict) -> PreparedScript:
             try:
                 plan = parse_xyz_args([values[name] for name in XYZ_ARG_NAMES], req, catalogs(), is_img2img=img2img,
-                                      max_images=max_images())
+                                      max_images=max_images(), extra_axes=extra_axes)
             except UserError as exc:  # a script argument the edge refuses: 422, as the other scripts' arguments
                 raise UserError(exc.message, status=422 if exc.status == 400 else exc.status) from None
             # Every cell is checked at the edge like the job's own request (and its sampler resolved there).
@@ -350,10 +356,18 @@ def xyz_plot_specs(catalogs: Callable[[], Any], max_images: Callable[[], int]) -
                                          (plan.y.type, plan.y.values[iy], plan.y.values),
                                          (plan.z.type, plan.z.values[iz], plan.z.values)]))
                      for ix, iy, iz in plan.cells()]
-            return PreparedScript(args=plan, requests=cells, models=xyz_model_choices(plan))
+            variants: dict[Any, tuple[str, dict]] = {}
+            for cell, (_label, cell_req) in zip(plan.cells(), cells):
+                key = plan.always_on_key(cell)
+                if key is not None and key not in variants:
+                    named = ", ".join(f"{a.name} axis ({a.type.label}) value {a.values[i]!r}"
+                                      for a, i in zip(plan.axes, cell) if a.type.script)
+                    variants[key] = (f"X/Y/Z plot: {named}", cell_req.alwayson_scripts)
+            return PreparedScript(args=plan.portable(), requests=cells, models=xyz_model_choices(plan),
+                                  always_on=variants)
         return prepare
 
-    return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(xyz_arg_specs(tab == "img2img")), engine=True,
+    return [ScriptSpec(SCRIPT_TITLE, (tab,), tuple(xyz_arg_specs(tab == "img2img", extra_axes)), engine=True,
                        prepare=prepare_for(tab == "img2img"),
                        description="One picture per combination of the X, Y and Z values, in a grid with the values as "
                                    "legends.")

@@ -5,8 +5,9 @@ the img2img-only axes and the other way round), so `AXES` keeps A1111's list in 
 cannot apply included: choosing one of those is refused with a clear "not supported in Easel" message instead of
 shifting the indices of the others.
 
-``xyz_axes(is_img2img)``
-    The tab's axis list (what the X/Y/Z type dropdowns show; ``script_args`` index into it).
+``xyz_axes(is_img2img, extra)``
+    The tab's axis list (what the X/Y/Z type dropdowns show; ``script_args`` index into it): A1111's, then the
+    axes the enabled extensions add (`extra`, e.g. ControlNet's "[ControlNet] Weight"), as A1111 appends them.
 ``parse_xyz_args(script_args, request, catalogs, *, is_img2img, max_images)``
     A1111's positional arguments (`XYZ_ARG_NAMES`) -> `XYZPlan`, or a `UserError` naming the axis and the value.
 ``cell_request(request, cell)``
@@ -27,9 +28,9 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field, replace
 from itertools import chain, permutations
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -61,6 +62,12 @@ class AxisType:
     `tab`: None for both tabs, else "txt2img" or "img2img" only; `cost`: how slow changing it is (the costliest
     axis runs outermost, so a checkpoint loads once per value); `choices`: the catalog a value is resolved against;
     `unsupported`: why Easel cannot apply it (choosing it is refused with that reason).
+
+    An extension's axis (after A1111's, as the extensions append theirs to A1111's list; ControlNet's
+    "[ControlNet] Weight", ...) changes an always-on script's entry of the request instead: `script` names it (the
+    `alwayson_scripts` key), `apply(alwayson_scripts, value)` returns the request's `alwayson_scripts` with the value
+    applied (a new dict; run in the app process only), `options()` the choices of a dropdown axis. The app parses
+    each cell's entry as a job's (its extension's checks) and the engine prepares the cell's script from it.
     """
     label: str
     kind: str
@@ -71,6 +78,13 @@ class AxisType:
     choices: str | None = None
     legend: str = WITH_LABEL
     unsupported: str | None = None
+    script: str | None = None
+    apply: Callable[[dict, Any], dict] | None = _field(default=None, compare=False)
+    options: Callable[[], Sequence[str]] | None = _field(default=None, compare=False)
+
+    def portable(self) -> "AxisType":
+        """This axis type without its app-side functions (what the engine process receives)."""
+        return replace(self, apply=None, options=None) if self.apply or self.options else self
 
 
 def _no(label: str, kind: str, reason: str, *, tab: str | None = None, choices: str | None = None) -> AxisType:
@@ -119,7 +133,7 @@ AXES: tuple[AxisType, ...] = (
     _no("Cond. Image Mask Weight", FLOAT, "the conditioning mask weight of inpainting models is not implemented",
         tab="img2img"),
     AxisType("VAE", TEXT, setting="sd_vae", cost=0.7, choices=VAE),
-    _no("Styles", TEXT, "prompt styles are not implemented", choices=STYLES),
+    AxisType("Styles", TEXT, field="styles", choices=STYLES),
     _no("UniPC Order", INT, "the UniPC order setting is not implemented"),
     AxisType("Face restore", TEXT, field="restore_faces", choices=None, legend=VALUE_ONLY),
     _no("Token merging ratio", FLOAT, _NO_TOME),
@@ -135,10 +149,11 @@ AXES: tuple[AxisType, ...] = (
 )
 
 
-def xyz_axes(is_img2img: bool) -> list[AxisType]:
-    """The axis list of a tab, in A1111's order: the `*_type` indices of `script_args` point into it."""
+def xyz_axes(is_img2img: bool, extra: Sequence[AxisType] = ()) -> list[AxisType]:
+    """The axis list of a tab, in A1111's order: the `*_type` indices of `script_args` point into it. `extra`: the
+    enabled extensions' axes, after the built-in ones (so those keep their indices)."""
     tab = "img2img" if is_img2img else "txt2img"
-    return [a for a in AXES if a.tab is None or a.tab == tab]
+    return [a for a in (*AXES, *extra) if a.tab is None or a.tab == tab]
 
 
 # Positional script_args, in the order of A1111 1.10's ui() components.
@@ -155,12 +170,12 @@ XYZ_ARG_DEFAULTS: dict[str, Any] = {
 MARGIN_MAX = 500
 
 
-def xyz_arg_specs(is_img2img: bool) -> list:
+def xyz_arg_specs(is_img2img: bool, extra: Sequence[AxisType] = ()) -> list:
     """The 18 controls as `ScriptArg`s of the scripts catalog, in `script_args` order, with A1111's labels and
     defaults (axis types: dropdowns whose index A1111's clients send; values: text, or a multiselect list)."""
     from backend.core.scripts_catalog import ScriptArg  # the catalog imports this module only inside a function
 
-    labels = tuple(a.label for a in xyz_axes(is_img2img))
+    labels = tuple(a.label for a in xyz_axes(is_img2img, extra))
     specs = []
     for axis, default in (("x", labels[1]), ("y", labels[0]), ("z", labels[0])):
         upper = axis.upper()
@@ -185,11 +200,13 @@ class XYZCatalogs:
     """What dropdown-valued axes are checked against (the app fills it from its catalogs).
 
     `checkpoints`: checkpoint titles as /sdapi/v1/sd-models lists them ("name.safetensors [hash]" or a name);
-    `vaes`: VAE file names; `upscalers`: image upscaler names for hires. fix (the latent modes are always known).
+    `vaes`: VAE file names; `upscalers`: image upscaler names for hires. fix (the latent modes are always known);
+    `styles`: the prompt styles' names (styles.csv).
     """
     checkpoints: tuple[str, ...] = ()
     vaes: tuple[str, ...] = ()
     upscalers: tuple[str, ...] = ()
+    styles: tuple[str, ...] = ()
 
     def choices_for(self, kind: str | None) -> list[str] | None:
         """The values a dropdown axis offers (A1111's `choices()`), None for a text axis."""
@@ -206,8 +223,14 @@ class XYZCatalogs:
         if kind == BOOLEAN:
             return ["False", "True"]
         if kind == STYLES:
-            return []
+            return list(self.styles)
         return None
+
+    def axis_choices(self, at: AxisType) -> list[str] | None:
+        """The values the axis's dropdown offers (an extension axis's own `options()`), None for a text axis."""
+        if at.options is not None:
+            return list(at.options())
+        return self.choices_for(at.choices)
 
 
 @dataclass(frozen=True)
@@ -248,6 +271,17 @@ class XYZPlan:
     @property
     def cell_count(self) -> int:
         return len(self.x.values) * len(self.y.values) * len(self.z.values)
+
+    def portable(self) -> "XYZPlan":
+        """The plan as the engine receives it: its axis types without their app-side functions."""
+        return replace(self, **{a.name.lower(): replace(a, type=a.type.portable()) for a in self.axes})
+
+    def always_on_key(self, cell: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """Which always-on scripts' variant a cell runs with: its indices along the extension axes (-1 on the
+        others); None when no axis changes an always-on script."""
+        if not any(a.type.script for a in self.axes):
+            return None
+        return tuple(i if a.type.script else -1 for a, i in zip(self.axes, cell))
 
     def loop_order(self) -> tuple[str, str]:
         """(outermost, second) axis names, as A1111 orders its loops: the costliest axis outermost; with equal
@@ -402,6 +436,12 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
                 return vae
         raise _bad(axis, label, value, f"is not a VAE. Valid: Automatic, None"
                                         f"{''.join(', ' + v for v in catalogs.vaes)}.")
+    if kind == STYLES:  # one value: a style name, or several joined by commas (A1111 splits it), all known
+        unknown = [name for name in _style_names(value) if name not in catalogs.styles]
+        if unknown:
+            raise _bad(axis, label, value, f"names no prompt style ({', '.join(unknown)}). Styles: "
+                                            f"{', '.join(catalogs.styles) or 'none (styles.csv is empty)'}.")
+        return value
     if kind == HIRES_UPSCALER:
         for option in (*LATENT_UPSCALE_MODES, *catalogs.upscalers):
             if option.lower() == value.strip().lower():
@@ -409,6 +449,10 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
         raise _bad(axis, label, value, f"is not a hires. fix upscaler. Valid: "
                                         f"{', '.join([*LATENT_UPSCALE_MODES, *catalogs.upscalers])}.")
     return value
+
+
+def _style_names(value: str) -> list[str]:
+    return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
 def _face_restore(axis: str, value: str) -> tuple[bool, str | None]:
@@ -466,7 +510,8 @@ def _parse_axis(name: str, at: AxisType, text: Any, dropdown: Any, csv_mode: boo
         dropdown = split_values(dropdown)
     if not isinstance(dropdown, list) or not all(isinstance(v, str) for v in dropdown):
         raise UserError(f"X/Y/Z plot: {name} values (dropdown) must be a list of names, got {dropdown!r}.", status=422)
-    has_choices = catalogs.choices_for(at.choices) is not None
+    choices = catalogs.axis_choices(at)
+    has_choices = choices is not None
     if has_choices and not csv_mode and dropdown:
         raw = [v.strip() for v in dropdown]
         text = list_to_csv(raw)
@@ -508,6 +553,8 @@ def _parse_axis(name: str, at: AxisType, text: Any, dropdown: Any, csv_mode: boo
         elif at.label == "Face restore":
             on, model = _face_restore(name, v)
             values.append((on, model, v))
+        elif at.options is not None:  # an extension's dropdown: its choice's spelling; the extension checks others
+            values.append(next((c for c in choices if c.lower() == v.strip().lower()), v.strip()))
         else:
             values.append(_resolve_choice(name, at, v, catalogs))
 
@@ -556,12 +603,14 @@ def _axis_type(args: dict, key: str, axes: list[AxisType], is_img2img: bool) -> 
 
 def parse_xyz_args(script_args: Sequence[Any], request, catalogs: XYZCatalogs | None = None, *,
                    is_img2img: bool = False, max_images: int | None = None,
-                   max_grid_megapixels: float = DEFAULT_MAX_GRID_MEGAPIXELS) -> XYZPlan:
+                   max_grid_megapixels: float = DEFAULT_MAX_GRID_MEGAPIXELS,
+                   extra_axes: Sequence[AxisType] = ()) -> XYZPlan:
     """A1111's positional X/Y/Z `script_args` -> an `XYZPlan`, every value checked; or a `UserError` naming the
     axis and the value. Missing trailing arguments take their defaults (as A1111's API fills them).
 
     `request`: the base Txt2ImgRequest / Img2ImgRequest (Prompt S/R and the request checks look at it);
-    `max_images`: the `max_images_per_job` limit, checked against cells x batch size x batch count.
+    `max_images`: the `max_images_per_job` limit, checked against cells x batch size x batch count;
+    `extra_axes`: the enabled extensions' axes (after A1111's in the list).
     """
     catalogs = catalogs or XYZCatalogs()
     if script_args is None:
@@ -573,7 +622,7 @@ def parse_xyz_args(script_args: Sequence[Any], request, catalogs: XYZCatalogs | 
                         f"({', '.join(XYZ_ARG_NAMES)}), got {len(script_args)}.", status=422)
     args = dict(XYZ_ARG_DEFAULTS)
     args.update(zip(XYZ_ARG_NAMES, script_args))
-    axes = xyz_axes(is_img2img)
+    axes = xyz_axes(is_img2img, extra_axes)
     csv_mode = _flag(args, "csv_mode")
     margin = args["margin_size"]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
@@ -650,9 +699,11 @@ def _reorder(prompt: str, tokens: Sequence[str]) -> str:
 def cell_request(request, cell: Iterable[tuple[AxisType, Any, Sequence[Any]]]):
     """`request` (a pydantic request) with each (axis type, value, all the axis's values) applied, as A1111's
     `AxisOption.apply`: request fields are set, settings go into `override_settings`, Prompt S/R replaces the first
-    value in the prompts, Prompt order reorders the prompt. The cell is an ordinary generation: its `script_name`
-    and `script_args` are cleared. The base request is not changed."""
+    value in the prompts, Prompt order reorders the prompt, an extension's axis changes its always-on script's entry
+    (in the app process; the engine gets the cell's parsed scripts instead). The cell is an ordinary generation: its
+    `script_name` and `script_args` are cleared. The base request is not changed."""
     update: dict[str, Any] = {}
+    alwayson = request.alwayson_scripts
     overrides = dict(request.override_settings)
     prompt, negative = request.prompt, request.negative_prompt
     for at, value, values in cell:
@@ -664,15 +715,22 @@ def cell_request(request, cell: Iterable[tuple[AxisType, Any, Sequence[Any]]]):
             prompt = _reorder(prompt, list(value))
         elif at.label == "Size":
             update["width"], update["height"] = value
+        elif at.label == "Styles":  # added to the request's own styles, as A1111's p.styles.extend
+            update["styles"] = [*update.get("styles", request.styles), *_style_names(value)]
         elif at.label == "Face restore":
             on, model, _text = value
             update["restore_faces"] = on
             if model:
                 overrides["face_restoration_model"] = model
+        elif at.script:
+            if at.apply is not None:
+                alwayson = at.apply(alwayson, value)
         elif at.setting:
             overrides[at.setting] = value
         else:
             update[at.field] = value
+    if alwayson is not request.alwayson_scripts:
+        update["alwayson_scripts"] = alwayson
     update.update(prompt=prompt, negative_prompt=negative, override_settings=overrides, script_name=None,
                   script_args=[])
     return request.model_copy(update=update)

@@ -65,6 +65,62 @@ def request_of(p, request, options, where: str):
     return changed
 
 
+def processed_of(p, result, made: dict):
+    """A1111's `Processed` of a pipeline's GenerationResult for `p`; each PIL picture is recorded in `made`
+    (id(picture) -> (picture, GeneratedImage)), so that the pictures a script hands back unchanged keep their files
+    (`answer_images`)."""
+    from modules.processing import Processed
+
+    from backend.engine.scripts.runner import pil_of
+
+    pictures = []
+    for image in result.images:
+        picture = pil_of(image)
+        made[id(picture)] = (picture, image)
+        pictures.append(picture)
+    info = result.info
+    first = info.get("index_of_first_image", 0)
+    return Processed(p, pictures, seed=info.get("seed", -1), subseed=info.get("subseed"),
+                     info=result.images[first].infotext if len(result.images) > first else "",
+                     all_prompts=info.get("all_prompts"), all_negative_prompts=info.get("all_negative_prompts"),
+                     all_seeds=info.get("all_seeds"), all_subseeds=info.get("all_subseeds"),
+                     index_of_first_image=first, infotexts=[i.infotext for i in result.images])
+
+
+def answer_images(processed, made: dict, request) -> list:
+    """The GeneratedImages of a script's `Processed`: the pipeline's own for the pictures it made (their saved files
+    kept), the others encoded with the infotexts the script gives."""
+    from backend.core.images import encode_png
+    from backend.core.schemas import GeneratedImage
+
+    images = []
+    for n, picture in enumerate(processed.images):
+        known = made.get(id(picture))
+        infotext = processed.infotexts[n] if n < len(processed.infotexts) else processed.info
+        if known is not None and known[0] is picture and known[1].infotext == infotext:
+            images.append(known[1])
+            continue
+        seeds = processed.all_seeds or [processed.seed]
+        seed = int(seeds[min(n, len(seeds) - 1)] if seeds else -1)
+        is_grid = known[1].is_grid if known is not None and known[0] is picture else False
+        images.append(GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
+                                     subseed=int(processed.subseed if processed.subseed is not None else -1),
+                                     prompt=processed.prompt or request.prompt,
+                                     negative_prompt=processed.negative_prompt or request.negative_prompt,
+                                     is_grid=is_grid))
+    return images
+
+
+def sampling_of(request, options, where: str):
+    """The sampling of a request a script made (`request_of`), resolved as the app resolves a request's."""
+    from backend.core.sampler_catalog import resolve_sampling
+
+    try:
+        return resolve_sampling(request, options["default_sampler"])
+    except UserError as exc:
+        raise UserError(f"{where}: {exc.message}", status=exc.status) from None
+
+
 def script_context(ctx, where: str, process_images: Callable | None = None):
     """The ScriptContext of a script's call in the job `ctx` (a JobContext)."""
     from modules.context import ScriptContext
@@ -82,9 +138,28 @@ def script_context(ctx, where: str, process_images: Callable | None = None):
                     **({"before_save": ctx.image_save.before_save, "after_save": ctx.image_save.after_save}
                        if getattr(ctx, "image_save", None) is not None else {}))  # on_(before_)image_saved
 
+    def model():  # the model the job runs with now (an X/Y/Z cell may have switched it)
+        from backend.engine.a1111_callbacks import model_loaded_info
+        return model_loaded_info(ctx.checkpoint, ctx.loaded.family)
+
+    def selected_checkpoint():
+        from modules.sd_models import CheckpointInfo
+        return CheckpointInfo.of(ctx.checkpoint)
+
+    policy = ctx.policy
     return ScriptContext(options=ctx.options, cmd_opts=None, process_images=process_images,
                          interrupted=ctx.control.interrupted, skipped=ctx.control.skipped, save_image=save_image,
+                         interrupt=_stop_action(ctx.control, "interrupt"), skip=_stop_action(ctx.control, "skip"),
+                         model=model, selected_checkpoint=selected_checkpoint, device=getattr(policy, "device", None),
+                         dtype=getattr(policy, "dtype", None), dtype_vae=getattr(policy, "vae_dtype", None),
                          where=where)
+
+
+def _stop_action(control, name: str):
+    """The job control's `interrupt` / `skip` (through a script's progress wrapper), None when it has none."""
+    while control is not None and not hasattr(type(control), name):
+        control = getattr(control, "base", None)
+    return getattr(control, name) if control is not None else None
 
 
 def load_script(call) -> tuple[Any, Any]:

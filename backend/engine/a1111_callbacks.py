@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modules.sd_models import CheckpointInfo
+
 if TYPE_CHECKING:
     from modules.script_callbacks import FileCallbacks
 
@@ -45,22 +47,9 @@ def load_callbacks(files) -> list[FileCallbacks]:
 
 
 @dataclass
-class CheckpointInfo:
-    """A1111's `CheckpointInfo` as `sd_model.sd_checkpoint_info` gives it."""
-
-    title: str
-    filename: str
-    name: str
-    model_name: str
-    hash: str | None
-    sha256: str | None
-    shorthash: str | None
-
-
-@dataclass
 class ModelLoaded:
-    """What `on_model_loaded(sd_model)` receives: the checkpoint's description (not its weights: extensions that
-    patch the model's modules are not supported)."""
+    """A1111's `sd_model` as scripts read it (`on_model_loaded(sd_model)`, `shared.sd_model`, `p.sd_model`): the
+    checkpoint's description, not its weights (extensions that patch the model's modules are not supported)."""
 
     sd_checkpoint_info: CheckpointInfo
     sd_model_hash: str | None
@@ -68,12 +57,18 @@ class ModelLoaded:
     is_sd1: bool
     is_sd2: bool
     is_sdxl: bool
+    is_sd3: bool = False  # Easel runs no SD3 checkpoint
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"sd_model.{name} is not available in Easel's AUTOMATIC1111 compatibility layer: "
+                             "sd_model describes the checkpoint (sd_checkpoint_info, sd_model_hash, "
+                             "sd_model_checkpoint, is_sd1, is_sd2, is_sdxl), not its modules.")
 
 
 def model_loaded_info(checkpoint, family: str) -> ModelLoaded:
-    info = CheckpointInfo(title=checkpoint.title, filename=str(checkpoint.path), name=checkpoint.name,
-                          model_name=checkpoint.model_name, hash=checkpoint.sha256[:8] if checkpoint.sha256 else None,
-                          sha256=checkpoint.sha256, shorthash=checkpoint.shorthash)
+    info = CheckpointInfo.of(checkpoint)
     family = str(family or "").lower()
     return ModelLoaded(info, checkpoint.shorthash, str(checkpoint.path), is_sd1=family.startswith(("sd1", "sd15")),
                        is_sd2=family.startswith("sd2"), is_sdxl="xl" in family)

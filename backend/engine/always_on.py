@@ -131,13 +131,24 @@ def prepare_scripts(scripts: dict, job: ScriptJob, ctx, runtimes: ScriptRuntimes
     returns their images (PNG). Each script's `prepare(args, job, ctx, runtime)` gets its own runtime."""
     from modules.script_loading import ScriptCall
 
+    params = getattr(ctx, "extra_params", None)  # the job's infotext entries (JobContext)
+    if params is not None:  # prepared again (an X/Y/Z cell's own scripts): the last preparation's entries go
+        for key in getattr(ctx, "script_params", ()):
+            params.pop(key, None)
+        before = set(params)
     hooks, images = [], []
+    a1111 = [args for args in scripts.values() if isinstance(args, ScriptCall)]
+    ctx.a1111_scripts = None
     for name, args in scripts.items():
-        if isinstance(args, ScriptCall):  # an extension's AlwaysVisible A1111 script (modules/): keeps nothing
-            new_hooks, new_images = importlib.import_module(A1111_ALWAYS_ON).prepare(args, job, ctx, None)
+        if isinstance(args, ScriptCall):  # extensions' AlwaysVisible A1111 scripts (modules/): keep nothing
+            if args is not a1111[0]:
+                continue  # prepared together with the first, on one `p` (as A1111)
+            new_hooks, new_images = importlib.import_module(A1111_ALWAYS_ON).prepare(a1111, job, ctx, None)
         else:
             new_hooks, new_images = _module(name).prepare(args, job, ctx, runtimes.get(name))
         hooks.extend(new_hooks)
         images.extend(new_images)
     ctx.sampling_hooks = hooks
+    if params is not None:
+        ctx.script_params = set(params) - before
     return images

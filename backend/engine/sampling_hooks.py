@@ -11,6 +11,8 @@ Per model call (a sampler may call the model more than once per step):
     residuals(state, call) -> dict | None    extra residuals added inside the UNet (summed over hooks)
     combine_cfg(state, cond, uncond, scale, combined) -> combined    the classifier-free guidance mix
     after_denoise(state, x, denoised) -> denoised    the x0 prediction the sampler receives
+Per batch (before its prompts are encoded; `Generation.batches` calls it, not the denoiser):
+    before_batch(batch) -> None              the batch's prompts, negative prompts, seeds may be changed in place
 Per step and per pass:
     after_step(state, x, denoised) -> None   a step finished (observe only: x is the sampler's, after the step)
     after_sampling(state, latents) -> latents        a pass finished, before decoding
@@ -50,6 +52,19 @@ class StepState:
         return self.step / max(1, self.total_steps)
 
 
+@dataclass
+class BatchState:
+    """One batch of a job, before its prompts are encoded and its noise drawn: `batch_number` from 0, the batch's
+    `prompts`, `negative_prompts`, `seeds` and `subseeds` (one per picture). A `before_batch` hook may change the
+    lists' entries (not their length); the batch is made, and its infotexts written, with what they hold after."""
+
+    batch_number: int
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+
+
 @dataclass(frozen=True)
 class UNetCall:
     """One UNet evaluation as the denoiser is about to run it.
@@ -73,6 +88,9 @@ class UNetCall:
 
 class SamplingHook:
     """Base class of sampling hooks: every hook point is a no-op until a subclass overrides it."""
+
+    def before_batch(self, batch: BatchState) -> None:
+        """A batch is about to be made (see `BatchState`)."""
 
     def unet_inputs(self, state: StepState, call: UNetCall) -> UNetCall:
         return call
@@ -101,6 +119,16 @@ class SamplingHook:
 
 def _overrides(hook: SamplingHook, point: str) -> bool:
     return getattr(type(hook), point, None) is not getattr(SamplingHook, point)
+
+
+def run_before_batch(hooks: Sequence[SamplingHook], batch: BatchState) -> bool:
+    """The hooks' `before_batch` on `batch`, in order; False when none has one (the batch is as it was)."""
+    called = False
+    for hook in hooks:
+        if _overrides(hook, "before_batch"):
+            hook.before_batch(batch)
+            called = True
+    return called
 
 
 class HookChain:

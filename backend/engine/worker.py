@@ -70,6 +70,14 @@ class WorkerJobControl:
     def clear_skip(self) -> None:
         self.flags.skip_flag.value = 0
 
+    def interrupt(self) -> None:
+        """Stop the job, as the Interrupt button (an AUTOMATIC1111 script's `shared.state.interrupt()`)."""
+        self.flags.interrupt_flag.value = 1
+
+    def skip(self) -> None:
+        """Skip the current batch, as the Skip button (`shared.state.skip()`)."""
+        self.flags.skip_flag.value = 1
+
     def begin(self, job_count: int, total_steps: int) -> None:
         self.job_count, self.total_steps, self.done_steps = job_count, total_steps, 0
         self._send(None)
@@ -260,6 +268,8 @@ class GenerationPayload(TypedDict, total=False):
     a1111_callbacks: list[tuple[str, str]]  # [(script file, extension)] whose script_callbacks run in every job
     init_images: list[Image.Image]  # img2img
     mask: Image.Image | None  # img2img
+    color_correction_from: list[Image.Image]  # img2img in a script (Loopback): the pictures outputs take colours from
+    each_image: Any  # in a script (Prompt matrix): `EachImage`, the prompts and seeds of each image of the batch
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
     script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
 
@@ -377,9 +387,12 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                     maps = [] if kind == "img2img_batch" else _prepare_scripts(kind, payload, ctx, state)
                 except JobInterrupted:  # the pipeline sees the flag too and returns at once, with no image
                     maps, ctx.sampling_hooks = [], []
-                _add_extension_callbacks(payload, ctx)
-                result = (_run_script(kind, pipeline, payload, ctx, state, active) if payload.get("script")
-                          else pipeline(payload, ctx, state))
+                job_payload = _scripts_request(payload, ctx, state)
+                _add_extension_callbacks(job_payload, ctx)
+                result = (_run_script(kind, pipeline, job_payload, ctx, state, active) if payload.get("script")
+                          else pipeline(job_payload, ctx, state))
+                if ctx.a1111_scripts is not None:  # the AUTOMATIC1111 always-on scripts' postprocess
+                    result = ctx.a1111_scripts.postprocess(result)
                 break
             except torch.OutOfMemoryError:
                 # Never fail for memory that a smaller residency would have had: step down and run again.
@@ -447,6 +460,20 @@ def _add_extension_callbacks(payload: GenerationPayload, ctx: JobContext) -> Non
     ctx.image_save = callbacks.image_saving(ctx, request, isinstance(request, Img2ImgRequest))
 
 
+def _scripts_request(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationPayload:
+    """The payload with the request the job's AUTOMATIC1111 always-on scripts left (`p.prompt`, `p.steps`, ... set
+    in their setup/before_process/process; checked there as the app checks a request); the prompts' LoRAs again
+    when the scripts changed them."""
+    scripts = ctx.a1111_scripts
+    if scripts is None or scripts.request is payload["request"]:
+        return payload
+    before, request = payload["request"], scripts.request
+    changed = dict(payload, request=request)
+    if (request.prompt, request.negative_prompt) != (before.prompt, before.negative_prompt):
+        _activate_networks(changed, ctx, state)
+    return changed
+
+
 def _activate_networks(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
     """The prompt's <lora:...> tags into the model's weights (earlier ones taken out), their infotext hashes
     and warnings, and the embeddings the prompts may use (`backend.engine.networks.activation`)."""
@@ -498,6 +525,22 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
     return switched
 
 
+_STALE = object()  # _run_script: hooks prepared for a model the job no longer runs
+
+
+def _prepare_cell_scripts(kind: str, changed: GenerationPayload, ctx: JobContext, state: WorkerState) -> None:
+    """A script's generation that runs with its own always-on scripts (`changed["scripts"]`, parsed by the app: an
+    X/Y/Z cell of "[ControlNet] Weight"): their hooks replace the job's for it (their extra images are not kept:
+    A1111's X/Y/Z keeps each cell's first image)."""
+    from backend.core.errors import JobInterrupted
+    from backend.engine.always_on import prepare_scripts, script_job
+    try:
+        prepare_scripts(changed.get("scripts") or {}, script_job(kind, changed), ctx, state.scripts)
+    except JobInterrupted:  # the pipeline sees the flag too and returns at once
+        ctx.sampling_hooks = []
+    ctx.sampling_hooks = list(ctx.sampling_hooks) + list(ctx.extension_hooks)
+
+
 def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, WorkerState], GenerationResult],
                 payload: GenerationPayload, ctx: JobContext, state: WorkerState,
                 models: list[JobModel] | None = None) -> GenerationResult:
@@ -511,6 +554,7 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
     table = payload["script"].get("models") or {}
     models = models if models is not None else []
     job_model = models[0] if models else None
+    prepared = [payload.get("scripts")]  # the always-on scripts whose hooks are in the context now
 
     def run_pipeline(changed: GenerationPayload) -> GenerationResult:
         from backend.core.job_options import JobOptions
@@ -523,6 +567,10 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
                     (current.checkpoint.path, current.vae.path if current.vae else None):
                 models[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
                 active[0] = None  # the LoRAs go onto the new model
+                prepared[0] = payload.get("scripts") if payload.get("scripts") else _STALE  # the job's, if any
+        if changed.get("scripts") is not prepared[0]:  # a cell with its own always-on scripts (X/Y/Z extension axis)
+            _prepare_cell_scripts(kind, changed, ctx, state)
+            prepared[0] = changed.get("scripts")
         prompts = (changed["request"].prompt, changed["request"].negative_prompt)
         if prompts != active[0]:
             _activate_networks(changed, ctx, state)
@@ -544,12 +592,13 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import txt2img
-    return txt2img.run(payload["request"], ctx)
+    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"))
 
 
 def _run_img2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import img2img
-    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"])
+    return img2img.run(payload["request"], ctx, payload["init_images"], payload["mask"],
+                       color_from=payload.get("color_correction_from"), each=payload.get("each_image"))
 
 
 def _run_img2img_batch(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:

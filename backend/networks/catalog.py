@@ -1,4 +1,4 @@
-"""The app process's view of LoRA and embedding files: A1111's API lists and the cards of the UI tabs.
+"""The app process's view of LoRA, embedding and checkpoint files: A1111's API lists and the extra-network cards.
 
 `EaselService.networks` holds one. No torch: the embeddings list reads the embedding files' headers to
 know their widths, and sorts them into loaded / skipped against the text encoders of the selected
@@ -15,22 +15,45 @@ from pathlib import Path
 
 from backend.networks.registry import FAMILY_LABELS, detect_family
 from backend.embeddings import EmbeddingDatabase, checkpoint_text_dims
-from backend.networks.registry import EmbeddingRegistry, LoraRegistry, NetworkEntry
+from backend.networks.registry import EmbeddingRegistry, LoraRegistry, NetworkEntry, find_preview
 
 THUMBNAIL_SIZE = 256
 
 
 @dataclass
 class Card:
-    """One card of the LoRA / Textual Inversion tab."""
+    """One card of the extra-networks panel (Textual Inversion, Checkpoints, Lora)."""
 
     name: str
-    insert: str  # what a click adds to the prompt
+    insert: str  # what a click adds to the prompt (a checkpoint card: the checkpoint's title it selects)
     subfolder: str
     preview: str | None  # data: URL of a thumbnail
     description: str
     badge: str  # base model, or "skipped" for an embedding that does not fit
     search_text: str
+    path: str = ""  # the file, for sorting by path
+    mtime: float = 0.0  # the file's modification time, for sorting by date
+
+
+SORT_KEYS = ("Name", "Date modified", "Path")
+
+
+def sort_cards(cards: list[Card], key: str = "Name", descending: bool = False) -> list[Card]:
+    """The cards ordered as the panel's sort controls ask: by name, date modified or path (ties by name)."""
+    if key not in SORT_KEYS:
+        key = "Name"
+    by_name = sorted(cards, key=lambda c: (c.name.lower(), c.name))
+    if key == "Name":
+        return by_name[::-1] if descending else by_name
+    field = (lambda c: c.mtime) if key == "Date modified" else (lambda c: c.path.lower())
+    return sorted(by_name, key=field, reverse=descending)  # a stable sort keeps the name order among ties
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _thumbnail(path: Path | None, cache: dict) -> str | None:
@@ -112,24 +135,26 @@ class ExtraNetworksCatalog:
         return [{"name": e.name, "alias": self.loras.alias(e), "path": str(e.path), "metadata": self.loras.metadata(e)}
                 for e in self.loras.entries]
 
-    def lora_tag(self, entry: NetworkEntry) -> str:
-        """`<lora:name:weight>` (the preferred weight from `name.json` when set), then its activation text."""
+    def lora_tag(self, entry: NetworkEntry, multiplier: float = 1.0) -> str:
+        """`<lora:name:weight>` (the preferred weight from `name.json` when set, else `multiplier`: A1111's
+        `extra_networks_default_multiplier`), then its activation text."""
         user = entry.user_metadata
-        weight = user.get("preferred weight") or user.get("preferred_weight") or 1
+        weight = user.get("preferred weight") or user.get("preferred_weight") or multiplier
         try:
-            weight = float(weight) or 1.0
+            weight = float(weight)
         except (TypeError, ValueError):
-            weight = 1.0
+            weight = multiplier
         text = f"<lora:{entry.name}:{weight:g}>"
         activation = str(user.get("activation text") or user.get("activation_text") or "").strip()
         return f"{text} {activation}" if activation else text
 
-    def lora_cards(self, query: str = "") -> list[Card]:
+    def lora_cards(self, query: str = "", multiplier: float = 1.0) -> list[Card]:
         cards = []
         for e in self.loras.entries:
             family = self.lora_family(e)
             alias = self.loras.alias(e)
-            card = Card(name=e.name, insert=self.lora_tag(e), subfolder=e.subfolder, preview=_thumbnail(e.preview, self._thumbs),
+            card = Card(name=e.name, insert=self.lora_tag(e, multiplier), subfolder=e.subfolder,
+                        preview=_thumbnail(e.preview, self._thumbs), path=str(e.path), mtime=_mtime(e.path),
                         description=e.description, badge=FAMILY_LABELS.get(family, "") if family else "",
                         search_text=" ".join([e.name, alias, e.subfolder, e.description]).lower())
             cards.append(card)
@@ -159,6 +184,19 @@ class ExtraNetworksCatalog:
         }
         return {"summary": {k: v for k, v in summary.items() if v not in ("", None)},
                 "tags": top_tags(meta), "metadata": parse_metadata_values(meta)}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_cards(self, checkpoints: list, query: str = "") -> list[Card]:
+        """A card per checkpoint (`ModelFile`s, with `name.png` / `name.preview.png` beside it as its picture);
+        a click selects the checkpoint by its title."""
+        cards = []
+        for f in checkpoints:
+            folder, _, base = f.name.replace("\\", "/").rpartition("/")
+            cards.append(Card(name=base.rsplit(".", 1)[0], insert=f.title, subfolder=folder,
+                              preview=_thumbnail(find_preview(f.path), self._thumbs), description=f.title,
+                              badge=f.shorthash or "", path=str(f.path), mtime=_mtime(f.path),
+                              search_text=" ".join([f.title, folder]).lower()))
+        return _filter(cards, query)
 
     # -- embeddings ---------------------------------------------------------------------------------
     def _database(self):
@@ -207,7 +245,7 @@ class ExtraNetworksCatalog:
                 badge = info if e.name in loaded else "does not fit this model"
             description = e.description + ("\n" if e.description else "") + info
             cards.append(Card(name=e.name, insert=e.name, subfolder=e.subfolder, preview=_thumbnail(e.preview, self._thumbs),
-                              description=description, badge=badge,
+                              description=description, badge=badge, path=str(e.path), mtime=_mtime(e.path),
                               search_text=" ".join([e.name, e.subfolder, e.description]).lower()))
         return _filter(cards, query)
 

@@ -3,8 +3,8 @@
 What it adds: the component `controlnet` (the ControlNet model files, preprocessor lists, detect jobs:
 `backend.controlnet.service.ControlNetService`), the always-on script `controlnet` (app side
 `backend.controlnet.always_on`, engine side `backend.engine.controlnet.script`), the job kind `controlnet_detect`,
-the `/controlnet/...` API routes (`api.controlnet_routes`), the units accordion under txt2img and img2img and the
-ControlNet tab (`ui.controlnet`). Its settings (`control_net_*`) are in `backend.core.options`. Disabling this
+the `/controlnet/...` API routes (`api.controlnet_routes`), the units accordion under txt2img and img2img, the
+ControlNet tab (`ui.controlnet`) and the X/Y/Z plot's "[ControlNet] ..." axes (`backend.controlnet.xyz_axes`). Its settings (`control_net_*`) are in `backend.core.options`. Disabling this
 extension (Extensions tab, --disable-all-extensions) removes all of these."""
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def _units(service, tab, **context):
     return build_units(service, tab, img2img=tab == "img2img", **context)
 
 
+def _xyz_axes(service):
+    from backend.controlnet.xyz_axes import controlnet_axes
+    return controlnet_axes(service.components[NAME])
+
+
 def _tab(service):
     from ui.controlnet import build_tab
     build_tab(service)
@@ -43,3 +48,4 @@ def register(registry) -> None:
     registry.add_api_router(_router)
     registry.add_generation_ui(_units)
     registry.add_tab("ControlNet", _tab, elem_id="controlnet")
+    registry.add_xyz_axes(_xyz_axes)

@@ -111,6 +111,11 @@ class JobContext:
     # The prompt styles the job's requests name, {name: (prompt, negative prompt)} (`backend.core.styles`; the app
     # reads styles.csv): applied to every request's prompts as A1111's setup_prompts does.
     styles: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The job's AlwaysVisible AUTOMATIC1111 scripts (backend.engine.a1111_always_on.A1111AlwaysOn, also in
+    # sampling_hooks): the request as their setup/before_process/process left it, their postprocess at the end.
+    a1111_scripts: Any = None
+    # The extra_params keys the always-on scripts set when last prepared (taken out when they are prepared again).
+    script_params: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

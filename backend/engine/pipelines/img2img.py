@@ -30,7 +30,8 @@ from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
                      run_sampler, tiling)
 from backend.engine.pipelines import sd_upscale
-from backend.engine.pipelines.processing import Generation
+from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
+from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.pipelines.txt2img import img2img_sigmas
 from backend.engine.sampling_hooks import SamplingHook, StepState
 
@@ -124,9 +125,13 @@ class SoftInpaintingMask(InpaintMaskReplacement):
 
 
 def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], mask: Image.Image | None,
-        samples_dir: Path | None = None) -> GenerationResult:
+        samples_dir: Path | None = None, color_from: list[Image.Image] | None = None,
+        each: EachImage | None = None) -> GenerationResult:
     """One img2img job on `init_images` (at least one) and `mask`; `req` was checked by the app
-    (`request_checks.check_img2img`, `check_img2img_inputs`)."""
+    (`request_checks.check_img2img`, `check_img2img_inputs`). With the setting `img2img_color_correction` each
+    output takes the colours of its (resized, filled) input, as A1111's; `color_from`: the pictures whose colours
+    the outputs take instead (Loopback: the chain's first picture); `each`: a script's prompts and seeds for each
+    image instead of the request's."""
     if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = resize_mode_index(req.resize_mode)
@@ -151,7 +156,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     soft = mask_replacement(ctx) is not None and mask is not None
 
     gen = Generation(req, ctx, samples_dir_key="outdir_img2img_samples", grids_dir_key="outdir_img2img_grids",
-                     samples_dir=samples_dir)
+                     samples_dir=samples_dir, each=each)
     model, device = ctx.model, gen.device
     if ctx.options["save_init_img"]:
         gen.params["Init image hash"] = save_init_images(gen, images)
@@ -168,8 +173,11 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
             if fill == 0:
                 img = image_ops.fill_masked(img, prepared.processing)
         processed.append(img)
+    color_targets = _color_targets(ctx, color_from if color_from is not None else processed)
     if len(processed) == 1:
         processed, overlays = processed * req.batch_size, overlays * req.batch_size
+    if len(color_targets) == 1:
+        color_targets = color_targets * len(processed)
 
     _record_params(gen, req, mode, prepared, fill, soft, outpaint)
     denoise = float(req.denoising_strength)
@@ -191,10 +199,12 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                     if init_latent is None:
                         init_latent = _init_latents(ctx, processed, req, mode)
                     results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
-                                                  subseeds, sigmas_all.to(device))
+                                                  subseeds, sigmas_all.to(device), idx)
                 if req.restore_faces:  # before the overlay, so that the pixels kept outside the mask stay as they were
                     results = restore_faces_for_job(ctx, results)
                 for j, result in enumerate(results):
+                    if j < len(color_targets):  # before the overlay: the kept pixels stay as they were
+                        result = apply_color_correction(color_targets[j], result)
                     if prepared is not None:
                         result = image_ops.apply_overlay(result, prepared.paste_to, overlays[j])
                     gen.add_image(result, n * req.batch_size + j)
@@ -205,6 +215,14 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     return gen.finish({"denoising_strength": denoise, "resize_mode": mode,
                                     "is_using_inpainting_conditioning": bool(model.is_inpaint and prepared is not None)})
+
+
+def _color_targets(ctx: JobContext, pictures: list[Image.Image]) -> list:
+    """The colour-correction targets of a job's outputs, one per input picture; none when the setting is off."""
+    if not ctx.options["img2img_color_correction"]:
+        return []
+    unique = {id(im): correction_target(im) for im in pictures}
+    return [unique[id(im)] for im in pictures]
 
 
 def save_init_images(gen: Generation, images: list[Image.Image]) -> str:
@@ -257,13 +275,13 @@ def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgReq
 
 def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, processed: list[Image.Image],
                   init_latent: torch.Tensor, prepared: PreparedMask | None, fill: int, soft: bool,
-                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor):
+                  seeds: list[int], subseeds: list[int], sigmas: torch.Tensor, idx: slice):
     model, device = ctx.model, gen.device
     n = len(seeds)
     init = init_latent[:n].to(device)
     shape = tuple(init.shape[1:])
-    conds = gen.conditioner.schedules(gen.prompts[:n], req.steps, is_negative=False)
-    unconds = gen.conditioner.schedules(gen.negatives[:n], req.steps, is_negative=True)
+    conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
+    unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
     rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
     noise = rng.first().to(device)
 

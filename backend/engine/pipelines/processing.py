@@ -8,6 +8,7 @@ The pipelines only add their own sampling between `begin` and `finish`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -21,9 +22,21 @@ from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgReques
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
 
 
+@dataclass(frozen=True)
+class EachImage:
+    """A script's prompt, negative prompt, seed and variation seed for each image of a generation, instead of the
+    request's (A1111's `p.prompt`, `p.seed`, ... given as lists: Prompt matrix batches its combinations). One entry
+    per image: batch size x batch count."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+
+
 class Generation:
     def __init__(self, req: Txt2ImgRequest, ctx: JobContext, *, samples_dir_key: str, grids_dir_key: str,
-                 samples_dir: Path | None = None):
+                 samples_dir: Path | None = None, each: EachImage | None = None):
         if ctx.sampling is None:
             raise ValueError("JobContext.sampling is not set: resolve the request's sampler with "
                              "backend.core.sampler_catalog.resolve_sampling (the app does it for every job)")
@@ -47,6 +60,14 @@ class Generation:
         hr_prompt, hr_negative = getattr(req, "hr_prompt", ""), getattr(req, "hr_negative_prompt", "")
         self.hr_prompt, self.hr_negative = styled_prompts(hr_prompt, hr_negative, req.styles, ctx.styles)
         self.hr_prompt, self.hr_negative = self.hr_prompt if hr_prompt else "", self.hr_negative if hr_negative else ""
+        if each is not None:
+            if not (len(each.prompts) == len(each.negative_prompts) == len(each.seeds) == len(each.subseeds)
+                    == self.total_images):
+                raise ValueError(f"EachImage: {self.total_images} entries needed (batch size x batch count)")
+            styled = [styled_prompts(p, n, req.styles, ctx.styles) for p, n in zip(each.prompts, each.negative_prompts)]
+            self.prompts, self.negatives = [p for p, _ in styled], [n for _, n in styled]
+            self.all_seeds, self.all_subseeds = list(each.seeds), list(each.subseeds)
+            self.seed, self.subseed = self.all_seeds[0], self.all_subseeds[0]
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
@@ -83,7 +104,25 @@ class Generation:
                 self.interrupted = True
                 return
             self.ctx.control.set_job(n)
-            yield n, slice(n * size, (n + 1) * size)
+            idx = slice(n * size, (n + 1) * size)
+            self._before_batch(n, idx)
+            yield n, idx
+
+    def _before_batch(self, n: int, idx: slice) -> None:
+        """The sampling hooks' `before_batch` (an AUTOMATIC1111 script's `process_batch`): what they leave in the
+        batch's prompts and seeds is what the batch is made with."""
+        from backend.engine.sampling_hooks import BatchState, run_before_batch
+
+        lists = (self.prompts, self.negatives, self.all_seeds, self.all_subseeds)
+        batch = BatchState(n, *(list(values[idx]) for values in lists))
+        if not run_before_batch(self.ctx.sampling_hooks, batch):
+            return
+        changed = (batch.prompts, batch.negative_prompts, batch.seeds, batch.subseeds)
+        for values, new in zip(lists, changed):
+            if len(new) != len(values[idx]):
+                raise ValueError(f"batch {n}: a script changed the number of prompts or seeds of the batch "
+                                 f"({len(values[idx])} -> {len(new)})")
+            values[idx] = list(new)
 
     def end_batch(self, stop: str | None) -> bool:
         """After a batch's images are added: True when the job must stop (Interrupt); Skip moves on."""

@@ -20,7 +20,7 @@ from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
                      sampler_extra_args, tiling)
-from backend.engine.pipelines.processing import Generation
+from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.sampling_hooks import HIRES_PASS
 
 IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
@@ -50,8 +50,10 @@ def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, deno
     return sigmas[max(total, 1) - t_enc - 1:]
 
 
-def run(req: Txt2ImgRequest, ctx: JobContext) -> GenerationResult:
-    gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids")
+def run(req: Txt2ImgRequest, ctx: JobContext, each: EachImage | None = None) -> GenerationResult:
+    """One txt2img job; `each`: a script's prompts and seeds for each image instead of the request's."""
+    gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids",
+                     each=each)
 
     hires = req.enable_hr
     hr_w, hr_h = hires_size(req) if hires else (req.width, req.height)

@@ -1,8 +1,11 @@
 """A1111's "Loopback" (img2img): each picture becomes the next loop's input, the denoising strength moving from
 the job's to "Final denoising strength" along a curve (Aggressive: sine, Linear, Lazy: 1 - cosine), the seed
 growing by one each loop. With batch count n, n chains start from the job's image; their last pictures are
-shown (one chain: every loop's picture), after a one-row grid of them. "Append interrogated prompt" needs an
-interrogator, which Easel does not have: the app refuses anything but None.
+shown (one chain: every loop's picture), after a one-row grid of them when there is more than one. With the
+setting `img2img_color_correction` every loop's picture takes the colours of the job's image (not of its own
+input), so the chain does not drift in colour. Skip ends the current chain (its picture is not kept; the next
+chain starts), Interrupt ends the script with the pictures kept so far and their grid, as A1111's.
+"Append interrogated prompt" needs an interrogator, which Easel does not have: the app refuses anything but None.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def denoising_strength(loop: int, loops: int, initial: float, final: float, curv
 
 
 def run(args: dict, job, generate):
+    from backend.engine.scripts.runner import ScriptStopped
+
     req = job.request
     loops, final, curve = int(args["loops"]), float(args["final_denoising_strength"]), args["denoising_curve"]
     chains = req.n_iter
@@ -37,27 +42,36 @@ def run(args: dict, job, generate):
     strengths = [denoising_strength(i, loops, initial, final, curve) for i in range(loops)]
     job.plan(loops * chains, chains * sum(job.steps_of(req.model_copy(update={"denoising_strength": s}))
                                           for s in strengths))
+    colours = job.init_images[:1] if job.options["img2img_color_correction"] else None
 
     seed = fix_seed(req.seed)
-    shown, history = [], []
+    shown = []
+    stopped = False
     for _chain in range(chains):
         pictures = job.init_images
         fill = req.inpainting_fill
-        last = None
+        last, skipped = None, False
         for loop in range(loops):
             request = req.model_copy(update={**one, "seed": seed, "denoising_strength": strengths[loop],
                                              "inpainting_fill": fill})
-            result = generate(request, pictures, extra_params=params)
-            made = [image for image in result.images if not image.is_grid]
+            try:
+                result = generate(request, pictures, extra_params=params, color_from=colours)
+            except ScriptStopped:  # Interrupt: this loop's picture is not kept, nor are the chains after it
+                stopped = True
+                break
             seed += 1
-            if not made:
+            made = [image for image in result.images if not image.is_grid]
+            skipped = job.skipped_last
+            if skipped or not made:  # Skip: the rest of this chain's loops are not run
                 break
             last = made[0]
             pictures = [pil_of(last)]
             fill = 1  # the next loops start from the picture: masked content "original"
             if chains == 1:
                 shown.append(last)
-        if chains > 1 and last is not None:
+        if stopped:
+            break
+        if chains > 1 and last is not None and not skipped:
             shown.append(last)
     images = list(shown)
     if len(shown) > 1:
@@ -65,4 +79,4 @@ def run(args: dict, job, generate):
         grid = job.grid(image_grid([pil_of(image) for image in shown], rows=1), shown[0])
         if grid is not None:
             images.insert(0, grid)
-    return job.answer(images, {"denoising_strength": initial})
+    return job.answer(images, {"denoising_strength": initial}, interrupted=stopped)

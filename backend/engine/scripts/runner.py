@@ -35,6 +35,7 @@ class ScriptProgress:
         self.planned = False
         self.offset = 0  # batches of the generations before the current one
         self.current = 0  # batches of the current generation
+        self.skips = 0  # batches the user skipped (the pipelines clear Skip after a skipped batch)
 
     def plan(self, job_count: int, total_steps: int) -> None:
         self.planned = True
@@ -62,6 +63,7 @@ class ScriptProgress:
         return self.base.skipped()
 
     def clear_skip(self) -> None:
+        self.skips += 1
         self.base.clear_skip()
 
 
@@ -82,6 +84,7 @@ class ScriptRun:
         self._run_pipeline = run_pipeline
         self.progress = ScriptProgress(ctx.control)
         self.results: list[GenerationResult] = []
+        self.skipped_last = False  # the last generation had a batch skipped (Skip)
 
     @property
     def img2img(self) -> bool:
@@ -116,10 +119,20 @@ class ScriptRun:
             return int(min(denoise, 0.999) * request.steps)
         return request.steps + ((request.hr_second_pass_steps or request.steps) if request.enable_hr else 0)
 
+    @property
+    def always_on_variants(self) -> dict:
+        """The always-on scripts some generations run with instead of the job's, parsed by the app by key
+        (`PreparedScript.always_on`: X/Y/Z plot's "[ControlNet] Weight" cells); give them to `generate(scripts=)`."""
+        return self.payload.get("script", {}).get("always_on") or {}
+
     def generate(self, request, init_images: list[Image.Image] | None = None, extra_params: dict | None = None,
-                 mask: Image.Image | None | object = _SAME) -> GenerationResult:
+                 mask: Image.Image | None | object = _SAME, scripts: dict | object = _SAME,
+                 color_from: list[Image.Image] | None = None, each=None) -> GenerationResult:
         """The pipeline for `request` (and, in img2img, `init_images` and `mask`, by default the job's), its
-        infotexts with `extra_params` added."""
+        infotexts with `extra_params` added; `scripts`: the always-on scripts it runs with (one of
+        `always_on_variants`), by default the job's; img2img with the setting `img2img_color_correction`:
+        `color_from`, the pictures the outputs take their colours from instead of their inputs; `each`
+        (`EachImage`): the prompts and seeds of each image instead of the request's."""
         if self.ctx.control.interrupted():
             raise ScriptStopped
         payload = dict(self.payload, request=request)
@@ -128,10 +141,17 @@ class ScriptRun:
             payload["init_images"] = init_images
         if mask is not _SAME:
             payload["mask"] = mask
+        if scripts is not _SAME:
+            payload["scripts"] = scripts
+        if color_from is not None:
+            payload["color_correction_from"] = color_from
+        if each is not None:
+            payload["each_image"] = each
         added = {k: v for k, v in (extra_params or {}).items() if k not in self.ctx.extra_params}
         self.ctx.extra_params.update(added)
         control, sampling = self.ctx.control, self.ctx.sampling
         self.ctx.control = self.progress
+        skips = self.progress.skips
         key = sampler_fields(request)
         if key != sampler_fields(self.request):  # a line's --sampler_name, an X/Y/Z Sampler axis
             # resolved by the app with the script's other derived requests (`payload["script"]["sampling"]`)
@@ -143,6 +163,7 @@ class ScriptRun:
             for key in added:
                 self.ctx.extra_params.pop(key, None)
         self.progress.next_generation()
+        self.skipped_last = self.progress.skips > skips
         self.results.append(result)
         if result.interrupted and control.interrupted():
             raise ScriptStopped

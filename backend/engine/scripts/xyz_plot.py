@@ -15,7 +15,9 @@ What it does, in A1111's order:
    X/Y/Z" adds the cell's index along those axes to the seed.
 2. The cells run with the costliest axis outermost (a checkpoint or VAE axis changes as rarely as possible);
    each cell is the base request with the cell's values applied (`cell_request`: fields, `override_settings`
-   for checkpoint, VAE and clip skip, Prompt S/R, Prompt order). A cell contributes its first image.
+   for checkpoint, VAE and clip skip, Prompt S/R, Prompt order); a cell of an extension's axis ("[ControlNet]
+   Weight") runs with the always-on scripts the app parsed for it (`job.always_on_variants`, by
+   `plan.always_on_key`). A cell contributes its first image.
 3. One grid per Z value (X across, Y down, legends above and left, `margin_size` pixels between cells), then the
    grid of those grids with the Z values above. The answer: the main grid first, the sub-grids when
    "Include Sub Grids", then each cell's image when "Include Sub Images"; `infotexts` for each. The grids'
@@ -118,6 +120,7 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
                                                      (plan.z.type, zs[iz], zs)]))
                     for ix, iy, iz in plan.cells())
         job.plan(count * base.n_iter, steps * base.n_iter)
+    variants = getattr(job, "always_on_variants", None) or {}  # cells' own always-on scripts (extension axes)
     images: list[Image.Image | None] = [None] * count
     outputs: list[GeneratedImage | None] = [None] * count
     first_result: GenerationResult | None = None
@@ -137,7 +140,8 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
             seed += iz * xdim * ydim if plan.vary_seeds_z else 0
             req = req.model_copy(update={"seed": seed})
         try:
-            result = generate(req)
+            key = plan.always_on_key((ix, iy, iz))
+            result = generate(req, scripts=variants[key]) if key in variants else generate(req)
         except (JobInterrupted, ScriptStopped):  # Interrupt: the cells made so far, the rest left black
             was_interrupted = True
             break
