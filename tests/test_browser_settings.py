@@ -123,3 +123,118 @@ def test_quick_settings_choice_is_saved_and_shown_in_the_settings_tab(server, ap
             assert _config(server)[SETTING] == changed
     finally:
         api.post("/options", json={"sd_model_checkpoint": before or "tiny-sd1.safetensors", SETTING: original})
+
+
+def _shot(page, tmp_path, name: str) -> None:
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.screenshot(path=str(tmp_path / f"{name}.png"))
+
+
+def test_sidebar_shows_one_section_and_search_filters_by_label_across_sections(server, tmp_path):
+    with browser_page(server.url) as page:
+        _open_settings(page)
+        page.wait_for_selector("#settings_section_stable_diffusion", state="visible")
+        page.wait_for_selector("#settings_section_saving_images", state="hidden")  # one section at a time
+        _shot(page, tmp_path, "settings_first_section")
+
+        page.locator("#settings_sections label", has_text="Saving images").click()
+        page.wait_for_selector("#settings_samples_format", state="visible")
+        page.wait_for_selector("#settings_section_stable_diffusion", state="hidden")
+
+        search = page.locator("#settings_search textarea, #settings_search input").first
+        search.fill("tile")  # "VAE tile size" (Optimizations) and "Tile size for upscaler models" (Upscaling)
+        page.wait_for_selector("#settings_vae_tile_size", state="visible")
+        page.wait_for_selector("#settings_ESRGAN_tile", state="visible")
+        page.wait_for_selector("#settings_samples_format", state="hidden")  # no "tile" in its label
+        page.wait_for_selector("#settings_section_saving_images", state="hidden")  # nothing matches there
+        assert page.is_hidden("#settings_vae_tiling") is False  # "Tiled VAE encode/decode" holds "tile" too
+        assert page.is_hidden("#settings_auto_vae_precision")  # same section, no match
+        _shot(page, tmp_path, "settings_search")
+
+        search.fill("clip skip")
+        page.wait_for_selector("#settings_CLIP_stop_at_last_layers", state="visible")
+        page.wait_for_selector("#settings_vae_tile_size", state="hidden")
+
+        search.fill("")  # the chosen section again
+        page.wait_for_selector("#settings_samples_format", state="visible")
+        page.wait_for_selector("#settings_CLIP_stop_at_last_layers", state="hidden")
+
+
+def test_a_listed_setting_is_at_the_top_and_changing_it_there_stores_it(server, api, tmp_path):
+    before = api.get("/options").json()
+    listed = ["sd_model_checkpoint", "samples_format"]
+    choice = "jpg" if before["samples_format"] != "jpg" else "webp"
+    try:
+        assert api.post("/options", json={"quicksettings_list": listed}).status_code == 200
+        with browser_page(server.url) as page:
+            page.wait_for_selector("#setting_samples_format", state="visible")
+            page.wait_for_selector("#setting_sd_model_checkpoint", state="visible")
+            page.wait_for_selector("#setting_sd_vae", state="hidden")  # not listed any more
+            assert page.is_hidden("#setting_CLIP_stop_at_last_layers")
+            _shot(page, tmp_path, "quicksettings_top")
+            pick_dropdown(page, "#setting_samples_format", choice)
+            deadline = time.monotonic() + 60
+            while _config(server).get("samples_format") != choice:
+                assert time.monotonic() < deadline, "the quick setting was not stored"
+                page.wait_for_timeout(200)
+            assert api.get("/options").json()["samples_format"] == choice
+            _open_settings(page)  # the Settings tab's field follows, and its Apply does not write the old value
+            page.locator("#settings_sections label", has_text="Saving images").click()
+            page.wait_for_function("(v) => document.querySelector('#settings_samples_format input')?.value == v",
+                                   arg=choice)
+            _apply(page, "Nothing changed")
+            assert _config(server)["samples_format"] == choice
+    finally:
+        api.post("/options", json={"quicksettings_list": before["quicksettings_list"],
+                                   "samples_format": before["samples_format"]})
+
+
+def test_reload_ui_shows_the_current_settings_and_quick_settings(server, api, tmp_path):
+    before = api.get("/options").json()
+    changed = 6 if before[SETTING] != 6 else 5
+    try:
+        with browser_page(server.url) as page:
+            _open_settings(page)
+            page.wait_for_function(f"document.querySelector('#settings_{SETTING} input[type=number]')?.value "
+                                   f"== '{before[SETTING]}'")
+            assert page.is_hidden("#setting_CLIP_stop_at_last_layers")
+            # another client changes a setting and the quick settings list while this page is open
+            assert api.post("/options", json={SETTING: changed, "quicksettings_list": [
+                "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"]}).status_code == 200
+            page.evaluate("window.easelBeforeReload = true")
+            page.click("#settings_restart_gradio")
+            page.wait_for_function("window.easelBeforeReload === undefined")  # a new page
+            page.wait_for_selector("#setting_CLIP_stop_at_last_layers", state="visible")
+            _open_settings(page)
+            page.wait_for_function(f"document.querySelector('#settings_{SETTING} input[type=number]')?.value "
+                                   f"== '{changed}'")
+            _shot(page, tmp_path, "settings_after_reload")
+    finally:
+        api.post("/options", json={SETTING: before[SETTING], "quicksettings_list": before["quicksettings_list"]})
+
+
+def test_defaults_section_saves_the_pages_values_into_ui_config(server, tmp_path):
+    path = server.data_dir / "ui-config.json"
+    before = path.read_text()
+    assert json.loads(before)["txt2img/Sampling steps/value"] == 20  # written at start with the built-in defaults
+    try:
+        with browser_page(server.url) as page:
+            box = page.locator("#txt2img_steps input[type=number]")
+            box.fill("33")
+            box.press("Enter")
+            _open_settings(page)
+            page.locator("#settings_sections label", has_text="Defaults").click()
+            page.click("#settings_defaults_view")
+            page.wait_for_function("document.querySelector('#settings_defaults_result').innerText"
+                                   ".includes('txt2img/Sampling steps/value')")
+            assert "33" in page.inner_text("#settings_defaults_result")
+            assert "txt2img/Prompt/value" not in page.inner_text("#settings_defaults_result")  # empty stays empty
+            assert json.loads(path.read_text())["txt2img/Sampling steps/value"] == 20  # viewing writes nothing
+            _shot(page, tmp_path, "settings_defaults")
+            page.click("#settings_defaults_apply")
+            page.wait_for_function("document.querySelector('#settings_defaults_result').innerText.includes('Wrote')")
+            stored = json.loads(path.read_text())
+            assert stored["txt2img/Sampling steps/value"] == 33
+            assert stored["txt2img/Width/maximum"] == 2048  # the rest is kept
+    finally:
+        path.write_text(before)

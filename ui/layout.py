@@ -11,8 +11,8 @@ from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, send_to,
-                settings_tab, txt2img)
+from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, quicksettings,
+                send_to, settings_tab, txt2img, ui_config)
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -27,15 +27,9 @@ def build_ui(service: EaselService) -> gr.Blocks:
     from ui import extension_tabs
     added_tabs = extension_tabs.collect(service)  # extensions' on_ui_tabs: their own Blocks, made before the page's
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
-        # allow_custom_value: titles change when a file's hash becomes known, and a Generate pressed before the page
-        # load's refresh arrives must not fail Gradio's choices check; the settings gate checks the names instead.
-        with gr.Row(elem_id="quicksettings"):
-            checkpoint = gr.Dropdown(service.checkpoint_titles(), value=_current_title(service), label="Stable Diffusion checkpoint",
-                                     elem_id="setting_sd_model_checkpoint", allow_custom_value=True, scale=4)
-            refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
-            vae = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label="SD VAE", elem_id="setting_sd_vae",
-                              allow_custom_value=True, scale=2)
-            checkpoint_request = extra_networks.checkpoint_request()  # a checkpoint card's click
+        quick = quicksettings.build(service, _current_title(service))  # the settings quicksettings_list names
+        checkpoint, refresh, vae = quick.components["sd_model_checkpoint"], quick.refresh, quick.components["sd_vae"]
+        checkpoint_request = extra_networks.checkpoint_request()  # a checkpoint card's click
         gr.HTML(_exposure_html(service), elem_id="easel_lan_warning", visible=bool(exposure_warnings(service.args)))
         notice = gr.HTML(_notice_html(service), elem_id="easel_notice")
         download_row = gr.Row(visible=False)
@@ -53,7 +47,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
             extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
             extension_tabs.render(added_tabs)  # the A1111 extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):
-                settings = settings_tab.build(service, {"sd_model_checkpoint": checkpoint, "sd_vae": vae})
+                settings = settings_tab.build(service, quick.components)
             with gr.Tab("Extensions", id="extensions"):
                 extensions_refresh, extensions_outputs = extensions.build(service)
 
@@ -106,6 +100,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                     + [gr.update(value=clip_skip) for _ in clip_skips] + settings.refreshed(service))
 
         demo.load(on_page_load, outputs=[checkpoint, vae] + clip_skips + settings.outputs(), queue=False)
+        quicksettings.wire(quick, service, settings, notice)
+        demo.load(lambda: quick.on_page_load(service), outputs=quick.outputs(), queue=False)
         demo.load(extensions_refresh, outputs=extensions_outputs, queue=False)
 
         def on_load():
@@ -128,6 +124,10 @@ def build_ui(service: EaselService) -> gr.Blocks:
                     _notice_html(service), gr.update(visible=False))
 
         download.click(on_download, outputs=[checkpoint, notice, download_row])
+        # last, before Gradio makes the page config: ui-config.json's defaults and limits of the tabs' controls
+        ui_config_file = service.paths.ui_config_file or service.paths.data_dir / "ui-config.json"
+        ui_config.apply(demo, ui_config_file)
+        ui_config.wire_defaults(demo, ui_config_file, *settings.defaults)  # the Settings tab's Defaults
     return demo
 
 

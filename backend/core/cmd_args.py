@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--styles-file", action="append", default=[],
                        help="a styles file or a glob of them; may be given several times (default DATA_DIR/styles.csv)")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default DATA_DIR/config.json)")
+    paths.add_argument("--ui-config-file", default=None,
+                       help="defaults, minimum, maximum and step of the UI's controls (default DATA_DIR/ui-config.json)")
 
     mem = p.add_argument_group("device, memory and precision")
     mem.add_argument("--use-cpu", nargs="+", default=[], choices=USE_CPU_CHOICES, metavar="{all,sd,interrogate,gfpgan,esrgan,codeformer}",

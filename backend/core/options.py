@@ -76,6 +76,9 @@ SETTINGS: list[Setting] = [
     Setting("infotext_styles", "Apply if any", "Infotext: handling of styles when pasting (PNG Info, Send to, the "
             "paste button)", "User interface", choices=("Ignore", "Apply", "Discard", "Apply if any")),
     Setting("return_grid", True, "Show the grid in the results gallery", "User interface", bool),
+    # A1111's default is ["sd_model_checkpoint"]; Easel has always shown the VAE beside it
+    Setting("quicksettings_list", ["sd_model_checkpoint", "sd_vae"], "Quicksettings list (settings shown at the top "
+            "of the page as well; takes effect at the next page load: Reload UI)", "User interface", list),
     Setting("cpu_bf16", "auto", "bfloat16 on the CPU for the UNet and VAE (auto: where the CPU has bf16 hardware; "
             "--no-half / --precision full keep float32)", "Optimizations", str, choices=("auto", "on", "off")),
     Setting("auto_vae_precision", True, "Automatically revert VAE to 32-bit floats (triggers when a tensor with NaNs "

@@ -53,6 +53,7 @@ class DataPaths:
     outputs_dir: Path | None = None
     config_file: Path | None = None
     cache_dir: Path | None = None
+    ui_config_file: Path | None = None  # --ui-config-file: the UI controls' defaults and limits (ui/ui_config.py)
     styles_files: list[str] = field(default_factory=list)  # --styles-file values (globs allowed), in order
 
     @classmethod
@@ -82,6 +83,8 @@ class DataPaths:
             codeformer_dirs=with_extra(models_dir / "Codeformer", getattr(args, "codeformer_models_path", None)),
             outputs_dir=data_dir / "outputs",
             config_file=Path(args.ui_settings_file).expanduser().resolve() if args.ui_settings_file else data_dir / "config.json",
+            ui_config_file=(Path(args.ui_config_file).expanduser().resolve() if getattr(args, "ui_config_file", None)
+                            else data_dir / "ui-config.json"),
             cache_dir=data_dir / "cache",
             styles_files=list(getattr(args, "styles_file", None) or []) or [str(data_dir / "styles.csv")],
         )
