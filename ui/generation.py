@@ -162,9 +162,12 @@ def busy(label: str) -> dict:
     return {"generate": gr.update(value=label), "interrupt": gr.update(visible=True), "skip": gr.update(visible=True)}
 
 
-IDLE = {"generate": gr.update(value="Generate"), "interrupt": gr.update(visible=False),
-        "skip": gr.update(visible=False), "preview": gr.update(value=None, visible=False),
-        "gallery": gr.update(visible=True), "progress": ""}
+def idle() -> dict:
+    """The tab at rest: Generate, no Interrupt/Skip, the gallery back in the preview's place. (New updates each
+    time: Gradio consumes the update dicts it is given, so a shared one would be empty the second time.)"""
+    return {"generate": gr.update(value="Generate"), "interrupt": gr.update(visible=False),
+            "skip": gr.update(visible=False), "preview": gr.update(value=None, visible=False),
+            "gallery": gr.update(visible=True), "progress": ""}
 
 
 def busy_label(job: Job, client) -> str:
@@ -179,7 +182,7 @@ def busy_label(job: Job, client) -> str:
 def error_parts(message: str) -> dict:
     """An error next to Generate (and in the info area, and as a toast), the tab idle again."""
     gr.Warning(message)
-    return {**IDLE, "info": info_html(message, error=True), "status": info_html(message, error=True)}
+    return {**idle(), "info": info_html(message, error=True), "status": info_html(message, error=True)}
 
 
 def error_frame(message: str, **more) -> tuple:
@@ -261,7 +264,7 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     # the first picture's infotext, a grid's included, as A1111's info (infotexts[0]; an X/Y/Z grid's names its axes)
     shown = (texts[0] if texts else "") + (f"\n{notes}" if notes else "")
     maps = [Image.open(io.BytesIO(png)) for png in getattr(result, "extra_images", [])]  # always-on scripts' images, last
-    yield frame(**{**IDLE, "status": "", "info": info_html(shown), "last_seed": (first.seed if first else -1),
+    yield frame(**{**idle(), "status": "", "info": info_html(shown), "last_seed": (first.seed if first else -1),
                    "infotexts": texts + [""] * len(maps), "images": pictures, "job_ref": NO_JOB,
                    "gallery": gr.update(value=[(p, None) for p in pictures + maps], visible=True)})
 
