@@ -142,7 +142,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                                             scale=4)
                         refresh = gr.Button("\U0001f504", elem_id=f"{prefix}_refresh_models", size="sm", min_width=40,
                                             scale=0)
-                    with gr.Row():
+                    with gr.Row(elem_classes=["easel-compact-sliders"]):  # labels on one line
                         weight = gr.Slider(0, 2, value=1, step=0.05, label="Control Weight", elem_id=f"{prefix}_weight")
                         start = gr.Slider(0, 1, value=0, step=0.01, label="Starting Control Step", elem_id=f"{prefix}_start")
                         end = gr.Slider(0, 1, value=1, step=0.01, label="Ending Control Step", elem_id=f"{prefix}_end")
