@@ -37,7 +37,8 @@ def _options(page, elem: str) -> list[str]:
     """The choices of a Gradio dropdown, read by opening its list as a person does."""
     page.locator(f"{elem} input").first.click()
     page.wait_for_selector(f"{elem} li[role=option]")
-    texts = [t.strip() for t in page.locator(f"{elem} li[role=option]").all_inner_texts()]
+    texts = page.locator(f"{elem} li[role=option]").evaluate_all(
+        "options => options.map(o => (o.getAttribute('aria-label') || o.textContent).trim())")
     page.keyboard.press("Escape")
     page.wait_for_selector(f"{elem} li[role=option]", state="detached")
     return texts

@@ -141,8 +141,12 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                      label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                               elem_id="img2img_inpaint_full_res_padding")
-            # "Inpaint options" shows only on the inpaint sub-tabs, as in A1111 (whether a person picks the sub-tab
-            # or a Send to button / PNG Info selects it: both set the mode).
+            # "Inpaint options" shows only on the inpaint sub-tabs, as in A1111: a sub-tab's select event sets it
+            # with the mode (unqueued, so it fires no State change), and a Send to button or PNG Info that selects a
+            # sub-tab sets the mode in a queued event, whose State change sets it.
+            for tab, name in ((t_img, "img2img"), (t_sketch, "sketch"), (t_inpaint, "inpaint"),
+                              (t_isketch, "inpaint_sketch"), (t_upload, "inpaint_upload"), (t_batch, "batch")):
+                tab.select(lambda n=name: gr.update(visible=n in INPAINT_MODES), outputs=[inpaint_options], queue=False)
             mode.change(lambda n: gr.update(visible=n in INPAINT_MODES), inputs=[mode], outputs=[inpaint_options],
                         queue=False)
             with gr.Row():
