@@ -124,7 +124,7 @@ def test_control_type_filters_preprocessors_and_models(server, tmp_path):
         assert width >= 400, f"the model dropdown is {width}px wide"
 
 
-def test_enabled_units_count_in_the_accordion_title(server):
+def test_enabled_units_count_in_the_accordion_title(server, tmp_path):
     with browser_page(server.url) as page:
         page.set_viewport_size(SIZE)
         page.wait_for_selector("#txt2img_prompt textarea")
@@ -138,6 +138,8 @@ def test_enabled_units_count_in_the_accordion_title(server):
         accordion.get_by_role("tab", name="ControlNet Unit 1", exact=True).click()
         page.locator("#txt2img_controlnet_unit1_enable input").check()
         accordion.get_by_text("ControlNet - 2 units", exact=True).first.wait_for()
+        accordion.scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "controlnet_two_units_1440x900.png"))
         page.locator("#txt2img_controlnet_unit1_enable input").uncheck()
         accordion.get_by_text("ControlNet - 1 unit", exact=True).first.wait_for()
         accordion.get_by_role("tab", name="ControlNet Unit 1", exact=True).wait_for()
@@ -160,9 +162,11 @@ def test_inpaint_options_only_on_inpaint_sub_tabs(server):
                             ("Inpaint upload", True), ("img2img", False)):
             sub_tabs.get_by_role("tab", name=name, exact=True).click()
             options.wait_for(state="visible" if shown else "hidden")
-        # The webcam is one of the image's sources, as in A1111.
-        assert page.locator("#img2img_image").get_by_role("button", name="Capture from camera").count() == 1 or \
-            page.locator("#img2img_image [aria-label*='webcam' i], #img2img_image [aria-label*='camera' i]").count() >= 1
+        # The webcam is one of the pictures' sources, as in A1111 (the source bar's camera button).
+        page.locator("#img2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
+        page.wait_for_selector("#img2img_controlnet_unit0_image", state="visible")
+        for elem in ("#img2img_image", "#img2img_controlnet_unit0_image"):
+            assert page.locator(f"{elem} button[aria-label='Capture from camera']").count() == 1, elem
 
 
 def test_translucent_inpaint_brush(server, tmp_path):
