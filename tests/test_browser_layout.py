@@ -44,10 +44,6 @@ def _options(page, elem: str) -> list[str]:
     return texts
 
 
-def _value(page, elem: str) -> str:
-    return page.locator(f"{elem} input").first.input_value()
-
-
 def test_hires_fix_rows_keep_labels_on_one_line(server, tmp_path):
     with browser_page(server.url) as page:
         page.set_viewport_size(SIZE)
