@@ -85,6 +85,7 @@ def test_send_a_txt2img_result_to_inpaint(server):
         assert page.input_value("#img2img_width input[type=number]") == "64"
         assert page.input_value("#img2img_height input[type=number]") == "96"
         assert page.locator("#mode_img2img [role=tab][aria-selected=true]").inner_text().strip() == "Inpaint"
+        page.locator("#img2img_inpaint_controls").wait_for(state="visible")  # the inpaint sub-tab's options show
         page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
         # the editor takes the picture's size (its zoom label goes well over 100% for 64x96), not its 800x800 default
         page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from backend.client import BackendError
+from backend.core import control_types
 from backend.core.preprocessor_catalog import all_preprocessors, find_preprocessor
 from backend.controlnet.units import CONTROL_MODES, RESIZE_MODES
 from backend.core.errors import UserError
@@ -25,6 +26,24 @@ UNIT_FIELDS = ["enabled", "image", "module", "model", "weight", "guidance_start"
 
 def _error(exc: Exception) -> str:
     return f'<div class="easel-error">{html.escape(getattr(exc, "message", str(exc)))}</div>'
+
+
+def accordion_title(*enabled) -> str:
+    """The accordion's title: "ControlNet", and the number of enabled units when there are any."""
+    n = sum(1 for e in enabled if e)
+    return f"ControlNet - {n} unit{'' if n == 1 else 's'}" if n else "ControlNet"
+
+
+def unit_title(index: int, enabled: bool, module: str | None) -> str:
+    """A unit tab's title: "ControlNet Unit 0", with the control type of its preprocessor while it is enabled."""
+    title = f"ControlNet Unit {index}"
+    if not enabled:
+        return title
+    try:
+        kind = control_types.label_of(find_preprocessor(module).control_type)
+    except UserError:
+        kind = "All"
+    return f"{title} [{kind if kind != 'All' else (module or 'none')}]"
 
 
 def _slider_updates(module: str):
@@ -81,6 +100,8 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
     modules = [p.name for p in all_preprocessors()]
     inputs: list = []
     model_dropdowns = []
+    type_radios = []
+    enable_boxes = []
 
     def models_for(title) -> list[str]:
         ckpt = None
@@ -90,13 +111,16 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
             pass
         return service.components["controlnet"].model_titles(ckpt)
 
-    with gr.Accordion("ControlNet", open=False, elem_id=f"{tab_name}_controlnet"):
+    def type_models(kind, title) -> list[str]:
+        return control_types.models_for(kind or "All", models_for(title))
+
+    with gr.Accordion("ControlNet", open=False, elem_id=f"{tab_name}_controlnet") as accordion:
         with gr.Tabs():
             for i in range(count):
                 prefix = f"{tab_name}_controlnet_unit{i}"
-                with gr.Tab(f"ControlNet Unit {i}", id=f"{prefix}_tab"):
+                with gr.Tab(f"ControlNet Unit {i}", id=f"{prefix}_tab", elem_id=f"{prefix}_tab") as unit_tab:
                     with gr.Row():
-                        image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard"],
+                        image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard", "webcam"],
                                          elem_id=f"{prefix}_image", height=256)
                         preview = gr.Image(label="Preprocessor preview", type="pil", interactive=False,
                                            elem_id=f"{prefix}_preview", height=256)
@@ -105,12 +129,20 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                         pixel_perfect = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}_pixel_perfect")
                         use_init = gr.Checkbox(False, label="Use the img2img image (also when none is uploaded)",
                                                visible=img2img, elem_id=f"{prefix}_use_img2img")
-                    with gr.Row():
-                        module = gr.Dropdown(modules, value="none", label="Preprocessor", elem_id=f"{prefix}_module")
-                        run = gr.Button("\U0001f4a5 Preview", elem_id=f"{prefix}_run_preprocessor", size="sm", min_width=90)
-                        model = gr.Dropdown(models_for(None), value="None", label="Model", elem_id=f"{prefix}_model")
-                        refresh = gr.Button("\U0001f504", elem_id=f"{prefix}_refresh_models", size="sm", min_width=40)
-                    with gr.Row():
+                    control_type = gr.Radio(control_types.control_type_names(), value="All", label="Control Type",
+                                            elem_id=f"{prefix}_control_type")
+                    # The preprocessor and the model each get a full row: model titles are long (name [hash]).
+                    with gr.Row(equal_height=True):
+                        module = gr.Dropdown(modules, value="none", label="Preprocessor", elem_id=f"{prefix}_module",
+                                             scale=4)
+                        run = gr.Button("\U0001f4a5 Preview", elem_id=f"{prefix}_run_preprocessor", size="sm",
+                                        min_width=90, scale=0)
+                    with gr.Row(equal_height=True):
+                        model = gr.Dropdown(models_for(None), value="None", label="Model", elem_id=f"{prefix}_model",
+                                            scale=4)
+                        refresh = gr.Button("\U0001f504", elem_id=f"{prefix}_refresh_models", size="sm", min_width=40,
+                                            scale=0)
+                    with gr.Row(elem_classes=["easel-compact-sliders"]):  # labels on one line
                         weight = gr.Slider(0, 2, value=1, step=0.05, label="Control Weight", elem_id=f"{prefix}_weight")
                         start = gr.Slider(0, 1, value=0, step=0.01, label="Starting Control Step", elem_id=f"{prefix}_start")
                         end = gr.Slider(0, 1, value=1, step=0.01, label="Ending Control Step", elem_id=f"{prefix}_end")
@@ -128,6 +160,19 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                     status = gr.HTML(elem_id=f"{prefix}_status")
 
                 module.change(_slider_updates, inputs=[module], outputs=[res, thr_a, thr_b], queue=False)
+
+                def on_control_type(kind, title=None):
+                    """sd-webui-controlnet's filter: the type's preprocessors and models, its default picked."""
+                    kind = kind or "All"
+                    choices = type_models(kind, title)
+                    return (gr.update(choices=control_types.modules_for(kind), value=control_types.default_module(kind)),
+                            gr.update(choices=choices, value=control_types.default_model(kind, choices)))
+
+                control_type.change(on_control_type, inputs=[control_type] + ([checkpoint] if checkpoint is not None else []),
+                                    outputs=[module, model], queue=False)
+                for trigger in (enabled.change, module.change):
+                    trigger(lambda on, mod, i=i: gr.update(label=unit_title(i, on, mod)), inputs=[enabled, module],
+                            outputs=[unit_tab], queue=False)
 
                 def on_preview(img, mod, r, a, b, pp, rm, w=512, h=512):
                     if img is None:
@@ -147,25 +192,35 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                 run.click(on_preview, inputs=[image, module, res, thr_a, thr_b, pixel_perfect, resize_mode] + sizes,
                           outputs=[preview, status])
 
-                def on_refresh(current, title=None):
+                def on_refresh(current, kind, title=None):
                     service.components["controlnet"].refresh()
-                    choices = models_for(title)
+                    choices = type_models(kind, title)
                     return gr.update(choices=choices, value=current if current in choices else "None")
 
-                refresh.click(on_refresh, inputs=[model] + ([checkpoint] if checkpoint is not None else []),
+                refresh.click(on_refresh, inputs=[model, control_type] + ([checkpoint] if checkpoint is not None else []),
                               outputs=[model], queue=False)
                 model_dropdowns.append(model)
+                type_radios.append(control_type)
+                enable_boxes.append(enabled)
                 inputs += [enabled, image, module, model, weight, start, end, control_mode, resize_mode, pixel_perfect,
                            res, thr_a, thr_b]
                 if img2img:
                     inputs.append(use_init)
 
+    for box in enable_boxes:
+        box.change(lambda *on: gr.update(label=accordion_title(*on)), inputs=enable_boxes, outputs=[accordion],
+                   queue=False)
     if checkpoint is not None:
-        def on_checkpoint(title, *current):
-            choices = models_for(title)
-            return [gr.update(choices=choices, value=c if c in choices else "None") for c in current]
+        def on_checkpoint(title, *values):
+            current, kinds = values[:count], values[count:]
+            updates = []
+            for c, kind in zip(current, kinds):
+                choices = type_models(kind, title)
+                updates.append(gr.update(choices=choices, value=c if c in choices else "None"))
+            return updates
 
-        checkpoint.change(on_checkpoint, inputs=[checkpoint] + model_dropdowns, outputs=model_dropdowns, queue=False)
+        checkpoint.change(on_checkpoint, inputs=[checkpoint] + model_dropdowns + type_radios, outputs=model_dropdowns,
+                          queue=False)
     return UnitsPanel(inputs=inputs, count=count, img2img=img2img)
 
 
@@ -195,7 +250,8 @@ def build_tab(service: EaselService) -> None:
                          interactive=False, elem_id="controlnet_modules_table")
         with gr.Column():
             gr.Markdown("**Detect**: run a preprocessor on an image")
-            image = gr.Image(label="Image", type="pil", sources=["upload", "clipboard"], elem_id="controlnet_detect_image",
+            image = gr.Image(label="Image", type="pil", sources=["upload", "clipboard", "webcam"],
+                             elem_id="controlnet_detect_image",
                              height=256)
             module = gr.Dropdown([p.name for p in all_preprocessors()], value="canny", label="Preprocessor",
                                  elem_id="controlnet_detect_module")

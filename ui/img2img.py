@@ -18,6 +18,10 @@ MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "ba
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
                "inpaint_upload": "Inpaint upload", "batch": "Batch"}
 OUTPAINTING = ("Poor man's outpainting", "Outpainting mk2")  # scripts that make their own mask
+SOURCES = ["upload", "clipboard", "webcam"]  # where a picture can come from, as A1111 offers
+INPAINT_MODES = ("inpaint", "inpaint_sketch", "inpaint_upload")  # the sub-tabs that show "Inpaint options"
+# The inpaint brush: white at half opacity, so the picture shows through the mask; any paint counts as masked.
+MASK_BRUSH = gr.Brush(colors=[("#ffffff", 0.5)], color_mode="fixed", default_size=24)
 SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047", "#1e88e5", "#8e24aa", "#6d4c41"]
 
 # Request fields the tab edits, in the order of the `inputs` list (after the images and mode controls).
@@ -87,22 +91,22 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             with gr.Tabs(elem_id="mode_img2img") as sub_tabs:
                 with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as t_img:
                     images["init_image"] = gr.Image(label="Image for img2img", type="pil", image_mode="RGBA",
-                                                    sources=["upload", "clipboard"], format="png", height=420,
+                                                    sources=SOURCES, format="png", height=420,
                                                     elem_id="img2img_image")
                 with gr.Tab("Sketch", id="sketch", elem_id="img2img_img2img_sketch_tab") as t_sketch:
                     images["sketch"] = gr.ImageEditor(label="Image for img2img (draw on it)", type="pil", format="png",
                                                       brush=gr.Brush(colors=SKETCH_COLORS, color_mode="defaults"),
-                                                      sources=["upload", "clipboard"], layers=False, height=420,
+                                                      sources=SOURCES, layers=False, height=420,
                                                       elem_id="img2img_sketch")
                 with gr.Tab("Inpaint", id="inpaint", elem_id="img2img_inpaint_tab") as t_inpaint:
                     images["inpaint"] = gr.ImageEditor(label="Image for inpainting with mask", type="pil", format="png",
-                                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
-                                                       sources=["upload", "clipboard"], layers=False, height=420,
+                                                       brush=MASK_BRUSH,
+                                                       sources=SOURCES, layers=False, height=420,
                                                        elem_id="img2maskimg")
                 with gr.Tab("Inpaint sketch", id="inpaint_sketch", elem_id="img2img_inpaint_sketch_tab") as t_isketch:
                     images["inpaint_sketch"] = gr.ImageEditor(label="Color sketch inpainting", type="pil", format="png",
                                                               brush=gr.Brush(colors=SKETCH_COLORS, color_mode="defaults"),
-                                                              sources=["upload", "clipboard"], layers=False, height=420,
+                                                              sources=SOURCES, layers=False, height=420,
                                                               elem_id="inpaint_sketch")
                 with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as t_upload:
                     images["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", format="png",
@@ -124,7 +128,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             c["resize_mode"] = gr.Radio(request_checks.RESIZE_MODES, value="Just resize", type="index", label="Resize mode",
                                         elem_id="img2img_resize_mode")
             generation.sampler_controls(service, "img2img", c)
-            with gr.Accordion("Inpaint options", open=True, elem_id="img2img_inpaint_controls"):
+            with gr.Accordion("Inpaint options", open=True, visible=False,
+                              elem_id="img2img_inpaint_controls") as inpaint_options:
                 with gr.Row():
                     c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
                     c["inpainting_mask_invert"] = gr.Radio(image_prep.MASK_MODES, value=image_prep.MASK_MODES[0], type="index",
@@ -136,6 +141,14 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                      label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                               elem_id="img2img_inpaint_full_res_padding")
+            # "Inpaint options" shows only on the inpaint sub-tabs, as in A1111: a sub-tab's select event sets it
+            # with the mode (unqueued, so it fires no State change), and a Send to button or PNG Info that selects a
+            # sub-tab sets the mode in a queued event, whose State change sets it.
+            for tab, name in ((t_img, "img2img"), (t_sketch, "sketch"), (t_inpaint, "inpaint"),
+                              (t_isketch, "inpaint_sketch"), (t_upload, "inpaint_upload"), (t_batch, "batch")):
+                tab.select(lambda n=name: gr.update(visible=n in INPAINT_MODES), outputs=[inpaint_options], queue=False)
+            mode.change(lambda n: gr.update(visible=n in INPAINT_MODES), inputs=[mode], outputs=[inpaint_options],
+                        queue=False)
             with gr.Row():
                 c["scale_mode"] = gr.Radio(["Resize to", "Resize by"], value="Resize to", label="Size",
                                            elem_id="img2img_scale_mode")

@@ -19,6 +19,7 @@ CSS = """
 .easel-progress-bar { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent); opacity: .45; transition: width .3s; }
 .easel-progress-text { position: relative; padding: 0 8px; line-height: 24px; font-size: 13px; }
 .easel-error { color: #c62828; font-weight: 600; white-space: pre-wrap; }
+.easel-compact-sliders .head > label { flex: 1 0 auto !important; white-space: nowrap; }
 .easel-infotext { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; word-break: break-word; }
 """
 

@@ -25,15 +25,20 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             generation.sampler_controls(service, "txt2img", c)
             with gr.Accordion("Hires. fix", open=False):
                 c["enable_hr"] = gr.Checkbox(False, label="Enable hires. fix", elem_id="txt2img_enable_hr")
-                with gr.Row():
+                # A1111's two rows, with its short labels kept on one line (the number box moves under a long label).
+                with gr.Row(elem_id="txt2img_hires_fix_row1", elem_classes=["easel-compact-sliders"]):
                     c["hr_upscaler"] = gr.Dropdown(service.postprocess.hires_upscaler_names(), value="Latent", label="Upscaler",
                                                    elem_id="txt2img_hr_upscaler")
-                    c["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same as sampling steps)")
-                    c["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength")
-                with gr.Row():
-                    c["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
-                    c["hr_resize_x"] = gr.Slider(0, 4096, value=0, step=8, label="Resize width to")
-                    c["hr_resize_y"] = gr.Slider(0, 4096, value=0, step=8, label="Resize height to")
+                    c["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps",
+                                                          elem_id="txt2img_hires_steps")  # 0: the sampling steps
+                    c["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                                        elem_id="txt2img_denoising_strength")
+                with gr.Row(elem_id="txt2img_hires_fix_row2", elem_classes=["easel-compact-sliders"]):
+                    c["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+                    c["hr_resize_x"] = gr.Slider(0, 4096, value=0, step=8, label="Resize width to",
+                                                 elem_id="txt2img_hr_resize_x")
+                    c["hr_resize_y"] = gr.Slider(0, 4096, value=0, step=8, label="Resize height to",
+                                                 elem_id="txt2img_hr_resize_y")
             with gr.Row():
                 with gr.Column():
                     c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
