@@ -174,6 +174,7 @@ def test_translucent_inpaint_brush(server, tmp_path):
         page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
         editor = page.locator("#img2maskimg")
         page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+        page.wait_for_selector("#img2img_inpaint_controls", state="visible")  # the layout settled below the editor
         page.wait_for_timeout(1000)
         editor.locator("input[type=file]").set_input_files(str(source))
         page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
@@ -182,8 +183,8 @@ def test_translucent_inpaint_brush(server, tmp_path):
         editor.get_by_role("button", name="Brush").first.click()
         page.wait_for_timeout(300)
         canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
-        box = canvas.bounding_box()
-        before = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
+        before = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")  # scrolls the canvas into view
+        box = canvas.bounding_box()  # measured after that scroll: where the mouse must draw
         y = box["y"] + box["height"] * 0.5
         page.mouse.move(box["x"] + box["width"] * 0.3, y)
         page.mouse.down()
