@@ -40,7 +40,9 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
         with gr.Column(scale=6):
             c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}_prompt",
                                      placeholder="Prompt (A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK)")
+            counters = {"prompt": token_counter(f"{tab}_token_counter")}
             c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}_neg_prompt")
+            counters["negative_prompt"] = token_counter(f"{tab}_negative_token_counter")
         with gr.Column(scale=1, min_width=160):
             buttons["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{tab}_generate")
             with gr.Row():  # there while a job of the tab runs (`busy`)
@@ -59,7 +61,23 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
             # set by a paste (PNG Info, Send to, Read parameters): settings this tab's next jobs use, as A1111's
             c["override_choices"] = gr.Dropdown([], value=[], multiselect=True, label="Override settings",
                                                 visible=False, elem_id=f"{tab}_override_settings")
+    for name, counter in counters.items():  # A1111's "12/75" of each prompt box, as the user types
+        c[name].change(count_tokens, c[name], counter, queue=False, trigger_mode="always_last",
+                       show_progress="hidden")
     return buttons
+
+
+def token_counter(elem_id: str) -> gr.HTML:
+    return gr.HTML(count_tokens(""), elem_id=elem_id, elem_classes=["easel-token-counter"], padding=False)
+
+
+def count_tokens(text: str) -> str:
+    """The CLIP tokens a prompt takes and the chunk length they fill (backend.core.token_counter)."""
+    from backend.core.token_counter import prompt_tokens
+    count, target = prompt_tokens(text or "")
+    over = " easel-token-counter-long" if count > 75 else ""
+    return f'<span class="easel-token-count{over}" title="tokens / length of the chunks of 75 they fill">{count}/{target}</span>'
+
 
 
 def sampler_controls(service: EaselService, tab: str, c: dict) -> None:

@@ -15,58 +15,18 @@ padding with "!", id 0).
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.util
 import json
 import os
 import tempfile
 from pathlib import Path
 
-BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# the BPE data and vocabulary (torch-free: the app's token counter reads them too)
+from backend.core.clip_bpe import (BOS, BPE_FILE_NAME, EOS, VOCAB_SIZE, bpe_data_path,  # noqa: F401
+                                   build_vocab_and_merges, bytes_to_unicode)
+
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "cache" / "clip_tokenizer"  # <repo>/cache
-VOCAB_SIZE = 49408
 MAX_LENGTH = 77
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
 KINDS = ("clip_l", "clip_g")
-
-
-def bpe_data_path() -> Path:
-    """Where open-clip-torch keeps the BPE merges, found without importing open_clip (which pulls in torch models)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("The open-clip-torch package is not installed; it provides the CLIP tokenizer's BPE data.")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / BPE_FILE_NAME
-        if candidate.is_file():
-            return candidate
-    raise RuntimeError(f"{BPE_FILE_NAME} was not found in the open_clip package ({list(spec.submodule_search_locations)}).")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's map from bytes to printable unicode characters (byte-level BPE alphabet), in vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def build_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The vocabulary and merges exactly as OpenAI's `SimpleTokenizer` computes them."""
-    lines = gzip.open(bpe_path or bpe_data_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    tokens.extend("".join(m) for m in merges)
-    tokens.extend([BOS, EOS])
-    if len(tokens) != VOCAB_SIZE:
-        raise RuntimeError(f"unexpected CLIP vocabulary size {len(tokens)} (expected {VOCAB_SIZE})")
-    return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
 def _atomic_write(path: Path, text: str) -> None:
