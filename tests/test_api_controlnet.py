@@ -71,6 +71,12 @@ def test_version_module_and_model_lists(cn):
     assert all(m.endswith("]") and len(m.split(" [")[1]) == 9 for m in models)
     types = cn.get("/controlnet/control_types").json()["control_types"]
     assert "canny" in types["Canny"]["module_list"]
+    # the same rules as the UI's Control Type radio (backend.core.control_types): labels, filters, defaults
+    from backend.core import control_types as ct
+    assert list(types) == ct.control_type_names() and "Tile" not in types
+    assert types["Canny"]["module_list"] == ct.modules_for("Canny") and types["Canny"]["default_option"] == "canny"
+    assert types["Canny"]["default_model"].startswith("control_v11p_sd15_canny")
+    assert all("canny" in m.lower() for m in types["Canny"]["model_list"] if m != "None")
     assert cn.get("/controlnet/settings").json()["control_net_unit_count"] == 3
 
 

@@ -73,21 +73,14 @@ class ControlNetService:
                 for p in all_preprocessors()}
 
     def control_types(self) -> dict:
-        types: dict[str, dict] = {"All": {"module_list": self.module_names(), "model_list": ["None"] + self.registry.titles(),
-                                          "default_option": "none", "default_model": "None"}}
-        for p in all_preprocessors():
-            if p.control_type == "All":
-                continue
-            entry = types.setdefault(p.control_type, {"module_list": ["none"], "model_list": ["None"],
-                                                      "default_option": p.name, "default_model": "None"})
-            entry["module_list"].append(p.name)
-            key = p.control_type.lower().replace("-", "").replace(" ", "")
-            for title in self.registry.titles():
-                if key in title.lower().replace("_", "") and title not in entry["model_list"]:
-                    entry["model_list"].append(title)
-            if entry["default_model"] == "None" and len(entry["model_list"]) > 1:
-                entry["default_model"] = entry["model_list"][1]
-        return types
+        """/controlnet/control_types: each Control Type's preprocessors and models, by the same rules as the UI's
+        Control Type radio (`backend.core.control_types`, sd-webui-controlnet's labels and filters)."""
+        from backend.core import control_types as ct
+
+        titles = ["None"] + self.registry.titles()
+        return {name: {"module_list": ct.modules_for(name), "model_list": ct.models_for(name, titles),
+                       "default_option": ct.default_module(name), "default_model": ct.default_model(name, titles)}
+                for name in ct.control_type_names()}
 
     # -- jobs -----------------------------------------------------------------------------------
     def units_for_job(self, alwayson_scripts: dict | None, *, img2img: bool) -> list:
