@@ -402,7 +402,8 @@ def reattach_on_load(service: EaselService, r: dict, presses: GeneratePresses) -
             yield update
 
     demo = get_blocks_context().root_block  # the Blocks being built, whose load event this is
-    demo.load(on_load, inputs=[r["job_ref"]], outputs=result_outputs(r), concurrency_limit=None)
+    demo.load(on_load, inputs=[r["job_ref"]], outputs=result_outputs(r), concurrency_limit=None,
+              show_progress="hidden")  # no spinners over the results while a page only looks for its job
 
 
 def selected_image(images: list, selected: int) -> Image.Image | None:

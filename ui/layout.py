@@ -20,7 +20,7 @@ CSS = """
 .easel-progress-text { position: relative; padding: 0 8px; line-height: 24px; font-size: 13px; }
 .easel-error { color: #c62828; font-weight: 600; white-space: pre-wrap; }
 .easel-compact-sliders .head > label { flex: 1 0 auto !important; white-space: nowrap; }
-.easel-token-counter { text-align: right; font-size: 12px; opacity: .75; margin: -4px 4px 0 0; }
+.easel-token-counter { text-align: right; font-size: 12px; opacity: .75; margin: -14px 8px -8px 0 !important; min-height: 0 !important; }
 .easel-token-counter-long { color: var(--color-accent); }
 .easel-infotext { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; word-break: break-word; }
 """
