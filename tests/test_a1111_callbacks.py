@@ -131,8 +131,9 @@ def test_tab_and_settings_in_the_browser(cb_server):
         page.locator("#easel_callbacks_tab_text").wait_for(state="visible")
         assert "Hello from the callbacks test tab" in page.locator("#easel_callbacks_tab_text").inner_text()
         page.get_by_role("tab", name="Settings").click()
+        # the extension's section in the Settings sidebar (its on_ui_settings section title), as a user picks it
+        page.locator("#settings_sections label", has_text="Easel callbacks test").click()
         page.locator("#settings_easel_test_level").wait_for(state="visible")
-        assert "Easel callbacks test" in page.locator("body").inner_text()
         assert page.locator("#settings_easel_test_tag textarea, #settings_easel_test_tag input").first.input_value() \
             == "Tagged by the test extension"
 
