@@ -135,7 +135,7 @@ def build_units(service: EaselService, tab_name: str, checkpoint: gr.Dropdown | 
                     with gr.Row(equal_height=True):
                         module = gr.Dropdown(modules, value="none", label="Preprocessor", elem_id=f"{prefix}_module",
                                              scale=4)
-                        run = gr.Button("\U0001f4a5 Preview", elem_id=f"{prefix}_run_preprocessor", size="sm",
+                        run = gr.Button("Preview", elem_id=f"{prefix}_run_preprocessor", size="sm",
                                         min_width=90, scale=0)
                     with gr.Row(equal_height=True):
                         model = gr.Dropdown(models_for(None), value="None", label="Model", elem_id=f"{prefix}_model",
@@ -244,7 +244,7 @@ def build_tab(service: EaselService) -> None:
             gr.Markdown(f"**Models** (from {', '.join(str(d) for d in cn.registry.folders)})")
             models = gr.Dataframe(model_rows(), headers=["Model", "For", "File"], interactive=False,
                                   elem_id="controlnet_models_table")
-            refresh = gr.Button("\U0001f504 Refresh models", elem_id="controlnet_refresh_models", size="sm")
+            refresh = gr.Button("Refresh models", elem_id="controlnet_refresh_models", size="sm")
             gr.Markdown(f"**Preprocessors** (annotator weights in {cn.annotators_dir})")
             gr.Dataframe(module_rows(), headers=["Preprocessor", "Also called", "Needs weights", "Settings"],
                          interactive=False, elem_id="controlnet_modules_table")

@@ -26,7 +26,7 @@ ICONS = {
 ICON_BUTTONS = {
     "#refresh_sd_model_checkpoint": "refresh",
     "#extras_refresh_upscalers": "refresh",
-    '[id$="_refresh_models"]': "refresh",
+    '[id*="_controlnet_unit"][id$="_refresh_models"]': "refresh",  # the units' icon-only refresh
     "#txt2img_random_seed, #img2img_random_seed": "dice",
     "#txt2img_reuse_seed, #img2img_reuse_seed": "recycle",
 }
