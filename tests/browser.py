@@ -60,3 +60,27 @@ def set_sizes(page, steps: int, width: int, height: int, tab: str = "txt2img") -
         box = page.locator(f"#{tab}_{name} input[type=number]")
         box.fill(str(value))
         box.press("Enter")
+
+
+def inpaint_canvas_with(page, picture: str):
+    """Open img2img > Inpaint, load `picture` into the editor, pick the brush; -> (canvas locator, its box), the
+    canvas scrolled into view first so that the box is where the mouse must draw."""
+    page.get_by_role("tab", name="img2img").first.click()
+    page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
+    editor = page.locator("#img2maskimg")
+    # Let the editor finish setting up its empty canvas first (as a person would, before choosing a file).
+    page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+    page.wait_for_selector("#img2img_inpaint_controls", state="visible")  # the layout settled below the editor
+    page.wait_for_timeout(1000)
+    editor.locator("input[type=file]").set_input_files(picture)
+    # The editor starts with an 800x800 canvas and adopts the picture's size once it has loaded it (its zoom
+    # label jumps from ~45% to over 100% for a small picture); strokes drawn before that land on the
+    # 800x800 canvas, and the editor then sends an 800x800 image.
+    page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
+                                      return m !== null && Number(m[1]) > 100; }""", timeout=30_000)
+    page.wait_for_timeout(300)
+    editor.get_by_role("button", name="Brush").first.click()
+    page.wait_for_timeout(300)
+    canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
+    canvas.scroll_into_view_if_needed()
+    return canvas, canvas.bounding_box()

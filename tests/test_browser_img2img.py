@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from browser import browser_page
+from browser import browser_page, inpaint_canvas_with
 from test_api_img2img import picture
 
 
@@ -20,23 +20,7 @@ def test_draw_a_mask_and_inpaint(server, api, tmp_path):
     # Keep what the editor sent to the server: the paste-back is checked against it exactly.
     assert api.post("/options", json={"save_init_img": True}).status_code == 200
     with browser_page(server.url) as page:
-        page.get_by_role("tab", name="img2img").first.click()
-        page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
-        editor = page.locator("#img2maskimg")
-        # Let the editor finish setting up its empty canvas first (as a person would, before choosing a file).
-        page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
-        page.wait_for_timeout(1000)
-        editor.locator("input[type=file]").set_input_files(str(source))
-        # The editor starts with an 800x800 canvas and adopts the picture's size once it has loaded it (its zoom
-        # label jumps from ~45% to over 100% for this small picture); strokes drawn before that land on the
-        # 800x800 canvas, and the editor then sends an 800x800 image.
-        page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
-                                          return m !== null && Number(m[1]) > 100; }""", timeout=30_000)
-        page.wait_for_timeout(300)
-        editor.get_by_role("button", name="Brush").first.click()
-        page.wait_for_timeout(300)
-        canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
-        box = canvas.bounding_box()
+        canvas, box = inpaint_canvas_with(page, str(source))
         # A horizontal stroke through the middle of the picture, with the (default) brush.
         y = box["y"] + box["height"] * 0.5
         page.mouse.move(box["x"] + box["width"] * 0.3, y)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from browser import browser_page
+from browser import browser_page, inpaint_canvas_with
 from controlnet_factory import write_tiny_controlnet
 from test_api_img2img import picture
 
@@ -171,21 +171,8 @@ def test_translucent_inpaint_brush(server, tmp_path):
     picture(128, 128).save(source)
     with browser_page(server.url) as page:
         page.set_viewport_size(SIZE)
-        page.get_by_role("tab", name="img2img").first.click()
-        page.locator("#mode_img2img").get_by_role("tab", name="Inpaint", exact=True).click()
-        editor = page.locator("#img2maskimg")
-        page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
-        page.wait_for_selector("#img2img_inpaint_controls", state="visible")  # the layout settled below the editor
-        page.wait_for_timeout(1000)
-        editor.locator("input[type=file]").set_input_files(str(source))
-        page.wait_for_function("""() => { const m = document.querySelector('#img2maskimg').innerText.match(/(\\d+)%/);
-                                          return m !== null && Number(m[1]) > 100; }""", timeout=30_000)
-        page.wait_for_timeout(300)
-        editor.get_by_role("button", name="Brush").first.click()
-        page.wait_for_timeout(300)
-        canvas = max(editor.locator("canvas").all(), key=lambda c: (c.bounding_box() or {"width": 0})["width"])
-        before = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")  # scrolls the canvas into view
-        box = canvas.bounding_box()  # measured after that scroll: where the mouse must draw
+        canvas, box = inpaint_canvas_with(page, str(source))
+        before = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
         y = box["y"] + box["height"] * 0.5
         page.mouse.move(box["x"] + box["width"] * 0.3, y)
         page.mouse.down()
