@@ -1,5 +1,5 @@
 """The results' Save and Zip buttons (AUTOMATIC1111's `save_files`): copies of the shown pictures into the
-`outdir_save` folder (default `log/images` in the data folder), with a line per picture in its `log.csv`, or one zip
+`outdir_save` folder (default `outputs/log/images` in the data folder; A1111's is `log/images`), with a line per picture in its `log.csv`, or one zip
 of them, offered for download.
 
 App side, no torch: it gets the pictures the UI shows (PIL) and their infotexts.

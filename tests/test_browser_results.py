@@ -66,7 +66,7 @@ def test_save_and_zip_the_results(server):
         page.click("#save_zip_txt2img")
         page.wait_for_function("document.querySelector('#txt2img_status').innerText.includes('Zipped')")
         zip_name = page.inner_text("#txt2img_status").split("Zipped: ")[1].strip()
-    folder = server.data_dir / "log" / "images"
+    folder = server.data_dir / "outputs" / "log" / "images"
     assert (folder / saved_name).is_file()
     rows = list(csv.DictReader(open(folder / "log.csv", encoding="utf-8")))
     mine = [row for row in rows if row["filename"] == saved_name]

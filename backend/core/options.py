@@ -57,7 +57,9 @@ SETTINGS: list[Setting] = [
     Setting("outdir_img2img_grids", "outputs/img2img-grids", "Output folder for img2img grids", "Paths for saving"),
     Setting("outdir_init_images", "outputs/init-images", "Directory for saving init images when using img2img",
             "Paths for saving"),
-    Setting("outdir_save", "log/images", "Directory for saving images using the Save button", "Paths for saving"),
+    # A1111's default is log/images; Easel keeps every output folder inside outputs/ (the settings gate's rule)
+    Setting("outdir_save", "outputs/log/images", "Directory for saving images using the Save button",
+            "Paths for saving"),
     Setting("save_selected_only", True, "When using the Save button, only save the selected image", "Saving images",
             bool),
     Setting("save_init_img", False, "Save init images when using img2img", "Saving images", bool),
