@@ -37,8 +37,7 @@ def chosen(pictures: list, selected: int | None, selected_only: bool) -> list[in
     return list(range(len(pictures)))
 
 
-def _row(text: str, filename: str, image: Image.Image) -> dict:
-    params = infotext_mod.parse_infotext(text) if text else {}
+def _row(params: dict, filename: str, image: Image.Image) -> dict:
     return {"prompt": params.get("Prompt", ""), "seed": params.get("Seed", ""), "width": image.width,
             "height": image.height, "sampler": params.get("Sampler", ""), "cfgs": params.get("CFG scale", ""),
             "steps": params.get("Steps", ""), "filename": filename, "negative_prompt": params.get("Negative prompt", ""),
@@ -65,7 +64,7 @@ def save_pictures(paths, options, pictures: list[Image.Image], infotexts: list[s
                 params = infotext_mod.parse_infotext(text) if text else {}
                 path = folder / f"{number:05d}-{sanitize(str(params.get('Seed', 'image')))}.png"
                 path.write_bytes(encode_png(pictures[i], text or None))
-                writer.writerow(_row(text, path.name, pictures[i]))
+                writer.writerow(_row(params, path.name, pictures[i]))
                 saved.append(path)
                 number += 1
     return saved

@@ -137,8 +137,8 @@ def results_column(service: EaselService, tab: str) -> dict:
         r["save"] = gr.Button("Save", size="sm", elem_id=f"save_{tab}", elem_classes=["easel-tool"])
         r["zip"] = gr.Button("Zip", size="sm", elem_id=f"save_zip_{tab}", elem_classes=["easel-tool"])
         # opens the output folder on the server's screen: only where the browser is on that machine
-        local = not exposure_reasons(service.args) and not service.args.hide_ui_dir_config
-        r["open_folder"] = gr.Button("Open folder", size="sm", elem_id=f"open_folder_{tab}", visible=local,
+        r["open_folder"] = gr.Button("Open folder", size="sm", elem_id=f"open_folder_{tab}",
+                                     visible=folder_opening_allowed(service),
                                      elem_classes=["easel-tool"])
     r["download"] = gr.File(label="Saved files", file_count="multiple", interactive=False, visible=False,
                             elem_id=f"download_files_{tab}")
@@ -350,6 +350,11 @@ def wire_saving(service: EaselService, r: dict) -> None:
         r["open_folder"].click(lambda: open_folder(service, key), None, None, queue=False)
 
 
+def folder_opening_allowed(service: EaselService) -> bool:
+    """Open folder acts on the server's screen: only when no one else can reach the server and folders are shown."""
+    return not exposure_reasons(service.args) and not service.args.hide_ui_dir_config
+
+
 def open_folder(service: EaselService, key: str) -> None:
     """The folder of setting `key` (an output folder) in the file manager of the machine the server runs on."""
     import os
@@ -358,7 +363,7 @@ def open_folder(service: EaselService, key: str) -> None:
     import sys
     from pathlib import Path
 
-    if exposure_reasons(service.args) or service.args.hide_ui_dir_config:
+    if not folder_opening_allowed(service):
         raise gr.Error("Open folder works only when the browser is on the server's machine.")
     target = Path(service.options[key])
     folder = target if target.is_absolute() else service.paths.data_dir / target

@@ -15,6 +15,7 @@ import gradio as gr
 
 from backend.core import infotext
 from backend.core.errors import UserError
+from backend.core.sampler_catalog import find_scheduler
 from backend.service import EaselService
 
 # fields a paste leaves alone, by tab: what describes the picture in img2img is the picture itself
@@ -82,14 +83,6 @@ def overrides_from(service: EaselService, choices: list[str] | None) -> dict:
     return out
 
 
-def _schedule_label(value: str) -> str | None:
-    from backend.core import sampler_catalog
-    for s in sampler_catalog.SCHEDULERS:
-        if str(value).lower() in (s.name.lower(), s.label.lower()):
-            return s.label
-    return None
-
-
 def field_updates(service: EaselService, text: str, fields: dict, tab: str, *, keep_size: bool = False,
                   override: gr.components.Component | None = None,
                   current_checkpoint: str | None = None) -> dict:
@@ -117,8 +110,9 @@ def field_updates(service: EaselService, text: str, fields: dict, tab: str, *, k
         if name == "clip_skip":
             value = int(value)
         elif name == "scheduler":
-            value = _schedule_label(value)
-            if value is None:
+            try:
+                value = find_scheduler(str(value)).label
+            except UserError:  # a schedule this version does not know: the control stays as it is
                 continue
         updates[component] = gr.update(value=value)
     if tab == "txt2img" and "enable_hr" in fields and "enable_hr" not in values:
@@ -134,12 +128,18 @@ def last_infotext(texts: list | None) -> str:
     return next((t for t in texts or [] if t), "")
 
 
+def paste_targets(fields: dict) -> tuple[dict, list]:
+    """(the controls a paste fills: every field but the Override settings, the outputs of a paste event: those plus
+    the tab's Override settings)."""
+    targets = {name: comp for name, comp in fields.items() if name != "override_choices"}
+    return targets, list(targets.values()) + ([fields["override_choices"]] if "override_choices" in fields else [])
+
+
 def wire_paste_button(service: EaselService, tab: str, button: gr.Button, fields: dict, results: dict,
                       checkpoint: gr.components.Component) -> None:
     """The tab's paste button (A1111's ↙️): the parameters of an infotext pasted into the prompt box, or else of the
     tab's last generation, into the tab's controls."""
-    targets = {name: comp for name, comp in fields.items() if name != "override_choices"}
-    outputs = list(targets.values()) + [fields["override_choices"]]
+    targets, outputs = paste_targets(fields)
 
     def on_paste(prompt_text: str, texts: list, current: str | None):
         text = prompt_text if looks_like_infotext(prompt_text or "") else last_infotext(texts)

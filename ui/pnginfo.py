@@ -42,11 +42,7 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fi
     image.change(on_image, inputs=[image], outputs=[html_info, raw])
     current = [checkpoint] if checkpoint is not None else []
 
-    def targets(fields: dict) -> tuple[dict, list]:
-        chosen = {n: c for n, c in fields.items() if n != "override_choices"}
-        return chosen, list(chosen.values()) + ([fields["override_choices"]] if "override_choices" in fields else [])
-
-    t2i_targets, t2i_outputs = targets(txt2img_fields)
+    t2i_targets, t2i_outputs = paste_params.paste_targets(txt2img_fields)
 
     def on_send_txt2img(text, *ckpt):
         updates = paste_params.field_updates(service, text, t2i_targets, "txt2img",
@@ -57,7 +53,7 @@ def build(service: EaselService, txt2img_fields: dict, tabs: gr.Tabs, img2img_fi
     send.click(on_send_txt2img, inputs=[raw] + current, outputs=t2i_outputs + [tabs])
     if img2img_fields is None:
         return
-    i2i_targets, i2i_outputs = targets(img2img_fields)
+    i2i_targets, i2i_outputs = paste_params.paste_targets(img2img_fields)
 
     def sender(sub_tab: str, picture_key: str):
         def send_picture(text, img, *ckpt):

@@ -16,8 +16,7 @@ def wire(service, tabs: gr.Tabs, results: list[dict], img2img_fields: dict, img2
          extras_image: gr.Image | None = None, checkpoint: gr.components.Component | None = None) -> None:
     """Connect every results column's Send to buttons to the img2img sub-tabs (and Extras, when present)."""
     sub_tabs, mode = img2img_images["sub_tabs"], img2img_images["mode"]
-    targets = {n: c for n, c in img2img_fields.items() if n != "override_choices"}
-    carried = list(targets.values()) + [img2img_fields["override_choices"]]
+    targets, carried = paste_params.paste_targets(img2img_fields)
     current = [checkpoint] if checkpoint is not None else []
     for r in results:
         state = [r["images"], r["selected"], r["infotexts"]]

@@ -44,10 +44,15 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def read_merges(bpe_path: Path | None = None) -> list[tuple[str, str]]:
+    """The BPE merges CLIP uses (the file's first 48894 after its header line)."""
+    lines = gzip.open(bpe_path or bpe_data_path()).read().decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+
+
 def build_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The vocabulary and merges exactly as OpenAI's `SimpleTokenizer` computes them."""
-    lines = gzip.open(bpe_path or bpe_data_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    merges = read_merges(bpe_path)
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     tokens.extend("".join(m) for m in merges)
@@ -64,9 +69,7 @@ class ClipBPE:
     def __init__(self, bpe_path: Path | None = None):
         import regex
 
-        lines = gzip.open(bpe_path or bpe_data_path()).read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.ranks = {pair: i for i, pair in enumerate(read_merges(bpe_path))}
         self.byte_encoder = bytes_to_unicode()
         self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
                                      r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
