@@ -1,8 +1,9 @@
-"""A1111's extra-network routes: LoRA and textual-inversion lists and their refresh.
+"""A1111's extra-network routes: LoRA, hypernetwork and textual-inversion lists and their refresh.
 
 GET `/sdapi/v1/loras` ([{name, alias, path, metadata}]), POST `/sdapi/v1/refresh-loras`,
+GET `/sdapi/v1/hypernetworks` ([{name, path}]),
 GET `/sdapi/v1/embeddings` ({"loaded": {...}, "skipped": {...}}), POST `/sdapi/v1/refresh-embeddings`.
-`<lora:...>` tags in txt2img/img2img prompts are applied by the backend for every job.
+`<lora:...>` and `<hypernet:...>` tags in txt2img/img2img prompts are applied by the backend for every job.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def build_networks_router(service: EaselService, dependencies: list | None = Non
     def refresh_loras() -> dict:
         service.refresh_loras()
         return {}
+
+    @router.get("/hypernetworks")
+    def hypernetworks() -> list[dict]:
+        return service.hypernetwork_list()
 
     @router.get("/embeddings")
     def embeddings() -> dict:

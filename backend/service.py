@@ -194,6 +194,9 @@ class EaselService:
     def refresh_loras(self) -> None:
         self.networks.refresh_loras()
 
+    def hypernetwork_list(self) -> list[dict]:
+        return self.networks.hypernetwork_api_list()
+
     def embedding_list(self) -> dict:
         """A1111's loaded/skipped embeddings for the selected checkpoint."""
         try:

@@ -45,7 +45,8 @@ class Backend:
         (root / "embeddings").mkdir(parents=True, exist_ok=True)
         self.policy = policy or DevicePolicy(device=CPU, mode="resident", dtype=torch.float32, vae_dtype=torch.float32)
         hashes = HashCache(root / "cache" / "hashes.json")
-        self.runtime = NetworkRuntime([root / "models" / "Lora", root / "models" / "LyCORIS"], root / "embeddings", root / "cache")
+        self.runtime = NetworkRuntime([root / "models" / "Lora", root / "models" / "LyCORIS"], root / "embeddings", root / "cache",
+                                      hypernetwork_dirs=[root / "models" / "hypernetworks"])
         self.state = worker.WorkerState(policy=self.policy, hashes=hashes, cache=worker.ModelCache(self.policy, hashes),
                                         vae=worker.VaeSwitcher(), networks=self.runtime)
 

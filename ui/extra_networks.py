@@ -1,13 +1,14 @@
 """AUTOMATIC1111's extra-networks panel: cards below the prompts of txt2img and img2img.
 
 `build_panel(service, tab, toggle)` lays out the panel, hidden until the tab's toggle button beside the prompts
-opens it: a sub-tab per kind (Textual Inversion, Checkpoints, Lora, in A1111's order), each with a search box,
+opens it: a sub-tab per kind (Textual Inversion, Hypernetworks, Checkpoints, Lora, in A1111's order), each with a search box,
 sort order (name, date modified, path) and direction, a refresh button, the cards (a file's preview image when one
 sits beside it) and the details view of a card's "i" button. Card sizes follow the `extra_networks_card_width` /
 `extra_networks_card_height` settings.
 
 Clicking a LoRA card adds `<lora:name:weight>` (the weight: the file's preferred weight, else the
-`extra_networks_default_multiplier` setting), an embedding card the embedding's name, to the prompt box of that
+`extra_networks_default_multiplier` setting), a hypernetwork card `<hypernet:name:multiplier>`, an embedding
+card the embedding's name, to the prompt box of that
 tab that had the focus last (the positive prompt until one was clicked); clicking it again takes it out, as in
 A1111. A checkpoint card selects its checkpoint: it writes the title into `checkpoint_request()`, which the
 layout wires to the checkpoint dropdown's own handler. Card clicks are handled in the browser; rendering,
@@ -84,16 +85,18 @@ element.addEventListener('click', (e) => {
   if (!textarea) return;
   let text = textarea.value;
   let pattern;
-  if (kind === 'lora') {
+  const tagged = kind === 'lora' || kind === 'hypernet';
+  if (tagged) {
     const name = card.dataset.name.replace(/[.*+?^${}()|[\\]\\\\]/g, '\\\\$&');
-    pattern = new RegExp('\\\\s*<(?:lora|lyco):' + name + '(?::[^>]*)?>', 'i');
+    const tags = kind === 'lora' ? '(?:lora|lyco)' : 'hypernet';
+    pattern = new RegExp('\\\\s*<' + tags + ':' + name + '(?::[^>]*)?>', 'i');
   } else {
     const word = insert.replace(/[.*+?^${}()|[\\]\\\\]/g, '\\\\$&');
     pattern = new RegExp('(^|[\\\\s,(\\\\[])' + word + '(?=$|[\\\\s,:)\\\\]])');
   }
   const where = tab + (target.endsWith('_neg_prompt') ? ' negative prompt' : ' prompt');
   if (pattern.test(text)) {
-    text = text.replace(pattern, (m, lead) => (kind === 'lora' ? '' : (lead || ''))).replace(/^\\s+/, '');
+    text = text.replace(pattern, (m, lead) => (tagged ? '' : (lead || ''))).replace(/^\\s+/, '');
     if (status) status.textContent = 'Removed ' + insert + ' from the ' + where + '.';
   } else {
     text = text + (text && !/\\s$/.test(text) ? ' ' : '') + insert;
@@ -185,11 +188,17 @@ def render_ti_details(service: EaselService, name: str) -> str:
 def network_kinds(service: EaselService) -> list[NetworkKind]:
     """The panel's sub-tabs, in A1111's order."""
     folders = ", ".join(str(d) for d in service.paths.lora_dirs)
+    hyper_folders = ", ".join(str(d) for d in service.paths.hypernetwork_dirs)
     return [
         NetworkKind("ti", "Textual Inversion", "ti", "Search embeddings...",
                     lambda q: service.networks.embedding_cards(_checkpoint(service), q), service.refresh_embeddings,
                     f"No embeddings found. Put .pt, .bin or .safetensors embeddings in {service.paths.embeddings_dir}, "
                     "then press refresh.", lambda name: render_ti_details(service, name)),
+        NetworkKind("hypernetworks", "Hypernetworks", "hypernet", "Search hypernetworks...",
+                    lambda q: service.networks.hypernetwork_cards(
+                        q, float(service.options["extra_networks_default_multiplier"])),
+                    service.networks.refresh_hypernetworks,
+                    f"No hypernetworks found. Put A1111 hypernetwork .pt files in {hyper_folders}, then press refresh."),
         NetworkKind("checkpoints", "Checkpoints", "checkpoint", "Search checkpoints...",
                     lambda q: service.networks.checkpoint_cards(service.registry.checkpoints, q),
                     service.refresh_checkpoints, service.no_checkpoint_message() or "No checkpoints found."),

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--vae-path", default=None, help="VAE file to use instead of the checkpoint's own")
     paths.add_argument("--embeddings-dir", default=None)
     paths.add_argument("--lora-dir", default=None)
+    paths.add_argument("--hypernetwork-dir", default=None, help="extra folder with hypernetworks (besides models/hypernetworks)")
     paths.add_argument("--controlnet-dir", default=None)
     paths.add_argument("--gfpgan-models-path", default=None)
     paths.add_argument("--codeformer-models-path", default=None)

@@ -45,6 +45,7 @@ class DataPaths:
     vae_dirs: list[Path] = field(default_factory=list)
     embeddings_dir: Path | None = None
     lora_dirs: list[Path] = field(default_factory=list)
+    hypernetwork_dirs: list[Path] = field(default_factory=list)
     controlnet_dirs: list[Path] = field(default_factory=list)
     esrgan_dirs: list[Path] = field(default_factory=list)
     realesrgan_dirs: list[Path] = field(default_factory=list)
@@ -76,6 +77,7 @@ class DataPaths:
             vae_dirs=with_extra(models_dir / "VAE", args.vae_dir),
             embeddings_dir=Path(args.embeddings_dir).expanduser().resolve() if args.embeddings_dir else data_dir / "embeddings",
             lora_dirs=with_extra(models_dir / "Lora", args.lora_dir) + [models_dir / "LyCORIS"],
+            hypernetwork_dirs=with_extra(models_dir / "hypernetworks", getattr(args, "hypernetwork_dir", None)),
             controlnet_dirs=with_extra(models_dir / "ControlNet", args.controlnet_dir),
             esrgan_dirs=with_extra(models_dir / "ESRGAN", getattr(args, "esrgan_models_path", None)),
             realesrgan_dirs=with_extra(models_dir / "RealESRGAN", getattr(args, "realesrgan_models_path", None)),
@@ -92,7 +94,7 @@ class DataPaths:
     def model_folders(self) -> list[Path]:
         """Every folder that holds model files: DATA_DIR/models, the models folder and each model folder the flags
         name, and the embeddings folder. Jobs never write into them (`check_output_folder`)."""
-        folders = [self.data_dir / "models", self.models_dir, *self.ckpt_dirs, *self.vae_dirs, *self.lora_dirs,
+        folders = [self.data_dir / "models", self.models_dir, *self.ckpt_dirs, *self.vae_dirs, *self.lora_dirs, *self.hypernetwork_dirs,
                    *self.controlnet_dirs, *self.esrgan_dirs, *self.realesrgan_dirs, *self.gfpgan_dirs,
                    *self.codeformer_dirs]
         if self.embeddings_dir is not None:

@@ -6,7 +6,8 @@ LoRA code and the ControlNet runtime keep for them: the dtypes it was loaded in,
 placed it and the offloading installed for that (streamer and hooks), a forced smaller residency
 after an out-of-memory error, a VAE upcast to float32 after NaNs, `--compile`'s eager forward, the
 chosen VAE file with the checkpoint's own VAE weights, the LoRA patches in its weights (with the
-originals to restore them), and the companion models placed beside its UNet (loaded ControlNets).
+originals to restore them), the hypernetworks hooked into its UNet, and the companion models placed beside its
+UNet (loaded ControlNets).
 
 It is data only: `devices.policy.DevicePolicy` places and releases it, `worker.VaeSwitcher`
 changes its VAE, `networks.lora_apply.NetworkPatcher` patches its weights, and the pipelines
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from backend.engine.networks.hypernetworks import HypernetworkHooks
 
 
 @dataclass(eq=False)
@@ -71,6 +74,7 @@ class LoadedModel:
     # -- what runs with it ----------------------------------------------------------------------------
     vae: VaeChoice = field(default_factory=VaeChoice)
     lora: LoraPatches = field(default_factory=LoraPatches)
+    hypernetworks: HypernetworkHooks = field(default_factory=HypernetworkHooks)  # <hypernet:...> hooks on its UNet
     companions: dict[int, Companion] = field(default_factory=dict)  # id(module) -> Companion
 
     @property

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from backend.networks.registry import FAMILY_LABELS, detect_family
 from backend.embeddings import EmbeddingDatabase, checkpoint_text_dims
-from backend.networks.registry import EmbeddingRegistry, LoraRegistry, NetworkEntry, find_preview
+from backend.networks.registry import (EmbeddingRegistry, HypernetworkRegistry, LoraRegistry, NetworkEntry,
+                                       find_preview)
 
 THUMBNAIL_SIZE = 256
 
@@ -110,6 +111,7 @@ class ExtraNetworksCatalog:
     def __init__(self, paths):
         self.paths = paths
         self.loras = LoraRegistry(paths.lora_dirs)
+        self.hypernetworks = HypernetworkRegistry(getattr(paths, "hypernetwork_dirs", []) or [])
         self.embedding_files = EmbeddingRegistry(paths.embeddings_dir)
         self._embeddings = None  # backend.embeddings.EmbeddingDatabase, made on first use
         self._dims: dict[tuple, list[int] | None] = {}
@@ -119,6 +121,9 @@ class ExtraNetworksCatalog:
     # -- refresh ------------------------------------------------------------------------------------
     def refresh_loras(self) -> None:
         self.loras.refresh()
+
+    def refresh_hypernetworks(self) -> None:
+        self.hypernetworks.refresh()
 
     def refresh_embeddings(self) -> None:
         self.embedding_files.refresh()
@@ -184,6 +189,21 @@ class ExtraNetworksCatalog:
         }
         return {"summary": {k: v for k, v in summary.items() if v not in ("", None)},
                 "tags": top_tags(meta), "metadata": parse_metadata_values(meta)}
+
+    # -- hypernetworks -------------------------------------------------------------------------------
+    def hypernetwork_api_list(self) -> list[dict]:
+        """GET /sdapi/v1/hypernetworks: [{name, path}] as A1111 answers (rescanned, as A1111 lists them anew)."""
+        self.hypernetworks.refresh()
+        return [{"name": e.name, "path": str(e.path)} for e in self.hypernetworks.entries]
+
+    def hypernetwork_cards(self, query: str = "", multiplier: float = 1.0) -> list[Card]:
+        """A card per hypernetwork; a click adds `<hypernet:name:multiplier>` (A1111's extra_networks_default_multiplier)."""
+        cards = [Card(name=e.name, insert=f"<hypernet:{e.name}:{multiplier:g}>", subfolder=e.subfolder,
+                      preview=_thumbnail(e.preview, self._thumbs), description=e.description, badge="",
+                      path=str(e.path), mtime=_mtime(e.path),
+                      search_text=" ".join([e.name, e.subfolder, e.description]).lower())
+                 for e in self.hypernetworks.entries]
+        return _filter(cards, query)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_cards(self, checkpoints: list, query: str = "") -> list[Card]:

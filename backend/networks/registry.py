@@ -1,4 +1,4 @@
-"""LoRA and embedding files on disk: listing, metadata, previews, descriptions and A1111's hashes.
+"""LoRA, hypernetwork and embedding files on disk: listing, metadata, previews, descriptions and A1111's hashes.
 
 Used by the app process (the LoRA / Textual Inversion tabs, `/sdapi/v1/loras`, `/sdapi/v1/embeddings`)
 and by the backend (finding the file a `<lora:name:...>` tag names). No torch here.
@@ -28,6 +28,7 @@ from backend.core.tensor_headers import read_safetensors_metadata
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+HYPERNETWORK_EXTENSIONS = (".pt",)  # as A1111 (it lists **/*.pt)
 PREVIEW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # Metadata fields shown first (A1111's order), then the rest by name.
 METADATA_ORDER = {"ss_sd_model_name": 1, "ss_base_model_version": 2, "ss_resolution": 3, "ss_clip_skip": 4,
@@ -179,6 +180,26 @@ class LoraRegistry(_FileRegistry):
 
     def find_or_refresh(self, name: str) -> NetworkEntry | None:
         """`find`, rescanning the folders once when the name is not (or no longer) there."""
+        entry = self.find(name)
+        if entry is None or not entry.path.is_file():
+            self.refresh()
+            entry = self.find(name)
+        return entry
+
+
+class HypernetworkRegistry(_FileRegistry):
+    """A1111's hypernetworks: the `.pt` files under models/hypernetworks (and --hypernetwork-dir), with subfolders."""
+
+    extensions = HYPERNETWORK_EXTENSIONS
+
+    def find(self, name: str) -> NetworkEntry | None:
+        """By file name (without extension), then ignoring case."""
+        with self._lock:
+            entries = list(self.entries)
+        exact = next((e for e in entries if e.name == name), None)
+        return exact or next((e for e in entries if e.name.lower() == name.lower()), None)
+
+    def find_or_refresh(self, name: str) -> NetworkEntry | None:
         entry = self.find(name)
         if entry is None or not entry.path.is_file():
             self.refresh()

@@ -5,7 +5,8 @@ the pipeline samples:
 
 1. reads the `<lora:name:weight>` tags of the prompt and negative prompt (A1111's forms:
    `<lora:name>`, `<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:te:unet:dyn>`, named
-   `te=`, `unet=`, `dyn=`; `<lyco:...>` is the same);
+   `te=`, `unet=`, `dyn=`; `<lyco:...>` is the same), and the `<hypernet:name:multiplier>` tags, whose
+   files are hooked into the UNet's attention (`networks.hypernetworks`; a job without them removes them);
 2. finds and reads each file (kept read while it is unchanged), puts their updates into the model's
    weights, or, with no tags, takes any earlier ones out: the weights are then exactly the checkpoint's;
 3. writes `Lora hashes` into the job's infotext parameters, and a warning for every tag that could not
@@ -25,12 +26,15 @@ from pathlib import Path
 from backend.core.errors import UserError
 from backend.core.prompt_parser import extract_extra_network_tags
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
+from backend.engine.networks.hypernetworks import ActiveHypernetwork, HypernetworkFile, read_hypernetwork
+from backend.engine.networks.hypernetworks import file_stamp as hypernetwork_stamp
 from backend.engine.networks.lora_files import NetworkFile, file_stamp, read_network_file
-from backend.networks.registry import LoraRegistry, NetworkHashes, short_hash
+from backend.networks.registry import HypernetworkRegistry, LoraRegistry, NetworkHashes, short_hash
 
 log = logging.getLogger("easel.lora")
 
 LORA_TYPES = ("lora", "lyco")
+HYPERNETWORK_TYPE = "hypernet"
 FILE_CACHE_SIZE = 4  # LoRA files kept read beyond the ones in use
 
 
@@ -67,6 +71,8 @@ def parse_network_tags(prompts: list[str]) -> tuple[list[LoraTag], list[str]]:
     tags, warnings = [], []
     for prompt in prompts:
         for kind, args in extract_extra_network_tags(prompt or "")[1]:
+            if kind.lower() == HYPERNETWORK_TYPE:  # parse_hypernetwork_tags reads those
+                continue
             if kind.lower() not in LORA_TYPES:
                 warnings.append(f"Unknown extra network type {kind!r} in {tag_text(kind, args)}; the tag was ignored.")
                 continue
@@ -77,13 +83,43 @@ def parse_network_tags(prompts: list[str]) -> tuple[list[LoraTag], list[str]]:
     return tags, warnings
 
 
+@dataclass
+class HypernetworkTag:
+    name: str
+    multiplier: float = 1.0
+
+
+def parse_hypernetwork_tags(prompts: list[str]) -> tuple[list[HypernetworkTag], list[str]]:
+    """The `<hypernet:name>` / `<hypernet:name:multiplier>` tags of these prompts (A1111's reading: the first
+    argument names the file, the second is the multiplier, default 1), and warnings for unreadable ones."""
+    tags, warnings = [], []
+    for prompt in prompts:
+        for kind, args in extract_extra_network_tags(prompt or "")[1]:
+            if kind.lower() != HYPERNETWORK_TYPE:
+                continue
+            if not args or not args[0].strip():
+                warnings.append(f"{tag_text(kind, args)} names no hypernetwork; the tag was ignored.")
+                continue
+            try:
+                multiplier = float(args[1]) if len(args) > 1 else 1.0
+            except ValueError:
+                warnings.append(f"{tag_text(kind, args)} could not be read (the multiplier is not a number); "
+                                f"the tag was ignored.")
+                continue
+            tags.append(HypernetworkTag(args[0].strip(), multiplier))
+    return tags, warnings
+
+
 class NetworkRuntime:
     """The backend's extra-network state: finding LoRA files, the files read, the embeddings."""
 
-    def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None):
+    def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None,
+                 hypernetwork_dirs: list[Path] | None = None):
         from backend.engine.embeddings import EmbeddingVectors
 
         self.loras = LoraRegistry(lora_dirs)
+        self.hypernetworks = HypernetworkRegistry(list(hypernetwork_dirs or []))
+        self.hypernetwork_files: OrderedDict[str, HypernetworkFile] = OrderedDict()
         self.hashes = NetworkHashes(cache_dir / "network_hashes.json" if cache_dir else None)
         self.embeddings = EmbeddingVectors(embeddings_dir, self.hashes)
         self.files: OrderedDict[str, NetworkFile] = OrderedDict()
@@ -91,7 +127,7 @@ class NetworkRuntime:
 
     @classmethod
     def from_paths(cls, paths) -> "NetworkRuntime":
-        return cls(paths.lora_dirs, paths.embeddings_dir, paths.cache_dir)
+        return cls(paths.lora_dirs, paths.embeddings_dir, paths.cache_dir, paths.hypernetwork_dirs)
 
     def read(self, path: Path, name: str, keep: int) -> NetworkFile:
         key = str(path)
@@ -106,15 +142,47 @@ class NetworkRuntime:
             self.files.popitem(last=False)
         return net
 
+    def read_hypernetwork(self, path: Path, name: str, keep: int) -> HypernetworkFile:
+        key = str(path)
+        cached = self.hypernetwork_files.get(key)
+        if cached is not None and cached.stamp == hypernetwork_stamp(path):
+            self.hypernetwork_files.move_to_end(key)
+            return cached
+        net = read_hypernetwork(path, name)
+        self.hypernetwork_files[key] = net
+        while len(self.hypernetwork_files) > keep:
+            self.hypernetwork_files.popitem(last=False)
+        return net
+
+
+def _hypernetworks_for_job(tags: list[HypernetworkTag], runtime: NetworkRuntime, warnings: list[str]):
+    """The files the job's `<hypernet:...>` tags name, read (cached while unchanged); a warning for each that cannot be."""
+    active = []
+    for tag in tags:
+        entry = runtime.hypernetworks.find_or_refresh(tag.name)
+        if entry is None:
+            warnings.append(f"Couldn't find hypernetwork with name {tag.name}")
+            continue
+        try:
+            net = runtime.read_hypernetwork(entry.path, entry.name, keep=len(tags) + FILE_CACHE_SIZE)
+        except (UserError, OSError) as exc:
+            warnings.append(f"Hypernetwork {tag.name} ({entry.path.name}) could not be used: "
+                            f"{getattr(exc, 'message', exc)} Generation went on without it.")
+            continue
+        active.append(ActiveHypernetwork(net, tag.multiplier))
+    return active
+
 
 def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
     """Apply the request's LoRAs to `ctx.loaded` (removing earlier ones), note hashes and warnings, set `ctx.embeddings`."""
     if runtime is None:
         return
     model = ctx.model
-    tags, warnings = ([], [])
+    tags, warnings, hyper_tags = ([], [], [])
     if request is not None and not getattr(request, "disable_extra_networks", False):
         tags, warnings = parse_network_tags([request.prompt, request.negative_prompt])
+        hyper_tags, hyper_warnings = parse_hypernetwork_tags([request.prompt, request.negative_prompt])
+        warnings += hyper_warnings
     networks: list[ActiveNetwork] = []
     for tag in tags:
         entry = runtime.loras.find_or_refresh(tag.name)
@@ -155,6 +223,10 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
             hashes.append(f"{label}: {short_hash(full)}")
     if hashes:
         ctx.extra_params["Lora hashes"] = ", ".join(hashes)
+    hypernetworks = _hypernetworks_for_job(hyper_tags, runtime, warnings)
+    for name in ctx.loaded.hypernetworks.apply(model.unet, hypernetworks):
+        warnings.append(f"Hypernetwork {name} has no layer of the widths this checkpoint's attention uses "
+                        f"(made for another base model?); it was not applied.")
     for w in warnings:
         log.warning("%s", w)
         if w not in ctx.warnings:
