@@ -86,6 +86,26 @@ def test_img2img_panel_cards_go_into_img2img_negative_prompt(server, api, tmp_pa
                                                           "extra_networks_card_height")})
 
 
+def test_the_checkpoints_refresh_also_refreshes_the_checkpoint_dropdown(server, api, tmp_path):
+    import shutil
+    source = server.data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
+    added = source.with_name("zz-cards-refresh.safetensors")
+    try:
+        with browser_page(server.url) as page:
+            page.set_viewport_size({"width": 1440, "height": 900})
+            page.wait_for_selector("#txt2img_prompt textarea")
+            _open_panel(page, "txt2img", "Checkpoints")
+            page.locator("#txt2img_checkpoints_cards .easel-card").first.wait_for()
+            shutil.copyfile(source, added)  # a checkpoint copied in while the page is open
+            page.click("#txt2img_checkpoints_refresh")
+            page.locator('#txt2img_checkpoints_cards .easel-card[data-name="zz-cards-refresh"]').wait_for()
+            page.click("#setting_sd_model_checkpoint input")  # the dropdown at the top offers it without its own refresh
+            page.get_by_role("option", name="zz-cards-refresh", exact=False).first.wait_for()
+    finally:
+        added.unlink(missing_ok=True)
+        api.post("/refresh-checkpoints")
+
+
 def test_checkpoint_card_switches_the_model(server, api, tmp_path):
     name = "tiny-sd1_ckpt.ckpt"
     before = api.get("/options").json()["sd_model_checkpoint"]

@@ -283,7 +283,10 @@ def _kind_tab(service: EaselService, tab: str, kind: NetworkKind) -> dict:
     search.change(cards_html, inputs=inputs, outputs=[cards], **quiet)
     sort.change(cards_html, inputs=inputs, outputs=[cards], **quiet)
     direction.click(flipped, inputs=inputs, outputs=[descending, direction, cards], **quiet)
-    refresh_button.click(refreshed, inputs=inputs, outputs=[cards])
+    refreshed_event = refresh_button.click(refreshed, inputs=inputs, outputs=[cards])
+    if kind.card_kind == "checkpoint":  # the checkpoint dropdown at the top lists the rescanned files too
+        refreshed_event.then(None, js="() => { const b = document.querySelector('#refresh_sd_model_checkpoint'); "
+                                      "if (b) b.click(); }")
     sub_tab.select(cards_html, inputs=inputs, outputs=[cards], show_progress="hidden")
     if kind.details is not None:
         def details_for(req: str) -> str:
