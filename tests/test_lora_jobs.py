@@ -50,8 +50,9 @@ class Backend:
         self.state = worker.WorkerState(policy=self.policy, hashes=hashes, cache=worker.ModelCache(self.policy, hashes),
                                         vae=worker.VaeSwitcher(), networks=self.runtime)
 
-    def run(self, prompt: str, negative: str = "blurry", **kw):
+    def run(self, prompt: str, negative: str = "blurry", options: dict | None = None, **kw):
         opts = {s.key: s.default for s in SETTINGS}
+        opts.update(options or {})
         body = dict(prompt=prompt, negative_prompt=negative, steps=3, width=64, height=64, seed=7, sampler_name="Euler",
                     cfg_scale=6, do_not_save_samples=True, do_not_save_grid=True)
         body.update(kw)

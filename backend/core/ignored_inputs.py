@@ -40,7 +40,6 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "refiner_checkpoint": (_unset("None"), "the refiner (a second checkpoint for the last steps) is not implemented "
                                            "yet; the whole job uses the main checkpoint"),
     "refiner_switch_at": (_unset(), "the refiner is not implemented yet"),
-    "s_min_uncond": (_unset(0, 0.0), "skipping the negative prompt at low sigmas (NGMS) is not implemented yet"),
     "hr_checkpoint_name": (_unset("Use same checkpoint"), "hires. fix uses the job's checkpoint for its second pass"),
     "firstpass_image": (_unset(), "hires. fix from a given first-pass image is not implemented; the first pass "
                                   "is generated"),

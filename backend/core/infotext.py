@@ -314,6 +314,11 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
     if clip_skip is not None:
         out["clip_skip"] = clip_skip
         overrides["CLIP_stop_at_last_layers"] = clip_skip
+    for key, setting, convert in (("NGMS", "s_min_uncond", _to_float), ("NGMS all steps", "s_min_uncond_all", _to_bool),
+                                  ("Skip Early CFG", "skip_early_cond", _to_float)):
+        value = convert(params.get(key)) if params.get(key) not in (None, "") else None
+        if value is not None:
+            overrides[setting] = value
     ensd = _to_int(params.get("ENSD"))
     if ensd is not None:
         overrides["eta_noise_seed_delta"] = ensd

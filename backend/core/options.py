@@ -42,6 +42,12 @@ SETTINGS: list[Setting] = [
     Setting("default_sampler", "Euler a", "Default sampler", "Stable Diffusion"),
     Setting("eta_ancestral", 1.0, "Eta for ancestral samplers", "Sampler parameters", float, minimum=0, maximum=1),
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
+    Setting("s_min_uncond", 0.0, "Negative Guidance minimum sigma (skip the negative prompt on every other step "
+            "below this noise level; 0: never)", "Sampler parameters", float, minimum=0, maximum=15),
+    Setting("s_min_uncond_all", False, "Negative Guidance minimum sigma: skip on all steps below it, not every other",
+            "Sampler parameters", bool),
+    Setting("skip_early_cond", 0.0, "Ignore negative prompt during early sampling (fraction of the steps; 0: never)",
+            "Sampler parameters", float, minimum=0, maximum=1),
     Setting("live_previews_enable", True, "Show live previews of the image being generated", "Live previews", bool),
     Setting("show_progress_every_n_steps", 2, "Live preview every N sampling steps (-1: only at the end of a batch)", "Live previews", int, minimum=-1, maximum=32),
     Setting("samples_save", True, "Always save all generated images", "Saving images", bool),

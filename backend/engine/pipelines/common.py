@@ -126,6 +126,36 @@ class JobContext:
         return self.loaded.model
 
 
+@dataclass(frozen=True)
+class UncondSkips:
+    """When the denoiser skips the negative prompt's UNet pass and takes the prompt's prediction alone (as CFG 1),
+    as A1111: `early`, the first fraction of the steps (`skip_early_cond`); `min_sigma`, below that noise level on
+    every other model call (`s_min_uncond`, "NGMS"), or on all of them with `all_steps` (`s_min_uncond_all`)."""
+
+    min_sigma: float = 0.0
+    all_steps: bool = False
+    early: float = 0.0
+
+    def skip(self, call: int, step: int, total_steps: int, sigma: float) -> bool:
+        if self.early > 0 and total_steps > 0 and step / total_steps <= self.early:
+            return True
+        return self.min_sigma > 0 and (call % 2 == 1 or self.all_steps) and sigma < self.min_sigma
+
+    def infotext(self) -> dict[str, object]:
+        """A1111's infotext entries: `Skip Early CFG`, `NGMS`, `NGMS all steps` (only when in use)."""
+        return {"Skip Early CFG": self.early if self.early > 0 else None,
+                "NGMS": self.min_sigma if self.min_sigma > 0 else None,
+                "NGMS all steps": True if self.min_sigma > 0 and self.all_steps else None}
+
+
+def uncond_skips(req, options: JobOptions) -> UncondSkips:
+    """The job's `UncondSkips`: the request's `s_min_uncond` when given, else the settings'."""
+    options = JobOptions.of(options)
+    given = getattr(req, "s_min_uncond", None)
+    return UncondSkips(min_sigma=float(given if given is not None else options["s_min_uncond"]),
+                       all_steps=bool(options["s_min_uncond_all"]), early=float(options["skip_early_cond"]))
+
+
 class CFGDenoiser:
     """model(x, sigma) -> denoised x0, with classifier-free guidance and per-step prompt schedules.
 
@@ -137,7 +167,7 @@ class CFGDenoiser:
     def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
                  image_cond: torch.Tensor | None = None, hooks: Sequence[SamplingHook] = (),
-                 pass_name: str = FIRST_PASS):
+                 pass_name: str = FIRST_PASS, skips: UncondSkips = UncondSkips()):
         self.model = model
         self.schedule = schedule
         self.conds = conds
@@ -150,8 +180,10 @@ class CFGDenoiser:
         self.hooks = HookChain(hooks)
         self.pass_name = pass_name
         self.width, self.height = width, height
+        self.skips = skips
         self._step = 0
         self._total_steps = 0
+        self._calls = 0  # model calls in this pass (a second-order sampler makes two per step)
         self.length = max(conds.max_tokens(), unconds.max_tokens())
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
         self.time_ids = None
@@ -161,7 +193,7 @@ class CFGDenoiser:
 
     def start_pass(self, total_steps: int) -> None:
         """The sampler is about to run `total_steps` steps from the first."""
-        self._step, self._total_steps = 0, int(total_steps)
+        self._step, self._total_steps, self._calls = 0, int(total_steps), 0
 
     def finish_step(self, i: int, x: torch.Tensor, denoised: torch.Tensor | None) -> None:
         """Step `i` (from 0) is done: the hooks see it, and the next model call belongs to step i + 1."""
@@ -218,7 +250,8 @@ class CFGDenoiser:
     def _guided(self, state: StepState, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         c, pc, u, pu = self._batch_conds(self._step, n)
-        if self.cfg_scale == 1.0:
+        call, self._calls = self._calls, self._calls + 1
+        if self.cfg_scale == 1.0 or self.skips.skip(call, self._step, self._total_steps, float(sigma.reshape(-1)[0])):
             return self._unet(state, x, sigma, c, pc)
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])

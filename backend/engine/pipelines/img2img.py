@@ -301,7 +301,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
     hooks = ([latent_mask] if latent_mask is not None else []) + [
         h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
     denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
-                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks)
+                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks, skips=gen.uncond_skips)
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                        else ctx.options["initial_noise_multiplier"])
     x = init + noise * sigmas[0] * multiplier

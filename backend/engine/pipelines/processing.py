@@ -19,7 +19,7 @@ from backend.core.images import day_folder, encode_png, image_grid, save_image_o
 from backend.engine.rng import fix_seed
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
+from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args, uncond_skips
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Generation:
         self.clip_skip = int(options["CLIP_stop_at_last_layers"])  # the job's override is merged in, checked
         self.model_schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
         self.extra = sampler_extra_args(self.sampler_info, req, options)
+        self.uncond_skips = uncond_skips(req, options)  # NGMS / skip early CFG: the denoisers of every pass
 
         self.total_images = req.batch_size * req.n_iter
         self.seed = fix_seed(req.seed)
@@ -85,6 +86,7 @@ class Generation:
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
+            **self.uncond_skips.infotext(),
         }
 
         self.save_samples = not req.do_not_save_samples and options["samples_save"]

@@ -107,7 +107,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
             x = rng.first().to(device) * sigmas[0]
             image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
             denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
-                                   ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks)
+                                   ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
+                                   skips=gen.uncond_skips)
             noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
             latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
             latents = denoiser.after_sampling(latents)
@@ -139,7 +140,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     # The hooks learn from the pass name that this is the hires. fix pass.
                     denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond, hooks=ctx.sampling_hooks,
-                                           pass_name=HIRES_PASS)
+                                           pass_name=HIRES_PASS, skips=gen.uncond_skips)
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
                     latents, stop = run_sampler(ctx, hr_sampler_info, denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
