@@ -22,13 +22,13 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from backend.core.errors import UserError
 from backend.core.prompt_parser import extract_extra_network_tags
 from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
-from backend.engine.networks.hypernetworks import ActiveHypernetwork, HypernetworkFile, read_hypernetwork
-from backend.engine.networks.hypernetworks import file_stamp as hypernetwork_stamp
-from backend.engine.networks.lora_files import NetworkFile, file_stamp, read_network_file
+from backend.engine.networks.hypernetworks import ActiveHypernetwork, read_hypernetwork
+from backend.engine.networks.lora_files import file_stamp, read_network_file
 from backend.networks.registry import HypernetworkRegistry, LoraRegistry, NetworkHashes, short_hash
 
 log = logging.getLogger("easel.lora")
@@ -110,8 +110,31 @@ def parse_hypernetwork_tags(prompts: list[str]) -> tuple[list[HypernetworkTag], 
     return tags, warnings
 
 
+class ReadFiles:
+    """Files read from disk by `reader(path, name)`, kept while unchanged (by size and mtime), the least recently
+    used dropped beyond `keep`."""
+
+    def __init__(self, reader: Callable[[Path, str], object]):
+        self.reader = reader
+        self.files: OrderedDict[str, tuple[tuple, object]] = OrderedDict()
+        self.reads = 0  # files read from disk (tests check caching with it)
+
+    def get(self, path: Path, name: str, keep: int):
+        key, stamp = str(path), file_stamp(path)
+        cached = self.files.get(key)
+        if cached is not None and cached[0] == stamp:
+            self.files.move_to_end(key)
+            return cached[1]
+        value = self.reader(path, name)
+        self.reads += 1
+        self.files[key] = (stamp, value)
+        while len(self.files) > keep:
+            self.files.popitem(last=False)
+        return value
+
+
 class NetworkRuntime:
-    """The backend's extra-network state: finding LoRA files, the files read, the embeddings."""
+    """The backend's extra-network state: finding LoRA and hypernetwork files, the files read, the embeddings."""
 
     def __init__(self, lora_dirs: list[Path], embeddings_dir: Path, cache_dir: Path | None = None,
                  hypernetwork_dirs: list[Path] | None = None):
@@ -119,58 +142,41 @@ class NetworkRuntime:
 
         self.loras = LoraRegistry(lora_dirs)
         self.hypernetworks = HypernetworkRegistry(list(hypernetwork_dirs or []))
-        self.hypernetwork_files: OrderedDict[str, HypernetworkFile] = OrderedDict()
         self.hashes = NetworkHashes(cache_dir / "network_hashes.json" if cache_dir else None)
         self.embeddings = EmbeddingVectors(embeddings_dir, self.hashes)
-        self.files: OrderedDict[str, NetworkFile] = OrderedDict()
-        self.reads = 0  # LoRA files read from disk (tests check caching with it)
+        self.lora_files = ReadFiles(read_network_file)
+        self.hypernetwork_files = ReadFiles(read_hypernetwork)
 
     @classmethod
     def from_paths(cls, paths) -> "NetworkRuntime":
         return cls(paths.lora_dirs, paths.embeddings_dir, paths.cache_dir, paths.hypernetwork_dirs)
 
-    def read(self, path: Path, name: str, keep: int) -> NetworkFile:
-        key = str(path)
-        cached = self.files.get(key)
-        if cached is not None and cached.stamp == file_stamp(path):
-            self.files.move_to_end(key)
-            return cached
-        net = read_network_file(path, name)
-        self.reads += 1
-        self.files[key] = net
-        while len(self.files) > keep:
-            self.files.popitem(last=False)
-        return net
-
-    def read_hypernetwork(self, path: Path, name: str, keep: int) -> HypernetworkFile:
-        key = str(path)
-        cached = self.hypernetwork_files.get(key)
-        if cached is not None and cached.stamp == hypernetwork_stamp(path):
-            self.hypernetwork_files.move_to_end(key)
-            return cached
-        net = read_hypernetwork(path, name)
-        self.hypernetwork_files[key] = net
-        while len(self.hypernetwork_files) > keep:
-            self.hypernetwork_files.popitem(last=False)
-        return net
+    @property
+    def reads(self) -> int:
+        """LoRA files read from disk."""
+        return self.lora_files.reads
 
 
-def _hypernetworks_for_job(tags: list[HypernetworkTag], runtime: NetworkRuntime, warnings: list[str]):
-    """The files the job's `<hypernet:...>` tags name, read (cached while unchanged); a warning for each that cannot be."""
-    active = []
-    for tag in tags:
-        entry = runtime.hypernetworks.find_or_refresh(tag.name)
+def _files_for_job(names: list[str], registry, files: ReadFiles, warnings: list[str], *, missing: str,
+                   label: str) -> list:
+    """(index into `names`, file read) for each name a file was found and read for (cached while unchanged); a
+    warning for each that could not be (`missing`: A1111's word in "Couldn't find Lora with name x"; `label`: the
+    kind of file in the other warnings). Never raises for a bad file: the job goes on without it."""
+    found = []
+    for index, name in enumerate(names):
+        entry = registry.find_or_refresh(name)
         if entry is None:
-            warnings.append(f"Couldn't find hypernetwork with name {tag.name}")
+            warnings.append(f"Couldn't find {missing} with name {name}")
             continue
+        where = f"{label} {name} ({entry.path.name})"
         try:
-            net = runtime.read_hypernetwork(entry.path, entry.name, keep=len(tags) + FILE_CACHE_SIZE)
+            found.append((index, files.get(entry.path, entry.name, keep=len(names) + FILE_CACHE_SIZE)))
         except (UserError, OSError) as exc:
-            warnings.append(f"Hypernetwork {tag.name} ({entry.path.name}) could not be used: "
-                            f"{getattr(exc, 'message', exc)} Generation went on without it.")
-            continue
-        active.append(ActiveHypernetwork(net, tag.multiplier))
-    return active
+            warnings.append(f"{where} could not be used: {getattr(exc, 'message', exc)} Generation went on without it.")
+        except Exception as exc:  # noqa: BLE001  a file no reader expected: the job still goes on
+            log.exception("reading %s", entry.path)
+            warnings.append(f"{where} could not be read ({type(exc).__name__}: {exc}). Generation went on without it.")
+    return found
 
 
 def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
@@ -183,25 +189,9 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
         tags, warnings = parse_network_tags([request.prompt, request.negative_prompt])
         hyper_tags, hyper_warnings = parse_hypernetwork_tags([request.prompt, request.negative_prompt])
         warnings += hyper_warnings
-    networks: list[ActiveNetwork] = []
-    for tag in tags:
-        entry = runtime.loras.find_or_refresh(tag.name)
-        if entry is None:
-            warnings.append(f"Couldn't find Lora with name {tag.name}")
-            continue
-        try:
-            net = runtime.read(entry.path, entry.name, keep=len(tags) + FILE_CACHE_SIZE)
-        except (UserError, OSError) as exc:
-            warnings.append(f"LoRA {tag.name} ({entry.path.name}) could not be used: "
-                            f"{getattr(exc, 'message', exc)} Generation went on without it.")
-            continue
-        except Exception as exc:  # noqa: BLE001  a file no reader expected: the job still goes on
-            log.exception("reading LoRA %s", entry.path)
-            warnings.append(f"LoRA {tag.name} ({entry.path.name}) could not be read ({type(exc).__name__}: {exc}). "
-                            f"Generation went on without it.")
-            continue
-        networks.append(ActiveNetwork(net, tag.te_multiplier, tag.unet_multiplier, tag.dyn_dim, label=tag.name))
-
+    networks = [ActiveNetwork(net, tags[i].te_multiplier, tags[i].unet_multiplier, tags[i].dyn_dim, label=tags[i].name)
+                for i, net in _files_for_job([t.name for t in tags], runtime.loras, runtime.lora_files, warnings,
+                                              missing="Lora", label="LoRA")]
     reports = NetworkPatcher(ctx.loaded).apply(networks)
     hashes = []
     for net, report in zip(networks, reports):
@@ -223,7 +213,9 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
             hashes.append(f"{label}: {short_hash(full)}")
     if hashes:
         ctx.extra_params["Lora hashes"] = ", ".join(hashes)
-    hypernetworks = _hypernetworks_for_job(hyper_tags, runtime, warnings)
+    hypernetworks = [ActiveHypernetwork(net, hyper_tags[i].multiplier) for i, net in _files_for_job(
+        [t.name for t in hyper_tags], runtime.hypernetworks, runtime.hypernetwork_files, warnings,
+        missing="hypernetwork", label="Hypernetwork")]
     for name in ctx.loaded.hypernetworks.apply(model.unet, hypernetworks):
         warnings.append(f"Hypernetwork {name} has no layer of the widths this checkpoint's attention uses "
                         f"(made for another base model?); it was not applied.")
