@@ -182,6 +182,12 @@ class BackendClient:
             if self.process.is_alive():
                 self.process.kill()
 
+    def kill(self) -> None:
+        """End the backend process at once (/sdapi/v1/server-kill): no job finishes, nothing restarts it."""
+        self._stopping = True
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+
     def _restart_after_death(self) -> None:
         code = self.process.exitcode
         with self._lock:
