@@ -83,6 +83,8 @@ def add_api(app, service, args, throttle=None, server_commands=None) -> None:
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
     from api.extensions_routes import build_extensions_router
     app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
+    from api.internal_progress import build_internal_progress_router  # a task's progress by its force_task_id
+    app.include_router(build_internal_progress_router(service.client, deps, log_requests=bool(args.api_log)))
     if args.api_server_stop and server_commands is not None:  # as A1111: these routes exist only with the flag
         from api.errors import A1111Route
         from api.server_control import build_server_control_router
