@@ -83,11 +83,11 @@ def add_api(app, service, args, throttle=None, server_commands=None) -> None:
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
     from api.extensions_routes import build_extensions_router
     app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
-    from api.internal_progress import build_internal_progress_router  # a task's progress by its force_task_id
+    from api.internal_routes import build_internal_progress_router  # a task's progress by its force_task_id
     app.include_router(build_internal_progress_router(service.client, deps, log_requests=bool(args.api_log)))
     if args.api_server_stop and server_commands is not None:  # as A1111: these routes exist only with the flag
         from api.errors import A1111Route
-        from api.server_control import build_server_control_router
+        from api.server_routes import build_server_control_router
         route_class = type("EaselApiRoute", (A1111Route,), {"log_requests": bool(args.api_log)})
         app.include_router(build_server_control_router(server_commands, service.client.kill, deps, route_class))
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     allowed_hosts, throttle = allowed_hosts_for(args), LoginThrottle()
     guards = guard_middleware(service, args, allowed_hosts, throttle)
     warn_if_exposed(args)
-    from api.server_control import RESTART_EXIT_CODE, ServerCommands
+    from api.server_routes import RESTART_EXIT_CODE, ServerCommands
     server_commands = ServerCommands()  # what --api-server-stop's routes post for this thread
     command = None
     try:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    from api.server_control import RESTART_EXIT_CODE, RESTARTS_IN_PLACE, restart_in_place
+    from api.server_routes import RESTART_EXIT_CODE, RESTARTS_IN_PLACE, restart_in_place
     if code == RESTART_EXIT_CODE and RESTARTS_IN_PLACE:  # /sdapi/v1/server-restart: start again, in place
         restart_in_place()
     sys.exit(code)  # on Windows launch.py, which runs app.py as a child there, starts it again
