@@ -21,14 +21,14 @@ def _logins(args) -> list[tuple[str, str]]:
     return logins
 
 
-def create_api_app(service, args, guards: list, throttle):
+def create_api_app(service, args, guards: list, throttle, server_commands=None):
     """A FastAPI app with the /sdapi/v1 routes (used alone with --nowebui)."""
     from fastapi import FastAPI
 
     from api.errors import install_error_handlers
     app = FastAPI(title="Easel API", version="0.1.0", middleware=guards + api_middleware(args))
     install_error_handlers(app)
-    add_api(app, service, args, throttle)
+    add_api(app, service, args, throttle, server_commands)
     return app
 
 
@@ -65,7 +65,7 @@ def api_middleware(args) -> list:
                        allow_methods=["*"], allow_credentials=True, allow_headers=["*"])]
 
 
-def add_api(app, service, args, throttle=None) -> None:
+def add_api(app, service, args, throttle=None, server_commands=None) -> None:
     from fastapi import Depends
 
     from api.auth import basic_auth_dependency
@@ -83,6 +83,13 @@ def add_api(app, service, args, throttle=None) -> None:
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
     from api.extensions_routes import build_extensions_router
     app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
+    from api.internal_routes import build_internal_progress_router  # a task's progress by its force_task_id
+    app.include_router(build_internal_progress_router(service.client, deps, log_requests=bool(args.api_log)))
+    if args.api_server_stop and server_commands is not None:  # as A1111: these routes exist only with the flag
+        from api.errors import A1111Route
+        from api.server_routes import build_server_control_router
+        route_class = type("EaselApiRoute", (A1111Route,), {"log_requests": bool(args.api_log)})
+        app.include_router(build_server_control_router(server_commands, service.client.kill, deps, route_class))
 
 
 def extensions_app_started(service, demo, app) -> None:
@@ -104,6 +111,8 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until Ctrl+C, SIGTERM or /sdapi/v1/server-stop (-> 0), or /sdapi/v1/server-restart
+    (-> `RESTART_EXIT_CODE`)."""
     stop_on_sigterm()
     args = parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     allowed_hosts, throttle = allowed_hosts_for(args), LoginThrottle()
     guards = guard_middleware(service, args, allowed_hosts, throttle)
     warn_if_exposed(args)
+    from api.server_routes import RESTART_EXIT_CODE, ServerCommands
+    server_commands = ServerCommands()  # what --api-server-stop's routes post for this thread
+    command = None
     try:
         service.start(wait=False)
         msg = service.no_checkpoint_message()
@@ -126,12 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(msg)
         if args.nowebui:
             import uvicorn
-            app = create_api_app(service, args, guards, throttle)
+            app = create_api_app(service, args, guards, throttle, server_commands)
             extensions_app_started(service, None, app)
             log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
-            uvicorn.run(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
-                        root_path=args.subpath or "", log_level="warning")
-            return 0
+            server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile,
+                                                   ssl_certfile=args.tls_certfile, root_path=args.subpath or "",
+                                                   log_level="warning"))
+
+            def stop_on_command() -> None:  # a posted stop/restart ends uvicorn's loop in this (main) thread
+                nonlocal command
+                command = server_commands.wait(lambda: not server.should_exit)
+                server.should_exit = True
+            import threading
+            threading.Thread(target=stop_on_command, name="easel-server-commands", daemon=True).start()
+            server.run()
+            return RESTART_EXIT_CODE if command == "restart" else 0
         from ui.layout import CSS, build_ui
         from ui import icons, page_scripts
         from ui.theme import theme_head
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         from api.extensions_routes import build_extension_assets_router
         app.include_router(build_extension_assets_router(service))  # the extensions' scripts and styles
         if args.api:
-            add_api(app, service, args, throttle)
+            add_api(app, service, args, throttle, server_commands)
         # Gradio's catch-all routes were registered first: move ours to the front.
         api_routes = [r for r in app.router.routes if r not in gradio_routes]
         others = [r for r in app.router.routes if r not in api_routes]
@@ -170,13 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Running on local URL:  {local_url}", flush=True)
         if share_url:
             print(f"Running on public URL: {share_url}", flush=True)
-        demo.block_thread()
+        command = server_commands.wait(lambda: demo.is_running)  # None: Ctrl+C or SIGTERM
+        log.info("%s: closing the web server.", {"stop": "Stopping", "restart": "Restarting"}.get(command, "Stopping"))
+        demo.close()
+        from gradio.tunneling import CURRENT_TUNNELS  # the share link's tunnel (what demo.block_thread closed)
+        for tunnel in CURRENT_TUNNELS:
+            tunnel.kill()
     except KeyboardInterrupt:
         pass
     finally:
         service.stop()
-    return 0
+    return RESTART_EXIT_CODE if command == "restart" else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from api.server_routes import RESTART_EXIT_CODE, RESTARTS_IN_PLACE, restart_in_place
+    if code == RESTART_EXIT_CODE and RESTARTS_IN_PLACE:  # /sdapi/v1/server-restart: start again, in place
+        restart_in_place()
+    sys.exit(code)  # on Windows launch.py, which runs app.py as a child there, starts it again

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("EASEL_VENV", ROOT / "venv"))
 sys.path.insert(0, str(ROOT))
 
-from backend.core.cmd_args import parse_args  # noqa: E402  (standard library only)
+from backend.core.cmd_args import RESTART_EXIT_CODE, parse_args  # noqa: E402  (standard library only)
 
 
 def venv_python() -> Path:
@@ -81,26 +81,35 @@ def ensure_browser() -> None:
         print("chromium is not installed: the browser tests will be skipped (install Debian's 'chromium' package).", flush=True)
 
 
-def hand_over(cmd: list) -> int:
+EXEC_IN_PLACE = os.name == "posix"  # hand_over replaces the launcher process (else: runs a child)
+
+
+def hand_over(cmd: list, restart_code: int | None = None) -> int:
     """Run `cmd` in the launcher's place, so that a signal meant for the launcher reaches it.
 
     On POSIX the launcher process becomes `cmd` (exec): same pid, so SIGTERM or SIGINT from a service
     manager, a terminal or `kill` stops the app (and with it the backend process) rather than leaving it
     running orphaned. Elsewhere the command runs as a child that receives Ctrl+C with the console, and the
-    launcher waits for it to end.
+    launcher waits for it to end, and starts it again when it exits with `restart_code` (app.py after
+    /sdapi/v1/server-restart; on POSIX app.py re-executes itself instead).
     """
     cmd = [str(c) for c in cmd]
     os.chdir(ROOT)
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.name == "posix":
+    if EXEC_IN_PLACE:
         os.execv(cmd[0], cmd)
-    child = subprocess.Popen(cmd, cwd=ROOT)
     while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            continue  # the child got the console's Ctrl+C too: wait for it to stop
+        child = subprocess.Popen(cmd, cwd=ROOT)
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # the child got the console's Ctrl+C too: wait for it to stop
+        if restart_code is None or code != restart_code:
+            return code
+        print("Restarting Easel.", flush=True)
 
 
 def main() -> int:
@@ -118,7 +127,7 @@ def main() -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         from backend.extensions import run_installers
         run_installers(python, args)  # each enabled extension's install.py, once (gated by --listen/--share)
-    return hand_over([python, ROOT / "app.py", *[a for a in rest if a != "--skip-install"]])
+    return hand_over([python, ROOT / "app.py", *[a for a in rest if a != "--skip-install"]], RESTART_EXIT_CODE)
 
 
 if __name__ == "__main__":

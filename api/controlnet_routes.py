@@ -1,11 +1,14 @@
 """sd-webui-controlnet's HTTP routes (`/controlnet/...`, without the /sdapi/v1 prefix, as the extension has them).
 
-GET `version`, `model_list`, `module_list`, `control_types`, `settings`; POST `detect`.
+GET `version`, `model_list`, `module_list`, `control_types`, `settings`; POST `detect`, `render_openpose_json`.
 Units themselves travel in txt2img/img2img requests (`alwayson_scripts.controlnet.args`).
 """
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Body
+from starlette.concurrency import run_in_threadpool
 from pydantic import ConfigDict, Field
 
 from api.errors import A1111Route
@@ -13,6 +16,8 @@ from api.jobs import run_job
 from backend.controlnet.service import API_VERSION, detected_maps_and_poses
 from backend.core.errors import UserError
 from backend.core.image_codec import decode_base64_image, encode_png_base64
+from backend.core.openpose_drawing import render_pose_json
+from backend.core.safe_values import check_value
 from backend.core.schemas import JsonRequest
 from backend.service import EaselService
 
@@ -75,5 +80,26 @@ def build_controlnet_router(service: EaselService, dependencies: list | None = N
         if poses:  # pose preprocessors: the people found, in OpenPose JSON (as the extension returns them)
             body["poses"] = poses
         return body
+
+    @router.post("/render_openpose_json")
+    async def render_openpose_json(pose_data: Any = Body(default_factory=list)) -> dict:
+        """OpenPose JSON documents (the list itself is the body, as the extension reads it) drawn as the openpose
+        preprocessor draws detected people: {"images": [base64 PNG per document], "info": "Success"}."""
+        if isinstance(pose_data, dict) and "pose_data" in pose_data:  # the list embedded under its parameter name
+            pose_data = pose_data["pose_data"]
+        if isinstance(pose_data, dict):  # one document alone
+            pose_data = [pose_data]
+        check_value(pose_data, "pose_data")  # NaN, Infinity, integers beyond 64 bits: a 422 naming the field
+        if not isinstance(pose_data, list):
+            raise UserError("render_openpose_json: the body must be a list of OpenPose JSON objects.", status=422)
+        if not pose_data:
+            return {"info": "No pose data detected."}
+
+        def draw() -> list[str]:  # a few milliseconds per canvas: in the thread pool, not on the event loop
+            from PIL import Image
+            return [encode_png_base64(Image.fromarray(render_pose_json(pose, f"pose_data[{i}]")))
+                    for i, pose in enumerate(pose_data)]
+
+        return {"images": await run_in_threadpool(draw), "info": "Success"}
 
     return router

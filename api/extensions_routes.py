@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
+from api import models
 from api.errors import A1111Route
 from backend.core.errors import UserError
 from backend.extensions import ASSET_PREFIX, asset_path
@@ -16,7 +17,7 @@ def build_extensions_router(service: EaselService, dependencies: list | None = N
     route_class = type("EaselExtensionsRoute", (A1111Route,), {"log_requests": log_requests})
     router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
 
-    @router.get("/extensions")
+    @router.get("/extensions", response_model=list[models.ExtensionItem])
     def extensions() -> list[dict]:
         return service.extensions.api_list()
 

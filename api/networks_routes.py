@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from api import models
 from api.errors import A1111Route
 from backend.service import EaselService
 
@@ -17,7 +18,7 @@ def build_networks_router(service: EaselService, dependencies: list | None = Non
     route_class = type("EaselNetworksRoute", (A1111Route,), {"log_requests": log_requests})
     router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
 
-    @router.get("/loras")
+    @router.get("/loras", response_model=list[models.LoraItem])
     def loras() -> list[dict]:
         return service.lora_list()
 
@@ -26,11 +27,11 @@ def build_networks_router(service: EaselService, dependencies: list | None = Non
         service.refresh_loras()
         return {}
 
-    @router.get("/hypernetworks")
+    @router.get("/hypernetworks", response_model=list[models.HypernetworkItem])
     def hypernetworks() -> list[dict]:
         return service.hypernetwork_list()
 
-    @router.get("/embeddings")
+    @router.get("/embeddings", response_model=models.EmbeddingsResponse)
     def embeddings() -> dict:
         return service.embedding_list()
 

@@ -11,6 +11,7 @@ import base64
 from fastapi import APIRouter
 
 from api.errors import A1111Route
+from api import models
 from api.jobs import run_job
 from backend.core.errors import UserError
 from backend.core.image_codec import decode_base64_image
@@ -30,7 +31,7 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
     router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
     post = service.postprocess
 
-    @router.post("/extra-single-image")
+    @router.post("/extra-single-image", response_model=models.ExtrasSingleImageResponse)
     async def extra_single_image(req: ExtrasSingleImageRequest) -> dict:
         if not req.image or not req.image.strip():
             raise UserError("extra-single-image: the request has no image.")
@@ -42,7 +43,7 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
         png = result.images[0].png if result.images else b""
         return {"html_info": result.html_info, "image": base64.b64encode(png).decode() if png else ""}
 
-    @router.post("/extra-batch-images")
+    @router.post("/extra-batch-images", response_model=models.ExtrasBatchImagesResponse)
     async def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict:
         if not req.imageList:
             raise UserError("extra-batch-images: imageList is empty.")
@@ -56,15 +57,15 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
         return {"html_info": result.html_info,
                 "images": [base64.b64encode(img.png).decode() for img in result.images if img.png]}
 
-    @router.get("/upscalers")
+    @router.get("/upscalers", response_model=list[models.UpscalerItem])
     def upscalers() -> list[dict]:
         return [u.as_api() for u in post.upscalers()]
 
-    @router.get("/face-restorers")
+    @router.get("/face-restorers", response_model=list[models.FaceRestorerItem])
     def face_restorers() -> list[dict]:
         return post.face_restorers()
 
-    @router.get("/realesrgan-models")
+    @router.get("/realesrgan-models", response_model=list[models.RealesrganItem])
     def realesrgan_models() -> list[dict]:
         return post.realesrgan_models()
 

@@ -6,10 +6,13 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import A1111Route
+from api import models
 from api.jobs import run_job
 from backend.core.errors import UserError
 from backend.core.image_codec import decode_base64_image
@@ -25,7 +28,7 @@ class Img2ImgBatchRequest(Img2ImgRequest):
     mask_dir: str = ""
 
 
-class PngInfoRequest(JsonRequest):
+class PNGInfoRequest(JsonRequest):  # A1111's name (the schema's in /openapi.json)
     image: str = ""
 
 
@@ -52,11 +55,12 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         return req.model_copy(update={"do_not_save_samples": not req.save_images, "do_not_save_grid": not req.save_images})
 
     # The job routes are async: a job waiting in the queue holds no web server thread.
-    @router.post("/txt2img")
+    # response_model: the answers' schemas named and shaped as A1111's (api.models), for SDKs generated from its schema
+    @router.post("/txt2img", response_model=models.TextToImageResponse)
     async def txt2img(req: Txt2ImgRequest) -> dict:
         return respond(req, await run_job(service.submit_txt2img, api_saving(req)), req.model_dump())
 
-    @router.post("/img2img")
+    @router.post("/img2img", response_model=models.ImageToImageResponse)
     async def img2img(req: Img2ImgRequest) -> dict:
         if not req.init_images:
             raise UserError("img2img: init_images is empty; send at least one base64-encoded image.")
@@ -67,13 +71,13 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
             parameters["mask"] = None
         return respond(req, result, parameters)
 
-    @router.post("/img2img-batch")
+    @router.post("/img2img-batch", response_model=models.ImageToImageResponse)
     async def img2img_batch(req: Img2ImgBatchRequest) -> dict:
         job_req = Img2ImgRequest(**req.model_dump(exclude={"input_dir", "output_dir", "mask_dir"}))
         result = await run_job(service.submit_img2img_batch, job_req, req.input_dir, req.output_dir, req.mask_dir)
         return respond(req, result, req.model_dump())
 
-    @router.get("/progress")
+    @router.get("/progress", response_model=models.ProgressResponse)
     def progress(skip_current_image: bool = False) -> dict:
         state = service.client.progress_state()
         if skip_current_image:
@@ -90,7 +94,7 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         service.skip()
         return {}
 
-    @router.get("/sd-models")
+    @router.get("/sd-models", response_model=list[models.SDModelItem])
     def sd_models() -> list[dict]:
         return [{"title": f.title, "model_name": f.model_name, "hash": f.shorthash, "sha256": f.sha256,
                  "filename": str(f.path), "config": None} for f in service.registry.checkpoints]
@@ -100,7 +104,7 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         service.refresh_checkpoints()
         return {}
 
-    @router.get("/sd-vae")
+    @router.get("/sd-vae", response_model=list[models.SDVaeItem])
     def sd_vae() -> list[dict]:
         return [{"model_name": f.model_name, "filename": str(f.path)} for f in service.registry.vaes]
 
@@ -109,13 +113,14 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
         service.refresh_checkpoints()
         return {}
 
-    @router.get("/prompt-styles")
+    @router.get("/prompt-styles", response_model=list[models.PromptStyleItem])
     def prompt_styles() -> list[dict]:
         return [s.as_api() for s in service.styles.all()]
 
-    @router.get("/options")
-    def get_options() -> dict:
-        return service.options.as_dict()
+    # options and flags: documented as A1111's Options / Flags schemas, answered as they are (unknown stored keys too)
+    @router.get("/options", response_model=models.OptionsModel)
+    def get_options() -> JSONResponse:
+        return JSONResponse(jsonable_encoder(service.options.as_dict()))
 
     @router.post("/options")
     async def set_options(body: dict[str, Any]) -> dict:
@@ -125,19 +130,20 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
             await job.outcome()
         return {}
 
-    @router.get("/cmd-flags")
-    def cmd_flags() -> dict:
-        return {k: v for k, v in vars(service.args).items() if k not in ("gradio_auth", "api_auth", "unknown")}
+    @router.get("/cmd-flags", response_model=models.FlagsModel)
+    def cmd_flags() -> JSONResponse:
+        return JSONResponse(jsonable_encoder(
+            {k: v for k, v in vars(service.args).items() if k not in ("gradio_auth", "api_auth", "unknown")}))
 
-    @router.get("/samplers")
+    @router.get("/samplers", response_model=list[models.SamplerItem])
     def samplers() -> list[dict]:
         return service.sampler_list()
 
-    @router.get("/schedulers")
+    @router.get("/schedulers", response_model=list[models.SchedulerItem])
     def schedulers() -> list[dict]:
         return service.scheduler_list()
 
-    @router.get("/scripts")
+    @router.get("/scripts", response_model=models.ScriptsList)
     def scripts() -> dict:
         listed = service.selectable_scripts.scripts_list()
         for name, in_txt2img in service.native_extensions.alwayson_tabs().items():  # A1111 lists always-on ones
@@ -145,23 +151,23 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
                 listed[tab].append(name)
         return listed
 
-    @router.get("/script-info")
+    @router.get("/script-info", response_model=list[models.ScriptInfo])
     def script_info() -> list[dict]:
         return service.selectable_scripts.script_info({"upscaler": tuple(service.postprocess.upscaler_names())})
 
-    @router.get("/latent-upscale-modes")
+    @router.get("/latent-upscale-modes", response_model=list[models.LatentUpscalerModeItem])
     def latent_upscale_modes() -> list[dict]:
         return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
-    @router.post("/png-info")
-    def png_info(req: PngInfoRequest) -> dict:
+    @router.post("/png-info", response_model=models.PNGInfoResponse)
+    def png_info(req: PNGInfoRequest) -> dict:
         if not req.image.strip():
             raise UserError("png-info: the request has no image.")
         img = decode_base64_image(req.image)
         text, params, extra = service.png_info(img)
         return {"info": text, "items": extra, "parameters": params}
 
-    @router.get("/memory")
+    @router.get("/memory", response_model=models.MemoryResponse)
     async def memory() -> dict:
         return await run_job(service.submit_memory, timeout=60)
 

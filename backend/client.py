@@ -182,6 +182,12 @@ class BackendClient:
             if self.process.is_alive():
                 self.process.kill()
 
+    def kill(self) -> None:
+        """End the backend process at once (/sdapi/v1/server-kill): no job finishes, nothing restarts it."""
+        self._stopping = True
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+
     def _restart_after_death(self) -> None:
         code = self.process.exitcode
         with self._lock:
@@ -305,6 +311,27 @@ class BackendClient:
         if job is None or not secrets.compare_digest(job.watch_key.encode(), str(watch_key).encode()):
             return None
         return job
+
+    def task_progress(self, task_id: str, id_live_preview: int = -1, live_preview: bool = True) -> dict:
+        """A1111's `POST /internal/progress` answer for the job whose task id (a request's force_task_id, else its job
+        id) is `task_id`: whether it runs, waits or has finished; when it runs, its progress, ETA and the preview
+        newer than `id_live_preview` (as a data: URL)."""
+        with self._lock:
+            jobs = [j for j in self._by_id.values() if (j.task_id or j.job_id) == task_id]
+            job = jobs[-1] if jobs else None
+            waiting = [j for j in self._pending]
+        if job is None or job.status != "running":
+            queued = job is not None and job.status == "queued"
+            textinfo = f"In queue: {waiting.index(job) + 1}/{len(waiting)}" if queued and job in waiting else "Waiting..."
+            return {"active": False, "queued": queued, "completed": job is not None and job.finished is not None,
+                    "progress": None, "eta": None, "live_preview": None, "id_live_preview": -1, "textinfo": textinfo}
+        preview, preview_id = None, id_live_preview
+        if live_preview and job.preview_png and job.preview_id != id_live_preview:
+            preview = "data:image/png;base64," + base64.b64encode(job.preview_png).decode()
+            preview_id = job.preview_id
+        return {"active": True, "queued": False, "completed": False, "progress": job.progress,
+                "eta": job.eta if job.step else None, "live_preview": preview, "id_live_preview": preview_id,
+                "textinfo": f"Step {job.step}/{job.total}" if job.total else "Waiting..."}
 
     def run(self, kind: str, payload: dict, timeout: float | None = None) -> Any:
         job = self.submit(kind, payload)

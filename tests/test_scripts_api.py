@@ -310,3 +310,18 @@ def test_outpainting_mk2_needs_a_direction(api):
     r = api.post("/img2img", json=body(picture(64, 64), script_name="Outpainting mk2",
                                        script_args=["", 64, 8, []]))
     assert r.status_code == 422 and "direction" in r.json()["detail"], r.text
+
+
+def test_script_names_match_without_case_and_unknown_ones_are_422_as_a1111(api):
+    """A1111 compares lower-cased titles: any case names the script; an unknown name is its 422 in both tabs."""
+    r = api.post("/txt2img", json=txt(prompt="a house|red", script_name="PROMPT Matrix",
+                                      script_args=[False, False, "positive", "comma", 0]))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 3  # the grid, then both cells: the script ran
+    r = api.post("/txt2img", json=txt(alwayson_scripts={"CONTROLNET": {"args": []}}))
+    assert r.status_code == 200, r.text
+    for route, request in (("/txt2img", txt), ("/img2img", lambda **kw: body(picture(64, 64), **kw))):
+        r = api.post(route, json=request(script_name="No such script"))
+        assert r.status_code == 422 and "Script 'No such script' not found" in r.json()["detail"], r.text
+        r = api.post(route, json=request(alwayson_scripts={"No such script": {"args": []}}))
+        assert r.status_code == 422 and "always on script No such script not found" in r.json()["detail"], r.text

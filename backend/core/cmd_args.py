@@ -12,6 +12,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding app.py (ba
 USE_CPU_CHOICES = ("all", "sd", "interrogate", "gfpgan", "esrgan", "codeformer")
 
 
+# app.py's exit code after /sdapi/v1/server-restart (--api-server-stop) where it cannot re-execute itself in place
+# (not POSIX): launch.py, which runs it as a child there, starts it again.
+RESTART_EXIT_CODE = 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch.py",
@@ -25,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--api", action="store_true", help="enable the AUTOMATIC1111-compatible HTTP API under /sdapi/v1")
     net.add_argument("--nowebui", action="store_true", help="serve only the API, no web UI")
     net.add_argument("--api-log", action="store_true", help="log every API request")
+    net.add_argument("--api-server-stop", action="store_true",
+                     help="enable POST /sdapi/v1/server-kill, /server-restart and /server-stop (as AUTOMATIC1111)")
     net.add_argument("--gradio-auth", default=None, help='web UI logins, "user:pass[,user2:pass2]"')
     net.add_argument("--gradio-auth-path", default=None, help="file with web UI logins, one user:pass per line or comma separated")
     net.add_argument("--api-auth", default=None, help='API logins (HTTP Basic), "user:pass[,user2:pass2]"')

@@ -23,7 +23,7 @@ class JsonRequest(BaseModel):
         return data
 
 
-class Txt2ImgRequest(JsonRequest):
+class StableDiffusionProcessingTxt2Img(JsonRequest):  # A1111's name: the schema's name in /openapi.json
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     prompt: str = ""
@@ -84,7 +84,10 @@ class Txt2ImgRequest(JsonRequest):
     infotext: str | None = None
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+Txt2ImgRequest = StableDiffusionProcessingTxt2Img  # Easel's name for it
+
+
+class StableDiffusionProcessingImg2Img(Txt2ImgRequest):
     """A1111's img2img request: the txt2img fields plus the init images, mask and inpainting options.
 
     `init_images`, `mask` and `latent_mask` are base64 in the API; the app process
@@ -107,6 +110,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
+
+
+Img2ImgRequest = StableDiffusionProcessingImg2Img  # Easel's name for it
 
 
 class GeneratedImage(BaseModel):

@@ -7,18 +7,13 @@ from typing import Callable
 
 import numpy as np
 
+from backend.core.openpose_drawing import POSE_COLORS, POSE_LIMBS, draw_pose  # noqa: F401 (POSE_COLORS: tests)
 from backend.engine.controlnet.preprocessors import resize_with_pad
 from backend.engine.controlnet.annotators.common import ANNOTATORS_URL, AnnotatorEnv, WeightFile, env_from, resize_maps
 
-# COCO-18 keypoints; limbs as pairs of 1-based keypoint numbers, the PAF channels (x, y) of each, and
-# the colours ControlNet's OpenPose models were trained with.
-POSE_LIMBS = [(2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13), (13, 14),
-              (2, 1), (1, 15), (15, 17), (1, 16), (16, 18), (3, 17), (6, 18)]
+# The PAF channels (x, y) of each limb of `POSE_LIMBS` (COCO-18 keypoints; the drawing is torch-free, in core).
 POSE_PAF = [(12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9),
             (10, 11), (28, 29), (30, 31), (34, 35), (32, 33), (36, 37), (18, 19), (26, 27)]
-POSE_COLORS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-               (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-               (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
 OPENPOSE_BODY_WEIGHTS = WeightFile("body_pose_model.pth", "openpose", ANNOTATORS_URL + "body_pose_model.pth")
 
 
@@ -196,31 +191,6 @@ def assemble_people(heat: np.ndarray, paf: np.ndarray, height: int) -> list:
         out.append([None if row[i] < 0 else (float(candidates[int(row[i])][0]), float(candidates[int(row[i])][1]))
                     for i in range(18)])
     return out
-
-
-def draw_pose(people: list, width: int, height: int) -> np.ndarray:
-    """People as ControlNet's OpenPose models expect them: coloured limbs (ellipses at 60%) and joints, on black."""
-    import math
-
-    from PIL import Image, ImageDraw
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for person in people:
-        for (a, b), color in zip(POSE_LIMBS, POSE_COLORS):
-            p1, p2 = person[a - 1], person[b - 1]
-            if p1 is None or p2 is None:
-                continue
-            cx, cy = (p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2
-            length = math.hypot(p1[0] - p2[0], p1[1] - p2[1]) / 2
-            angle = math.atan2(p1[1] - p2[1], p1[0] - p2[0])
-            pts = [(cx + length * math.cos(t) * math.cos(angle) - 4 * math.sin(t) * math.sin(angle),
-                    cy + length * math.cos(t) * math.sin(angle) + 4 * math.sin(t) * math.cos(angle))
-                   for t in np.linspace(0, 2 * math.pi, 72, endpoint=False)]
-            draw.polygon(pts, fill=tuple(int(c * 0.6) for c in color))
-        for point, color in zip(person, POSE_COLORS):
-            if point is not None:
-                draw.ellipse((point[0] - 4, point[1] - 4, point[0] + 4, point[1] + 4), fill=color)
-    return np.asarray(canvas)
 
 
 def pose_json(people: list, width: int, height: int) -> dict:
