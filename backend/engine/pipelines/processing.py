@@ -71,7 +71,7 @@ class Generation:
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
-                                           should_stop=ctx.control.interrupted)
+                                           should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
 
         self.params: dict[str, object] = {
@@ -85,6 +85,7 @@ class Generation:
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
+            "Emphasis": self._emphasis_param(options["emphasis"]),
         }
 
         self.save_samples = not req.do_not_save_samples and options["samples_save"]
@@ -95,6 +96,13 @@ class Generation:
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
         self.interrupted = False
+
+    def _emphasis_param(self, emphasis: str) -> str | None:
+        """A1111 names the emphasis mode in the infotext when it is not Original and a prompt has brackets."""
+        texts = self.prompts + self.negatives + [self.hr_prompt, self.hr_negative]
+        if emphasis == "Original" or not any("(" in t or "[" in t for t in texts):
+            return None
+        return emphasis
 
     def batches(self):
         """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""
