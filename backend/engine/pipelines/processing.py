@@ -17,6 +17,7 @@ from backend.engine import schedules
 from backend.engine.conditioning import TextConditioner
 from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
 from backend.engine.rng import fix_seed
+from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
@@ -73,6 +74,10 @@ class Generation:
                                            max_chunks=int(options["prompt_max_chunks"]),
                                            should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
+        # token merging ratios of the first and the hires. fix pass (A1111's choice of setting)
+        overridden = tuple((getattr(req, "override_settings", None) or {}).keys())
+        self.token_merging = ratio_for_pass(options, img2img=hasattr(req, "init_images"), overridden=overridden)
+        self.token_merging_hr = ratio_for_pass(options, hires=True)
 
         self.params: dict[str, object] = {
             "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
@@ -85,6 +90,7 @@ class Generation:
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
+            "Token merging ratio": format_number(self.token_merging) if self.token_merging else None,
             "Emphasis": self._emphasis_param(options["emphasis"]),
         }
 
