@@ -91,6 +91,17 @@ def test_a_missing_file_offline_falls_back_to_approx_cheap_with_one_log_line(tmp
     assert asked == [previews.APPROX_NN_URL + "model.pt", previews.TAESD_URL + "taesd_decoder.pth"]  # tried once each
 
 
+def test_a_damaged_file_falls_back_to_approx_cheap(tmp_path, caplog):
+    (tmp_path / "VAE-approx").mkdir()
+    (tmp_path / "VAE-approx" / "model.pt").write_bytes(b"not a torch file")
+    decoders = PreviewDecoders(tmp_path, allow_download=False)
+    latent = torch.randn(1, 4, 8, 8)
+    with caplog.at_level(logging.WARNING, logger=previews.__name__):
+        img = make_preview("Approx NN", "sd1", latent, 64, 64, decoders, full=None)
+    assert np.array_equal(np.asarray(img), np.asarray(to_picture(cheap_rgb(latent[0], "sd1"), 64, 64)))
+    assert any("model.pt" in r.getMessage() for r in caplog.records)
+
+
 def test_a_missing_file_is_downloaded_into_the_models_folder(tmp_path, monkeypatch):
     import backend.downloads as downloads
     source = tmp_path / "published"

@@ -164,10 +164,11 @@ class PreviewDecoders:
         net = build()
         try:
             net.load_state_dict(read_state_dict(path))
-        except (RuntimeError, KeyError) as exc:
+        except (RuntimeError, KeyError, UserError) as exc:
             self._unavailable.add(name)
+            reason = exc.message if isinstance(exc, UserError) else (str(exc).splitlines() or [""])[0]
             log.warning("live previews: %s does not hold the %s network (%s); previews use Approx cheap. Delete it "
-                        "to download it again.", path, method, str(exc).splitlines()[0])
+                        "to download it again.", path, method, reason)
             return None
         self._nets[name] = net.eval()
         return net
