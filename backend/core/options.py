@@ -53,9 +53,8 @@ SETTINGS: list[Setting] = [
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
     Setting("live_previews_enable", True, "Show live previews of the image being generated", "Live previews", bool),
     Setting("show_progress_every_n_steps", 2, "Live preview every N sampling steps (-1: only at the end of a batch)", "Live previews", int, minimum=-1, maximum=32),
-    Setting("show_progress_type", "Approx NN", "Live preview method (Full: the VAE; Approx NN and TAESD: small "
-            "networks in models/VAE-approx and models/VAE-taesd, downloaded on first use; Approx cheap: a linear "
-            "map, no file)", "Live previews", str, choices=PREVIEW_METHODS),
+    Setting("show_progress_type", "Approx NN", "Live preview method (Full: the VAE; Approx NN, TAESD: small networks "
+            "downloaded on first use; Approx cheap: no file)", "Live previews", str, choices=PREVIEW_METHODS),
     Setting("samples_save", True, "Always save all generated images", "Saving images", bool),
     Setting("grid_save", True, "Always save all generated image grids", "Saving images", bool),
     Setting("samples_format", "png", "File format for images", "Saving images", str, choices=IMAGE_FORMATS),
