@@ -127,7 +127,7 @@ def test_a_missing_file_is_downloaded_into_the_models_folder(tmp_path, monkeypat
 def job(**settings) -> dict:
     return {"prompt": "a lighthouse", "steps": 150, "width": 128, "height": 96, "seed": 4, "sampler_name": "Euler",
             "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors", "show_progress_every_n_steps": 1,
-                                  **settings}}
+                                  "live_previews_enable": True, **settings}}
 
 
 def watch_progress(api, server, body: dict, seen_when, query: str = "") -> dict:
