@@ -4,7 +4,8 @@ A prompt is parsed into (text, weight) pieces, tokenized into 75-token chunks
 (with BREAK and A1111's comma backtracking), each chunk encoded as
 [BOS] 75 tokens [EOS] by every text encoder of the model, the weights applied to
 the hidden states as the setting `emphasis` says (A1111's modes, `EMPHASIS_MODES`;
-"Original": multiplied, then the mean restored), and the chunks concatenated. SDXL concatenates both encoders' hidden states and adds the pooled
+"Original": multiplied, then the mean restored), and the chunks concatenated.
+SDXL concatenates both encoders' hidden states and adds the pooled
 embedding of the second encoder. Prompt editing/alternation schedules are encoded
 once per distinct text and looked up per sampling step.
 """
