@@ -322,6 +322,13 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
     ensd = _to_int(params.get("ENSD"))
     if ensd is not None:
         overrides["eta_noise_seed_delta"] = ensd
+    if params.get("Emphasis"):  # A1111's settings that name themselves in the infotext
+        overrides["emphasis"] = str(params["Emphasis"])
+    for key, setting in (("Token merging ratio", "token_merging_ratio"),
+                         ("Token merging ratio hr", "token_merging_ratio_hr")):
+        ratio = _to_float(params.get(key))
+        if ratio is not None:
+            overrides[setting] = ratio
 
     resize_x = _to_int(params.get("Hires resize-1")) or 0
     resize_y = _to_int(params.get("Hires resize-2")) or 0

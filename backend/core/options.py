@@ -19,6 +19,12 @@ from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
+# A1111's emphasis modes (setting `emphasis`, its modules/sd_emphasis.py): "None" reads brackets and weights as plain
+# text, "Ignore" parses them but applies no weight, "Original" multiplies the text encoder's hidden states by the
+# weights and restores their mean, "No norm" multiplies without restoring the mean.
+EMPHASIS_MODES = ("None", "Ignore", "Original", "No norm")
+# A1111's live preview methods (setting `show_progress_type`).
+PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ SETTINGS: list[Setting] = [
     Setting("sd_vae", "Automatic", "SD VAE", "Stable Diffusion"),
     Setting("sd_checkpoints_limit", 2, "Checkpoints to keep loaded (cached)", "Stable Diffusion", int, minimum=1, maximum=10),
     Setting("CLIP_stop_at_last_layers", 1, "Clip skip", "Stable Diffusion", int, minimum=1, maximum=12),
+    Setting("emphasis", "Original", "Emphasis mode: how (more:1.1) and [less] in prompts act (None: read as text; "
+            "Ignore: no weight; Original: weighted, the mean restored; No norm: weighted, the mean not restored)",
+            "Stable Diffusion", str, choices=EMPHASIS_MODES),
     Setting("default_sampler", "Euler a", "Default sampler", "Stable Diffusion"),
     Setting("eta_ancestral", 1.0, "Eta for ancestral samplers", "Sampler parameters", float, minimum=0, maximum=1),
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
@@ -50,6 +59,8 @@ SETTINGS: list[Setting] = [
             "Sampler parameters", float, minimum=0, maximum=1),
     Setting("live_previews_enable", True, "Show live previews of the image being generated", "Live previews", bool),
     Setting("show_progress_every_n_steps", 2, "Live preview every N sampling steps (-1: only at the end of a batch)", "Live previews", int, minimum=-1, maximum=32),
+    Setting("show_progress_type", "Approx NN", "Live preview method (Full: the VAE; Approx NN, TAESD: small networks "
+            "downloaded on first use; Approx cheap: no file)", "Live previews", str, choices=PREVIEW_METHODS),
     Setting("samples_save", True, "Always save all generated images", "Saving images", bool),
     Setting("grid_save", True, "Always save all generated image grids", "Saving images", bool),
     Setting("samples_format", "png", "File format for images", "Saving images", str, choices=IMAGE_FORMATS),
@@ -91,6 +102,13 @@ SETTINGS: list[Setting] = [
             "--no-half / --precision full keep float32)", "Optimizations", str, choices=("auto", "on", "off")),
     Setting("auto_vae_precision", True, "Automatically revert VAE to 32-bit floats (triggers when a tensor with NaNs "
             "is produced in VAE)", "Optimizations", bool),
+    Setting("token_merging_ratio", 0.0, "Token merging ratio (0 = off; merges similar tokens in the UNet's "
+            "self-attention at the highest resolution: faster, a little different)", "Optimizations", float,
+            minimum=0, maximum=0.9),
+    Setting("token_merging_ratio_img2img", 0.0, "Token merging ratio for img2img (used when not 0, in place of the "
+            "ratio above)", "Optimizations", float, minimum=0, maximum=0.9),
+    Setting("token_merging_ratio_hr", 0.0, "Token merging ratio for the hires. fix pass (used when not 0, in place "
+            "of the ratio above)", "Optimizations", float, minimum=0, maximum=0.9),
     Setting("vae_tiling", "Automatic", "Tiled VAE encode/decode (Automatic: above 2048x2048 or when memory is short)",
             "Optimizations", str, choices=("Automatic", "Always", "Never")),
     Setting("vae_tile_size", 512, "VAE tile size (pixels)", "Optimizations", int, minimum=128, maximum=4096),

@@ -3,8 +3,9 @@
 A prompt is parsed into (text, weight) pieces, tokenized into 75-token chunks
 (with BREAK and A1111's comma backtracking), each chunk encoded as
 [BOS] 75 tokens [EOS] by every text encoder of the model, the weights applied to
-the hidden states with the mean restored ("Original" emphasis), and the chunks
-concatenated. SDXL concatenates both encoders' hidden states and adds the pooled
+the hidden states as the setting `emphasis` says (A1111's modes, `EMPHASIS_MODES`;
+"Original": multiplied, then the mean restored), and the chunks concatenated.
+SDXL concatenates both encoders' hidden states and adds the pooled
 embedding of the second encoder. Prompt editing/alternation schedules are encoded
 once per distinct text and looked up per sampling step.
 """
@@ -17,6 +18,7 @@ import torch
 from backend.core import prompt_parser
 from backend.core.errors import JobInterrupted
 from backend.core.limits import check_chunk_count
+from backend.core.options import EMPHASIS_MODES
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
@@ -40,13 +42,15 @@ class Conditioning:
     pooled: torch.Tensor | None = None
 
 
-def tokenize_prompt(tokenizer, prompt: str, pad_id: int, embeddings=None) -> tuple[list[PromptChunk], int]:
+def tokenize_prompt(tokenizer, prompt: str, pad_id: int, embeddings=None,
+                    parse_weights: bool = True) -> tuple[list[PromptChunk], int]:
     """Split `prompt` into 77-token chunks with per-token weights; returns the chunks and the token count.
 
     With `embeddings` (`backend.embeddings.JobEmbeddings`), an embedding's name becomes as many
     placeholder tokens as it has vectors (kept within one chunk), recorded in the chunk's `fixes`.
+    `parse_weights=False` (emphasis "None"): the whole prompt is text of weight 1, brackets and BREAK included.
     """
-    parsed = prompt_parser.parse_prompt_attention(prompt)
+    parsed = prompt_parser.parse_prompt_attention(prompt) if parse_weights else [(prompt, 1.0)]
     texts = [text for text, _ in parsed]
     tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
     comma_token = tokenizer.get_vocab().get(",</w>")
@@ -116,7 +120,10 @@ class TextConditioner:
     """Encodes prompts for one loaded model (`backend.engine.model_loader.SDModel`)."""
 
     def __init__(self, model, device: torch.device, clip_skip: int = 1, embeddings=None, max_chunks: int | None = None,
-                 should_stop=None):
+                 should_stop=None, emphasis: str = "Original"):
+        if emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"unknown emphasis mode {emphasis!r}; one of {EMPHASIS_MODES}")
+        self.emphasis = emphasis  # setting `emphasis`: how prompt weights act on the hidden states
         self.model = model
         self.device = device
         self.clip_skip = max(1, int(clip_skip))
@@ -176,12 +183,7 @@ class TextConditioner:
                 chunk = per_encoder_chunks[index][c]
                 tokens = torch.tensor([chunk.tokens], device=self.device)
                 z, pooled = self._hidden(encoder, tokens, index, chunk.fixes)
-                mult = torch.tensor(chunk.multipliers, device=self.device, dtype=z.dtype).reshape(1, -1, 1)
-                original_mean = z.mean()
-                z = z * mult
-                new_mean = z.mean()
-                z = z * (original_mean / new_mean)
-                parts.append(z)
+                parts.append(self._emphasize(z, chunk.multipliers))
                 if c == 0 and pooled is not None:
                     pooled_first = pooled
             zs.append(torch.cat(parts, dim=-1))
@@ -191,6 +193,17 @@ class TextConditioner:
             crossattn = torch.zeros_like(crossattn)
             pooled = torch.zeros_like(pooled) if pooled is not None else None
         return Conditioning(crossattn=crossattn, pooled=pooled)
+
+    def _emphasize(self, z: torch.Tensor, multipliers: list[float]) -> torch.Tensor:
+        """The chunk's token weights applied to its hidden states [1, 77, D], as the emphasis mode says."""
+        if self.emphasis in ("None", "Ignore"):
+            return z
+        mult = torch.tensor(multipliers, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
+        if self.emphasis == "No norm":
+            return z * mult
+        original_mean = z.mean()
+        z = z * mult
+        return z * (original_mean / z.mean())
 
     @torch.no_grad()
     def encode(self, prompt: str, is_negative: bool = False) -> Conditioning:
@@ -202,7 +215,8 @@ class TextConditioner:
             raise JobInterrupted()
         per_encoder = []
         for index, tokenizer in enumerate(self.model.tokenizers):
-            chunks, tokens = tokenize_prompt(tokenizer, prompt, self._pad_id(index), self.embeddings)
+            chunks, tokens = tokenize_prompt(tokenizer, prompt, self._pad_id(index), self.embeddings,
+                                             parse_weights=self.emphasis != "None")
             if self.max_chunks is not None:
                 check_chunk_count(len(chunks), tokens, "Negative prompt" if is_negative else "Prompt", self.max_chunks)
             per_encoder.append(chunks)

@@ -250,6 +250,7 @@ class WorkerState:
     scripts: ScriptRuntimes | None = None  # what the always-on scripts keep between jobs (e.g. loaded ControlNets)
     postprocess: PostprocessRuntime | None = None  # upscaler and face restoration models
     networks: NetworkRuntime | None = None  # LoRA and embedding files
+    previews: Any = None  # the live preview networks (backend.engine.previews.PreviewDecoders)
 
 
 class GenerationPayload(TypedDict, total=False):
@@ -380,7 +381,7 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                              checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes),
-                             styles=payload.get("styles") or {})
+                             styles=payload.get("styles") or {}, previews=state.previews)
             try:
                 _activate_networks(payload, ctx, state)
                 try:
@@ -714,9 +715,11 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     add_extension_tables(paths.data_dir)  # the engine parts of the extensions in DATA_DIR/extensions
     from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
+    from backend.engine.previews import PreviewDecoders
     state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
                         scripts=ScriptRuntimes(policy, paths.models_dir),
-                        postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths))
+                        postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths),
+                        previews=PreviewDecoders(paths.models_dir))
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})

@@ -30,13 +30,6 @@ if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines
 
 VERSION = "easel-0.1.0"
 
-# A1111's "Approx cheap" latent -> RGB factors (sd_vae_approx.cheap_approximation).
-_CHEAP_RGB = {
-    "sd": torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]),
-    "sdxl": torch.tensor([[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]]),
-}
-
-
 class JobControl(Protocol):
     """What a pipeline needs from whoever runs it: stop flags and a place to report progress."""
 
@@ -116,6 +109,9 @@ class JobContext:
     a1111_scripts: Any = None
     # The extra_params keys the always-on scripts set when last prepared (taken out when they are prepared again).
     script_params: set[str] = field(default_factory=set)
+    # The live preview networks of the backend process (backend.engine.previews.PreviewDecoders); None (a pipeline
+    # run directly): "Approx NN" and "TAESD" previews fall back to "Approx cheap".
+    previews: Any = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)
@@ -271,19 +267,20 @@ class CFGDenoiser:
         return self.hooks.after_decode(self.state(step=self._total_steps), images) if self.hooks else images
 
 
-def latent_preview(model, latent: torch.Tensor) -> Image.Image:
-    """A cheap linear latent -> RGB approximation of the first image of a batch."""
-    coefs = _CHEAP_RGB["sdxl" if model.family == "sdxl" else "sd"].to(latent.device, latent.dtype)
-    rgb = torch.einsum("lxy,lr->rxy", latent[0, :4], coefs)
-    arr = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr)
-    # Shown at the output size (the latent is 8x smaller), smoothed so it reads as a picture.
-    return img.resize((img.width * 8, img.height * 8), Image.BILINEAR)
+def latent_preview(ctx: JobContext, latent: torch.Tensor) -> Image.Image:
+    """The live preview of the first image of a batch (the sampler's x0 prediction), by the method of the setting
+    `show_progress_type`, at the pass's size (`backend.engine.previews`)."""
+    from backend.engine.previews import make_preview
+    return make_preview(ctx.options["show_progress_type"], ctx.model.family, latent,
+                        latent.shape[-1] * 8, latent.shape[-2] * 8, ctx.previews,
+                        lambda first: decode_latents(ctx, first)[0])
 
 
 def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                noise_sampler: Callable, extra: dict, preview_every: int) -> tuple[torch.Tensor, str | None]:
-    """Run one sampling pass with progress, previews, Interrupt and Skip.
+                noise_sampler: Callable, extra: dict, preview_every: int,
+                token_merging: float = 0.0) -> tuple[torch.Tensor, str | None]:
+    """Run one sampling pass with progress, previews, Interrupt and Skip; `token_merging`: the pass's token merging
+    ratio (`backend.engine.token_merging`: the UNet's hooks for this pass only).
 
     Returns (latents, stop reason or None). When stopped early, the latents are
     the last x0 prediction, so the user still gets the picture as it stood (A1111).
@@ -298,7 +295,7 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
         preview = None
         if preview_every > 0 and (i + 1) % preview_every == 0 and d.get("denoised") is not None:
             latent = d["denoised"]
-            preview = lambda: latent_preview(ctx.model, latent)  # noqa: E731
+            preview = lambda: latent_preview(ctx, latent)  # noqa: E731
         control.step(preview)
         if control.interrupted() or control.skipped():
             raise _StopSampling()
@@ -306,8 +303,10 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
     denoiser.start_pass(len(sigmas) - 1)
     if control.interrupted() or control.skipped():
         return x, "interrupted" if control.interrupted() else "skipped"
+    from backend.engine.token_merging import token_merging as merging_tokens
     try:
-        result = sampler_info.sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
+        with merging_tokens(ctx.model.unet, token_merging):
+            result = sampler_info.sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
         return result, None
     except _StopSampling:
         reason = "interrupted" if control.interrupted() else "skipped"

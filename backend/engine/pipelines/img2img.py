@@ -306,7 +306,8 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
                        else ctx.options["initial_noise_multiplier"])
     x = init + noise * sigmas[0] * multiplier
     noise_sampler = lambda _s, _sn: rng.next().to(device)  # noqa: E731
-    latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+    latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every,
+                                gen.token_merging)
     latents = denoiser.after_sampling(latents)
     return denoiser.after_decode(decode_latents(ctx, latents)), stop
 

@@ -17,6 +17,7 @@ from backend.engine import schedules
 from backend.engine.conditioning import TextConditioner
 from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
 from backend.engine.rng import fix_seed
+from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args, uncond_skips
@@ -72,8 +73,12 @@ class Generation:
 
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
-                                           should_stop=ctx.control.interrupted)
+                                           should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
+        # token merging ratios of the first and the hires. fix pass (A1111's choice of setting)
+        overridden = tuple((getattr(req, "override_settings", None) or {}).keys())
+        self.token_merging = ratio_for_pass(options, img2img=hasattr(req, "init_images"), overridden=overridden)
+        self.token_merging_hr = ratio_for_pass(options, hires=True)
 
         self.params: dict[str, object] = {
             "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
@@ -86,6 +91,8 @@ class Generation:
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
+            "Token merging ratio": format_number(self.token_merging) if self.token_merging else None,
+            "Emphasis": self._emphasis_param(options["emphasis"]),
             **self.uncond_skips.infotext(),
         }
 
@@ -97,6 +104,13 @@ class Generation:
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
         self.interrupted = False
+
+    def _emphasis_param(self, emphasis: str) -> str | None:
+        """A1111 names the emphasis mode in the infotext when it is not Original and a prompt has brackets."""
+        texts = self.prompts + self.negatives + [self.hr_prompt, self.hr_negative]
+        if emphasis == "Original" or not any("(" in t or "[" in t for t in texts):
+            return None
+        return emphasis
 
     def batches(self):
         """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""

@@ -79,6 +79,8 @@ def run(req: Txt2ImgRequest, ctx: JobContext, each: EachImage | None = None) -> 
             gen.params["Hires prompt"] = gen.hr_prompt
         if gen.hr_negative and gen.hr_negative != gen.negatives[0]:
             gen.params["Hires negative prompt"] = gen.hr_negative
+        if gen.token_merging_hr:
+            gen.params["Token merging ratio hr"] = format_number(gen.token_merging_hr)
 
     try:
         _run_batches(req, ctx, gen, hr_w, hr_h, hr_steps, hr_denoise, hr_upscaler, hr_sampler_info, hr_schedule)
@@ -110,7 +112,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                                    ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
                                    skips=gen.uncond_skips)
             noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
-            latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every)
+            latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every,
+                                        gen.token_merging)
             latents = denoiser.after_sampling(latents)
             if hires and stop is None and ctx.control.interrupted():
                 stop = "interrupted"  # pressed after the first pass: its pictures are the answer
@@ -143,7 +146,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                                            pass_name=HIRES_PASS, skips=gen.uncond_skips)
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
                     latents, stop = run_sampler(ctx, hr_sampler_info, denoiser, x, hr_sigmas, hr_noise,
-                                                sampler_extra_args(hr_sampler_info, req, options), gen.preview_every)
+                                                sampler_extra_args(hr_sampler_info, req, options), gen.preview_every,
+                                                gen.token_merging_hr)
                     latents = denoiser.after_sampling(latents)
 
             # The batch's final pictures, through the hooks of the pass that made them.
