@@ -42,6 +42,18 @@ SETTINGS: list[Setting] = [
     Setting("default_sampler", "Euler a", "Default sampler", "Stable Diffusion"),
     Setting("eta_ancestral", 1.0, "Eta for ancestral samplers", "Sampler parameters", float, minimum=0, maximum=1),
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
+    # The noise of sampling (backend.engine.rng; written into the infotext as "ENSD", "RNG", "Sigma churn", ...)
+    Setting("eta_noise_seed_delta", 0, "Eta noise seed delta (ENSD): the ancestral samplers' noise uses seed + this",
+            "Sampler parameters", int, minimum=0, maximum=4294967295),
+    Setting("randn_source", "GPU", "Random number generator source (GPU: the device's; CPU: the same pictures on "
+            "every machine; NV: NVIDIA's generator emulated, the same pictures as an NVIDIA card)",
+            "Sampler parameters", str, choices=("GPU", "CPU", "NV")),
+    Setting("s_churn", 0.0, "sigma churn (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=100),
+    Setting("s_tmin", 0.0, "sigma tmin (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=10),
+    Setting("s_tmax", 0.0, "sigma tmax (0 = inf; Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0,
+            maximum=999),
+    Setting("s_noise", 1.0, "sigma noise (the amount of noise the stochastic samplers add)", "Sampler parameters",
+            float, minimum=0, maximum=1.1),
     Setting("live_previews_enable", True, "Show live previews of the image being generated", "Live previews", bool),
     Setting("show_progress_every_n_steps", 2, "Live preview every N sampling steps (-1: only at the end of a batch)", "Live previews", int, minimum=-1, maximum=32),
     Setting("samples_save", True, "Always save all generated images", "Saving images", bool),
@@ -134,7 +146,8 @@ NAME_PATTERN_KEYS = ("samples_filename_pattern", "directories_filename_pattern")
 # infotext (Model hash, VAE, Clip skip, Eta, Eta DDIM, Noise multiplier). The UI sends the first three with every
 # job, and a pasted infotext carries them; they change that job only, never config.json.
 PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_ancestral", "eta_ddim",
-                       "initial_noise_multiplier")
+                       "initial_noise_multiplier", "eta_noise_seed_delta", "randn_source", "s_churn", "s_tmin",
+                       "s_tmax", "s_noise")
 MAX_TEXT_LENGTH = 4096
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")  # C:\ or C: (a Windows absolute path)

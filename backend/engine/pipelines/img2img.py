@@ -23,12 +23,11 @@ from backend.core.image_codec import folder_images, open_folder_image
 from backend.core.images import save_image_or_warn
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess.face_restore import restore_faces_for_job
-from backend.engine.rng import ImageRNG
 from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
                               validate_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
-                     run_sampler, tiling)
+                     image_rng, run_sampler, tiling)
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
 from backend.engine.pipelines.processing import EachImage, Generation
@@ -282,7 +281,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
     shape = tuple(init.shape[1:])
     conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
     unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
-    rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+    rng = image_rng(ctx, gen.sampler_info, shape, seeds, subseeds, req)
     noise = rng.first().to(device)
 
     latent_mask = None

@@ -19,7 +19,7 @@ from backend.core.images import day_folder, encode_png, image_grid, save_image_o
 from backend.engine.rng import fix_seed
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args
+from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args, sampler_params
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Generation:
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
+            **sampler_params(self.sampler_info, self.extra, options),
         }
 
         self.save_samples = not req.do_not_save_samples and options["samples_save"]

@@ -14,12 +14,11 @@ from PIL import Image
 from backend.engine import schedules
 from backend.core.errors import JobInterrupted
 from backend.core.request_checks import LATENT_UPSCALE_MODES, hires_size
-from backend.engine.rng import ImageRNG
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
-                     sampler_extra_args, tiling)
+from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number,
+                                             image_rng, run_sampler, sampler_extra_args, tiling)
 from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.sampling_hooks import HIRES_PASS
 
@@ -102,7 +101,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
             unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
 
             shape = (4, req.height // opt_f, req.width // opt_f)
-            rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+            rng = image_rng(ctx, sampler_info, shape, seeds, subseeds, req)
             sigmas = schedules.get_sigmas(schedule, req.steps, model_schedule, sampler_info.name).to(device)
             x = rng.first().to(device) * sigmas[0]
             image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
@@ -131,8 +130,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                 if hires_sampling and stop is None:
                     hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
                     hr_unconds = conditioner.schedules(hr_negs, req.steps, True, hires_steps=hr_steps)
-                    hr_rng = ImageRNG((4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req.subseed_strength,
-                                      req.seed_resize_from_h, req.seed_resize_from_w)
+                    hr_rng = image_rng(ctx, hr_sampler_info, (4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req)
                     hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True).to(device)
                     x = latents + hr_rng.first().to(device) * hr_sigmas[0]
                     hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
