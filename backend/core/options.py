@@ -19,6 +19,7 @@ from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
+RANDN_SOURCES = ("GPU", "CPU", "NV")  # where the noise comes from (backend.engine.rng)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ SETTINGS: list[Setting] = [
             "Sampler parameters", int, minimum=0, maximum=4294967295),
     Setting("randn_source", "GPU", "Random number generator source (GPU: the device's; CPU: the same pictures on "
             "every machine; NV: NVIDIA's generator emulated, the same pictures as an NVIDIA card)",
-            "Sampler parameters", str, choices=("GPU", "CPU", "NV")),
+            "Sampler parameters", str, choices=RANDN_SOURCES),
     Setting("s_churn", 0.0, "sigma churn (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=100),
     Setting("s_tmin", 0.0, "sigma tmin (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=10),
     Setting("s_tmax", 0.0, "sigma tmax (0 = inf; Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0,

@@ -1,0 +1,79 @@
+"""Seeds through the API as AUTOMATIC1111 makes them: the random number source (`randn_source`), the eta noise seed
+delta (ENSD), the sampler knobs s_churn/s_tmin/s_tmax/s_noise, and what the infotext says about them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from backend.core.infotext import infotext_to_request_fields, parse_infotext
+from tests.test_api_txt2img import images_of, pixels, small
+
+
+def generate(api, sampler="Euler a", **settings_and_fields):
+    overrides = {k: settings_and_fields.pop(k) for k in list(settings_and_fields)
+                 if k in ("randn_source", "eta_noise_seed_delta")}
+    body = small(sampler_name=sampler, seed=4242, steps=4, **settings_and_fields)
+    body["override_settings"] = {**body["override_settings"], **overrides}
+    r = api.post("/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    return pixels(images_of(r)[0]), dict(parse_infotext(text), text=text)
+
+
+def test_randn_source_gpu_is_the_cpu_generator_here_and_nv_differs(api):
+    gpu, gpu_info = generate(api, randn_source="GPU")
+    cpu, cpu_info = generate(api, randn_source="CPU")
+    nv, nv_info = generate(api, randn_source="NV")
+    nv_again, _ = generate(api, randn_source="NV")
+    assert np.array_equal(gpu, cpu)  # no GPU: A1111's "GPU" source is torch's CPU generator
+    assert not np.array_equal(nv, cpu)
+    assert np.array_equal(nv, nv_again)  # reproducible
+    assert "RNG:" not in gpu_info["text"]  # the default source is not written
+    assert cpu_info["RNG"] == "CPU" and nv_info["RNG"] == "NV"
+
+
+def test_infotext_writes_rng_only_when_not_gpu(api):
+    r = api.post("/txt2img", json=small(seed=5, steps=2))
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert "RNG:" not in text and "ENSD:" not in text
+    body = small(seed=5, steps=2)
+    body["override_settings"].update(randn_source="NV", eta_noise_seed_delta=31337)
+    text = json.loads(api.post("/txt2img", json=body).json()["info"])["infotexts"][0]
+    assert "ENSD: 31337" in text and "RNG: NV" in text
+    fields = infotext_to_request_fields(parse_infotext(text))  # pasted back: the settings, as A1111 maps them
+    assert fields["override_settings"]["randn_source"] == "NV"
+    assert fields["override_settings"]["eta_noise_seed_delta"] == 31337
+
+
+def test_ensd_changes_an_ancestral_sampler_but_not_euler(api):
+    a_plain, a_info = generate(api, "Euler a")
+    a_ensd, a_ensd_info = generate(api, "Euler a", eta_noise_seed_delta=31337)
+    assert not np.array_equal(a_plain, a_ensd)
+    assert a_ensd_info["ENSD"] == "31337" and "ENSD" not in a_info["text"]
+    e_plain, _ = generate(api, "Euler")
+    e_ensd, e_info = generate(api, "Euler", eta_noise_seed_delta=31337)
+    assert np.array_equal(e_plain, e_ensd)
+    assert "ENSD" not in e_info["text"]  # A1111 writes it only for samplers that use it
+
+
+def test_sigma_churn_from_the_request_changes_euler_and_is_written(api):
+    plain, plain_info = generate(api, "Euler")
+    churned, info = generate(api, "Euler", s_churn=2.0, s_noise=0.9)
+    assert not np.array_equal(plain, churned)
+    assert info["Sigma churn"] == "2" and info["Sigma noise"] == "0.9"
+    assert "Sigma churn" not in plain_info["text"]
+    again, _ = generate(api, "Euler", s_churn=2.0, s_noise=0.9)
+    assert np.array_equal(churned, again)
+    # a knob outside a window that contains no step: as if there were no churn (s_tmax 0 means no upper bound)
+    windowless, _ = generate(api, "Euler", s_churn=2.0, s_tmin=50.0, s_tmax=0)
+    assert np.array_equal(windowless, plain)
+
+
+def test_sigma_settings_are_options_with_a1111_keys(api):
+    opts = api.get("/options").json()
+    assert opts["randn_source"] == "GPU" and opts["eta_noise_seed_delta"] == 0
+    assert (opts["s_churn"], opts["s_tmin"], opts["s_tmax"], opts["s_noise"]) == (0.0, 0.0, 0.0, 1.0)
+    r = api.post("/txt2img", json=small(override_settings={"sd_model_checkpoint": "tiny-sd1.safetensors",
+                                                           "randn_source": "XPU"}))
+    assert r.status_code in (400, 422), r.text
