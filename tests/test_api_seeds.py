@@ -77,3 +77,17 @@ def test_sigma_settings_are_options_with_a1111_keys(api):
     r = api.post("/txt2img", json=small(override_settings={"sd_model_checkpoint": "tiny-sd1.safetensors",
                                                            "randn_source": "XPU"}))
     assert r.status_code in (400, 422), r.text
+
+
+def test_sde_samplers_draw_a_brownian_tree_per_seed_that_ensd_leaves_alone(api):
+    plain, _ = generate(api, "DPM++ 2M SDE")
+    ensd, info = generate(api, "DPM++ 2M SDE", eta_noise_seed_delta=31337)
+    assert np.array_equal(plain, ensd)  # A1111's tree is seeded with the image's seed
+    assert "ENSD" not in info["text"]
+    other, _ = generate(api, "DPM++ 2M SDE", randn_source="NV")
+    assert not np.array_equal(plain, other)  # the initial noise still follows the source
+    r = api.post("/txt2img", json=small(sampler_name="DPM++ SDE", seed=4242, steps=4, batch_size=2))
+    alone = api.post("/txt2img", json=small(sampler_name="DPM++ SDE", seed=4243, steps=4))
+    second, single = pixels(images_of(r)[1]), pixels(images_of(alone)[0])
+    diff = np.abs(second - single)  # image 2 of a batch is its seed alone (batched matmuls round differently)
+    assert diff.max() <= 3 and diff.mean() < 0.05, (diff.max(), diff.mean())

@@ -158,3 +158,23 @@ def test_resized_seed_pastes_the_small_noise_and_advances_the_generator():
     assert torch.equal(got[:, 2:6, 2:6], small)
     assert torch.equal(got[:, :2], full[0][:, :2])  # around it: the full-size noise of the image's generator
     assert torch.equal(rng.next()[0], full[1])  # which moved on by that draw, as A1111's
+
+
+def test_sde_noise_is_a1111s_brownian_tree_per_image_seed():
+    """DPM++ SDE's noise: k-diffusion's BrownianTreeNoiseSampler with the batch's seeds, as A1111 creates it."""
+    from backend.engine.rng import BrownianNoise
+    from tests.test_samplers_vs_kdiffusion import K
+    like = torch.zeros(2, *SHAPE)
+    sigmas = torch.tensor([14.6, 7.0, 2.5, 0.7, 0.03, 0.0])
+    ours = BrownianNoise(like, sigmas, [31, 32])
+    theirs = K.BrownianTreeNoiseSampler(like, sigmas[sigmas > 0].min(), sigmas.max(), seed=[31, 32])
+    for s, sn in [(14.6, 7.0), (7.0, 2.5), (7.0, 4.2), (0.7, 0.03)]:
+        s, sn = torch.tensor(s), torch.tensor(sn)  # float32, as the schedule's sigmas
+        got = ours(float(s), float(sn))
+        assert torch.equal(got, theirs(s, sn))
+        assert got.shape == like.shape
+    single = BrownianNoise(like[:1], sigmas, [32])  # image 2 of the batch is its seed alone
+    assert torch.equal(single(7.0, 2.5)[0], ours(7.0, 2.5)[1])
+    assert not torch.equal(ours(7.0, 2.5)[0], ours(7.0, 2.5)[1])
+    top = BrownianNoise(like, sigmas[2:], [31, 32], sigma_max=float(sigmas[0]))  # a cut of the schedule spans the whole
+    assert torch.equal(top(2.5, 0.7), ours(2.5, 0.7))

@@ -197,3 +197,35 @@ class ImageRNG:
 
     def next(self) -> torch.Tensor:
         return torch.stack([randn(g, self.shape).to("cpu") for g in self.generators])
+
+
+class BrownianNoise:
+    """The noise A1111 gives the SDE samplers (DPM++ SDE, 2M SDE, 3M SDE): k-diffusion's BrownianTreeNoiseSampler,
+    one torchsde Brownian tree per image seeded with the image's seed (not seed + ENSD, whatever `randn_source`
+    says), spanning the whole schedule's smallest non-zero sigma to its largest. ``noise(sigma, sigma_next)`` is
+    the path's increment between the two, divided by the square root of the interval: standard normal, and the
+    draws of one step are pieces of one path (what DPM++ SDE's two stages rely on).
+
+    `like`: the batch's latents (shape, dtype, device); `sigma_max`: the top of the whole schedule when `sigmas`
+    is a cut of it (img2img, hires. fix). The trees are built on the first draw (a sampler that draws nothing
+    needs none)."""
+
+    def __init__(self, like: torch.Tensor, sigmas, seeds: Sequence[int], sigma_max: float | None = None):
+        values = [float(s) for s in torch.as_tensor(sigmas).detach().reshape(-1).tolist()]
+        self.t0 = min(s for s in values if s > 0)
+        self.t1 = max(values + ([float(sigma_max)] if sigma_max is not None else []))
+        self.like = like
+        self.seeds = [int(s) for s in seeds]
+        self.trees = None
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        if self.trees is None:
+            import torchsde  # only the SDE samplers need it
+            w0 = torch.zeros_like(self.like[0])
+            self.trees = [torchsde.BrownianTree(self.t0, w0, self.t1, entropy=s) for s in self.seeds]
+        a, b = float(sigma), float(sigma_next)
+        lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
+        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        # the interval in the latents' precision, as k-diffusion computes it from the sigma tensors
+        interval = torch.tensor(hi, dtype=w.dtype) - torch.tensor(lo, dtype=w.dtype)
+        return w / interval.abs().sqrt().to(w.device)

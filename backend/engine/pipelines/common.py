@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from backend.engine import schedules
-from backend.engine.rng import ImageRNG
+from backend.engine.rng import BrownianNoise, ImageRNG
 from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
 from backend.engine.sampling_hooks import FIRST_PASS, HookChain, SamplingHook, StepState, UNetCall
 from backend.core.errors import UserError
@@ -335,14 +335,23 @@ def sampler_params(sampler_info, extra: dict, options: JobOptions) -> dict[str, 
     return params
 
 
-def image_rng(ctx: JobContext, sampler_info, shape, seeds, subseeds, req) -> ImageRNG:
-    """The batch's noise generators with the job's settings (`randn_source`, `eta_noise_seed_delta`). The
-    samplers A1111 gives a Brownian tree seeded with the image seeds (DPM++ SDE, 2M SDE, 3M SDE) draw here from the
-    seeds' own generators: ENSD changes their pictures no more than A1111's."""
+def image_rng(ctx: JobContext, shape, seeds, subseeds, req) -> ImageRNG:
+    """The batch's noise generators with the job's settings (`randn_source`, `eta_noise_seed_delta`)."""
     options = ctx.options
-    ensd = 0 if sampler_info.options.get("brownian_noise", False) else int(options["eta_noise_seed_delta"] or 0)
     return ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w,
-                    source=options["randn_source"], device=ctx.policy.device, ensd=ensd)
+                    source=options["randn_source"], device=ctx.policy.device,
+                    ensd=int(options["eta_noise_seed_delta"] or 0))
+
+
+def sampler_noise(sampler_info, rng: ImageRNG, like: torch.Tensor, sigmas: torch.Tensor, seeds,
+                  sigma_max: float | None = None) -> Callable[[float, float], torch.Tensor]:
+    """What the sampler draws its noise from, as in A1111: the SDE samplers (option brownian_noise) a Brownian tree
+    per image seeded with its seed (`BrownianNoise`; `sigma_max`: the top of the whole schedule when `sigmas` is a
+    cut of it), the others the batch's generators (`rng.next()`, seed + ENSD when ENSD is set)."""
+    if sampler_info.options.get("brownian_noise", False):
+        return BrownianNoise(like, sigmas, seeds, sigma_max=sigma_max)
+    device = like.device
+    return lambda _s, _sn: rng.next().to(device)
 
 
 NAN_RETRY_PARAM = ("VAE precision", "float32 (NaN retry)")
