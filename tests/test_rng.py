@@ -178,3 +178,10 @@ def test_sde_noise_is_a1111s_brownian_tree_per_image_seed():
     assert not torch.equal(ours(7.0, 2.5)[0], ours(7.0, 2.5)[1])
     top = BrownianNoise(like, sigmas[2:], [31, 32], sigma_max=float(sigmas[0]))  # a cut of the schedule spans the whole
     assert torch.equal(top(2.5, 0.7), ours(2.5, 0.7))
+
+
+def test_a_huge_ensd_wraps_to_64_bits_instead_of_failing():
+    for source in ("CPU", "NV"):
+        huge, small = (ImageRNG(SHAPE, [3], source=source, ensd=ensd) for ensd in (2 ** 64 + 10, 10))
+        huge.first(), small.first()
+        assert torch.equal(huge.next(), small.next())

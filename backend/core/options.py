@@ -45,7 +45,7 @@ SETTINGS: list[Setting] = [
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
     # The noise of sampling (backend.engine.rng; written into the infotext as "ENSD", "RNG", "Sigma churn", ...)
     Setting("eta_noise_seed_delta", 0, "Eta noise seed delta (ENSD): the ancestral samplers' noise uses seed + this",
-            "Sampler parameters", int, minimum=0, maximum=4294967295),
+            "Sampler parameters", int, minimum=0),
     Setting("randn_source", "GPU", "Random number generator source (GPU: the device's; CPU: the same pictures on "
             "every machine; NV: NVIDIA's generator emulated, the same pictures as an NVIDIA card)",
             "Sampler parameters", str, choices=RANDN_SOURCES),

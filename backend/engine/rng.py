@@ -107,7 +107,8 @@ def create_generator(seed: int, source: str = "GPU", device: torch.device | str 
         raise ValueError(f"randn_source must be one of {', '.join(RANDN_SOURCES)}, not {source!r}")
     if source == "NV":
         return PhiloxGenerator(seed)
-    return torch.Generator(generator_device(source, device)).manual_seed(int(seed))
+    # torch takes 64-bit seeds: a seed + ENSD past that wraps around (as Philox's key does)
+    return torch.Generator(generator_device(source, device)).manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
 
 
 def randn(generator: Generator, shape: Sequence[int]) -> torch.Tensor:
