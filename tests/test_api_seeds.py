@@ -91,3 +91,18 @@ def test_sde_samplers_draw_a_brownian_tree_per_seed_that_ensd_leaves_alone(api):
     second, single = pixels(images_of(r)[1]), pixels(images_of(alone)[0])
     diff = np.abs(second - single)  # image 2 of a batch is its seed alone (batched matmuls round differently)
     assert diff.max() <= 3 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_img2img_and_hires_fix_with_an_sde_sampler_are_reproducible(api):
+    """The cut schedules of img2img and hires. fix: the Brownian trees span the whole schedule's top (A1111)."""
+    from tests.test_api_img2img import body, images_of as img2img_images, picture, px
+    req = body(picture(), sampler_name="DPM++ 2M SDE", steps=5, denoising_strength=0.6)
+    first = px(img2img_images(api.post("/img2img", json=req))[0])
+    again = px(img2img_images(api.post("/img2img", json=req))[0])
+    assert np.array_equal(first, again)
+    req["override_settings"]["eta_noise_seed_delta"] = 31337
+    assert np.array_equal(first, px(img2img_images(api.post("/img2img", json=req))[0]))
+    hires = small(sampler_name="DPM++ SDE", seed=9, steps=3, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=3,
+                  denoising_strength=0.5, hr_upscaler="Latent")
+    a, b = (pixels(images_of(api.post("/txt2img", json=hires))[0]) for _ in range(2))
+    assert a.shape == (96, 96, 3) and np.array_equal(a, b)
