@@ -54,9 +54,11 @@ def prepare_environment(with_tests: bool) -> Path:
     if not venv_python().exists():
         run([sys.executable, "-m", "venv", VENV])
     files = [ROOT / "requirements.txt"] + ([ROOT / "requirements-test.txt"] if with_tests else [])
-    nodeps = ROOT / "requirements-nodeps.txt"  # packages whose declared dependencies must not be installed
+    # packages whose declared dependencies must not be installed (the tests' own: k-diffusion, whose samplers the
+    # sampler tests compare with, declares its training tools: wandb, clean-fid, CLIP, ...)
+    nodeps = [ROOT / "requirements-nodeps.txt"] + ([ROOT / "requirements-test-nodeps.txt"] if with_tests else [])
     stamp_file = VENV / (".easel-requirements-tests" if with_tests else ".easel-requirements")
-    stamp = requirements_stamp(files + [nodeps])
+    stamp = requirements_stamp(files + nodeps)
     if not stamp_file.exists() or stamp_file.read_text() != stamp:
         warn_if_disk_is_short(VENV)
         # --no-cache-dir: the downloaded wheels are not kept a second time in pip's cache (several GB with torch)
@@ -64,7 +66,10 @@ def prepare_environment(with_tests: bool) -> Path:
         for f in files:
             cmd += ["-r", f]
         run(cmd)
-        run([venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-r", nodeps])
+        cmd = [venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir", "--no-deps"]
+        for f in nodeps:
+            cmd += ["-r", f]
+        run(cmd)
         stamp_file.write_text(stamp)
     return venv_python()
 

@@ -97,9 +97,12 @@ def test_output_folders_outside_outputs_are_refused_for_jobs_too(tmp_path, key, 
 def test_frozen_settings_allow_only_generation_parameters_per_job(tmp_path):
     path = tmp_path / "config.json"
     opts = Options(path, tmp_path, frozen=True)
-    job = opts.check({"CLIP_stop_at_last_layers": "2", "eta_ancestral": 0.5, "eta_noise_seed_delta": 31337},
+    job = opts.check({"CLIP_stop_at_last_layers": "2", "eta_ancestral": 0.5, "no_such_setting_here": 31337},
                      per_job=True)
     assert job == {"CLIP_stop_at_last_layers": 2, "eta_ancestral": 0.5}  # keys that are no setting: left out
+    # the sampler noise settings a pasted infotext carries (ENSD, RNG, Sigma churn...) are generation parameters too
+    assert opts.check({"eta_noise_seed_delta": "31337", "randn_source": "NV", "s_churn": 0.5}, per_job=True) == \
+        {"eta_noise_seed_delta": 31337, "randn_source": "NV", "s_churn": 0.5}
     for changes, per_job in (({"samples_format": "jpg"}, True), ({"save_to_dirs": False}, True),
                              ({"outdir_txt2img_samples": "outputs/mine"}, True),
                              ({"CLIP_stop_at_last_layers": 2}, False), ({"my_extension_key": 1}, False)):

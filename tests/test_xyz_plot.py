@@ -455,3 +455,14 @@ def test_extension_axis_cells_get_their_variant_of_the_scripts(tmp_path):
     assert len(result.images) == 1
     assert calls == [{"controlnet": "w0"}, {"controlnet": "w1"}] * 2  # X fastest, each cell its own
     assert parse_infotext(result.info["infotexts"][0])["X Type"] == "[ControlNet] Weight"
+
+
+def test_rng_source_axis_sets_the_setting_per_cell():
+    from backend.core.xyz_axes import cell_request
+    plan = parse_xyz_args(args(T["RNG source"], "cpu, NV, gpu"), req())
+    assert plan.x.values == ("CPU", "NV", "GPU") and plan.x.type.setting == "randn_source"
+    assert XYZCatalogs().axis_choices(plan.x.type) == ["GPU", "CPU", "NV"]
+    cell = cell_request(req(), [(plan.x.type, "NV", plan.x.values)])
+    assert cell.override_settings["randn_source"] == "NV"
+    with pytest.raises(UserError, match="X axis \\(RNG source\\).*'TPU'"):
+        parse_xyz_args(args(T["RNG source"], "TPU"), req())

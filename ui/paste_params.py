@@ -5,7 +5,9 @@ controls, as AUTOMATIC1111's paste fields do.
 results' Send to img2img / inpaint, and the paste button (read the parameters from the prompt box, or from the
 last generation) all use it. Styles found at the end of the prompts are given back as the Styles selection (the
 `infotext_styles` setting, as A1111); the checkpoint the infotext names becomes an "Override settings" entry of the
-tab (`Checkpoint: name [hash]`; A1111 writes `Model hash: ...`), used for the tab's jobs until removed.
+tab (`Checkpoint: name [hash]`; A1111 writes `Model hash: ...`), used for the tab's jobs until removed, and so do
+the sampler noise settings it names (`RNG: NV`, `ENSD: 31337`, `Sigma churn: 0.5`, ...) where they differ from the
+current ones.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import gradio as gr
 
 from backend.core import infotext
 from backend.core.errors import UserError
+from backend.core.options import SETTINGS_BY_KEY, coerce
 from backend.core.sampler_catalog import find_scheduler
 from backend.service import EaselService
 
@@ -61,17 +64,43 @@ def checkpoint_note(service: EaselService, params: dict) -> str:
     return f"Checkpoint {named} is not in the checkpoint folders; Send to keeps the current checkpoint."
 
 
+# Infotext entries that are settings, offered as "Override settings" entries when they differ from the current
+# setting ("RNG: NV", "ENSD: 31337"), as A1111's infotext_to_setting_name_mapping.
+SETTING_ENTRIES = {"ENSD": "eta_noise_seed_delta", "RNG": "randn_source", "Sigma churn": "s_churn",
+                   "Sigma tmin": "s_tmin", "Sigma tmax": "s_tmax", "Sigma noise": "s_noise"}
+
+
+def _setting_value(key: str, value: Any) -> Any:
+    """An infotext value as the setting `key` holds it (UserError naming the entry when it cannot)."""
+    setting = SETTINGS_BY_KEY[key]
+    try:
+        return coerce(setting, value)
+    except UserError as exc:
+        raise UserError(f"Override settings: {exc.message}", status=exc.status) from None
+
+
 def override_choices(service: EaselService, params: dict, current_checkpoint: str | None) -> list[str]:
-    """The tab's "Override settings" entries for an infotext: its checkpoint when it is here and not the current one."""
+    """The tab's "Override settings" entries for an infotext: its checkpoint when it is here and not the current one,
+    and the sampler noise settings it names (RNG, ENSD, Sigma churn, ...) whose values differ from the current ones."""
+    choices = []
     found = checkpoint_of(service, params)
     if found and found != current_checkpoint:
-        return [f"{CHECKPOINT}: {found}"]
-    return []
+        choices.append(f"{CHECKPOINT}: {found}")
+    for name, key in SETTING_ENTRIES.items():
+        if params.get(name) in (None, ""):
+            continue
+        try:
+            value = _setting_value(key, params[name])
+        except UserError:  # a value this version cannot hold: not offered
+            continue
+        if value != service.options[key]:
+            choices.append(f"{name}: {params[name]}")
+    return choices
 
 
 def overrides_from(service: EaselService, choices: list[str] | None) -> dict:
     """override_settings for a job from the tab's "Override settings" entries ("Checkpoint: name [hash]", or A1111's
-    "Model hash: abcdef1234")."""
+    "Model hash: abcdef1234"; "RNG: NV", "ENSD: 31337", ...)."""
     out: dict[str, Any] = {}
     for entry in choices or []:
         key, _, value = str(entry).partition(": ")
@@ -80,6 +109,8 @@ def overrides_from(service: EaselService, choices: list[str] | None) -> dict:
                 out["sd_model_checkpoint"] = service.registry.find_checkpoint(value.strip()).title
             except UserError as exc:
                 raise UserError(f"Override settings: {exc.message}", status=exc.status) from None
+        elif key in SETTING_ENTRIES and value.strip():
+            out[SETTING_ENTRIES[key]] = _setting_value(SETTING_ENTRIES[key], value.strip())
     return out
 
 

@@ -52,7 +52,7 @@ __all__ = [
 PARAM_ORDER: tuple[str, ...] = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
     "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
-    "Seed resize from", "Denoising strength", "Clip skip", "ENSD", "Tiling",
+    "Seed resize from", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling",
 )
 
 # (API name, label shown in infotexts and the UI, other spellings) of A1111's schedule types.
@@ -279,6 +279,11 @@ def schedule_api_name(label: object) -> str | None:
 # Parsed parameters -> txt2img request fields
 # ---------------------------------------------------------------------------------------------
 
+# Infotext names of the sampler knobs -> their settings (A1111's infotext_to_setting_name_mapping).
+SAMPLER_NOISE_SETTINGS = {"Sigma churn": "s_churn", "Sigma tmin": "s_tmin", "Sigma tmax": "s_tmax",
+                          "Sigma noise": "s_noise"}
+
+
 def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
     """Map `parse_infotext` output to A1111 txt2img API fields; keys it does not know are ignored."""
     out: dict[str, Any] = {}
@@ -329,6 +334,14 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
         ratio = _to_float(params.get(key))
         if ratio is not None:
             overrides[setting] = ratio
+    # The sampler noise's settings A1111 writes (RNG only when not the GPU's, which reading fills in)
+    rng_source = str(params.get("RNG") or "").strip()
+    if rng_source and rng_source != "GPU":
+        overrides["randn_source"] = rng_source
+    for key, setting in SAMPLER_NOISE_SETTINGS.items():
+        value = _to_float(params.get(key))
+        if value is not None:
+            overrides[setting] = value
 
     resize_x = _to_int(params.get("Hires resize-1")) or 0
     resize_y = _to_int(params.get("Hires resize-2")) or 0

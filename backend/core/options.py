@@ -19,6 +19,7 @@ from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
+RANDN_SOURCES = ("GPU", "CPU", "NV")  # where the noise comes from (backend.engine.rng)
 # A1111's emphasis modes (setting `emphasis`, its modules/sd_emphasis.py): "None" reads brackets and weights as plain
 # text, "Ignore" parses them but applies no weight, "Original" multiplies the text encoder's hidden states by the
 # weights and restores their mean, "No norm" multiplies without restoring the mean.
@@ -51,6 +52,18 @@ SETTINGS: list[Setting] = [
     Setting("default_sampler", "Euler a", "Default sampler", "Stable Diffusion"),
     Setting("eta_ancestral", 1.0, "Eta for ancestral samplers", "Sampler parameters", float, minimum=0, maximum=1),
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", float, minimum=0, maximum=1),
+    # The noise of sampling (backend.engine.rng; written into the infotext as "ENSD", "RNG", "Sigma churn", ...)
+    Setting("eta_noise_seed_delta", 0, "Eta noise seed delta (ENSD): the ancestral samplers' noise uses seed + this",
+            "Sampler parameters", int, minimum=0),
+    Setting("randn_source", "GPU", "Random number generator source (GPU: the device's; CPU: the same pictures on "
+            "every machine; NV: NVIDIA's generator emulated, the same pictures as an NVIDIA card)",
+            "Sampler parameters", str, choices=RANDN_SOURCES),
+    Setting("s_churn", 0.0, "sigma churn (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=100),
+    Setting("s_tmin", 0.0, "sigma tmin (Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0, maximum=10),
+    Setting("s_tmax", 0.0, "sigma tmax (0 = inf; Euler, Heun, DPM2)", "Sampler parameters", float, minimum=0,
+            maximum=999),
+    Setting("s_noise", 1.0, "sigma noise (the amount of noise the stochastic samplers add)", "Sampler parameters",
+            float, minimum=0, maximum=1.1),
     Setting("s_min_uncond", 0.0, "Negative Guidance minimum sigma (skip the negative prompt on every other step "
             "below this noise level; 0: never)", "Sampler parameters", float, minimum=0, maximum=15),
     Setting("s_min_uncond_all", False, "Negative Guidance minimum sigma: skip on all steps below it, not every other",
@@ -158,7 +171,8 @@ NAME_PATTERN_KEYS = ("samples_filename_pattern", "directories_filename_pattern")
 # infotext (Model hash, VAE, Clip skip, Eta, Eta DDIM, Noise multiplier). The UI sends the first three with every
 # job, and a pasted infotext carries them; they change that job only, never config.json.
 PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_ancestral", "eta_ddim",
-                       "initial_noise_multiplier")
+                       "initial_noise_multiplier", "eta_noise_seed_delta", "randn_source", "s_churn", "s_tmin",
+                       "s_tmax", "s_noise")
 MAX_TEXT_LENGTH = 4096
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")  # C:\ or C: (a Windows absolute path)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from backend.core.errors import UserError
-from backend.core.options import SETTINGS_BY_KEY, coerce
+from backend.core.options import RANDN_SOURCES, SETTINGS_BY_KEY, coerce
 from backend.core.request_checks import LATENT_UPSCALE_MODES, check_img2img, check_txt2img
 from backend.core.sampler_catalog import (SAMPLERS, SCHEDULERS, find_sampler, find_scheduler,
                                           split_sampler_and_schedule)
@@ -47,8 +47,8 @@ NOTHING, INT, FLOAT, TEXT, PERMUTATIONS = "nothing", "int", "float", "text", "pe
 # How a value is written in the legend (A1111's format_value_add_label / format_value / ...).
 WITH_LABEL, VALUE_ONLY, JOINED, BLANK, BASENAME = "label", "value", "joined", "blank", "basename"
 # Catalog-checked axes (their values come from a dropdown unless csv_mode).
-SAMPLER, SCHEDULE, CHECKPOINT, VAE, HIRES_UPSCALER, STYLES, BOOLEAN, FACE_RESTORE = (
-    "sampler", "schedule", "checkpoint", "vae", "hires_upscaler", "styles", "boolean", "face_restore")
+SAMPLER, SCHEDULE, CHECKPOINT, VAE, HIRES_UPSCALER, STYLES, BOOLEAN, FACE_RESTORE, RNG_SOURCE = (
+    "sampler", "schedule", "checkpoint", "vae", "hires_upscaler", "styles", "boolean", "face_restore", "rng_source")
 
 MAX_VALUES_PER_AXIS = 1000  # a range or permutation list longer than this is refused before it is built
 DEFAULT_MAX_GRID_MEGAPIXELS = 200  # A1111's img_max_size_mp
@@ -143,7 +143,7 @@ AXES: tuple[AxisType, ...] = (
     _no("SGM noise multiplier", TEXT, "the SGM noise multiplier setting is not implemented", choices=BOOLEAN),
     _no("Refiner checkpoint", TEXT, _NO_REFINER, choices=CHECKPOINT),
     _no("Refiner switch at", FLOAT, _NO_REFINER),
-    _no("RNG source", TEXT, "only the CPU random number source is implemented"),
+    AxisType("RNG source", TEXT, setting="randn_source", choices=RNG_SOURCE),
     _no("FP8 mode", TEXT, "FP8 weight storage is not implemented"),
     AxisType("Size", TEXT, field="size"),
 )
@@ -222,6 +222,8 @@ class XYZCatalogs:
             return [*LATENT_UPSCALE_MODES, *self.upscalers]
         if kind == BOOLEAN:
             return ["False", "True"]
+        if kind == RNG_SOURCE:
+            return list(RANDN_SOURCES)
         if kind == STYLES:
             return list(self.styles)
         return None
@@ -442,6 +444,11 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
             raise _bad(axis, label, value, f"names no prompt style ({', '.join(unknown)}). Styles: "
                                             f"{', '.join(catalogs.styles) or 'none (styles.csv is empty)'}.")
         return value
+    if kind == RNG_SOURCE:
+        for option in RANDN_SOURCES:
+            if option.lower() == value.strip().lower():
+                return option
+        raise _bad(axis, label, value, f"is not a random number source. Valid: {', '.join(RANDN_SOURCES)}.")
     if kind == HIRES_UPSCALER:
         for option in (*LATENT_UPSCALE_MODES, *catalogs.upscalers):
             if option.lower() == value.strip().lower():

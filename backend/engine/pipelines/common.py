@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from backend.engine import schedules
+from backend.engine.rng import BrownianNoise, ImageRNG
 from backend.engine.conditioning import ScheduledConds, TextConditioner, stack_padded
 from backend.engine.sampling_hooks import FIRST_PASS, HookChain, SamplingHook, StepState, UNetCall
 from backend.core.errors import UserError
@@ -313,17 +314,76 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
         return (state["denoised"] if state["denoised"] is not None else x), reason
 
 
+# The sampler knobs each sampler takes, as AUTOMATIC1111's KDiffusionSampler passes them (its
+# sampler_extra_params); the others sample with the defaults below.
+SAMPLER_KNOBS: dict[str, tuple[str, ...]] = {
+    "Euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "Heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "DPM2": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "DPM fast": ("s_noise",),
+    "DPM2 a": ("s_noise",),
+    "DPM++ 2S a": ("s_noise",),
+    "DPM++ SDE": ("s_noise",),
+    "DPM++ 2M SDE": ("s_noise",),
+    "DPM++ 2M SDE Heun": ("s_noise",),
+    "DPM++ 3M SDE": ("s_noise",),
+}
+KNOB_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+# Their infotext names (A1111's), written when a knob the sampler takes is not at its default.
+KNOB_INFOTEXT = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+
+
 def sampler_extra_args(sampler_info, req, options: JobOptions) -> dict:
-    """eta and the churn/noise knobs, from the request or the settings (A1111 semantics)."""
+    """eta and the churn/noise knobs the sampler takes: the request's value when it gives one, else the setting
+    (s_churn, s_tmin, s_tmax, s_noise; an s_tmax of 0 means no upper bound, as in A1111)."""
     extra = {}
+    options = JobOptions.of(options)
     is_ddim = sampler_info.name == "DDIM"
-    eta = req.eta if req.eta is not None else JobOptions.of(options)["eta_ddim" if is_ddim else "eta_ancestral"]
+    eta = req.eta if req.eta is not None else options["eta_ddim" if is_ddim else "eta_ancestral"]
     extra["eta"] = float(eta)
-    for key in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+    for key in SAMPLER_KNOBS.get(sampler_info.name, ()):
         value = getattr(req, key, None)
-        if value is not None and not (key == "s_tmax" and value == 0):
-            extra[key] = float(value)
+        value = float(options[key] if value is None else value)
+        if key == "s_tmax" and value == 0:
+            value = float("inf")
+        extra[key] = value
     return extra
+
+
+def sampler_params(sampler_info, extra: dict, options: JobOptions) -> dict[str, object]:
+    """The infotext entries of the sampler's noise as A1111 writes them: "Sigma churn" ... for knobs off their
+    defaults, "RNG" when the source is not the GPU's, "ENSD" when it is set and the sampler is one A1111 marks as
+    using it (ancestral samplers with eta > 0)."""
+    options = JobOptions.of(options)
+    params: dict[str, object] = {}
+    for key, label in KNOB_INFOTEXT.items():
+        if key in extra and extra[key] != KNOB_DEFAULTS[key]:
+            params[label] = format_number(extra[key])
+    ensd = int(options["eta_noise_seed_delta"] or 0)
+    if ensd and extra.get("eta", 1.0) != 0 and sampler_info.options.get("uses_ensd", False):
+        params["ENSD"] = ensd
+    if options["randn_source"] != "GPU":
+        params["RNG"] = options["randn_source"]
+    return params
+
+
+def image_rng(ctx: JobContext, shape, seeds, subseeds, req) -> ImageRNG:
+    """The batch's noise generators with the job's settings (`randn_source`, `eta_noise_seed_delta`)."""
+    options = ctx.options
+    return ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w,
+                    source=options["randn_source"], device=ctx.policy.device,
+                    ensd=int(options["eta_noise_seed_delta"] or 0))
+
+
+def sampler_noise(sampler_info, rng: ImageRNG, like: torch.Tensor, sigmas: torch.Tensor, seeds,
+                  sigma_max: float | None = None) -> Callable[[float, float], torch.Tensor]:
+    """What the sampler draws its noise from, as in A1111: the SDE samplers (option brownian_noise) a Brownian tree
+    per image seeded with its seed (`BrownianNoise`; `sigma_max`: the top of the whole schedule when `sigmas` is a
+    cut of it), the others the batch's generators (`rng.next()`, seed + ENSD when ENSD is set)."""
+    if sampler_info.options.get("brownian_noise", False):
+        return BrownianNoise(like, sigmas, seeds, sigma_max=sigma_max)
+    device = like.device
+    return lambda _s, _sn: rng.next().to(device)
 
 
 NAN_RETRY_PARAM = ("VAE precision", "float32 (NaN retry)")

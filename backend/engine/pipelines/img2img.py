@@ -23,16 +23,15 @@ from backend.core.image_codec import folder_images, open_folder_image
 from backend.core.images import save_image_or_warn
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess.face_restore import restore_faces_for_job
-from backend.engine.rng import ImageRNG
 from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
                               validate_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
-                     run_sampler, tiling)
+                     image_rng, run_sampler, sampler_noise, tiling)
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
 from backend.engine.pipelines.processing import EachImage, Generation
-from backend.engine.pipelines.txt2img import img2img_sigmas
+from backend.engine.pipelines.txt2img import img2img_sigma_max, img2img_sigmas
 from backend.engine.sampling_hooks import SamplingHook, StepState
 
 log = logging.getLogger("easel.img2img")
@@ -282,7 +281,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
     shape = tuple(init.shape[1:])
     conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
     unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
-    rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+    rng = image_rng(ctx, shape, seeds, subseeds, req)
     noise = rng.first().to(device)
 
     latent_mask = None
@@ -305,7 +304,9 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                        else ctx.options["initial_noise_multiplier"])
     x = init + noise * sigmas[0] * multiplier
-    noise_sampler = lambda _s, _sn: rng.next().to(device)  # noqa: E731
+    top = img2img_sigma_max(gen.sampler_info, gen.schedule, gen.model_schedule, req.steps,
+                            float(req.denoising_strength), bool(ctx.options["img2img_fix_steps"]))
+    noise_sampler = sampler_noise(gen.sampler_info, rng, x, sigmas, seeds, top)
     latents, stop = run_sampler(ctx, gen.sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every,
                                 gen.token_merging)
     latents = denoiser.after_sampling(latents)

@@ -20,7 +20,8 @@ from backend.engine.rng import fix_seed
 from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import VERSION, JobContext, format_number, sampler_extra_args, uncond_skips
+from backend.engine.pipelines.common import (VERSION, JobContext, format_number, sampler_extra_args, sampler_params,
+                                             uncond_skips)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Generation:
             "Token merging ratio": format_number(self.token_merging) if self.token_merging else None,
             "Emphasis": self._emphasis_param(options["emphasis"]),
             **self.uncond_skips.infotext(),
+            **sampler_params(self.sampler_info, self.extra, options),
         }
 
         self.save_samples = not req.do_not_save_samples and options["samples_save"]

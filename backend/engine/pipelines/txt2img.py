@@ -14,12 +14,11 @@ from PIL import Image
 from backend.engine import schedules
 from backend.core.errors import JobInterrupted
 from backend.core.request_checks import LATENT_UPSCALE_MODES, hires_size
-from backend.engine.rng import ImageRNG
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
-                     sampler_extra_args, tiling)
+from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number,
+                                             image_rng, run_sampler, sampler_extra_args, sampler_noise, tiling)
 from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.sampling_hooks import HIRES_PASS
 
@@ -38,16 +37,25 @@ def _upscale_latent(latent: torch.Tensor, w: int, h: int, mode: str) -> torch.Te
     return up[:, :, top:top + h // 8, left:left + w // 8]
 
 
-def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, denoise: float, fix_steps: bool) -> torch.Tensor:
-    """Sigmas for a pass that starts from an image (A1111's setup_img2img_steps)."""
+def _img2img_steps(steps: int, denoise: float, fix_steps: bool) -> tuple[int, int]:
+    """(steps of the whole schedule, index of the last step run) as A1111's setup_img2img_steps."""
     if fix_steps:
         total = int(steps / min(denoise, 0.999)) if denoise > 0 else 0
-        t_enc = steps - 1
-    else:
-        total = steps
-        t_enc = int(min(denoise, 0.999) * steps)
-    sigmas = schedules.get_sigmas(schedule, max(total, 1), model_schedule, sampler_info.name)
-    return sigmas[max(total, 1) - t_enc - 1:]
+        return max(total, 1), steps - 1
+    return max(steps, 1), int(min(denoise, 0.999) * steps)
+
+
+def img2img_sigmas(sampler_info, schedule: str, model_schedule, steps: int, denoise: float, fix_steps: bool) -> torch.Tensor:
+    """Sigmas for a pass that starts from an image (A1111's setup_img2img_steps): the end of a longer schedule."""
+    total, t_enc = _img2img_steps(steps, denoise, fix_steps)
+    sigmas = schedules.get_sigmas(schedule, total, model_schedule, sampler_info.name)
+    return sigmas[total - t_enc - 1:]
+
+
+def img2img_sigma_max(sampler_info, schedule: str, model_schedule, steps: int, denoise: float, fix_steps: bool) -> float:
+    """The top of the whole schedule `img2img_sigmas` cuts its sigmas from (where A1111's Brownian tree starts)."""
+    total, _ = _img2img_steps(steps, denoise, fix_steps)
+    return float(schedules.get_sigmas(schedule, total, model_schedule, sampler_info.name).max())
 
 
 def run(req: Txt2ImgRequest, ctx: JobContext, each: EachImage | None = None) -> GenerationResult:
@@ -104,14 +112,14 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
             unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
 
             shape = (4, req.height // opt_f, req.width // opt_f)
-            rng = ImageRNG(shape, seeds, subseeds, req.subseed_strength, req.seed_resize_from_h, req.seed_resize_from_w)
+            rng = image_rng(ctx, shape, seeds, subseeds, req)
             sigmas = schedules.get_sigmas(schedule, req.steps, model_schedule, sampler_info.name).to(device)
             x = rng.first().to(device) * sigmas[0]
             image_cond = _txt2img_image_conditioning(ctx, len(seeds), req.width, req.height) if model.is_inpaint else None
             denoiser = CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                                    ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
                                    skips=gen.uncond_skips)
-            noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
+            noise_sampler = sampler_noise(sampler_info, rng, x, sigmas, seeds)
             latents, stop = run_sampler(ctx, sampler_info, denoiser, x, sigmas, noise_sampler, gen.extra, gen.preview_every,
                                         gen.token_merging)
             latents = denoiser.after_sampling(latents)
@@ -135,8 +143,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                 if hires_sampling and stop is None:
                     hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
                     hr_unconds = conditioner.schedules(hr_negs, req.steps, True, hires_steps=hr_steps)
-                    hr_rng = ImageRNG((4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req.subseed_strength,
-                                      req.seed_resize_from_h, req.seed_resize_from_w)
+                    hr_rng = image_rng(ctx, (4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req)
                     hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True).to(device)
                     x = latents + hr_rng.first().to(device) * hr_sigmas[0]
                     hr_image_cond = _txt2img_image_conditioning(ctx, len(seeds), hr_w, hr_h) if model.is_inpaint else None
@@ -144,7 +151,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     denoiser = CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond, hooks=ctx.sampling_hooks,
                                            pass_name=HIRES_PASS, skips=gen.uncond_skips)
-                    hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
+                    hr_noise = sampler_noise(hr_sampler_info, hr_rng, x, hr_sigmas, seeds, img2img_sigma_max(
+                        hr_sampler_info, hr_schedule, model_schedule, hr_steps, hr_denoise, True))
                     latents, stop = run_sampler(ctx, hr_sampler_info, denoiser, x, hr_sigmas, hr_noise,
                                                 sampler_extra_args(hr_sampler_info, req, options), gen.preview_every,
                                                 gen.token_merging_hr)
