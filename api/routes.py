@@ -126,7 +126,7 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     @router.post("/options")
     async def set_options(body: dict[str, Any]) -> dict:
         # as in A1111: a checkpoint or VAE change returns once the model is loaded (awaited, holding no thread)
-        job = await run_in_threadpool(service.submit_options, body)
+        job = await run_in_threadpool(lambda: service.submit_options(service.posted_options(body)))
         if job is not None:
             await job.outcome()
         return {}

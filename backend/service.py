@@ -222,16 +222,18 @@ class EaselService:
 
     # -- settings ---------------------------------------------------------------------------------
     def set_options(self, changes: dict) -> dict:
-        """Store settings (Settings tab, quick settings, /sdapi/v1/options) through the options' one gate.
-
-        What `api_options` reports beside the settings is not stored: `sd_checkpoint_hash` (read-only), and
-        `sd_model_checkpoint` when it names the checkpoint in use while the setting is empty (the automatic choice
-        stays automatic when a client posts the options back)."""
-        if isinstance(changes, dict) and any(k in changes for k in REPORTED_OPTIONS):
-            reported = self.api_options()
-            changes = {k: v for k, v in changes.items()
-                       if k not in REPORTED_OPTIONS or (k == "sd_model_checkpoint" and v != reported[k])}
+        """Store settings (Settings tab, quick settings, /sdapi/v1/options) through the options' one gate."""
         return self.options.update(changes)
+
+    def posted_options(self, changes):
+        """`POST /sdapi/v1/options`'s body less what `api_options` reports beside the settings: `sd_checkpoint_hash`
+        (read-only), and `sd_model_checkpoint` when it is the title reported for the checkpoint in use (a client
+        posting the options back leaves an automatic choice automatic, and loads nothing)."""
+        if not isinstance(changes, dict) or not any(k in changes for k in REPORTED_OPTIONS):
+            return changes
+        reported = self.api_options()
+        return {k: v for k, v in changes.items()
+                if k not in REPORTED_OPTIONS or (k == "sd_model_checkpoint" and v != reported[k])}
 
     def api_options(self) -> dict:
         """`GET /sdapi/v1/options`: the settings, with the checkpoint in use named by its sd-models title
