@@ -273,6 +273,7 @@ class EaselService:
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
+        req = self._unset_from_settings(req)
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
@@ -327,6 +328,17 @@ class EaselService:
         if keep and overrides:
             self.options.update(overrides)
         return payload
+
+    def _unset_from_settings(self, req: Txt2ImgRequest) -> Txt2ImgRequest:
+        """As A1111: a request's `restore_faces` / `tiling` left null take the settings `face_restoration` /
+        `tiling` (the request's own override_settings of them first, checked as the gate checks them)."""
+        from backend.core.options import coerce
+        update = {}
+        for field, key in (("restore_faces", "face_restoration"), ("tiling", "tiling")):
+            if getattr(req, field, None) is None:
+                update[field] = coerce(self.options.setting(key),
+                                       (req.override_settings or {}).get(key, self.options[key]))
+        return req.model_copy(update=update) if update else req
 
     def _selectable_script(self, req: Txt2ImgRequest):
         """The request's `script_name`/`script_args` checked at the edge (`backend.core.scripts_catalog`): an unknown

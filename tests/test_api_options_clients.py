@@ -204,3 +204,14 @@ def test_vae_preference_of_a_checkpoint_and_the_setting_that_overrides_it(tmp_pa
     assert registry.vae_for(b, "Automatic") is None
     (ckpts / "a.json").write_text(json.dumps({"vae": "None"}), encoding="utf-8")
     assert registry.vae_for(a, "v1.safetensors", settings_override_preferences=False) is None
+
+
+def test_settings_for_unset_request_fields_and_the_version_switch(api):
+    _, info = generate(api, seed=8)
+    assert "Tiling:" not in info["infotexts"][0] and "Version: " in info["infotexts"][0]
+    # tiling left unset takes the setting `tiling` (A1111's); an explicit false wins over it
+    _, info = generate(api, seed=8, override_settings={"sd_model_checkpoint": SD1, "tiling": True,
+                                                       "add_version_to_infotext": False})
+    assert "Tiling: True" in info["infotexts"][0] and "Version:" not in info["infotexts"][0]
+    _, info = generate(api, seed=8, tiling=False, override_settings={"sd_model_checkpoint": SD1, "tiling": True})
+    assert "Tiling:" not in info["infotexts"][0]

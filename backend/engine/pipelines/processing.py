@@ -147,7 +147,7 @@ class Generation:
         params.update(self.ctx.extra_params)
         params["Seed"] = self.all_seeds[i]
         params["Variation seed"] = self.all_subseeds[i] if self.req.subseed_strength > 0 else None
-        params["Version"] = VERSION
+        params["Version"] = VERSION if self.ctx.options["add_version_to_infotext"] else None
         return build_infotext(self.prompts[i], self.negatives[i], params)
 
     def name_values(self, seed: int) -> dict:
