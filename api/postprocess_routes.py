@@ -15,6 +15,7 @@ from api import models
 from api.jobs import run_job
 from backend.core.errors import UserError
 from backend.core.image_codec import decode_base64_image
+from backend.core.images import reencode_png
 from backend.postprocess.schemas import ExtrasBatchImagesRequest, ExtrasRequest, ExtrasSingleImageRequest
 from backend.service import EaselService
 
@@ -41,7 +42,8 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
 
         result = await run_job(submit)
         png = result.images[0].png if result.images else b""
-        return {"html_info": result.html_info, "image": base64.b64encode(png).decode() if png else ""}
+        data = reencode_png(png, None, service.api_image_format())  # samples_format, as A1111's API
+        return {"html_info": result.html_info, "image": base64.b64encode(data).decode() if png else ""}
 
     @router.post("/extra-batch-images", response_model=models.ExtrasBatchImagesResponse)
     async def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict:
@@ -54,8 +56,10 @@ def build_postprocess_router(service: EaselService, dependencies: list | None = 
             return post.submit_extras(_base(req), images, save=False)
 
         result = await run_job(submit)
+        fmt = service.api_image_format()
         return {"html_info": result.html_info,
-                "images": [base64.b64encode(img.png).decode() for img in result.images if img.png]}
+                "images": [base64.b64encode(reencode_png(img.png, None, fmt)).decode() for img in result.images
+                           if img.png]}
 
     @router.get("/upscalers", response_model=list[models.UpscalerItem])
     def upscalers() -> list[dict]:

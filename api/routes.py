@@ -16,6 +16,7 @@ from api import models
 from api.jobs import run_job
 from backend.core.errors import UserError
 from backend.core.image_codec import decode_base64_image
+from backend.core.images import reencode_png
 from backend.core.request_checks import LATENT_UPSCALE_MODES
 from backend.core.schemas import Img2ImgRequest, JsonRequest, Txt2ImgRequest
 from backend.service import EaselService
@@ -41,9 +42,13 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies or [], route_class=route_class)
 
     def respond(req, result, parameters: dict) -> dict:
-        images = [base64.b64encode(img.png).decode() for img in result.images] if req.send_images else []
+        # in the format of the setting samples_format (png, jpg, webp; the infotext in EXIF for jpg/webp), as A1111
+        fmt = service.api_image_format(req.override_settings)
+        images = ([base64.b64encode(reencode_png(img.png, img.infotext, fmt)).decode() for img in result.images]
+                  if req.send_images else [])
         if req.send_images:  # always-on scripts' images follow the generated ones, as A1111's scripts append them
-            images += [base64.b64encode(png).decode() for png in getattr(result, "extra_images", [])]
+            images += [base64.b64encode(reencode_png(png, None, fmt)).decode()
+                       for png in getattr(result, "extra_images", [])]
         info = dict(result.info)
         if result.warnings:
             info["warnings"] = result.warnings
@@ -96,6 +101,7 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
 
     @router.get("/sd-models", response_model=list[models.SDModelItem])
     def sd_models() -> list[dict]:
+        service.registry.fill_cached_hashes()  # titles carry the hash once it is known
         return [{"title": f.title, "model_name": f.model_name, "hash": f.shorthash, "sha256": f.sha256,
                  "filename": str(f.path), "config": None} for f in service.registry.checkpoints]
 
@@ -120,12 +126,13 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     # options and flags: documented as A1111's Options / Flags schemas, answered as they are (unknown stored keys too)
     @router.get("/options", response_model=models.OptionsModel)
     def get_options() -> JSONResponse:
-        return JSONResponse(jsonable_encoder(service.options.as_dict()))
+        # the checkpoint in use by its sd-models title, with sd_checkpoint_hash
+        return JSONResponse(jsonable_encoder(service.api_options()))
 
     @router.post("/options")
     async def set_options(body: dict[str, Any]) -> dict:
         # as in A1111: a checkpoint or VAE change returns once the model is loaded (awaited, holding no thread)
-        job = await run_in_threadpool(service.submit_options, body)
+        job = await run_in_threadpool(lambda: service.submit_options(service.posted_options(body)))
         if job is not None:
             await job.outcome()
         return {}

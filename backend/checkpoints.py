@@ -68,6 +68,20 @@ class HashCache:
         entry = self._load().get(key)
         return entry["sha256"] if entry and entry.get("stamp") == stamp else None
 
+    def cached_many(self, paths: list[Path]) -> dict[Path, str]:
+        """The cached sha256 of each of `paths` that has one (the cache file read once)."""
+        data = self._load()
+        found = {}
+        for path in paths:
+            try:
+                key, stamp = self._key(path)
+            except OSError:
+                continue
+            entry = data.get(key)
+            if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
+                found[path] = entry["sha256"]
+        return found
+
     def sha256(self, path: Path) -> str:
         found = self.cached(path)
         if found:
@@ -167,6 +181,24 @@ class ModelRegistry:
             self.checkpoints, self.vaes = ckpts, vaes
             self._unloadable.clear()  # a refresh tries the files that failed to load again
 
+    def fill_cached_hashes(self) -> None:
+        """Give the listed files whose hash was computed since the scan (by the backend when it loaded them, or
+        `with_hash`) their sha256, so that titles read `name [hash]` as soon as it is known (A1111's)."""
+        with self._lock:
+            missing = [f.path for f in self.checkpoints + self.vaes if not f.sha256]
+        if not missing:
+            return
+        found = self.hashes.cached_many(missing)
+        if not found:
+            return
+
+        def filled(files: list[ModelFile]) -> list[ModelFile]:
+            return [ModelFile(name=f.name, path=f.path, sha256=found[f.path]) if not f.sha256 and f.path in found
+                    else f for f in files]
+
+        with self._lock:
+            self.checkpoints, self.vaes = filled(self.checkpoints), filled(self.vaes)
+
     def with_hash(self, f: ModelFile) -> ModelFile:
         """The same file with its sha256 filled in (computing it when not cached)."""
         if f.sha256:
@@ -240,17 +272,41 @@ class ModelRegistry:
                 return f
         raise UserError(f"VAE {query!r} not found. Available: Automatic, None, {', '.join(f.name for f in vaes)}", status=404)
 
-    def vae_for(self, checkpoint: ModelFile, choice: str | None, vae_path_flag: str | None = None) -> Path | None:
-        """The VAE file to use with `checkpoint` for the setting `choice` (Automatic / None / a file)."""
-        if choice in (None, "", "Automatic", "auto"):
-            if vae_path_flag:
-                return Path(vae_path_flag)
-            stem = checkpoint.path.with_suffix("")
-            for ext in (".vae.safetensors", ".vae.pt", ".vae.ckpt"):
-                candidate = Path(str(stem) + ext)
-                if candidate.exists():
-                    return candidate
+    def vae_for(self, checkpoint: ModelFile, choice: str | None, vae_path_flag: str | None = None,
+                settings_override_preferences: bool = True) -> Path | None:
+        """The VAE file to use with `checkpoint` for the setting `choice` (Automatic / None / a file), as A1111's
+        `sd_vae.resolve_vae`: a VAE chosen in settings wins when `settings_override_preferences` (the setting
+        `sd_vae_overrides_per_model_preferences`); else the checkpoint's own preference (`"vae"` in its user
+        metadata `NAME.json` beside it), then a `NAME.vae.*` file beside it, then the choice."""
+        explicit = choice not in (None, "", "Automatic", "auto")
+        if not explicit and vae_path_flag:
+            return Path(vae_path_flag)
+        if explicit and settings_override_preferences:
+            return None if choice == "None" else self.find_vae(choice).path
+        preferred = checkpoint_vae_preference(checkpoint.path)
+        if preferred == "None":
             return None
-        if choice == "None":
-            return None
-        return self.find_vae(choice).path
+        if preferred is not None:
+            try:
+                return self.find_vae(preferred).path
+            except UserError:
+                pass  # a VAE no longer on disk: as A1111, the preference is passed over
+        stem = checkpoint.path.with_suffix("")
+        for ext in (".vae.safetensors", ".vae.pt", ".vae.ckpt"):
+            candidate = Path(str(stem) + ext)
+            if candidate.exists():
+                return candidate
+        if explicit:
+            return None if choice == "None" else self.find_vae(choice).path
+        return None
+
+
+def checkpoint_vae_preference(path: Path) -> str | None:
+    """The VAE a checkpoint's user metadata (A1111's `NAME.json` beside it, edited on its Extra Networks card)
+    prefers: a VAE name, "None", or None when it names none (or "Automatic")."""
+    try:
+        data = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vae = data.get("vae") if isinstance(data, dict) else None
+    return vae if isinstance(vae, str) and vae.strip() and vae != "Automatic" else None

@@ -8,6 +8,7 @@ Importable without Gradio.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ log = logging.getLogger("easel")
 DEFAULT_MODEL_URL = "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"
 DEFAULT_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
 MODEL_SETTINGS = ("sd_model_checkpoint", "sd_vae")  # settings whose change loads a model at once
+REPORTED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")  # what api_options reports of the model in use
 
 
 class EaselService:
@@ -122,6 +124,9 @@ class EaselService:
             log.warning("--ckpt: %s", exc.message)
 
     def start(self, wait: bool = True) -> None:
+        # the selected checkpoint's sha256, as A1111 computes it when it loads the model at start: its title in
+        # /sdapi/v1/options and sd-models reads `name [hash]` (computed here, torch-free, while the backend starts)
+        threading.Thread(target=self._hash_selected_checkpoint, name="checkpoint-hash", daemon=True).start()
         self.client.start()
         if wait and not self.client.wait_ready():
             raise RuntimeError("the backend process did not start")
@@ -136,6 +141,14 @@ class EaselService:
     def current_checkpoint(self, override: str | None = None) -> ModelFile:
         return self.checkpoint_choice(override)[0][0]
 
+    def _hash_selected_checkpoint(self) -> None:
+        try:
+            self.registry.with_hash(self.current_checkpoint())
+        except UserError:
+            pass  # no checkpoint yet: nothing to name
+        except OSError as exc:
+            log.warning("could not compute the checkpoint's hash: %s", exc)
+
     def checkpoint_choice(self, override: str | None = None) -> tuple[list[ModelFile], list[str]]:
         """The checkpoints a job tries, in order, and warnings about files passed over.
 
@@ -143,6 +156,7 @@ class EaselService:
         and every selection set) is the only candidate: if it does not load, the user gets that error. With none
         asked for (or the setting's file gone), the default is the first file by name that is not known to be
         broken (`ModelRegistry.automatic_choice`); the backend moves on to the next when it fails to load."""
+        self.registry.fill_cached_hashes()
         wanted = override or self.options["sd_model_checkpoint"]
         if wanted:
             try:
@@ -164,6 +178,7 @@ class EaselService:
             self.registry.mark_unloadable(Path(path), message)
 
     def checkpoint_titles(self) -> list[str]:
+        self.registry.fill_cached_hashes()
         return [f.title for f in self.registry.checkpoints]
 
     def _xyz_catalogs(self):
@@ -213,6 +228,30 @@ class EaselService:
         """Store settings (Settings tab, quick settings, /sdapi/v1/options) through the options' one gate."""
         return self.options.update(changes)
 
+    def posted_options(self, changes):
+        """`POST /sdapi/v1/options`'s body less what `api_options` reports beside the settings: `sd_checkpoint_hash`
+        (read-only), and `sd_model_checkpoint` when it is the title reported for the checkpoint in use (a client
+        posting the options back leaves an automatic choice automatic, and loads nothing)."""
+        if not isinstance(changes, dict) or not any(k in changes for k in REPORTED_OPTIONS):
+            return changes
+        reported = self.api_options()
+        return {k: v for k, v in changes.items()
+                if k not in REPORTED_OPTIONS or (k == "sd_model_checkpoint" and v != reported[k])}
+
+    def api_options(self) -> dict:
+        """`GET /sdapi/v1/options`: the settings, with the checkpoint in use named by its sd-models title
+        (`name [hash]`, also when the setting is empty: the automatic choice) and its sha256 in
+        `sd_checkpoint_hash` ("" until computed), as A1111 reports them."""
+        values = self.options.as_dict()
+        try:
+            ckpt = self.current_checkpoint()
+        except UserError:  # no checkpoint on disk
+            values["sd_checkpoint_hash"] = ""
+            return values
+        values["sd_model_checkpoint"] = ckpt.title
+        values["sd_checkpoint_hash"] = ckpt.sha256 or ""
+        return values
+
     def _checkpoint_title(self, value: str) -> str:
         """The gate's check of `sd_model_checkpoint`: a known checkpoint, kept as its full title ("" = the first)."""
         return self.registry.find_checkpoint(value).title if value else value
@@ -223,9 +262,21 @@ class EaselService:
             return value or "Automatic"
         return self.registry.find_vae(value).name
 
+    def api_image_format(self, override_settings: dict | None = None):
+        """The format of the API's base64 images (`samples_format`, `jpeg_quality`, `webp_lossless`, with a
+        request's `override_settings` of them, checked by the gate when the job was submitted)."""
+        from backend.core.images import ImageFormat
+        keys = ("samples_format", "jpeg_quality", "webp_lossless")
+        values = {k: self.options[k] for k in keys}
+        wanted = {k: v for k, v in (override_settings or {}).items() if k in keys}
+        if wanted:
+            values.update(self.options.check(wanted, per_job=True))
+        return ImageFormat.of(values)
+
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
+        req = self._unset_from_settings(req)
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
         self.postprocess.check_hires_upscaler(req)
@@ -280,6 +331,17 @@ class EaselService:
         if keep and overrides:
             self.options.update(overrides)
         return payload
+
+    def _unset_from_settings(self, req: Txt2ImgRequest) -> Txt2ImgRequest:
+        """As A1111: a request's `restore_faces` / `tiling` left null take the settings `face_restoration` /
+        `tiling` (the request's own override_settings of them first, checked as the gate checks them)."""
+        from backend.core.options import coerce
+        update = {}
+        for field, key in (("restore_faces", "face_restoration"), ("tiling", "tiling")):
+            if getattr(req, field, None) is None:
+                update[field] = coerce(self.options.setting(key),
+                                       (req.override_settings or {}).get(key, self.options[key]))
+        return req.model_copy(update=update) if update else req
 
     def _selectable_script(self, req: Txt2ImgRequest):
         """The request's `script_name`/`script_args` checked at the edge (`backend.core.scripts_catalog`): an unknown
@@ -401,7 +463,8 @@ class EaselService:
         choice = overrides.get("sd_vae", self.options["sd_vae"])
 
         def vae_file(ckpt: ModelFile) -> ModelFile | None:
-            vae_path = self.registry.vae_for(ckpt, choice, self.args.vae_path)
+            vae_path = self.registry.vae_for(ckpt, choice, self.args.vae_path, bool(overrides.get(
+                "sd_vae_overrides_per_model_preferences", self.options["sd_vae_overrides_per_model_preferences"])))
             if vae_path is None:
                 return None
             return next((f for f in self.registry.vaes if f.path == vae_path.resolve()),

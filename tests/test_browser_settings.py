@@ -238,3 +238,22 @@ def test_defaults_section_saves_the_pages_values_into_ui_config(server, tmp_path
             assert stored["txt2img/Width/maximum"] == 2048  # the rest is kept
     finally:
         path.write_text(before)
+
+
+def test_upscaler_for_img2img_is_chosen_from_the_upscalers(server, api, tmp_path):
+    """The Upscaling section offers upscaler_for_img2img as a list of /sdapi/v1/upscalers; Apply stores the pick."""
+    names = [u["name"] for u in api.get("/upscalers").json()]
+    assert "Nearest" in names
+    try:
+        with browser_page(server.url) as page:
+            _open_settings(page)
+            page.locator("#settings_sections label", has_text="Upscaling").click()
+            page.wait_for_selector("#settings_upscaler_for_img2img", state="visible")
+            assert page.input_value("#settings_upscaler_for_img2img input") == "None"
+            pick_dropdown(page, "#settings_upscaler_for_img2img", "Nearest")
+            _apply(page, "1 setting(s) changed")
+            assert _config(server)["upscaler_for_img2img"] == "Nearest"
+            assert api.get("/options").json()["upscaler_for_img2img"] == "Nearest"
+            _shot(page, tmp_path, "settings-upscaling")
+    finally:
+        assert api.post("/options", json={"upscaler_for_img2img": "None"}).status_code == 200

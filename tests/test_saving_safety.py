@@ -221,7 +221,12 @@ def _txt2img(**kw) -> dict:
 
 
 def test_a_broken_checkpoint_is_never_the_automatic_default(sapi, safety_server):
-    assert sapi.get("/options").json()["sd_model_checkpoint"] in ("", None)
+    # no checkpoint is selected: the setting stays empty; the options name the automatic choice by its title
+    config = safety_server.data_dir / "config.json"
+    assert (json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}).get("sd_model_checkpoint",
+                                                                                          "") == ""
+    titles = [m["title"] for m in sapi.get("/sd-models").json()]
+    assert sapi.get("/options").json()["sd_model_checkpoint"] in titles
     for attempt in range(2):  # the second time the files are known to be broken: same outcome
         r = sapi.post("/txt2img", json=_txt2img())
         assert r.status_code == 200, r.text
@@ -230,6 +235,8 @@ def test_a_broken_checkpoint_is_never_the_automatic_default(sapi, safety_server)
         warnings = " ".join(info.get("warnings", []))
         assert "aaa-broken.safetensors" in warnings and "aab-no-model.safetensors" in warnings, (attempt, warnings)
         assert len(r.json()["images"]) == 1
+    # once the broken files are known, the options name the checkpoint the automatic choice loads
+    assert sapi.get("/options").json()["sd_model_checkpoint"].startswith("tiny-sd1.safetensors [")
     # asked for explicitly, a broken checkpoint is the user's clear error, never swapped for another
     for name in ("aaa-broken.safetensors", "aab-no-model.safetensors"):
         r = sapi.post("/txt2img", json=_txt2img(override_settings={"sd_model_checkpoint": name}))
@@ -248,7 +255,10 @@ def test_selecting_a_checkpoint_that_does_not_load_keeps_the_previous_choice(sap
     try:
         r = sapi.post("/options", json={"sd_model_checkpoint": "aab-no-model.safetensors"})
         assert 400 <= r.status_code < 500 and "aab-no-model.safetensors" in r.json()["detail"], r.text
-        assert sapi.get("/options").json()["sd_model_checkpoint"] == good
+        # the same checkpoint, by its sd-models title (which carries the hash since the backend loaded it)
+        assert sapi.get("/options").json()["sd_model_checkpoint"] == next(
+            m["title"] for m in sapi.get("/sd-models").json() if m["model_name"] == "tiny-sd1")
+        assert sapi.get("/options").json()["sd_model_checkpoint"].startswith(good.split(" [")[0])
         r = sapi.post("/txt2img", json=_txt2img())
         assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1", r.text
     finally:

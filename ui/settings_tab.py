@@ -78,6 +78,9 @@ def _component(setting, value, service: EaselService, elem_id: str | None = None
     if setting.key == "default_sampler":
         return gr.Dropdown([s.name for s in sampler_catalog.SAMPLERS], value=value, label=setting.label, elem_id=elem_id,
                            **layout)
+    if setting.key == "upscaler_for_img2img":  # A1111's dropdown of the upscalers (a name not there is kept)
+        return gr.Dropdown(service.postprocess.upscaler_names(), value=value or "None", label=setting.label,
+                           elem_id=elem_id, allow_custom_value=True, **layout)
     if setting.key == "quicksettings_list":
         keys = [s.key for s in service.options.settings() if s.kind is not list]
         return gr.Dropdown(keys, value=value, multiselect=True, label=setting.label, elem_id=elem_id, **layout)

@@ -14,7 +14,8 @@ import re
 import secrets
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Mapping
 
 from PIL import Image, PngImagePlugin
 
@@ -78,18 +79,86 @@ def encode_png(image: Image.Image, infotext: str | None) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class ImageFormat:
+    """How a picture is written: the file format (A1111's `samples_format` / `grid_format`: png, jpg, webp), the
+    quality of jpg and lossy webp (`jpeg_quality`) and lossless webp (`webp_lossless`)."""
+
+    ext: str = "png"
+    quality: int = 80
+    lossless: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping, key: str = "samples_format") -> ImageFormat:
+        """The format a job's settings choose for its pictures (`key`: samples_format, or grid_format for grids)."""
+        return cls(normalized_ext(str(options[key])), int(options["jpeg_quality"]), bool(options["webp_lossless"]))
+
+
+def normalized_ext(fmt: str) -> str:
+    """A format name as files are named: lower case, jpeg as jpg."""
+    fmt = fmt.lower().lstrip(".")
+    return "jpg" if fmt == "jpeg" else fmt
+
+
+def encode_image(image: Image.Image, infotext: str | None, fmt: ImageFormat | str = "png",
+                 extra_text: dict[str, str] | None = None) -> bytes:
+    """`image` as the bytes of a file in `fmt`, with `infotext` as A1111 stores it: the PNG text chunk `parameters`
+    (and `extra_text`'s chunks), or the EXIF UserComment of a jpg/webp file."""
+    buf = io.BytesIO()
+    _write_image(buf, image, infotext, fmt if isinstance(fmt, ImageFormat) else ImageFormat(normalized_ext(fmt)),
+                 extra_text)
+    return buf.getvalue()
+
+
+def reencode_png(png: bytes, infotext: str | None, fmt: ImageFormat) -> bytes:
+    """A job's PNG bytes in `fmt` (the API's base64 images follow `samples_format`, as A1111's): unchanged for png,
+    else decoded and written as jpg/webp with `infotext` (None: the PNG's own `parameters`) in the EXIF
+    UserComment."""
+    if fmt.ext == "png" or not png:
+        return png
+    with Image.open(io.BytesIO(png)) as picture:
+        picture.load()
+        text = infotext if infotext is not None else picture.info.get("parameters")
+        return encode_image(picture, text if isinstance(text, str) else None, fmt)
+
+
+def _write_image(f: BinaryIO, image: Image.Image, infotext: str | None, fmt: ImageFormat,
+                 extra_text: dict[str, str] | None = None) -> None:
+    if fmt.ext == "png":
+        pnginfo = None
+        for key, value in {**({"parameters": infotext} if infotext else {}), **(extra_text or {})}.items():
+            pnginfo = pnginfo or PngImagePlugin.PngInfo()
+            pnginfo.add_text(key, value)
+        image.save(f, format="PNG", pnginfo=pnginfo)
+        return
+    if fmt.ext not in ("jpg", "webp"):
+        raise ValueError(f"unknown image format {fmt.ext!r} (png, jpg, webp)")
+    kwargs: dict = {"quality": fmt.quality}
+    if infotext:
+        kwargs["exif"] = _exif_user_comment(infotext)
+    if fmt.ext == "jpg":
+        img = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        img.save(f, format="JPEG", **kwargs)
+    else:
+        img = image if image.mode in ("RGB", "RGBA") else image.convert("RGBA" if "A" in image.mode else "RGB")
+        img.save(f, format="WEBP", lossless=fmt.lossless, **kwargs)
+
+
 def _exif_user_comment(infotext: str) -> bytes:
-    exif = Image.Exif()
-    # A1111 (via piexif) writes UNICODE\0 followed by UTF-16 big-endian text.
-    # The tag lives in the Exif sub-IFD (0x8769), where A1111 and other readers look.
-    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + infotext.encode("utf-16-be")
-    return exif.tobytes()
+    """EXIF with `infotext` as the UserComment of the Exif sub-IFD, written as A1111 writes it (piexif: type
+    UNDEFINED, "UNICODE\\0" then UTF-16), so that A1111's reader and other tools read it back."""
+    import piexif
+    import piexif.helper
+
+    comment = piexif.helper.UserComment.dump(infotext, encoding="unicode")
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
 
 
-def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: str | None, fmt: str = "png",
-               pattern: str = "", name_values: dict | None = None, basename: str = "", with_pnginfo: bool = True,
-               forced_name: str = "", extra_text: dict[str, str] | None = None,
-               before_save: Callable | None = None, after_save: Callable | None = None) -> Path:
+def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: str | None,
+               fmt: ImageFormat | str = "png", pattern: str = "", name_values: dict | None = None, basename: str = "",
+               with_pnginfo: bool = True, forced_name: str = "", extra_text: dict[str, str] | None = None,
+               save_txt: bool = False, before_save: Callable | None = None,
+               after_save: Callable | None = None) -> Path:
     """Write `image` into `folder` as `NNNNN-SEED.ext` (or the pattern), never overwriting a file.
 
     `forced_name`: save as `NAME.ext` instead (`NAME-1.ext`, ... when taken), as A1111 keeps the original names of
@@ -97,9 +166,12 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
     `before_save(image, path, texts) -> (image, texts)` / `after_save(image, path, texts)`: called with the file's
     path once it is chosen / once it is written (the extensions' on_before_image_saved / on_image_saved); `texts`
     is {"parameters": infotext, **extra_text}, and what `before_save` returns is what is written.
+    `fmt`: png, jpg or webp (an `ImageFormat` with quality and lossless webp, from the job's settings).
+    `save_txt` (A1111's setting): the infotext also into `NAME.txt` beside the picture.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    fmt = fmt.lower().replace("jpeg", "jpg")
+    image_format = fmt if isinstance(fmt, ImageFormat) else ImageFormat(normalized_ext(fmt))
+    fmt = image_format.ext
     values = dict(name_values or {})
     values.setdefault("seed", seed)
     decoration = FilenameGenerator(values).apply(pattern) if pattern else (str(seed) if seed is not None else "")
@@ -123,21 +195,11 @@ def save_image(image: Image.Image, folder: Path, *, seed: int | None, infotext: 
             infotext = texts.get("parameters")
             extra_text = {k: str(v) for k, v in texts.items() if k != "parameters" and v is not None}
         text = infotext if with_pnginfo else None
-        if fmt == "png":
-            pnginfo = None
-            if text:
-                pnginfo = PngImagePlugin.PngInfo()
-                pnginfo.add_text("parameters", text)
-            for key, value in (extra_text or {}).items() if with_pnginfo else ():
-                pnginfo = pnginfo or PngImagePlugin.PngInfo()
-                pnginfo.add_text(key, value)
-            write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
-        else:
-            img = image.convert("RGB") if fmt == "jpg" else image
-            kwargs = {"quality": 90}
-            if text:
-                kwargs["exif"] = _exif_user_comment(text)
-            write_atomically(path, lambda f: img.save(f, format="JPEG" if fmt == "jpg" else "WEBP", **kwargs))
+        chunks = extra_text if with_pnginfo and fmt == "png" else None
+        write_atomically(path, lambda f: _write_image(f, image, text, image_format, chunks))
+        if save_txt and infotext:
+            txt = path.with_suffix(".txt")
+            write_atomically(txt, lambda f: f.write((infotext + "\n").encode("utf-8")))
     if after_save is not None:
         after_save(image, path, {**({"parameters": infotext} if infotext else {}), **(extra_text or {})})
     return path

@@ -7,6 +7,7 @@ label and validation; keys are AUTOMATIC1111's so API clients work unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -17,6 +18,8 @@ from typing import Any, Callable
 from backend.core.errors import UserError
 from backend.core.extensions import DISABLE_ALL_CHOICES
 from backend.core.safe_values import check_value, unsafe_value_problem
+
+log = logging.getLogger("easel.options")
 
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
 RANDN_SOURCES = ("GPU", "CPU", "NV")  # where the noise comes from (backend.engine.rng)
@@ -44,7 +47,12 @@ class Setting:
 SETTINGS: list[Setting] = [
     Setting("sd_model_checkpoint", "", "Stable Diffusion checkpoint", "Stable Diffusion"),
     Setting("sd_vae", "Automatic", "SD VAE", "Stable Diffusion"),
+    Setting("sd_vae_overrides_per_model_preferences", True, "Selected VAE overrides per-model preferences (a "
+            "checkpoint's VAE set in its user metadata, NAME.json, or a NAME.vae.* file beside it)", "Stable Diffusion",
+            bool),
     Setting("sd_checkpoints_limit", 2, "Checkpoints to keep loaded (cached)", "Stable Diffusion", int, minimum=1, maximum=10),
+    Setting("tiling", False, "Tiling: produce a tileable picture (for API requests that leave tiling unset)",
+            "Stable Diffusion", bool),
     Setting("CLIP_stop_at_last_layers", 1, "Clip skip", "Stable Diffusion", int, minimum=1, maximum=12),
     Setting("emphasis", "Original", "Emphasis mode: how (more:1.1) and [less] in prompts act (None: read as text; "
             "Ignore: no weight; Original: weighted, the mean restored; No norm: weighted, the mean not restored)",
@@ -77,6 +85,11 @@ SETTINGS: list[Setting] = [
     Setting("samples_save", True, "Always save all generated images", "Saving images", bool),
     Setting("grid_save", True, "Always save all generated image grids", "Saving images", bool),
     Setting("samples_format", "png", "File format for images", "Saving images", str, choices=IMAGE_FORMATS),
+    Setting("grid_format", "png", "File format for grids", "Saving images", str, choices=IMAGE_FORMATS),
+    Setting("jpeg_quality", 80, "Quality for saved jpeg and webp images", "Saving images", int, minimum=1, maximum=100),
+    Setting("webp_lossless", False, "Use lossless compression for webp images", "Saving images", bool),
+    Setting("save_txt", False, "Create a text file next to every image with generation parameters", "Saving images",
+            bool),
     Setting("samples_filename_pattern", "", "Images filename pattern (empty: [number]-[seed])", "Saving images"),
     Setting("save_to_dirs", True, "Save images to a subdirectory per day", "Saving images", bool),
     Setting("directories_filename_pattern", "[date]", "Subdirectory name pattern", "Saving images"),
@@ -99,6 +112,9 @@ SETTINGS: list[Setting] = [
     Setting("img2img_color_correction", False, "Apply color correction to img2img results to match original colors.",
             "img2img", bool),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
+    Setting("add_model_hash_to_info", True, "Add model hash to generation information", "Infotext", bool),
+    Setting("add_model_name_to_info", True, "Add model name to generation information", "Infotext", bool),
+    Setting("add_version_to_infotext", True, "Add program version to generation information", "Infotext", bool),
     Setting("keyedit_precision_attention", 0.1, "Ctrl+Up/Down precision when editing (attention:1.1)",
             "User interface", float, minimum=0.01, maximum=0.2),
     Setting("keyedit_precision_extra", 0.05, "Ctrl+Up/Down precision when editing <extra networks:0.9>",
@@ -126,6 +142,8 @@ SETTINGS: list[Setting] = [
             "Optimizations", str, choices=("Automatic", "Always", "Never")),
     Setting("vae_tile_size", 512, "VAE tile size (pixels)", "Optimizations", int, minimum=128, maximum=4096),
     Setting("vae_tile_overlap", 64, "VAE tile overlap (pixels)", "Optimizations", int, minimum=16, maximum=512),
+    Setting("face_restoration", False, "Restore faces (for API requests that leave restore_faces unset)",
+            "Face restoration", bool),
     Setting("face_restoration_model", "CodeFormer", "Face restoration model (Restore faces in txt2img and img2img)",
             "Face restoration", str, choices=("CodeFormer", "GFPGAN")),
     Setting("code_former_weight", 0.5, "CodeFormer weight (0 = maximum effect, 1 = minimum effect)", "Face restoration",
@@ -133,6 +151,9 @@ SETTINGS: list[Setting] = [
     Setting("face_detector", "Automatic", "Face detector (Automatic: RetinaFace when its weights are present or can be "
             "downloaded, else the offline OpenCV Haar cascade)", "Face restoration", str,
             choices=("Automatic", "RetinaFace", "OpenCV Haar cascade")),
+    # A1111's default is null (JSON): a Lanczos resize, as "None"
+    Setting("upscaler_for_img2img", "None", "Upscaler for img2img (enlarges an init image smaller than the output "
+            "size before it is resized; None: Lanczos)", "Upscaling"),
     Setting("ESRGAN_tile", 192, "Tile size for upscaler models, in pixels (0 = no tiling)", "Upscaling", int,
             minimum=0, maximum=2048),
     Setting("ESRGAN_tile_overlap", 8, "Tile overlap for upscaler models, in pixels (context kept around each tile)",
@@ -435,14 +456,21 @@ class Options:
 
     def update(self, changes: dict[str, Any], *, from_flags: bool = False) -> dict[str, Any]:
         """Check `changes` through the gate (`check`), then store them in config.json; returns the stored values.
-        Keys that are not settings are kept verbatim (as A1111 does)."""
+        Keys that are not settings are kept verbatim (as A1111 does) and returned by `as_dict`, never read by
+        Easel; the new or changed ones are listed in a log warning."""
         coerced = self.check(changes, from_flags=from_flags)
         with self._lock:
+            unknown = sorted(k for k, v in coerced.items()
+                             if k not in self._settings and (k not in self._extra or self._extra[k] != v))
             for key, value in coerced.items():
                 if key in self._settings:
                     self._values[key] = value
                 else:
                     self._extra[key] = value
+        if unknown:  # repr: a key is the client's text, never a line of its own in the log
+            log.warning("settings unknown to Easel were stored as given (they have no effect here): %s",
+                        ", ".join(repr(k)[:100] for k in unknown[:50]) + (f" and {len(unknown) - 50} more"
+                                                                           if len(unknown) > 50 else ""))
         self.save()
         for key, value in coerced.items():
             for listener in self._listeners:

@@ -126,15 +126,17 @@ def script_context(ctx, where: str, process_images: Callable | None = None):
     from modules.context import ScriptContext
 
     def save_image(image, path, *, basename, seed, extension, info, forced_filename, suffix):
-        from backend.core.images import save_image as save
+        from backend.core.images import ImageFormat, normalized_ext, save_image as save
         from backend.core.paths import resolve_inside
 
         root = Path(ctx.outputs_root)
         folder = resolve_inside(Path(path) if Path(path).is_absolute() else root / path, [root],
                                 f"{where}: modules.images.save_image's folder")
-        return save(image, folder, seed=seed, infotext=info, fmt=extension or "png",
+        fmt = ImageFormat(normalized_ext(extension or "png"), int(ctx.options["jpeg_quality"]),
+                          bool(ctx.options["webp_lossless"]))
+        return save(image, folder, seed=seed, infotext=info, fmt=fmt,
                     basename=f"{basename}{suffix}" if basename or suffix else "", forced_name=forced_filename or "",
-                    with_pnginfo=bool(ctx.options["enable_pnginfo"]),
+                    with_pnginfo=bool(ctx.options["enable_pnginfo"]), save_txt=bool(ctx.options["save_txt"]),
                     **({"before_save": ctx.image_save.before_save, "after_save": ctx.image_save.after_save}
                        if getattr(ctx, "image_save", None) is not None else {}))  # on_(before_)image_saved
 

@@ -59,6 +59,24 @@ class PreparedMask:
     paste_to: tuple[int, int, int, int] | None  # (x, y, w, h) to paste the result back into
 
 
+def resize_init_image(ctx, mode: int, img: Image.Image, w: int, h: int) -> Image.Image:
+    """An init image resized to w x h by the resize mode (A1111's `images.resize_image`): when it must grow, the
+    upscaler of the setting `upscaler_for_img2img` enlarges it first (None: a Lanczos resize only). An upscaler
+    that is not there is passed over with a warning (A1111 stores any name and falls back too)."""
+    name = str(ctx.options["upscaler_for_img2img"] or "None")
+    if name != "None" and mode != LATENT_RESIZE and img.mode != "L" and img.size != (w, h):
+        ratio = (min if mode == 2 else max)(w / img.width, h / img.height)  # Resize and fill: the fitted size
+        if ratio > 1:
+            from backend.engine.postprocess.upscalers import upscale_for_job
+            try:
+                img = upscale_for_job(ctx, img, name, round(img.width * ratio), round(img.height * ratio))
+            except UserError as exc:
+                warning = f"Upscaler for img2img: {exc.message} The init image was resized with Lanczos."
+                if warning not in ctx.warnings:
+                    ctx.warnings.append(warning)
+    return image_ops.resize_image(mode, img, w, h)
+
+
 def prepare_mask(mask: Image.Image, image_size: tuple[int, int], req: Img2ImgRequest, mode: int) -> PreparedMask:
     m = image_ops.binary_mask(mask, req.mask_round)
     if m.size != image_size:  # A1111 resizes a mask of another size to the image
@@ -164,11 +182,11 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     processed, overlays = [], []
     for img in images:
         if (prepared is None or prepared.region is None) and mode != LATENT_RESIZE:
-            img = image_ops.resize_image(mode, img, req.width, req.height)
+            img = resize_init_image(ctx, mode, img, req.width, req.height)
         if prepared is not None:
             overlays.append(image_ops.overlay_of(img, prepared.for_overlay))
             if prepared.region is not None:
-                img = image_ops.resize_image(2, img.crop(prepared.region), req.width, req.height)
+                img = resize_init_image(ctx, 2, img.crop(prepared.region), req.width, req.height)
             if fill == 0:
                 img = image_ops.fill_masked(img, prepared.processing)
         processed.append(img)

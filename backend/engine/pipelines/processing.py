@@ -15,7 +15,7 @@ from PIL import Image
 
 from backend.engine import schedules
 from backend.engine.conditioning import TextConditioner
-from backend.core.images import day_folder, encode_png, image_grid, save_image_or_warn
+from backend.core.images import ImageFormat, day_folder, encode_png, image_grid, save_image_or_warn
 from backend.engine.rng import fix_seed
 from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
@@ -85,7 +85,8 @@ class Generation:
             "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
             "CFG scale": format_number(req.cfg_scale),
             "Size": f"{req.width}x{req.height}",
-            "Model hash": ctx.checkpoint.shorthash, "Model": ctx.checkpoint.model_name,
+            "Model hash": ctx.checkpoint.shorthash if options["add_model_hash_to_info"] else None,
+            "Model": ctx.checkpoint.model_name if options["add_model_name_to_info"] else None,
             "VAE hash": ctx.vae.shorthash if ctx.vae else None, "VAE": ctx.vae.model_name if ctx.vae else None,
             "Variation seed strength": format_number(req.subseed_strength) if req.subseed_strength > 0 else None,
             "Seed resize from": (f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
@@ -101,7 +102,9 @@ class Generation:
         self.save_samples = not req.do_not_save_samples and options["samples_save"]
         self.out_dir = samples_dir or day_folder(self.outdir(samples_dir_key), options["save_to_dirs"])
         self.grids_dir_key = grids_dir_key
-        self.fmt = options["samples_format"]
+        self.fmt = ImageFormat.of(options)  # samples_format, jpeg_quality, webp_lossless
+        self.grid_fmt = ImageFormat.of(options, "grid_format")
+        self.save_txt = bool(options["save_txt"])
         self.pattern = options["samples_filename_pattern"]
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
@@ -162,7 +165,7 @@ class Generation:
         params.update(self.ctx.extra_params)
         params["Seed"] = self.all_seeds[i]
         params["Variation seed"] = self.all_subseeds[i] if self.req.subseed_strength > 0 else None
-        params["Version"] = VERSION
+        params["Version"] = VERSION if self.ctx.options["add_version_to_infotext"] else None
         return build_infotext(self.prompts[i], self.negatives[i], params)
 
     def name_values(self, seed: int) -> dict:
@@ -187,7 +190,7 @@ class Generation:
                                       infotext=text, fmt=self.fmt, pattern=self.pattern,
                                       name_values=self.name_values(self.all_seeds[i]),
                                       with_pnginfo=self.ctx.options["enable_pnginfo"], basename=basename or "",
-                                      **self.save_callbacks())
+                                      save_txt=self.save_txt, **self.save_callbacks())
         self.outputs.append(GeneratedImage(png=encode_png(img, text), infotext=text, seed=self.all_seeds[i],
                                            subseed=self.all_subseeds[i], prompt=self.prompts[i],
                                            negative_prompt=self.negatives[i], saved_path=str(path) if path else None))
@@ -203,8 +206,8 @@ class Generation:
             if options["grid_save"]:
                 grid_dir = day_folder(self.outdir(self.grids_dir_key), options["save_to_dirs"])
                 path = save_image_or_warn(ctx.warnings, "grid", grid, grid_dir, seed=self.all_seeds[0], infotext=text,
-                                          fmt=self.fmt, basename="grid", with_pnginfo=options["enable_pnginfo"],
-                                          **self.save_callbacks())
+                                          fmt=self.grid_fmt, basename="grid", with_pnginfo=options["enable_pnginfo"],
+                                          save_txt=self.save_txt, **self.save_callbacks())
             if options["return_grid"]:
                 self.outputs.insert(0, GeneratedImage(png=encode_png(grid, text), infotext=text, seed=self.all_seeds[0],
                                                       subseed=self.all_subseeds[0], prompt=self.prompts[0],
@@ -221,6 +224,7 @@ class Generation:
             "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size,
             "restore_faces": bool(req.restore_faces),
             "sd_model_name": ctx.checkpoint.model_name, "sd_model_hash": ctx.checkpoint.shorthash,
+            "sd_model_checkpoint": ctx.checkpoint.title,  # the checkpoint's /sdapi/v1/sd-models title
             "sd_vae_name": ctx.vae.model_name if ctx.vae else None, "sd_vae_hash": ctx.vae.shorthash if ctx.vae else None,
             "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
             "denoising_strength": req.denoising_strength,

@@ -219,9 +219,9 @@ def _inputs(payload: dict, warnings: list[str]) -> list[_Input]:
 def _save(image: Image.Image, parameters: str, steps: str, payload: dict, options: JobOptions, name: str,
           warnings: list[str]) -> Path | None:
     """Save one result; a folder that cannot be written adds a warning (the image is still returned): None."""
-    from backend.core.images import save_image_or_warn
+    from backend.core.images import ImageFormat, save_image_or_warn
 
-    fmt = options["samples_format"]
+    fmt = ImageFormat.of(options)  # samples_format, jpeg_quality, webp_lossless
     extras_chunk = {"extras": steps} if steps else None
     with_info = options["enable_pnginfo"]
     if payload.get("output_dir") is not None:

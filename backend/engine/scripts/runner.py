@@ -13,7 +13,7 @@ from typing import Callable
 
 from PIL import Image
 
-from backend.core.images import day_folder, encode_png, save_image_or_warn
+from backend.core.images import ImageFormat, day_folder, encode_png, save_image_or_warn
 from backend.engine.a1111_callbacks import save_hooks  # the extensions' on_(before_)image_saved
 from backend.core.sampler_catalog import sampler_fields
 from backend.core.schemas import GeneratedImage, GenerationResult
@@ -182,8 +182,9 @@ class ScriptRun:
         if options["samples_save"] and not req.do_not_save_samples:
             path = save_image_or_warn(self.ctx.warnings, "image", picture,
                                       self._folder("outdir_img2img_samples" if self.img2img else "outdir_txt2img_samples"),
-                                      seed=seed, infotext=infotext, fmt=options["samples_format"],
-                                      with_pnginfo=options["enable_pnginfo"], **save_hooks(self.ctx))
+                                      seed=seed, infotext=infotext, fmt=ImageFormat.of(options),
+                                      with_pnginfo=options["enable_pnginfo"], save_txt=options["save_txt"],
+                                      **save_hooks(self.ctx))
         made = [i for r in self.results for i in r.images if not i.is_grid]
         return GeneratedImage(png=encode_png(picture, infotext), infotext=infotext, seed=seed,
                               subseed=made[0].subseed if made else -1, prompt=req.prompt,
@@ -198,9 +199,9 @@ class ScriptRun:
             path = save_image_or_warn(self.ctx.warnings, "grid", picture,
                                       self._folder("outdir_img2img_grids" if self.img2img else "outdir_txt2img_grids"),
                                       seed=first.seed,
-                                      infotext=first.infotext, fmt=options["samples_format"],
+                                      infotext=first.infotext, fmt=ImageFormat.of(options, "grid_format"),
                                       basename=basename, with_pnginfo=options["enable_pnginfo"],
-                                      **save_hooks(self.ctx))
+                                      save_txt=options["save_txt"], **save_hooks(self.ctx))
         if not options["return_grid"]:
             return None
         return GeneratedImage(png=encode_png(picture, first.infotext), infotext=first.infotext, seed=first.seed,

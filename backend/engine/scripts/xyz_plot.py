@@ -40,7 +40,7 @@ from backend.engine.a1111_callbacks import save_hooks  # the extensions' on_(bef
 from backend.core.errors import JobInterrupted
 from backend.core.grid_legends import GridAnnotation, draw_grid_annotations, layout_grid
 from backend.core.job_options import JobOptions
-from backend.core.images import day_folder, encode_png, save_image_or_warn
+from backend.core.images import ImageFormat, day_folder, encode_png, save_image_or_warn
 from backend.core.infotext import format_value, quote
 from backend.core.schemas import GeneratedImage, GenerationResult
 from backend.core.xyz_axes import SCRIPT_TITLE, Axis, XYZPlan, cell_request
@@ -208,8 +208,9 @@ def run(plan: XYZPlan, job, generate: Callable[[Any], GenerationResult]) -> Gene
         for n, (grid, text, first) in enumerate(to_save):
             source = outputs[first] or template
             path = save_image_or_warn(warnings, "grid", grid, folder, seed=source.seed, infotext=text,
-                                      fmt=options["samples_format"], basename="xyz_grid",
-                                      with_pnginfo=options["enable_pnginfo"], **save_hooks(getattr(job, "ctx", None)))
+                                      fmt=ImageFormat.of(options, "grid_format"), basename="xyz_grid",
+                                      with_pnginfo=options["enable_pnginfo"], save_txt=options["save_txt"],
+                                      **save_hooks(getattr(job, "ctx", None)))
             if path is not None:
                 saved[n] = str(path)
 
