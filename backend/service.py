@@ -98,7 +98,7 @@ class EaselService:
         self.postprocess = PostprocessService(args, self.paths, self.options, self.client, self._batch_folder)
         from backend.interrogate.service import InterrogateService
         # a caption for a picture (img2img's Interrogate buttons, /sdapi/v1/interrogate)
-        self.interrogate = InterrogateService(self.options, self.client)
+        self.interrogate = InterrogateService(self.paths, self.options, self.client)
         from backend.extensions import ExtensionManager
         # the folders in extensions/ (Extensions tab, /sdapi/v1/extensions, the page's extension scripts and styles)
         self.extensions = ExtensionManager(args, self.paths, self.options)

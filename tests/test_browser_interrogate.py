@@ -1,13 +1,16 @@
-"""Browser: img2img's Interrogate DeepBooru button puts the tags of the uploaded picture into the prompt; without a
-picture it says so."""
+"""Browser: img2img's Interrogate DeepBooru and Interrogate CLIP buttons put a caption of the uploaded picture into
+the prompt; without a picture they say so."""
 from __future__ import annotations
 
 from browser import browser_page
-from test_interrogate import DEFAULT_CAPTION, deepbooru_file, picture, place_deepbooru  # noqa: F401  (fixture)
+from interrogate_factory import CATEGORIES
+from test_interrogate import (DEFAULT_CAPTION, clip_models, deepbooru_file, picture,  # noqa: F401  (fixtures)
+                              place_clip_models, place_deepbooru)
 
 
-def test_interrogate_deepbooru_fills_the_prompt(server, deepbooru_file, tmp_path):  # noqa: F811
+def test_interrogate_buttons_fill_the_prompt(server, deepbooru_file, clip_models, tmp_path):  # noqa: F811
     place_deepbooru(server, deepbooru_file)
+    place_clip_models(server, clip_models)
     source = tmp_path / "source.png"
     picture(size=(128, 96)).save(source)
     with browser_page(server.url) as page:
@@ -26,5 +29,12 @@ def test_interrogate_deepbooru_fills_the_prompt(server, deepbooru_file, tmp_path
             "([want]) => document.querySelector('#img2img_prompt textarea').value === want", arg=[DEFAULT_CAPTION],
             timeout=120_000)
         page.wait_for_function("!document.querySelector('#img2img_status .easel-error')")
+
+        page.click("#interrogate")  # BLIP's caption, then each category file's best lines
+        page.wait_for_function(  # the caption and 3 + 1 + 1 category matches
+            "([old]) => { const v = document.querySelector('#img2img_prompt textarea').value;"
+            " return v !== old && v.split(', ').length === 6; }", arg=[DEFAULT_CAPTION], timeout=180_000)
+        matches = page.input_value("#img2img_prompt textarea").split(", ")[1:]
+        assert matches[3] in CATEGORIES["mediums"] and matches[4] in CATEGORIES["movements"]
         page.screenshot(path=str(tmp_path / "img2img_interrogate.png"))
     print("screenshot:", tmp_path / "img2img_interrogate.png")

@@ -226,8 +226,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         return picture.width // 8 * 8, picture.height // 8 * 8
 
     detect.click(size_from_image, [mode] + image_inputs[:5], [c["width"], c["height"]], queue=False)
-    interrogate.wire(service, buttons["deepbooru"], "deepdanbooru", mode, image_inputs[:5], c["prompt"],
-                     buttons["status"])
+    for button, model in ((buttons["interrogate"], "clip"), (buttons["deepbooru"], "deepdanbooru")):
+        interrogate.wire(service, button, model, mode, image_inputs[:5], c["prompt"], buttons["status"])
     paste_params.wire_paste_button(service, "img2img", buttons["paste"], c, r, checkpoint)
     images["sub_tabs"] = sub_tabs
     images["mode"] = mode

@@ -1,4 +1,5 @@
-"""img2img's Interrogate DeepBooru button: the tags of the current sub-tab's picture into the prompt, as in A1111.
+"""img2img's Interrogate CLIP and Interrogate DeepBooru buttons: a caption of the current sub-tab's picture (BLIP +
+CLIP's category matches, or DeepDanbooru's tags) into the prompt, as in A1111.
 
 The picture is the one the Generate button would use (the img2img image, a sketch or inpaint editor's
 background, Inpaint upload's image); the backend's "interrogate" job makes the caption
@@ -30,7 +31,7 @@ def picture_of(mode: str, pictures: list) -> Image.Image:
 
 def wire(service: EaselService, button: gr.Button, model: str, mode: gr.State, image_inputs: list,
          prompt: gr.Textbox, status: gr.HTML) -> None:
-    """`button` puts the caption of `model` ("deepdanbooru") for the current picture into `prompt`."""
+    """`button` puts the caption of `model` ("clip" or "deepdanbooru") for the current picture into `prompt`."""
 
     async def interrogate(mode_name, *pictures):
         try:

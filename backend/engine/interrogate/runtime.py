@@ -52,6 +52,28 @@ class InterrogateRuntime:
         except UserError as exc:
             raise UserError(f"{hint}. The automatic download failed: {exc.message}", status=503) from exc
 
+    def model_folder(self, folder: str, files: dict[str, str], what: str,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+        """models/`folder`; when it does not exist, made of `files` ({name: url}) downloaded into it (as A1111 does
+        for its category files: a folder that exists is used as it is, even empty)."""
+        target = self.models_dir / folder
+        if target.is_dir():
+            return target
+        from backend.downloads import download_file, network_available
+
+        hint = (f"{what} needs the folder {target} with the files {', '.join(files)}. Download them from "
+                f"{', '.join(files.values())} and put them there (or make the folder, empty, to use none)")
+        if not all(network_available(url) for url in set(files.values())):
+            raise UserError(f"{hint} (no internet connection was found to download them now).", status=503)
+        part = target.with_name(target.name + ".part")
+        try:
+            for name, url in files.items():
+                download_file(url, part / name, progress)
+        except UserError as exc:
+            raise UserError(f"{hint}. The automatic download failed: {exc.message}", status=503) from exc
+        part.rename(target)
+        return target
+
     def network(self, kind: str, path: Path, load: Callable[[Path], torch.nn.Module]) -> torch.nn.Module:
         """The network of `path` (loaded once per file version) on the device, in the runtime's dtype."""
         st = path.stat()
@@ -66,12 +88,13 @@ class InterrogateRuntime:
             entry = self.models[kind] = (key, model)
         return entry[1].to(self.device, self.dtype)
 
-    def release(self, keep_in_memory: bool) -> None:
-        """After a job: the networks back to the CPU, unless they stay on the device."""
+    def release(self, keep_in_memory: bool, kinds: tuple[str, ...] | None = None) -> None:
+        """After a job (or a step of it: `kinds`): the networks back to the CPU, unless they stay on the device."""
         if keep_in_memory or self.device.type == "cpu":
             return
-        for _, model in self.models.values():
-            model.to("cpu")
+        for kind, (_, model) in self.models.items():
+            if kinds is None or kind in kinds:
+                model.to("cpu", torch.float32)
         torch.cuda.empty_cache()
 
     def clear(self) -> None:
