@@ -150,6 +150,24 @@ def test_clip_caption_is_blip_text_then_the_best_line_of_each_category(clip_mode
     assert runtime.loads == 2  # kept loaded between jobs
 
 
+def test_interrupt_stops_a_clip_job_in_its_caption(clip_models):
+    from backend.engine.interrogate.job import run_interrogate_job
+    from backend.engine.interrogate.runtime import InterrogateRuntime
+
+    control = _Control()
+    calls = []
+
+    def interrupted():  # pressed while BLIP generates: after its first tokens
+        calls.append(1)
+        return len(calls) > 3
+    control.interrupted = interrupted
+    runtime = InterrogateRuntime(clip_models, torch.device("cpu"))
+    with pytest.raises(UserError, match="interrupted") as err:
+        run_interrogate_job({"image": picture(), "model": "clip", "options": {}}, runtime, control)
+    assert err.value.status == 409
+    assert runtime.cached() == ["blip"]  # stopped in BLIP's generation: CLIP was never loaded
+
+
 def test_clip_files_missing_offline_name_the_file_and_the_folder(tmp_path, monkeypatch):
     import backend.downloads
     from backend.engine.interrogate.job import run_interrogate_job

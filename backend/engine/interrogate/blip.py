@@ -125,9 +125,16 @@ class BlipCaptioner:
     def image_size(self) -> int:
         return self.model.config.vision_config.image_size
 
-    def caption(self, image, device, dtype, num_beams: int, min_length: int, max_length: int) -> str:
+    def caption(self, image, device, dtype, num_beams: int, min_length: int, max_length: int,
+                interrupted=lambda: False) -> str:
+        """The caption of `image`; generation ends early once `interrupted()` (the caller checks it again)."""
         import numpy as np
         from PIL import Image
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Interrupted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), bool(interrupted()), dtype=torch.bool, device=input_ids.device)
 
         size = self.image_size
         picture = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
@@ -138,7 +145,8 @@ class BlipCaptioner:
             out = self.model.generate(pixel_values=x[None].to(device, dtype), input_ids=ids,
                                       attention_mask=torch.ones_like(ids), num_beams=int(num_beams),
                                       do_sample=False, min_length=int(min_length), max_length=int(max_length),
-                                      repetition_penalty=1.0)
+                                      repetition_penalty=1.0,
+                                      stopping_criteria=StoppingCriteriaList([Interrupted()]))
         text = self.tokenizer.decode(out[0], skip_special_tokens=True)
         return text[len(PROMPT):] if text.startswith(PROMPT) else text.removeprefix(PROMPT.strip()).strip()
 

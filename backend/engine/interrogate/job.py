@@ -54,7 +54,9 @@ def _clip(image, runtime, control, options: JobOptions) -> str:
     _stop_if_interrupted(control)
     captioner = runtime.network("blip", blip_path, lambda path: blip.load_captioner(path, vocab))
     caption = captioner.caption(image, runtime.device, runtime.dtype, options["interrogate_clip_num_beams"],
-                                options["interrogate_clip_min_length"], options["interrogate_clip_max_length"])
+                                options["interrogate_clip_min_length"], options["interrogate_clip_max_length"],
+                                control.interrupted)
+    _stop_if_interrupted(control)
     runtime.release(bool(options["interrogate_keep_models_in_memory"]), kinds=("blip",))
     _stop_if_interrupted(control)
     model = runtime.network("clip", clip_path, clip.load_model)
