@@ -251,7 +251,7 @@ class WorkerState:
     scripts: ScriptRuntimes | None = None  # what the always-on scripts keep between jobs (e.g. loaded ControlNets)
     postprocess: PostprocessRuntime | None = None  # upscaler and face restoration models
     networks: NetworkRuntime | None = None  # LoRA and embedding files
-    interrogate: InterrogateRuntime | None = None  # the DeepDanbooru (and CLIP) interrogation models
+    interrogate: InterrogateRuntime | None = None  # the interrogation models (BLIP, CLIP, DeepDanbooru)
 
 
 class GenerationPayload(TypedDict, total=False):
