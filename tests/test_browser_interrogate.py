@@ -38,3 +38,20 @@ def test_interrogate_buttons_fill_the_prompt(server, deepbooru_file, clip_models
         assert matches[3] in CATEGORIES["mediums"] and matches[4] in CATEGORIES["movements"]
         page.screenshot(path=str(tmp_path / "img2img_interrogate.png"))
     print("screenshot:", tmp_path / "img2img_interrogate.png")
+
+
+def test_settings_have_an_interrogate_section_with_the_category_files(server, api, clip_models, tmp_path):  # noqa: F811
+    place_clip_models(server, clip_models)
+    with browser_page(server.url) as page:
+        page.set_viewport_size({"width": 1440, "height": 900})
+        page.get_by_role("tab", name="Settings").click()
+        page.locator("#settings_sections label", has_text="Interrogate").click()
+        page.wait_for_selector("#settings_section_interrogate", state="visible")
+        for key in ("interrogate_deepbooru_score_threshold", "deepbooru_sort_alpha", "interrogate_clip_num_beams",
+                    "interrogate_keep_models_in_memory"):
+            page.wait_for_selector(f"#settings_{key}", state="visible")
+        page.locator("#settings_interrogate_clip_skip_categories input").click()  # the files of models/interrogate
+        for name in ("flavors.top3", "mediums", "movements"):
+            page.wait_for_selector(f"#settings_interrogate_clip_skip_categories li[role=option] >> text={name}")
+        page.screenshot(path=str(tmp_path / "settings_interrogate.png"))
+    print("screenshot:", tmp_path / "settings_interrogate.png")

@@ -116,6 +116,8 @@ def field_update(service: EaselService, key: str, value: Any, **extra) -> dict:
         return gr.update(choices=service.checkpoint_titles(), value=value or None, **extra)
     if key == "sd_vae":
         return gr.update(choices=service.vae_choices(), value=value, **extra)
+    if key == "interrogate_clip_skip_categories":
+        return gr.update(choices=service.interrogate.category_names(), value=value, **extra)
     return gr.update(value=value, **extra)
 
 
