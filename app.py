@@ -79,6 +79,8 @@ def add_api(app, service, args, throttle=None, server_commands=None) -> None:
         app.include_router(build(service, deps, bool(args.api_log)))
     from api.postprocess_routes import build_postprocess_router
     app.include_router(build_postprocess_router(service, deps, log_requests=bool(args.api_log)))
+    from api.interrogate_routes import build_interrogate_router
+    app.include_router(build_interrogate_router(service, deps, log_requests=bool(args.api_log)))
     from api.networks_routes import build_networks_router
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
     from api.extensions_routes import build_extensions_router

@@ -98,6 +98,9 @@ class EaselService:
         from backend.postprocess.service import PostprocessService
         # upscalers and face restorers (lists, hires. fix names), Extras jobs
         self.postprocess = PostprocessService(args, self.paths, self.options, self.client, self._batch_folder)
+        from backend.interrogate.service import InterrogateService
+        # a caption for a picture (img2img's Interrogate buttons, /sdapi/v1/interrogate)
+        self.interrogate = InterrogateService(self.paths, self.options, self.client)
         from backend.extensions import ExtensionManager
         # the folders in extensions/ (Extensions tab, /sdapi/v1/extensions, the page's extension scripts and styles)
         self.extensions = ExtensionManager(args, self.paths, self.options)

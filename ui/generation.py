@@ -57,6 +57,12 @@ def prompt_row(service: EaselService, tab: str, c: dict) -> dict:
                 # opens the cards panel below the prompts (ui/extra_networks.py), A1111's card button
                 buttons["extra_networks"] = gr.Button("Networks", elem_id=f"{tab}_extra_networks", size="sm",
                                                       min_width=60, elem_classes=["easel-tool"])
+            if tab == "img2img":  # A1111's Interrogate buttons beside Generate (wired in ui/interrogate.py)
+                with gr.Row(elem_classes=["easel-tool-row"]):
+                    buttons["interrogate"] = gr.Button("Interrogate CLIP", size="sm", elem_id="interrogate",
+                                                       min_width=60, elem_classes=["easel-tool"])
+                    buttons["deepbooru"] = gr.Button("Interrogate DeepBooru", size="sm", elem_id="deepbooru",
+                                                     min_width=60, elem_classes=["easel-tool"])
             styles.build(service, tab, c)
             # set by a paste (PNG Info, Send to, Read parameters): settings this tab's next jobs use, as A1111's
             c["override_choices"] = gr.Dropdown([], value=[], multiselect=True, label="Override settings",

@@ -12,7 +12,7 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, extra_networks, generation, paste_params, scripts
+from ui import extension_parts, extra_networks, generation, interrogate, paste_params, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -226,6 +226,8 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         return picture.width // 8 * 8, picture.height // 8 * 8
 
     detect.click(size_from_image, [mode] + image_inputs[:5], [c["width"], c["height"]], queue=False)
+    for button, model in ((buttons["interrogate"], "clip"), (buttons["deepbooru"], "deepdanbooru")):
+        interrogate.wire(service, button, model, mode, image_inputs[:5], c["prompt"], buttons["status"])
     paste_params.wire_paste_button(service, "img2img", buttons["paste"], c, r, checkpoint)
     images["sub_tabs"] = sub_tabs
     images["mode"] = mode

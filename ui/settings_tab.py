@@ -84,6 +84,9 @@ def _component(setting, value, service: EaselService, elem_id: str | None = None
     if setting.key == "quicksettings_list":
         keys = [s.key for s in service.options.settings() if s.kind is not list]
         return gr.Dropdown(keys, value=value, multiselect=True, label=setting.label, elem_id=elem_id, **layout)
+    if setting.key == "interrogate_clip_skip_categories":  # the category files of models/interrogate
+        return gr.Dropdown(service.interrogate.category_names(), value=value, multiselect=True, allow_custom_value=True,
+                           label=setting.label, elem_id=elem_id, **layout)
     if setting.key.startswith("outdir_") and service.options.hide_dir_config:
         return gr.Textbox(value, label=setting.label, elem_id=elem_id, interactive=False,
                           info="Output folders cannot be changed on this server (--hide-ui-dir-config).", **layout)
@@ -107,7 +110,7 @@ def shown_in_tab(setting: Setting) -> bool:
     own choices."""
     if setting.key in EXTENSIONS_TAB_SETTINGS:
         return False
-    return setting.kind is not list or setting.key == "quicksettings_list"
+    return setting.kind is not list or setting.key in ("quicksettings_list", "interrogate_clip_skip_categories")
 
 
 def field_update(service: EaselService, key: str, value: Any, **extra) -> dict:
@@ -116,6 +119,8 @@ def field_update(service: EaselService, key: str, value: Any, **extra) -> dict:
         return gr.update(choices=service.checkpoint_titles(), value=value or None, **extra)
     if key == "sd_vae":
         return gr.update(choices=service.vae_choices(), value=value, **extra)
+    if key == "interrogate_clip_skip_categories":
+        return gr.update(choices=service.interrogate.category_names(), value=value, **extra)
     return gr.update(value=value, **extra)
 
 

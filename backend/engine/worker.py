@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs 
     from backend.engine.loaded_model import LoadedModel
     from backend.engine.pipelines.common import JobContext, JobControl
     from backend.engine.postprocess.runtime import PostprocessRuntime
+    from backend.engine.interrogate.runtime import InterrogateRuntime
     from backend.engine.networks.activation import NetworkRuntime
     from backend.postprocess.schemas import ExtrasResult
 
@@ -251,6 +252,7 @@ class WorkerState:
     postprocess: PostprocessRuntime | None = None  # upscaler and face restoration models
     networks: NetworkRuntime | None = None  # LoRA and embedding files
     previews: Any = None  # the live preview networks (backend.engine.previews.PreviewDecoders)
+    interrogate: InterrogateRuntime | None = None  # the interrogation models (BLIP, CLIP, DeepDanbooru)
 
 
 class GenerationPayload(TypedDict, total=False):
@@ -285,7 +287,7 @@ def _memory(state: WorkerState, payload: dict, control: JobControl) -> dict:
 
 def _unload(state: WorkerState, payload: dict, control: JobControl) -> dict:
     state.cache.clear()
-    for runtime in (state.scripts, state.postprocess):
+    for runtime in (state.scripts, state.postprocess, state.interrogate):
         if runtime is not None:
             runtime.clear()
     return {"ok": True}
@@ -294,6 +296,11 @@ def _unload(state: WorkerState, payload: dict, control: JobControl) -> dict:
 def _extras(state: WorkerState, payload: dict, control: JobControl) -> ExtrasResult:
     from backend.engine.postprocess.extras import run_extras_job
     return run_extras_job(payload, state.postprocess, control)
+
+
+def _interrogate(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    from backend.engine.interrogate.job import run_interrogate_job
+    return run_interrogate_job(payload, state.interrogate, control)
 
 
 def _script_job(kind: str) -> JobHandler:
@@ -618,6 +625,7 @@ JOB_HANDLERS: Mapping[str, JobHandler] = MappingProxyType({
     "memory": _memory,
     "unload": _unload,
     "extras": _extras,
+    "interrogate": _interrogate,
     "cache_info": _cache_info,
     "load": _load,
     "txt2img": _txt2img,
@@ -715,11 +723,13 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     add_extension_tables(paths.data_dir)  # the engine parts of the extensions in DATA_DIR/extensions
     from backend.engine.networks.activation import NetworkRuntime
     from backend.engine.postprocess.runtime import PostprocessRuntime
+    from backend.engine.interrogate.runtime import InterrogateRuntime
     from backend.engine.previews import PreviewDecoders
     state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
                         scripts=ScriptRuntimes(policy, paths.models_dir),
                         postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths),
-                        previews=PreviewDecoders(paths.models_dir))
+                        previews=PreviewDecoders(paths.models_dir),
+                        interrogate=InterrogateRuntime.from_args(paths, args))
     flags = SharedFlags(interrupt_flag, skip_flag)
     log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
     events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})
