@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 
 import pytest
@@ -259,3 +260,18 @@ def test_api_interrogate_errors_as_a1111(api):
     assert r.status_code == 404 and r.json()["detail"] == "Model not found"
     r = api.post("/interrogate", json={"image": "not base64!", "model": "deepdanbooru"})
     assert r.status_code == 400 and "image" in r.json()["detail"]
+
+
+def test_loopback_appends_the_interrogated_prompt_at_each_loop(server, api, deepbooru_file):
+    """A1111's Loopback "Append interrogated prompt at each iteration": each loop's prompt is the job's, then the
+    caption of that loop's input picture (the tiny DeepDanbooru model's tags do not depend on the picture)."""
+    from backend.core.infotext import parse_infotext
+    from test_api_img2img import body
+    place_deepbooru(server, deepbooru_file)
+    r = api.post("/img2img", json=body(picture(size=(64, 64)), prompt="a lighthouse", steps=2,
+                                       denoising_strength=0.6, script_name="Loopback",
+                                       script_args=[2, 0.5, "Linear", "DeepBooru"]))
+    assert r.status_code == 200, r.text
+    infotexts = json.loads(r.json()["info"])["infotexts"]
+    loops = [parse_infotext(t)["Prompt"] for t in infotexts if "Denoising strength" in parse_infotext(t)]
+    assert loops and all(p == f"a lighthouse, {DEFAULT_CAPTION}" for p in loops), loops

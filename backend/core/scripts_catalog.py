@@ -251,9 +251,6 @@ def _prepare_outpainting_mk2(req, values: dict) -> PreparedScript:
 
 
 def _prepare_loopback(req, values: dict) -> PreparedScript:
-    if values["append_interrogation"] != "None":
-        raise UserError("Loopback: 'Append interrogated prompt at each iteration' (CLIP/DeepBooru) is not available "
-                        "in Easel, which has no interrogator; use None.", status=422)
     return PreparedScript(args=values, images=values["loops"] * req.n_iter)
 
 

@@ -388,7 +388,8 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                              checkpoint=loaded.checkpoint, vae=loaded.vae, control=control,
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes),
-                             styles=payload.get("styles") or {}, previews=state.previews)
+                             styles=payload.get("styles") or {}, previews=state.previews,
+                             interrogate=state.interrogate)
             try:
                 _activate_networks(payload, ctx, state)
                 try:

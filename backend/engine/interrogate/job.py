@@ -20,6 +20,31 @@ def run_interrogate_job(payload: dict[str, Any], runtime, control) -> dict[str, 
     return {"caption": caption}
 
 
+class _QuietControl:
+    """A caption made inside another job (a script's): that job's Interrupt, none of its progress bar."""
+
+    def __init__(self, control):
+        self.control = control
+
+    def begin(self, *_args) -> None:
+        pass
+
+    def step(self, _preview) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return self.control.interrupted()
+
+
+def caption_for_script(image, model: str, runtime, control, options) -> str:
+    """A caption of `image` by `model` ("clip" / "deepdanbooru") for a script running in a generation job, with the
+    job's settings; `UserError` when the models are missing (offline) or the job was interrupted (409)."""
+    if runtime is None:
+        raise UserError("No interrogator is available in this backend.", status=503)
+    return run_interrogate_job({"model": model, "image": image, "options": dict(JobOptions.of(options))},
+                               runtime, _QuietControl(control))["caption"]
+
+
 def _deepbooru(image, runtime, control, options: JobOptions) -> str:
     from backend.engine.interrogate import deepbooru
 

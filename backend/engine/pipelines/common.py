@@ -113,6 +113,9 @@ class JobContext:
     # The live preview networks of the backend process (backend.engine.previews.PreviewDecoders); None (a pipeline
     # run directly): "Approx NN" and "TAESD" previews fall back to "Approx cheap".
     previews: Any = None
+    # The interrogation models of the backend process (backend.engine.interrogate.runtime.InterrogateRuntime), for
+    # scripts that caption pictures (Loopback's "Append interrogated prompt"); None: none available.
+    interrogate: Any = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

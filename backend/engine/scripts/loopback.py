@@ -5,7 +5,9 @@ shown (one chain: every loop's picture), after a one-row grid of them when there
 setting `img2img_color_correction` every loop's picture takes the colours of the job's image (not of its own
 input), so the chain does not drift in colour. Skip ends the current chain (its picture is not kept; the next
 chain starts), Interrupt ends the script with the pictures kept so far and their grid, as A1111's.
-"Append interrogated prompt" needs an interrogator, which Easel does not have: the app refuses anything but None.
+"Append interrogated prompt" (CLIP / DeepBooru) captions each loop's input picture with the interrogator and appends
+the caption to the job's prompt for that loop, as A1111's (`backend.engine.interrogate`; its models are downloaded on
+first use, and offline the job fails with the message naming the file).
 """
 from __future__ import annotations
 
@@ -30,11 +32,28 @@ def denoising_strength(loop: int, loops: int, initial: float, final: float, curv
     return initial + (final - initial) * share
 
 
+def interrogated_prompt(prompt: str, picture, interrogator: str, job) -> str:
+    """The loop's prompt: the job's, then the caption of the loop's input picture (A1111's joining)."""
+    from backend.core.errors import UserError
+    from backend.engine.interrogate.job import caption_for_script
+    from backend.engine.scripts.runner import ScriptStopped
+
+    model = {"CLIP": "clip", "DeepBooru": "deepdanbooru"}[interrogator]
+    try:
+        caption = caption_for_script(picture, model, job.ctx.interrogate, job.ctx.control, job.options)
+    except UserError as exc:
+        if job.interrupted:
+            raise ScriptStopped() from exc
+        raise
+    return (f"{prompt}, " if prompt else "") + caption
+
+
 def run(args: dict, job, generate):
     from backend.engine.scripts.runner import ScriptStopped
 
     req = job.request
     loops, final, curve = int(args["loops"]), float(args["final_denoising_strength"]), args["denoising_curve"]
+    interrogator = args.get("append_interrogation") or "None"
     chains = req.n_iter
     initial = float(req.denoising_strength)
     params = {"Final denoising strength": format_number(final), "Denoising curve": curve}
@@ -52,10 +71,11 @@ def run(args: dict, job, generate):
         fill = req.inpainting_fill
         last, skipped = None, False
         for loop in range(loops):
-            request = req.model_copy(update={**one, "seed": seed, "denoising_strength": strengths[loop],
-                                             "inpainting_fill": fill})
+            update = {**one, "seed": seed, "denoising_strength": strengths[loop], "inpainting_fill": fill}
             try:
-                result = generate(request, pictures, extra_params=params, color_from=colours)
+                if interrogator != "None":
+                    update["prompt"] = interrogated_prompt(req.prompt, pictures[0], interrogator, job)
+                result = generate(req.model_copy(update=update), pictures, extra_params=params, color_from=colours)
             except ScriptStopped:  # Interrupt: this loop's picture is not kept, nor are the chains after it
                 stopped = True
                 break
