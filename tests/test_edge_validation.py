@@ -24,7 +24,7 @@ from backend.core.schemas import Txt2ImgRequest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "backend" / "engine"
 EDGE_ONLY = {"check_txt2img", "check_img2img", "check_img2img_inputs", "validate_generation", "validate_seeds",
-             "check_prompt_brackets", "check_brackets", "check_prompt_text", "resolve_sampler", "resolve_sampling"}
+             "check_prompt_text", "resolve_sampler", "resolve_sampling"}
 
 
 # -- the service resolves, once -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The checks of generation requests that need no model: run once by the app at the edge, before a job is queued.
 
-Torch-free (the app process imports it): sizes, steps, seeds, the prompts' brackets, hires. fix (its target
+Torch-free (the app process imports it): sizes, steps, seeds, hires. fix (its target
 size and the latent upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments, and
 img2img's inputs. Names of upscaler models are checked by `backend.postprocess.service`, where the model folders
 are known. The pipelines (engine) trust what passed here and do not check it again; they read the same helpers
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backend.core.errors import UserError
-from backend.core.prompt_parser import check_brackets, extract_extra_network_tags
 from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
@@ -84,24 +83,8 @@ LATENT_UPSCALE_MODES = {
 }
 
 
-PROMPT_TEXTS = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"))
-HIRES_PROMPT_TEXTS = (("hr_prompt", "Hires prompt"), ("hr_negative_prompt", "Hires negative prompt"))
-
-
-def check_prompt_brackets(req: Txt2ImgRequest) -> None:
-    """The brackets of each prompt the job encodes pair up (hires. fix's own prompts too when txt2img runs it).
-    The texts' lengths are checked before, by `backend.core.limits.check_request`; a LoRA tag's name may hold
-    brackets, so tags are taken out first."""
-    fields = PROMPT_TEXTS
-    if req.enable_hr and not isinstance(req, Img2ImgRequest):
-        fields += HIRES_PROMPT_TEXTS
-    for field, what in fields:
-        check_brackets(extract_extra_network_tags(getattr(req, field) or "")[0], what=what)
-
-
 def check_txt2img(req: Txt2ImgRequest) -> None:
     validate_generation(req)
-    check_prompt_brackets(req)
     if req.enable_hr:
         # hr_upscaler: latent modes, None/Lanczos/Nearest or a model upscaler; names are checked by the service
         # (where the model folders are known) and resolved when the pass runs (backend.engine.postprocess.upscalers).
@@ -131,7 +114,6 @@ OUTPAINT_SCRIPTS = ("poor man's outpainting", "outpainting mk2", "outpainting")
 
 def check_img2img(req: Img2ImgRequest) -> None:
     validate_generation(req)
-    check_prompt_brackets(req)
     if not 0 <= req.denoising_strength <= 1:
         raise UserError(f"denoising_strength must be between 0 and 1, got {req.denoising_strength}.")
     if req.inpainting_fill not in (0, 1, 2, 3):
