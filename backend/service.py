@@ -225,6 +225,7 @@ class EaselService:
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
+        req = request_checks.with_latent_size(req)  # 513 x 700 makes 512 x 696, as A1111's latent
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)

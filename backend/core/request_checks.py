@@ -31,18 +31,37 @@ def resize_mode_index(value) -> int:
 
 
 def validate_size(width: int, height: int, what: str = "") -> None:
+    """64-4096 pixels a side (a safety limit: the latent and the VAE's memory grow with the area). Any size in
+    between is accepted, as A1111 accepts it; the picture is the latent's size (`latent_size`)."""
     for name, v in (("width", width), ("height", height)):
-        if v % 8 != 0:
-            raise UserError(f"{what}{name} must be a multiple of 8, got {v}.")
         if not 64 <= v <= 4096:
             raise UserError(f"{what}{name} must be between 64 and 4096, got {v}.")
+
+
+def latent_size(width: int, height: int) -> tuple[int, int]:
+    """The size a generation makes: A1111's latent is width // 8 x height // 8, so a side that is not a multiple
+    of 8 is floored to one (513 x 700 -> 512 x 696)."""
+    return width // 8 * 8, height // 8 * 8
+
+
+def with_latent_size(req):
+    """`req` with its width and height floored to the size the generation makes (`latent_size`); the same object
+    when they are multiples of 8 already. The app sends the job this way (the always-on scripts size their
+    inputs from it); the pipelines apply it again to the requests scripts derive (X/Y/Z sizes, prompt lines)."""
+    w, h = latent_size(req.width, req.height)
+    return req if (w, h) == (req.width, req.height) else req.model_copy(update={"width": w, "height": h})
+
+
+# A safety cap, not A1111's (it has none): far above any useful count, it keeps one request from holding the
+# backend for hours. The UI's slider stops at 150, as A1111's.
+MAX_STEPS = 1000
 
 
 def validate_generation(req) -> None:
     """The checks every generation request shares (size, steps, batch, CFG, variation strength)."""
     validate_size(req.width, req.height)
-    if not 1 <= req.steps <= 150:
-        raise UserError(f"steps must be between 1 and 150, got {req.steps}.")
+    if not 1 <= req.steps <= MAX_STEPS:
+        raise UserError(f"steps must be between 1 and {MAX_STEPS} (a safety limit), got {req.steps}.")
     if not 1 <= req.batch_size <= 64:
         raise UserError(f"batch_size must be between 1 and 64, got {req.batch_size}.")
     if not 1 <= req.n_iter <= 1000:
@@ -88,8 +107,9 @@ def check_txt2img(req: Txt2ImgRequest) -> None:
     if req.enable_hr:
         # hr_upscaler: latent modes, None/Lanczos/Nearest or a model upscaler; names are checked by the service
         # (where the model folders are known) and resolved when the pass runs (backend.engine.postprocess.upscalers).
-        if req.hr_second_pass_steps < 0 or req.hr_second_pass_steps > 150:
-            raise UserError("hr_second_pass_steps must be between 0 and 150.")
+        if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
+            raise UserError(f"hr_second_pass_steps must be between 0 and {MAX_STEPS} (a safety limit; 0: the "
+                            f"first pass's steps), got {req.hr_second_pass_steps}.")
         w, h = hires_size(req)
         validate_size(w, h, "hires. fix ")
         if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
