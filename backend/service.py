@@ -18,6 +18,7 @@ from backend.checkpoints import HashCache, ModelFile, ModelRegistry
 from backend.client import BackendClient, Job
 from backend.core.errors import UserError
 from backend.core.ignored_inputs import request_warnings
+from backend.request_infotext import apply_infotext
 from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
 from backend.core.options import Options
 from backend.core.paths import DataPaths
@@ -222,6 +223,7 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
+        req, infotext_warnings = apply_infotext(self, req)  # `infotext` fills the fields the request left out
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
@@ -229,7 +231,7 @@ class EaselService:
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
-        ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
+        ignored = request_warnings(req) + infotext_warnings  # fields accepted but not acted on: named in the job's warnings
         for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
             ignored += [w for w in request_warnings(derived) if w not in ignored]
         styles = list(dict.fromkeys(name for r in [req, *(d for _l, d in (script[1].requests if script else ()))]
