@@ -335,14 +335,16 @@ class EaselService:
         return self.client.submit("img2img", payload, listener, task_id=req.force_task_id or None)
 
     def img2img(self, req: Img2ImgRequest) -> GenerationResult:
-        """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
+        """The API's img2img: base64 (or http(s) URL) `init_images` and `mask` as A1111 takes them."""
         return _wait(self.submit_img2img_base64(req))
 
     def submit_img2img_base64(self, req: Img2ImgRequest) -> Job:
         from backend.core.image_codec import decode_base64_image
+        from backend.core.remote_images import RemoteImagePolicy
 
-        images = [decode_base64_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
-        mask = decode_base64_image(req.mask, "mask") if req.mask else None
+        remote = RemoteImagePolicy.from_options(self.options)  # http(s) URLs as A1111's api_enable_requests
+        images = [decode_base64_image(data, f"init_images[{i}]", remote) for i, data in enumerate(req.init_images)]
+        mask = decode_base64_image(req.mask, "mask", remote) if req.mask else None
         return self.submit_img2img(req, images, mask)
 
     def submit_img2img_batch(self, req: Img2ImgRequest, input_dir: str, output_dir: str, mask_dir: str,
