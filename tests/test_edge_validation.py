@@ -65,9 +65,10 @@ def test_bad_values_are_refused_at_the_edge(service):
         service._job_payload(Txt2ImgRequest(prompt="x", scheduler="Sideways"))
     with pytest.raises(UserError, match="cfg_scale must be between 0 and 100"):
         service._job_payload(Txt2ImgRequest(prompt="x", cfg_scale=150))
-    with pytest.raises(UserError, match=r'Hires negative prompt has an unclosed "\(" at position 3'):
-        service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_negative_prompt="a (cat"))
-    assert service._job_payload(Txt2ImgRequest(prompt="<lora:a(b):1> x", hr_prompt="a (cat"))  # no hires pass: unused
+    # unbalanced brackets are accepted as A1111 accepts them (issue 14 turned this refusal into acceptance)
+    payload = service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_negative_prompt="a (cat"))
+    assert payload["request"].hr_negative_prompt == "a (cat"
+    assert service._job_payload(Txt2ImgRequest(prompt="<lora:a(b):1> x", hr_prompt="a (cat"))
 
 
 # -- the engine trusts what it receives -----------------------------------------------------------------------
