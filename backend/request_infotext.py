@@ -16,12 +16,21 @@ from backend.core.infotext import parse_infotext
 from backend.core.schemas import Img2ImgRequest
 
 
+# The parameters line is read with A1111's pattern, whose time grows with the square of a line's length when the
+# line holds no "key: value" pairs (40,000 characters: about a minute). Real ones are a few thousand characters.
+MAX_PARAMS_LINE = 8000
+
+
 def apply_infotext(service: Any, req):
     """-> (`req` with the fields and override settings its `infotext` gives, the warnings). `service`: the
     `EaselService` (its options, styles and checkpoint registry). A request without an infotext comes back as is."""
     text = req.infotext
     if not text or not text.strip():
         return req, []
+    last_line = text.replace("\r", "\n").strip().rsplit("\n", 1)[-1]
+    if len(last_line) > MAX_PARAMS_LINE:
+        raise UserError(f"infotext: its last line (the parameters) is {len(last_line)} characters long; the limit is "
+                        f"{MAX_PARAMS_LINE}.", status=413)
     params = parse_infotext(text)
     img2img = isinstance(req, Img2ImgRequest)
     values = infotext_request.request_fields(params, type(req), img2img=img2img)

@@ -94,3 +94,10 @@ def test_a_checkpoint_that_is_not_here_is_a_warning_not_a_failure(api):
     images, info = answer(api.post("/txt2img", json={"infotext": text, "steps": 1}))
     assert any("not-here [0123456789]" in w and "not in the checkpoint folders" in w for w in info["warnings"]), \
         info.get("warnings")
+
+
+def test_an_overlong_parameters_line_is_refused_at_once(api):
+    from backend.request_infotext import MAX_PARAMS_LINE
+
+    r = api.post("/txt2img", json={"infotext": "a" * 300_000})  # A1111's pattern would take hours on it
+    assert r.status_code == 413 and f"the limit is {MAX_PARAMS_LINE}" in r.json()["detail"]
