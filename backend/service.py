@@ -19,6 +19,7 @@ from backend.checkpoints import HashCache, ModelFile, ModelRegistry
 from backend.client import BackendClient, Job
 from backend.core.errors import UserError
 from backend.core.ignored_inputs import request_warnings
+from backend.request_infotext import apply_infotext
 from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-exported for callers)
 from backend.core.options import Options
 from backend.core.paths import DataPaths
@@ -278,14 +279,16 @@ class EaselService:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_payload(self, req: Txt2ImgRequest) -> dict:
+        req, infotext_warnings = apply_infotext(self, req)  # `infotext` fills the fields the request left out
         limits.check_request(req, self.options)  # before any parsing: a huge prompt is refused at once
         req = self._unset_from_settings(req)
         req, script = self._selectable_script(req)
         (request_checks.check_img2img if isinstance(req, Img2ImgRequest) else request_checks.check_txt2img)(req)
+        req = request_checks.with_latent_size(req)  # 513 x 700 makes 512 x 696, as A1111's latent
         self.postprocess.check_hires_upscaler(req)
         if isinstance(req, Img2ImgRequest):
             self.postprocess.check_sd_upscale(req)
-        ignored = request_warnings(req)  # fields accepted but not acted on: named in the job's warnings
+        ignored = request_warnings(req) + infotext_warnings  # fields accepted but not acted on: named in the job's warnings
         for _label, derived in script[1].requests if script is not None else ():  # a script's lines may set them
             ignored += [w for w in request_warnings(derived) if w not in ignored]
         styles = list(dict.fromkeys(name for r in [req, *(d for _l, d in (script[1].requests if script else ()))]
@@ -400,14 +403,16 @@ class EaselService:
         return self.client.submit("img2img", payload, listener, task_id=req.force_task_id or None)
 
     def img2img(self, req: Img2ImgRequest) -> GenerationResult:
-        """The API's img2img: base64 `init_images` and `mask` as A1111 takes them."""
+        """The API's img2img: base64 (or http(s) URL) `init_images` and `mask` as A1111 takes them."""
         return _wait(self.submit_img2img_base64(req))
 
     def submit_img2img_base64(self, req: Img2ImgRequest) -> Job:
         from backend.core.image_codec import decode_base64_image
+        from backend.core.remote_images import RemoteImagePolicy
 
-        images = [decode_base64_image(data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
-        mask = decode_base64_image(req.mask, "mask") if req.mask else None
+        remote = RemoteImagePolicy.from_options(self.options)  # http(s) URLs as A1111's api_enable_requests
+        images = [decode_base64_image(data, f"init_images[{i}]", remote) for i, data in enumerate(req.init_images)]
+        mask = decode_base64_image(req.mask, "mask", remote) if req.mask else None
         return self.submit_img2img(req, images, mask)
 
     def submit_img2img_batch(self, req: Img2ImgRequest, input_dir: str, output_dir: str, mask_dir: str,

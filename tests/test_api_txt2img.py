@@ -225,15 +225,13 @@ def test_progress_and_interrupt(api, server):
 
 
 @pytest.mark.parametrize("body,status,words", [
-    (small(width=65), 400, "multiple of 8"),
+    (small(width=63), 400, "between 64"),
     (small(height=8192), 400, "between 64"),
     (small(steps=0), 400, "steps"),
-    (small(steps=1000), 400, "steps"),
+    (small(steps=1001), 400, "steps"),
     (small(batch_size=0), 400, "batch_size"),
     (small(sampler_name="Nope Sampler"), 400, "Nope Sampler"),
     (small(scheduler="nope"), 400, "schedule"),
-    (small(prompt="a (cat"), 400, "("),
-    (small(negative_prompt="[dog"), 400, "["),
     (small(override_settings={"sd_model_checkpoint": "does-not-exist"}), 404, "does-not-exist"),
     (small(width="wide"), 422, "width"),
     (small(enable_hr=True, hr_upscaler="Magic"), 400, "Magic"),

@@ -24,7 +24,7 @@ from backend.core.schemas import Txt2ImgRequest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "backend" / "engine"
 EDGE_ONLY = {"check_txt2img", "check_img2img", "check_img2img_inputs", "validate_generation", "validate_seeds",
-             "check_prompt_brackets", "check_brackets", "check_prompt_text", "resolve_sampler", "resolve_sampling"}
+             "check_prompt_text", "resolve_sampler", "resolve_sampling"}
 
 
 # -- the service resolves, once -------------------------------------------------------------------------------
@@ -65,9 +65,10 @@ def test_bad_values_are_refused_at_the_edge(service):
         service._job_payload(Txt2ImgRequest(prompt="x", scheduler="Sideways"))
     with pytest.raises(UserError, match="cfg_scale must be between 0 and 100"):
         service._job_payload(Txt2ImgRequest(prompt="x", cfg_scale=150))
-    with pytest.raises(UserError, match=r'Hires negative prompt has an unclosed "\(" at position 3'):
-        service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_negative_prompt="a (cat"))
-    assert service._job_payload(Txt2ImgRequest(prompt="<lora:a(b):1> x", hr_prompt="a (cat"))  # no hires pass: unused
+    # unbalanced brackets are accepted as A1111 accepts them (issue 14 turned this refusal into acceptance)
+    payload = service._job_payload(Txt2ImgRequest(prompt="x", enable_hr=True, hr_negative_prompt="a (cat"))
+    assert payload["request"].hr_negative_prompt == "a (cat"
+    assert service._job_payload(Txt2ImgRequest(prompt="<lora:a(b):1> x", hr_prompt="a (cat"))
 
 
 # -- the engine trusts what it receives -----------------------------------------------------------------------

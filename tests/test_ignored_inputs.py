@@ -18,7 +18,7 @@ from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 SET_VALUES = {
     "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
     "hr_checkpoint_name": "other.safetensors", "firstpass_image": "iVBORw0KGgo=",
-    "comments": {"a comment": 1}, "infotext": "a cat\nSteps: 20, Seed: 1",
+    "comments": {"a comment": 1},
     "firstphase_width": 512, "firstphase_height": 512, "sampler_index_legacy": 3, "image_cfg_scale": 1.5,
     "latent_mask": "iVBORw0KGgo=",
 }

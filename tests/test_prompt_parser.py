@@ -1,13 +1,11 @@
-"""A1111 prompt syntax: emphasis, bracket checks, prompt editing / alternation, extra-network tags."""
+"""A1111 prompt syntax: emphasis, unbalanced brackets, prompt editing / alternation, extra-network tags."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from backend.core.errors import UserError
 from backend.core.prompt_parser import (
-    check_brackets,
     extract_extra_network_tags,
     get_learned_conditioning_prompt_schedules,
     parse_prompt_attention,
@@ -112,58 +110,48 @@ def test_attention_long_prompt_is_fast():
     assert "".join(t for t, _ in parsed).count("word") == 1000
 
 
-# --- bracket check -------------------------------------------------------------------------------
+# --- unbalanced brackets: accepted, read as A1111 reads them ----------------------------------------
+# Expected values worked out with A1111's parse_prompt_attention (modules/prompt_parser.py) and, for prompt
+# editing, its lark grammar (`start: (prompt | /[][():]/+)*`: a bracket opening no well-formed group is text).
 
-@pytest.mark.parametrize("text", [
-    "", "plain", "a (b) [c] ((d:1.2))", "[a:b:0.5] [c|d] [e::3]", "\\(literal only",
-    "a \\[b \\] \\)", "<lora:name(v2):0.8> <hypernet:x[1]:1>", "a BREAK (b)", "\\\\(a)",
+R, S = 1.1, 1 / 1.1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("smiling girl :)", [["smiling girl :)", 1.0]]),  # ":)" is no weight: nothing is open
+    ("a cat)", [["a cat)", 1.0]]),  # a stray ")" is text
+    ("(masterpiece, best quality", [["masterpiece, best quality", R]]),  # unclosed "(": the rest weighs 1.1
+    ("(red hair:1.2", [["red hair:1.2", R]]),  # ":1.2" is a weight only with its ")"
+    ("[low quality", [["low quality", S]]),  # unclosed "[": the rest weighs 1/1.1
+    ("a (b [c", [["a ", 1.0], ["b ", R], ["c", R * S]]),
+    ("a] (b)) c", [["a] ", 1.0], ["b", R], [") c", 1.0]]),
+    ("((a) b", [["a", R * R], [" b", R]]),
+    ("(a:1.2 (b:0.5)", [["a:1.2 ", R], ["b", 0.5 * R]]),  # the ":0.5)" closes the inner "(": the outer is open
+    ("[a (b:1.5) c", [["a ", S], ["b", 1.5 * S], [" c", S]]),
+    ("(a [b) c]", [["a ", R], ["b", R * S], [" c", S]]),  # ")" closes "(", "]" closes "[": they may cross
+    ("x :) y (z", [["x :) y ", 1.0], ["z", R]]),
 ])
-def test_check_brackets_accepts_balanced(text):
-    assert check_brackets(text) is None  # accepted: no error
-    # ...and the check really reads this text: one more open bracket after it is refused
-    with pytest.raises(UserError, match=r'unclosed "\("'):
-        check_brackets(text + " (x")
+def test_attention_unbalanced_brackets_as_a1111(text, expected):
+    parsed = parse_prompt_attention(text)
+    assert [t for t, _ in parsed] == [t for t, _ in expected]
+    assert [w for _, w in parsed] == pytest.approx([w for _, w in expected])
 
 
-def test_check_brackets_unclosed_round():
-    with pytest.raises(UserError) as err:
-        check_brackets("a b (c d")
-    msg = str(err.value)
-    assert 'unclosed "("' in msg and "position 5" in msg and msg.startswith("Prompt has")
-    assert err.value.status == 400
-
-
-def test_check_brackets_unclosed_square_and_count():
-    with pytest.raises(UserError, match=r'unclosed "\[" at position 1 .*1 more bracket also unclosed'):
-        check_brackets("[a (b")
-
-
-def test_check_brackets_stray_closer():
-    with pytest.raises(UserError, match=r'"\)" at position 2 with no "\("'):
-        check_brackets("a) b")
-    with pytest.raises(UserError, match=r'"\]" at position 4'):
-        check_brackets("(a)]")
-
-
-def test_check_brackets_mismatched_pair():
-    with pytest.raises(UserError, match=r'"\]" at position 3 where the "\(" at position 1 needs a "\)"'):
-        check_brackets("(a]")
-
-
-def test_check_brackets_escaped_backslash_then_real_bracket():
-    with pytest.raises(UserError, match="position 3"):
-        check_brackets("\\\\(a")
-
-
-def test_check_brackets_names_the_field():
-    with pytest.raises(UserError, match="^Negative prompt has"):
-        check_brackets("(ugly", what="Negative prompt")
-
-
-def test_check_brackets_ignores_extra_network_tags_only():
-    check_brackets("<lora:odd)name:1>")
-    with pytest.raises(UserError):
-        check_brackets("<not a tag ( >")
+@pytest.mark.parametrize("text, expected", [
+    ("smiling girl :)", [[10, "smiling girl :)"]]),
+    ("(red hair:1.2", [[10, "(red hair:1.2"]]),
+    # a stray or unclosed bracket beside a well-formed edit: the edit still counts
+    ("a [b:c:5] (x", [[5, "a b (x"], [10, "a c (x"]]),
+    ("(a [b:c:5]", [[5, "(a b"], [10, "(a c"]]),
+    ("[a:b:5]]", [[5, "a]"], [10, "b]"]]),
+    ("smiling :) [x:y:4], happy", [[4, "smiling :) x, happy"], [10, "smiling :) y, happy"]]),
+    # the unbalanced bracket inside the edit: A1111's grammar fails and the prompt is used as plain text
+    ("[a:b:5", [[10, "[a:b:5"]]),
+    ("[(a:b:5]", [[10, "[(a:b:5]"]]),
+    ("a [b:c:5 (d)", [[10, "a [b:c:5 (d)"]]),
+])
+def test_schedules_unbalanced_brackets_as_a1111(text, expected):
+    assert get_learned_conditioning_prompt_schedules([text], 10) == [expected]
 
 
 # --- prompt editing and alternation ---------------------------------------------------------------

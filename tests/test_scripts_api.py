@@ -283,10 +283,12 @@ def test_prompts_from_file_line_styles_that_do_not_exist_are_warned_about(api):
     assert any(w.startswith("style 'my style' does not exist") for w in info["warnings"]), info.get("warnings")
 
 
-def test_prompt_matrix_combinations_are_checked_at_the_edge(api):
-    # "a (b" is one of the combinations: its unpaired bracket is refused before any image, naming it
+def test_prompt_matrix_combinations_with_unpaired_brackets_are_accepted(api):
+    # "a (b" is one of the combinations: as in A1111 its unclosed bracket weighs the rest (issue 14 turned the
+    # earlier refusal into acceptance)
     r = api.post("/txt2img", json=txt(prompt="a (b|c)", script_name="Prompt matrix"))
-    assert r.status_code == 422 and "Prompt matrix: combination 0 ('a (b')" in r.json()["detail"], r.text
+    images, info = answer(r)
+    assert len(images) == 3 and info["all_prompts"] == ["a (b", "a (b, c)"]
 
 
 def test_outpainting_mk2_grows_one_side_with_matched_noise(api, server):

@@ -44,7 +44,6 @@ IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "firstpass_image": (_unset(), "hires. fix from a given first-pass image is not implemented; the first pass "
                                   "is generated"),
     "comments": (_unset(), "comments are not used (AUTOMATIC1111 discards them too)"),
-    "infotext": (_unset(), "applying an infotext's parameters to the request is not implemented yet"),
     "firstphase_width": (_unset(0), "the pre-1.0 hires. fix size is not used; use hr_scale or hr_resize_x/y"),
     "firstphase_height": (_unset(0), "the pre-1.0 hires. fix size is not used; use hr_scale or hr_resize_x/y"),
     "sampler_index_legacy": (_unset(), "a sampler is chosen by sampler_name (or sampler_index)"),

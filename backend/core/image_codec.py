@@ -1,4 +1,5 @@
-"""Decoding images that users send: raw bytes or base64 (optionally a data: URL), with clear errors;
+"""Decoding images that users send: raw bytes, base64 (optionally a data: URL) or, where a field takes one, an
+http(s) URL fetched by `backend.core.remote_images`, with clear errors;
 encoding images as base64 PNG for API answers.
 
 Refuses non-images and decompression bombs before any pixel is decoded in bulk.
@@ -15,6 +16,7 @@ from PIL import Image
 
 from backend.core.errors import UserError
 from backend.core.paths import IMAGE_EXTENSIONS
+from backend.core.remote_images import RemoteImagePolicy, is_url
 
 MAX_IMAGE_PIXELS = 8192 * 8192
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
@@ -40,10 +42,20 @@ def open_image_bytes(data: bytes, formats: tuple[str, ...] | None = None) -> Ima
     return img
 
 
-def decode_base64_image(data: str, field: str = "image") -> Image.Image:
-    """Base64 (optionally a data: URL) -> PIL image, with clear errors for bad input."""
+def decode_base64_image(data: str, field: str = "image", remote: RemoteImagePolicy | None = None) -> Image.Image:
+    """Base64 (optionally a data: URL) -> PIL image, with clear errors for bad input. `remote`: where the field
+    also takes an http(s) URL (A1111's `api_enable_requests`), the policy that fetches it."""
     if not isinstance(data, str) or not data:
         raise UserError(f"{field}: expected a base64-encoded image.")
+    if is_url(data):
+        if remote is None:
+            raise UserError(f"{field}: send the image as base64; URLs are taken only for img2img's init_images "
+                            "and mask.")
+        fetched = remote.fetch(data, field)
+        try:
+            return open_image_bytes(fetched)
+        except UserError as exc:
+            raise UserError(f"{field}: {data.strip()[:200]!r}: {exc.message}", status=exc.status) from exc
     raw = _DATA_URL.sub("", data.strip())
     try:
         decoded = base64.b64decode(raw, validate=True)

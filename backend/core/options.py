@@ -183,6 +183,10 @@ SETTINGS: list[Setting] = [
     Setting("control_net_no_detectmap", False, "Do not append the detected maps to the output", "ControlNet", bool),
     Setting("api_max_request_body_mb", 256, "Largest HTTP request body, in MB (API requests and uploads; larger "
             "ones are refused with 413 before they are read)", "System", int, minimum=1),
+    Setting("api_enable_requests", True, "Allow http:// and https:// URLs for input images in the API (init_images, "
+            "mask)", "System", bool),
+    Setting("api_forbid_local_requests", True, "Forbid URLs to local resources (loopback, private, link-local and "
+            "reserved addresses, after each redirect too)", "System", bool),
     Setting("extra_networks_default_multiplier", 1.0, "Default weight a LoRA card adds (<lora:name:weight>)", "Extra Networks",
             float, minimum=0, maximum=2),
     Setting("extra_networks_card_width", 0, "Card width for Extra Networks, px (0: 160)", "Extra Networks", int, minimum=0,

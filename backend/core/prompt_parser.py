@@ -1,13 +1,11 @@
 """AUTOMATIC1111's prompt syntax, without torch.
 
-Four things live here:
+Three things live here:
 
 * `parse_prompt_attention` - emphasis: ``(a)`` multiplies the weight of *a* by 1.1,
   ``[a]`` divides it by 1.1, ``(a:1.3)`` multiplies it by 1.3, nesting multiplies,
   ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters and a separate
   uppercase ``BREAK`` word becomes the item ``["BREAK", -1]``.
-* `check_brackets` - rejects prompts whose round or square brackets do not pair up,
-  with a message naming the character and its position (A1111 silently guesses).
 * `get_learned_conditioning_prompt_schedules` - prompt editing ``[from:to:when]``,
   ``[to:when]``, ``[from::when]`` and alternation ``[a|b|c]``, expanded into the
   list of texts used over the sampling steps.
@@ -23,11 +21,17 @@ Differences from A1111, all on input A1111 cannot make sense of:
   the edit A1111's own doctest asks for, and ``a | b [c:3]`` still edits ``c``
   (A1111's grammar rejects both prompts and uses them as literal text).
 * A backslash before a newline or at the very end is plain text.
-* Where stray brackets or colons sit right beside a well-formed group (``[a:5]((``),
-  A1111's ambiguous grammar sometimes reads the whole prompt as text; here the group
-  always counts. Prompts that pass `check_brackets` are not affected.
+* Where stray brackets or colons sit right beside a well-formed group (``[a:5]((``,
+  ``[a:b:5]:)``), A1111's ambiguous grammar sometimes reads the whole prompt as text;
+  here the group always counts. Prompts whose brackets pair up are not affected.
 * Brackets nested deeper than `MAX_NESTING` levels are not read for schedules.
 Otherwise the results are A1111's (checked against its grammar on random prompts).
+
+Unbalanced brackets are accepted, as A1111 accepts them (chat bots write ``smiling :)``):
+an unclosed ``(`` weighs everything after it by 1.1 and an unclosed ``[`` by 1/1.1, a
+``)`` or ``]`` with nothing to close is text, and ``(red hair:1.2`` without its ``)``
+keeps ``:1.2`` as text, weighed 1.1. For prompt editing, a bracket that does not open a
+well-formed group is text: ``a [b:c:5] (x`` still edits, ``[a:b:5`` is plain text.
 """
 from __future__ import annotations
 
@@ -36,11 +40,9 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from backend.core.errors import UserError
 
 __all__ = [
     "parse_prompt_attention",
-    "check_brackets",
     "get_learned_conditioning_prompt_schedules",
     "extract_extra_network_tags",
     "RE_EXTRA_NETWORK",
@@ -155,59 +157,6 @@ def _to_float(value: str) -> float | None:
         return float(value)
     except ValueError:
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Bracket check
-# ---------------------------------------------------------------------------------------------
-
-_PAIRS = {")": "(", "]": "["}
-_CLOSER = {"(": ")", "[": "]"}
-
-
-def check_brackets(text: str, what: str = "Prompt") -> None:
-    """Raise UserError when the round or square brackets of `text` do not pair up.
-
-    Escaped brackets (``\\(``) and extra-network tags (``<lora:name(v2):1>``) are
-    ignored. Positions in the message count characters from 1. `what` names the
-    text in the message ("Prompt", "Negative prompt", ...).
-    """
-    tag_ends = {m.start(): m.end() for m in RE_EXTRA_NETWORK.finditer(text)}
-    stack: list[tuple[str, int]] = []
-    i = 0
-    while i < len(text):
-        if i in tag_ends:
-            i = tag_ends[i]
-            continue
-        ch = text[i]
-        if ch == "\\":
-            i += 2 if i + 1 < len(text) and text[i + 1] in "()[]\\" else 1
-            continue
-        if ch in _CLOSER:
-            stack.append((ch, i))
-        elif ch in _PAIRS:
-            if not stack:
-                raise UserError(
-                    f'{what} has a "{ch}" at position {i + 1} with no "{_PAIRS[ch]}" before it to close'
-                    f" (near {_context(text, i)}). Remove it or write \"\\{ch}\" for a literal \"{ch}\".")
-            opener, at = stack.pop()
-            if opener != _PAIRS[ch]:
-                raise UserError(
-                    f'{what} has a "{ch}" at position {i + 1} where the "{opener}" at position {at + 1} '
-                    f'needs a "{_CLOSER[opener]}" first (near {_context(text, i)}).')
-        i += 1
-    if stack:
-        opener, at = stack[0]
-        more = f" ({len(stack) - 1} more bracket{'s' if len(stack) > 2 else ''} also unclosed)" if len(stack) > 1 else ""
-        raise UserError(
-            f'{what} has an unclosed "{opener}" at position {at + 1} (near {_context(text, at)}){more}. '
-            f'Add a "{_CLOSER[opener]}" or write "\\{opener}" for a literal "{opener}".')
-
-
-def _context(text: str, index: int, radius: int = 12) -> str:
-    start, end = max(0, index - radius), min(len(text), index + radius + 1)
-    snippet = text[start:end].replace("\n", " ")
-    return '"' + ("..." if start > 0 else "") + snippet + ("..." if end < len(text) else "") + '"'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The checks of generation requests that need no model: run once by the app at the edge, before a job is queued.
 
-Torch-free (the app process imports it): sizes, steps, seeds, the prompts' brackets, hires. fix (its target
+Torch-free (the app process imports it): sizes, steps, seeds, hires. fix (its target
 size and the latent upscale modes), img2img's resize modes, outpainting and "SD upscale" script arguments, and
 img2img's inputs. Names of upscaler models are checked by `backend.postprocess.service`, where the model folders
 are known. The pipelines (engine) trust what passed here and do not check it again; they read the same helpers
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backend.core.errors import UserError
-from backend.core.prompt_parser import check_brackets, extract_extra_network_tags
 from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
@@ -32,18 +31,37 @@ def resize_mode_index(value) -> int:
 
 
 def validate_size(width: int, height: int, what: str = "") -> None:
+    """64-4096 pixels a side (a safety limit: the latent and the VAE's memory grow with the area). Any size in
+    between is accepted, as A1111 accepts it; the picture is the latent's size (`latent_size`)."""
     for name, v in (("width", width), ("height", height)):
-        if v % 8 != 0:
-            raise UserError(f"{what}{name} must be a multiple of 8, got {v}.")
         if not 64 <= v <= 4096:
             raise UserError(f"{what}{name} must be between 64 and 4096, got {v}.")
+
+
+def latent_size(width: int, height: int) -> tuple[int, int]:
+    """The size a generation makes: A1111's latent is width // 8 x height // 8, so a side that is not a multiple
+    of 8 is floored to one (513 x 700 -> 512 x 696)."""
+    return width // 8 * 8, height // 8 * 8
+
+
+def with_latent_size(req):
+    """`req` with its width and height floored to the size the generation makes (`latent_size`); the same object
+    when they are multiples of 8 already. The app sends the job this way (the always-on scripts size their
+    inputs from it); the pipelines apply it again to the requests scripts derive (X/Y/Z sizes, prompt lines)."""
+    w, h = latent_size(req.width, req.height)
+    return req if (w, h) == (req.width, req.height) else req.model_copy(update={"width": w, "height": h})
+
+
+# A safety cap, not A1111's (it has none): far above any useful count, it keeps one request from holding the
+# backend for hours. The UI's slider stops at 150, as A1111's.
+MAX_STEPS = 1000
 
 
 def validate_generation(req) -> None:
     """The checks every generation request shares (size, steps, batch, CFG, variation strength)."""
     validate_size(req.width, req.height)
-    if not 1 <= req.steps <= 150:
-        raise UserError(f"steps must be between 1 and 150, got {req.steps}.")
+    if not 1 <= req.steps <= MAX_STEPS:
+        raise UserError(f"steps must be between 1 and {MAX_STEPS} (a safety limit), got {req.steps}.")
     if not 1 <= req.batch_size <= 64:
         raise UserError(f"batch_size must be between 1 and 64, got {req.batch_size}.")
     if not 1 <= req.n_iter <= 1000:
@@ -84,29 +102,14 @@ LATENT_UPSCALE_MODES = {
 }
 
 
-PROMPT_TEXTS = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"))
-HIRES_PROMPT_TEXTS = (("hr_prompt", "Hires prompt"), ("hr_negative_prompt", "Hires negative prompt"))
-
-
-def check_prompt_brackets(req: Txt2ImgRequest) -> None:
-    """The brackets of each prompt the job encodes pair up (hires. fix's own prompts too when txt2img runs it).
-    The texts' lengths are checked before, by `backend.core.limits.check_request`; a LoRA tag's name may hold
-    brackets, so tags are taken out first."""
-    fields = PROMPT_TEXTS
-    if req.enable_hr and not isinstance(req, Img2ImgRequest):
-        fields += HIRES_PROMPT_TEXTS
-    for field, what in fields:
-        check_brackets(extract_extra_network_tags(getattr(req, field) or "")[0], what=what)
-
-
 def check_txt2img(req: Txt2ImgRequest) -> None:
     validate_generation(req)
-    check_prompt_brackets(req)
     if req.enable_hr:
         # hr_upscaler: latent modes, None/Lanczos/Nearest or a model upscaler; names are checked by the service
         # (where the model folders are known) and resolved when the pass runs (backend.engine.postprocess.upscalers).
-        if req.hr_second_pass_steps < 0 or req.hr_second_pass_steps > 150:
-            raise UserError("hr_second_pass_steps must be between 0 and 150.")
+        if not 0 <= req.hr_second_pass_steps <= MAX_STEPS:
+            raise UserError(f"hr_second_pass_steps must be between 0 and {MAX_STEPS} (a safety limit; 0: the "
+                            f"first pass's steps), got {req.hr_second_pass_steps}.")
         w, h = hires_size(req)
         validate_size(w, h, "hires. fix ")
         if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
@@ -131,7 +134,6 @@ OUTPAINT_SCRIPTS = ("poor man's outpainting", "outpainting mk2", "outpainting")
 
 def check_img2img(req: Img2ImgRequest) -> None:
     validate_generation(req)
-    check_prompt_brackets(req)
     if not 0 <= req.denoising_strength <= 1:
         raise UserError(f"denoising_strength must be between 0 and 1, got {req.denoising_strength}.")
     if req.inpainting_fill not in (0, 1, 2, 3):

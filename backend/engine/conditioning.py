@@ -235,7 +235,7 @@ class TextConditioner:
         return self.encode("").crossattn[:77]
 
     def schedules(self, prompts: list[str], steps: int, is_negative: bool, hires_steps: int | None = None) -> "ScheduledConds":
-        # The texts' lengths and brackets were checked at the edge (backend.core.limits, request_checks).
+        # The texts' lengths were checked at the edge (backend.core.limits); any brackets are accepted, as A1111.
         prompts = [prompt_parser.extract_extra_network_tags(p)[0] for p in prompts]  # tags stay in the infotext only
         plans = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
         encoded = [[(end, self.encode(text, is_negative)) for end, text in plan] for plan in plans]

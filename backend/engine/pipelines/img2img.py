@@ -24,7 +24,7 @@ from backend.core.images import save_image_or_warn
 from backend.core.paths import IMAGE_EXTENSIONS
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
-                              validate_size)
+                              validate_size, with_latent_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
                      image_rng, run_sampler, sampler_noise, tiling)
@@ -149,6 +149,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
     output takes the colours of its (resized, filled) input, as A1111's; `color_from`: the pictures whose colours
     the outputs take instead (Loopback: the chain's first picture); `each`: a script's prompts and seeds for each
     image instead of the request's."""
+    req = with_latent_size(req)  # a script's size (X/Y/Z, a prompt line) may not be a multiple of 8
     if is_sd_upscale(req):
         return sd_upscale.run(req, ctx, init_images, mask, samples_dir)
     mode = resize_mode_index(req.resize_mode)

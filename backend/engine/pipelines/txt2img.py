@@ -13,7 +13,7 @@ from PIL import Image
 
 from backend.engine import schedules
 from backend.core.errors import JobInterrupted
-from backend.core.request_checks import LATENT_UPSCALE_MODES, hires_size
+from backend.core.request_checks import LATENT_UPSCALE_MODES, hires_size, with_latent_size
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
@@ -60,6 +60,7 @@ def img2img_sigma_max(sampler_info, schedule: str, model_schedule, steps: int, d
 
 def run(req: Txt2ImgRequest, ctx: JobContext, each: EachImage | None = None) -> GenerationResult:
     """One txt2img job; `each`: a script's prompts and seeds for each image instead of the request's."""
+    req = with_latent_size(req)  # a script's size (X/Y/Z, a prompt line) may not be a multiple of 8
     gen = Generation(req, ctx, samples_dir_key="outdir_txt2img_samples", grids_dir_key="outdir_txt2img_grids",
                      each=each)
 
