@@ -381,6 +381,9 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes),
                              styles=payload.get("styles") or {})
+            ctx.refiner = payload.get("refiner")
+            if payload.get("refiner") or payload.get("hr_checkpoint"):
+                ctx.switch_model = _model_switcher(kind, state, payload, ctx, active)
             try:
                 _activate_networks(payload, ctx, state)
                 try:
@@ -525,6 +528,43 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
     return switched
 
 
+def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, ctx: JobContext,
+                    active: list[JobModel]) -> Callable[..., ModelFile]:
+    """`ctx.switch_model(which, request)` for a job with a refiner (`payload["refiner"]`) or a hires. checkpoint
+    (`payload["hr_checkpoint"]`), resolved by the app: "refiner" / "hires" switch the model the job samples with to
+    that checkpoint (through the model cache, placed by the device policy, the request's LoRAs and the always-on
+    scripts' hooks prepared again for it); None (and "hires" without a hires. checkpoint) switches back to the
+    generation's own. The context's checkpoint keeps naming the generation's own (the infotext's Model). -> the
+    checkpoint now sampled with (with its sha256)."""
+    home: list[JobModel | None] = [None]  # the generation's own model while another one samples
+    away: list[JobModel | None] = [None]  # the one switched to
+
+    def switch(which: str | None, request=None) -> ModelFile:
+        entry = payload.get("refiner") if which == "refiner" else payload.get("hr_checkpoint") if which == "hires" else None
+        current = active[0]
+        if home[0] is not None and current is not away[0]:  # a script switched the model since (X/Y/Z plot's cell)
+            home[0] = None
+        if entry is None:
+            if home[0] is None:
+                return current.checkpoint
+            target, home[0] = home[0], None
+            checkpoint, vae = target.checkpoint, target.vae
+        else:
+            checkpoint, vae = entry["checkpoint"], entry.get("vae")
+        if (checkpoint.path, vae.path if vae else None) == \
+                (current.checkpoint.path, current.vae.path if current.vae else None):
+            return current.checkpoint
+        if home[0] is None:
+            home[0] = current
+        named, named_vae = ctx.checkpoint, ctx.vae
+        active[0] = away[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
+        ctx.checkpoint, ctx.vae = named, named_vae
+        _activate_networks({**payload, "request": request or payload.get("request")}, ctx, state)
+        return active[0].checkpoint
+
+    return switch
+
+
 _STALE = object()  # _run_script: hooks prepared for a model the job no longer runs
 
 
@@ -592,7 +632,8 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import txt2img
-    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"))
+    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"),
+                       firstpass_image=payload.get("firstpass_image"))
 
 
 def _run_img2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:

@@ -116,6 +116,14 @@ class JobContext:
     a1111_scripts: Any = None
     # The extra_params keys the always-on scripts set when last prepared (taken out when they are prepared again).
     script_params: set[str] = field(default_factory=set)
+    # Switches the model the job samples with, mid-job: `switch_model(which, request)` with which = "refiner" (the
+    # request's refiner_checkpoint), "hires" (hr_checkpoint_name) or None (back to the generation's own checkpoint);
+    # `ctx.loaded` follows, `ctx.checkpoint` keeps naming the generation's own; returns the file switched to (with its
+    # sha256). Set by the worker (`backend.engine.worker`); None: the job has no second checkpoint.
+    switch_model: Callable[..., Any] | None = None
+    # The request's refiner (refiner_checkpoint + refiner_switch_at), resolved by the app: {"checkpoint", "vae",
+    # "switch_at"}; None: no refiner.
+    refiner: dict | None = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

@@ -8,6 +8,7 @@ The pipelines only add their own sampling between `begin` and `finish`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,8 @@ class Generation:
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
                                            should_stop=ctx.control.interrupted)
+        # per model the job samples with (a weak reference: an evicted model is not kept alive)
+        self._per_model = {id(model): (weakref.ref(model), self.conditioner, self.model_schedule)}
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
 
         self.params: dict[str, object] = {
@@ -95,6 +98,19 @@ class Generation:
         self.outputs: list[GeneratedImage] = []
         self.pil_images: list[Image.Image] = []
         self.interrupted = False
+
+    def for_model(self):
+        """(text conditioner, noise schedule) of the model the job samples with now (`ctx.model`): the job's own, or
+        the refiner's / hires. checkpoint's after a switch (`ctx.switch_model`), each made once."""
+        model = self.ctx.model
+        known = self._per_model.get(id(model))
+        if known is None or known[0]() is not model:
+            conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(self.ctx, "embeddings", None),
+                                          max_chunks=int(self.ctx.options["prompt_max_chunks"]),
+                                          should_stop=self.ctx.control.interrupted)
+            schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+            self._per_model[id(model)] = (weakref.ref(model), conditioner, schedule)
+        return self._per_model[id(model)][1:]
 
     def batches(self):
         """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""
