@@ -16,6 +16,7 @@ from backend.core.infotext import infotext_to_request_fields, parse_infotext
 
 MAIN = "tiny-sd1.safetensors"
 REFINER = "zz-refiner-sd1.safetensors"  # another SD 1.x checkpoint (other weights): any pair works, as in A1111
+XL_REFINER = "zz-sdxl-refiner.safetensors"  # an SDXL refiner: OpenCLIP-G only, aesthetic-score conditioning
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def refiner_server(tmp_path_factory, tiny_models):
     folder = tmp_path_factory.mktemp("refiner-models")
     second = folder / REFINER
     write_tiny_checkpoint(second, "sd1", seed=7)
-    models = {"sd1": tiny_models["sd1"], "refiner": second, "sdxl": tiny_models["sdxl"]}
+    xl_refiner = folder / XL_REFINER
+    write_tiny_checkpoint(xl_refiner, "sdxl_refiner", seed=8)  # the real single-file layout of the SDXL refiner
+    models = {"sd1": tiny_models["sd1"], "refiner": second, "sdxl": tiny_models["sdxl"], "xl_refiner": xl_refiner}
     with Server(tmp_path_factory.mktemp("refiner-data"), models=models) as srv:
         yield srv
 
@@ -164,3 +167,42 @@ def test_firstpass_image_skips_the_first_pass(rapi):
     assert any(w.startswith("firstpass_image ") for w in info["warnings"]), info["warnings"]
     r = rapi.post("/txt2img", json=body(firstpass_image="not base64!", **hires))
     assert r.status_code in (400, 422) and "firstpass_image" in r.text, r.text
+
+
+def test_sdxl_refiner_checkpoint_is_detected(tmp_path):
+    from safetensors.torch import load_file
+
+    from backend.engine.model_detection import detect_checkpoint
+    from model_factory import write_tiny_checkpoint
+
+    path = tmp_path / "refiner.safetensors"
+    write_tiny_checkpoint(path, "sdxl_refiner", seed=2)
+    sd = load_file(str(path))
+    assert any(k.startswith("conditioner.embedders.0.model.transformer.") for k in sd)
+    assert not any(k.startswith("conditioner.embedders.1.") for k in sd)
+    spec = detect_checkpoint(sd)
+    assert spec.family == "sdxl_refiner"
+    assert spec.text_encoder_classes == ["CLIPTextModelWithProjection"]
+    assert spec.unet_config["projection_class_embeddings_input_dim"] == 32 + 5 * 8  # pooled + 5 values
+    assert spec.unet_config["cross_attention_dim"] == 64  # OpenCLIP-G's width alone
+
+
+def test_sdxl_base_with_the_sdxl_refiner(rapi):
+    xl = dict(override_settings={"sd_model_checkpoint": "tiny-sdxl.safetensors"}, width=64, height=64, steps=4)
+    plain, _ = generate(rapi, **xl)
+    refined, info = generate(rapi, refiner_checkpoint=XL_REFINER, refiner_switch_at=0.5, **xl)
+    again, _ = generate(rapi, refiner_checkpoint=XL_REFINER, refiner_switch_at=0.5, **xl)
+    assert np.abs(refined - plain).mean() > 1
+    assert np.array_equal(refined, again)
+    assert params_of(info)["Refiner"].startswith("zz-sdxl-refiner [")
+    # the aesthetic scores condition the refiner (A1111's settings: prompt 6.0, negative prompt 2.5)
+    scored, _ = generate(rapi, refiner_checkpoint=XL_REFINER, refiner_switch_at=0.5,
+                         **dict(xl, override_settings={"sd_model_checkpoint": "tiny-sdxl.safetensors",
+                                                       "sdxl_refiner_high_aesthetic_score": 9.5,
+                                                       "sdxl_refiner_low_aesthetic_score": 0.5}))
+    assert not np.array_equal(scored, refined)
+    # and the refiner loads as the main model too (A1111 lets it run img2img on its own)
+    source = Image.new("RGB", (64, 64), (90, 150, 60))
+    alone, _ = generate(rapi, "/img2img", init_images=[png_b64(source)], denoising_strength=0.5,
+                        override_settings={"sd_model_checkpoint": XL_REFINER})
+    assert alone.shape == (64, 64, 3)

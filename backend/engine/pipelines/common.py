@@ -145,7 +145,7 @@ class CFGDenoiser:
     def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
                  image_cond: torch.Tensor | None = None, hooks: Sequence[SamplingHook] = (),
-                 pass_name: str = FIRST_PASS):
+                 pass_name: str = FIRST_PASS, aesthetic_scores: tuple[float, float] = (6.0, 2.5)):
         self.model = model
         self.schedule = schedule
         self.conds = conds
@@ -163,9 +163,16 @@ class CFGDenoiser:
         self.length = max(conds.max_tokens(), unconds.max_tokens())
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
         self.time_ids = None
+        self.uncond_time_ids = None  # the negative prompt's, where they differ (the SDXL refiner's aesthetic score)
         if model.family == "sdxl":
             # (original h, w, crop top, left, target h, w), as SDXL was trained.
             self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+        elif model.family == "sdxl_refiner":
+            # (original h, w, crop top, left, aesthetic score): the prompt gets the high score, the negative prompt
+            # the low one (A1111's settings sdxl_refiner_high/low_aesthetic_score, `aesthetic_scores`)
+            high, low = aesthetic_scores
+            self.time_ids = torch.tensor([height, width, 0, 0, high], dtype=torch.float32, device=device)
+            self.uncond_time_ids = torch.tensor([height, width, 0, 0, low], dtype=torch.float32, device=device)
 
     def start_pass(self, total_steps: int) -> None:
         """The sampler is about to run `total_steps` steps from the first."""
@@ -195,10 +202,11 @@ class CFGDenoiser:
             model_input = torch.cat([model_input, self.image_cond.repeat(x_in.shape[0] // self.image_cond.shape[0], 1, 1, 1)], dim=1)
         added = None
         if self.time_ids is not None:
-            added = {
-                "text_embeds": pooled.to(self.dtype),
-                "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
-            }
+            time_ids = self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1)
+            if self.uncond_time_ids is not None and cond_mask is not None:
+                time_ids = torch.where(cond_mask.to(time_ids.device)[:, None] > 0, time_ids,
+                                       self.uncond_time_ids.unsqueeze(0))
+            added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         call = UNetCall(sample=model_input, timestep=t, context=context, added_cond_kwargs=added, cond_mask=cond_mask)
         if self.hooks:
             call = self.hooks.unet_inputs(state, call)
@@ -248,7 +256,7 @@ class CFGDenoiser:
 
 def latent_preview(model, latent: torch.Tensor) -> Image.Image:
     """A cheap linear latent -> RGB approximation of the first image of a batch."""
-    coefs = _CHEAP_RGB["sdxl" if model.family == "sdxl" else "sd"].to(latent.device, latent.dtype)
+    coefs = _CHEAP_RGB["sdxl" if model.family in ("sdxl", "sdxl_refiner") else "sd"].to(latent.device, latent.dtype)
     rgb = torch.einsum("lxy,lr->rxy", latent[0, :4], coefs)
     arr = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(arr)
@@ -287,6 +295,12 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
     except _StopSampling:
         reason = "interrupted" if control.interrupted() else "skipped"
         return (state["denoised"] if state["denoised"] is not None else x), reason
+
+
+def aesthetic_scores(options) -> tuple[float, float]:
+    """The SDXL refiner's (prompt, negative prompt) aesthetic scores, from the job's settings."""
+    options = JobOptions.of(options)
+    return float(options["sdxl_refiner_high_aesthetic_score"]), float(options["sdxl_refiner_low_aesthetic_score"])
 
 
 def sampler_extra_args(sampler_info, req, options: JobOptions) -> dict:

@@ -27,7 +27,7 @@ from backend.engine.rng import ImageRNG
 from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
                               validate_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
-from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
+from backend.engine.pipelines.common import (CFGDenoiser, aesthetic_scores, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
                      run_sampler, tiling)
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
@@ -307,7 +307,8 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
         hooks = ([latent_mask] if latent_mask is not None else []) + [
             h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
         return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
-                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks)
+                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks,
+                           aesthetic_scores=aesthetic_scores(ctx.options))
 
     denoiser = make_denoiser(gen.conditioner, gen.model_schedule)
     switch_at = refiner_switch_at(ctx, FIRST_PASS, False)

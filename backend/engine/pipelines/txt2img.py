@@ -18,7 +18,7 @@ from backend.engine.rng import ImageRNG
 from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, format_number, run_sampler,
+from backend.engine.pipelines.common import (CFGDenoiser, aesthetic_scores, JobContext, decode_latents, encode_images, format_number, run_sampler,
                      sampler_extra_args, tiling)
 from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.pipelines.refiner import RefinerDenoiser, refiner_switch_at, short_title
@@ -131,7 +131,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     model = ctx.model
                     image_cond = _txt2img_image_conditioning(ctx, n, req.width, req.height) if model.is_inpaint else None
                     return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
-                                       ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks)
+                                       ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
+                                       aesthetic_scores=aesthetic_scores(options))
 
                 denoiser = _pass_denoiser(ctx, gen, req, first_pass, FIRST_PASS, hires)
                 noise_sampler = lambda _s, _sn, rng=rng: rng.next().to(device)  # noqa: E731
@@ -178,7 +179,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                         # The hooks learn from the pass name that this is the hires. fix pass.
                         return CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond,
-                                           hooks=ctx.sampling_hooks, pass_name=HIRES_PASS)
+                                           hooks=ctx.sampling_hooks, pass_name=HIRES_PASS,
+                                           aesthetic_scores=aesthetic_scores(options))
 
                     denoiser = _pass_denoiser(ctx, gen, req, hires_pass, HIRES_PASS, True)
                     hr_noise = lambda _s, _sn, rng=hr_rng: rng.next().to(device)  # noqa: E731
