@@ -206,3 +206,35 @@ def test_sdxl_base_with_the_sdxl_refiner(rapi):
     alone, _ = generate(rapi, "/img2img", init_images=[png_b64(source)], denoising_strength=0.5,
                         override_settings={"sd_model_checkpoint": XL_REFINER})
     assert alone.shape == (64, 64, 3)
+
+
+def test_ui_refiner_fields_and_paste():
+    """The UI's accordion values -> the request's fields, and an infotext's fields -> the accordion (ui/refiner.py)."""
+    from types import SimpleNamespace
+
+    from backend.core.errors import UserError
+    from ui.refiner import SAME_CHECKPOINT, pasted_values, request_fields
+
+    off = request_fields({"refiner_enabled": False, "refiner_checkpoint": "a.safetensors [1]", "refiner_switch_at": 0.5,
+                          "hr_checkpoint_name": None})
+    assert off == {"refiner_checkpoint": None, "refiner_switch_at": None, "hr_checkpoint_name": SAME_CHECKPOINT}
+    on = request_fields({"refiner_enabled": True, "refiner_checkpoint": "a.safetensors [1]", "refiner_switch_at": 0.5})
+    assert on == {"refiner_checkpoint": "a.safetensors [1]", "refiner_switch_at": 0.5}
+    assert request_fields({"refiner_enabled": True, "refiner_checkpoint": None, "refiner_switch_at": 0.8}) == \
+        {"refiner_checkpoint": None, "refiner_switch_at": None}  # enabled without a checkpoint: none (A1111)
+
+    def find(name):
+        if name.startswith("zz-refiner-sd1"):
+            return SimpleNamespace(title="zz-refiner-sd1.safetensors [0123456789]")
+        raise UserError(f"Checkpoint {name!r} not found.")
+
+    service = SimpleNamespace(registry=SimpleNamespace(find_checkpoint=find))
+    pasted = pasted_values(service, infotext_to_request_fields(parse_infotext(
+        "a cat\nSteps: 4, Seed: 1, Refiner: zz-refiner-sd1 [0123456789], Refiner switch at: 0.7")))
+    assert pasted["refiner_enabled"] is True
+    assert pasted["refiner_checkpoint"] == "zz-refiner-sd1.safetensors [0123456789]"  # the dropdown's title
+    assert pasted["refiner_switch_at"] == 0.7 and pasted["hr_checkpoint_name"] == SAME_CHECKPOINT
+    plain = pasted_values(service, infotext_to_request_fields(parse_infotext("a cat\nSteps: 4, Seed: 1")))
+    assert plain["refiner_enabled"] is False
+    elsewhere = pasted_values(service, {"refiner_checkpoint": "other [abc]"})
+    assert elsewhere["refiner_checkpoint"] == "other [abc]"  # not on this machine: shown as written
