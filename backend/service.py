@@ -246,7 +246,9 @@ class EaselService:
         job_overrides = {k: v for k, v in overrides.items() if self.options.setting(k) is not None}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
-        model.update(self._second_checkpoints(req, job_overrides))  # refiner, hires. checkpoint
+        # the refiners and hires. checkpoints the job's requests name (a script's cells may name others)
+        model["second_checkpoints"] = self._second_checkpoints(
+            [req, *(derived for _label, derived in (script[1].requests if script is not None else ()))], job_overrides)
         if firstpass is not None:
             model["firstpass_image"] = firstpass
         options = self.options.as_dict()
@@ -411,25 +413,24 @@ class EaselService:
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
 
-    def _second_checkpoints(self, req: Txt2ImgRequest, job_overrides: dict) -> dict:
-        """The request's refiner (`refiner_checkpoint` + `refiner_switch_at`) and hires. fix checkpoint
-        (`hr_checkpoint_name`, used only with enable_hr), resolved to their files and VAEs as the job's own
-        checkpoint is: {"refiner": {"checkpoint", "vae", "switch_at"}, "hr_checkpoint": {"checkpoint", "vae"}}
-        (absent: none). An unknown name is the user's error, naming the field."""
-        def resolve(field: str, name: str) -> dict:
-            try:
-                chosen = self._model_payload({**job_overrides, "sd_model_checkpoint": name})
-            except UserError as exc:
-                raise UserError(f"{field}: {exc.message}", status=exc.status) from None
-            return {"checkpoint": chosen["checkpoint"], "vae": chosen["vae"]}
+    def _second_checkpoints(self, requests: list, job_overrides: dict) -> dict:
+        """The refiners (`refiner_checkpoint`) and hires. fix checkpoints (`hr_checkpoint_name`, used only with
+        enable_hr) that the job's requests name, resolved to their files and VAEs as the job's own checkpoint is:
+        {name as the request gives it: {"checkpoint", "vae"}} (the backend's `switch_model` looks them up by the
+        request's field). An unknown name is the user's error, naming the field."""
+        from backend.core.second_checkpoints import hires_checkpoint_name, refiner_name
 
         out: dict = {}
-        refiner = getattr(req, "refiner_checkpoint", None)
-        if refiner not in (None, "", "None", "none"):  # A1111's "no refiner" values
-            out["refiner"] = {**resolve("refiner_checkpoint", refiner), "switch_at": req.refiner_switch_at}
-        hires = getattr(req, "hr_checkpoint_name", None)
-        if getattr(req, "enable_hr", False) and hires not in (None, "", "Use same checkpoint"):
-            out["hr_checkpoint"] = resolve("hr_checkpoint_name", hires)
+        for req in requests:
+            for field, name in (("refiner_checkpoint", refiner_name(req)), ("hr_checkpoint_name",
+                                                                            hires_checkpoint_name(req))):
+                if name is None or name in out:
+                    continue
+                try:
+                    chosen = self._model_payload({**job_overrides, "sd_model_checkpoint": name})
+                except UserError as exc:
+                    raise UserError(f"{field}: {exc.message}", status=exc.status) from None
+                out[name] = {"checkpoint": chosen["checkpoint"], "vae": chosen["vae"]}
         return out
 
     @staticmethod

@@ -238,3 +238,37 @@ def test_ui_refiner_fields_and_paste():
     assert plain["refiner_enabled"] is False
     elsewhere = pasted_values(service, {"refiner_checkpoint": "other [abc]"})
     assert elsewhere["refiner_checkpoint"] == "other [abc]"  # not on this machine: shown as written
+
+
+def test_xyz_plot_refiner_axes(rapi):
+    """X/Y/Z plot's "Refiner checkpoint" and "Refiner switch at" axes (A1111's): each cell with its refiner."""
+    from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
+
+    axes = {a.label: i for i, a in reversed(list(enumerate(xyz_axes(False))))}
+
+    def xyz(x_type, x_values, y_type=0, y_values=""):
+        out = dict(x_type=x_type, x_values=x_values, x_values_dropdown=[], y_type=y_type, y_values=y_values,
+                   y_values_dropdown=[], z_type=0, z_values="", z_values_dropdown=[], draw_legend=True,
+                   include_lone_images=True, include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False,
+                   vary_seeds_y=False, vary_seeds_z=False, margin_size=0, csv_mode=False)
+        return [out[name] for name in XYZ_ARG_NAMES]
+
+    plain, _ = generate(rapi)
+    refined, _ = generate(rapi, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    r = rapi.post("/txt2img", json=body(refiner_switch_at=0.5, script_name="X/Y/Z plot", script_args=xyz(
+        axes["Refiner checkpoint"], "None, zz-refiner-sd1")))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    cells = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=np.int16)
+             for b in data["images"][1:]]
+    assert len(cells) == 2
+    assert np.array_equal(cells[0], plain) and np.array_equal(cells[1], refined)
+    r = rapi.post("/txt2img", json=body(refiner_checkpoint=REFINER, script_name="X/Y/Z plot", script_args=xyz(
+        axes["Refiner switch at"], "0.5, 1")))
+    assert r.status_code == 200, r.text
+    cells = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=np.int16)
+             for b in r.json()["images"][1:]]
+    assert np.array_equal(cells[0], refined) and np.array_equal(cells[1], plain)
+    r = rapi.post("/txt2img", json=body(script_name="X/Y/Z plot", script_args=xyz(
+        axes["Refiner checkpoint"], "no-such-refiner")))
+    assert r.status_code == 422 and "no-such-refiner" in r.text, r.text

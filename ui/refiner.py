@@ -10,9 +10,8 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.core.errors import UserError
+from backend.core.second_checkpoints import SAME_CHECKPOINT  # the hires. checkpoint list's first entry
 from backend.service import EaselService
-
-SAME_CHECKPOINT = "Use same checkpoint"  # A1111's first entry of the hires. checkpoint list
 
 
 def build(service: EaselService, tab: str, c: dict) -> None:

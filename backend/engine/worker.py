@@ -381,8 +381,7 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                              sampling=payload.get("sampling"), postprocess=state.postprocess,
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes),
                              styles=payload.get("styles") or {})
-            ctx.refiner = payload.get("refiner")
-            if payload.get("refiner") or payload.get("hr_checkpoint"):
+            if payload.get("second_checkpoints"):
                 ctx.switch_model = _model_switcher(kind, state, payload, ctx, active)
             try:
                 _activate_networks(payload, ctx, state)
@@ -530,9 +529,9 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
 
 def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, ctx: JobContext,
                     active: list[JobModel]) -> Callable[..., ModelFile]:
-    """`ctx.switch_model(which, request)` for a job with a refiner (`payload["refiner"]`) or a hires. checkpoint
-    (`payload["hr_checkpoint"]`), resolved by the app: "refiner" / "hires" switch the model the job samples with to
-    that checkpoint (through the model cache, placed by the device policy, the request's LoRAs and the always-on
+    """`ctx.switch_model(which, request)` for a job whose requests name a refiner or a hires. checkpoint (their files
+    resolved by the app: `payload["second_checkpoints"]`, by name): "refiner" / "hires" switch the model the job
+    samples with to the request's `refiner_checkpoint` / `hr_checkpoint_name` (through the model cache, placed by the device policy, the request's LoRAs and the always-on
     scripts' hooks prepared again for it); None (and "hires" without a hires. checkpoint) switches back to the
     generation's own. The context's checkpoint keeps naming the generation's own (the infotext's Model). -> the
     checkpoint now sampled with (with its sha256)."""
@@ -540,7 +539,12 @@ def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, c
     away: list[JobModel | None] = [None]  # the one switched to
 
     def switch(which: str | None, request=None) -> ModelFile:
-        entry = payload.get("refiner") if which == "refiner" else payload.get("hr_checkpoint") if which == "hires" else None
+        from backend.core.second_checkpoints import hires_checkpoint_name, refiner_name
+
+        request = request if request is not None else payload.get("request")
+        name = (refiner_name(request) if which == "refiner" else hires_checkpoint_name(request) if which == "hires"
+                else None)
+        entry = payload["second_checkpoints"].get(name) if name is not None else None
         current = active[0]
         if home[0] is not None and current is not away[0]:  # a script switched the model since (X/Y/Z plot's cell)
             home[0] = None
@@ -559,7 +563,7 @@ def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, c
         named, named_vae = ctx.checkpoint, ctx.vae
         active[0] = away[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
         ctx.checkpoint, ctx.vae = named, named_vae
-        _activate_networks({**payload, "request": request or payload.get("request")}, ctx, state)
+        _activate_networks({**payload, "request": request}, ctx, state)
         return active[0].checkpoint
 
     return switch

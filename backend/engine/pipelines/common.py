@@ -121,9 +121,6 @@ class JobContext:
     # `ctx.loaded` follows, `ctx.checkpoint` keeps naming the generation's own; returns the file switched to (with its
     # sha256). Set by the worker (`backend.engine.worker`); None: the job has no second checkpoint.
     switch_model: Callable[..., Any] | None = None
-    # The request's refiner (refiner_checkpoint + refiner_switch_at), resolved by the app: {"checkpoint", "vae",
-    # "switch_at"}; None: no refiner.
-    refiner: dict | None = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)

@@ -311,7 +311,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
                            aesthetic_scores=aesthetic_scores(ctx.options))
 
     denoiser = make_denoiser(gen.conditioner, gen.model_schedule)
-    switch_at = refiner_switch_at(ctx, FIRST_PASS, False)
+    switch_at = refiner_switch_at(ctx, req, FIRST_PASS, False)
     if switch_at is not None:
         denoiser = RefinerDenoiser(ctx, denoiser, switch_at, req, lambda: make_denoiser(*gen.for_model()))
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None

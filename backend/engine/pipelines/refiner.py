@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from backend.core.second_checkpoints import refiner_name
 from backend.engine.sampling_hooks import FIRST_PASS, HIRES_PASS
 
 if TYPE_CHECKING:
@@ -38,16 +39,15 @@ def short_title(checkpoint) -> str:
     return f"{name} [{checkpoint.shorthash}]" if checkpoint.shorthash else name
 
 
-def refiner_switch_at(ctx: JobContext, pass_name: str, hires: bool) -> float | None:
-    """The switch point when the job's refiner runs in this pass (-inf: from the first step), else None."""
-    refiner = ctx.refiner
-    if not refiner or ctx.switch_model is None:
+def refiner_switch_at(ctx: JobContext, req, pass_name: str, hires: bool) -> float | None:
+    """The switch point when the request's refiner runs in this pass (-inf: from the first step), else None."""
+    if refiner_name(req) is None or ctx.switch_model is None:
         return None
     if hires:
         choice = str(ctx.options["hires_fix_refiner_pass"])
         if pass_name not in REFINER_PASSES.get(choice, (HIRES_PASS,)):
             return None
-    switch_at = refiner.get("switch_at")
+    switch_at = req.refiner_switch_at
     return float("-inf") if switch_at is None else float(switch_at)
 
 
@@ -76,7 +76,7 @@ class RefinerDenoiser:
         new._step, new._total_steps = old._step, old._total_steps  # the hooks see one pass going on
         self.current, self.switched = new, True
         ctx.extra_params["Refiner"] = short_title(refiner_file)
-        switch_at = ctx.refiner.get("switch_at")
+        switch_at = self.request.refiner_switch_at
         ctx.extra_params["Refiner switch at"] = None if switch_at is None else _number(switch_at)
         if self.hires:
             choice = str(ctx.options["hires_fix_refiner_pass"])

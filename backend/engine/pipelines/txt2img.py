@@ -97,7 +97,7 @@ def _pass_denoiser(ctx: JobContext, gen: Generation, req: Txt2ImgRequest, make, 
     """The pass's denoiser, made by `make(conditioner, schedule)` for the model the job samples with now; wrapped so
     that it hands over to the refiner when the job has one for this pass (`backend.engine.pipelines.refiner`)."""
     denoiser = make(*gen.for_model())
-    switch_at = refiner_switch_at(ctx, pass_name, hires)
+    switch_at = refiner_switch_at(ctx, req, pass_name, hires)
     if switch_at is None:
         return denoiser
     return RefinerDenoiser(ctx, denoiser, switch_at, req, lambda: make(*gen.for_model()), hires=hires)
