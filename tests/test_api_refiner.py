@@ -272,3 +272,16 @@ def test_xyz_plot_refiner_axes(rapi):
     r = rapi.post("/txt2img", json=body(script_name="X/Y/Z plot", script_args=xyz(
         axes["Refiner checkpoint"], "no-such-refiner")))
     assert r.status_code == 422 and "no-such-refiner" in r.text, r.text
+
+
+def test_refiner_with_hires_fix_runs_in_the_pass_the_setting_names(rapi):
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3)
+    no_refiner, _ = generate(rapi, **hires)
+    second, info = generate(rapi, refiner_checkpoint=REFINER, refiner_switch_at=0.5, **hires)  # A1111's default
+    assert np.abs(second - no_refiner).mean() > 1
+    params = params_of(info)
+    assert params["Refiner"].startswith("zz-refiner-sd1 [") and "Hires refiner" not in info["infotexts"][0]
+    first, info = generate(rapi, refiner_checkpoint=REFINER, refiner_switch_at=0.5, **dict(
+        hires, override_settings={"sd_model_checkpoint": MAIN, "hires_fix_refiner_pass": "first pass"}))
+    assert np.abs(first - second).mean() > 1
+    assert params_of(info)["Hires refiner"] == "first pass"
