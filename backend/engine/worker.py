@@ -272,6 +272,9 @@ class GenerationPayload(TypedDict, total=False):
     each_image: Any  # in a script (Prompt matrix): `EachImage`, the prompts and seeds of each image of the batch
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
     script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
+    # the refiners / hires. checkpoints the job's requests name: {name: {"checkpoint", "vae"}} (`_model_switcher`)
+    second_checkpoints: dict[str, dict[str, Any]]
+    firstpass_image: Image.Image  # txt2img with hires. fix: the picture its second pass starts from (A1111 1.7+)
 
 
 # A job handler: (the worker's state, the job's payload, its progress/stop control) -> the result sent back.
