@@ -285,3 +285,13 @@ def test_refiner_with_hires_fix_runs_in_the_pass_the_setting_names(rapi):
         hires, override_settings={"sd_model_checkpoint": MAIN, "hires_fix_refiner_pass": "first pass"}))
     assert np.abs(first - second).mean() > 1
     assert params_of(info)["Hires refiner"] == "first pass"
+
+
+def test_tiling_tiles_the_refiner_for_the_job_only(rapi):
+    as_main = dict(override_settings={"sd_model_checkpoint": REFINER})
+    before, _ = generate(rapi, **as_main)
+    refined, _ = generate(rapi, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    tiled, info = generate(rapi, refiner_checkpoint=REFINER, refiner_switch_at=0.5, tiling=True)
+    assert np.abs(tiled - refined).mean() > 0.5 and params_of(info)["Tiling"] == "True"
+    after, _ = generate(rapi, **as_main)
+    assert np.array_equal(after, before)  # the refiner's convolutions got their padding back

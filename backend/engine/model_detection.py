@@ -123,7 +123,8 @@ FAMILY_DEFAULTS = {
              "clip_skip": 2, "layer": "penultimate", "final_norm": False},
     # the SDXL refiner: OpenCLIP ViT-bigG alone (its penultimate layer and pooled projection), aesthetic score
     "sdxl_refiner": {"classes": ["CLIPTextModelWithProjection"], "layouts": ["openclip"],
-                     "prefixes": [SDXL_REFINER_TEXT_PREFIX], "clip_skip": 2, "layer": "penultimate", "final_norm": False},
+                     "prefixes": [SDXL_REFINER_TEXT_PREFIX], "clip_skip": 2, "layer": "penultimate",
+                     "final_norm": False},
 }
 
 

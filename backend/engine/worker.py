@@ -534,8 +534,8 @@ def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, c
                     active: list[JobModel]) -> Callable[..., ModelFile]:
     """`ctx.switch_model(which, request)` for a job whose requests name a refiner or a hires. checkpoint (their files
     resolved by the app: `payload["second_checkpoints"]`, by name): "refiner" / "hires" switch the model the job
-    samples with to the request's `refiner_checkpoint` / `hr_checkpoint_name` (through the model cache, placed by the device policy, the request's LoRAs and the always-on
-    scripts' hooks prepared again for it); None (and "hires" without a hires. checkpoint) switches back to the
+    samples with to the request's `refiner_checkpoint` / `hr_checkpoint_name` (through the model cache, placed by
+    the device policy, the request's LoRAs and the always-on scripts' hooks prepared again for it); None (and "hires" without a hires. checkpoint) switches back to the
     generation's own. The context's checkpoint keeps naming the generation's own (the infotext's Model). -> the
     checkpoint now sampled with (with its sha256)."""
     home: list[JobModel | None] = [None]  # the generation's own model while another one samples

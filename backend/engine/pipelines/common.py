@@ -410,21 +410,40 @@ def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _Tiled:
+    """The models a job tiles (`tiling`): the job's own, and each it switches to (the refiner: `add`)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: list[tuple[torch.nn.Conv2d, str]] = []
+        self.models: list = []
+
+    def add(self, model) -> None:
+        if not self.enabled or any(m is model for m in self.models):
+            return
+        self.models.append(model)
+        for part in (model.unet, model.vae):
+            for m in part.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    self.saved.append((m, m.padding_mode))
+                    m.padding_mode = "circular"
+
+    def restore(self) -> None:
+        for m, mode in reversed(self.saved):
+            m.padding_mode = mode
+        self.saved, self.models = [], []
+
+
 @contextlib.contextmanager
 def tiling(model, enabled: bool):
-    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job."""
-    if not enabled:
-        yield
-        return
-    convs = [m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
-    saved = [m.padding_mode for m in convs]
-    for m in convs:
-        m.padding_mode = "circular"
+    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job; yields the
+    set of tiled models, to which a model the job switches to is added (`add`), restored at the end too."""
+    tiled = _Tiled(enabled)
+    tiled.add(model)
     try:
-        yield
+        yield tiled
     finally:
-        for m, mode in zip(convs, saved):
-            m.padding_mode = mode
+        tiled.restore()
 
 
 def format_number(value: float) -> object:

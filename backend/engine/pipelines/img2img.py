@@ -189,7 +189,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     init_latent = None
     try:
-        with tiling(model, bool(req.tiling)):
+        with tiling(model, bool(req.tiling)) as gen.tiled:
             for n, idx in gen.batches():
                 seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
                 if denoise == 0:  # nothing to change: the (resized) input is the answer, as a user expects

@@ -75,6 +75,7 @@ class Generation:
                                            should_stop=ctx.control.interrupted)
         # per model the job samples with (a weak reference: an evicted model is not kept alive)
         self._per_model = {id(model): (weakref.ref(model), self.conditioner, self.model_schedule)}
+        self.tiled = None  # the pipeline's `tiling(...)` set, when it tiles
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
 
         self.params: dict[str, object] = {
@@ -103,9 +104,12 @@ class Generation:
         """(text conditioner, noise schedule) of the model the job samples with now (`ctx.model`): the job's own, or
         the refiner's / hires. checkpoint's after a switch (`ctx.switch_model`), each made once."""
         model = self.ctx.model
+        if self.tiled is not None:  # a job with Tiling tiles the refiner / hires. checkpoint too
+            self.tiled.add(model)
         known = self._per_model.get(id(model))
         if known is None or known[0]() is not model:
-            conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(self.ctx, "embeddings", None),
+            conditioner = TextConditioner(model, self.device, self.clip_skip,
+                                          embeddings=getattr(self.ctx, "embeddings", None),
                                           max_chunks=int(self.ctx.options["prompt_max_chunks"]),
                                           should_stop=self.ctx.control.interrupted)
             schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)

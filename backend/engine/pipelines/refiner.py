@@ -58,8 +58,8 @@ class RefinerDenoiser:
     schedules and noise schedule); it is called once, right after the switch. Everything else (start_pass,
     finish_step, after_sampling, ...) goes to the denoiser in use."""
 
-    def __init__(self, ctx: JobContext, first: CFGDenoiser, switch_at: float, request, rebuild: Callable[[], CFGDenoiser],
-                 hires: bool = False):
+    def __init__(self, ctx: JobContext, first: CFGDenoiser, switch_at: float, request,
+                 rebuild: Callable[[], CFGDenoiser], hires: bool = False):
         self.ctx, self.current, self.switch_at = ctx, first, switch_at
         self.request, self.rebuild, self.hires = request, rebuild, hires
         self.switched = False

@@ -112,7 +112,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
     hires = req.enable_hr
     hires_sampling = hires and hr_denoise > 0
     opt_f = 8
-    with tiling(ctx.model, bool(req.tiling)):
+    with tiling(ctx.model, bool(req.tiling)) as gen.tiled:
         for n, idx in gen.batches():
             if ctx.switch_model is not None:  # the previous batch may have ended on the refiner or hires. checkpoint
                 ctx.switch_model(None, req)
@@ -129,7 +129,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     conds = conditioner.schedules(prompts[idx], req.steps, is_negative=False)
                     unconds = conditioner.schedules(negatives[idx], req.steps, is_negative=True)
                     model = ctx.model
-                    image_cond = _txt2img_image_conditioning(ctx, n, req.width, req.height) if model.is_inpaint else None
+                    image_cond = (_txt2img_image_conditioning(ctx, n, req.width, req.height) if model.is_inpaint
+                                  else None)
                     return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                                        ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
                                        aesthetic_scores=aesthetic_scores(options))
@@ -147,11 +148,12 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                 hr_prompts = [gen.hr_prompt or p for p in prompts[idx]]  # with the request's styles
                 hr_negs = [gen.hr_negative or p for p in negatives[idx]]
                 # the second pass's checkpoint: hr_checkpoint_name, else the job's own (after a first-pass refiner)
-                to_hires_model = lambda: _to_hires_model(ctx, req)  # noqa: E731
+                to_hires_model = lambda: _to_hires_model(ctx, gen, req)  # noqa: E731
                 if hr_upscaler in LATENT_UPSCALE_MODES:
                     if firstpass is not None:  # A1111: the given picture, encoded at its own size
                         w8, h8 = max(8, firstpass.width // 8 * 8), max(8, firstpass.height // 8 * 8)
-                        picture = firstpass if (w8, h8) == firstpass.size else firstpass.resize((w8, h8), Image.Resampling.LANCZOS)
+                        picture = (firstpass if (w8, h8) == firstpass.size
+                                   else firstpass.resize((w8, h8), Image.Resampling.LANCZOS))
                         latents = encode_images(ctx, [picture] * len(seeds))
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
                     to_hires_model()
@@ -201,7 +203,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                 break
 
 
-def _to_hires_model(ctx: JobContext, req: Txt2ImgRequest) -> None:
+def _to_hires_model(ctx: JobContext, gen: Generation, req: Txt2ImgRequest) -> None:
     """The second pass's checkpoint: hr_checkpoint_name (infotext "Hires checkpoint"), else the job's own (after a
     refiner in the first pass)."""
     if ctx.switch_model is None:
@@ -209,6 +211,7 @@ def _to_hires_model(ctx: JobContext, req: Txt2ImgRequest) -> None:
     hires_file = ctx.switch_model("hires", req)
     if hires_file.path != ctx.checkpoint.path:
         ctx.extra_params["Hires checkpoint"] = short_title(hires_file)
+    gen.for_model()  # its conditioner made (and the model tiled when the job tiles) before it encodes
 
 
 def _txt2img_image_conditioning(ctx: JobContext, n: int, width: int, height: int) -> torch.Tensor:
