@@ -295,6 +295,7 @@ class EaselService:
                                     for name in r.styles or []))
         ignored += [f"style {name!r} does not exist (styles: {', '.join(self.styles.names()) or 'none'}); it was "
                     "not applied" for name in self.styles.unknown(styles)]
+        firstpass = self._firstpass_image(req, ignored)  # decoded here; the backend gets the picture
         unused_images = {"firstpass_image": None, **({"latent_mask": None} if isinstance(req, Img2ImgRequest) else {})}
         req = req.model_copy(update=unused_images)  # base64 images not used (see `ignored`): not sent to the backend
 
@@ -305,6 +306,11 @@ class EaselService:
         job_overrides = {k: v for k, v in overrides.items() if self.options.setting(k) is not None}
         req = req.model_copy(update={"override_settings": job_overrides})
         model = self._model_payload(job_overrides)
+        # the refiners and hires. checkpoints the job's requests name (a script's cells may name others)
+        model["second_checkpoints"] = self._second_checkpoints(
+            [req, *(derived for _label, derived in (script[1].requests if script is not None else ()))], job_overrides)
+        if firstpass is not None:
+            model["firstpass_image"] = firstpass
         options = self.options.as_dict()
         options.update({k: v for k, v in job_overrides.items() if k not in ("sd_model_checkpoint", "sd_vae")})
         for key in limits.LIMIT_SETTINGS:  # a request cannot lift the server's limits
@@ -480,6 +486,40 @@ class EaselService:
 
         return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
                 "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+
+    def _second_checkpoints(self, requests: list, job_overrides: dict) -> dict:
+        """The refiners (`refiner_checkpoint`) and hires. fix checkpoints (`hr_checkpoint_name`, used only with
+        enable_hr) that the job's requests name, resolved to their files and VAEs as the job's own checkpoint is:
+        {name as the request gives it: {"checkpoint", "vae"}} (the backend's `switch_model` looks them up by the
+        request's field). An unknown name is the user's error, naming the field."""
+        from backend.core.second_checkpoints import hires_checkpoint_name, refiner_name
+
+        out: dict = {}
+        for req in requests:
+            for field, name in (("refiner_checkpoint", refiner_name(req)), ("hr_checkpoint_name",
+                                                                            hires_checkpoint_name(req))):
+                if name is None or name in out:
+                    continue
+                try:
+                    chosen = self._model_payload({**job_overrides, "sd_model_checkpoint": name})
+                except UserError as exc:
+                    raise UserError(f"{field}: {exc.message}", status=exc.status) from None
+                out[name] = {"checkpoint": chosen["checkpoint"], "vae": chosen["vae"]}
+        return out
+
+    @staticmethod
+    def _firstpass_image(req: Txt2ImgRequest, warnings: list[str]) -> Image.Image | None:
+        """A txt2img request's `firstpass_image` (A1111 1.7+, base64): with hires. fix, the picture its second pass
+        starts from instead of sampling a first pass; without hires. fix it is not used (a warning says so)."""
+        data = getattr(req, "firstpass_image", None)
+        if not data:
+            return None
+        if not getattr(req, "enable_hr", False):
+            warnings.append("firstpass_image is used only with hires. fix (enable_hr); the image was generated "
+                            "from noise.")
+            return None
+        from backend.core.image_codec import decode_base64_image
+        return decode_base64_image(data, "firstpass_image")
 
     def _script_always_on(self, variants: dict, *, img2img: bool) -> dict:
         """The always-on scripts of a script's generations that run with their own (`PreparedScript.always_on`),

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 from backend.engine.ldm_convert import diffusers_to_ldm  # noqa: E402
 from backend.engine.model_detection import SD_VAE_SCALE, SDXL_VAE_SCALE, ModelSpec  # noqa: E402
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 
 
 def _clip_l(hidden: int = 32) -> dict:
@@ -71,6 +71,18 @@ def tiny_configs(family: str, *, inpaint: bool = False) -> dict:
                 "cross_attention_dim": 64, "attention_head_dim": [1, 2], "use_linear_projection": True,
                 "norm_num_groups": 32}
         texts, classes = [_open_clip(64)], ["CLIPTextModel"]
+    elif family == "sdxl_refiner":
+        # SDXL refiner pattern: OpenCLIP-G alone (context 64 here, 1280 full size) with its pooled projection (32);
+        # label_emb input = pooled + 5 Fourier-embedded values (h, w, crop top, left, aesthetic score): 32 + 5 * 8
+        pooled, time_dim = 32, 8
+        unet = {"sample_size": 128, "in_channels": in_ch, "out_channels": 4,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                "block_out_channels": [64, 128], "layers_per_block": 1, "transformer_layers_per_block": [1, 2],
+                "cross_attention_dim": 64, "attention_head_dim": [1, 2], "use_linear_projection": True,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                "projection_class_embeddings_input_dim": pooled + 5 * time_dim, "norm_num_groups": 32}
+        texts, classes = [_open_clip(64, projection_dim=pooled)], ["CLIPTextModelWithProjection"]
     else:
         # SDXL pattern: no attention in the first level, deeper transformers below (1/2/10 -> 0/2 here),
         # size/crop embedding; context = CLIP-L (32) + OpenCLIP-G (64); pooled = projection (32).

@@ -16,8 +16,6 @@ from backend.core.schemas import Img2ImgRequest, Txt2ImgRequest
 
 # a value other than the default for every ignored field
 SET_VALUES = {
-    "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
-    "hr_checkpoint_name": "other.safetensors", "firstpass_image": "iVBORw0KGgo=",
     "comments": {"a comment": 1},
     "firstphase_width": 512, "firstphase_height": 512, "sampler_index_legacy": 3, "image_cfg_scale": 1.5,
     "latent_mask": "iVBORw0KGgo=",
@@ -102,11 +100,11 @@ def test_app_logs_the_warnings_at_start(caplog):
 def test_api_names_ignored_fields_in_info_warnings(api):
     body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler",
             "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
-    r = api.post("/txt2img", json=dict(body, refiner_checkpoint="tiny-sd1.safetensors", refiner_switch_at=0.5))
+    r = api.post("/txt2img", json=dict(body, firstphase_width=512, firstphase_height=512))
     assert r.status_code == 200, r.text
     warnings = json.loads(r.json()["info"]).get("warnings", [])
-    assert any(w.startswith("refiner_checkpoint ") for w in warnings), warnings
-    assert any(w.startswith("refiner_switch_at ") for w in warnings), warnings
+    assert any(w.startswith("firstphase_width ") for w in warnings), warnings
+    assert any(w.startswith("firstphase_height ") for w in warnings), warnings
     r = api.post("/txt2img", json=body)  # nothing ignored was set: no such warning
     assert r.status_code == 200, r.text
     warnings = json.loads(r.json()["info"]).get("warnings", [])

@@ -27,6 +27,7 @@ ICON_BUTTONS = {
     "#refresh_sd_model_checkpoint": "refresh",
     "#extras_refresh_upscalers": "refresh",
     '[id*="_controlnet_unit"][id$="_refresh_models"]': "refresh",  # the units' icon-only refresh
+    "#script_txt2img_refiner_checkpoint_refresh, #script_img2img_refiner_checkpoint_refresh": "refresh",
     "#txt2img_random_seed, #img2img_random_seed": "dice",
     "#txt2img_reuse_seed, #img2img_reuse_seed": "recycle",
 }
@@ -35,6 +36,8 @@ ICON_BUTTONS = {
 HINTS = {
     "refresh_sd_model_checkpoint": "Refresh the list of checkpoints",
     "extras_refresh_upscalers": "Refresh the list of upscalers",
+    "script_txt2img_refiner_checkpoint_refresh": "Refresh the list of checkpoints",
+    "script_img2img_refiner_checkpoint_refresh": "Refresh the list of checkpoints",
     "txt2img_random_seed": "Set the seed to -1: a new random seed for every job",
     "img2img_random_seed": "Set the seed to -1: a new random seed for every job",
     "txt2img_reuse_seed": "Reuse the seed of the last generation",

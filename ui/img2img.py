@@ -12,7 +12,7 @@ from backend.core.errors import UserError
 from backend.core.schemas import Img2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, extra_networks, generation, interrogate, paste_params, scripts
+from ui import extension_parts, extra_networks, generation, interrogate, paste_params, refiner, scripts
 
 MODES = ["img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch"]
 MODE_LABELS = {"img2img": "img2img", "sketch": "Sketch", "inpaint": "Inpaint", "inpaint_sketch": "Inpaint sketch",
@@ -28,7 +28,8 @@ SKETCH_COLORS = ["#000000", "#ffffff", "#e53935", "#fb8c00", "#fdd835", "#43a047
 FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
-          "inpaint_full_res", "inpaint_full_res_padding", "override_choices"]
+          "inpaint_full_res", "inpaint_full_res_padding", "override_choices", "refiner_enabled", "refiner_checkpoint",
+          "refiner_switch_at"]
 EXTRA = ["scale_mode", "scale_by", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
@@ -128,6 +129,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
             c["resize_mode"] = gr.Radio(request_checks.RESIZE_MODES, value="Just resize", type="index", label="Resize mode",
                                         elem_id="img2img_resize_mode")
             generation.sampler_controls(service, "img2img", c)
+            refiner.build(service, "img2img", c)
             with gr.Accordion("Inpaint options", open=True, visible=False,
                               elem_id="img2img_inpaint_controls") as inpaint_options:
                 with gr.Row():
@@ -193,7 +195,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
         pictures, rest = rest[:len(image_inputs)], rest[len(image_inputs):]
         fields = dict(zip(FIELDS + EXTRA, rest))
         extra = {k: fields.pop(k) for k in EXTRA}
-        fields = generation.clean_fields(fields)
+        fields = refiner.request_fields(generation.clean_fields(fields))
         fields["inpaint_full_res"] = bool(fields["inpaint_full_res"])
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
         overrides.update(paste_params.overrides_from(service, fields.pop("override_choices")))

@@ -20,6 +20,7 @@ from backend.core.errors import UserError
 from backend.core.options import SETTINGS_BY_KEY, coerce
 from backend.core.sampler_catalog import find_scheduler
 from backend.service import EaselService
+from ui.refiner import pasted_values
 
 # fields a paste leaves alone, by tab: what describes the picture in img2img is the picture itself
 NOT_PASTED = {"img2img": {"resize_mode", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res"}}
@@ -125,6 +126,7 @@ def field_updates(service: EaselService, text: str, fields: dict, tab: str, *, k
     if not params:
         return {}
     values = infotext.infotext_to_request_fields(params)
+    values = pasted_values(service, values)  # the Refiner accordion and the hires. checkpoint
     mode = service.options["infotext_styles"]
     if mode != "Ignore" and "styles" in fields:
         found, prompt, negative = service.styles.extract(values.get("prompt", ""), values.get("negative_prompt", ""))

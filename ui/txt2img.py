@@ -6,13 +6,14 @@ import gradio as gr
 from backend.core.schemas import Txt2ImgRequest
 from backend.service import EaselService
 
-from ui import extension_parts, extra_networks, generation, paste_params, scripts
+from ui import extension_parts, extra_networks, generation, paste_params, refiner, scripts
 
 # Request fields the tab edits, in the order of the `inputs` list.
 FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height", "batch_size", "n_iter",
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
-          "hr_scale", "hr_resize_x", "hr_resize_y", "override_choices"]
+          "hr_scale", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "override_choices", "refiner_enabled",
+          "refiner_checkpoint", "refiner_switch_at"]
 
 
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict]:
@@ -39,6 +40,9 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                                                  elem_id="txt2img_hr_resize_x")
                     c["hr_resize_y"] = gr.Slider(0, 4096, value=0, step=8, label="Resize height to",
                                                  elem_id="txt2img_hr_resize_y")
+                with gr.Row(elem_id="txt2img_hires_fix_row3"):
+                    c["hr_checkpoint_name"] = refiner.hires_checkpoint(service, "txt2img")
+            refiner.build(service, "txt2img", c)
             with gr.Row():
                 with gr.Column():
                     c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
@@ -63,7 +67,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
 
     def make_request(values: list) -> Txt2ImgRequest:
         ckpt, vae_choice, *rest = values[:n_base]
-        fields = generation.clean_fields(dict(zip(FIELDS, rest)))
+        fields = refiner.request_fields(generation.clean_fields(dict(zip(FIELDS, rest))))
         overrides = generation.overrides_from(ckpt, vae_choice, fields.pop("clip_skip"))
         overrides.update(paste_params.overrides_from(service, fields.pop("override_choices")))
         return Txt2ImgRequest(**fields, override_settings=overrides, save_images=True,

@@ -37,12 +37,6 @@ def _unset(*defaults: Any) -> Callable[[Any], bool]:
 # Request field -> (is it left at its default?, why it is ignored). Img2img-only fields are checked only on
 # img2img requests (the txt2img request has no such field).
 IGNORED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "refiner_checkpoint": (_unset("None"), "the refiner (a second checkpoint for the last steps) is not implemented "
-                                           "yet; the whole job uses the main checkpoint"),
-    "refiner_switch_at": (_unset(), "the refiner is not implemented yet"),
-    "hr_checkpoint_name": (_unset("Use same checkpoint"), "hires. fix uses the job's checkpoint for its second pass"),
-    "firstpass_image": (_unset(), "hires. fix from a given first-pass image is not implemented; the first pass "
-                                  "is generated"),
     "comments": (_unset(), "comments are not used (AUTOMATIC1111 discards them too)"),
     "firstphase_width": (_unset(0), "the pre-1.0 hires. fix size is not used; use hr_scale or hr_resize_x/y"),
     "firstphase_height": (_unset(0), "the pre-1.0 hires. fix size is not used; use hr_scale or hr_resize_x/y"),

@@ -362,6 +362,10 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
         put("hr_prompt", "Hires prompt", str)
         put("hr_negative_prompt", "Hires negative prompt", str)
 
+    if params.get("Refiner") not in (None, "", "None"):  # A1111 1.6+: "Refiner: name [hash], Refiner switch at: 0.8"
+        out["refiner_checkpoint"] = str(params["Refiner"])
+        put("refiner_switch_at", "Refiner switch at", _to_float)
+
     model, model_hash = params.get("Model"), params.get("Model hash")
     if model and model_hash:
         out["sd_model_checkpoint"] = f"{model} [{model_hash}]"

@@ -111,6 +111,12 @@ SETTINGS: list[Setting] = [
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", float, minimum=0, maximum=1.5),
     Setting("img2img_color_correction", False, "Apply color correction to img2img results to match original colors.",
             "img2img", bool),
+    Setting("hires_fix_refiner_pass", "second pass", "Hires fix: which pass to enable refiner for", "Stable Diffusion",
+            str, choices=("first pass", "second pass", "both passes")),
+    Setting("sdxl_refiner_low_aesthetic_score", 2.5, "SDXL low aesthetic score (the negative prompt's, for the SDXL "
+            "refiner)", "Stable Diffusion XL", float, minimum=0, maximum=10),
+    Setting("sdxl_refiner_high_aesthetic_score", 6.0, "SDXL high aesthetic score (the prompt's, for the SDXL "
+            "refiner)", "Stable Diffusion XL", float, minimum=0, maximum=10),
     Setting("enable_pnginfo", True, "Save the generation parameters into the image file", "Saving images", bool),
     Setting("add_model_hash_to_info", True, "Add model hash to generation information", "Infotext", bool),
     Setting("add_model_name_to_info", True, "Add model name to generation information", "Infotext", bool),

@@ -12,7 +12,8 @@ from backend.core.errors import UserError
 GROUPS = 32
 SD1_HEADS = 8
 HEAD_CHANNELS = 64
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
+                "sdxl_refiner": "SDXL refiner"}
 
 
 def unet_input_levels(sd, n_input: int, what: str = "UNet") -> list[list[int]]:

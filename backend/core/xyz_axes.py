@@ -49,6 +49,7 @@ WITH_LABEL, VALUE_ONLY, JOINED, BLANK, BASENAME = "label", "value", "joined", "b
 # Catalog-checked axes (their values come from a dropdown unless csv_mode).
 SAMPLER, SCHEDULE, CHECKPOINT, VAE, HIRES_UPSCALER, STYLES, BOOLEAN, FACE_RESTORE, RNG_SOURCE = (
     "sampler", "schedule", "checkpoint", "vae", "hires_upscaler", "styles", "boolean", "face_restore", "rng_source")
+REFINER = "refiner"  # a checkpoint, or "None" (no refiner)
 
 MAX_VALUES_PER_AXIS = 1000  # a range or permutation list longer than this is refused before it is built
 DEFAULT_MAX_GRID_MEGAPIXELS = 200  # A1111's img_max_size_mp
@@ -94,7 +95,6 @@ def _no(label: str, kind: str, reason: str, *, tab: str | None = None, choices: 
 _NGMS = "skipping the negative prompt at low sigmas is not implemented"
 _SCHED_OPT = "the schedule's sigma range and rho settings are not implemented"
 _NO_TOME = "token merging is not implemented"
-_NO_REFINER = "the refiner is not implemented"
 
 # AUTOMATIC1111 1.10's axis_options, in its order (txt2img-only and img2img-only entries marked by `tab`).
 AXES: tuple[AxisType, ...] = (
@@ -141,8 +141,8 @@ AXES: tuple[AxisType, ...] = (
     _no("Always discard next-to-last sigma", TEXT, "the always-discard-next-to-last-sigma setting is not implemented",
         choices=BOOLEAN),
     _no("SGM noise multiplier", TEXT, "the SGM noise multiplier setting is not implemented", choices=BOOLEAN),
-    _no("Refiner checkpoint", TEXT, _NO_REFINER, choices=CHECKPOINT),
-    _no("Refiner switch at", FLOAT, _NO_REFINER),
+    AxisType("Refiner checkpoint", TEXT, field="refiner_checkpoint", cost=1.0, choices=REFINER, legend=BASENAME),
+    AxisType("Refiner switch at", FLOAT, field="refiner_switch_at"),
     AxisType("RNG source", TEXT, setting="randn_source", choices=RNG_SOURCE),
     _no("FP8 mode", TEXT, "FP8 weight storage is not implemented"),
     AxisType("Size", TEXT, field="size"),
@@ -216,6 +216,8 @@ class XYZCatalogs:
             return [s.label for s in SCHEDULERS]
         if kind == CHECKPOINT:
             return sorted(self.checkpoints, key=str.casefold)
+        if kind == REFINER:
+            return ["None", *sorted(self.checkpoints, key=str.casefold)]
         if kind == VAE:
             return ["Automatic", "None", *self.vaes]
         if kind == HIRES_UPSCALER:
@@ -422,7 +424,9 @@ def _resolve_choice(axis: str, at: AxisType, value: str, catalogs: XYZCatalogs) 
         except UserError:
             raise _bad(axis, label, value, f"is not a schedule type. Valid: "
                                             f"{', '.join(s.label for s in SCHEDULERS)}.") from None
-    if kind == CHECKPOINT:
+    if kind == REFINER and value.strip().lower() in ("", "none"):
+        return "None"
+    if kind in (CHECKPOINT, REFINER):
         found = _match_checkpoint(value, catalogs.checkpoints)
         if found is None:
             raise _bad(axis, label, value, "is not a checkpoint in the checkpoint list (see /sdapi/v1/sd-models).")

@@ -135,7 +135,7 @@ class TextConditioner:
     # -- encoders ---------------------------------------------------------------------------
     def _pad_id(self, index: int) -> int:
         # OpenAI CLIP-L pads with EOS; OpenCLIP encoders (SD2, SDXL's second) pad with 0 ("!").
-        if self.model.family == "sd2" or index == 1:
+        if self.model.family in ("sd2", "sdxl_refiner") or index == 1:
             return 0
         return ID_END
 
@@ -151,7 +151,7 @@ class TextConditioner:
             z = out.last_hidden_state if self.clip_skip == 1 else _final_norm(encoder)(hidden_states[-self.clip_skip])
         elif family == "sd2":
             z = _final_norm(encoder)(hidden_states[-(self.clip_skip + 1)])
-        else:  # sdxl: penultimate layer of both encoders, no final norm
+        else:  # sdxl (and its refiner): penultimate layer of each encoder, no final norm
             z = hidden_states[-(self.clip_skip + 1)]
         return z, pooled
 
@@ -225,7 +225,7 @@ class TextConditioner:
             while len(chunks) < n:
                 chunks.extend(tokenize_prompt(self.model.tokenizers[index], "", self._pad_id(index))[0])
         # A1111: SDXL with an empty negative prompt uses zero embeddings.
-        zero = self.model.family == "sdxl" and is_negative and prompt == ""
+        zero = self.model.family in ("sdxl", "sdxl_refiner") and is_negative and prompt == ""
         cond = self._encode_chunks(per_encoder, zero)
         self._cache[key] = cond
         return cond

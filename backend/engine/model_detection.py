@@ -41,7 +41,7 @@ SD_VAE_SCALE = 0.18215
 SDXL_VAE_SCALE = 0.13025
 CLIP_VOCAB = 49408
 CLIP_POSITIONS = 77
-SUPPORTED = "Stable Diffusion 1.x, Stable Diffusion 2.x and SDXL (base) checkpoints"
+SUPPORTED = "Stable Diffusion 1.x, Stable Diffusion 2.x, SDXL and SDXL refiner checkpoints"
 
 
 @dataclass
@@ -121,6 +121,10 @@ FAMILY_DEFAULTS = {
     "sdxl": {"classes": ["CLIPTextModel", "CLIPTextModelWithProjection"], "layouts": ["openai", "openclip"],
              "prefixes": [SDXL_TEXT1_PREFIX + "text_model.", SDXL_TEXT2_PREFIX],
              "clip_skip": 2, "layer": "penultimate", "final_norm": False},
+    # the SDXL refiner: OpenCLIP ViT-bigG alone (its penultimate layer and pooled projection), aesthetic score
+    "sdxl_refiner": {"classes": ["CLIPTextModelWithProjection"], "layouts": ["openclip"],
+                     "prefixes": [SDXL_REFINER_TEXT_PREFIX], "clip_skip": 2, "layer": "penultimate",
+                     "final_norm": False},
 }
 
 
@@ -138,9 +142,12 @@ def detect_checkpoint(state_dict: dict[str, torch.Tensor]) -> ModelSpec:
         text_prefixes = [_openai_prefix(state_dict, SDXL_TEXT1_PREFIX), SDXL_TEXT2_PREFIX]
         layouts = ["openai", "openclip"]
         classes = ["CLIPTextModel", "CLIPTextModelWithProjection"]
-    elif has(SDXL_REFINER_TEXT_PREFIX) and not has(SDXL_TEXT1_PREFIX):
-        raise UserError("This is an SDXL refiner checkpoint (one OpenCLIP text encoder, aesthetic-score conditioning). "
-                        f"Easel loads {SUPPORTED}; the refiner cannot be used as the main model.")
+    elif has(SDXL_REFINER_TEXT_PREFIX) and not has(SDXL_TEXT1_PREFIX) and not has("conditioner.embedders.1."):
+        # the SDXL refiner: conditioner.embedders.0 is OpenCLIP ViT-bigG (no CLIP-L), label_emb takes the pooled
+        # vector + size/crop + aesthetic score (A1111 and ComfyUI detect it so)
+        family = "sdxl_refiner"
+        text_prefixes = [SDXL_REFINER_TEXT_PREFIX]
+        layouts, classes = ["openclip"], ["CLIPTextModelWithProjection"]
     elif has(SD1_TEXT_PREFIX):
         family = "sd1"
         text_prefixes = [_openai_prefix(state_dict, SD1_TEXT_PREFIX)]
@@ -161,14 +168,16 @@ def detect_checkpoint(state_dict: dict[str, torch.Tensor]) -> ModelSpec:
     for prefix, layout, cls_name in zip(text_prefixes, layouts, classes):
         text_configs.append(detect_text_encoder(state_dict, prefix, layout, with_projection=cls_name.endswith("Projection")))
 
-    pooled_dim = text_configs[1]["projection_dim"] if family == "sdxl" else None
+    pooled_dim = (text_configs[1]["projection_dim"] if family == "sdxl"
+                  else text_configs[0]["projection_dim"] if family == "sdxl_refiner" else None)
     unet_config = detect_unet(state_dict, family, pooled_dim=pooled_dim)
     context = sum(c["hidden_size"] for c in text_configs)
     if unet_config["cross_attention_dim"] != context:
         raise UserError(f"Inconsistent checkpoint: the UNet expects text features of width "
                         f"{unet_config['cross_attention_dim']} but the text encoder(s) give {context}. "
                         "The file may be a damaged merge.")
-    vae_config = detect_vae(state_dict, VAE_PREFIX, scaling_factor=SDXL_VAE_SCALE if family == "sdxl" else SD_VAE_SCALE)
+    vae_config = detect_vae(state_dict, VAE_PREFIX,
+                            scaling_factor=SDXL_VAE_SCALE if family in ("sdxl", "sdxl_refiner") else SD_VAE_SCALE)
 
     d = FAMILY_DEFAULTS[family]
     prediction_type, known = "epsilon", family != "sd2"
@@ -318,7 +327,7 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     if int(time_embed.shape[1]) != model_channels:
         raise UserError("Unsupported UNet: its timestep embedding width differs from its base channel count.")
     config = {
-        "sample_size": 64 if family == "sd1" else 96 if family == "sd2" else 128,
+        "sample_size": 64 if family == "sd1" else 96 if family == "sd2" else 128,  # SDXL and its refiner: 128
         "in_channels": in_channels,
         "out_channels": out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
@@ -336,7 +345,16 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     if not symmetric:
         config["reverse_transformer_layers_per_block"] = [
             list(d) if up_attn[i] else [1] * (layers_per_block + 1) for i, d in enumerate(up_depths)]
-    if "label_emb.0.0.weight" in sd:
+    if "label_emb.0.0.weight" in sd and family == "sdxl_refiner":
+        # pooled text embedding + 5 Fourier-embedded values: original height, width, crop top, left, aesthetic score
+        adm_in = int(sd["label_emb.0.0.weight"].shape[1])
+        if pooled_dim is None or (adm_in - pooled_dim) <= 0 or (adm_in - pooled_dim) % 5:
+            raise UserError(f"Unsupported SDXL refiner variant: additional embedding input width {adm_in} does not "
+                            f"match a pooled text embedding of {pooled_dim} plus 5 size/crop/aesthetic values.")
+        config["addition_embed_type"] = "text_time"
+        config["addition_time_embed_dim"] = (adm_in - pooled_dim) // 5
+        config["projection_class_embeddings_input_dim"] = adm_in
+    elif "label_emb.0.0.weight" in sd:
         if family != "sdxl":
             raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: its UNet has a class/image embedding "
                             "(unCLIP or similar), which Easel does not load.")
@@ -347,8 +365,8 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
         config["addition_embed_type"] = "text_time"
         config["addition_time_embed_dim"] = (adm_in - pooled_dim) // 6
         config["projection_class_embeddings_input_dim"] = adm_in
-    elif family == "sdxl":
-        raise UserError("Unsupported SDXL variant: its UNet has no size/crop embedding (label_emb).")
+    elif family in ("sdxl", "sdxl_refiner"):
+        raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: its UNet has no size/crop embedding (label_emb).")
     return config
 
 

@@ -94,7 +94,7 @@ def taesd_decoder() -> nn.Sequential:
 
 def latent_kind(family: str) -> str:
     """Which preview networks fit a model family's latents: SDXL's, or SD1/SD2's (the same VAE)."""
-    return "sdxl" if family == "sdxl" else "sd"
+    return "sdxl" if family in ("sdxl", "sdxl_refiner") else "sd"
 
 
 def cheap_rgb(latent: torch.Tensor, family: str) -> torch.Tensor:

@@ -304,7 +304,8 @@ AYS_NOISE_LEVELS = {
 def sigmas_align_your_steps(n: int, family: str = "sd1") -> torch.Tensor:
     """Align Your Steps: the family's optimized noise levels, resampled to n levels by linear interpolation
     of log-sigma over an even grid (as the paper's how-to does, and A1111), then 0."""
-    levels = torch.tensor(AYS_NOISE_LEVELS["sdxl" if family == "sdxl" else "sd1"], dtype=torch.float64)
+    table = "sdxl" if family in ("sdxl", "sdxl_refiner") else "sd1"
+    levels = torch.tensor(AYS_NOISE_LEVELS[table], dtype=torch.float64)
     if n != levels.numel():
         grid = torch.linspace(0, 1, levels.numel(), dtype=torch.float64)
         wanted = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -275,6 +275,9 @@ class GenerationPayload(TypedDict, total=False):
     each_image: Any  # in a script (Prompt matrix): `EachImage`, the prompts and seeds of each image of the batch
     batch: dict[str, Path | None]  # img2img_batch: input_dir, output_dir, mask_dir
     script: dict[str, Any]  # the selectable script (script_name) the job runs: {"name", "args"}, checked by the app
+    # the refiners / hires. checkpoints the job's requests name: {name: {"checkpoint", "vae"}} (`_model_switcher`)
+    second_checkpoints: dict[str, dict[str, Any]]
+    firstpass_image: Image.Image  # txt2img with hires. fix: the picture its second pass starts from (A1111 1.7+)
 
 
 # A job handler: (the worker's state, the job's payload, its progress/stop control) -> the result sent back.
@@ -390,6 +393,8 @@ def _generate(kind: str, state: WorkerState, payload: GenerationPayload, control
                              warnings=list(payload.get("warnings") or []) + list(loaded.notes),
                              styles=payload.get("styles") or {}, previews=state.previews,
                              interrogate=state.interrogate)
+            if payload.get("second_checkpoints"):
+                ctx.switch_model = _model_switcher(kind, state, payload, ctx, active)
             try:
                 _activate_networks(payload, ctx, state)
                 try:
@@ -534,6 +539,48 @@ def _switch_model(kind: str, state: WorkerState, payload: GenerationPayload, ctx
     return switched
 
 
+def _model_switcher(kind: str, state: WorkerState, payload: GenerationPayload, ctx: JobContext,
+                    active: list[JobModel]) -> Callable[..., ModelFile]:
+    """`ctx.switch_model(which, request)` for a job whose requests name a refiner or a hires. checkpoint (their files
+    resolved by the app: `payload["second_checkpoints"]`, by name): "refiner" / "hires" switch the model the job
+    samples with to the request's `refiner_checkpoint` / `hr_checkpoint_name` (through the model cache, placed by
+    the device policy, the request's LoRAs and the always-on scripts' hooks prepared again for it); None (and "hires" without a hires. checkpoint) switches back to the
+    generation's own. The context's checkpoint keeps naming the generation's own (the infotext's Model). -> the
+    checkpoint now sampled with (with its sha256)."""
+    home: list[JobModel | None] = [None]  # the generation's own model while another one samples
+    away: list[JobModel | None] = [None]  # the one switched to
+
+    def switch(which: str | None, request=None) -> ModelFile:
+        from backend.core.second_checkpoints import hires_checkpoint_name, refiner_name
+
+        request = request if request is not None else payload.get("request")
+        name = (refiner_name(request) if which == "refiner" else hires_checkpoint_name(request) if which == "hires"
+                else None)
+        entry = payload["second_checkpoints"].get(name) if name is not None else None
+        current = active[0]
+        if home[0] is not None and current is not away[0]:  # a script switched the model since (X/Y/Z plot's cell)
+            home[0] = None
+        if entry is None:
+            if home[0] is None:
+                return current.checkpoint
+            target, home[0] = home[0], None
+            checkpoint, vae = target.checkpoint, target.vae
+        else:
+            checkpoint, vae = entry["checkpoint"], entry.get("vae")
+        if (checkpoint.path, vae.path if vae else None) == \
+                (current.checkpoint.path, current.vae.path if current.vae else None):
+            return current.checkpoint
+        if home[0] is None:
+            home[0] = current
+        named, named_vae = ctx.checkpoint, ctx.vae
+        active[0] = away[0] = _switch_model(kind, state, payload, ctx, current, checkpoint, vae)
+        ctx.checkpoint, ctx.vae = named, named_vae
+        _activate_networks({**payload, "request": request}, ctx, state)
+        return active[0].checkpoint
+
+    return switch
+
+
 _STALE = object()  # _run_script: hooks prepared for a model the job no longer runs
 
 
@@ -601,7 +648,8 @@ def _run_script(kind: str, pipeline: Callable[[GenerationPayload, JobContext, Wo
 
 def _run_txt2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:
     from backend.engine.pipelines import txt2img
-    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"))
+    return txt2img.run(payload["request"], ctx, each=payload.get("each_image"),
+                       firstpass_image=payload.get("firstpass_image"))
 
 
 def _run_img2img(payload: GenerationPayload, ctx: JobContext, state: WorkerState) -> GenerationResult:

@@ -116,6 +116,11 @@ class JobContext:
     # The interrogation models of the backend process (backend.engine.interrogate.runtime.InterrogateRuntime), for
     # scripts that caption pictures (Loopback's "Append interrogated prompt"); None: none available.
     interrogate: Any = None
+    # Switches the model the job samples with, mid-job: `switch_model(which, request)` with which = "refiner" (the
+    # request's refiner_checkpoint), "hires" (hr_checkpoint_name) or None (back to the generation's own checkpoint);
+    # `ctx.loaded` follows, `ctx.checkpoint` keeps naming the generation's own; returns the file switched to (with its
+    # sha256). Set by the worker (`backend.engine.worker`); None: the job has no second checkpoint.
+    switch_model: Callable[..., Any] | None = None
 
     def __post_init__(self):
         self.options = JobOptions.of(self.options)
@@ -167,7 +172,8 @@ class CFGDenoiser:
     def __init__(self, model, schedule: "schedules.DiscreteSchedule", conds: ScheduledConds, unconds: ScheduledConds,
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
                  image_cond: torch.Tensor | None = None, hooks: Sequence[SamplingHook] = (),
-                 pass_name: str = FIRST_PASS, skips: UncondSkips = UncondSkips()):
+                 pass_name: str = FIRST_PASS, skips: UncondSkips = UncondSkips(),
+                 aesthetic_scores: tuple[float, float] = (6.0, 2.5)):
         self.model = model
         self.schedule = schedule
         self.conds = conds
@@ -187,9 +193,16 @@ class CFGDenoiser:
         self.length = max(conds.max_tokens(), unconds.max_tokens())
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
         self.time_ids = None
+        self.uncond_time_ids = None  # the negative prompt's, where they differ (the SDXL refiner's aesthetic score)
         if model.family == "sdxl":
             # (original h, w, crop top, left, target h, w), as SDXL was trained.
             self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+        elif model.family == "sdxl_refiner":
+            # (original h, w, crop top, left, aesthetic score): the prompt gets the high score, the negative prompt
+            # the low one (A1111's settings sdxl_refiner_high/low_aesthetic_score, `aesthetic_scores`)
+            high, low = aesthetic_scores
+            self.time_ids = torch.tensor([height, width, 0, 0, high], dtype=torch.float32, device=device)
+            self.uncond_time_ids = torch.tensor([height, width, 0, 0, low], dtype=torch.float32, device=device)
 
     def start_pass(self, total_steps: int) -> None:
         """The sampler is about to run `total_steps` steps from the first."""
@@ -219,10 +232,11 @@ class CFGDenoiser:
             model_input = torch.cat([model_input, self.image_cond.repeat(x_in.shape[0] // self.image_cond.shape[0], 1, 1, 1)], dim=1)
         added = None
         if self.time_ids is not None:
-            added = {
-                "text_embeds": pooled.to(self.dtype),
-                "time_ids": self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1).to(self.dtype),
-            }
+            time_ids = self.time_ids.unsqueeze(0).repeat(x_in.shape[0], 1)
+            if self.uncond_time_ids is not None and cond_mask is not None:
+                time_ids = torch.where(cond_mask.to(time_ids.device)[:, None] > 0, time_ids,
+                                       self.uncond_time_ids.unsqueeze(0))
+            added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         call = UNetCall(sample=model_input, timestep=t, context=context, added_cond_kwargs=added, cond_mask=cond_mask)
         if self.hooks:
             call = self.hooks.unet_inputs(state, call)
@@ -334,6 +348,12 @@ SAMPLER_KNOBS: dict[str, tuple[str, ...]] = {
 KNOB_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 # Their infotext names (A1111's), written when a knob the sampler takes is not at its default.
 KNOB_INFOTEXT = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+
+
+def aesthetic_scores(options) -> tuple[float, float]:
+    """The SDXL refiner's (prompt, negative prompt) aesthetic scores, from the job's settings."""
+    options = JobOptions.of(options)
+    return float(options["sdxl_refiner_high_aesthetic_score"]), float(options["sdxl_refiner_low_aesthetic_score"])
 
 
 def sampler_extra_args(sampler_info, req, options: JobOptions) -> dict:
@@ -486,21 +506,40 @@ def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _Tiled:
+    """The models a job tiles (`tiling`): the job's own, and each it switches to (the refiner: `add`)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: list[tuple[torch.nn.Conv2d, str]] = []
+        self.models: list = []
+
+    def add(self, model) -> None:
+        if not self.enabled or any(m is model for m in self.models):
+            return
+        self.models.append(model)
+        for part in (model.unet, model.vae):
+            for m in part.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    self.saved.append((m, m.padding_mode))
+                    m.padding_mode = "circular"
+
+    def restore(self) -> None:
+        for m, mode in reversed(self.saved):
+            m.padding_mode = mode
+        self.saved, self.models = [], []
+
+
 @contextlib.contextmanager
 def tiling(model, enabled: bool):
-    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job."""
-    if not enabled:
-        yield
-        return
-    convs = [m for part in (model.unet, model.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
-    saved = [m.padding_mode for m in convs]
-    for m in convs:
-        m.padding_mode = "circular"
+    """Seamless tiling: circular padding in every conv of the UNet and VAE for the duration of a job; yields the
+    set of tiled models, to which a model the job switches to is added (`add`), restored at the end too."""
+    tiled = _Tiled(enabled)
+    tiled.add(model)
     try:
-        yield
+        yield tiled
     finally:
-        for m, mode in zip(convs, saved):
-            m.padding_mode = mode
+        tiled.restore()
 
 
 def format_number(value: float) -> object:

@@ -26,13 +26,15 @@ from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upscale, outpainting_args, resize_mode_index,
                               validate_size, with_latent_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
-from backend.engine.pipelines.common import (CFGDenoiser, JobContext, decode_latents, encode_images, encode_tensor, format_number, image_to_tensor,
-                     image_rng, run_sampler, sampler_noise, tiling)
+from backend.engine.pipelines.common import (CFGDenoiser, JobContext, aesthetic_scores, decode_latents, encode_images,
+                                             encode_tensor, format_number, image_rng, image_to_tensor, run_sampler,
+                                             sampler_noise, tiling)
 from backend.engine.pipelines import sd_upscale
 from backend.engine.pipelines.color_correction import apply_color_correction, correction_target
 from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.pipelines.txt2img import img2img_sigma_max, img2img_sigmas
-from backend.engine.sampling_hooks import SamplingHook, StepState
+from backend.engine.pipelines.refiner import RefinerDenoiser, refiner_switch_at
+from backend.engine.sampling_hooks import FIRST_PASS, SamplingHook, StepState
 
 log = logging.getLogger("easel.img2img")
 
@@ -206,7 +208,7 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
 
     init_latent = None
     try:
-        with tiling(model, bool(req.tiling)):
+        with tiling(model, bool(req.tiling)) as gen.tiled:
             for n, idx in gen.batches():
                 seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
                 if denoise == 0:  # nothing to change: the (resized) input is the answer, as a user expects
@@ -214,6 +216,8 @@ def run(req: Img2ImgRequest, ctx: JobContext, init_images: list[Image.Image], ma
                                for im in processed]
                     stop = None
                 else:
+                    if ctx.switch_model is not None:  # the previous batch may have ended on the refiner
+                        ctx.switch_model(None, req)
                     if init_latent is None:
                         init_latent = _init_latents(ctx, processed, req, mode)
                     results, stop = _sample_batch(ctx, gen, req, processed, init_latent, prepared, fill, soft, seeds,
@@ -294,12 +298,10 @@ def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgReq
 def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, processed: list[Image.Image],
                   init_latent: torch.Tensor, prepared: PreparedMask | None, fill: int, soft: bool,
                   seeds: list[int], subseeds: list[int], sigmas: torch.Tensor, idx: slice):
-    model, device = ctx.model, gen.device
+    device = gen.device
     n = len(seeds)
     init = init_latent[:n].to(device)
     shape = tuple(init.shape[1:])
-    conds = gen.conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
-    unconds = gen.conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
     rng = image_rng(ctx, shape, seeds, subseeds, req)
     noise = rng.first().to(device)
 
@@ -315,11 +317,22 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
             init = init * (1 - change)
         latent_mask = mask_replacement(ctx).latent_mask(init, change) if soft else LatentMask(init, change)
 
-    image_cond = _image_conditioning(ctx, processed[:n], prepared) if model.is_inpaint else None
-    hooks = ([latent_mask] if latent_mask is not None else []) + [
-        h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
-    denoiser = CFGDenoiser(model, gen.model_schedule, conds, unconds, req.cfg_scale, gen.conditioner, device,
-                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks, skips=gen.uncond_skips)
+    def make_denoiser(conditioner, model_schedule):
+        # for the model the job samples with now: the job's own, or the refiner after the switch
+        model = ctx.model
+        conds = conditioner.schedules(gen.prompts[idx], req.steps, is_negative=False)  # the batch's prompts
+        unconds = conditioner.schedules(gen.negatives[idx], req.steps, is_negative=True)
+        image_cond = _image_conditioning(ctx, processed[:n], prepared) if model.is_inpaint else None
+        hooks = ([latent_mask] if latent_mask is not None else []) + [
+            h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
+        return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
+                           ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks,
+                           skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(ctx.options))
+
+    denoiser = make_denoiser(gen.conditioner, gen.model_schedule)
+    switch_at = refiner_switch_at(ctx, req, FIRST_PASS, False)
+    if switch_at is not None:
+        denoiser = RefinerDenoiser(ctx, denoiser, switch_at, req, lambda: make_denoiser(*gen.for_model()))
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                        else ctx.options["initial_noise_multiplier"])
     x = init + noise * sigmas[0] * multiplier

@@ -8,6 +8,7 @@ The pipelines only add their own sampling between `begin` and `finish`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,9 @@ class Generation:
         self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                            max_chunks=int(options["prompt_max_chunks"]),
                                            should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
+        # per model the job samples with (a weak reference: an evicted model is not kept alive)
+        self._per_model = {id(model): (weakref.ref(model), self.conditioner, self.model_schedule)}
+        self.tiled = None  # the pipeline's `tiling(...)` set, when it tiles
         self.preview_every = int(options["show_progress_every_n_steps"]) if options["live_previews_enable"] else -1
         # token merging ratios of the first and the hires. fix pass (A1111's choice of setting)
         overridden = tuple((getattr(req, "override_settings", None) or {}).keys())
@@ -116,6 +120,23 @@ class Generation:
         if emphasis == "Original" or not any("(" in t or "[" in t for t in texts):
             return None
         return emphasis
+
+    def for_model(self):
+        """(text conditioner, noise schedule) of the model the job samples with now (`ctx.model`): the job's own, or
+        the refiner's / hires. checkpoint's after a switch (`ctx.switch_model`), each made once."""
+        model = self.ctx.model
+        if self.tiled is not None:  # a job with Tiling tiles the refiner / hires. checkpoint too
+            self.tiled.add(model)
+        known = self._per_model.get(id(model))
+        if known is None or known[0]() is not model:
+            conditioner = TextConditioner(model, self.device, self.clip_skip,
+                                          embeddings=getattr(self.ctx, "embeddings", None),
+                                          max_chunks=int(self.ctx.options["prompt_max_chunks"]),
+                                          should_stop=self.ctx.control.interrupted,
+                                          emphasis=self.ctx.options["emphasis"])
+            schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+            self._per_model[id(model)] = (weakref.ref(model), conditioner, schedule)
+        return self._per_model[id(model)][1:]
 
     def batches(self):
         """Yield (batch number, slice of the job's images) for each batch, until Interrupt."""
