@@ -83,6 +83,8 @@ def add_api(app, service, args, throttle=None) -> None:
     app.include_router(build_networks_router(service, deps, log_requests=bool(args.api_log)))
     from api.extensions_routes import build_extensions_router
     app.include_router(build_extensions_router(service, deps, log_requests=bool(args.api_log)))
+    from api.merger_routes import build_merger_router
+    app.include_router(build_merger_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def extensions_app_started(service, demo, app) -> None:
