@@ -92,6 +92,8 @@ def add_api(app, service, args, throttle=None, server_commands=None) -> None:
         from api.server_routes import build_server_control_router
         route_class = type("EaselApiRoute", (A1111Route,), {"log_requests": bool(args.api_log)})
         app.include_router(build_server_control_router(server_commands, service.client.kill, deps, route_class))
+    from api.merger_routes import build_merger_router
+    app.include_router(build_merger_router(service, deps, log_requests=bool(args.api_log)))
 
 
 def extensions_app_started(service, demo, app) -> None:

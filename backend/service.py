@@ -581,6 +581,13 @@ class EaselService:
         if job is not None:
             _wait(job)
 
+    def submit_merge(self, req, listener: Callable[[Job], None] | None = None) -> Job:
+        """The Checkpoint Merger (`backend/merger.py`): checked against the files' headers, then merged by the
+        backend; when it ends the checkpoint lists are read again, so the new file is selectable."""
+        from backend.merger import merge_folder, plan_merge
+        payload = plan_merge(req, self.registry, merge_folder(self.paths, self.args))
+        return self.client.submit("merge_checkpoints", payload, listener, on_end=lambda job: self.refresh_checkpoints())
+
     def submit_unload_checkpoint(self) -> Job:
         return self.client.submit("unload", {})
 

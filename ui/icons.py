@@ -26,6 +26,7 @@ ICONS = {
 ICON_BUTTONS = {
     "#refresh_sd_model_checkpoint": "refresh",
     "#extras_refresh_upscalers": "refresh",
+    "#refresh_checkpoint_A, #refresh_checkpoint_B, #refresh_checkpoint_C, #modelmerger_refresh_bake_in_vae": "refresh",
     '[id*="_controlnet_unit"][id$="_refresh_models"]': "refresh",  # the units' icon-only refresh
     "#script_txt2img_refiner_checkpoint_refresh, #script_img2img_refiner_checkpoint_refresh": "refresh",
     "#txt2img_random_seed, #img2img_random_seed": "dice",
@@ -38,6 +39,10 @@ HINTS = {
     "extras_refresh_upscalers": "Refresh the list of upscalers",
     "script_txt2img_refiner_checkpoint_refresh": "Refresh the list of checkpoints",
     "script_img2img_refiner_checkpoint_refresh": "Refresh the list of checkpoints",
+    "refresh_checkpoint_A": "Refresh the list of checkpoints",
+    "refresh_checkpoint_B": "Refresh the list of checkpoints",
+    "refresh_checkpoint_C": "Refresh the list of checkpoints",
+    "modelmerger_refresh_bake_in_vae": "Refresh the list of VAEs",
     "txt2img_random_seed": "Set the seed to -1: a new random seed for every job",
     "img2img_random_seed": "Set the seed to -1: a new random seed for every job",
     "txt2img_reuse_seed": "Reuse the seed of the last generation",

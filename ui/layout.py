@@ -13,6 +13,7 @@ from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
 from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, quicksettings,
                 send_to, settings_tab, txt2img, ui_config)
+from ui import checkpoint_merger
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -47,6 +48,8 @@ def build_ui(service: EaselService) -> gr.Blocks:
                 extras_image = extras.build(service)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo.build(service, fields, tabs, i2i_fields, i2i_images, extras_image, checkpoint)
+            with gr.Tab("Checkpoint Merger", id="modelmerger"):
+                checkpoint_merger.build(service, checkpoint)
             extension_parts.build_tabs(service)  # the Easel-native extensions' tabs (ControlNet's)
             extension_tabs.render(added_tabs)  # the A1111 extensions' tabs (on_ui_tabs), before Settings as in A1111
             with gr.Tab("Settings", id="settings"):

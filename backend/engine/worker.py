@@ -306,6 +306,11 @@ def _interrogate(state: WorkerState, payload: dict, control: JobControl) -> dict
     return run_interrogate_job(payload, state.interrogate, control)
 
 
+def _merge_checkpoints(state: WorkerState, payload: dict, control: JobControl) -> dict:
+    from backend.engine.checkpoint_merger import run_merge
+    return run_merge(payload, control, state.hashes)
+
+
 def _script_job(kind: str) -> JobHandler:
     """The handler of a job kind an always-on script adds (`backend.engine.always_on.SCRIPT_JOBS`)."""
     def handler(state: WorkerState, payload: dict, control: JobControl) -> Any:
@@ -675,6 +680,7 @@ JOB_HANDLERS: Mapping[str, JobHandler] = MappingProxyType({
     "unload": _unload,
     "extras": _extras,
     "interrogate": _interrogate,
+    "merge_checkpoints": _merge_checkpoints,
     "cache_info": _cache_info,
     "load": _load,
     "txt2img": _txt2img,
