@@ -146,7 +146,7 @@ def test_prompts_from_file_iterate_seed_and_position(api):
 
 
 @pytest.mark.parametrize("line, words", [("--stepz 3", "unknown commandline option: --stepz"), ("--steps many", "--steps 'many'"),
-                                         ("--steps 999", "steps must be between"),
+                                         ("--steps 1001", "steps must be between"),
                                          ("--sampler_name Nope", "Nope"),
                                          ("--outpath_samples /tmp", "output folders")])
 def test_prompts_from_file_bad_line_is_named(api, line, words):

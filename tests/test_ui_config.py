@@ -103,9 +103,9 @@ def test_a_value_that_does_not_fit_its_control_is_refused_with_a_warning(tmp_pat
 
 
 def test_a_larger_ui_maximum_does_not_lift_the_servers_limits(tmp_path):
-    (tmp_path / "ui-config.json").write_text(json.dumps({"txt2img/Sampling steps/maximum": 1000,
-                                                        "txt2img/Sampling steps/value": 400}))
+    (tmp_path / "ui-config.json").write_text(json.dumps({"txt2img/Sampling steps/maximum": 5000,
+                                                        "txt2img/Sampling steps/value": 4000}))
     service, demo = _build(tmp_path)
-    assert _component(demo, "txt2img_steps")["maximum"] == 1000  # a hint to the page only
-    with pytest.raises(UserError, match="steps must be between 1 and 150"):
-        service._job_payload(Txt2ImgRequest(prompt="x", steps=400))  # what every UI and API job passes
+    assert _component(demo, "txt2img_steps")["maximum"] == 5000  # a hint to the page only
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
+        service._job_payload(Txt2ImgRequest(prompt="x", steps=4000))  # what every UI and API job passes

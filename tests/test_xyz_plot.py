@@ -117,8 +117,8 @@ def test_bad_values_name_axis_and_value():
         values(T["CFG Scale"], "1.5, x")
     assert "X axis (CFG Scale)" in err.value.message and "'x'" in err.value.message
     with pytest.raises(UserError) as err:  # the request checks, before any image
-        values(T["Steps"], "10, 500")
-    assert "500" in err.value.message and "steps" in err.value.message
+        values(T["Steps"], "10, 5000")
+    assert "5000" in err.value.message and "steps" in err.value.message
     with pytest.raises(UserError, match="increment must not be 0"):
         values(T["CFG Scale"], "1-2 (+0)")
     with pytest.raises(UserError, match="at most 1000"):
