@@ -345,26 +345,20 @@ def detect_unet(state_dict, family: str, *, pooled_dim: int | None = None, prefi
     if not symmetric:
         config["reverse_transformer_layers_per_block"] = [
             list(d) if up_attn[i] else [1] * (layers_per_block + 1) for i, d in enumerate(up_depths)]
-    if "label_emb.0.0.weight" in sd and family == "sdxl_refiner":
-        # pooled text embedding + 5 Fourier-embedded values: original height, width, crop top, left, aesthetic score
+    if "label_emb.0.0.weight" in sd and family in ("sdxl", "sdxl_refiner"):
+        # pooled text embedding + Fourier-embedded values: original height, width, crop top, left, then target
+        # height, width (SDXL) or the aesthetic score (the SDXL refiner)
+        values, what = (5, "size/crop/aesthetic") if family == "sdxl_refiner" else (6, "size/crop")
         adm_in = int(sd["label_emb.0.0.weight"].shape[1])
-        if pooled_dim is None or (adm_in - pooled_dim) <= 0 or (adm_in - pooled_dim) % 5:
-            raise UserError(f"Unsupported SDXL refiner variant: additional embedding input width {adm_in} does not "
-                            f"match a pooled text embedding of {pooled_dim} plus 5 size/crop/aesthetic values.")
+        if pooled_dim is None or (adm_in - pooled_dim) <= 0 or (adm_in - pooled_dim) % values:
+            raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: additional embedding input width {adm_in} "
+                            f"does not match a pooled text embedding of {pooled_dim} plus {values} {what} values.")
         config["addition_embed_type"] = "text_time"
-        config["addition_time_embed_dim"] = (adm_in - pooled_dim) // 5
+        config["addition_time_embed_dim"] = (adm_in - pooled_dim) // values
         config["projection_class_embeddings_input_dim"] = adm_in
     elif "label_emb.0.0.weight" in sd:
-        if family != "sdxl":
-            raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: its UNet has a class/image embedding "
-                            "(unCLIP or similar), which Easel does not load.")
-        adm_in = int(sd["label_emb.0.0.weight"].shape[1])
-        if pooled_dim is None or (adm_in - pooled_dim) <= 0 or (adm_in - pooled_dim) % 6:
-            raise UserError(f"Unsupported SDXL variant: additional embedding input width {adm_in} does not match "
-                            f"a pooled text embedding of {pooled_dim} plus 6 size/crop values.")
-        config["addition_embed_type"] = "text_time"
-        config["addition_time_embed_dim"] = (adm_in - pooled_dim) // 6
-        config["projection_class_embeddings_input_dim"] = adm_in
+        raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: its UNet has a class/image embedding "
+                        "(unCLIP or similar), which Easel does not load.")
     elif family in ("sdxl", "sdxl_refiner"):
         raise UserError(f"Unsupported {FAMILY_NAMES[family]} variant: its UNet has no size/crop embedding (label_emb).")
     return config
