@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from backend.core.errors import UserError
+from backend.engine.networks.lora_files import file_stamp
 from backend.engine.state_dict_io import load_pickle
 
 # A1111's names for the activations (its dict, plus every class of torch.nn.modules.activation lowercased).
@@ -115,11 +116,6 @@ class HypernetworkFile:
     stamp: tuple
     layers: dict[int, tuple[HypernetworkMLP, HypernetworkMLP]]
     meta: dict = field(default_factory=dict)
-
-
-def file_stamp(path: Path) -> tuple:
-    st = Path(path).stat()
-    return (st.st_size, st.st_mtime_ns)
 
 
 def read_hypernetwork(path: Path, name: str) -> HypernetworkFile:
