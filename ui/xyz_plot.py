@@ -31,9 +31,9 @@ def wire(service: EaselService, tab: str, controls: list, elem_prefix: str) -> N
         """A1111's select_axis: the dropdown (with the type's choices) or the text box, the values carried over."""
         choices = choices_of(index)
         chosen = list(chosen or [])
-        if choices is None:
-            return gr.update(visible=False), gr.update(visible=True, value=text), \
-                gr.update(visible=False, choices=[], value=[])
+        if choices is None:  # the text box as the user left it: no value sent back, so what was typed after the
+            # type changed (before this answer came) is not overwritten by the value this event read
+            return gr.update(visible=False), gr.update(visible=True), gr.update(visible=False, choices=[], value=[])
         if csv_mode:
             if chosen:
                 text = list_to_csv([v for v in chosen if v in choices])
