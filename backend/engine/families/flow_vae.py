@@ -22,7 +22,8 @@ import torch
 from backend.core.errors import UserError
 from backend.engine.ldm_convert import convert_vae_diffusers_to_ldm, convert_vae_ldm_to_diffusers
 from backend.engine.model_detection import detect_vae
-from backend.engine.model_loader import _modernize_diffusers_vae, build_vae, build_without_weights, few_names, load_weights
+from backend.engine.model_loader import (_modernize_diffusers_vae, build_vae, build_without_weights, few_names,
+                                        load_weights)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def vae_config_from_tensors(sd: dict[str, torch.Tensor], *, family: str | None =
     latent = int(config["latent_channels"])
     if latent != FLOW_LATENT_CHANNELS:
         what = _FAMILY_LABELS.get(family or "", "FLUX.1 and Stable Diffusion 3")
-        raise UserError(f"This VAE has {latent} latent channels ({'an SD 1.x/2.x/SDXL VAE' if latent == 4 else 'an unknown VAE'}); "
+        kind = "an SD 1.x/2.x/SDXL VAE" if latent == 4 else "an unknown VAE"
+        raise UserError(f"This VAE has {latent} latent channels ({kind}); "
                         f"{what} needs a VAE with {FLOW_LATENT_CHANNELS} latent channels.")
     if family is not None:
         if family not in FLOW_VAE_FACTORS:
@@ -74,10 +76,11 @@ def vae_config_from_tensors(sd: dict[str, torch.Tensor], *, family: str | None =
     return config
 
 
-def flow_vae_to_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(AutoencoderKL kwargs without the family's factors, its state dict in diffusers names)."""
+def flow_vae_to_diffusers(sd: dict[str, torch.Tensor], *,
+                          family: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(AutoencoderKL kwargs as `vae_config_from_tensors` gives them, the state dict in diffusers names)."""
     ldm = _ldm_names(sd)
-    config = vae_config_from_tensors(ldm)
+    config = vae_config_from_tensors(ldm, family=family)
     out, unknown = convert_vae_ldm_to_diffusers(ldm, len(config["block_out_channels"]))
     if unknown:
         log.warning("VAE: ignoring %d unrecognized tensors: %s", len(unknown), few_names(unknown))
@@ -91,8 +94,7 @@ def load_flow_vae(sd: dict[str, torch.Tensor], *, family: str, dtype: torch.dtyp
     `config.scaling_factor` / `config.shift_factor` hold the family's latent normalisation."""
     if family not in FLOW_VAE_FACTORS:
         raise ValueError(f"unknown flow family {family!r}")
-    config, weights = flow_vae_to_diffusers(sd)
-    config["scaling_factor"], config["shift_factor"] = FLOW_VAE_FACTORS[family]
+    config, weights = flow_vae_to_diffusers(sd, family=family)
     vae = build_without_weights(build_vae, config)
     load_weights(vae, weights, f"{_FAMILY_LABELS[family]} VAE", dtype=dtype, device=device)
     return vae
