@@ -165,6 +165,8 @@ def test_damaged_or_unknown_transformers_are_refused(sd3_files):
     extra = dict(transformer, **{"joint_blocks.0.x_block.mystery.weight": torch.zeros(2, 2)})
     with pytest.raises(UserError, match="does not know"):
         sd3.load_sd3_transformer(extra, dtype=torch.float32)
+    stray = dict(transformer, **{"training_step": torch.zeros(())})  # outside the blocks: ignored
+    assert "training_step" not in sd3.load_sd3_transformer(stray, dtype=torch.float32).state_dict()
 
     class Packed(torch.Tensor):  # what a GGUF reader's quantized tensors look like to this loader
         pass

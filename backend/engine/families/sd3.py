@@ -203,8 +203,9 @@ def _dequantize_scaled_fp8(sd: dict, dtype: torch.dtype) -> dict:
 def sd3_to_diffusers(state_dict: dict, *, dtype: torch.dtype = torch.float32) -> dict:
     """The transformer's tensors (SAI names, prefixed or not) renamed to `SD3Transformer2DModel`'s.
 
-    Uses diffusers' converter (q/k/v split, the final layers' shift/scale halves swapped); a tensor it
-    does not place or one it needs and does not find is an error, so an unknown variant is not half-loaded."""
+    Uses diffusers' converter (q/k/v split, the final layers' shift/scale halves swapped); a tensor it needs
+    and does not find, or one inside the joint blocks it does not place, is an error, so an unknown variant
+    is not half-loaded (stray tensors outside the blocks are logged and ignored)."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     sd = _transformer_tensors(state_dict)
@@ -220,9 +221,12 @@ def sd3_to_diffusers(state_dict: dict, *, dtype: torch.dtype = torch.float32) ->
     except KeyError as e:
         raise UserError(f"The Stable Diffusion 3 transformer is missing {e.args[0]}; "
                         "the file is incomplete or of an unsupported variant.") from None
+    in_blocks = [k for k in work if k.startswith("joint_blocks.")]
+    if in_blocks:  # a part of the architecture that would be left out: refuse rather than compute something else
+        raise UserError(f"The Stable Diffusion 3 transformer has {len(in_blocks)} tensors Easel does not know "
+                        f"({few_names(in_blocks, 3)}); it may be an unsupported variant.")
     if work:
-        raise UserError(f"The Stable Diffusion 3 transformer has {len(work)} tensors Easel does not know "
-                        f"({few_names(work, 3)}); it may be an unsupported variant.")
+        log.warning("SD3 transformer: ignoring %d tensors outside its blocks: %s", len(work), few_names(work))
     return converted
 
 
