@@ -187,7 +187,7 @@ def split_sd3_checkpoint(state_dict: dict) -> dict[str, dict]:
 
 def _dequantize_scaled_fp8(sd: dict, dtype: torch.dtype) -> dict:
     """ComfyUI's scaled-fp8 weights as plain `dtype` tensors (stored * scale_weight); other files unchanged."""
-    if _SCALED_FP8_MARKER not in sd:
+    if _SCALED_FP8_MARKER not in sd and not any(k.endswith(".scale_weight") for k in sd):
         return sd
     out = {}
     for key, value in sd.items():
