@@ -1,0 +1,227 @@
+"""Tiny FLUX.1 / Stable Diffusion 3 files with the real architectures, written in the layouts people share.
+
+Each builder makes small random diffusers/transformers modules shaped like the real ones and writes
+them under the real key names, so the tests run the same detection and loading code as real files.
+
+SD 3 / 3.5 (`write_sd3`): Stability AI's single-file layout, the transformer as
+`model.diffusion_model.{x_embedder, pos_embed, t_embedder, y_embedder, context_embedder,
+joint_blocks.N.{x_block,context_block}, final_layer}` (converted from a diffusers
+`SD3Transformer2DModel` by the inverse of diffusers' mapping, here in test code), the 16-channel VAE
+as `first_stage_model.*` (LDM names) and, optionally, CLIP-L / CLIP-G / T5 as
+`text_encoders.{clip_l,clip_g,t5xxl}.transformer.*` (transformers' names).
+
+Plain module imported by tests (not a test file).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from model_factory import _clip_l, _open_clip, _randomize  # noqa: E402
+
+from backend.engine.ldm_convert import convert_vae_diffusers_to_ldm  # noqa: E402
+
+# -- the 16-channel VAE (FLUX.1 and SD3) --------------------------------------------------------------
+FLOW_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                   "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [32, 32, 32, 32],
+                   "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 32, "sample_size": 512,
+                   "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+
+
+def tiny_flow_vae(*, scaling_factor: float, shift_factor: float, seed: int = 0):
+    """A random 16-channel AutoencoderKL (4 levels: 8x down, no quant convs) with the given latent factors."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(**FLOW_VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    _randomize(vae, torch.Generator().manual_seed(seed))
+    return vae.eval().requires_grad_(False)
+
+
+def flow_vae_ldm(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's tensors under LDM names (as `ae.safetensors` / `first_stage_model.*`)."""
+    return convert_vae_diffusers_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))
+
+
+# -- SD 3 / 3.5 ----------------------------------------------------------------------------------------
+SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+SD3_CLIP_L_HIDDEN = 32
+SD3_CLIP_G_HIDDEN = 64
+SD3_T5_DIM = 128   # the context width: CLIP-L ++ CLIP-G (96 channels) zero-padded to it, as 768 + 1280 -> 4096
+SD3_POOLED = SD3_CLIP_L_HIDDEN + SD3_CLIP_G_HIDDEN
+
+
+def sd3_transformer_config(variant: str = "sd3.5-medium") -> dict:
+    """SD3Transformer2DModel kwargs of a tiny `variant`: 2 joint blocks; sd3-medium 2 x 64-channel heads (no q/k
+    norm, so the head width is the published 64); 3.5 2 x 16-channel heads with RMS q/k norm; 3.5 medium's
+    first block with the image stream's second attention."""
+    if variant not in SD3_VARIANTS:
+        raise ValueError(f"variant must be one of {SD3_VARIANTS}")
+    is35 = variant != "sd3-medium"
+    head_dim = 16 if is35 else 64
+    return {"sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": head_dim,
+            "num_attention_heads": 2, "joint_attention_dim": SD3_T5_DIM, "caption_projection_dim": 2 * head_dim,
+            "pooled_projection_dim": SD3_POOLED, "out_channels": 16, "pos_embed_max_size": 16,
+            "dual_attention_layers": (0,) if variant == "sd3.5-medium" else (),
+            "qk_norm": "rms_norm" if is35 else None}
+
+
+def tiny_sd3_transformer(variant: str = "sd3.5-medium", *, seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+    model = SD3Transformer2DModel(**sd3_transformer_config(variant))
+    _randomize(model, torch.Generator().manual_seed(seed))
+    return model.eval().requires_grad_(False)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_transformer_to_sai(model) -> dict[str, torch.Tensor]:
+    """A diffusers SD3Transformer2DModel's tensors under Stability AI's names (no prefix).
+
+    SAI's layout stores q, k, v stacked (`qkv`) and the pre-only modulations as (shift, scale) where
+    diffusers has (scale, shift). Every diffusers tensor must be placed (asserted)."""
+    sd = dict(model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        return sd.pop(name)
+
+    def move(diffusers_name: str, sai_name: str, swap: bool = False) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{diffusers_name}.{suffix}" in sd:
+                t = take(f"{diffusers_name}.{suffix}")
+                out[f"{sai_name}.{suffix}"] = _swap_halves(t) if swap else t
+
+    def stack(prefix: str, names: tuple[str, str, str], sai_name: str) -> None:
+        for suffix in ("weight", "bias"):
+            out[f"{sai_name}.{suffix}"] = torch.cat([take(f"{prefix}.{n}.{suffix}") for n in names], dim=0)
+
+    out["pos_embed"] = take("pos_embed.pos_embed")
+    move("pos_embed.proj", "x_embedder.proj")
+    move("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    move("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    move("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
+    move("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
+    move("context_embedder", "context_embedder")
+    layers = model.config.num_layers
+    for i in range(layers):
+        d, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        last = i == layers - 1
+        stack(f"{d}.attn", ("to_q", "to_k", "to_v"), f"{x}.attn.qkv")
+        stack(f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), f"{c}.attn.qkv")
+        move(f"{d}.attn.norm_q", f"{x}.attn.ln_q")
+        move(f"{d}.attn.norm_k", f"{x}.attn.ln_k")
+        move(f"{d}.attn.norm_added_q", f"{c}.attn.ln_q")
+        move(f"{d}.attn.norm_added_k", f"{c}.attn.ln_k")
+        move(f"{d}.attn.to_out.0", f"{x}.attn.proj")
+        move(f"{d}.attn.to_add_out", f"{c}.attn.proj")
+        if f"{d}.attn2.to_q.weight" in sd:
+            stack(f"{d}.attn2", ("to_q", "to_k", "to_v"), f"{x}.attn2.qkv")
+            move(f"{d}.attn2.norm_q", f"{x}.attn2.ln_q")
+            move(f"{d}.attn2.norm_k", f"{x}.attn2.ln_k")
+            move(f"{d}.attn2.to_out.0", f"{x}.attn2.proj")
+        move(f"{d}.norm1.linear", f"{x}.adaLN_modulation.1")
+        move(f"{d}.norm1_context.linear", f"{c}.adaLN_modulation.1", swap=last)
+        move(f"{d}.ff.net.0.proj", f"{x}.mlp.fc1")
+        move(f"{d}.ff.net.2", f"{x}.mlp.fc2")
+        move(f"{d}.ff_context.net.0.proj", f"{c}.mlp.fc1")
+        move(f"{d}.ff_context.net.2", f"{c}.mlp.fc2")
+    move("proj_out", "final_layer.linear")
+    move("norm_out.linear", "final_layer.adaLN_modulation.1", swap=True)
+    assert not sd, f"diffusers tensors without an SAI name: {sorted(sd)}"
+    return out
+
+
+def tiny_sd3_encoders(*, seed: int = 0, clip_l_projection: bool = True, t5_vocab: int = 32128) -> dict:
+    """Random tiny CLIP-L (with its text projection, as in SAI's files, unless `clip_l_projection` is False),
+    CLIP-G (with projection) and T5 v1.1 encoder (gated-gelu) modules: {"clip_l", "clip_g", "t5xxl"}."""
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
+    generator = torch.Generator().manual_seed(seed + 100)
+    clip_l_config = CLIPTextConfig(**_clip_l(SD3_CLIP_L_HIDDEN), projection_dim=SD3_CLIP_L_HIDDEN)
+    clip_l = (CLIPTextModelWithProjection if clip_l_projection else CLIPTextModel)(clip_l_config)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**_open_clip(SD3_CLIP_G_HIDDEN,
+                                                                     projection_dim=SD3_CLIP_G_HIDDEN)))
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=SD3_T5_DIM, d_kv=32, d_ff=2 * SD3_T5_DIM,
+                                 num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                                 layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False))
+    for module in (clip_l, clip_g, t5):
+        _randomize(module, generator)
+        module.eval().requires_grad_(False)
+    return {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5}
+
+
+def _encoder_tensors(module) -> dict[str, torch.Tensor]:
+    """A text encoder's tensors as transformers saves them (no position_ids buffer, T5's tied copy dropped)."""
+    sd = module.state_dict()
+    return {k: v for k, v in sd.items() if not k.endswith("position_ids") and k != "encoder.embed_tokens.weight"}
+
+
+def _fp8(tensors: dict[str, torch.Tensor], scaled: bool) -> dict[str, torch.Tensor]:
+    """Matrices as float8_e4m3fn (ComfyUI's "scaled" files: stored / scale, with `scale_weight` beside)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            if scaled:
+                scale = value.abs().max().float() / 448.0
+                out[key] = (value / scale).to(torch.float8_e4m3fn)
+                out[key[:-len("weight")] + "scale_weight"] = scale.reshape(())
+            else:
+                out[key] = value.to(torch.float8_e4m3fn)
+        else:
+            out[key] = value
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def write_sd3(path: Path, *, variant: str = "sd3.5-medium", with_encoders: bool = True, with_vae: bool = True,
+              prefixed: bool = True, weights: str = "fp32", seed: int = 0, clip_l_projection: bool = True,
+              t5_vocab: int = 32128) -> dict:
+    """Write a tiny SD 3 / 3.5 single file in Stability AI's layout to `path` (.safetensors); return the modules.
+
+    variant: "sd3-medium" | "sd3.5-medium" | "sd3.5-large". with_encoders: also CLIP-L, CLIP-G and T5 under
+    `text_encoders.*.transformer.`; with_vae: the VAE under `first_stage_model.`. prefixed=False writes a
+    transformer-only file with SAI names at the top level (with_vae/with_encoders must be False). weights: the
+    transformer's storage, "fp32", "bf16", "fp16", "fp8" (float8_e4m3fn matrices) or "fp8_scaled" (ComfyUI's
+    scaled fp8). Returns {"transformer", "vae", "clip_l", "clip_g", "t5xxl"} modules (those written) and
+    "sai": the transformer's float32 tensors under SAI names."""
+    from safetensors.torch import save_file
+
+    from backend.engine.families.flow_vae import FLOW_VAE_FACTORS
+
+    if not prefixed and (with_encoders or with_vae):
+        raise ValueError("an unprefixed file holds the transformer alone")
+    transformer = tiny_sd3_transformer(variant, seed=seed)
+    sai = sd3_transformer_to_sai(transformer)
+    stored = {"fp32": lambda t: t, "bf16": lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()},
+              "fp16": lambda t: {k: v.to(torch.float16) for k, v in t.items()},
+              "fp8": lambda t: _fp8(t, scaled=False), "fp8_scaled": lambda t: _fp8(t, scaled=True)}[weights](sai)
+    prefix = "model.diffusion_model." if prefixed else ""
+    out = {prefix + k: v for k, v in stored.items()}
+    result: dict = {"transformer": transformer, "sai": {k: v.clone() for k, v in sai.items()}}
+    if with_vae:
+        scale, shift = FLOW_VAE_FACTORS["sd3"]
+        vae = tiny_flow_vae(scaling_factor=scale, shift_factor=shift, seed=seed + 1)
+        out.update({"first_stage_model." + k: v for k, v in flow_vae_ldm(vae).items()})
+        result["vae"] = vae
+    if with_encoders:
+        encoders = tiny_sd3_encoders(seed=seed, clip_l_projection=clip_l_projection, t5_vocab=t5_vocab)
+        for name, module in encoders.items():
+            out.update({f"text_encoders.{name}.transformer.{k}": v for k, v in _encoder_tensors(module).items()})
+        result.update(encoders)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in out.items()}, str(path), metadata={"format": "pt"})
+    return result
