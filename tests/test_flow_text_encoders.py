@@ -10,7 +10,6 @@ import torch
 
 from backend.core.errors import JobInterrupted, UserError
 from backend.engine.conditioning import stack_padded
-from backend.engine.families import t5_tokenizer as t5_tokenizer_module
 from backend.engine.families import text_encoders as te
 from backend.engine.families.flow_conditioning import FlowConditioner
 from backend.engine.families.t5_tokenizer import T5_TOKENIZER_URL, t5_tokenizer, t5_tokenizer_path
@@ -389,3 +388,42 @@ def test_float8_t5_in_the_conditioner(parts, encoders):
     cond = FlowConditioner(model, "cpu").encode("a photo of a cat")
     assert cond.crossattn.dtype == torch.float32 and torch.isfinite(cond.crossattn).all()
     assert cond.crossattn.shape == (256, D_T5)
+
+
+class _OneEmbedding:
+    """A stand-in for `backend.embeddings.JobEmbeddings` with one embedding of two vectors per encoder."""
+
+    def __init__(self, tokenizer, name: str, widths: list[int]):
+        self.ids = tokenizer([name], add_special_tokens=False)["input_ids"][0]
+        self.embedding = SimpleNamespace(count=2, name=name)
+        self.vectors_by_encoder = [torch.full((2, w), 0.5) for w in widths]
+        self.asked: list[int] = []
+
+    def __bool__(self):
+        return True
+
+    def find_at(self, tokens, position):
+        if tokens[position:position + len(self.ids)] == self.ids:
+            return self.embedding, len(self.ids)
+        return None
+
+    def vectors(self, embedding, index):
+        self.asked.append(index)
+        return self.vectors_by_encoder[index]
+
+
+def test_sd3_textual_inversion_on_the_clip_encoders(encoders):
+    model = _model("sd3", encoders, ("clip_l", "clip_g", "t5xxl"), D_T5)
+    embeddings = _OneEmbedding(model.tokenizers["clip_l"], "zqxemb", [32, 32])
+    plain = FlowConditioner(model, "cpu").encode("a zqxemb cat")
+    with_ti = FlowConditioner(model, "cpu", embeddings=embeddings).encode("a zqxemb cat")
+    assert sorted(set(embeddings.asked)) == [0, 1]  # CLIP-L's and CLIP-G's vectors
+    assert not torch.allclose(with_ti.crossattn[:77, :64], plain.crossattn[:77, :64])
+    assert torch.allclose(with_ti.crossattn[77:], plain.crossattn[77:])  # T5 has no embeddings
+
+
+def test_float8_hooks_only_where_float8_is(parts):
+    fp8 = te.load_t5xxl(_sd(parts, "t5xxl_fp8_e4m3fn.safetensors"), dtype=torch.float32, device="cpu")
+    assert fp8.encoder.embed_tokens._forward_pre_hooks and all(b._forward_pre_hooks for b in fp8.encoder.block)
+    plain = te.load_t5xxl(_sd(parts, "t5xxl_fp32.safetensors"), dtype=torch.float32, device="cpu")
+    assert not any(m._forward_pre_hooks for m in plain.modules())

@@ -76,8 +76,9 @@ def _load(path: str, _size: int, _mtime_ns: int):
                         f"replace it with {T5_TOKENIZER_URL}.")
     if (len(pieces) <= UNK_ID or model["unk_id"] != UNK_ID
             or [p[0] for p in pieces[:3]] != ["<pad>", "</s>", "<unk>"]):
-        raise UserError(f"{path} is a SentencePiece model, but not T5's (its first pieces are "
-                        f"{[p[0] for p in pieces[:3]]}, T5 has <pad>, </s>, <unk>); replace it with {T5_TOKENIZER_URL}.")
+        first = [p[0] for p in pieces[:3]]
+        raise UserError(f"{path} is a SentencePiece model, but not T5's (its first pieces are {first}, T5 has "
+                        f"<pad>, </s>, <unk>); replace it with {T5_TOKENIZER_URL}.")
     vocab = [(piece, score) for piece, score, _type in pieces]
     tokenizer = T5Tokenizer(vocab=vocab, _spm_precompiled_charsmap=model["precompiled_charsmap"],
                             extra_ids=T5_EXTRA_IDS)

@@ -2,12 +2,14 @@
 
 People keep these parts as files of their own in models/VAE, models/text_encoder and models/clip:
 
-| part | typical file | layout |
-| --- | --- | --- |
-| "vae" | `ae.safetensors` (FLUX), SD3's VAE | CompVis/ldm names `encoder.down.*` (maybe `first_stage_model.` or `vae.` in front), or diffusers `encoder.down_blocks.*` |
-| "clip_l" | `clip_l.safetensors` | transformers CLIPTextModel names `text_model.*`, width 768 (SD3's copy also has a `text_projection.weight`) |
-| "clip_g" | `clip_g.safetensors` | transformers CLIPTextModelWithProjection names, width 1280, `text_projection.weight` |
-| "t5xxl" | `t5xxl_fp16.safetensors`, `t5xxl_fp8_e4m3fn.safetensors` | transformers T5EncoderModel names `encoder.block.N.layer.*`, `shared.weight`, `encoder.final_layer_norm.weight` |
+- "vae": `ae.safetensors` (FLUX), SD3's VAE: CompVis/ldm names `encoder.down.*` (maybe with `first_stage_model.`
+  or `vae.` in front), or diffusers names `encoder.down_blocks.*`;
+- "clip_l": `clip_l.safetensors`: transformers CLIPTextModel names `text_model.*`, width 768 (SD3's copy also has
+  a `text_projection.weight`);
+- "clip_g": `clip_g.safetensors`: transformers CLIPTextModelWithProjection names, width 1280,
+  `text_projection.weight`;
+- "t5xxl": `t5xxl_fp16.safetensors`, `t5xxl_fp8_e4m3fn.safetensors`: transformers T5EncoderModel names
+  `encoder.block.N.layer.*`, `shared.weight`, `encoder.final_layer_norm.weight`.
 
 ComfyUI writes the encoders with a prefix `text_encoders.<name>.transformer.` (also inside SD3/FLUX all-in-one
 files); it is removed here. What a file is comes from its structure (T5 blocks or CLIP layers) and its width (768:
@@ -191,7 +193,8 @@ def load_t5xxl(sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> to
     """
     from transformers import T5Config, T5EncoderModel
 
-    sd = part_state_dict(sd)
+    # a whole T5 (encoder-decoder, as google/t5-v1_1-xxl's own file) is used for its encoder only
+    sd = {k: v for k, v in part_state_dict(sd).items() if not k.startswith(("decoder.", "lm_head."))}
     scales = {k[: -len("scale_weight")] + "weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
     sd = {k: v for k, v in sd.items() if not k.endswith((".scale_weight", ".scale_input"))}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
@@ -251,7 +254,7 @@ class Float8Compute:
     copies in the compute dtype (times their ComfyUI `scale_weight`, if any), then the float8 tensors are put back.
 
     Installed on each T5 block and on the token embedding, so at most one block's weights exist in the compute
-    dtype at a time. The hooks are the only state; `remove(model)` takes them off again.
+    dtype at a time. The hooks are the only state kept.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype, scales: dict[str, torch.Tensor]):
@@ -264,7 +267,8 @@ class Float8Compute:
     @classmethod
     def install(cls, model: torch.nn.Module, dtype: torch.dtype, scales: dict[str, torch.Tensor]) -> list:
         # the token embedding runs as encoder.embed_tokens (its weight is shared.weight, the same parameter)
-        units = [("shared.", model.encoder.embed_tokens), *((f"encoder.block.{i}.", b) for i, b in enumerate(model.encoder.block))]
+        units = [("shared.", model.encoder.embed_tokens),
+                 *((f"encoder.block.{i}.", block) for i, block in enumerate(model.encoder.block))]
         done = []
         for prefix, unit in units:
             own = {k[len(prefix):]: v for k, v in scales.items() if k.startswith(prefix)}
