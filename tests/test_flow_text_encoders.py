@@ -83,6 +83,9 @@ def test_classify_part_vae():
     assert te.classify_part(ldm) == "vae"
     assert te.classify_part({"first_stage_model." + k: v for k, v in ldm.items()}) == "vae"
     assert te.classify_part({"vae." + k: v for k, v in ldm.items()}) == "vae"
+    diffusers = _meta(**{"encoder.down_blocks.0.resnets.0.conv1.weight": (128, 128, 3, 3),
+                         "decoder.up_blocks.0.resnets.0.conv1.weight": (128, 128, 3, 3)})
+    assert te.classify_part(diffusers) == "vae"
 
 
 def test_classify_part_refuses_other_files_clearly():
@@ -102,7 +105,7 @@ def test_load_clip_l_and_g_forward_as_transformers(parts):
     want, got = refs["clip_l"](input_ids=CLIP_IDS), clip_l(input_ids=CLIP_IDS)
     assert torch.equal(got.last_hidden_state, want.last_hidden_state)
     assert torch.equal(got.pooler_output, want.pooler_output)
-    clip_g = te.load_clip_g(_sd(parts, "clip_g.safetensors"), dtype=torch.float32, device="cpu")
+    clip_g = te.load_clip_g(_sd(parts, "clip_g.safetensors"), torch.float32, "cpu")  # positional, as the contract
     want, got = refs["clip_g"](input_ids=CLIP_IDS), clip_g(input_ids=CLIP_IDS)
     assert torch.equal(got.text_embeds, want.text_embeds)
     assert clip_g.config.hidden_act == "gelu" and clip_l.config.hidden_act == "quick_gelu"

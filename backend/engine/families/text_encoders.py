@@ -119,7 +119,7 @@ def _clip_config(sd: dict[str, torch.Tensor], what: str) -> dict:
     return detect_text_encoder(sd, prefix, "openai")
 
 
-def load_clip_l(sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> torch.nn.Module:
+def load_clip_l(sd: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch.nn.Module:
     """A `CLIPTextModel` (OpenAI CLIP ViT-L/14's text tower, quick-GELU) from transformers-named tensors.
 
     A `text_projection.weight` (SD3's clip_l.safetensors has one) is not part of CLIPTextModel and is left out:
@@ -132,7 +132,7 @@ def load_clip_l(sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> t
     return encoder
 
 
-def load_clip_g(sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> torch.nn.Module:
+def load_clip_g(sd: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch.nn.Module:
     """A `CLIPTextModelWithProjection` (OpenCLIP ViT-bigG/14's text tower, GELU, projection) from transformers names."""
     sd = part_state_dict(sd)
     config = _clip_config(sd, "CLIP-G")
@@ -184,7 +184,7 @@ def t5_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def load_t5xxl(sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> torch.nn.Module:
+def load_t5xxl(sd: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch.nn.Module:
     """A `T5EncoderModel` from transformers-named tensors (`t5xxl_fp16`, `t5xxl_fp8_e4m3fn`, ComfyUI prefixes).
 
     Weight matrices stored in float8 in the file stay float8 (with `dtype` float8 the others are stored so too);
