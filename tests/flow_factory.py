@@ -129,7 +129,8 @@ def _clip_l_kohya(gen: torch.Generator, clip_l, rank: int, alpha: float | None, 
     out = {}
     for name, module in clip_l.named_modules():
         if isinstance(module, torch.nn.Linear) and name.endswith(("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")):
-            key = prefix + name.replace(".", "_")
+            full = name if name.startswith("text_model.") else "text_model." + name  # transformers 5 dropped it
+            key = prefix + full.replace(".", "_")
             down, up = _pair(gen, tuple(module.weight.shape), rank)
             out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
             if alpha is not None:
