@@ -4,6 +4,11 @@ Targets: every Linear, Conv2d, GroupNorm and LayerNorm of the UNet and text enco
 names LoRA files use for them (see `target_table`): the diffusers module path and, for the UNet,
 its CompVis/SGM name too (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), both with "_" for ".";
 text encoder modules as `text_model_encoder_layers_N_...` under part te1 (te2: SDXL's second).
+FLUX/SD3 models (`families.flow_model.FlowModel`): the diffusers transformer's modules under their own names and
+the original checkpoint's (`flow_targets`: fused layers such as BFL's `img_attn.qkv` are `FusedTarget`s, whose
+update is split by rows onto to_q/to_k/to_v...), and the text encoders as te1/te2/te3 (`flow_text_encoders`).
+A weight stored quantized (float8, GGUF: `lora_compute.stored_quantized`) is never changed: its LoRA is added
+at compute time by a forward hook (`lora_compute`), removed with the rest.
 
 Applying adds each update to the weight in float32, then rounds once to the weight's dtype; a plain
 LoRA's up @ down goes straight into the weight (`add_updates`), without a full-size update tensor,
