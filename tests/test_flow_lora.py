@@ -299,8 +299,24 @@ def test_lycoris_module_on_a_fused_layer_is_split_by_rows(tmp_path):
     report = NetworkPatcher(loaded).apply([ActiveNetwork(read_network_file(tmp_path / "loha.safetensors"), 1.0, 0.8)])[0]
     assert report.applied == 1
     o = "single_transformer_blocks.0"
-    check_weights(t, before, {f"{o}.attn.to_q": full[:d], f"{o}.attn.to_k": full[d:2 * d],
-                              f"{o}.attn.to_v": full[2 * d:3 * d], f"{o}.proj_mlp": full[3 * d:]}, 0.8)
+    deltas = {f"{o}.attn.to_q": full[:d], f"{o}.attn.to_k": full[d:2 * d], f"{o}.attn.to_v": full[2 * d:3 * d],
+              f"{o}.proj_mlp": full[3 * d:]}
+    check_weights(t, before, deltas, 0.8)
+    NetworkPatcher(loaded).apply([])
+    assert_bitwise(t, before)
+    # On quantized weights the same full-size update is added at compute time, row by row.
+    quantize_blocks(t, kind="quantized")
+    ref = lora_test_flux_transformer(seed=4)
+    with torch.no_grad():
+        for name, module in t.named_modules():
+            if isinstance(module, Float8Linear):
+                ref.get_submodule(name).weight.copy_(module.weight.to(torch.float32))
+    ref = by_hand(ref, deltas, 0.8)
+    before, inputs = snapshot(t), flux_inputs()
+    loaded = LoadedModel(flow_model("flux", t))
+    NetworkPatcher(loaded).apply([ActiveNetwork(read_network_file(tmp_path / "loha.safetensors"), 1.0, 0.8)])
+    assert len(loaded.lora.hooks) == 4 and not loaded.lora.backup
+    torch.testing.assert_close(run(t, inputs), run(ref, inputs), atol=1e-4, rtol=1e-4)
     NetworkPatcher(loaded).apply([])
     assert_bitwise(t, before)
 
@@ -467,6 +483,9 @@ def test_key_layouts_parse():
         ("te3", "text_model_encoder_block_0_layer_1_DenseReluDense_wi_0", "alpha")
     assert split_key("text_encoder_3.encoder.block.0.layer.0.SelfAttention.k.lora_A.weight")[0] == "te3"
     assert split_key("lora_unet_joint_blocks_0_x_block_attn_qkv.alpha")[:2] == ("unet", "joint_blocks_0_x_block_attn_qkv")
+    assert split_key("lycoris_single_blocks_0_linear1.lokr_w1")[:3] == ("unet", "single_blocks_0_linear1", "lokr_w1")
+    assert split_key("lora_transformer_single_transformer_blocks_0_proj_out.lora_up.weight")[:2] == \
+        ("unet", "single_transformer_blocks_0_proj_out")
 
 
 def test_unknown_keys_and_unmatched_modules_are_reported_in_the_job(tmp_path):

@@ -24,16 +24,24 @@ FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2"
                       if hasattr(torch, n))
 
 
-def stored_quantized(module: torch.nn.Module) -> bool:
-    """Whether this module is a linear layer whose weight is stored quantized (LoRAs go in at compute time)."""
-    if isinstance(module, torch.nn.Linear):
-        return module.weight is not None and module.weight.dtype in FLOAT8_DTYPES
+def _dequantizes(module: torch.nn.Module) -> bool:
     return (hasattr(module, "in_features") and hasattr(module, "out_features")
             and callable(getattr(module, "dequantized_weight", None)))
 
 
+def stored_quantized(module: torch.nn.Module) -> bool:
+    """Whether this module is a linear layer whose weight is stored quantized (LoRAs go in at compute time):
+    one that dequantizes its weight itself, or an nn.Linear whose weight is float8 (or not floating point)."""
+    if _dequantizes(module):
+        return True
+    if isinstance(module, torch.nn.Linear):
+        weight = module.weight
+        return weight is not None and (weight.dtype in FLOAT8_DTYPES or not weight.dtype.is_floating_point)
+    return False
+
+
 def weight_shape(module: torch.nn.Module) -> tuple[int, ...]:
-    if stored_quantized(module) and not isinstance(module, torch.nn.Linear):
+    if _dequantizes(module):
         return (int(module.out_features), int(module.in_features))
     return tuple(module.weight.shape)
 
@@ -49,7 +57,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 def float32_weight(module: torch.nn.Module) -> torch.Tensor:
     """The module's weight in float32 (dequantized for a quantized one): a new tensor or the weight itself."""
-    if stored_quantized(module) and not isinstance(module, torch.nn.Linear):
+    if _dequantizes(module):
         return module.dequantized_weight(torch.float32)
     return module.weight.detach().to(torch.float32)
 

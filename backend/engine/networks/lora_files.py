@@ -42,9 +42,10 @@ from backend.networks.registry import detect_family
 
 
 # kohya / LyCORIS: the module name has no "."; the part follows the first ".".
-# FLUX/SD3 files: lora_te3_ is T5-XXL (kohya's sd-scripts); lora_transformer_ carries diffusers names (FLUX).
+# FLUX/SD3 files: lora_te3_ is T5-XXL (kohya's sd-scripts); lora_transformer_ carries diffusers names (FLUX);
+# lycoris_ is LyCORIS' own prefix for the denoiser (its names as the model's modules are named).
 _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
-                   ("lora_te_", "te1"), ("lora_transformer_", "unet"))
+                   ("lora_te_", "te1"), ("lora_transformer_", "unet"), ("lycoris_", "unet"))
 # diffusers / PEFT: dotted module names under one of these prefixes ("transformer.": FLUX/SD3 in diffusers'
 # names; "diffusion_model.": the BFL/SAI names as ComfyUI saves PEFT-style FLUX LoRAs).
 _DOTTED_PREFIXES = (("unet.", "unet"), ("text_encoder_3.", "te3"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
