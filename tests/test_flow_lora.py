@@ -511,3 +511,15 @@ def test_unknown_keys_and_unmatched_modules_are_reported_in_the_job(tmp_path):
     activate_for_job(SimpleNamespace(prompt="a cat", negative_prompt="", disable_extra_networks=False), ctx, runtime)
     assert "Lora hashes" not in ctx.extra_params and ctx.warnings == []
     assert_bitwise(t, before)
+
+
+def test_base_model_from_kohya_metadata():
+    """What the LoRA cards' badge and the family check read: sd-scripts' `ss_base_model_version` / modelspec."""
+    from backend.networks.registry import FAMILY_LABELS, detect_family
+
+    assert detect_family({"ss_base_model_version": "flux1"}, set()) == "flux"
+    assert detect_family({"modelspec.architecture": "flux-1-dev/lora"}, set()) == "flux"
+    assert detect_family({"ss_base_model_version": "sd3m"}, set()) == "sd3"
+    assert detect_family({"modelspec.architecture": "stable-diffusion-v3.5-large/lora"}, set()) == "sd3"
+    assert detect_family({"ss_base_model_version": "sdxl_base_v1-0"}, set()) == "sdxl"
+    assert FAMILY_LABELS["flux"] == "FLUX.1" and FAMILY_LABELS["sd3"] == "SD 3"
