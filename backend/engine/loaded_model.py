@@ -41,10 +41,12 @@ class LoraPatches:
     signature: tuple = ()  # (placement, the networks' signatures) of what is applied; () = nothing
     reports: list = field(default_factory=list)  # lora_apply.ApplyReport per network of `signature`
     targets: dict | None = None  # lora_apply.target_table of the model, built on first use
+    # Forward-hook handles of LoRAs added at compute time (on quantized weights, which are never changed).
+    hooks: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
-        return bool(self.backup)
+        return bool(self.backup) or bool(self.hooks)
 
 
 @dataclass(eq=False)

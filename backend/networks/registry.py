@@ -34,7 +34,7 @@ PREVIEW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 METADATA_ORDER = {"ss_sd_model_name": 1, "ss_base_model_version": 2, "ss_resolution": 3, "ss_clip_skip": 4,
                   "ss_network_module": 5, "ss_network_dim": 6, "ss_network_alpha": 7, "ss_num_train_images": 10,
                   "ss_tag_frequency": 20}
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD 3"}
 
 _LOCK = threading.Lock()
 
@@ -300,9 +300,14 @@ def short_hash(full: str) -> str:
 
 
 def detect_family(metadata: dict, parts: set[str]) -> str | None:
-    """The base model a LoRA was trained for, from kohya's metadata or SDXL's second text encoder; None if unknown."""
+    """The base model a LoRA was trained for, from kohya's metadata (FLUX/SD3 too) or SDXL's second text encoder;
+    None if unknown."""
     base = str(metadata.get("ss_base_model_version", "")).lower()
     arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if base.startswith("flux") or arch.startswith("flux-1"):
+        return "flux"
+    if base.startswith("sd3") or arch.startswith("stable-diffusion-v3"):
+        return "sd3"
     if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
         return "sdxl"
     if base.startswith("sd_v2") or str(metadata.get("ss_v2", "")) == "True" or arch.startswith("stable-diffusion-v2"):

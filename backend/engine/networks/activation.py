@@ -26,7 +26,7 @@ from typing import Callable
 
 from backend.core.errors import UserError
 from backend.core.prompt_parser import extract_extra_network_tags
-from backend.engine.networks.lora_apply import ActiveNetwork, NetworkPatcher
+from backend.engine.networks.lora_apply import FLOW_FAMILIES, ActiveNetwork, NetworkPatcher
 from backend.engine.networks.hypernetworks import ActiveHypernetwork, read_hypernetwork
 from backend.engine.networks.lora_files import file_stamp, read_network_file
 from backend.networks.registry import HypernetworkRegistry, LoraRegistry, NetworkHashes, short_hash
@@ -204,6 +204,10 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
             warnings.append(f"{where}: {left} of its {len(net.file.modules)} modules were not applied "
                             f"({report.unmatched} match no layer, {report.mismatched} have other shapes, "
                             f"{report.unsupported} are of an unsupported type).")
+        if net.file.unknown_keys:
+            shown = ", ".join(net.file.unknown_keys[:3]) + (", ..." if len(net.file.unknown_keys) > 3 else "")
+            warnings.append(f"{where}: {len(net.file.unknown_keys)} of its tensors name no layer Easel knows "
+                            f"({shown}); they were not applied.")
         try:
             full = runtime.hashes.lora_hash(net.file.path, net.file.metadata)
         except OSError:
@@ -223,4 +227,7 @@ def activate_for_job(request, ctx, runtime: NetworkRuntime | None) -> None:
         log.warning("%s", w)
         if w not in ctx.warnings:
             ctx.warnings.append(w)
-    ctx.embeddings = runtime.embeddings.for_job(model, ctx.extra_params, ctx.warnings)
+    if getattr(model, "family", None) in FLOW_FAMILIES:
+        ctx.embeddings = None  # textual inversion embeddings are SD 1.x/2.x/SDXL's (CLIP token vectors)
+    else:
+        ctx.embeddings = runtime.embeddings.for_job(model, ctx.extra_params, ctx.warnings)

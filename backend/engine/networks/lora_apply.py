@@ -4,6 +4,11 @@ Targets: every Linear, Conv2d, GroupNorm and LayerNorm of the UNet and text enco
 names LoRA files use for them (see `target_table`): the diffusers module path and, for the UNet,
 its CompVis/SGM name too (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), both with "_" for ".";
 text encoder modules as `text_model_encoder_layers_N_...` under part te1 (te2: SDXL's second).
+FLUX/SD3 models (`families.flow_model.FlowModel`): the diffusers transformer's modules under their own names and
+the original checkpoint's (`flow_targets`: fused layers such as BFL's `img_attn.qkv` are `FusedTarget`s, whose
+update is split by rows onto to_q/to_k/to_v...), and the text encoders as te1/te2/te3 (`flow_text_encoders`).
+A weight stored quantized (float8, GGUF: `lora_compute.stored_quantized`) is never changed: its LoRA is added
+at compute time by a forward hook (`lora_compute`), removed with the rest.
 
 Applying adds each update to the weight in float32, then rounds once to the weight's dtype; a plain
 LoRA's up @ down goes straight into the weight (`add_updates`), without a full-size update tensor,
@@ -24,7 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from backend.engine.loaded_model import LoadedModel
-from backend.engine.networks.lora_files import NetworkFile, ShapeMismatch, compute_update, low_rank_update
+from backend.engine.networks.flow_targets import FusedTarget, flow_text_encoders, flux_targets, sd3_targets
+from backend.engine.networks.lora_compute import LoraTerm, float32_weight, install as install_terms, module_device, \
+    stored_quantized, weight_shape
+from backend.engine.networks.lora_files import NetworkFile, ModuleWeights, ShapeMismatch, compute_update, \
+    low_rank_factors, low_rank_update
 from backend.networks.registry import FAMILY_LABELS
 
 log = logging.getLogger("easel.lora")
@@ -62,8 +71,102 @@ class ApplyReport:
         return self.skipped_reason is None and self.applied > 0
 
 
+FLOW_FAMILIES = ("flux", "sd3")
+
+
+def _is_target(module: torch.nn.Module) -> bool:
+    return isinstance(module, TARGET_TYPES) or stored_quantized(module)
+
+
+def _encoder_targets(table: dict, part: str, encoder: torch.nn.Module) -> None:
+    """A text encoder's modules as LoRA files name them: `text_model_...` (CLIP; T5 gets the same prefix,
+    which is what `lora_files` makes of every text encoder name), and CLIP's `text_projection`."""
+    for name, module in encoder.named_modules():
+        if not _is_target(module):
+            continue
+        full = name if name.startswith("text_model.") else "text_model." + name
+        table[(part, full.replace(".", "_"))] = module
+    proj = getattr(encoder, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear) or (proj is not None and stored_quantized(proj)):
+        table[(part, "text_projection")] = proj
+
+
+def flow_target_table(model) -> dict[tuple[str, str], object]:
+    """`target_table` of a FLUX/SD3 model (`families.flow_model.FlowModel`): the diffusers transformer's modules
+    under their own names and under the original checkpoint's (some as `FusedTarget`s), and the text encoders
+    (te1/te2/te3 as the family's LoRAs mean them)."""
+    table: dict[tuple[str, str], object] = {}
+    transformer = model.transformer
+    for name, module in transformer.named_modules():
+        if _is_target(module):
+            table[("unet", name.replace(".", "_"))] = module
+    originals = flux_targets(transformer) if model.family == "flux" else sd3_targets(transformer)
+    for name, target in originals.items():
+        table.setdefault(("unet", name), target)
+    for part, encoder in flow_text_encoders(model.family, dict(model.text_encoders or {})).items():
+        _encoder_targets(table, part, encoder)
+    return table
+
+
+def split_update(mw: ModuleWeights, target, dyn_dim: int | None) -> list[tuple[torch.nn.Module, tuple]]:
+    """One module's update for a fused layer (`FusedTarget`) or a quantized weight, split by rows onto the
+    modules that hold it: [(module, ("lowrank", up rows, down) | ("full", delta rows, bias delta rows or None))],
+    float32 on each module's device, before the user's multiplier. `down` is one tensor shared by the pieces.
+    Raises `ShapeMismatch` / `ValueError` as `compute_update`."""
+    pieces = target.pieces if isinstance(target, FusedTarget) else [(target, slice(None))]
+    first = pieces[0][0]
+    device = module_device(first)
+    in_shape = weight_shape(first)[1:]
+    rows = target.rows if isinstance(target, FusedTarget) else weight_shape(first)[0]
+    shape = (rows, *in_shape)
+    factors = low_rank_factors(mw, shape, device, dyn_dim=dyn_dim)
+    if factors is not None:
+        up, down = factors
+        return [(m, ("lowrank", up[sel], down)) for m, sel in pieces]
+    # Another module type: its full-size update, computed against the fused weight (LoHa/LoKr need only the
+    # shape; IA3 and DoRA the values), then cut into the pieces' rows.
+    weight = torch.empty(shape, dtype=torch.float32, device=device)
+    for m, sel in pieces:
+        weight[sel] = float32_weight(m).to(device).reshape(-1, *in_shape)
+    biases = [getattr(m, "bias", None) for m, _ in pieces]
+    bias = None
+    if all(b is not None for b in biases):
+        bias = torch.empty(rows, dtype=torch.float32, device=device)
+        for (m, sel), b in zip(pieces, biases):
+            bias[sel] = b.detach().to(device=device, dtype=torch.float32)
+    updown, ex_bias = compute_update(mw, weight, dyn_dim=dyn_dim, bias=bias)
+    return [(m, ("full", updown[sel], ex_bias[sel] if ex_bias is not None else None)) for m, sel in pieces]
+
+
+def _route_pieces(pieces, multiplier: float, pending: list, pending_terms: list) -> None:
+    """Each piece of a split update into the weight it belongs to (`pending`, merged), or, for a quantized
+    weight, into a compute-time term (`pending_terms`); the multiplier applied once (`down` is shared)."""
+    scaled: dict[int, torch.Tensor] = {}
+    for module, (kind, a, b) in pieces:
+        if kind == "lowrank":
+            if id(b) not in scaled:
+                scaled[id(b)] = b if multiplier == 1 else b * multiplier
+            down = scaled[id(b)]
+            if stored_quantized(module):
+                pending_terms.append((module, LoraTerm(up=a, down=down)))
+            else:
+                pending.append((module, "weight", (a, down)))
+            continue
+        delta = a * multiplier
+        bias = b * multiplier if b is not None else None
+        if stored_quantized(module):
+            pending_terms.append((module, LoraTerm(delta=delta.reshape(weight_shape(module)), bias=bias)))
+            continue
+        pending.append((module, "weight", delta.reshape(module.weight.shape)))
+        if bias is not None and getattr(module, "bias", None) is not None:
+            pending.append((module, "bias", bias.reshape(module.bias.shape)))
+
+
 def target_table(model) -> dict[tuple[str, str], torch.nn.Module]:
-    """{(part, name): module} for everything a LoRA may change (`NetworkPatcher` builds it once per model)."""
+    """{(part, name): module} for everything a LoRA may change (`NetworkPatcher` builds it once per model);
+    for FLUX/SD3 models, `flow_target_table`."""
+    if getattr(model, "family", None) in FLOW_FAMILIES:
+        return flow_target_table(model)
     table = {}
     layout = None
     try:
@@ -150,6 +253,9 @@ class NetworkPatcher:
     def _copy_back(self) -> None:
         for module, attr, original in self.state.backup.values():
             getattr(module, attr).data.copy_(original)
+        for handle in self.state.hooks:
+            handle.remove()
+        self.state.hooks = []
         self.state.signature = ()
         self.state.reports = []
 
@@ -172,6 +278,7 @@ class NetworkPatcher:
             state.targets = target_table(self.model)
         table = state.targets
         sums: dict[int, list] = {}  # id(param) -> [module, attr, [updates]]
+        terms: dict[int, tuple[torch.nn.Module, list[LoraTerm]]] = {}  # id(module) -> compute-time terms
         reports = []
         for net in networks:
             report = ApplyReport(name=net.label or net.file.name)
@@ -181,8 +288,25 @@ class NetworkPatcher:
                                          f"loaded model is {FAMILY_LABELS.get(family, family)}")
                 continue
             pending: list[tuple[torch.nn.Module, str, Update]] = []
+            pending_terms: list[tuple[torch.nn.Module, LoraTerm]] = []  # quantized weights: added at compute time
             for mw in net.file.modules.values():
                 module = table.get((mw.part, mw.name))
+                if isinstance(module, FusedTarget) or (module is not None and stored_quantized(module)):
+                    multiplier = net.te_multiplier if mw.is_text_encoder else net.unet_multiplier
+                    try:
+                        pieces = split_update(mw, module, net.dyn_dim)
+                    except ShapeMismatch as exc:
+                        log.debug("%s: %s does not fit: %s", report.name, mw.key, exc)
+                        report.mismatched += 1
+                        continue
+                    except ValueError as exc:
+                        log.debug("%s: %s: %s", report.name, mw.key, exc)
+                        report.unsupported += 1
+                        continue
+                    report.applied += 1
+                    if multiplier != 0:
+                        _route_pieces(pieces, multiplier, pending, pending_terms)
+                    continue
                 if module is None or getattr(module, "weight", None) is None:
                     report.unmatched += 1
                     continue
@@ -212,6 +336,8 @@ class NetworkPatcher:
             if report.applied == 0:
                 report.skipped_reason = self._nothing_matched(net.file, report, family)
                 continue
+            for module, term in pending_terms:
+                terms.setdefault(id(module), (module, []))[1].append(term)
             for module, attr, delta in pending:
                 entry = sums.get(id(getattr(module, attr)))
                 if entry is None:
@@ -223,6 +349,7 @@ class NetworkPatcher:
             saved = earlier.pop(id(param), None) or (module, attr, param.detach().to("cpu", copy=True))
             state.backup[id(param)] = saved
             add_updates(param, updates)
+        state.hooks = install_terms(terms)
         state.signature = wanted
         state.reports = reports
         return reports

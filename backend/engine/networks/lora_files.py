@@ -36,14 +36,27 @@ import torch.nn.functional as F
 
 from backend.core.errors import UserError
 from backend.core.tensor_headers import read_safetensors_metadata
+from backend.engine.networks.flow_targets import flow_family
 from backend.engine.state_dict_io import read_state_dict
 from backend.networks.registry import detect_family
 
 
 # kohya / LyCORIS: the module name has no "."; the part follows the first ".".
-_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
-# diffusers / PEFT: dotted module names under one of these prefixes.
-_DOTTED_PREFIXES = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"), ("base_model.model.", "unet"))
+# FLUX/SD3 files: lora_te3_ is T5-XXL (kohya's sd-scripts); lora_transformer_ carries diffusers names (FLUX);
+# lycoris_ is LyCORIS' own prefix for the denoiser (its names as the model's modules are named).
+_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
+                   ("lora_te_", "te1"), ("lora_transformer_", "unet"), ("lycoris_", "unet"))
+# diffusers / PEFT: dotted module names under one of these prefixes ("transformer.": FLUX/SD3 in diffusers'
+# names; "diffusion_model.": the BFL/SAI names as ComfyUI saves PEFT-style FLUX LoRAs).
+_DOTTED_PREFIXES = (("unet.", "unet"), ("text_encoder_3.", "te3"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
+                    ("base_model.model.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"))
+# XLabs' FLUX LoRAs: attention processor layers of the BFL blocks (lora1 = image stream, lora2 = text stream),
+# without a prefix (or "diffusion_model."). Written here as the BFL module they add to; the single blocks'
+# `qkv_lora` covers the attention part of `linear1` only, named `single_blocks_N_attn_qkv` (see flow_targets).
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12]?)\.(down|up)\.weight$")
+_XLABS_TARGETS = {("double", "qkv", "1"): "img_attn_qkv", ("double", "proj", "1"): "img_attn_proj",
+                  ("double", "qkv", "2"): "txt_attn_qkv", ("double", "proj", "2"): "txt_attn_proj",
+                  ("single", "qkv", ""): "attn_qkv", ("single", "proj", ""): "linear2"}
 # Part names as written by diffusers/PEFT -> kohya's.
 _DOTTED_PARTS = (
     ("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight"),
@@ -102,7 +115,8 @@ class NetworkFile:
     name: str
     modules: dict[tuple[str, str], ModuleWeights]
     metadata: dict[str, str]
-    family: str | None  # sd1 | sd2 | sdxl when the file says so (metadata or SDXL's two text encoders)
+    family: str | None  # sd1 | sd2 | sdxl | flux | sd3 when the file says so (metadata, SDXL's two text
+    # encoders, FLUX's / SD3's module names)
     unknown_keys: list[str]
     stamp: tuple  # (size, mtime): a changed file is read again
 
@@ -121,6 +135,14 @@ def file_stamp(path: Path) -> tuple:
 def split_key(key: str) -> tuple[str, str, str, str] | None:
     """A tensor name -> (part, module name with "_", part name, the module as the file names it),
     or None when it names no module we know."""
+    m = _XLABS.match(key)
+    if m:
+        kind, index, layer, stream, side = m.groups()
+        target = _XLABS_TARGETS.get((kind, layer, stream))
+        if target is None:
+            return None
+        return ("unet", f"{kind}_blocks_{index}_{target}", "lora_down.weight" if side == "down" else "lora_up.weight",
+                key.rsplit(".", 2)[0])
     for prefix, part in _KOHYA_PREFIXES:
         if key.startswith(prefix):
             module, dot, suffix = key[len(prefix):].partition(".")
@@ -193,7 +215,12 @@ def read_network_file(path: Path, name: str | None = None) -> NetworkFile:
     if not modules:
         raise UserError(f"{path.name} is not a LoRA file Easel recognizes: none of its {len(tensors)} tensors "
                         f"names a LoRA/LyCORIS module (e.g. {', '.join(sorted(tensors)[:3])}).")
-    family = detect_family(metadata, {m.part for m in modules.values()})
+    family = detect_family(metadata, set())  # what its metadata says
+    if family is None:  # what its module names say: FLUX/SD3 layouts (then te2 is CLIP-G or T5, not SDXL's)
+        flow = flow_family(m.name for m in modules.values() if m.part == "unet")
+        family = flow if flow in ("flux", "sd3") else None
+        if flow is None:
+            family = detect_family(metadata, {m.part for m in modules.values()})
     return NetworkFile(path=path, name=name, modules=modules, metadata=metadata, family=family,
                        unknown_keys=unknown, stamp=file_stamp(path))
 
@@ -253,12 +280,20 @@ def low_rank_update(mw: ModuleWeights, weight: torch.Tensor, *,
     update first. `down` is a new tensor the caller may scale in place. None when the module is of
     another kind or does not fit: `compute_update` then gives the update, or the reason.
     """
+    return low_rank_factors(mw, weight.shape, weight.device, dyn_dim=dyn_dim)
+
+
+def low_rank_factors(mw: ModuleWeights, shape, device, *,
+                     dyn_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`low_rank_update` for a weight of `shape` on `device` that need not exist as one tensor (a fused FLUX/SD3
+    layer held by several modules, a quantized weight)."""
     t = mw.tensors
     if mw.kind != "lora" or "lora_mid.weight" in t or "dora_scale" in t:
         return None
-    up2, down2 = _lora_factors(mw, weight.device, dyn_dim)
-    if up2.shape[1] != down2.shape[0] or up2.shape[0] != weight.shape[0] or \
-            up2.shape[0] * down2.shape[1] != weight.numel():
+    up2, down2 = _lora_factors(mw, device, dyn_dim)
+    shape = tuple(shape)
+    if up2.shape[1] != down2.shape[0] or up2.shape[0] != shape[0] or \
+            up2.shape[0] * down2.shape[1] != math.prod(shape):
         return None
     return up2, down2
 
