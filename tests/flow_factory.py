@@ -109,6 +109,23 @@ def write_flux_bfl(path: Path, *, guidance: bool = True, dtype: torch.dtype = to
     return path
 
 
+def scaled_fp8_bfl(guidance: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny FLUX transformer as ComfyUI's "scaled" float8 files store it: each 2-D weight divided by a
+    per-tensor `scale_weight` (absmax / 448) and stored as float8_e4m3fn, `scale_input` beside it, 1-D
+    tensors in bfloat16, and the `scaled_fp8` marker tensor."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for name, tensor in tiny_flux_bfl(guidance, seed).items():
+        if tensor.ndim == 2:
+            module = name[: -len(".weight")]
+            scale = tensor.abs().max() / 448
+            out[name] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[module + ".scale_weight"] = scale.reshape(())
+            out[module + ".scale_input"] = torch.ones(())
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    return out
+
+
 def random_kquant_rows(rows: int, cols: int, qtype, seed: int = 0):
     """Random but valid raw blocks of a K-quant type (gguf's numpy code cannot quantize to K types): random
     bytes with the f16 super-block scales set to moderate finite values. uint8 array (rows, bytes per row)."""

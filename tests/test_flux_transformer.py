@@ -15,8 +15,8 @@ from backend.core.errors import UserError
 from backend.engine.families.flux import flux_config, flux_variant, is_flux, load_flux_transformer, rope_axes
 from backend.engine.families.quantized import (GGUFWeight, QuantizedLinear, is_nf4, quantize_linears, read_gguf,
                                                stored_weight_bytes)
-from flow_factory import (build_tiny_flux, diffusers_to_bfl, gguf_dequantized, random_kquant_rows, tiny_flux_bfl, tiny_flux_config,
-                          write_flux_bfl, write_flux_gguf, write_flux_nf4)
+from flow_factory import (build_tiny_flux, diffusers_to_bfl, gguf_dequantized, random_kquant_rows, scaled_fp8_bfl,
+                          tiny_flux_bfl, tiny_flux_config, write_flux_bfl, write_flux_gguf, write_flux_nf4)
 
 T = gguf.GGMLQuantizationType
 
@@ -172,6 +172,28 @@ def test_float8_file_stays_one_byte_per_weight(tmp_path):
     torch.testing.assert_close(run(model, inputs, torch.bfloat16), in_bf16, rtol=0, atol=0)
 
 
+def test_scaled_float8_file(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "flux1-dev-fp8-scaled.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in scaled_fp8_bfl().items()}, str(path))
+    stored = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(path)).items()}
+    model = load_flux_transformer(load_file(str(path)), dtype=torch.float32, device="cpu")
+    to_k = model.get_submodule("transformer_blocks.0.attn.to_k")
+    assert isinstance(to_k, QuantizedLinear) and to_k.qtype == "float8_e4m3fn" and to_k.weight_scale is not None
+    values = {k: (v.float() * stored[k[: -len(".weight")] + ".scale_weight"] if v.dtype == torch.float8_e4m3fn
+                  else v.float()) for k, v in stored.items() if not k.endswith(("scale_weight", "scale_input"))
+              and k != "scaled_fp8"}
+    inputs = flux_inputs(tiny_flux_config())
+    out = run(model, inputs)
+    torch.testing.assert_close(out, run(reference_from_bfl(values), inputs), rtol=1e-5, atol=1e-5)
+    assert relative_error(out, run(build_tiny_flux(), inputs)) < 0.15
+    model.to(torch.bfloat16)  # the scale stays float32, the weight one byte
+    assert to_k.weight_scale.dtype == torch.float32 and to_k.qweight.dtype == torch.uint8
+    stray = dict(stored, **{"double_blocks.0.img_attn.norm.query_norm.scale_weight": torch.ones(())})
+    with pytest.raises(UserError, match="query_norm.scale_weight"):
+        load_flux_transformer(stray, dtype=torch.float32, device="cpu")
+
+
 def test_float8_e5m2_and_quantize_linears():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.GELU(), torch.nn.Linear(8, 4, bias=False))
@@ -184,8 +206,7 @@ def test_float8_e5m2_and_quantize_linears():
     assert layer.qtype == "float8_e5m2" and layer.qweight.numel() == 32 * 8
     x = torch.randn(3, 32)
     w = layer.dequantized_weight(torch.float32)
-    torch.testing.assert_close(w, sd_weight := w.to(torch.float8_e5m2).float())  # representable in e5m2
-    del sd_weight
+    assert torch.equal(w, net[0].weight.detach().to(torch.float8_e5m2).float())  # the stored e5m2 values
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias)
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
 

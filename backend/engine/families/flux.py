@@ -18,7 +18,8 @@ import re
 import torch
 
 from backend.core.errors import UserError
-from backend.engine.families.quantized import cat_rows, load_quantized_weights, refuse_nf4, split_rows
+from backend.engine.families.quantized import (SCALE_SUFFIXES, SCALED_FP8_MARKER, cat_rows, load_quantized_weights,
+                                               refuse_nf4, split_rows)
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.",)
@@ -166,9 +167,16 @@ _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_nor
 
 def bfl_to_diffusers(sd: dict, config: dict) -> dict:
     """Rename a BFL-layout FLUX transformer (no prefix) to diffusers' names, splitting the fused projections
-    by rows (tensors, float8 or GGUF weights alike). Consumes `sd`; leftover names give a `UserError`."""
-    sd = dict(sd)
+    by rows (tensors, float8 or GGUF weights alike; a scaled-fp8 `scale_weight` goes with each piece).
+    Leftover names give a `UserError`."""
+    sd = {k: v for k, v in sd.items() if k != SCALED_FP8_MARKER}
+    scales = {k: sd.pop(k) for k in [k for k in sd if k.endswith(SCALE_SUFFIXES)]}
     out: dict = {}
+
+    def follow_scales(src: str, dst: str) -> None:
+        for suffix in SCALE_SUFFIXES:
+            if f"{src}{suffix}" in scales:
+                out[f"{dst}{suffix}"] = scales[f"{src}{suffix}"]
     inner = config["attention_head_dim"] * config["num_attention_heads"]
 
     def move(src: str, dst: str) -> None:
@@ -179,6 +187,7 @@ def bfl_to_diffusers(sd: dict, config: dict) -> dict:
     def move_module(src: str, dst: str) -> None:
         move(f"{src}.weight", f"{dst}.weight")
         move(f"{src}.bias", f"{dst}.bias")
+        follow_scales(src, dst)
 
     def split(src: str, dsts: list[str], sizes: list[int]) -> None:
         for suffix in ("weight", "bias"):
@@ -187,6 +196,8 @@ def bfl_to_diffusers(sd: dict, config: dict) -> dict:
                 raise UserError(f"The FLUX transformer lacks {key}: the file is damaged or incomplete.")
             for dst, piece in zip(dsts, split_rows(sd.pop(key), sizes)):
                 out[f"{dst}.{suffix}"] = piece
+        for dst in dsts:
+            follow_scales(src, dst)
 
     for src, dst in _RENAMES:
         if src.startswith("guidance_in") and not config["guidance_embeds"]:
@@ -195,6 +206,7 @@ def bfl_to_diffusers(sd: dict, config: dict) -> dict:
     for suffix in ("weight", "bias"):  # BFL's final modulation is (shift, scale); diffusers' (scale, shift)
         shift, scale = split_rows(_pop(sd, f"final_layer.adaLN_modulation.1.{suffix}"), [inner, inner])
         out[f"norm_out.linear.{suffix}"] = cat_rows([scale, shift])
+    follow_scales("final_layer.adaLN_modulation.1", "norm_out.linear")
     for i in range(config["num_layers"]):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for src, dst in _DOUBLE_RENAMES:
@@ -211,11 +223,24 @@ def bfl_to_diffusers(sd: dict, config: dict) -> dict:
             move(b + src, d + dst)
         split(b + "linear1", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"],
               [inner, inner, inner, MLP_RATIO * inner])
+    used = {f"{m}{suffix}" for m in _source_modules(config) for suffix in SCALE_SUFFIXES}
+    sd.update({k: v for k, v in scales.items() if k not in used})
     if sd:
         from backend.engine.model_loader import few_names
         raise UserError(f"The FLUX transformer holds {len(sd)} tensors of no known part: {few_names(sd)}. "
                         "The file may be of an unsupported variant.")
     return out
+
+
+def _source_modules(config: dict) -> list[str]:
+    """The BFL module names of a FLUX transformer with `config` (those a scale may belong to)."""
+    names = [src for src, _ in _RENAMES] + ["final_layer.adaLN_modulation.1"]
+    for i in range(config["num_layers"]):
+        names += [f"double_blocks.{i}.{src}" for src, _ in _DOUBLE_RENAMES]
+        names += [f"double_blocks.{i}.img_attn.qkv", f"double_blocks.{i}.txt_attn.qkv"]
+    for i in range(config["num_single_layers"]):
+        names += [f"single_blocks.{i}.{src}" for src, _ in _SINGLE_RENAMES] + [f"single_blocks.{i}.linear1"]
+    return names
 
 
 def _pop(sd: dict, key: str):

@@ -8,6 +8,9 @@ Community FLUX/SD3 files come quantized to fit 8-12 GB cards:
   Quantization blocks run along the last (input) dimension, so a weight's rows are independent and
   can be split (a fused qkv into q, k, v) without dequantizing.
 - float8 (`float8_e4m3fn` / `float8_e5m2`, `flux1-dev-fp8.safetensors`): kept in one byte per weight.
+  ComfyUI's "scaled" float8 files (`t5xxl_fp8_e4m3fn_scaled.safetensors`, a `scaled_fp8` marker tensor)
+  store a per-weight factor `<module>.scale_weight` (and `.scale_input`, used only by fp8 matmul kernels):
+  the weight is `float8 value * scale_weight`.
 - bitsandbytes NF4 (`flux1-dev-bnb-nf4-v2.safetensors`): needs CUDA kernels from bitsandbytes; refused
   with a message (`nf4_message`) pointing at GGUF Q4 or fp8 files instead.
 
@@ -29,6 +32,8 @@ from backend.core.errors import UserError
 log = logging.getLogger(__name__)
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor of scaled float8 files
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 NF4_HINT = ("Use a GGUF-quantized file (e.g. flux1-dev-Q4_K_S.gguf) or a float8 file "
             "(e.g. flux1-dev-fp8.safetensors) instead.")
 
@@ -176,7 +181,7 @@ class QuantizedLinear(nn.Module):
     `qweight`, so moving the module (`.to(device)`, `.to(dtype)`) never widens them; the bias is an
     ordinary parameter."""
 
-    def __init__(self, weight, bias: torch.Tensor | None = None):
+    def __init__(self, weight, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         super().__init__()
         if weight.ndim != 2:
             raise UserError(f"A quantized linear weight must have 2 dimensions, not shape {tuple(weight.shape)}.")
@@ -191,7 +196,19 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", weight.contiguous().view(torch.uint8))
         else:
             raise TypeError(f"QuantizedLinear needs a GGUF or float8 weight, not {type(weight).__name__}")
+        if scale is not None:
+            if not isinstance(weight, torch.Tensor) or scale.numel() != 1:
+                raise UserError("A weight scale (scale_weight) must be one number beside a float8 weight.")
+            scale = scale.to(device=self.qweight.device, dtype=torch.float32).reshape(())
+        self.register_buffer("weight_scale", scale)  # float32 even when the module is cast (see _apply)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        result = super()._apply(fn, recurse)
+        if scale is not None:  # follow the device, never the dtype
+            self.weight_scale = scale.to(self.qweight.device)
+        return result
 
     @property
     def weight_bytes(self) -> int:
@@ -200,7 +217,10 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if hasattr(self, "_gguf_type"):
             return GGUFWeight(self.qweight, self._gguf_type, (self.out_features, self.in_features)).dequantize(dtype)
-        return self.qweight.view(self._float8_dtype).to(dtype)
+        weight = self.qweight.view(self._float8_dtype)
+        if self.weight_scale is None:
+            return weight.to(dtype)
+        return (weight.to(torch.float32) * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight(x.dtype)
@@ -209,7 +229,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, qtype={self.qtype}")
+                f"bias={self.bias is not None}, qtype={self.qtype}{', scaled' if self.weight_scale is not None else ''}")
 
 
 def _set_child(module: nn.Module, name: str, child: nn.Module) -> None:
@@ -221,8 +241,9 @@ def _set_child(module: nn.Module, name: str, child: nn.Module) -> None:
 def quantize_linears(module: nn.Module, state_dict: dict, *, dtype: torch.dtype | None = None,
                      device: str | torch.device | None = None) -> list[str]:
     """Swap each `nn.Linear` of `module` whose `<name>.weight` in `state_dict` is quantized for a
-    `QuantizedLinear` holding that weight (moved to `device`) and its bias (cast to `dtype`). The used
-    entries are popped from `state_dict`; returns the swapped module names."""
+    `QuantizedLinear` holding that weight (moved to `device`), its bias (cast to `dtype`) and its scaled-fp8
+    factor `<name>.scale_weight` if any. The used entries (and `<name>.scale_input`) are popped from
+    `state_dict`; returns the swapped module names."""
     swapped = []
     for name, child in list(module.named_modules()):
         if not isinstance(child, nn.Linear) or not is_quantized(state_dict.get(f"{name}.weight")):
@@ -237,7 +258,9 @@ def quantize_linears(module: nn.Module, state_dict: dict, *, dtype: torch.dtype 
         if bias is not None:
             bias = dequantize(bias, dtype or torch.float32) if is_quantized(bias) else bias
             bias = bias.to(device=device or bias.device, dtype=dtype or bias.dtype)
-        _set_child(module, name, QuantizedLinear(weight, bias))
+        scale = state_dict.pop(f"{name}.scale_weight", None)
+        state_dict.pop(f"{name}.scale_input", None)
+        _set_child(module, name, QuantizedLinear(weight, bias, scale))
         swapped.append(name)
     return swapped
 
@@ -248,8 +271,10 @@ def load_quantized_weights(module: nn.Module, state_dict: dict, what: str, *, dt
     quantized linear weights go into `QuantizedLinear`s, every other floating tensor is cast to `dtype`
     on `device` (quantized non-linear tensors, e.g. norm scales, are dequantized). Damage -> UserError."""
     from backend.engine.model_loader import few_names
+    state_dict = {k: v for k, v in state_dict.items() if k != SCALED_FP8_MARKER}
     expected = {k: v.shape for k, v in module.state_dict().items()}
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    scales = {k for k in state_dict if k.endswith(SCALE_SUFFIXES)}
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected) - scales
     if missing or unexpected:
         parts = []
         if missing:
@@ -259,11 +284,15 @@ def load_quantized_weights(module: nn.Module, state_dict: dict, what: str, *, dt
         raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
                         "The file may be damaged or of an unsupported variant.")
     bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state_dict.items()
-           if tuple(v.shape) != tuple(expected[k])]
+           if k not in scales and tuple(v.shape) != tuple(expected[k])]
     if bad:
         raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
     state_dict = dict(state_dict)
     quantize_linears(module, state_dict, dtype=dtype, device=device)
+    stray = [k for k in state_dict if k.endswith(SCALE_SUFFIXES)]
+    if stray:
+        raise UserError(f"The {what} file has weight scales beside weights that are not float8 linear weights: "
+                        f"{few_names(stray)}. The file may be damaged.")
     rest = {}
     for k in list(state_dict):
         v = state_dict.pop(k)
