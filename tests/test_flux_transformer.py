@@ -197,7 +197,8 @@ def test_scaled_float8_file(tmp_path):
 def test_float8_e5m2_and_quantize_linears():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.GELU(), torch.nn.Linear(8, 4, bias=False))
-    sd = {"0.weight": net[0].weight.detach().to(torch.float8_e5m2), "0.bias": net[0].bias.detach().clone(),
+    original = net[0].weight.detach().clone()
+    sd = {"0.weight": original.to(torch.float8_e5m2), "0.bias": net[0].bias.detach().clone(),
           "2.weight": net[2].weight.detach().clone()}
     swapped = quantize_linears(net, sd, dtype=torch.float32)
     assert swapped == ["0"] and list(sd) == ["2.weight"]  # the used entries are taken out
@@ -206,7 +207,7 @@ def test_float8_e5m2_and_quantize_linears():
     assert layer.qtype == "float8_e5m2" and layer.qweight.numel() == 32 * 8
     x = torch.randn(3, 32)
     w = layer.dequantized_weight(torch.float32)
-    assert torch.equal(w, net[0].weight.detach().to(torch.float8_e5m2).float())  # the stored e5m2 values
+    assert torch.equal(w, original.to(torch.float8_e5m2).float())  # the stored e5m2 values
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias)
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
