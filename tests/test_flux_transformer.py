@@ -256,6 +256,15 @@ def test_gguf_kquant_rows_and_memory(tmp_path):
     full = torch.from_numpy(gguf.quants.dequantize(data, T.Q4_K))
     assert torch.equal(weight.dequantize(), full)
     assert torch.equal(weight.rows(2, 5).dequantize(), full[2:5])
+    for qtype in (T.Q4_K, T.Q6_K, T.Q8_0):  # in a 16-bit compute dtype: within three of its roundings
+        data = random_kquant_rows(6, 512, qtype, seed=4) if qtype != T.Q8_0 else \
+            gguf.quants.quantize(np.random.default_rng(0).standard_normal((6, 512), dtype=np.float32), qtype)
+        exact = torch.from_numpy(gguf.quants.dequantize(data, qtype))
+        for dtype in (torch.bfloat16, torch.float16):
+            ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+            got = GGUFWeight(torch.from_numpy(data), qtype, (6, 512)).dequantize(dtype)
+            assert got.dtype == dtype
+            assert ((got.float() - exact).abs() <= 3 * ulp * exact.abs() + 1e-7).all(), (qtype, dtype)
     layer = QuantizedLinear(weight, torch.zeros(6))
     assert layer.weight_bytes * 8 / (6 * 512) == 4.5
     x = torch.randn(2, 512)
