@@ -137,6 +137,10 @@ def test_damaged_files_give_user_errors():
     short = dict(bfl, **{"single_blocks.0.linear1.weight": bfl["single_blocks.0.linear1.weight"][:-4]})
     with pytest.raises(UserError, match="rows"):
         load_flux_transformer(short, dtype=torch.float32, device="cpu")
+    chroma = {k: v for k, v in bfl.items() if not k.startswith(("vector_in.", "guidance_in.", "double_blocks.0.img_mod"))}
+    chroma["distilled_guidance_layer.in_proj.weight"] = torch.zeros(64, 64)
+    with pytest.raises(UserError, match="Chroma"):
+        load_flux_transformer(chroma, dtype=torch.float32, device="cpu")
     with pytest.raises(UserError, match="FLUX"):
         load_flux_transformer({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
                               dtype=torch.float32, device="cpu")

@@ -61,6 +61,9 @@ def transformer_state_dict(state_dict: dict) -> tuple[str, dict]:
     if layout is None:
         raise UserError("The file does not hold a FLUX.1 transformer (no double_blocks/single_blocks/img_in "
                         "tensors in Black Forest Labs' layout, nor diffusers' transformer_blocks).")
+    if layout == "bfl" and any(name.startswith("distilled_guidance_layer.") for name in bare):
+        raise UserError("This is a Chroma model (derived from FLUX.1 with its own modulation network, no "
+                        "vector_in/img_mod layers), which Easel does not support.")
     return layout, {name: state_dict[key] for name, key in bare.items()}
 
 
