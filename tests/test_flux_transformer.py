@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from backend.core.errors import UserError
 from backend.engine.families.flux import flux_config, flux_variant, is_flux, load_flux_transformer, rope_axes
 from backend.engine.families.quantized import (GGUFWeight, QuantizedLinear, is_nf4, quantize_linears, read_gguf,
-                                               stored_weight_bytes)
+                                               split_rows, stored_weight_bytes)
 from flow_factory import (build_tiny_flux, diffusers_to_bfl, gguf_dequantized, random_kquant_rows, scaled_fp8_bfl,
                           tiny_flux_bfl, tiny_flux_config, write_flux_bfl, write_flux_gguf, write_flux_nf4)
 
@@ -269,6 +269,10 @@ def test_gguf_kquant_rows_and_memory(tmp_path):
             got = GGUFWeight(torch.from_numpy(data), qtype, (6, 512)).dequantize(dtype)
             assert got.dtype == dtype
             assert ((got.float() - exact).abs() <= 3 * ulp * exact.abs() + 1e-7).all(), (qtype, dtype)
+    bias = np.random.default_rng(1).standard_normal(96, dtype=np.float32)  # a quantized 1-D tensor (rare)
+    q_bias = gguf.quants.quantize(bias, T.Q8_0)
+    pieces = split_rows(GGUFWeight(torch.from_numpy(q_bias), T.Q8_0, (96,)), [16, 80])
+    assert torch.equal(torch.cat(pieces), torch.from_numpy(gguf.quants.dequantize(q_bias, T.Q8_0)))
     layer = QuantizedLinear(weight, torch.zeros(6))
     assert layer.weight_bytes * 8 / (6 * 512) == 4.5
     x = torch.randn(2, 512)

@@ -126,6 +126,8 @@ def split_rows(t, sizes: list[int]) -> list:
     if sum(sizes) != t.shape[0]:
         raise UserError(f"A fused weight has {t.shape[0]} rows where {sum(sizes)} were expected: "
                         "the file is damaged or of an unsupported variant.")
+    if isinstance(t, GGUFWeight) and t.ndim == 1:  # a quantized 1-D tensor: its blocks run along the split
+        t = t.dequantize(torch.float32)
     out, start = [], 0
     for n in sizes:
         out.append(t.rows(start, start + n) if isinstance(t, GGUFWeight) else t[start:start + n])
