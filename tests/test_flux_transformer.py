@@ -226,7 +226,10 @@ def test_gguf_file_dequantizes_exactly_and_runs(tmp_path, qtype):
     tensors = read_gguf(path)
     assert set(tensors) == set(tiny_flux_bfl())
     quantized = {k for k, v in tensors.items() if isinstance(v, GGUFWeight)}
-    assert quantized and "double_blocks.0.img_attn.qkv.weight" in quantized or qtype.endswith("_K")
+    # K-quant blocks hold 256 values: only the 256-wide inputs (MLP down projections, time_in) are quantized
+    must = {"double_blocks.0.img_mlp.2.weight", "time_in.in_layer.weight"} if qtype.endswith("_K") else \
+        {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "final_layer.adaLN_modulation.1.weight"}
+    assert must <= quantized
     for name, value in tensors.items():
         if isinstance(value, GGUFWeight):
             assert value.type_name == qtype and value.shape == reference_values[name].shape
