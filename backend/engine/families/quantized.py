@@ -1,0 +1,352 @@
+"""Quantized weights: GGUF files, float8 tensors, and linear layers that compute with them.
+
+Community FLUX/SD3 files come quantized to fit 8-12 GB cards:
+
+- GGUF (city96's conversions, `flux1-dev-Q4_K_S.gguf`): read with the `gguf` package. F32/F16/BF16
+  tensors become plain tensors; quantized ones stay quantized as `GGUFWeight` (raw blocks + type +
+  logical shape in torch order; GGUF stores shapes fastest-dimension first, the reader reverses them).
+  Quantization blocks run along the last (input) dimension, so a weight's rows are independent and
+  can be split (a fused qkv into q, k, v) without dequantizing.
+- float8 (`float8_e4m3fn` / `float8_e5m2`, `flux1-dev-fp8.safetensors`): kept in one byte per weight.
+  ComfyUI's "scaled" float8 files (`t5xxl_fp8_e4m3fn_scaled.safetensors`, a `scaled_fp8` marker tensor)
+  store a per-weight factor `<module>.scale_weight` (and `.scale_input`, used only by fp8 matmul kernels):
+  the weight is `float8 value * scale_weight`.
+- bitsandbytes NF4 (`flux1-dev-bnb-nf4-v2.safetensors`): needs CUDA kernels from bitsandbytes; refused
+  with a message (`nf4_message`) pointing at GGUF Q4 or fp8 files instead.
+
+`QuantizedLinear` holds such a weight (as uint8 bytes, so `module.to(dtype)` never widens it) and
+dequantizes it to the input's dtype in each forward; `quantize_linears` swaps a module's `nn.Linear`s
+for it where the state dict's weight is quantized; `load_quantized_weights` assigns a whole state dict
+(quantized or not) to a module built on the meta device.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backend.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor of scaled float8 files
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+NF4_HINT = ("Use a GGUF-quantized file (e.g. flux1-dev-Q4_K_S.gguf) or a float8 file "
+            "(e.g. flux1-dev-fp8.safetensors) instead.")
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+def _dequantize_functions() -> dict:
+    from diffusers.quantizers.gguf.utils import dequantize_functions
+    return dequantize_functions
+
+
+_DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SCALE_ONLY_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K")  # value = scale * integer, no minimum
+
+
+class GGUFWeight:
+    """A GGUF-quantized tensor: `raw` uint8 blocks shaped (*shape[:-1], bytes per row), its GGML type, and
+    its logical `shape` (torch order). Row slices and row concatenations stay quantized."""
+
+    __slots__ = ("raw", "qtype", "shape")
+
+    def __init__(self, raw: torch.Tensor, qtype, shape):
+        import gguf
+        self.qtype = gguf.GGMLQuantizationType(int(qtype))
+        self.shape = torch.Size(shape)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        if not self.shape or self.shape[-1] % block_size:
+            raise UserError(f"A {self.qtype.name} tensor of shape {tuple(self.shape)} is not made of whole "
+                            f"{block_size}-value blocks: the GGUF file is damaged.")
+        row_bytes = self.shape[-1] // block_size * type_size
+        self.raw = raw.view(torch.uint8).reshape(*self.shape[:-1], row_bytes)
+
+    @property
+    def type_name(self) -> str:
+        return self.qtype.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def to(self, device) -> "GGUFWeight":
+        return GGUFWeight(self.raw.to(device), self.qtype, self.shape)
+
+    def rows(self, start: int, stop: int) -> "GGUFWeight":
+        """Rows `start:stop` of the first dimension, still quantized."""
+        return GGUFWeight(self.raw[start:stop], self.qtype, (stop - start, *self.shape[1:]))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        import gguf
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        blocks = self.raw.reshape(-1, type_size)
+        fn = _dequantize_functions().get(self.qtype)
+        if fn is not None:
+            # scale-only types are computed in the target dtype (about 2x faster on a CPU, within one or two of its
+            # roundings); types with a subtracted minimum in float32, where cancellation would magnify rounding
+            in_dtype = dtype in _DEQUANT_DTYPES and self.qtype.name in _SCALE_ONLY_TYPES
+            values = fn(blocks, block_size, type_size, dtype if in_dtype else torch.float32)
+        else:  # a type only gguf's numpy code knows: slow, but correct
+            values = torch.from_numpy(gguf.quants.dequantize(blocks.cpu().numpy(), self.qtype)).to(blocks.device)
+        return values.reshape(self.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"GGUFWeight({self.qtype.name}, shape={tuple(self.shape)}, device={self.device})"
+
+
+def cat_rows(parts: list) -> "GGUFWeight | torch.Tensor":
+    """Concatenate along the first dimension: GGUF weights (of one type) stay quantized, float8 stays float8."""
+    if isinstance(parts[0], GGUFWeight):
+        if len({p.qtype for p in parts}) != 1:
+            raise UserError("A fused GGUF weight mixes quantization types: the file is damaged.")
+        raw = torch.cat([p.raw for p in parts], dim=0)
+        return GGUFWeight(raw, parts[0].qtype, (raw.shape[0], *parts[0].shape[1:]))
+    if parts[0].dtype in FLOAT8_DTYPES:
+        return torch.cat([p.view(torch.uint8) for p in parts], dim=0).view(parts[0].dtype)
+    return torch.cat(parts, dim=0)
+
+
+def split_rows(t, sizes: list[int]) -> list:
+    """Split a weight (tensor or GGUFWeight) along its first dimension into pieces of `sizes` rows."""
+    if sum(sizes) != t.shape[0]:
+        raise UserError(f"A fused weight has {t.shape[0]} rows where {sum(sizes)} were expected: "
+                        "the file is damaged or of an unsupported variant.")
+    if isinstance(t, GGUFWeight) and t.ndim == 1:  # a quantized 1-D tensor: its blocks run along the split
+        t = t.dequantize(torch.float32)
+    out, start = [], 0
+    for n in sizes:
+        out.append(t.rows(start, start + n) if isinstance(t, GGUFWeight) else t[start:start + n])
+        start += n
+    return out
+
+
+def read_gguf(path: Path) -> dict:
+    """All tensors of a GGUF file by name: F32/F16/BF16 (and integer) ones as plain CPU tensors, quantized
+    ones as `GGUFWeight`. Types neither diffusers nor gguf can dequantize give a `UserError`."""
+    import gguf
+    import numpy as np
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file not found: {path}", status=404)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
+        raise UserError(f"{path.name} is not a readable GGUF file ({type(e).__name__}: {e}). "
+                        "The file may be truncated or damaged.") from e
+    T = gguf.GGMLQuantizationType
+    plain = {T.F32: torch.float32, T.F16: torch.float16, T.F64: torch.float64, T.I8: torch.int8,
+             T.I16: torch.int16, T.I32: torch.int32, T.I64: torch.int64}
+    supported = set(_dequantize_functions())
+    tensors: dict = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = np.array(t.data)  # a private copy: the reader's arrays are views of a read-only file mapping
+        qtype = T(int(t.tensor_type))
+        if qtype in plain:
+            tensors[t.name] = torch.from_numpy(data).reshape(shape)
+        elif qtype == T.BF16:
+            tensors[t.name] = torch.from_numpy(data).view(torch.bfloat16).reshape(shape)
+        elif qtype in supported or qtype in gguf.quants._type_traits:
+            if qtype not in supported:
+                log.info("%s: %s is dequantized with gguf's numpy code (slow)", path.name, qtype.name)
+            tensors[t.name] = GGUFWeight(torch.from_numpy(data), qtype, shape)
+        else:
+            raise UserError(f"{path.name} holds tensors quantized as {qtype.name}, which Easel cannot "
+                            "dequantize. Use a file quantized as Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 or similar.")
+    return tensors
+
+
+# -- float8 / quantized linear layers --------------------------------------------------------------
+def is_quantized(t) -> bool:
+    """A GGUF weight or a float8 tensor (weights that `QuantizedLinear` keeps in their stored form)."""
+    return isinstance(t, GGUFWeight) or (isinstance(t, torch.Tensor) and t.dtype in FLOAT8_DTYPES)
+
+
+def dequantize(t, dtype: torch.dtype) -> torch.Tensor:
+    """Any weight as a plain `dtype` tensor."""
+    if isinstance(t, GGUFWeight):
+        return t.dequantize(dtype)
+    return t.to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """`nn.Linear` whose weight stays in its stored form (GGUF blocks or float8, one byte or less per value)
+    and is dequantized to the input's dtype in each forward. The stored bytes are the uint8 buffer
+    `qweight`, so moving the module (`.to(device)`, `.to(dtype)`) never widens them; the bias is an
+    ordinary parameter."""
+
+    def __init__(self, weight, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        super().__init__()
+        if weight.ndim != 2:
+            raise UserError(f"A quantized linear weight must have 2 dimensions, not shape {tuple(weight.shape)}.")
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        if isinstance(weight, GGUFWeight):
+            self.qtype = weight.qtype.name
+            self._gguf_type = weight.qtype
+            self.register_buffer("qweight", weight.raw)
+        elif isinstance(weight, torch.Tensor) and weight.dtype in FLOAT8_DTYPES:
+            self.qtype = str(weight.dtype).removeprefix("torch.")
+            self._float8_dtype = weight.dtype
+            self.register_buffer("qweight", weight.contiguous().view(torch.uint8))
+        else:
+            raise TypeError(f"QuantizedLinear needs a GGUF or float8 weight, not {type(weight).__name__}")
+        if scale is not None:
+            if not isinstance(weight, torch.Tensor) or scale.numel() != 1:
+                raise UserError("A weight scale (scale_weight) must be one number beside a float8 weight.")
+            scale = scale.to(device=self.qweight.device, dtype=torch.float32).reshape(())
+        self.register_buffer("weight_scale", scale)  # float32 even when the module is cast (see _apply)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        result = super()._apply(fn, recurse)
+        if scale is not None:  # follow the device, never the dtype
+            self.weight_scale = scale.to(self.qweight.device)
+        return result
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.qweight.numel()
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if hasattr(self, "_gguf_type"):
+            return GGUFWeight(self.qweight, self._gguf_type, (self.out_features, self.in_features)).dequantize(dtype)
+        weight = self.qweight.view(self._float8_dtype)
+        if self.weight_scale is None:
+            return weight.to(dtype)
+        return (weight.to(torch.float32) * self.weight_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, qtype={self.qtype}{', scaled' if self.weight_scale is not None else ''}")
+
+
+def _set_child(module: nn.Module, name: str, child: nn.Module) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, leaf, child)
+
+
+def quantize_linears(module: nn.Module, state_dict: dict, *, dtype: torch.dtype | None = None,
+                     device: str | torch.device | None = None) -> list[str]:
+    """Swap each `nn.Linear` of `module` whose `<name>.weight` in `state_dict` is quantized for a
+    `QuantizedLinear` holding that weight (moved to `device`), its bias (cast to `dtype`) and its scaled-fp8
+    factor `<name>.scale_weight` if any. The used entries (and `<name>.scale_input`) are popped from
+    `state_dict`; returns the swapped module names."""
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear) or not is_quantized(state_dict.get(f"{name}.weight")):
+            continue
+        weight = state_dict.pop(f"{name}.weight")
+        if tuple(weight.shape) != (child.out_features, child.in_features):
+            raise UserError(f"The weight of {name} has shape {tuple(weight.shape)} where "
+                            f"{(child.out_features, child.in_features)} was expected: the file may be damaged.")
+        if device is not None:
+            weight = weight.to(device)
+        bias = state_dict.pop(f"{name}.bias", None) if child.bias is not None else None
+        if bias is not None:
+            bias = dequantize(bias, dtype or torch.float32) if is_quantized(bias) else bias
+            bias = bias.to(device=device or bias.device, dtype=dtype or bias.dtype)
+        scale = state_dict.pop(f"{name}.scale_weight", None)
+        state_dict.pop(f"{name}.scale_input", None)
+        _set_child(module, name, QuantizedLinear(weight, bias, scale))
+        swapped.append(name)
+    return swapped
+
+
+def load_quantized_weights(module: nn.Module, state_dict: dict, what: str, *, dtype: torch.dtype,
+                           device: str | torch.device) -> None:
+    """Strictly assign `state_dict` (plain, float8 and GGUF tensors) to `module` built on the meta device:
+    quantized linear weights go into `QuantizedLinear`s, every other floating tensor is cast to `dtype`
+    on `device` (quantized non-linear tensors, e.g. norm scales, are dequantized). Damage -> UserError."""
+    from backend.engine.model_loader import few_names
+    state_dict = {k: v for k, v in state_dict.items() if k != SCALED_FP8_MARKER}
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    scales = {k for k in state_dict if k.endswith(SCALE_SUFFIXES)}
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected) - scales
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors: {few_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors: {few_names(unexpected)}")
+        raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
+                        "The file may be damaged or of an unsupported variant.")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state_dict.items()
+           if k not in scales and tuple(v.shape) != tuple(expected[k])]
+    if bad:
+        raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
+    state_dict = dict(state_dict)
+    quantize_linears(module, state_dict, dtype=dtype, device=device)
+    stray = [k for k in state_dict if k.endswith(SCALE_SUFFIXES)]
+    if stray:
+        raise UserError(f"The {what} file has weight scales beside weights that are not float8 linear weights: "
+                        f"{few_names(stray)}. The file may be damaged.")
+    rest = {}
+    for k in list(state_dict):
+        v = state_dict.pop(k)
+        if is_quantized(v):
+            v = dequantize(v.to(device), dtype)
+        elif v.is_floating_point():
+            v = v.to(device=device, dtype=dtype)
+        else:
+            v = v.to(device=device)
+        rest[k] = v.contiguous()
+    module.load_state_dict(rest, strict=False, assign=True)
+    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
+    if left:
+        raise UserError(f"The {what} weights leave {len(left)} tensors unset: {few_names(left)}.")
+    target = torch.device(device)
+    for name, buf in list(module.named_buffers()):  # non-persistent buffers were built real on the CPU
+        if buf.device.type != target.type or (target.index is not None and buf.device.index != target.index):
+            owner_name, _, leaf = name.rpartition(".")
+            (module.get_submodule(owner_name) if owner_name else module)._buffers[leaf] = buf.to(target)
+    module.eval()
+    module.requires_grad_(False)
+
+
+def stored_weight_bytes(module: nn.Module) -> int:
+    """Bytes held by `module`'s parameters and buffers (quantized weights at their stored size)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+# -- bitsandbytes NF4 ------------------------------------------------------------------------------
+def is_nf4(keys) -> bool:
+    """A bitsandbytes NF4 file (Forge's `flux1-dev-bnb-nf4`): per-weight `.absmax`, `.quant_map` and
+    `.quant_state.bitsandbytes__nf4` tensors."""
+    keys = list(keys)
+    if any(k.endswith(".quant_state.bitsandbytes__nf4") for k in keys):
+        return True
+    return any(k.endswith(".absmax") for k in keys) and any(k.endswith(".quant_map") for k in keys)
+
+
+def nf4_message(file_name: str = "This model", device: str | torch.device | None = None) -> str:
+    where = f" (this backend runs on {torch.device(device).type})" if device is not None else ""
+    return (f"{file_name} is a bitsandbytes NF4 file. NF4 weights can only be computed on an NVIDIA GPU (CUDA) "
+            f"with the bitsandbytes package, which Easel does not use{where}. {NF4_HINT}")
+
+
+def refuse_nf4(keys, file_name: str = "This model", device: str | torch.device | None = None) -> None:
+    """Raise the NF4 `UserError` when `keys` are those of a bitsandbytes NF4 file."""
+    if is_nf4(keys):
+        raise UserError(nf4_message(file_name, device))
