@@ -50,7 +50,7 @@ __all__ = [
 
 # Parameters that A1111 writes first, in this order; the rest follow in the given order, then Version.
 PARAM_ORDER: tuple[str, ...] = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed", "Face restoration",
     "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
     "Seed resize from", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling",
 )
@@ -301,6 +301,7 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
     put("sampler_name", "Sampler", str)
     put("scheduler", "Schedule type", schedule_api_name)
     put("cfg_scale", "CFG scale", _to_float)
+    put("distilled_cfg_scale", "Distilled CFG Scale", _to_float)  # Forge's, for FLUX dev
     put("image_cfg_scale", "Image CFG scale", _to_float)
     put("seed", "Seed", _to_int)
     put("width", "Size-1", _to_int)

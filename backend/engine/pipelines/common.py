@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines
     from backend.engine.postprocess.runtime import PostprocessRuntime
 
 VERSION = "easel-0.1.0"
+DEFAULT_DISTILLED_CFG = 3.5  # Forge's default "Distilled CFG Scale" (FLUX dev's guidance input)
 
 class JobControl(Protocol):
     """What a pipeline needs from whoever runs it: stop flags and a place to report progress."""
@@ -292,6 +293,13 @@ class CFGDenoiser:
     def after_decode(self, images: list[Image.Image]) -> list[Image.Image]:
         """The pass's decoded pictures through the hooks."""
         return self.hooks.after_decode(self.state(step=self._total_steps), images) if self.hooks else images
+
+
+def flow_guidance(req) -> dict:
+    """The request's guidance for a flow model's denoiser (`CFGDenoiser` keywords): FLUX dev's distilled guidance
+    ("Distilled CFG Scale", `distilled_cfg_scale`, 3.5 when the request has none); unused by other models."""
+    value = getattr(req, "distilled_cfg_scale", None)
+    return {"distilled_cfg_scale": DEFAULT_DISTILLED_CFG if value is None else float(value)}
 
 
 def is_flow(model) -> bool:
