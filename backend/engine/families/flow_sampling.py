@@ -161,7 +161,7 @@ class FlowModelCall:
 def draws_noise(sampler_info, extra: dict) -> bool:
     """Whether the sampler adds fresh noise with these arguments (then it runs `in_noise_space`)."""
     name = sampler_info.name
-    if extra.get("s_churn", 0.0) > 0:
+    if "s_churn" in extra and float(extra["s_churn"]) > 0:  # the sampler's arguments (not the settings)
         return True
     if name in ("LCM", "Restart"):
         return True
