@@ -209,7 +209,15 @@ def test_sd3_skip_layer_guidance_pushes_away_from_the_prediction_without_the_lay
     calls.clear()
     pushed = slg(x, sigma)
     assert len(calls) == 2 and calls[1]["skip_layers"] == [1] and calls[1]["hidden_states"].shape[0] == 1
-    assert not torch.allclose(pushed, base)
+    # after CFG, as SAI's pipeline: guided + (cond - cond without the layers) * scale
+    cond_only = _denoiser(model, 1.0)
+    cond_only.start_pass(10)
+    d_cond = cond_only(x, sigma)
+    with torch.no_grad():
+        v_skip = model.transformer(hidden_states=x, encoder_hidden_states=slg.conds.at(0)[0].crossattn[None],
+                                   pooled_projections=slg.conds.at(0)[0].pooled[None], timestep=sigma * 1000,
+                                   skip_layers=[1], return_dict=False)[0]
+    assert torch.allclose(pushed, base + (d_cond - (x - 0.5 * v_skip)) * 2.0, atol=1e-5)
     slg._step = 8  # past `end`: no extra call, the plain result
     calls.clear()
     assert torch.allclose(slg(x, sigma), base) and len(calls) == 1
@@ -409,3 +417,26 @@ def test_request_default_and_range_of_the_distilled_cfg_scale():
     assert Txt2ImgRequest().distilled_cfg_scale == 3.5 and Img2ImgRequest().distilled_cfg_scale == 3.5
     with pytest.raises(UserError, match="distilled_cfg_scale"):
         request_checks.check_txt2img(Txt2ImgRequest(distilled_cfg_scale=-1))
+
+
+def test_sd3_skip_layer_guidance_from_the_settings_runs_and_names_itself_in_the_infotext(tmp_path, stand_in_conditioner):
+    model = tiny_sd3_model()
+    calls = _count_calls(model.transformer)
+    body = dict(prompt="a", steps=4, width=64, height=64, seed=1, sampler_name="Euler", scheduler="Simple", cfg_scale=4,
+                do_not_save_samples=True, do_not_save_grid=True)
+    req = Txt2ImgRequest(**body)
+    opts = {"sd3_slg_scale": 2.5, "sd3_slg_layers": "1", "sd3_slg_start": 0.0, "sd3_slg_end": 0.3}
+    result = txt2img.run(req, _ctx(model, req, opts=opts, tmp=tmp_path))
+    # steps 0 and 1 (fractions 0, .25) get the extra pass without block 1; steps 2 and 3 do not
+    assert [c.get("skip_layers") for c in calls] == [None, [1], None, [1], None, None]
+    text = result.images[0].infotext
+    assert 'SLG scale: 2.5, SLG layers: 1, SLG start: 0, SLG end: 0.3' in text
+    fields = infotext_to_request_fields(parse_infotext(text))
+    assert fields["override_settings"]["sd3_slg_scale"] == 2.5 and fields["override_settings"]["sd3_slg_layers"] == "1"
+    with pytest.raises(UserError, match="blocks 0 to 1"):
+        txt2img.run(req, _ctx(tiny_sd3_model(), req, opts={**opts, "sd3_slg_layers": "7, 8"}, tmp=tmp_path))
+    with pytest.raises(UserError, match="numbers"):
+        txt2img.run(req, _ctx(tiny_sd3_model(), req, opts={**opts, "sd3_slg_layers": "seven"}, tmp=tmp_path))
+    flux = tiny_flux_model()
+    plain = txt2img.run(req, _ctx(flux, req, opts=opts, tmp=tmp_path))  # FLUX: no SLG, nothing written
+    assert "SLG" not in plain.images[0].infotext

@@ -321,7 +321,9 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
         out["clip_skip"] = clip_skip
         overrides["CLIP_stop_at_last_layers"] = clip_skip
     for key, setting, convert in (("NGMS", "s_min_uncond", _to_float), ("NGMS all steps", "s_min_uncond_all", _to_bool),
-                                  ("Skip Early CFG", "skip_early_cond", _to_float)):
+                                  ("Skip Early CFG", "skip_early_cond", _to_float),
+                                  ("SLG scale", "sd3_slg_scale", _to_float), ("SLG layers", "sd3_slg_layers", str),
+                                  ("SLG start", "sd3_slg_start", _to_float), ("SLG end", "sd3_slg_end", _to_float)):
         value = convert(params.get(key)) if params.get(key) not in (None, "") else None
         if value is not None:
             overrides[setting] = value

@@ -29,6 +29,7 @@ from backend.core.errors import UserError
 from backend.engine.sampling_hooks import UNetCall
 
 __all__ = ["pack_latents", "unpack_latents", "flux_image_ids", "FlowModelCall", "SkipLayerGuidance",
+           "skip_layer_guidance", "infotext_entries",
            "in_noise_space", "flow_sample_fn", "draws_noise", "FLOW_TOP_SIGMA"]
 
 FLOW_TOP_SIGMA = 0.999
@@ -87,6 +88,33 @@ class SkipLayerGuidance:
         return self.scale != 0 and self.start <= fraction <= self.end
 
 
+def skip_layer_guidance(options) -> SkipLayerGuidance | None:
+    """The job's SD3 skip-layer guidance from its settings (`sd3_slg_scale`, `_layers`, `_start`, `_end`); None when
+    the scale is 0."""
+    scale = float(options["sd3_slg_scale"])
+    if scale == 0:
+        return None
+    text = str(options["sd3_slg_layers"])
+    try:
+        layers = tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise UserError(f"SD3 skip-layer guidance layers {text!r}: give the transformer blocks to skip as numbers "
+                        "from 0, separated by commas (SAI's choice for SD 3.5 Medium: 7, 8, 9).")
+    return SkipLayerGuidance(scale=scale, layers=layers, start=float(options["sd3_slg_start"]),
+                             end=float(options["sd3_slg_end"]))
+
+
+def infotext_entries(slg: SkipLayerGuidance | None) -> dict[str, object]:
+    """The infotext entries of skip-layer guidance in use (read back into the settings on paste)."""
+    if slg is None:
+        return {}
+    number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
+    return {"SLG scale": number(slg.scale), "SLG layers": ", ".join(str(n) for n in slg.layers),
+            "SLG start": number(slg.start), "SLG end": number(slg.end)}
+
+
 class FlowModelCall:
     """One transformer evaluation of a flow model -> the denoised prediction x0 = x - sigma * v.
 
@@ -101,6 +129,12 @@ class FlowModelCall:
         self.family = model.family
         self.guidance = float(distilled_cfg_scale) if getattr(model, "guidance_embeds", False) else None
         self.slg = skip_layer_guidance if self.family == "sd3" else None
+        self.pending_push: torch.Tensor | None = None
+        if self.slg is not None:
+            blocks = len(getattr(model.transformer, "transformer_blocks", ()))
+            if blocks and max(self.slg.layers) >= blocks:
+                raise UserError(f"SD3 skip-layer guidance layers {', '.join(map(str, self.slg.layers))}: this model "
+                                f"has transformer blocks 0 to {blocks - 1}.")
 
     def __call__(self, hooks, state, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor,
                  pooled: torch.Tensor | None, cond_mask: torch.Tensor | None, dtype) -> torch.Tensor:
@@ -124,11 +158,14 @@ class FlowModelCall:
                                     cond_mask=None)
             skipped = x_in[rows] - self.velocity(sub, dtype, skip_layers=list(self.slg.layers)) \
                 * sigma_in[rows][:, None, None, None]
-            push = (denoised[rows] - skipped) * self.slg.scale
-            # the push goes on the conditional rows; CFG then carries it into the mix
-            denoised = denoised.clone()
-            denoised[rows] = denoised[rows] + push
+            # added to the guided result (after CFG, as SAI's pipeline does): `take_push`
+            self.pending_push = (denoised[rows] - skipped) * self.slg.scale
         return denoised
+
+    def take_push(self, guided: torch.Tensor) -> torch.Tensor:
+        """The guided prediction of the conditional rows plus the skip-layer push of the last call (if any)."""
+        push, self.pending_push = self.pending_push, None
+        return guided if push is None else guided + push
 
     def velocity(self, call: UNetCall, dtype, skip_layers: Sequence[int] | None = None) -> torch.Tensor:
         x = call.sample

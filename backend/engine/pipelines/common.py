@@ -276,7 +276,7 @@ class CFGDenoiser:
         c, pc, u, pu = self._batch_conds(self._step, n)
         call, self._calls = self._calls, self._calls + 1
         if self.cfg_scale == 1.0 or self.skips.skip(call, self._step, self._total_steps, float(sigma.reshape(-1)[0])):
-            return self._unet(state, x, sigma, c, pc)
+            return self._flow_push(self._unet(state, x, sigma, c, pc))
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         context = torch.cat([c, u])
@@ -284,7 +284,11 @@ class CFGDenoiser:
         cond_mask = torch.cat([torch.ones(n, device=x.device), torch.zeros(n, device=x.device)])
         denoised = self._unet(state, x_in, sigma_in, context, pooled, cond_mask)
         d_cond, d_uncond = denoised[:n], denoised[n:]
-        return self.hooks.combine_cfg(state, d_cond, d_uncond, self.cfg_scale)
+        return self._flow_push(self.hooks.combine_cfg(state, d_cond, d_uncond, self.cfg_scale))
+
+    def _flow_push(self, guided: torch.Tensor) -> torch.Tensor:
+        """SD3's skip-layer guidance is added after CFG (`FlowModelCall.take_push`); other models: as it is."""
+        return guided if self.flow_call is None else self.flow_call.take_push(guided)
 
     def after_sampling(self, latents: torch.Tensor) -> torch.Tensor:
         """The pass's final latents through the hooks (e.g. the latent mask's last blend)."""
@@ -295,11 +299,16 @@ class CFGDenoiser:
         return self.hooks.after_decode(self.state(step=self._total_steps), images) if self.hooks else images
 
 
-def flow_guidance(req) -> dict:
-    """The request's guidance for a flow model's denoiser (`CFGDenoiser` keywords): FLUX dev's distilled guidance
-    ("Distilled CFG Scale", `distilled_cfg_scale`, 3.5 when the request has none); unused by other models."""
+def flow_guidance(req, options: JobOptions | None = None, model=None) -> dict:
+    """The job's guidance for a flow model's denoiser (`CFGDenoiser` keywords): FLUX dev's distilled guidance
+    ("Distilled CFG Scale", `distilled_cfg_scale`, 3.5 when the request has none) and, for an SD3 `model`, its
+    skip-layer guidance (settings `sd3_slg_*`; None when off); other models ignore both."""
     value = getattr(req, "distilled_cfg_scale", None)
-    return {"distilled_cfg_scale": DEFAULT_DISTILLED_CFG if value is None else float(value)}
+    out = {"distilled_cfg_scale": DEFAULT_DISTILLED_CFG if value is None else float(value)}
+    if options is not None and getattr(model, "family", None) == "sd3":
+        from backend.engine.families.flow_sampling import skip_layer_guidance
+        out["skip_layer_guidance"] = skip_layer_guidance(JobOptions.of(options))
+    return out
 
 
 def is_flow(model) -> bool:

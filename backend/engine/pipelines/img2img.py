@@ -329,7 +329,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
         return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                            ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks,
                            skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(ctx.options),
-                           **flow_guidance(req))
+                           **flow_guidance(req, ctx.options, model))
 
     denoiser = make_denoiser(gen.conditioner, gen.model_schedule)
     switch_at = refiner_switch_at(ctx, req, FIRST_PASS, False)

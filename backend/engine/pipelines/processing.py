@@ -101,6 +101,7 @@ class Generation:
             "Token merging ratio": format_number(self.token_merging) if self.token_merging else None,
             "Emphasis": self._emphasis_param(options["emphasis"]),
             **self.uncond_skips.infotext(),
+            **self._flow_params(model, options),
             **sampler_params(self.sampler_info, self.extra, options),
         }
 
@@ -121,6 +122,14 @@ class Generation:
         if emphasis == "Original" or not any("(" in t or "[" in t for t in texts):
             return None
         return emphasis
+
+    @staticmethod
+    def _flow_params(model, options) -> dict[str, object]:
+        """SD3's skip-layer guidance in the infotext when it is on (`SLG scale`, ...)."""
+        if getattr(model, "family", None) != "sd3":
+            return {}
+        from backend.engine.families.flow_sampling import infotext_entries, skip_layer_guidance
+        return infotext_entries(skip_layer_guidance(options))
 
     def _conditioner(self, model):
         """The text conditioner of `model`: `TextConditioner` for SD 1.x/2.x/SDXL, the flow families' own

@@ -18,8 +18,8 @@ from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, aesthetic_scores, decode_latents, encode_images,
-                                             flow_guidance, format_number, noised_latents, image_rng, run_sampler, sampler_extra_args, sampler_noise,
-                                             tiling)
+                                             flow_guidance, format_number, image_rng, noised_latents, run_sampler,
+                                             sampler_extra_args, sampler_noise, tiling)
 from backend.engine.pipelines.processing import EachImage, Generation
 from backend.engine.pipelines.refiner import RefinerDenoiser, check_same_latents, refiner_switch_at, short_title
 from backend.engine.sampling_hooks import FIRST_PASS, HIRES_PASS
@@ -146,7 +146,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                     return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                                        ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
                                        skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options),
-                                       **flow_guidance(req))
+                                       **flow_guidance(req, options, model))
 
                 denoiser = _pass_denoiser(ctx, gen, req, first_pass, FIRST_PASS, hires)
                 noise_sampler = sampler_noise(sampler_info, rng, x, sigmas, seeds)
@@ -198,7 +198,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond,
                                            hooks=ctx.sampling_hooks, pass_name=HIRES_PASS,
                                            skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options),
-                                           **flow_guidance(req))
+                                           **flow_guidance(req, options, model))
 
                     denoiser = _pass_denoiser(ctx, gen, req, hires_pass, HIRES_PASS, True)
                     hr_noise = sampler_noise(hr_sampler_info, hr_rng, x, hr_sigmas, seeds, img2img_sigma_max(
