@@ -440,3 +440,26 @@ def test_sd3_skip_layer_guidance_from_the_settings_runs_and_names_itself_in_the_
     flux = tiny_flux_model()
     plain = txt2img.run(req, _ctx(flux, req, opts=opts, tmp=tmp_path))  # FLUX: no SLG, nothing written
     assert "SLG" not in plain.images[0].infotext
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in __import__("backend.core.sampler_catalog",
+                                                                    fromlist=["SAMPLERS"]).SAMPLERS])
+def test_every_sampler_samples_a_flow_model_to_a_finite_picture(sampler, tmp_path, stand_in_conditioner):
+    model = tiny_sd3_model()
+    result, _ = _run_txt2img(model, tmp_path, sampler_name=sampler, scheduler="Automatic", steps=4, cfg_scale=3)
+    pixels = _pixels(result)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+
+
+def test_noise_adding_samplers_keep_the_flows_noise_level():
+    """Euler a on the flow with a denoiser that predicts 0: x stays pure noise scaled by sigma, so at each step its
+    spread is sigma_next (what (1 - sigma) * 0 + sigma * noise has), not the spread x0 + sigma * noise would give."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 64, 64)
+    sigmas = torch.tensor([0.9, 0.6, 0.3, 0.0])
+    spreads = []
+    run = in_noise_space(sample_euler_ancestral)
+    run(lambda x_, s: torch.zeros_like(x_), x * 0.9, sigmas,
+        noise_sampler=lambda s, sn: torch.randn(1, 4, 64, 64),
+        callback=lambda d: spreads.append((float(d["x"].std()), d["i"])))
+    assert abs(spreads[0][0] - 0.6) < 0.03 and abs(spreads[1][0] - 0.3) < 0.03
