@@ -16,6 +16,11 @@ latent is the same, the image's share at 0.999 is below what float32 resolves ne
 `FlowModelCall` is the model call of `backend.engine.pipelines.common.CFGDenoiser` for these models: FLUX's
 2x2 patch packing and position ids (as diffusers' FluxPipeline builds them), its distilled guidance input, SD3's
 timestep (sigma * 1000) and optional skip-layer guidance.
+
+Guidance: real CFG is the request's `cfg_scale` as given, for every family (at 1 the negative prompt's pass is
+skipped: one transformer call per model call). FLUX.1 is distilled to run at CFG 1 (Forge's FLUX preset); the API's
+default stays A1111's 7 (Forge's API too), so an API client sends `cfg_scale: 1` for FLUX, as in Forge. FLUX dev's
+own guidance is the "Distilled CFG Scale" (`distilled_cfg_scale`, default 3.5), an input of the transformer.
 """
 from __future__ import annotations
 
