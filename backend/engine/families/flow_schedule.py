@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["FlowSchedule", "SD3_SHIFT", "FLUX_DEV_MU", "FLUX_SCHNELL_MU", "default_shift", "flow_noise"]
+__all__ = ["FlowSchedule", "SD3_SHIFT", "FLUX_DEV_MU", "FLUX_SCHNELL_MU", "default_shift"]
 
 SD3_SHIFT = 3.0
 FLUX_DEV_MU = 1.15
@@ -30,11 +30,6 @@ def default_shift(variant: str) -> float:
     if variant.startswith("flux"):
         return math.exp(FLUX_DEV_MU)
     return SD3_SHIFT
-
-
-def flow_noise(latents: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """A clean latent brought to noise level `sigma` on the flow: (1 - sigma) * latents + sigma * noise."""
-    return latents * (1 - sigma) + noise * sigma
 
 
 class FlowSchedule:

@@ -199,7 +199,7 @@ class CFGDenoiser:
         # A flow-matching model (FLUX, SD3) is called its own way (backend.engine.families.flow_sampling): FLUX dev
         # gets the distilled guidance, SD3 optionally skip-layer guidance; CFG and the hooks stay as they are.
         self.flow_call = None
-        if getattr(model, "prediction_type", None) == "flow":
+        if is_flow(model):
             from backend.engine.families.flow_sampling import FlowModelCall
             self.flow_call = FlowModelCall(model, schedule, distilled_cfg_scale, skip_layer_guidance)
         if model.family == "sdxl":
