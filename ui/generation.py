@@ -95,6 +95,13 @@ def sampler_controls(service: EaselService, tab: str, c: dict) -> None:
     c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab}_steps")
 
 
+def distilled_cfg_slider(tab: str) -> gr.Slider:
+    """Forge's "Distilled CFG Scale" beside CFG Scale: FLUX dev's guidance input (`distilled_cfg_scale`); models
+    without one (SD, FLUX schnell, SD3) ignore it. FLUX runs with CFG Scale 1 (the negative prompt's pass skipped)."""
+    return gr.Slider(0, 30, value=3.5, step=0.1, label="Distilled CFG Scale", elem_id=f"{tab}_distilled_cfg_scale",
+                     info="FLUX dev's guidance; for FLUX set CFG Scale to 1")
+
+
 def swap_size_button(tab: str, c: dict) -> gr.Button:
     """⇅: width and height swapped (call after both sliders exist)."""
     button = gr.Button("Swap width and height", size="sm", elem_id=f"{tab}_res_switch_btn", elem_classes=["easel-tool"])

@@ -29,7 +29,7 @@ FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "s
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "inpainting_mask_invert", "inpainting_fill",
           "inpaint_full_res", "inpaint_full_res_padding", "override_choices", "refiner_enabled", "refiner_checkpoint",
-          "refiner_switch_at"]
+          "refiner_switch_at", "distilled_cfg_scale"]
 EXTRA = ["scale_mode", "scale_by", "batch_input_dir", "batch_output_dir", "batch_mask_dir"]
 
 
@@ -167,6 +167,7 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                     generation.batch_controls("img2img", c)
             with gr.Row():
                 c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
+                c["distilled_cfg_scale"] = generation.distilled_cfg_slider("img2img")
                 c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
                                                     elem_id="img2img_denoising_strength")
             buttons.update(generation.seed_controls("img2img", c))

@@ -13,7 +13,7 @@ FIELDS = ["prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "s
           "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling",
           "restore_faces", "clip_skip", "enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
           "hr_scale", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "override_choices", "refiner_enabled",
-          "refiner_checkpoint", "refiner_switch_at"]
+          "refiner_checkpoint", "refiner_switch_at", "distilled_cfg_scale"]
 
 
 def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> tuple[dict, dict]:
@@ -50,7 +50,9 @@ def build(service: EaselService, checkpoint: gr.Dropdown, vae: gr.Dropdown) -> t
                     generation.swap_size_button("txt2img", c)
                 with gr.Column():
                     generation.batch_controls("txt2img", c)
-            c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+            with gr.Row():
+                c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+                c["distilled_cfg_scale"] = generation.distilled_cfg_slider("txt2img")
             buttons.update(generation.seed_controls("txt2img", c))
             generation.extra_controls(service, "txt2img", c)
             c["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id="txt2img_restore_faces",

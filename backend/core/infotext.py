@@ -50,7 +50,7 @@ __all__ = [
 
 # Parameters that A1111 writes first, in this order; the rest follow in the given order, then Version.
 PARAM_ORDER: tuple[str, ...] = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed", "Face restoration",
     "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
     "Seed resize from", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling",
 )
@@ -301,6 +301,7 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
     put("sampler_name", "Sampler", str)
     put("scheduler", "Schedule type", schedule_api_name)
     put("cfg_scale", "CFG scale", _to_float)
+    put("distilled_cfg_scale", "Distilled CFG Scale", _to_float)  # Forge's, for FLUX dev
     put("image_cfg_scale", "Image CFG scale", _to_float)
     put("seed", "Seed", _to_int)
     put("width", "Size-1", _to_int)
@@ -320,7 +321,9 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
         out["clip_skip"] = clip_skip
         overrides["CLIP_stop_at_last_layers"] = clip_skip
     for key, setting, convert in (("NGMS", "s_min_uncond", _to_float), ("NGMS all steps", "s_min_uncond_all", _to_bool),
-                                  ("Skip Early CFG", "skip_early_cond", _to_float)):
+                                  ("Skip Early CFG", "skip_early_cond", _to_float),
+                                  ("SLG scale", "sd3_slg_scale", _to_float), ("SLG layers", "sd3_slg_layers", str),
+                                  ("SLG start", "sd3_slg_start", _to_float), ("SLG end", "sd3_slg_end", _to_float)):
         value = convert(params.get(key)) if params.get(key) not in (None, "") else None
         if value is not None:
             overrides[setting] = value

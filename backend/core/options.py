@@ -78,6 +78,16 @@ SETTINGS: list[Setting] = [
             "Sampler parameters", bool),
     Setting("skip_early_cond", 0.0, "Ignore negative prompt during early sampling (fraction of the steps; 0: never)",
             "Sampler parameters", float, minimum=0, maximum=1),
+    # SD 3.5's skip-layer guidance ("SLG", SAI's recipe for SD 3.5 Medium), for SD3 models only
+    Setting("sd3_slg_scale", 0.0, "SD3 skip-layer guidance scale (the picture pushed away from the prediction made "
+            "without the layers below; SAI suggests 2.5-3 for SD 3.5 Medium; 0: off)", "Sampler parameters", float,
+            minimum=0, maximum=10),
+    Setting("sd3_slg_layers", "7, 8, 9", "SD3 skip-layer guidance: the transformer blocks skipped (numbers from 0, "
+            "comma-separated)", "Sampler parameters"),
+    Setting("sd3_slg_start", 0.01, "SD3 skip-layer guidance: from this fraction of the steps", "Sampler parameters",
+            float, minimum=0, maximum=1),
+    Setting("sd3_slg_end", 0.2, "SD3 skip-layer guidance: until this fraction of the steps", "Sampler parameters",
+            float, minimum=0, maximum=1),
     Setting("live_previews_enable", True, "Show live previews of the image being generated", "Live previews", bool),
     Setting("show_progress_every_n_steps", 2, "Live preview every N sampling steps (-1: only at the end of a batch)", "Live previews", int, minimum=-1, maximum=32),
     Setting("show_progress_type", "Approx NN", "Live preview method (Full: the VAE; Approx NN, TAESD: small networks "

@@ -68,6 +68,9 @@ def validate_generation(req) -> None:
         raise UserError(f"n_iter (batch count) must be between 1 and 1000, got {req.n_iter}.")
     if not 0 <= req.cfg_scale <= 100:
         raise UserError(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}.")
+    distilled = getattr(req, "distilled_cfg_scale", None)
+    if distilled is not None and not 0 <= distilled <= 100:
+        raise UserError(f"distilled_cfg_scale must be between 0 and 100, got {distilled}.")
     if not 0 <= req.subseed_strength <= 1:
         raise UserError(f"subseed_strength must be between 0 and 1, got {req.subseed_strength}.")
     validate_seeds(req)

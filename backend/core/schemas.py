@@ -41,6 +41,8 @@ class StableDiffusionProcessingTxt2Img(JsonRequest):  # A1111's name: the schema
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    # Forge's "Distilled CFG Scale": FLUX dev's guidance input (models without one ignore it)
+    distilled_cfg_scale: float = 3.5
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None

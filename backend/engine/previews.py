@@ -1,6 +1,7 @@
 """Live previews of the image being sampled, by the method of the setting `show_progress_type` (A1111's):
 
-- "Approx cheap": a linear map of the 4 latent channels to RGB (no file; SD1/SD2 and SDXL have their own factors).
+- "Approx cheap": a linear map of the latent channels to RGB (no file; SD1/SD2, SDXL and the 16 channels of FLUX and
+  SD3 have their own factors). FLUX and SD3 have no "Approx NN"/"TAESD" network here: they use this one.
 - "Approx NN": A1111's VAE approximation, a small convolutional network (`models/VAE-approx/model.pt` for SD1/SD2,
   `vaeapprox-sdxl.pt` for SDXL), giving a picture twice the latent's size.
 - "TAESD": the tiny autoencoder's decoder (madebyollin/taesd: `taesd_decoder.pth`, `taesdxl_decoder.pth`, in
@@ -30,6 +31,18 @@ CHEAP_RGB = {
     "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
     "sdxl": ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088)),
 }
+# FLUX's and SD3's 16 channels (ComfyUI's latent_formats factors), with the bias added to each RGB channel.
+CHEAP_RGB["flux"] = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778))
+CHEAP_RGB["sd3"] = (
+    (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189))
+CHEAP_RGB_BIAS = {"flux": (-0.0329, -0.0718, -0.0851), "sd3": (0.2394, 0.2135, 0.1925)}
 APPROX_NN_FILES = {"sd": "model.pt", "sdxl": "vaeapprox-sdxl.pt"}
 APPROX_NN_URL = "https://github.com/AUTOMATIC1111/stable-diffusion-webui/releases/download/v1.0.0-pre/"
 TAESD_FILES = {"sd": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth"}
@@ -93,14 +106,21 @@ def taesd_decoder() -> nn.Sequential:
 
 
 def latent_kind(family: str) -> str:
-    """Which preview networks fit a model family's latents: SDXL's, or SD1/SD2's (the same VAE)."""
+    """Which preview factors/networks fit a model family's latents: SDXL's, FLUX's, SD3's, or SD1/SD2's (the same
+    VAE)."""
+    if family in ("flux", "sd3"):
+        return family
     return "sdxl" if family in ("sdxl", "sdxl_refiner") else "sd"
 
 
 def cheap_rgb(latent: torch.Tensor, family: str) -> torch.Tensor:
     """"Approx cheap": the first image's latent [C, h, w] -> RGB [3, h, w] in about [-1, 1]."""
-    coefs = torch.tensor(CHEAP_RGB[latent_kind(family)], device=latent.device, dtype=torch.float32)
-    return torch.einsum("lxy,lr->rxy", latent[:4].float(), coefs)
+    kind = latent_kind(family)
+    coefs = torch.tensor(CHEAP_RGB[kind], device=latent.device, dtype=torch.float32)
+    rgb = torch.einsum("lxy,lr->rxy", latent[:coefs.shape[0]].float(), coefs)
+    if kind in CHEAP_RGB_BIAS:
+        rgb = rgb + torch.tensor(CHEAP_RGB_BIAS[kind], device=latent.device, dtype=torch.float32)[:, None, None]
+    return rgb
 
 
 def to_picture(rgb: torch.Tensor, width: int, height: int) -> Image.Image:
@@ -193,7 +213,7 @@ def make_preview(method: str, family: str, latent: torch.Tensor, width: int, hei
         img = full(latent[:1])
         return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
     rgb = None
-    if method in ("Approx NN", "TAESD") and decoders is not None and latent.shape[1] == 4:
+    if method in ("Approx NN", "TAESD") and decoders is not None and latent_kind(family) in APPROX_NN_FILES:
         rgb = decoders.rgb(method, family, latent[0])
     if rgb is None:
         rgb = cheap_rgb(latent[0], family)

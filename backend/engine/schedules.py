@@ -29,7 +29,7 @@ from backend.core.sampler_catalog import SamplerInfo, find_sampler, find_schedul
 __all__ = [
     "DiscreteSchedule", "SCHEDULE_FUNCTIONS", "get_sigmas",
     "sigmas_karras", "sigmas_exponential", "sigmas_polyexponential", "sigmas_kl_optimal", "sigmas_beta",
-    "sigmas_align_your_steps", "beta_ppf",
+    "sigmas_align_your_steps", "beta_ppf", "model_schedule",
 ]
 
 
@@ -116,6 +116,15 @@ class DiscreteSchedule:
         w = tt - low.to(dtype)
         log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
         return log_sigma.exp().reshape(t.shape)
+
+
+def model_schedule(model) -> "DiscreteSchedule":
+    """The noise levels a model was trained on: a flow-matching model's (FLUX, SD3: `prediction_type` "flow")
+    `FlowSchedule` with its shift, else the `DiscreteSchedule` of its alphas_cumprod."""
+    if getattr(model, "prediction_type", None) == "flow":
+        from backend.engine.families.flow_schedule import FlowSchedule
+        return FlowSchedule(model.shift, family=model.family)
+    return DiscreteSchedule(model.alphas_cumprod, family=model.family)
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +361,10 @@ def get_sigmas(schedule: str | None, steps: int, model_schedule: DiscreteSchedul
     sched = find_scheduler(schedule or "automatic")
     if sched.fn is None:
         sched = find_scheduler(info.default_scheduler if info is not None else "uniform")
+    if sched.name == "align_your_steps" and getattr(model_schedule, "prediction_type", None) == "flow":
+        raise UserError("The Align Your Steps schedule has noise levels for SD 1.x and SDXL only; FLUX and SD3 "
+                        "sample on a flow (noise levels 0 to 1): use Simple, Beta, Uniform, SGM Uniform, Normal, "
+                        "Karras, Exponential or KL Optimal.")
     discard = info is not None and info.discard_next_to_last_sigma
     sigmas = sched.fn(steps + 1 if discard else steps, model_schedule)
     if discard:

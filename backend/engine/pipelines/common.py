@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for JobContext's fields; these modules import the pipelines
     from backend.engine.postprocess.runtime import PostprocessRuntime
 
 VERSION = "easel-0.1.0"
+DEFAULT_DISTILLED_CFG = 3.5  # Forge's default "Distilled CFG Scale" (FLUX dev's guidance input)
 
 class JobControl(Protocol):
     """What a pipeline needs from whoever runs it: stop flags and a place to report progress."""
@@ -173,7 +174,8 @@ class CFGDenoiser:
                  cfg_scale: float, conditioner: TextConditioner, device, dtype, width: int, height: int,
                  image_cond: torch.Tensor | None = None, hooks: Sequence[SamplingHook] = (),
                  pass_name: str = FIRST_PASS, skips: UncondSkips = UncondSkips(),
-                 aesthetic_scores: tuple[float, float] = (6.0, 2.5)):
+                 aesthetic_scores: tuple[float, float] = (6.0, 2.5), distilled_cfg_scale: float = 3.5,
+                 skip_layer_guidance=None):
         self.model = model
         self.schedule = schedule
         self.conds = conds
@@ -194,6 +196,12 @@ class CFGDenoiser:
         self.empty_chunk = conditioner.empty_chunk() if self.length > 77 else None
         self.time_ids = None
         self.uncond_time_ids = None  # the negative prompt's, where they differ (the SDXL refiner's aesthetic score)
+        # A flow-matching model (FLUX, SD3) is called its own way (backend.engine.families.flow_sampling): FLUX dev
+        # gets the distilled guidance, SD3 optionally skip-layer guidance; CFG and the hooks stay as they are.
+        self.flow_call = None
+        if is_flow(model):
+            from backend.engine.families.flow_sampling import FlowModelCall
+            self.flow_call = FlowModelCall(model, schedule, distilled_cfg_scale, skip_layer_guidance)
         if model.family == "sdxl":
             # (original h, w, crop top, left, target h, w), as SDXL was trained.
             self.time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
@@ -225,6 +233,8 @@ class CFGDenoiser:
 
     def _unet(self, state: StepState, x_in: torch.Tensor, sigma_in: torch.Tensor, context: torch.Tensor,
               pooled: torch.Tensor | None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.flow_call is not None:
+            return self.flow_call(self.hooks, state, x_in, sigma_in, context, pooled, cond_mask, self.dtype)
         c_in = 1.0 / torch.sqrt(sigma_in ** 2 + 1.0)
         t = self.schedule.sigma_to_t(sigma_in)
         model_input = x_in * c_in[:, None, None, None]
@@ -266,7 +276,7 @@ class CFGDenoiser:
         c, pc, u, pu = self._batch_conds(self._step, n)
         call, self._calls = self._calls, self._calls + 1
         if self.cfg_scale == 1.0 or self.skips.skip(call, self._step, self._total_steps, float(sigma.reshape(-1)[0])):
-            return self._unet(state, x, sigma, c, pc)
+            return self._flow_push(self._unet(state, x, sigma, c, pc))
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         context = torch.cat([c, u])
@@ -274,7 +284,11 @@ class CFGDenoiser:
         cond_mask = torch.cat([torch.ones(n, device=x.device), torch.zeros(n, device=x.device)])
         denoised = self._unet(state, x_in, sigma_in, context, pooled, cond_mask)
         d_cond, d_uncond = denoised[:n], denoised[n:]
-        return self.hooks.combine_cfg(state, d_cond, d_uncond, self.cfg_scale)
+        return self._flow_push(self.hooks.combine_cfg(state, d_cond, d_uncond, self.cfg_scale))
+
+    def _flow_push(self, guided: torch.Tensor) -> torch.Tensor:
+        """SD3's skip-layer guidance is added after CFG (`FlowModelCall.take_push`); other models: as it is."""
+        return guided if self.flow_call is None else self.flow_call.take_push(guided)
 
     def after_sampling(self, latents: torch.Tensor) -> torch.Tensor:
         """The pass's final latents through the hooks (e.g. the latent mask's last blend)."""
@@ -283,6 +297,31 @@ class CFGDenoiser:
     def after_decode(self, images: list[Image.Image]) -> list[Image.Image]:
         """The pass's decoded pictures through the hooks."""
         return self.hooks.after_decode(self.state(step=self._total_steps), images) if self.hooks else images
+
+
+def flow_guidance(req, options: JobOptions | None = None, model=None) -> dict:
+    """The job's guidance for a flow model's denoiser (`CFGDenoiser` keywords): FLUX dev's distilled guidance
+    ("Distilled CFG Scale", `distilled_cfg_scale`, 3.5 when the request has none) and, for an SD3 `model`, its
+    skip-layer guidance (settings `sd3_slg_*`; None when off); other models ignore both."""
+    value = getattr(req, "distilled_cfg_scale", None)
+    out = {"distilled_cfg_scale": DEFAULT_DISTILLED_CFG if value is None else float(value)}
+    if options is not None and getattr(model, "family", None) == "sd3":
+        from backend.engine.families.flow_sampling import skip_layer_guidance
+        out["skip_layer_guidance"] = skip_layer_guidance(JobOptions.of(options))
+    return out
+
+
+def is_flow(model) -> bool:
+    """A flow-matching model (FLUX, SD3): sampled on the flow x = (1 - sigma) * x0 + sigma * noise."""
+    return getattr(model, "prediction_type", None) == "flow"
+
+
+def noised_latents(model, latents: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """A clean latent brought to noise level `sigma` for sampling from there (img2img, hires. fix): latents + sigma *
+    noise (SD), (1 - sigma) * latents + sigma * noise on a flow model's flow."""
+    if is_flow(model):
+        return latents * (1 - sigma) + noise * sigma
+    return latents + noise * sigma
 
 
 def latent_preview(ctx: JobContext, latent: torch.Tensor) -> Image.Image:
@@ -322,9 +361,18 @@ def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.T
     if control.interrupted() or control.skipped():
         return x, "interrupted" if control.interrupted() else "skipped"
     from backend.engine.token_merging import token_merging as merging_tokens
+    sample_fn = sampler_info.sample_fn
+    if is_flow(ctx.model):
+        from backend.engine.families.flow_sampling import flow_sample_fn
+        sample_fn = flow_sample_fn(sampler_info, extra)
+        if token_merging:  # ToMe merges a UNet's tokens; Forge has none for FLUX/SD3 either
+            warning = "Token merging works on SD 1.x/2.x/SDXL UNets only; it was not applied to this FLUX/SD3 model."
+            if warning not in ctx.warnings:
+                ctx.warnings.append(warning)
+            token_merging = 0.0
     try:
         with merging_tokens(ctx.model.unet, token_merging):
-            result = sampler_info.sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
+            result = sample_fn(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback, **extra)
         return result, None
     except _StopSampling:
         reason = "interrupted" if control.interrupted() else "skipped"
@@ -451,7 +499,7 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
     policy = ctx.policy
     images = []
     for i in range(latents.shape[0]):
-        z = latents[i:i + 1] / model.vae_scale_factor
+        z = latents[i:i + 1] / model.vae_scale_factor + getattr(model, "vae_shift_factor", 0.0)
         decoded = _decode_one(ctx, z)
         if getattr(policy, "nan_check", True) and torch.isnan(decoded).any():
             dtype = next(model.vae.parameters()).dtype
@@ -477,7 +525,8 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
 
 @torch.no_grad()
 def encode_images(ctx: JobContext, images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix)."""
+    """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix): (mean - shift) * scale,
+    the shift 0 but for the 16-channel VAEs of FLUX and SD3."""
     return torch.cat([encode_tensor(ctx, image_to_tensor(img)) for img in images])
 
 
@@ -502,7 +551,7 @@ def encode_tensor(ctx: JobContext, x: torch.Tensor) -> torch.Tensor:
             mean = encode_tiled(model.vae, image, tile=tiles[0], overlap=tiles[1], downsample=down)
         else:
             mean = model.vae.encode(image, return_dict=False)[0].mean.float()
-        out.append(mean * model.vae_scale_factor)
+        out.append((mean - getattr(model, "vae_shift_factor", 0.0)) * model.vae_scale_factor)
     return torch.cat(out)
 
 

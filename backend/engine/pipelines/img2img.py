@@ -27,6 +27,7 @@ from backend.core.request_checks import (LATENT_RESIZE, RESIZE_MODES, is_sd_upsc
                               validate_size, with_latent_size)
 from backend.core.schemas import GenerationResult, Img2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, aesthetic_scores, decode_latents, encode_images,
+                                             flow_guidance, noised_latents,
                                              encode_tensor, format_number, image_rng, image_to_tensor, run_sampler,
                                              sampler_noise, tiling)
 from backend.engine.pipelines import sd_upscale
@@ -327,7 +328,8 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
             h for h in ctx.sampling_hooks if not isinstance(h, InpaintMaskReplacement)]
         return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                            ctx.policy.dtype, req.width, req.height, image_cond, hooks=hooks,
-                           skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(ctx.options))
+                           skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(ctx.options),
+                           **flow_guidance(req, ctx.options, model))
 
     denoiser = make_denoiser(gen.conditioner, gen.model_schedule)
     switch_at = refiner_switch_at(ctx, req, FIRST_PASS, False)
@@ -335,7 +337,7 @@ def _sample_batch(ctx: JobContext, gen: Generation, req: Img2ImgRequest, process
         denoiser = RefinerDenoiser(ctx, denoiser, switch_at, req, lambda: make_denoiser(*gen.for_model()))
     multiplier = float(req.initial_noise_multiplier if req.initial_noise_multiplier is not None
                        else ctx.options["initial_noise_multiplier"])
-    x = init + noise * sigmas[0] * multiplier
+    x = noised_latents(ctx.model, init, noise * multiplier, sigmas[0])
     top = img2img_sigma_max(gen.sampler_info, gen.schedule, gen.model_schedule, req.steps,
                             float(req.denoising_strength), bool(ctx.options["img2img_fix_steps"]))
     noise_sampler = sampler_noise(gen.sampler_info, rng, x, sigmas, seeds, top)

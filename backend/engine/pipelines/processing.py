@@ -21,8 +21,8 @@ from backend.engine.rng import fix_seed
 from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
 from backend.core.schemas import GeneratedImage, GenerationResult, Txt2ImgRequest
-from backend.engine.pipelines.common import (VERSION, JobContext, format_number, sampler_extra_args, sampler_params,
-                                             uncond_skips)
+from backend.engine.pipelines.common import (VERSION, JobContext, flow_guidance, format_number, sampler_extra_args,
+                                             sampler_params, uncond_skips)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Generation:
         self.device = ctx.policy.device
         self.sampler_info, self.schedule = ctx.sampling.sampler, ctx.sampling.schedule
         self.clip_skip = int(options["CLIP_stop_at_last_layers"])  # the job's override is merged in, checked
-        self.model_schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+        self.model_schedule = schedules.model_schedule(model)
         self.extra = sampler_extra_args(self.sampler_info, req, options)
         self.uncond_skips = uncond_skips(req, options)  # NGMS / skip early CFG: the denoisers of every pass
 
@@ -73,9 +73,7 @@ class Generation:
             self.all_seeds, self.all_subseeds = list(each.seeds), list(each.subseeds)
             self.seed, self.subseed = self.all_seeds[0], self.all_subseeds[0]
 
-        self.conditioner = TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
-                                           max_chunks=int(options["prompt_max_chunks"]),
-                                           should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
+        self.conditioner = self._conditioner(model)
         # per model the job samples with (a weak reference: an evicted model is not kept alive)
         self._per_model = {id(model): (weakref.ref(model), self.conditioner, self.model_schedule)}
         self.tiled = None  # the pipeline's `tiling(...)` set, when it tiles
@@ -88,6 +86,9 @@ class Generation:
         self.params: dict[str, object] = {
             "Steps": req.steps, "Sampler": self.sampler_info.name, "Schedule type": self.schedule,
             "CFG scale": format_number(req.cfg_scale),
+            # Forge's entry for a model with a distilled guidance input (FLUX dev)
+            "Distilled CFG Scale": (format_number(flow_guidance(req)["distilled_cfg_scale"])
+                                    if getattr(model, "guidance_embeds", False) else None),
             "Size": f"{req.width}x{req.height}",
             "Model hash": ctx.checkpoint.shorthash if options["add_model_hash_to_info"] else None,
             "Model": ctx.checkpoint.model_name if options["add_model_name_to_info"] else None,
@@ -100,6 +101,7 @@ class Generation:
             "Token merging ratio": format_number(self.token_merging) if self.token_merging else None,
             "Emphasis": self._emphasis_param(options["emphasis"]),
             **self.uncond_skips.infotext(),
+            **self._flow_params(model, options),
             **sampler_params(self.sampler_info, self.extra, options),
         }
 
@@ -121,6 +123,26 @@ class Generation:
             return None
         return emphasis
 
+    @staticmethod
+    def _flow_params(model, options) -> dict[str, object]:
+        """SD3's skip-layer guidance in the infotext when it is on (`SLG scale`, ...)."""
+        if getattr(model, "family", None) != "sd3":
+            return {}
+        from backend.engine.families.flow_sampling import infotext_entries, skip_layer_guidance
+        return infotext_entries(skip_layer_guidance(options))
+
+    def _conditioner(self, model):
+        """The text conditioner of `model`: `TextConditioner` for SD 1.x/2.x/SDXL, the flow families' own
+        (`backend.engine.families.flow_conditioning.FlowConditioner`: CLIP and T5) for FLUX and SD3."""
+        ctx, options = self.ctx, self.ctx.options
+        if getattr(model, "prediction_type", None) == "flow":
+            from backend.engine.families.flow_conditioning import FlowConditioner
+            return FlowConditioner(model, self.device, embeddings=getattr(ctx, "embeddings", None),
+                                   should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
+        return TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
+                               max_chunks=int(options["prompt_max_chunks"]), should_stop=ctx.control.interrupted,
+                               emphasis=options["emphasis"])
+
     def for_model(self):
         """(text conditioner, noise schedule) of the model the job samples with now (`ctx.model`): the job's own, or
         the refiner's / hires. checkpoint's after a switch (`ctx.switch_model`), each made once."""
@@ -129,12 +151,8 @@ class Generation:
             self.tiled.add(model)
         known = self._per_model.get(id(model))
         if known is None or known[0]() is not model:
-            conditioner = TextConditioner(model, self.device, self.clip_skip,
-                                          embeddings=getattr(self.ctx, "embeddings", None),
-                                          max_chunks=int(self.ctx.options["prompt_max_chunks"]),
-                                          should_stop=self.ctx.control.interrupted,
-                                          emphasis=self.ctx.options["emphasis"])
-            schedule = schedules.DiscreteSchedule(model.alphas_cumprod, family=model.family)
+            conditioner = self._conditioner(model)
+            schedule = schedules.model_schedule(model)
             self._per_model[id(model)] = (weakref.ref(model), conditioner, schedule)
         return self._per_model[id(model)][1:]
 

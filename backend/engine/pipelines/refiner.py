@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from backend.core.errors import UserError
 from backend.core.second_checkpoints import refiner_name
 from backend.engine.sampling_hooks import FIRST_PASS, HIRES_PASS
 
@@ -51,6 +52,26 @@ def refiner_switch_at(ctx: JobContext, req, pass_name: str, hires: bool) -> floa
     return float("-inf") if switch_at is None else float(switch_at)
 
 
+def latent_space(model) -> tuple[str, int]:
+    """What a model's latents are: ("flow" or "noise", channels). FLUX and SD3 sample on a flow with 16 channels;
+    SD 1.x/2.x/SDXL add noise to 4 channels."""
+    return ("flow" if getattr(model, "prediction_type", None) == "flow" else "noise",
+            int(getattr(model, "latent_channels", 4)))
+
+
+def check_same_latents(current, new, what: str) -> None:
+    """A model that takes over a pass's latents mid-sampling (the refiner) must work on the same kind of latent."""
+    if latent_space(current) != latent_space(new) or (latent_space(new)[0] == "flow"
+                                                      and current.family != new.family):
+        raise UserError(f"{what} cannot continue this picture: it is a {_family_label(new)} model and the picture "
+                        f"is sampled with a {_family_label(current)} model, whose latents it cannot read. Choose a "
+                        "refiner of the same family.")
+
+
+def _family_label(model) -> str:
+    return {"flux": "FLUX.1", "sd3": "Stable Diffusion 3"}.get(getattr(model, "family", ""), "Stable Diffusion")
+
+
 class RefinerDenoiser:
     """A pass's denoiser that hands over to the refiner at `switch_at` (see the module's docstring).
 
@@ -72,6 +93,7 @@ class RefinerDenoiser:
     def _switch(self) -> None:
         ctx, old = self.ctx, self.current
         refiner_file = ctx.switch_model("refiner", self.request)
+        check_same_latents(old.model, ctx.model, f"The refiner {short_title(refiner_file)}")
         new = self.rebuild()
         new._step, new._total_steps = old._step, old._total_steps  # the hooks see one pass going on
         self.current, self.switched = new, True

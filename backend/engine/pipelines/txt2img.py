@@ -18,10 +18,10 @@ from backend.engine.postprocess.face_restore import restore_faces_for_job
 from backend.engine.postprocess.upscalers import upscale_for_job
 from backend.core.schemas import GenerationResult, Txt2ImgRequest
 from backend.engine.pipelines.common import (CFGDenoiser, JobContext, aesthetic_scores, decode_latents, encode_images,
-                                             format_number, image_rng, run_sampler, sampler_extra_args, sampler_noise,
-                                             tiling)
+                                             flow_guidance, format_number, image_rng, noised_latents, run_sampler,
+                                             sampler_extra_args, sampler_noise, tiling)
 from backend.engine.pipelines.processing import EachImage, Generation
-from backend.engine.pipelines.refiner import RefinerDenoiser, refiner_switch_at, short_title
+from backend.engine.pipelines.refiner import RefinerDenoiser, check_same_latents, refiner_switch_at, short_title
 from backend.engine.sampling_hooks import FIRST_PASS, HIRES_PASS
 
 IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
@@ -129,7 +129,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
             if ctx.switch_model is not None:  # the previous batch may have ended on the refiner or hires. checkpoint
                 ctx.switch_model(None, req)
             seeds, subseeds = gen.all_seeds[idx], gen.all_subseeds[idx]
-            shape = (4, req.height // opt_f, req.width // opt_f)
+            shape = (ctx.model.latent_channels, req.height // opt_f, req.width // opt_f)
             rng = image_rng(ctx, shape, seeds, subseeds, req)
             denoiser, stop = None, None
             if firstpass is None:
@@ -145,7 +145,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                                   else None)
                     return CFGDenoiser(model, model_schedule, conds, unconds, req.cfg_scale, conditioner, device,
                                        ctx.policy.dtype, req.width, req.height, image_cond, hooks=ctx.sampling_hooks,
-                                       skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options))
+                                       skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options),
+                                       **flow_guidance(req, options, model))
 
                 denoiser = _pass_denoiser(ctx, gen, req, first_pass, FIRST_PASS, hires)
                 noise_sampler = sampler_noise(sampler_info, rng, x, sigmas, seeds)
@@ -168,7 +169,9 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                                    else firstpass.resize((w8, h8), Image.Resampling.LANCZOS))
                         latents = encode_images(ctx, [picture] * len(seeds))
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
+                    first_model = ctx.model
                     to_hires_model()
+                    check_same_latents(first_model, ctx.model, "The hires. fix checkpoint (with a Latent upscaler)")
                 else:
                     first = [firstpass] * len(seeds) if firstpass is not None else decode_latents(ctx, latents)
                     try:
@@ -179,10 +182,11 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                         to_hires_model()
                         latents = encode_images(ctx, upscaled)
                 if hires_sampling and stop is None:
-                    hr_rng = image_rng(ctx, (4, hr_h // opt_f, hr_w // opt_f), seeds, subseeds, req)
+                    hr_rng = image_rng(ctx, (ctx.model.latent_channels, hr_h // opt_f, hr_w // opt_f), seeds, subseeds,
+                                       req)
                     hr_sigmas = img2img_sigmas(hr_sampler_info, hr_schedule, gen.for_model()[1], hr_steps, hr_denoise,
                                                True).to(device)
-                    x = latents + hr_rng.first().to(device) * hr_sigmas[0]
+                    x = noised_latents(ctx.model, latents, hr_rng.first().to(device), hr_sigmas[0])
 
                     def hires_pass(conditioner, model_schedule, n=len(seeds)):
                         hr_conds = conditioner.schedules(hr_prompts, req.steps, False, hires_steps=hr_steps)
@@ -193,7 +197,8 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                         return CFGDenoiser(model, model_schedule, hr_conds, hr_unconds, req.cfg_scale, conditioner,
                                            device, ctx.policy.dtype, hr_w, hr_h, hr_image_cond,
                                            hooks=ctx.sampling_hooks, pass_name=HIRES_PASS,
-                                           skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options))
+                                           skips=gen.uncond_skips, aesthetic_scores=aesthetic_scores(options),
+                                           **flow_guidance(req, options, model))
 
                     denoiser = _pass_denoiser(ctx, gen, req, hires_pass, HIRES_PASS, True)
                     hr_noise = sampler_noise(hr_sampler_info, hr_rng, x, hr_sigmas, seeds, img2img_sigma_max(
