@@ -880,3 +880,41 @@ def quantize_blocks(transformer, *, kind: str = "quantized") -> list[str]:
         setattr(parent, name.rsplit(".", 1)[1], new)
         changed.append(name)
     return changed
+
+
+# -- whole model sets in a models folder, as users lay them out (end-to-end tests through the API) ---------------
+def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool = True, all_in_one: bool = False,
+                   seed: int = 0) -> dict[str, Path]:
+    """A tiny FLUX.1 whose parts fit each other, as users keep them: the transformer alone in BFL layout in
+    models/Stable-diffusion/<name>.safetensors with `ae.safetensors` in models/VAE, `clip_l.safetensors` and
+    `t5xxl_tiny.safetensors` in models/text_encoder, the T5 tokenizer where `t5_tokenizer` reads it; or with
+    `all_in_one`, everything in the checkpoint under ComfyUI's prefixes. Returns the written paths by part."""
+    from diffusers import FluxTransformer2DModel
+    models_dir = Path(models_dir)
+    config = {**tiny_flux_config(guidance), "joint_attention_dim": T5_TINY["d_model"],
+              "pooled_projection_dim": CLIP_L_TINY["hidden_size"]}
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**config)
+    _randomize(transformer, torch.Generator().manual_seed(seed))
+    bfl = diffusers_to_bfl(transformer.state_dict(), config)
+    vae = flow_vae_ldm(tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159, seed=seed + 1))
+    clip_l = _hf_clip_names(build_clip("clip_l", seed + 2).state_dict())
+    t5 = {k: v.clone() for k, v in build_t5(seed + 3).state_dict().items() if k != "encoder.embed_tokens.weight"}
+    train_t5_tokenizer(models_dir)
+    ckpt = models_dir / "Stable-diffusion" / f"{name}.safetensors"
+    paths = {"checkpoint": ckpt}
+    if all_in_one:
+        sd = {"model.diffusion_model." + k: v for k, v in bfl.items()}
+        sd.update({"vae." + k: v for k, v in vae.items()})
+        sd.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip_l.items()})
+        sd.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
+        _save(ckpt, sd, "")
+        return paths
+    _save(ckpt, bfl, "")
+    paths["vae"] = models_dir / "VAE" / "ae.safetensors"
+    _save(paths["vae"], vae, "")
+    paths["clip_l"] = models_dir / "text_encoder" / "clip_l.safetensors"
+    _save(paths["clip_l"], clip_l, "")
+    paths["t5xxl"] = models_dir / "text_encoder" / "t5xxl_tiny.safetensors"
+    _save(paths["t5xxl"], t5, "")
+    return paths
