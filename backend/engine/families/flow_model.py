@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FLOW_FAMILIES = ("flux", "sd3")
+from backend.core.unet_layout import FLOW_FAMILIES  # noqa: F401  ("flux", "sd3")
 VARIANTS = ("flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large")
 
 

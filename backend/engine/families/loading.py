@@ -54,24 +54,8 @@ SD_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 # -- what a file is, from its header ---------------------------------------------------------------
 def read_file_keys(path: Path) -> list[str]:
     """The tensor names of a model file, read from its header (`.safetensors`, pickles, `.gguf`)."""
-    path = Path(path)
-    if path.suffix.lower() == GGUF_SUFFIX:
-        return list(_gguf_tensor_names(path))
     from backend.core.tensor_headers import read_shapes
-    return list(read_shapes(path))
-
-
-def _gguf_tensor_names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"Model file not found: {path}", status=404)
-    try:
-        from gguf import GGUFReader
-        reader = GGUFReader(str(path), "r")
-        return [t.name for t in reader.tensors]
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001  a damaged or foreign file: the gguf reader's own words
-        raise UserError(f"{path.name} is not a valid GGUF file (corrupt or incomplete download?): {exc}") from exc
+    return list(read_shapes(Path(path)))
 
 
 def transformer_keys(keys) -> list[str]:
