@@ -279,6 +279,7 @@ def load_flow_checkpoint(path: Path, additional: list[Path], *, dtype, vae_dtype
     for c in chosen:
         parts[c.part] = c.state_dict
         sources[c.part] = c.path.name
+    modules = [c.path.name for c in chosen]  # in the order chosen (the infotext's Module 1, 2, ...)
     del chosen
 
     if family == "flux":
@@ -308,7 +309,6 @@ def load_flow_checkpoint(path: Path, additional: list[Path], *, dtype, vae_dtype
         else False
     used = {"transformer": path.name, "vae": sources["vae"],
             **{part: sources[part] for part in encoders}}
-    modules = list(dict.fromkeys(sources[p] for p in used if sources[p] != path.name))
     log.info("%s: %s (%s) with %s", path.name, name, variant,
              ", ".join(f"{PART_NAMES.get(p, p)} from {f}" for p, f in used.items() if p != "transformer"))
     return FlowModel(family=family, variant=variant, transformer=transformer, vae=vae, text_encoders=encoders,
@@ -322,6 +322,10 @@ def _tokenizer(part: str, models_dir: Path | None):
         if models_dir is None:
             raise ValueError("models_dir is needed to find the T5 tokenizer")
         return t5_tokenizer(Path(models_dir))
+    return _clip_tokenizer(part)
+
+
+def _clip_tokenizer(part: str):
     from backend.engine.tokenizer import clip_tokenizer
     return clip_tokenizer(part)
 
