@@ -108,13 +108,16 @@ def detect_family_of_file(path: Path) -> str:
     the file looks like). A `.gguf` file is always a transformer of a flow family or refused here."""
     path = Path(path)
     keys = read_file_keys(path)
+    family = sd_family_of_keys(keys)  # first: an SD checkpoint never needs the transformer modules imported
+    if family is not None:
+        return family
     family = flow_family_of_keys(keys)
     if family is not None:
         return family
     if path.suffix.lower() == GGUF_SUFFIX:
         raise UserError(f"{path.name} is a GGUF file but not a FLUX.1 or Stable Diffusion 3 transformer; Easel loads "
                         f"GGUF files of those two families only.")
-    return sd_family_of_keys(keys) or "unknown"
+    return "unknown"
 
 
 # -- the parts of a file ---------------------------------------------------------------------------
