@@ -371,6 +371,33 @@ def test_module_entries_in_the_infotext():
     assert infotext_settings(parsed)["forge_additional_modules"] == ["ae", "clip_l", "t5xxl_fp16"]
 
 
+def test_paste_restores_the_selection_as_an_override(tmp_path):
+    """PNG Info / paste: Forge's "Module N" become the tab's Override settings entry "VAE / Text Encoder: ...",
+    which the job sends as forge_additional_modules (resolved to the files); modules not here are not offered."""
+    from backend.core.options import Options
+    from backend.model_parts import ModelParts
+    from ui import paste_params
+
+    for folder, name in (("VAE", "ae.safetensors"), ("text_encoder", "clip_l.safetensors"),
+                         ("text_encoder", "t5xxl_fp16.safetensors")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"x")
+    service = types.SimpleNamespace(parts=ModelParts([tmp_path / "VAE", tmp_path / "text_encoder"]),
+                                    options=Options(None, tmp_path))
+    params = paste_params.parse("a cat\nSteps: 4, Sampler: Euler, Seed: 1, Module 1: ae, Module 2: clip_l, "
+                                "Module 3: t5xxl_fp16")
+    choices = paste_params.override_choices(service, params, None)
+    assert choices == ["VAE / Text Encoder: ae.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors"]
+    assert paste_params.overrides_from(service, choices) == {"forge_additional_modules": [
+        str((tmp_path / "VAE" / "ae.safetensors").resolve()),
+        str((tmp_path / "text_encoder" / "clip_l.safetensors").resolve()),
+        str((tmp_path / "text_encoder" / "t5xxl_fp16.safetensors").resolve())]}
+    service.options.update(paste_params.overrides_from(service, choices))
+    assert paste_params.override_choices(service, params, None) == []  # the same selection: nothing to override
+    missing = paste_params.parse("a cat\nSteps: 4, Sampler: Euler, Seed: 1, Module 1: other_vae")
+    assert paste_params.override_choices(service, missing, None) == []
+
+
 # -- the app: the gate, the lists --------------------------------------------------------------------------------------
 def test_parts_registry_resolves_names_and_refuses_paths_outside(tmp_path):
     from backend.model_parts import ModelParts
@@ -520,7 +547,8 @@ def test_multiselect_in_the_browser(flow_server, flow_api, tmp_path):
             page.wait_for_function(
                 """(n) => Array.from(document.querySelectorAll('#setting_forge_additional_modules .token'))
                               .some(t => t.textContent.includes(n))""", arg=name)
-        page.mouse.click(1200, 850)  # close the list
+        page.keyboard.press("Escape")  # close the list
+        page.locator("body").click(position={"x": 5, "y": 5})
         models = flow_server.data_dir / "models"
         want = [str((models / "VAE" / "ae.safetensors").resolve()),
                 str((models / "text_encoder" / "t5xxl_fp16.safetensors").resolve())]
