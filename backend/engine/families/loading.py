@@ -49,6 +49,10 @@ VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 FLUX_MU = {"flux-dev": 1.15, "flux-schnell": 1.0}
 SD3_SHIFT = 3.0
 SD_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+# Names only a diffusion transformer's tensors have (BFL's FLUX blocks, SAI's MMDiT blocks, diffusers' layouts):
+# a file without any is neither family, and `flux.is_flux` / `sd3.is_sd3` decide for the others.
+TRANSFORMER_MARKERS = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.", "x_embedder.",
+                       "context_embedder.")
 
 
 # -- what a file is, from its header ---------------------------------------------------------------
@@ -72,9 +76,11 @@ def transformer_keys(keys) -> list[str]:
 def flow_family_of_keys(keys) -> str | None:
     """"flux" or "sd3" when the tensor names are a FLUX.1 or SD3 model's (with or without its other parts), else
     None."""
+    names = transformer_keys(keys)
+    if not any(marker in k for k in names for marker in TRANSFORMER_MARKERS):
+        return None  # no transformer block at all: not worth asking the families (nor importing them)
     from backend.engine.families import flux, sd3
 
-    names = transformer_keys(keys)
     if flux.is_flux(names):
         return "flux"
     if sd3.is_sd3(names):
