@@ -549,6 +549,7 @@ def test_multiselect_in_the_browser(flow_server, flow_api, tmp_path):
                               .some(t => t.textContent.includes(n))""", arg=name)
         page.keyboard.press("Escape")  # close the list
         page.locator("body").click(position={"x": 5, "y": 5})
+        page.locator("#setting_forge_additional_modules li[role=option]").first.wait_for(state="detached")
         models = flow_server.data_dir / "models"
         want = [str((models / "VAE" / "ae.safetensors").resolve()),
                 str((models / "text_encoder" / "t5xxl_fp16.safetensors").resolve())]
