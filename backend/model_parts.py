@@ -51,24 +51,21 @@ class ModelParts:
         return [f.expanduser().resolve() for f in self.folders]
 
     def find(self, value: str) -> ModelFile:
-        """The listed file `value` names: a path (absolute, or relative to one of the folders), a file name, or a
-        name without extension. 403 for a path outside the folders, 404 for a file that is not there."""
+        """The part file `value` names: a path (absolute, or relative to one of the folders), a file name, or a name
+        without extension. 403 for a path outside the folders, 404 for a file that is not there."""
         text = str(value).strip()
         files = self.listed()
-        if any(sep in text for sep in ("/", "\\")) or Path(text).is_absolute():
-            candidates = [Path(text).expanduser()] if Path(text).expanduser().is_absolute() else \
-                [root / text for root in self._roots()]
+        if any(sep in text for sep in ("/", "\\")) or Path(text).expanduser().is_absolute():
+            given = Path(text).expanduser()
             roots = self._roots()
-            for candidate in candidates:
-                resolved = candidate.resolve()
-                if not any(resolved == r or r in resolved.parents for r in roots):
-                    continue
-                for f in files:
-                    if f.path == resolved:
-                        return f
-            if not any(any(c.resolve() == r or r in c.resolve().parents for r in roots) for c in candidates):
+            inside = [p for p in ([given.resolve()] if given.is_absolute() else [(r / given).resolve() for r in roots])
+                      if any(p == r or r in p.parents for r in roots)]
+            if not inside:
                 raise UserError(f"VAE / Text Encoder: {text!r} is outside the folders of VAEs and text encoders "
                                 f"({', '.join(str(r) for r in roots)}).", status=403)
+            for path in inside:
+                if path.is_file() and path.name.lower().endswith(PART_EXTENSIONS):
+                    return next((f for f in files if f.path == path), ModelFile(name=path.name, path=path))
         else:
             for f in files:
                 if text == f.name:

@@ -420,6 +420,11 @@ def test_parts_registry_resolves_names_and_refuses_paths_outside(tmp_path):
     with pytest.raises(UserError) as err:
         parts.resolve(["nope.safetensors"])
     assert err.value.status == 404 and "ae.safetensors" in err.value.message
+    (te / "Put text encoders here.txt").write_text("")
+    for not_a_part in (str(te / "Put text encoders here.txt"), str(te / "sub"), "sub/nope.safetensors"):
+        with pytest.raises(UserError) as err:
+            parts.resolve([not_a_part])
+        assert err.value.status == 404
 
 
 @pytest.fixture(scope="module")
@@ -457,17 +462,24 @@ def test_sd_modules_and_the_folders(flow_server, flow_api):
 
 
 def test_gguf_checkpoint_is_listed_with_its_hash(flow_server, flow_api):
+    """A .gguf transformer in models/Stable-diffusion is a checkpoint of the dropdown and sd-models; once its sha256
+    is known (the backend computes it when it loads the file, into cache/hashes.json) its title carries the hash."""
+    import hashlib
+
+    from backend.checkpoints import HashCache
+
     flow_api.post("/refresh-checkpoints")
     models = {m["model_name"]: m for m in flow_api.get("/sd-models").json()}
     assert "zz-flux1-dev-Q4_K_S" in models
     entry = models["zz-flux1-dev-Q4_K_S"]
     assert entry["filename"].endswith(".gguf") and entry["title"].startswith("zz-flux1-dev-Q4_K_S.gguf")
-    # the automatic choice stays the first file by name (the SD checkpoint), the .gguf is selectable by title
-    import hashlib
-    digest = hashlib.sha256(Path(entry["filename"]).read_bytes()).hexdigest()
-    # selecting it computes its hash as for any checkpoint (set without loading: check it through the gate only)
-    from backend.checkpoints import HashCache
-    assert HashCache(flow_server.data_dir / "cache" / "hashes.json").sha256(Path(entry["filename"])) == digest
+    path = Path(entry["filename"])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert HashCache(flow_server.data_dir / "cache" / "hashes.json").sha256(path) == digest  # as the backend does
+    entry = {m["model_name"]: m for m in flow_api.get("/sd-models").json()}["zz-flux1-dev-Q4_K_S"]
+    assert entry["title"] == f"zz-flux1-dev-Q4_K_S.gguf [{digest[:10]}]" and entry["sha256"] == digest
+    # the automatic choice stays the first loadable file by name (the SD checkpoint)
+    assert flow_api.get("/options").json()["sd_model_checkpoint"].startswith("tiny-sd1.safetensors")
 
 
 def test_options_gate_for_forge_additional_modules(flow_server, flow_api):
