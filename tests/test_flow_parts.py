@@ -230,7 +230,7 @@ def test_missing_parts_are_named_before_the_file_is_read(tmp_path, standins, mon
     assert "VAE / Text Encoder" in message and "models/text_encoder" in message
     assert ("models/VAE" in message) == ("VAE" in missing)
     assert "ae.safetensors" in message if "VAE" in missing else True
-    assert path.name not in read  # the large file was not read
+    assert read == []  # neither the large file nor the chosen parts were read (their headers tell enough)
     assert not standins  # no loader ran
 
 
@@ -251,6 +251,27 @@ def test_sd3_needs_clip_g_and_takes_t5_when_given(tmp_path, standins):
     model = load(path, [clip_g, t5], tmp_path=tmp_path)
     assert set(model.text_encoders) == {"clip_l", "clip_g", "t5xxl"}
     assert model.modules == ["clip_g.safetensors", "t5xxl_fp8.safetensors"]
+
+
+def test_a_classifier_that_needs_the_tensors_gets_them(tmp_path, standins, monkeypatch):
+    """classify_part is tried on the header first (names, shapes); one that needs the values gets the tensors."""
+    import backend.engine.families as pkg
+
+    original = pkg.text_encoders.classify_part
+    seen = []
+
+    def needs_values(sd):
+        seen.append(type(next(iter(sd.values()))).__name__)
+        float(next(iter(sd.values())).sum())  # a TensorHeader has no values: AttributeError
+        return original(sd)
+
+    monkeypatch.setattr(pkg.text_encoders, "classify_part", needs_values)
+    path = write(tmp_path / "flux.safetensors", tensors(FLUX_BFL))
+    parts = [write(tmp_path / "VAE" / "ae.safetensors", tensors(VAE_LDM)),
+             write(tmp_path / "te" / "clip_l.safetensors", tensors(CLIP_L)),
+             write(tmp_path / "te" / "t5.safetensors", tensors(T5))]
+    model = load(path, parts, tmp_path=tmp_path)
+    assert set(model.text_encoders) == {"clip_l", "t5xxl"} and seen.count("Tensor") == 3
 
 
 def test_unused_and_doubled_parts(tmp_path, standins):

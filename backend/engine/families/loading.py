@@ -204,27 +204,41 @@ def read_model_file(path: Path, *, exclude_prefixes: tuple[str, ...] = ()) -> di
 
 @dataclass
 class ChosenPart:
-    """A file chosen in "VAE / Text Encoder", read and recognised."""
+    """A file chosen in "VAE / Text Encoder", recognised from its header (read in full only when it is loaded)."""
 
     part: str  # "vae" | "clip_l" | "clip_g" | "t5xxl"
     path: Path
-    state_dict: dict
+
+    def read(self) -> dict:
+        return strip_part_prefix(read_model_file(self.path))
+
+
+def classify_file(path: Path) -> str:
+    """What part a file is (`text_encoders.classify_part`), from its header's names and shapes when that tells
+    (no weights read: a T5-XXL is 5-10 GB), else from its tensors. A UserError names the file."""
+    from backend.core.tensor_headers import read_shapes
+    from backend.engine.families import text_encoders
+
+    path = Path(path)
+    try:
+        try:
+            return text_encoders.classify_part(strip_part_prefix(read_shapes(path)))
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001  the classification needed the tensors themselves
+            return text_encoders.classify_part(strip_part_prefix(read_model_file(path)))
+    except UserError as exc:
+        raise UserError(f"VAE / Text Encoder: {path.name}: {exc.message}", status=exc.status) from exc
 
 
 def read_additional_parts(additional, family: str) -> list[ChosenPart]:
-    """The chosen files the family uses, read and recognised (`classify_part`), in the order chosen. A file of a
-    part the family does not use (CLIP-G for FLUX) is passed over; two files for one part are refused."""
-    from backend.engine.families import text_encoders
-
+    """The chosen files the family uses, recognised, in the order chosen. A file of a part the family does not use
+    (CLIP-G for FLUX) is passed over; two files for one part are refused."""
     used = REQUIRED_PARTS[family] + OPTIONAL_PARTS[family]
     chosen: dict[str, ChosenPart] = {}
     for path in additional or ():
         path = Path(path)
-        state_dict = strip_part_prefix(read_model_file(path))
-        try:
-            part = text_encoders.classify_part(state_dict)
-        except UserError as exc:
-            raise UserError(f"VAE / Text Encoder: {path.name}: {exc.message}", status=exc.status) from exc
+        part = classify_file(path)
         if part not in used:
             log.info("%s (%s) is not used by %s models; passed over", path.name, PART_NAMES.get(part, part),
                      FAMILY_NAMES[family])
@@ -232,7 +246,7 @@ def read_additional_parts(additional, family: str) -> list[ChosenPart]:
         if part in chosen:
             raise UserError(f"VAE / Text Encoder: two files were chosen for the {PART_NAMES[part]} part "
                             f"({chosen[part].path.name} and {path.name}); choose one.")
-        chosen[part] = ChosenPart(part, path, state_dict)
+        chosen[part] = ChosenPart(part, path)
     return list(chosen.values())
 
 
@@ -286,20 +300,24 @@ def load_flow_checkpoint(path: Path, additional: list[Path], *, dtype, vae_dtype
     del state_dict
     sources = {part: path.name for part in parts}
     for c in chosen:
-        parts[c.part] = c.state_dict
+        parts[c.part] = c  # read when its turn comes: one part's tensors in memory besides the built modules
         sources[c.part] = c.path.name
     modules = [c.path.name for c in chosen]  # in the order chosen (the infotext's Module 1, 2, ...)
     del chosen
 
+    def take(part: str) -> dict:
+        found = parts.pop(part)
+        return found.read() if isinstance(found, ChosenPart) else found
+
     if family == "flux":
         from backend.engine.families import flux
-        transformer = flux.load_flux_transformer(parts.pop("transformer"), dtype=dtype, device=device)
+        transformer = flux.load_flux_transformer(take("transformer"), dtype=dtype, device=device)
     else:
         from backend.engine.families import sd3
-        transformer = sd3.load_sd3_transformer(parts.pop("transformer"), dtype=dtype, device=device)
+        transformer = sd3.load_sd3_transformer(take("transformer"), dtype=dtype, device=device)
 
     from backend.engine.families import flow_vae
-    vae = flow_vae.load_flow_vae(parts.pop("vae"), family=family, dtype=vae_dtype, device=device)
+    vae = flow_vae.load_flow_vae(take("vae"), family=family, dtype=vae_dtype, device=device)
 
     from backend.engine.families import text_encoders
     loaders = {"clip_l": text_encoders.load_clip_l, "clip_g": text_encoders.load_clip_g,
@@ -308,7 +326,7 @@ def load_flow_checkpoint(path: Path, additional: list[Path], *, dtype, vae_dtype
     for part in REQUIRED_PARTS[family][1:] + OPTIONAL_PARTS[family]:
         if part not in parts:
             continue
-        encoders[part] = loaders[part](parts.pop(part), dtype=text_dtype, device=device)
+        encoders[part] = loaders[part](take(part), dtype=text_dtype, device=device)
         tokenizers[part] = _tokenizer(part, models_dir)
     parts.clear()
 
