@@ -98,6 +98,12 @@ class SDVaeItem(ApiResponse):
     filename: str = Field(title="Filename")
 
 
+class SDModuleItem(ApiResponse):
+    """Forge's `/sdapi/v1/sd-modules` item: a VAE or text encoder file of "VAE / Text Encoder"."""
+    model_name: str = Field(title="Model Name")
+    filename: str = Field(title="Filename")
+
+
 class FaceRestorerItem(ApiResponse):
     name: str = Field(title="Name")
     cmd_dir: Optional[str] = Field(default=None, title="Path")

@@ -114,6 +114,11 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
     def sd_vae() -> list[dict]:
         return [{"model_name": f.model_name, "filename": str(f.path)} for f in service.registry.vaes]
 
+    @router.get("/sd-modules", response_model=list[models.SDModuleItem])
+    def sd_modules() -> list[dict]:
+        """Forge's list of the files of "VAE / Text Encoder" (models/VAE, models/text_encoder, models/clip)."""
+        return service.parts.api_list()
+
     @router.post("/refresh-vae")
     def refresh_vae() -> dict:
         service.refresh_checkpoints()

@@ -133,6 +133,8 @@ def quick_file_problem(path: Path) -> str | None:
                 if ends and 8 + length + max(ends) > size:
                     return "the file is truncated (incomplete download?)"
                 return None
+        if path.suffix.lower() == ".gguf":  # a quantized FLUX.1 / SD3 transformer
+            return None if head.startswith(b"GGUF") else "it is not a valid GGUF file (corrupt or incomplete download?)"
         if head.startswith(b"PK\x03\x04"):
             return None if zipfile.is_zipfile(path) else "the file is truncated (incomplete download?)"
         if head[:1] == b"\x80":  # a pickle (PyTorch's legacy format)

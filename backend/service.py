@@ -49,6 +49,10 @@ class EaselService:
         self.registry = ModelRegistry(self.paths.ckpt_dirs, self.paths.vae_dirs, self.hashes)
         self.options.add_value_check("sd_model_checkpoint", self._checkpoint_title)
         self.options.add_value_check("sd_vae", self._vae_choice)
+        from backend.model_parts import ModelParts
+        # "VAE / Text Encoder" (Forge's): the files that complete a FLUX.1 / SD3 checkpoint (/sdapi/v1/sd-modules)
+        self.parts = ModelParts(self.paths.vae_dirs + self.paths.text_encoder_dirs)
+        self.options.add_value_check("forge_additional_modules", self.parts.resolve)
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
@@ -141,6 +145,7 @@ class EaselService:
     # -- models -----------------------------------------------------------------------------------
     def refresh_checkpoints(self) -> None:
         self.registry.refresh()
+        self.parts.refresh()
 
     def current_checkpoint(self, override: str | None = None) -> ModelFile:
         return self.checkpoint_choice(override)[0][0]
@@ -484,8 +489,11 @@ class EaselService:
             return next((f for f in self.registry.vaes if f.path == vae_path.resolve()),
                         ModelFile(name=vae_path.name, path=vae_path.resolve()))
 
-        return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]),
-                "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes}
+        # "VAE / Text Encoder": the parts that complete a FLUX.1 / SD3 checkpoint (an SD checkpoint ignores them)
+        parts, gone = self.parts.chosen_files(overrides.get("forge_additional_modules",
+                                                            self.options["forge_additional_modules"]))
+        return {"checkpoint": candidates[0], "vae": vae_file(candidates[0]), "parts": parts,
+                "checkpoint_fallbacks": [(c, vae_file(c)) for c in candidates[1:]], "checkpoint_notes": notes + gone}
 
     def _second_checkpoints(self, requests: list, job_overrides: dict) -> dict:
         """The refiners (`refiner_checkpoint`) and hires. fix checkpoints (`hr_checkpoint_name`, used only with
@@ -504,7 +512,7 @@ class EaselService:
                     chosen = self._model_payload({**job_overrides, "sd_model_checkpoint": name})
                 except UserError as exc:
                     raise UserError(f"{field}: {exc.message}", status=exc.status) from None
-                out[name] = {"checkpoint": chosen["checkpoint"], "vae": chosen["vae"]}
+                out[name] = {"checkpoint": chosen["checkpoint"], "vae": chosen["vae"], "parts": chosen["parts"]}
         return out
 
     @staticmethod

@@ -11,8 +11,8 @@ from backend.core.errors import UserError
 from backend.exposure import exposure_warnings
 from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 
-from ui import (extension_parts, extensions, extra_networks, extras, img2img, page_scripts, pnginfo, quicksettings,
-                send_to, settings_tab, txt2img, ui_config)
+from ui import (extension_parts, extensions, extra_networks, extras, img2img, model_parts, page_scripts, pnginfo,
+                quicksettings, send_to, settings_tab, txt2img, ui_config)
 from ui import checkpoint_merger
 
 CSS = """
@@ -63,9 +63,12 @@ def build_ui(service: EaselService) -> gr.Blocks:
         def on_refresh():
             service.refresh_checkpoints()
             return (gr.update(choices=service.checkpoint_titles(), value=_current_title(service)),
-                    gr.update(choices=service.vae_choices()), _notice_html(service))
+                    gr.update(choices=service.vae_choices()), _notice_html(service),
+                    model_parts.choices_update(service))
 
-        refresh.click(on_refresh, outputs=[checkpoint, vae, notice], queue=False)
+        refresh.click(on_refresh, outputs=[checkpoint, vae, notice, quick.modules], queue=False)
+        model_parts.wire(service, quick.modules, notice)  # "VAE / Text Encoder": stored through the settings gate
+        demo.load(lambda: model_parts.choices_update(service), outputs=[quick.modules], queue=False)
 
         # The quick settings and the Settings tab's fields for the same settings, with what that tab loaded.
         quick_outputs = [notice, checkpoint, vae, settings.components["sd_model_checkpoint"],

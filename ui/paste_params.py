@@ -11,6 +11,7 @@ current ones.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -26,6 +27,7 @@ from ui.refiner import pasted_values
 NOT_PASTED = {"img2img": {"resize_mode", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res"}}
 MODEL_HASH = "Model hash"
 CHECKPOINT = "Checkpoint"  # the Override settings entry: "Checkpoint: <title>"
+MODULES = "VAE / Text Encoder"  # the Override settings entry: "VAE / Text Encoder: ae.safetensors, clip_l.safetensors"
 
 
 def parse(text: str) -> dict:
@@ -80,6 +82,22 @@ def _setting_value(key: str, value: Any) -> Any:
         raise UserError(f"Override settings: {exc.message}", status=exc.status) from None
 
 
+def modules_entry(service: EaselService, params: dict) -> str | None:
+    """The Override settings entry for Forge's "Module 1: ae, Module 2: clip_l, ..." (the files of "VAE / Text
+    Encoder" a FLUX.1 / SD3 picture was made with): "VAE / Text Encoder: ae.safetensors, clip_l.safetensors" when
+    every file is here and the selection differs from the current one; None otherwise."""
+    names = infotext.infotext_modules(params)
+    if not names:
+        return None
+    try:
+        paths = service.parts.resolve(names)
+    except UserError:  # a file that is not here: the selection stays as it is
+        return None
+    if paths == list(service.options["forge_additional_modules"]):
+        return None
+    return f"{MODULES}: " + ", ".join(Path(p).name for p in paths)
+
+
 def override_choices(service: EaselService, params: dict, current_checkpoint: str | None) -> list[str]:
     """The tab's "Override settings" entries for an infotext: its checkpoint when it is here and not the current one,
     and the sampler noise settings it names (RNG, ENSD, Sigma churn, ...) whose values differ from the current ones."""
@@ -87,6 +105,9 @@ def override_choices(service: EaselService, params: dict, current_checkpoint: st
     found = checkpoint_of(service, params)
     if found and found != current_checkpoint:
         choices.append(f"{CHECKPOINT}: {found}")
+    modules = modules_entry(service, params)
+    if modules:
+        choices.append(modules)
     for name, key in SETTING_ENTRIES.items():
         if params.get(name) in (None, ""):
             continue
@@ -108,6 +129,12 @@ def overrides_from(service: EaselService, choices: list[str] | None) -> dict:
         if key in (CHECKPOINT, MODEL_HASH) and value.strip():
             try:
                 out["sd_model_checkpoint"] = service.registry.find_checkpoint(value.strip()).title
+            except UserError as exc:
+                raise UserError(f"Override settings: {exc.message}", status=exc.status) from None
+        elif key == MODULES:
+            names = [n.strip() for n in value.split(", ") if n.strip()]
+            try:
+                out["forge_additional_modules"] = service.parts.resolve(names)
             except UserError as exc:
                 raise UserError(f"Override settings: {exc.message}", status=exc.status) from None
         elif key in SETTING_ENTRIES and value.strip():

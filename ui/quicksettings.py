@@ -17,7 +17,7 @@ import gradio as gr
 from backend.client import BackendError
 from backend.core.errors import UserError
 from backend.service import EaselService
-from ui import settings_tab
+from ui import model_parts, settings_tab
 
 MODEL_KEYS = ("sd_model_checkpoint", "sd_vae")
 
@@ -26,12 +26,13 @@ MODEL_KEYS = ("sd_model_checkpoint", "sd_vae")
 class QuickSettings:
     components: dict[str, gr.components.Component]  # by setting key
     refresh: gr.Button  # the checkpoint list's refresh, shown with the checkpoint
+    modules: gr.Dropdown  # "VAE / Text Encoder" (ui/model_parts.py), shown with the checkpoint
     # the column around each field other than the models' (shown or hidden): Gradio sizes a run of form fields in a
     # row by all of their widths, hidden ones included, so each field stands alone
     holders: dict[str, gr.Column]
 
     def outputs(self) -> list:
-        return list(self.components.values()) + list(self.holders.values()) + [self.refresh]
+        return list(self.components.values()) + list(self.holders.values()) + [self.refresh, self.modules]
 
     def on_page_load(self, service: EaselService) -> list:
         """Updates for `outputs()`: the listed settings shown, with their values (the model fields' values are the
@@ -40,7 +41,7 @@ class QuickSettings:
         updates = [gr.update(visible=key in listed) if key in MODEL_KEYS else gr.update(value=service.options[key])
                    for key in self.components]
         updates += [gr.update(visible=key in listed) for key in self.holders]
-        return updates + [gr.update(visible="sd_model_checkpoint" in listed)]
+        return updates + [gr.update(visible="sd_model_checkpoint" in listed)] * 2
 
 
 def listed_keys(service: EaselService) -> list[str]:
@@ -56,7 +57,7 @@ def build(service: EaselService, current_title: str | None) -> QuickSettings:
     settings.sort(key=lambda s: listed.index(s.key) if s.key in listed else len(listed))
     components: dict[str, gr.components.Component] = {}
     holders: dict[str, gr.Column] = {}
-    refresh = None
+    refresh = modules = None
     with gr.Row(elem_id="quicksettings"):
         for s in settings:
             shown = s.key in listed
@@ -69,6 +70,7 @@ def build(service: EaselService, current_title: str | None) -> QuickSettings:
                                                 scale=4, visible=shown)
                 refresh = gr.Button("\U0001f504", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40,
                                     scale=0, visible=shown)
+                modules = model_parts.build(service, visible=shown)  # Forge's "VAE / Text Encoder" beside it
             elif s.key == "sd_vae":
                 components[s.key] = gr.Dropdown(service.vae_choices(), value=service.options["sd_vae"], label=s.label,
                                                 elem_id="setting_sd_vae", allow_custom_value=True, scale=2,
@@ -77,7 +79,7 @@ def build(service: EaselService, current_title: str | None) -> QuickSettings:
                 with gr.Column(scale=2, min_width=160, visible=shown) as holders[s.key]:
                     components[s.key] = settings_tab._component(s, service.options[s.key], service,
                                                                 elem_id=f"setting_{s.key}")
-    return QuickSettings(components=components, refresh=refresh, holders=holders)
+    return QuickSettings(components=components, refresh=refresh, modules=modules, holders=holders)
 
 
 def wire(quick: QuickSettings, service: EaselService, tab: settings_tab.SettingsTab, notice: gr.HTML) -> None:

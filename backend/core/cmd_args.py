@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--ckpt", default=None, help="checkpoint to load at start (a path or a file name)")
     paths.add_argument("--ckpt-dir", default=None, help="extra folder with Stable Diffusion checkpoints")
     paths.add_argument("--vae-dir", default=None, help="extra folder with VAE files")
+    paths.add_argument("--text-encoder-dir", default=None, help="extra folder with text encoders (CLIP-L, CLIP-G, "
+                       "T5-XXL) for FLUX.1 and SD3, listed in 'VAE / Text Encoder' (Forge's flag)")
     paths.add_argument("--vae-path", default=None, help="VAE file to use instead of the checkpoint's own")
     paths.add_argument("--embeddings-dir", default=None)
     paths.add_argument("--lora-dir", default=None)

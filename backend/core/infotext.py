@@ -32,6 +32,7 @@ import math
 import numbers
 import re
 import zlib
+from pathlib import PurePath
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
@@ -54,6 +55,26 @@ PARAM_ORDER: tuple[str, ...] = (
     "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
     "Seed resize from", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling",
 )
+
+# Forge's infotext names the files of "VAE / Text Encoder" (setting forge_additional_modules) a model was completed
+# with: "Module 1: ae, Module 2: clip_l, Module 3: t5xxl_fp16" (each file's name without extension).
+RE_MODULE_KEY = re.compile(r"^Module (\d+)$")
+
+
+def module_params(files) -> dict[str, str]:
+    """{"Module 1": "ae", ...} for the part files (names or paths) a FLUX.1 / SD3 model was completed with."""
+    return {f"Module {i}": PurePath(str(f).replace("\\", "/")).stem for i, f in enumerate(files or (), 1)}
+
+
+def infotext_modules(params) -> list[str]:
+    """The names of an infotext's "Module N" entries, in their order (Forge's; "Hires Module N" not among them)."""
+    found = []
+    for key, value in params.items():
+        m = RE_MODULE_KEY.match(str(key))
+        if m and str(value).strip():
+            found.append((int(m.group(1)), str(value).strip()))
+    return [name for _n, name in sorted(found)]
+
 
 # (API name, label shown in infotexts and the UI, other spellings) of A1111's schedule types.
 SCHEDULE_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from backend.core.infotext import infotext_to_request_fields
+from backend.core.infotext import infotext_modules, infotext_to_request_fields
 
 # Infotext key -> the setting it records (A1111's `infotext_to_setting_name_mapping`, less the checkpoint, which is
 # looked up by the service). A setting Easel does not declare is left out.
@@ -71,8 +71,13 @@ def request_fields(params: Mapping[str, object], request_type: type, *, img2img:
 
 
 def infotext_settings(params: Mapping[str, object]) -> dict[str, object]:
-    """{setting key: the infotext's value, as written} for each setting the infotext records."""
-    return {setting: params[key] for key, setting in INFOTEXT_SETTINGS if params.get(key) not in (None, "")}
+    """{setting key: the infotext's value, as written} for each setting the infotext records; Forge's "Module 1: ae,
+    Module 2: clip_l, ..." give `forge_additional_modules` (the names, resolved by the settings gate)."""
+    out = {setting: params[key] for key, setting in INFOTEXT_SETTINGS if params.get(key) not in (None, "")}
+    modules = infotext_modules(params)
+    if modules:
+        out["forge_additional_modules"] = modules
+    return out
 
 
 def checkpoint_query(params: Mapping[str, object]) -> str | None:

@@ -50,6 +50,10 @@ SETTINGS: list[Setting] = [
     Setting("sd_vae_overrides_per_model_preferences", True, "Selected VAE overrides per-model preferences (a "
             "checkpoint's VAE set in its user metadata, NAME.json, or a NAME.vae.* file beside it)", "Stable Diffusion",
             bool),
+    # Forge's "VAE / Text Encoder" beside the checkpoint: the files that complete a FLUX.1 / SD3 checkpoint (a VAE,
+    # CLIP-L, CLIP-G, T5-XXL from models/VAE, models/text_encoder, models/clip), kept as Forge keeps them: full paths
+    Setting("forge_additional_modules", [], "VAE / Text Encoder: the parts that complete a FLUX.1 or SD3 checkpoint "
+            "(files in models/VAE, models/text_encoder, models/clip)", "Stable Diffusion", list),
     Setting("sd_checkpoints_limit", 2, "Checkpoints to keep loaded (cached)", "Stable Diffusion", int, minimum=1, maximum=10),
     Setting("tiling", False, "Tiling: produce a tileable picture (for API requests that leave tiling unset)",
             "Stable Diffusion", bool),
@@ -229,7 +233,7 @@ NAME_PATTERN_KEYS = ("samples_filename_pattern", "directories_filename_pattern")
 # What one job may still override under --freeze-settings: the generation parameters A1111 writes into the
 # infotext (Model hash, VAE, Clip skip, Eta, Eta DDIM, Noise multiplier). The UI sends the first three with every
 # job, and a pasted infotext carries them; they change that job only, never config.json.
-PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_ancestral", "eta_ddim",
+PER_JOB_WHEN_FROZEN = ("sd_model_checkpoint", "sd_vae", "forge_additional_modules", "CLIP_stop_at_last_layers", "eta_ancestral", "eta_ddim",
                        "initial_noise_multiplier", "eta_noise_seed_delta", "randn_source", "s_churn", "s_tmin",
                        "s_tmax", "s_noise")
 MAX_TEXT_LENGTH = 4096
@@ -262,7 +266,7 @@ def coerce(setting: Setting, value: Any) -> Any:
     elif setting.kind in (int, float):
         value = _number(setting, value)
     elif setting.kind is list:
-        value = _names(setting, value)
+        value = _file_names(setting, value) if key in FILE_LIST_KEYS else _names(setting, value)
     else:
         if value is None:
             value = ""
@@ -305,6 +309,31 @@ def _names(setting: Setting, value: Any) -> list[str]:
         if (not isinstance(item, str) or not item or len(item) > 255 or item in (".", "..")
                 or any(ch in item for ch in "/\\") or any(ord(ch) < 32 or ord(ch) == 127 for ch in item)):
             raise UserError(f"Setting {key!r}: each entry must be a folder name, got {_shown(item)}.")
+        if item not in names:
+            names.append(item)
+    return names
+
+
+# List settings whose entries name model files (paths or names): checked here as text, and by the app's value check
+# (`Options.add_value_check`) against the files in their folders.
+FILE_LIST_KEYS = ("forge_additional_modules",)
+
+
+def _file_names(setting: Setting, value: Any) -> list[str]:
+    """A list of model file names or paths (Forge's `forge_additional_modules`): non-empty strings without control
+    characters, at most MAX_TEXT_LENGTH each; repeated entries once. A single string is one entry."""
+    key = setting.key
+    if isinstance(value, str):
+        value = [value] if value else []
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"Setting {key!r} must be a list of file names, got {_shown(value)}.")
+    if len(value) > MAX_LIST_ITEMS:
+        raise UserError(f"Setting {key!r} has too many entries ({len(value)}, at most {MAX_LIST_ITEMS}).")
+    names: list[str] = []
+    for item in value:
+        if (not isinstance(item, str) or not item.strip() or len(item) > MAX_TEXT_LENGTH
+                or any(ord(ch) < 32 or ord(ch) == 127 for ch in item)):
+            raise UserError(f"Setting {key!r}: each entry must be a file name, got {_shown(item)}.")
         if item not in names:
             names.append(item)
     return names

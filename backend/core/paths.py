@@ -14,6 +14,8 @@ from backend.core.errors import UserError
 MODEL_FOLDERS = {
     "Stable-diffusion": "Put Stable Diffusion checkpoints here.txt",
     "VAE": "Put VAE here.txt",
+    "text_encoder": "Put text encoders (CLIP-L, CLIP-G, T5-XXL) for FLUX.1 and SD3 here.txt",
+    "clip": "Put text encoders (CLIP-L, CLIP-G, T5-XXL) here, as ComfyUI keeps them.txt",
     "Lora": "Put LoRA files here.txt",
     "LyCORIS": "Put LyCORIS files here.txt",
     "ControlNet": "Put ControlNet models here.txt",
@@ -32,8 +34,10 @@ MODEL_FOLDERS = {
 PROGRAM_DIR = Path(__file__).resolve().parents[2]  # the folder holding app.py (backend/core/ is two below it)
 PROGRAM_FOLDERS = ("backend", "api", "ui", "extensions", ".git")
 
-CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 / SD3 transformers
 VAE_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+# the files of "VAE / Text Encoder" (Forge's list: models/VAE, models/text_encoder and models/clip)
+PART_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin", ".gguf")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -43,6 +47,7 @@ class DataPaths:
     models_dir: Path
     ckpt_dirs: list[Path] = field(default_factory=list)
     vae_dirs: list[Path] = field(default_factory=list)
+    text_encoder_dirs: list[Path] = field(default_factory=list)  # models/text_encoder, models/clip (+ --text-encoder-dir)
     embeddings_dir: Path | None = None
     lora_dirs: list[Path] = field(default_factory=list)
     hypernetwork_dirs: list[Path] = field(default_factory=list)
@@ -75,6 +80,8 @@ class DataPaths:
             models_dir=models_dir,
             ckpt_dirs=with_extra(models_dir / "Stable-diffusion", args.ckpt_dir),
             vae_dirs=with_extra(models_dir / "VAE", args.vae_dir),
+            text_encoder_dirs=with_extra(models_dir / "text_encoder", getattr(args, "text_encoder_dir", None))
+            + [models_dir / "clip"],
             embeddings_dir=Path(args.embeddings_dir).expanduser().resolve() if args.embeddings_dir else data_dir / "embeddings",
             lora_dirs=with_extra(models_dir / "Lora", args.lora_dir) + [models_dir / "LyCORIS"],
             hypernetwork_dirs=with_extra(models_dir / "hypernetworks", getattr(args, "hypernetwork_dir", None)),
@@ -94,7 +101,8 @@ class DataPaths:
     def model_folders(self) -> list[Path]:
         """Every folder that holds model files: DATA_DIR/models, the models folder and each model folder the flags
         name, and the embeddings folder. Jobs never write into them (`check_output_folder`)."""
-        folders = [self.data_dir / "models", self.models_dir, *self.ckpt_dirs, *self.vae_dirs, *self.lora_dirs, *self.hypernetwork_dirs,
+        folders = [self.data_dir / "models", self.models_dir, *self.ckpt_dirs, *self.vae_dirs, *self.text_encoder_dirs,
+                   *self.lora_dirs, *self.hypernetwork_dirs,
                    *self.controlnet_dirs, *self.esrgan_dirs, *self.realesrgan_dirs, *self.gfpgan_dirs,
                    *self.codeformer_dirs]
         if self.embeddings_dir is not None:

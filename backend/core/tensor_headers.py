@@ -207,9 +207,36 @@ def read_pickle_headers(path: Path):
         raise UserError(f"Could not read {path.name}: the file is corrupt or incomplete ({type(e).__name__}: {e}).") from e
 
 
+# -- GGUF ------------------------------------------------------------------------------------------
+GGUF_SUFFIXES = (".gguf",)
+
+
+def read_gguf_shapes(path: Path) -> dict[str, TensorHeader]:
+    """{tensor name: TensorHeader} of a `.gguf` file (quantized transformers: FLUX.1, SD3), read with the `gguf`
+    package's reader (numpy, a memory map: the weights are not read). Shapes in PyTorch's order (GGUF stores
+    them reversed); the dtype is the GGUF type's name for quantized tensors ("Q8_0", "Q4_K", ...), torch's for
+    the others."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file not found: {path}", status=404)
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(path), "r")
+        out = {}
+        for t in reader.tensors:
+            kind = t.tensor_type.name
+            dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(kind, kind)
+            out[t.name] = TensorHeader(tuple(int(n) for n in reversed(list(t.shape))), dtype)
+        return out
+    except Exception as e:  # noqa: BLE001  a damaged or foreign file: the reader's own words
+        raise UserError(f"{path.name} is not a valid GGUF file (corrupt or incomplete download?): {e}") from e
+
+
 def read_shapes(path: Path) -> dict[str, TensorHeader]:
     """{tensor name: TensorHeader} of a model file (a nested `state_dict` unwrapped), weights never read."""
     path = Path(path)
+    if path.suffix.lower() in GGUF_SUFFIXES:
+        return read_gguf_shapes(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         header = read_safetensors_header(path)
         try:

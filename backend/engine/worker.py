@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypedDict
 
+from backend.core.unet_layout import FLOW_FAMILIES  # torch-free
 from backend.engine.always_on import SCRIPT_JOBS, ScriptRuntimes  # torch-free
 
 if TYPE_CHECKING:  # the worker's modules import torch: loaded when a job needs them
@@ -114,17 +115,26 @@ class ModelCache:
 
     RAM_MARGIN = 1 << 30  # RAM left free besides the new model when deciding to evict before a load
 
-    def __init__(self, policy, hashes):
+    def __init__(self, policy, hashes, models_dir: Path | None = None):
         self.policy = policy
         self.hashes = hashes
+        self.models_dir = models_dir  # where FLUX/SD3 loading finds the T5 tokenizer (models/text_encoder)
         self.models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self.families: dict[tuple, str] = {}  # (path, size, mtime) -> the file's family, read from its header
         self.loads = 0
         self.evictions = 0
         self.available_ram = None  # callable -> bytes; None: psutil (tests inject their own)
 
-    def get(self, path: Path, limit: int) -> LoadedModel:
+    def get(self, path: Path, limit: int, parts: tuple[Path, ...] | list[Path] = ()) -> LoadedModel:
+        """The checkpoint at `path`, loaded or from the cache. `parts`: the files chosen in "VAE / Text Encoder",
+        which complete a FLUX.1 / SD3 file (part of its cache key: the same transformer with another T5 is another
+        model); an SD checkpoint ignores them."""
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime)
+        family = self.family_of(path, key)
+        parts = tuple(Path(p) for p in parts) if family in FLOW_FAMILIES else ()
+        if parts:
+            key = key + tuple((str(p), p.stat().st_size, p.stat().st_mtime) for p in parts)
         if key in self.models and self._too_narrow(self.models[key]):
             # loaded in a smaller dtype than the policy now wants (cpu_bf16 turned off): read it again
             self.policy.release(self.models.pop(key))
@@ -133,22 +143,36 @@ class ModelCache:
             self.models.move_to_end(key)
             model = self.models[key]
         else:
-            self._make_room_for(st.st_size, limit)
-            model = self._load(path)
+            self._make_room_for(st.st_size + sum(p.stat().st_size for p in parts), limit)
+            model = self._load(path, family, parts)
             self.models[key] = model
         self._arrange(model)
         while len(self.models) > max(1, limit):
             self._evict_oldest()
         return model
 
-    def _load(self, path: Path) -> LoadedModel:
+    def family_of(self, path: Path, key: tuple) -> str:
+        """The family of the checkpoint file (`families.loading.detect_family_of_file`, its header read once per
+        version of the file)."""
+        if key not in self.families:
+            from backend.engine.families.loading import detect_family_of_file
+            self.families[key] = detect_family_of_file(path)
+        return self.families[key]
+
+    def _load(self, path: Path, family: str = "unknown", parts: tuple[Path, ...] = ()) -> LoadedModel:
         from backend.engine.loaded_model import LoadedModel
-        from backend.engine.model_loader import load_sd_model
 
         t0 = time.perf_counter()
         policy = self.policy
-        model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
-                              text_dtype=getattr(policy, "text_dtype", None), device="cpu")
+        if family in FLOW_FAMILIES:  # FLUX.1 / SD3: the transformer completed with the chosen parts
+            from backend.engine.families.loading import load_flow_checkpoint
+            model = load_flow_checkpoint(path, list(parts), dtype=policy.dtype, vae_dtype=policy.vae_dtype,
+                                         text_dtype=getattr(policy, "text_dtype", None), device="cpu",
+                                         models_dir=self.models_dir)
+        else:
+            from backend.engine.model_loader import load_sd_model
+            model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
+                                  text_dtype=getattr(policy, "text_dtype", None), device="cpu")
         self.loads += 1
         log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
         return LoadedModel(model, load_dtypes=self._wanted_dtypes())
@@ -265,6 +289,7 @@ class GenerationPayload(TypedDict, total=False):
     vae: ModelFile | None
     checkpoint_fallbacks: list[tuple[ModelFile, ModelFile | None]]  # automatic choice: the next candidates
     checkpoint_notes: list[str]  # warnings about checkpoints passed over
+    parts: list[ModelFile]  # the files chosen in "VAE / Text Encoder" (forge_additional_modules): FLUX.1 / SD3 parts
     data_dir: Path  # output folders are relative to it
     warnings: list[str]  # request fields accepted but not acted on
     scripts: dict[str, Any]  # the always-on scripts' arguments, checked and parsed by the app ({name: parsed})
@@ -348,6 +373,8 @@ def _job_model(state: WorkerState, payload: GenerationPayload) -> JobModel:
     if state.cache.loads != loads and payload.get("a1111_callbacks"):  # read from its file (not the cache): A1111's
         from backend.engine.a1111_callbacks import JobCallbacks  # on_model_loaded of the enabled extensions
         JobCallbacks(payload["a1111_callbacks"], options).model_loaded(ckpt, model.family)
+    if model.family in FLOW_FAMILIES:  # FLUX.1 / SD3 take their VAE from the file or "VAE / Text Encoder"
+        vae = None  # (the SD VAE setting is for SD checkpoints: their 4-channel VAEs do not fit)
     if vae is not None:
         vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state.hashes.sha256(vae.path))
     policy.settle(model)  # weights in RAM while the VAE is swapped
@@ -440,11 +467,12 @@ def _load_checkpoint(payload: GenerationPayload, state: WorkerState, limit: int)
     from backend.core.errors import UserError
 
     candidates = [(payload["checkpoint"], payload.get("vae"))] + list(payload.get("checkpoint_fallbacks") or [])
+    parts = [f.path for f in payload.get("parts") or ()]  # "VAE / Text Encoder": they complete a FLUX.1 / SD3 file
     notes = list(payload.get("checkpoint_notes") or [])
     unloadable: dict[str, str] = {}
     for number, (ckpt, vae) in enumerate(candidates, 1):
         try:
-            return state.cache.get(ckpt.path, limit), ckpt, vae, notes, unloadable
+            return state.cache.get(ckpt.path, limit, parts), ckpt, vae, notes, unloadable
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # noqa: BLE001  a broken file: the next candidate is tried
@@ -780,7 +808,7 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     from backend.engine.postprocess.runtime import PostprocessRuntime
     from backend.engine.interrogate.runtime import InterrogateRuntime
     from backend.engine.previews import PreviewDecoders
-    state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes), vae=VaeSwitcher(),
+    state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes, paths.models_dir), vae=VaeSwitcher(),
                         scripts=ScriptRuntimes(policy, paths.models_dir),
                         postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths),
                         previews=PreviewDecoders(paths.models_dir),

@@ -178,7 +178,7 @@ class DevicePolicy:
                        for t in list(module.parameters()) + list(module.buffers()))
         model = loaded.model
         return {"unet": sized(model.unet, self.dtype), "vae": sized(model.vae, self.vae_dtype_for(loaded)),
-                "text": [sized(e, self.text_dtype) for e in model.text_encoders]}
+                "text": [sized(e, self.text_dtype) for e in text_encoder_list(model)]}
 
     def bytes_on_device(self, loaded: LoadedModel) -> int:
         if self.device == self.offload_device:
@@ -242,7 +242,7 @@ class DevicePolicy:
     # -- placing ----------------------------------------------------------------------------------
     @staticmethod
     def parts(model) -> list[torch.nn.Module]:
-        return [model.unet, model.vae, *model.text_encoders]
+        return [model.unet, model.vae, *text_encoder_list(model)]
 
     def vae_dtype_for(self, loaded: LoadedModel) -> torch.dtype:
         return torch.float32 if loaded.vae_upcast else self.vae_dtype
@@ -265,7 +265,7 @@ class DevicePolicy:
         resident = plan == RESIDENT
         # Cast where the part will live: on the device when resident, else in RAM (no device memory spent).
         for part, dtype in ((model.unet, self.dtype), (model.vae, vae_dtype),
-                            *((enc, self.text_dtype) for enc in model.text_encoders)):
+                            *((enc, self.text_dtype) for enc in text_encoder_list(model))):
             if not resident:
                 part.to(self.offload_device)
             part.to(dtype=dtype)
@@ -280,11 +280,11 @@ class DevicePolicy:
             streamer = WeightStreamer(self.device, self.offload_device, prefetch=self.prefetch and plan.unet == "streamed",
                                       max_prefetch_bytes=2 * self.unit_bytes)
             hooks: list = []
-            swapped = [*model.text_encoders, model.vae.encoder, model.vae.decoder, model.vae.quant_conv,
+            swapped = [*text_encoder_list(model), model.vae.encoder, model.vae.decoder, model.vae.quant_conv,
                        model.vae.post_quant_conv]
             swapped = [m for m in swapped if m is not None]
             if plan.others == "resident":
-                for part in (model.vae, *model.text_encoders):
+                for part in (model.vae, *text_encoder_list(model)):
                     part.to(self.device)
                 swapped = []
             elif plan.others == "swapped":
@@ -407,3 +407,9 @@ def device_for(args, part: str = "sd") -> torch.device:
         return torch.device(f"cuda:{int(index)}" if index not in (None, "") else "cuda")
     return torch.device("cpu")
 
+
+def text_encoder_list(model) -> list:
+    """A model's text encoders as a list: an SD model keeps a list, a FLUX.1 / SD3 model (`FlowModel`) a dict by part
+    ("clip_l", "clip_g", "t5xxl")."""
+    encoders = model.text_encoders
+    return list(encoders.values()) if isinstance(encoders, dict) else list(encoders)

@@ -1,33 +1,40 @@
-"""`FlowModel`: a loaded FLUX.1 or Stable Diffusion 3 checkpoint, the modules the pipelines sample with
-(engine: torch).
+"""A loaded FLUX.1 or Stable Diffusion 3 model: its modules and what sampling needs to know about it.
 
-The transformer predicts the flow's velocity; the pipelines read the family's facts from here (16 latent
-channels, the VAE's scale and shift, the flow schedule's shift, whether FLUX's distilled guidance is an input).
+The counterpart of `model_loader.SDModel` for the flow-matching families. `unet` names the transformer, so
+the device policy, the model cache and the pipelines place and call it as the denoiser; `text_encoders` and
+`tokenizers` are keyed by part ("clip_l", "clip_g", "t5xxl"); `parts` names the file each part came from
+(the checkpoint itself or a file chosen in "VAE / Text Encoder"), for messages and the infotext.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from torch import nn
+import torch
+
+from backend.core.unet_layout import FLOW_FAMILIES  # noqa: F401  ("flux", "sd3")
+VARIANTS = ("flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large")
 
 
-@dataclass
+@dataclass(eq=False)
 class FlowModel:
     family: str  # "flux" | "sd3"
-    variant: str  # "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large"
-    transformer: nn.Module  # diffusers FluxTransformer2DModel / SD3Transformer2DModel
-    vae: nn.Module  # diffusers AutoencoderKL with 16 latent channels
-    text_encoders: dict[str, nn.Module]  # keys among "clip_l", "clip_g", "t5xxl"
-    tokenizers: dict[str, object]  # the same keys
+    variant: str  # one of VARIANTS
+    transformer: torch.nn.Module  # diffusers FluxTransformer2DModel / SD3Transformer2DModel
+    vae: Any  # diffusers AutoencoderKL with 16 latent channels
+    text_encoders: dict[str, torch.nn.Module]  # keys among "clip_l", "clip_g", "t5xxl"
+    tokenizers: dict[str, Any]  # the same keys
     vae_scale_factor: float
     vae_shift_factor: float
-    shift: float  # the flow schedule's shift (FLUX: exp(mu))
-    guidance_embeds: bool  # FLUX dev: the distilled guidance is an input of the transformer
-    parts: dict[str, str] = field(default_factory=dict)  # part -> the file it came from
+    shift: float  # the flow schedule's shift (the sampling code decides the value per variant)
+    guidance_embeds: bool  # FLUX dev: the transformer takes the distilled guidance ("Distilled CFG Scale")
+    parts: dict[str, str] = field(default_factory=dict)  # part ("transformer", "vae", "clip_l", ...) -> file name
+    # the files of "VAE / Text Encoder" the model was completed with, in the order chosen (infotext "Module 1: ae")
+    modules: list[str] = field(default_factory=list)
 
     @property
-    def unet(self) -> nn.Module:
-        """The denoiser (the device policy places it as an SD model's UNet)."""
+    def unet(self) -> torch.nn.Module:
+        """The denoiser, under the name the device policy and the pipelines use for every family."""
         return self.transformer
 
     @property
@@ -49,3 +56,8 @@ class FlowModel:
     @property
     def prediction_type(self) -> str:
         return "flow"
+
+    @property
+    def text_encoder_modules(self) -> list[torch.nn.Module]:
+        """The text encoders as a list, in a fixed order (CLIP-L, CLIP-G, T5), for code that walks every module."""
+        return [self.text_encoders[k] for k in ("clip_l", "clip_g", "t5xxl") if k in self.text_encoders]

@@ -17,6 +17,7 @@ from PIL import Image
 from backend.engine import schedules
 from backend.engine.conditioning import TextConditioner
 from backend.core.images import ImageFormat, day_folder, encode_png, image_grid, save_image_or_warn
+from backend.core.infotext import module_params
 from backend.engine.rng import fix_seed
 from backend.engine.token_merging import ratio_for_pass
 from backend.core.styles import styled_prompts
@@ -93,6 +94,7 @@ class Generation:
             "Model hash": ctx.checkpoint.shorthash if options["add_model_hash_to_info"] else None,
             "Model": ctx.checkpoint.model_name if options["add_model_name_to_info"] else None,
             "VAE hash": ctx.vae.shorthash if ctx.vae else None, "VAE": ctx.vae.model_name if ctx.vae else None,
+            **module_params(getattr(model, "modules", ())),  # FLUX.1 / SD3: "Module 1: ae", as Forge
             "Variation seed strength": format_number(req.subseed_strength) if req.subseed_strength > 0 else None,
             "Seed resize from": (f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
                                  if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
