@@ -483,11 +483,13 @@ def random_kquant_rows(rows: int, cols: int, qtype, seed: int = 0):
     return blocks.reshape(rows, cols // block_size * type_size)
 
 
-def write_flux_gguf(path: Path, qtype, *, guidance: bool = True, seed: int = 0) -> Path:
+def write_flux_gguf(path: Path, qtype, *, guidance: bool = True, seed: int = 0,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """The tiny FLUX transformer as city96 lays FLUX GGUF files out: arch "flux", BFL names, 1-D tensors in
     F32, 2-D tensors whose rows are not whole blocks in F16, the rest in `qtype` (a GGMLQuantizationType or
     its name). Q4_0/Q8_0/... are quantized from the tiny model by gguf's numpy code; K-quants (which it
-    cannot quantize to) get random valid blocks (`random_kquant_rows`). Returns the path."""
+    cannot quantize to) get random valid blocks (`random_kquant_rows`). `tensors`: BFL float32 tensors to write
+    instead of the tiny model's. Returns the path."""
     import gguf
     import numpy as np
     T = gguf.GGMLQuantizationType
@@ -499,7 +501,8 @@ def write_flux_gguf(path: Path, qtype, *, guidance: bool = True, seed: int = 0) 
     writer = gguf.GGUFWriter(str(path), arch="flux")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(int(qtype))
-    for index, (name, tensor) in enumerate(tiny_flux_bfl(guidance, seed).items()):
+    tensors = tiny_flux_bfl(guidance, seed) if tensors is None else tensors
+    for index, (name, tensor) in enumerate(tensors.items()):
         data = tensor.numpy().astype(np.float32)
         if data.ndim == 1:
             writer.add_tensor(name, data, raw_dtype=T.F32)
@@ -548,8 +551,8 @@ def write_flux_nf4(path: Path) -> Path:
 
 
 # -- SAMPLING: FlowModel objects built directly (random weights), and a stand-in text conditioner ----------------
-FLUX_CONTEXT, FLUX_POOLED = 32, 24
-SD3_CONTEXT, SD3_POOLED = 32, 24
+STANDIN_FLUX_CONTEXT, STANDIN_FLUX_POOLED = 32, 24
+STANDIN_SD3_CONTEXT, STANDIN_SD3_POOLED = 32, 24
 
 
 def sampling_flow_vae(seed: int = 0):
@@ -569,7 +572,7 @@ def tiny_flux_model(guidance_embeds: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2,
-                                         joint_attention_dim=FLUX_CONTEXT, pooled_projection_dim=FLUX_POOLED,
+                                         joint_attention_dim=STANDIN_FLUX_CONTEXT, pooled_projection_dim=STANDIN_FLUX_POOLED,
                                          guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)).eval()
     variant = "flux-dev" if guidance_embeds else "flux-schnell"
     return FlowModel(family="flux", variant=variant, transformer=transformer, vae=sampling_flow_vae(seed),
@@ -585,8 +588,8 @@ def tiny_sd3_model(seed: int = 0):
     from backend.engine.families.flow_schedule import SD3_SHIFT
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
-                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=SD3_CONTEXT,
-                                        caption_projection_dim=32, pooled_projection_dim=SD3_POOLED, out_channels=16,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=STANDIN_SD3_CONTEXT,
+                                        caption_projection_dim=32, pooled_projection_dim=STANDIN_SD3_POOLED, out_channels=16,
                                         pos_embed_max_size=32).eval()
     return FlowModel(family="sd3", variant="sd3.5-medium", transformer=transformer, vae=sampling_flow_vae(seed),
                      text_encoders={}, tokenizers={}, vae_scale_factor=1.5305, vae_shift_factor=0.0609,
@@ -601,8 +604,8 @@ class StandInFlowConditioner:
 
     def __init__(self, model, device, embeddings=None, should_stop=None, emphasis="Original"):
         self.model, self.device = model, device
-        self.context_dim, self.pooled_dim = ((FLUX_CONTEXT, FLUX_POOLED) if model.family == "flux"
-                                             else (SD3_CONTEXT, SD3_POOLED))
+        self.context_dim, self.pooled_dim = ((STANDIN_FLUX_CONTEXT, STANDIN_FLUX_POOLED) if model.family == "flux"
+                                             else (STANDIN_SD3_CONTEXT, STANDIN_SD3_POOLED))
         self.prompts: list[str] = []
 
     def encode(self, text: str):
@@ -884,11 +887,13 @@ def quantize_blocks(transformer, *, kind: str = "quantized") -> list[str]:
 
 # -- whole model sets in a models folder, as users lay them out (end-to-end tests through the API) ---------------
 def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool = True, all_in_one: bool = False,
-                   seed: int = 0) -> dict[str, Path]:
+                   gguf: str | None = None, seed: int = 0) -> dict:
     """A tiny FLUX.1 whose parts fit each other, as users keep them: the transformer alone in BFL layout in
     models/Stable-diffusion/<name>.safetensors with `ae.safetensors` in models/VAE, `clip_l.safetensors` and
     `t5xxl_tiny.safetensors` in models/text_encoder, the T5 tokenizer where `t5_tokenizer` reads it; or with
-    `all_in_one`, everything in the checkpoint under ComfyUI's prefixes. Returns the written paths by part."""
+    `all_in_one`, everything in the checkpoint under ComfyUI's prefixes; with `gguf` (a quantization type name) the
+    transformer as a .gguf file as city96's. Returns the written paths by part and the diffusers transformer
+    ("module", float32) the files hold."""
     from diffusers import FluxTransformer2DModel
     models_dir = Path(models_dir)
     config = {**tiny_flux_config(guidance), "joint_attention_dim": T5_TINY["d_model"],
@@ -901,8 +906,8 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
     clip_l = _hf_clip_names(build_clip("clip_l", seed + 2).state_dict())
     t5 = {k: v.clone() for k, v in build_t5(seed + 3).state_dict().items() if k != "encoder.embed_tokens.weight"}
     train_t5_tokenizer(models_dir)
-    ckpt = models_dir / "Stable-diffusion" / f"{name}.safetensors"
-    paths = {"checkpoint": ckpt}
+    ckpt = models_dir / "Stable-diffusion" / f"{name}.{'gguf' if gguf else 'safetensors'}"
+    paths = {"checkpoint": ckpt, "module": transformer.eval()}
     if all_in_one:
         sd = {"model.diffusion_model." + k: v for k, v in bfl.items()}
         sd.update({"vae." + k: v for k, v in vae.items()})
@@ -910,7 +915,11 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
         sd.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
         _save(ckpt, sd, "")
         return paths
-    _save(ckpt, bfl, "")
+    if gguf:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        write_flux_gguf(ckpt, gguf, tensors=bfl)
+    else:
+        _save(ckpt, bfl, "")
     paths["vae"] = models_dir / "VAE" / "ae.safetensors"
     _save(paths["vae"], vae, "")
     paths["clip_l"] = models_dir / "text_encoder" / "clip_l.safetensors"

@@ -1,0 +1,121 @@
+"""FLUX.1 and Stable Diffusion 3 end to end through the API: tiny random-weight models in the files users bring (a
+transformer-only BFL file completed with ae / clip_l / t5xxl chosen in "VAE / Text Encoder", an all-in-one file, a
+GGUF transformer, an SD 3.5 single file with its encoders), loaded by the real backend, sampled by the flow pipelines,
+with FLUX LoRA applied and removed."""
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from flow_factory import write_flux_lora_kohya, write_flux_set, write_sd3
+
+
+@pytest.fixture(scope="module")
+def flow_models(tmp_path_factory):
+    data = tmp_path_factory.mktemp("easel-flow-e2e")
+    models = data / "models"
+    made = {"flux": write_flux_set(models, name="flux-tiny"),
+            "flux_aio": write_flux_set(models, name="flux-aio", all_in_one=True, seed=3),
+            "flux_gguf": write_flux_set(models, name="flux-q8", gguf="Q8_0", seed=0)}
+    write_sd3(models / "Stable-diffusion" / "sd35-tiny.safetensors", variant="sd3.5-medium", with_encoders=True)
+    write_flux_lora_kohya(models / "Lora" / "flux-style.safetensors", made["flux"]["module"], rank=2, alpha=2.0)
+    return data, made
+
+
+@pytest.fixture(scope="module")
+def flow_api(flow_models, tiny_models):
+    from conftest import Server
+
+    data, _ = flow_models
+    with Server(data, models={"sd1": tiny_models["sd1"]}) as srv:
+        with httpx.Client(base_url=srv.url + "/sdapi/v1", timeout=600) as client:
+            yield client
+
+
+PARTS = ["ae.safetensors", "clip_l.safetensors", "t5xxl_tiny.safetensors"]
+
+
+def _image(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def _txt2img(api, checkpoint: str, parts=(), **fields):
+    body = {"prompt": "a red fox in the snow", "steps": 2, "width": 64, "height": 64, "seed": 7, "cfg_scale": 1,
+            "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": checkpoint,
+                                                           "forge_additional_modules": list(parts)}}
+    body.update(fields)
+    r = api.post("/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    return _image(data["images"][0]), data["info"]
+
+
+def test_flux_transformer_with_its_parts(flow_api):
+    """The BFL transformer-only file with ae, clip_l and t5xxl chosen: a picture, the same for the same seed, another
+    for another distilled guidance; Forge's infotext entries."""
+    image, info = _txt2img(flow_api, "flux-tiny", PARTS)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    for entry in ("Distilled CFG Scale: 3.5", "Module 1: ae", "Module 2: clip_l", "Module 3: t5xxl_tiny",
+                  "Model: flux-tiny", "CFG scale: 1"):
+        assert entry in info, info
+    again, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    assert np.array_equal(image, again)
+    other, info2 = _txt2img(flow_api, "flux-tiny", PARTS, distilled_cfg_scale=9.0)
+    assert "Distilled CFG Scale: 9" in info2 and not np.array_equal(image, other)
+
+
+def test_flux_real_cfg_and_img2img(flow_api):
+    """CFG above 1 runs the negative prompt too (another picture); img2img from a picture at denoising 0.5."""
+    base, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    guided, _ = _txt2img(flow_api, "flux-tiny", PARTS, cfg_scale=4, negative_prompt="blurry")
+    assert not np.array_equal(base, guided)
+    buf = io.BytesIO()
+    Image.fromarray(base.astype(np.uint8)).save(buf, format="PNG")
+    r = flow_api.post("/img2img", json={
+        "init_images": [base64.b64encode(buf.getvalue()).decode()], "prompt": "a fox", "steps": 2, "cfg_scale": 1,
+        "denoising_strength": 0.5, "width": 64, "height": 64, "seed": 3,
+        "override_settings": {"sd_model_checkpoint": "flux-tiny", "forge_additional_modules": PARTS}})
+    assert r.status_code == 200, r.text
+    assert _image(r.json()["images"][0]).shape == (64, 64, 3)
+    assert "Denoising strength: 0.5" in r.json()["info"]
+
+
+def test_flux_all_in_one_and_gguf(flow_api):
+    """An all-in-one file needs no parts; the GGUF Q8_0 transformer with the parts gives nearly the picture of the
+    same weights in float (the same seed: the quantization error is small)."""
+    image, info = _txt2img(flow_api, "flux-aio")
+    assert image.std() > 0 and "Module 1" not in info
+    full, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    quant, info = _txt2img(flow_api, "flux-q8", PARTS)
+    assert "Model: flux-q8" in info
+    assert np.abs(full - quant).mean() < 12, np.abs(full - quant).mean()
+
+
+def test_flux_without_its_parts_names_them(flow_api):
+    r = flow_api.post("/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                        "override_settings": {"sd_model_checkpoint": "flux-tiny",
+                                                              "forge_additional_modules": ["ae.safetensors"]}})
+    assert 400 <= r.status_code < 500, r.text
+    detail = r.json()["detail"]
+    assert "CLIP-L" in detail and "T5-XXL" in detail and "VAE / Text Encoder" in detail, detail
+    assert flow_api.get("/samplers").status_code == 200  # the server carries on
+
+
+def test_flux_lora_applies_and_goes_away(flow_api):
+    base, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    styled, info = _txt2img(flow_api, "flux-tiny", PARTS, prompt="a red fox in the snow <lora:flux-style:1>")
+    assert "Lora hashes" in info and "flux-style" in info, info
+    assert not np.array_equal(base, styled)
+    after, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    assert np.array_equal(base, after)  # removed exactly
+
+
+def test_sd35_single_file_with_its_encoders(flow_api):
+    image, info = _txt2img(flow_api, "sd35-tiny", cfg_scale=4, negative_prompt="ugly")
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert "Model: sd35-tiny" in info and "Distilled CFG Scale" not in info, info
