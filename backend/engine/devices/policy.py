@@ -401,7 +401,7 @@ class DevicePolicy:
         time by the same swapper, its small parts stay on the device. It is recorded as `owner`'s
         companion (`LoadedModel.companions`), so releasing `owner` releases it too.
         """
-        module.to(dtype=self.dtype)
+        cast_floating(module, self.dtype)  # a float8 ControlNet stays float8
         mode = self.mode_for(owner)
         swapper = owner.streamer if mode in ("medvram", "lowvram") else None
         placed = (self.device, mode, id(swapper))
