@@ -366,7 +366,7 @@ def test_worker_dispatches_by_family_and_keys_the_cache_by_the_parts(tmp_path, t
 
 
 def test_policy_lists_a_flow_models_text_encoders():
-    from backend.engine.devices.policy import text_encoder_list
+    from backend.engine.devices.parts import encoder_modules as text_encoder_list
     from backend.engine.families.flow_model import FlowModel
 
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

@@ -70,6 +70,8 @@ class LoadedModel:
     forced_plan: Any = None  # a smaller Plan chosen after an out-of-memory error (overrides the policy's)
     streamer: Any = None  # devices.streaming.WeightStreamer of an offloaded placement (shared with companions)
     place_hooks: list = field(default_factory=list)  # the streamer's forward pre-hooks on the model's parts
+    # text encoders placed to compute off the device ({"t5xxl": cpu}: T5-XXL kept in RAM), see policy.encoder_devices
+    encoder_devices: dict = field(default_factory=dict)
     vae_upcast: bool = False  # the VAE runs in float32 for good (it produced NaNs in half precision)
     compiled_for: str | None = None  # device type the UNet's forward is compiled for (--compile)
     eager_forward: Callable | None = None  # the UNet's forward before compilation

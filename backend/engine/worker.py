@@ -111,6 +111,9 @@ class ModelCache:
     RAM, so switching back reads no file. Eviction is least-recently-used, past the limit and before
     loading a new file when free RAM would not hold it; an evicted model is dropped whole (its hooks
     removed, no reference kept), so RAM does not grow across switches.
+
+    A FLUX/SD3 transformer completed with separate parts (VAE / text encoder files) is one entry per
+    (file, parts): the same file with other parts is another model (`families.loading.load_flow_checkpoint`).
     """
 
     RAM_MARGIN = 1 << 30  # RAM left free besides the new model when deciding to evict before a load
@@ -125,14 +128,16 @@ class ModelCache:
         self.evictions = 0
         self.available_ram = None  # callable -> bytes; None: psutil (tests inject their own)
 
-    def get(self, path: Path, limit: int, parts: tuple[Path, ...] | list[Path] = ()) -> LoadedModel:
+    def get(self, path: Path, limit: int, parts: tuple[Path, ...] | list[Path] = (),
+            loader: Callable | None = None) -> LoadedModel:
         """The checkpoint at `path`, loaded or from the cache. `parts`: the files chosen in "VAE / Text Encoder",
         which complete a FLUX.1 / SD3 file (part of its cache key: the same transformer with another T5 is another
-        model); an SD checkpoint ignores them."""
+        model); an SD checkpoint ignores them. `loader(path, parts, dtype=, vae_dtype=, text_dtype=, device=)`
+        replaces the loading by family (tests)."""
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime)
-        family = self.family_of(path, key)
-        parts = tuple(Path(p) for p in parts) if family in FLOW_FAMILIES else ()
+        family = self.family_of(path, key) if loader is None else "loader"
+        parts = tuple(Path(p) for p in parts) if family in FLOW_FAMILIES or loader is not None else ()
         if parts:
             key = key + tuple((str(p), p.stat().st_size, p.stat().st_mtime) for p in parts)
         if key in self.models and self._too_narrow(self.models[key]):
@@ -144,7 +149,7 @@ class ModelCache:
             model = self.models[key]
         else:
             self._make_room_for(st.st_size + sum(p.stat().st_size for p in parts), limit)
-            model = self._load(path, family, parts)
+            model = self._load(path, family, parts, loader)
             self.models[key] = model
         self._arrange(model)
         while len(self.models) > max(1, limit):
@@ -159,12 +164,16 @@ class ModelCache:
             self.families[key] = detect_family_of_file(path)
         return self.families[key]
 
-    def _load(self, path: Path, family: str = "unknown", parts: tuple[Path, ...] = ()) -> LoadedModel:
+    def _load(self, path: Path, family: str = "unknown", parts: tuple[Path, ...] = (),
+              loader: Callable | None = None) -> LoadedModel:
         from backend.engine.loaded_model import LoadedModel
 
         t0 = time.perf_counter()
         policy = self.policy
-        if family in FLOW_FAMILIES:  # FLUX.1 / SD3: the transformer completed with the chosen parts
+        if loader is not None:
+            model = loader(path, list(parts), dtype=policy.dtype, vae_dtype=policy.vae_dtype,
+                           text_dtype=getattr(policy, "text_dtype", None), device="cpu")
+        elif family in FLOW_FAMILIES:  # FLUX.1 / SD3: the transformer completed with the chosen parts
             from backend.engine.families.loading import load_flow_checkpoint
             model = load_flow_checkpoint(path, list(parts), dtype=policy.dtype, vae_dtype=policy.vae_dtype,
                                          text_dtype=getattr(policy, "text_dtype", None), device="cpu",
@@ -174,7 +183,8 @@ class ModelCache:
             model = load_sd_model(path, dtype=policy.dtype, vae_dtype=policy.vae_dtype,
                                   text_dtype=getattr(policy, "text_dtype", None), device="cpu")
         self.loads += 1
-        log.info("loaded %s (%s) in %.1f s", path.name, model.family, time.perf_counter() - t0)
+        log.info("loaded %s%s (%s) in %.1f s", path.name, f" with {', '.join(Path(p).name for p in parts)}" if parts else "",
+                 model.family, time.perf_counter() - t0)
         return LoadedModel(model, load_dtypes=self._wanted_dtypes())
 
     def _wanted_dtypes(self) -> tuple:
@@ -241,17 +251,36 @@ class ModelCache:
 
 
 class VaeSwitcher:
-    """Applies the chosen VAE file to a checkpoint, keeping its own VAE (in `LoadedModel.vae`) to restore later."""
+    """Applies the chosen VAE file to a checkpoint, keeping its own VAE (in `LoadedModel.vae`) to restore later.
+
+    FLUX.1 / SD3 models have a 16-channel VAE (their own, or the part chosen in "VAE / Text Encoder"): a VAE
+    file with another number of latent channels (the SD VAE setting's SD 1.x/2.x/SDXL VAE) is not applied to
+    them; the model keeps its own and `apply` returns a warning saying so (the job runs)."""
 
     def __init__(self):
         self.files: dict[str, dict] = {}
 
-    def apply(self, loaded: LoadedModel, vae_path: str | None) -> None:
+    def apply(self, loaded: LoadedModel, vae_path: str | None) -> str | None:
+        """Put VAE file `vae_path` (None: the checkpoint's own VAE) into the model. -> a warning when the file was
+        not applied (a VAE of other latent channels for a FLUX/SD3 model), else None."""
         from backend.engine.model_loader import apply_vae_state_dict, load_vae_file
 
         choice, model = loaded.vae, loaded.model
+        note = None
+        if vae_path is not None and _is_flow_model(model):
+            if vae_path not in self.files:
+                self.files = {vae_path: load_vae_file(Path(vae_path))}
+            channels = _latent_channels(self.files[vae_path])
+            if channels != model.latent_channels:
+                from backend.core.unet_layout import FAMILY_NAMES
+                family = FAMILY_NAMES.get(model.family, model.family)
+                note = (f"VAE {Path(vae_path).name} was not used: it has {channels} latent channels (a VAE for SD 1.x, "
+                        f"2.x or SDXL); {family} models need a {model.latent_channels}-channel VAE, chosen in "
+                        "'VAE / Text Encoder'. The model's own VAE was used.")
+                log.warning(note)
+                vae_path = None
         if choice.path == vae_path:
-            return
+            return note
         if choice.own_state is None:
             choice.own_state = {k: v.detach().to("cpu", copy=True) for k, v in model.vae.state_dict().items()}
         if vae_path is None:
@@ -261,6 +290,18 @@ class VaeSwitcher:
                 self.files = {vae_path: load_vae_file(Path(vae_path))}
             apply_vae_state_dict(model, self.files[vae_path])
         choice.path = vae_path
+        return note
+
+
+def _is_flow_model(model) -> bool:
+    from backend.engine.devices.parts import is_flow
+    return is_flow(model)
+
+
+def _latent_channels(vae_state: dict) -> int:
+    """Latent channels of a VAE state dict in diffusers names (the encoder's output holds mean and log-variance)."""
+    weight = vae_state.get("encoder.conv_out.weight")
+    return int(weight.shape[0]) // 2 if weight is not None else 4
 
 
 # -- the jobs ----------------------------------------------------------------------------------------------------
@@ -378,7 +419,9 @@ def _job_model(state: WorkerState, payload: GenerationPayload) -> JobModel:
     if vae is not None:
         vae = ModelFile(name=vae.name, path=vae.path, sha256=vae.sha256 or state.hashes.sha256(vae.path))
     policy.settle(model)  # weights in RAM while the VAE is swapped
-    state.vae.apply(model, str(vae.path) if vae else None)
+    vae_note = state.vae.apply(model, str(vae.path) if vae else None)
+    if vae_note is not None:  # a VAE file that does not fit a FLUX/SD3 model: its own VAE runs (and is named)
+        load_notes, vae = [*load_notes, vae_note], None
     return JobModel(model, ckpt, vae, load_notes, unloadable)
 
 

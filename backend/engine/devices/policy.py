@@ -10,12 +10,19 @@ One object, built from the flags (and a few settings), decides:
     medvram    text encoders, UNet, VAE (and ControlNets) in RAM, each brought to the device whole
                when it runs, the previous one dropped (one at a time);
     lowvram    as medvram for text encoders and VAE; the UNet streamed in small units (a block's
-               resnets and attentions), the next unit's weights copied on a separate CUDA stream while
-               the current one computes; a small budget of the largest units stays resident;
+               resnets and attentions; a FLUX/SD3 transformer block's attention and feed-forward
+               layers), the next unit's weights copied on a separate CUDA stream while the current one
+               computes; a small budget of the largest units stays resident;
     auto       (no flag) resident when it fits in the memory actually free, else partial loading
                like Forge/ComfyUI: text encoders and VAE swapped, as much of the UNet resident as
                fits, the rest streamed. An out-of-memory error during a job steps the model down to a
                smaller residency (`degrade`) and the job is run again;
+- FLUX.1 / SD3 (`families.flow_model.FlowModel`): the transformer is placed as the UNet, the encoders of its
+  dict as the text encoders. Stored float8 and GGUF weights keep their dtype (`parts.cast_floating`); T5-XXL
+  computes in bfloat16 (float32 where the device has no bf16), never float16. Whenever the text encoders are
+  swapped (medvram, lowvram, partial), T5-XXL (4.9-9.5 GB) is brought to the device for its one pass per prompt
+  only when it fits in the memory free there, as Forge does; otherwise it stays in RAM and computes on the CPU
+  (`encoder_devices` says so to the `FlowConditioner`);
 - attention (PyTorch SDPA by default, xformers with `--xformers` when installed, A1111's other
   `--opt-*` names), channels-last, and `--compile`.
 
@@ -35,6 +42,8 @@ from backend.engine.devices.attention import attention_from_args, configure_atte
 from backend.engine.devices.compilation import compile_unet
 from backend.core.job_options import JobOptions
 from backend.engine.devices.cpu import cpu_bf16_supported, cpu_description
+from backend.engine.devices.parts import (T5_PART, cast_floating, encoder_modules, is_flow, named_encoders,
+                                          retarget_float8_compute, stored_bytes, t5_dtype)
 from backend.engine.devices.streaming import (MiB, WeightStreamer, largest_within, move_all_but, pin_module,
                                               stream_units, tensor_bytes, unet_blocks)
 from backend.engine.loaded_model import Companion, LoadedModel
@@ -44,7 +53,9 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "resident", "medvram", "lowvram")
 GiB = 1 << 30
 # Activation memory kept free for sampling when deciding what fits (per family; an OOM still degrades).
-INFERENCE_RESERVE = {"sd1": int(1.5 * GiB), "sd2": 2 * GiB, "sdxl": 3 * GiB}
+INFERENCE_RESERVE = {"sd1": int(1.5 * GiB), "sd2": 2 * GiB, "sdxl": 3 * GiB, "flux": 3 * GiB, "sd3": 3 * GiB}
+# Device memory a T5-XXL pass needs besides its weights (its activations: a few hundred tokens x 4096 wide).
+T5_PASS_RESERVE = 512 * MiB
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -171,14 +182,17 @@ class DevicePolicy:
         import psutil
         return int(psutil.virtual_memory().available)
 
-    def model_bytes(self, loaded: LoadedModel) -> dict[str, int]:
-        """Sizes of the parts in the dtypes this policy gives them."""
-        def sized(module, dtype):
-            return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-                       for t in list(module.parameters()) + list(module.buffers()))
+    def model_bytes(self, loaded: LoadedModel) -> dict:
+        """Sizes of the parts as they will be stored: in the dtypes this policy gives them, float8 and quantized
+        (GGUF) weights at their stored size. "text": every encoder's; "t5": T5-XXL's (0 without one), also in "text"."""
         model = loaded.model
-        return {"unet": sized(model.unet, self.dtype), "vae": sized(model.vae, self.vae_dtype_for(loaded)),
-                "text": [sized(e, self.text_dtype) for e in text_encoder_list(model)]}
+        text = [(name, stored_bytes(e, self.encoder_dtype(name))) for name, e in named_encoders(model)]
+        return {"unet": stored_bytes(model.unet, self.dtype), "vae": stored_bytes(model.vae, self.vae_dtype_for(loaded)),
+                "text": [size for _name, size in text], "t5": sum(size for name, size in text if name == T5_PART)}
+
+    def encoder_dtype(self, name: str) -> torch.dtype:
+        """The dtype text encoder `name` computes in: `text_dtype`, except T5-XXL, never in float16 (`parts.t5_dtype`)."""
+        return t5_dtype(self.text_dtype, self.device) if name == T5_PART else self.text_dtype
 
     def bytes_on_device(self, loaded: LoadedModel) -> int:
         if self.device == self.offload_device:
@@ -204,7 +218,10 @@ class DevicePolicy:
         free = self.device_free_bytes() + self.bytes_on_device(loaded)
         reserve = INFERENCE_RESERVE.get(getattr(model, "family", "sd1"), 2 * GiB)
         unet, others = sizes["unet"], sizes["vae"] + sum(sizes["text"])
-        biggest_other = max([sizes["vae"], *sizes["text"]])
+        # T5-XXL is not counted among the swapped parts: where it does not fit beside the UNet it runs on the CPU
+        names = [name for name, _enc in named_encoders(model)]
+        swapped = [size for name, size in zip(names, sizes["text"]) if name != T5_PART]
+        biggest_other = max([sizes["vae"], *swapped])
         if unet + others + reserve <= free:
             return RESIDENT
         if unet + biggest_other + reserve <= free:
@@ -242,7 +259,13 @@ class DevicePolicy:
     # -- placing ----------------------------------------------------------------------------------
     @staticmethod
     def parts(model) -> list[torch.nn.Module]:
-        return [model.unet, model.vae, *text_encoder_list(model)]
+        return [model.unet, model.vae, *encoder_modules(model)]
+
+    def encoder_devices(self, loaded: LoadedModel) -> dict[str, torch.device]:
+        """{encoder name: device} of the text encoders of a placed model that compute elsewhere than
+        `self.device` (T5-XXL kept on the CPU), for `FlowConditioner(..., encoder_devices=...)`; {} when all
+        run on the device."""
+        return dict(loaded.encoder_devices)
 
     def vae_dtype_for(self, loaded: LoadedModel) -> torch.dtype:
         return torch.float32 if loaded.vae_upcast else self.vae_dtype
@@ -264,14 +287,20 @@ class DevicePolicy:
         model = loaded.model
         resident = plan == RESIDENT
         # Cast where the part will live: on the device when resident, else in RAM (no device memory spent).
+        # Stored float8 / quantized weights keep their dtype (their layers cast them as they compute).
+        encoders = named_encoders(model)
         for part, dtype in ((model.unet, self.dtype), (model.vae, vae_dtype),
-                            *((enc, self.text_dtype) for enc in text_encoder_list(model))):
+                            *((enc, self.encoder_dtype(name)) for name, enc in encoders)):
             if not resident:
                 part.to(self.offload_device)
-            part.to(dtype=dtype)
+            cast_floating(part, dtype)
+        for name, enc in encoders:
+            retarget_float8_compute(enc, self.encoder_dtype(name))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for part in (model.unet, model.vae):
             part.to(memory_format=fmt)
+        # FLUX/SD3 transformers keep their own (joint) attention processors; the SD UNet and every VAE get the flag's
+        for part in ((model.vae,) if is_flow(model) else (model.unet, model.vae)):
             configure_attention(part, self.attention)
         if resident:
             for part in self.parts(model):
@@ -280,13 +309,14 @@ class DevicePolicy:
             streamer = WeightStreamer(self.device, self.offload_device, prefetch=self.prefetch and plan.unet == "streamed",
                                       max_prefetch_bytes=2 * self.unit_bytes)
             hooks: list = []
-            swapped = [*text_encoder_list(model), model.vae.encoder, model.vae.decoder, model.vae.quant_conv,
-                       model.vae.post_quant_conv]
+            t5 = next((enc for name, enc in encoders if name == T5_PART), None)
+            swapped = [*(enc for enc in encoder_modules(model) if enc is not t5), model.vae.encoder,
+                       model.vae.decoder, model.vae.quant_conv, model.vae.post_quant_conv]
             swapped = [m for m in swapped if m is not None]
             if plan.others == "resident":
-                for part in (model.vae, *text_encoder_list(model)):
+                for part in (model.vae, *encoder_modules(model)):
                     part.to(self.device)
-                swapped = []
+                swapped, t5 = [], None
             elif plan.others == "swapped":
                 for m in model.vae.children():  # the VAE's own small leftovers, if any, stay resident
                     if all(m is not s for s in swapped):
@@ -301,6 +331,13 @@ class DevicePolicy:
                 streamed = [u for u in units if id(u) not in keep]
                 move_all_but(model.unet, streamed, self.device)
                 swapped.extend(streamed)
+            if t5 is not None:  # T5-XXL: swapped onto the device for its pass when it fits there, else on the CPU
+                if self._t5_fits(t5):
+                    swapped.insert(0, t5)
+                else:
+                    loaded.encoder_devices = {T5_PART: self.offload_device}
+                    log.info("T5-XXL (%.1f GiB) stays in RAM and runs on the CPU: %.1f GiB free on %s",
+                             stored_bytes(t5) / GiB, self.device_free_bytes() / GiB, self.device)
             if self.pin_memory and self.device.type == "cuda":
                 for m in swapped:
                     pin_module(m)
@@ -320,6 +357,10 @@ class DevicePolicy:
         loaded.placed = key
         log.info("model placed: %s, plan=%s", self.describe(), plan.name)
 
+    def _t5_fits(self, t5: torch.nn.Module) -> bool:
+        """Whether T5-XXL, swapped in alone for its pass, fits in the memory free on the device now."""
+        return stored_bytes(t5) + T5_PASS_RESERVE <= self.device_free_bytes()
+
     def settle(self, loaded: LoadedModel) -> None:
         """Put streamed weights back in RAM (between jobs, and before anyone changes weights)."""
         if loaded.streamer is not None:
@@ -332,6 +373,7 @@ class DevicePolicy:
         self.settle(loaded)
         loaded.streamer = None
         loaded.plan = None
+        loaded.encoder_devices = {}
 
     def release(self, loaded: LoadedModel) -> None:
         """Move a model, and the companions placed beside it, off the accelerator (when it leaves the GPU cache)."""
@@ -359,7 +401,7 @@ class DevicePolicy:
         time by the same swapper, its small parts stay on the device. It is recorded as `owner`'s
         companion (`LoadedModel.companions`), so releasing `owner` releases it too.
         """
-        module.to(dtype=self.dtype)
+        cast_floating(module, self.dtype)  # a float8 ControlNet stays float8
         mode = self.mode_for(owner)
         swapper = owner.streamer if mode in ("medvram", "lowvram") else None
         placed = (self.device, mode, id(swapper))
@@ -406,10 +448,3 @@ def device_for(args, part: str = "sd") -> torch.device:
         index = getattr(args, "device_id", None)
         return torch.device(f"cuda:{int(index)}" if index not in (None, "") else "cuda")
     return torch.device("cpu")
-
-
-def text_encoder_list(model) -> list:
-    """A model's text encoders as a list: an SD model keeps a list, a FLUX.1 / SD3 model (`FlowModel`) a dict by part
-    ("clip_l", "clip_g", "t5xxl")."""
-    encoders = model.text_encoders
-    return list(encoders.values()) if isinstance(encoders, dict) else list(encoders)

@@ -1,6 +1,7 @@
 """Weight streaming for --medvram and --lowvram: weights live in RAM and a forward pre-hook brings each
-part (a whole text encoder, VAE half or UNet for --medvram; a UNet block's resnets and attentions for
---lowvram) to the device when it runs, dropping the one before.
+part (a whole text encoder, VAE half or UNet for --medvram; a UNet block's resnets and attentions, or a
+FLUX/SD3 transformer block's attention and feed-forward layers, for --lowvram) to the device when it runs,
+dropping the one before.
 
 Also what the policy needs to cut a UNet into those units (`unet_blocks`, `stream_units`), keep the
 largest of them resident (`largest_within`), move the rest (`move_all_but`) and page-lock RAM for
@@ -31,8 +32,13 @@ def tensor_bytes(module: torch.nn.Module | None) -> int:
 
 
 def unet_blocks(unet) -> list[torch.nn.Module]:
-    """The UNet's (or a ControlNet's) big blocks, the unit `--lowvram` streams."""
-    blocks = list(unet.down_blocks) + [unet.mid_block] + list(getattr(unet, "up_blocks", None) or [])
+    """The UNet's (or a ControlNet's) big blocks, the unit `--lowvram` streams. A FLUX/SD3 transformer (or a
+    FLUX ControlNet) has no down/up blocks: its blocks are `transformer_blocks` then `single_transformer_blocks`
+    (FLUX), in the order they run; the embedders and the output layers around them stay resident."""
+    if not hasattr(unet, "down_blocks") and hasattr(unet, "transformer_blocks"):
+        blocks = list(unet.transformer_blocks) + list(getattr(unet, "single_transformer_blocks", None) or [])
+    else:
+        blocks = list(unet.down_blocks) + [unet.mid_block] + list(getattr(unet, "up_blocks", None) or [])
     return [b for b in blocks if b is not None]
 
 
