@@ -302,7 +302,7 @@ def test_out_of_memory_steps_down_until_it_fits(tiny_models, resident, monkeypat
     class Cache:
         loads = 1  # ModelCache counts the checkpoints it read from their files
 
-        def get(self, path, limit):
+        def get(self, path, limit, parts=()):
             return loaded
 
     monkeypatch.setattr(worker, "_run_txt2img", pipeline)
