@@ -13,7 +13,7 @@ GROUPS = 32
 SD1_HEADS = 8
 HEAD_CHANNELS = 64
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
-                "sdxl_refiner": "SDXL refiner"}
+                "sdxl_refiner": "SDXL refiner", "flux": "FLUX.1", "sd3": "Stable Diffusion 3"}
 
 
 def unet_input_levels(sd, n_input: int, what: str = "UNet") -> list[list[int]]:
