@@ -103,6 +103,14 @@ def test_listed_for_flux_checkpoints_only(files, tmp_path):
     assert checkpoint_family(write_flux_bfl(tmp_path / "aio.safetensors", prefix="model.diffusion_model.")) == "flux"
 
 
+def test_union_models_are_offered_for_their_control_types():
+    from backend.core import control_types
+    titles = ["None", "FLUX.1-dev-ControlNet-Union-Pro [aa]", "flux-canny-controlnet-v3 [bb]"]
+    assert control_types.models_for("Canny", titles) == titles
+    assert control_types.models_for("Depth", titles) == ["None", "FLUX.1-dev-ControlNet-Union-Pro [aa]"]
+    assert control_types.models_for("Lineart", titles) == ["None"]
+
+
 def test_damaged_xlabs_file_is_a_clear_error(files, tmp_path):
     from safetensors.torch import load_file, save_file
     sd = load_file(str(files[1]["xlabs"][0]))
