@@ -43,6 +43,9 @@ def files(tmp_path_factory):
             folder / "FLUX.1-dev-ControlNet-Union-Pro.safetensors", union=True, seed=2, dtype=torch.bfloat16)),
         "xlabs": (folder / "flux-canny-controlnet-v3.safetensors", write_flux_controlnet_xlabs(
             folder / "flux-canny-controlnet-v3.safetensors", seed=3)),
+        # Shakker-Labs' Union Pro 2.0: no mode embedding, double blocks only
+        "pro2": (folder / "FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors", write_flux_controlnet_instantx(
+            folder / "FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors", union=False, single_layers=0, seed=4)),
     }
     return folder, refs
 
@@ -74,7 +77,8 @@ def control_image() -> Image.Image:
 
 # -- detection and loading --------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,layout,num_mode,hint", [("instantx", "diffusers", None, None),
-                                                       ("union", "diffusers", 7, None), ("xlabs", "xlabs", None, 16)])
+                                                       ("union", "diffusers", 7, None), ("xlabs", "xlabs", None, 16),
+                                                       ("pro2", "diffusers", None, None)])
 def test_detect_and_load_exactly(files, kind, layout, num_mode, hint):
     path, ref = files[1][kind]
     info = detect_controlnet(read_shapes(path))  # from the header only
@@ -82,7 +86,7 @@ def test_detect_and_load_exactly(files, kind, layout, num_mode, hint):
     assert info.layout == layout
     assert info.config["num_mode"] == num_mode and info.union == (num_mode is not None)
     assert info.config["conditioning_embedding_channels"] == hint
-    assert info.config["num_layers"] == 2 and info.config["num_single_layers"] == (0 if kind == "xlabs" else 1)
+    assert info.config["num_layers"] == 2 and info.config["num_single_layers"] == (0 if kind in ("xlabs", "pro2") else 1)
     model, info2 = load_controlnet(path)
     assert type(model).__name__ == "FluxControlNetModel" and info2.family == "flux"
     dtype = torch.bfloat16 if kind == "union" else torch.float32
@@ -97,7 +101,8 @@ def test_listed_for_flux_checkpoints_only(files, tmp_path):
     write_tiny_controlnet(folder / "control_v11p_sd15_canny.pth", "sd1")
     reg = ControlNetRegistry([folder])
     flux = sorted(t.split(" [")[0] for t in reg.titles_for("flux"))
-    assert flux == ["FLUX.1-dev-ControlNet-Union-Pro", "FLUX.1-dev-Controlnet-Canny", "flux-canny-controlnet-v3"]
+    assert flux == ["FLUX.1-dev-ControlNet-Union-Pro", "FLUX.1-dev-ControlNet-Union-Pro-2.0",
+                    "FLUX.1-dev-Controlnet-Canny", "flux-canny-controlnet-v3"]
     assert [t.split(" [")[0] for t in reg.titles_for("sd1")] == ["control_v11p_sd15_canny"]
     assert checkpoint_family(write_flux_bfl(tmp_path / "flux1-dev.safetensors")) == "flux"
     assert checkpoint_family(write_flux_bfl(tmp_path / "aio.safetensors", prefix="model.diffusion_model.")) == "flux"
@@ -151,6 +156,22 @@ def test_instantx_residuals_equal_diffusers_and_steer_the_transformer(files, tra
     zero = flux_controlnet_residuals(model, control, **inputs, weight=0.0, transformer_layers=LAYERS,
                                      transformer_single_layers=SINGLES)
     assert torch.equal(run_transformer(transformer, inputs, **zero), plain)
+
+
+def test_bfloat16_residuals_run_in_a_bfloat16_transformer(files, transformer):
+    path, _ = files[1]["pro2"]
+    model, _ = load_controlnet(path, dtype=torch.bfloat16)
+    inputs = call_inputs()
+    control = torch.randn(1, inputs["hidden_states"].shape[1], 64, generator=torch.Generator().manual_seed(6))
+    ours = flux_controlnet_residuals(model, control, **inputs, transformer_layers=LAYERS, transformer_single_layers=SINGLES,
+                                     out_dtype=torch.bfloat16)
+    assert "controlnet_single_block_samples" not in ours  # double blocks only (Union Pro 2.0)
+    assert ours["controlnet_block_samples"][2].dtype == torch.bfloat16
+    bf16 = tiny_flux_deeper(LAYERS, SINGLES, seed=5).to(torch.bfloat16)
+    low = {k: v.to(torch.bfloat16) if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}
+    out = run_transformer(bf16, low, **ours)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - run_transformer(bf16, low).float()).abs().max() > 1e-2
 
 
 def test_union_mode_reaches_the_model(files):
