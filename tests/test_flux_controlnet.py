@@ -323,6 +323,15 @@ def test_union_unit_through_the_sampling_hook(files, transformer):
                          width=W, height=H)
 
 
+def test_dev_controlnet_with_schnell_is_skipped_with_a_warning(files):
+    path, _ = files[1]["instantx"]
+    schnell = tiny_flux_deeper(1, 1, guidance=False, seed=7)
+    ctx = flux_ctx(schnell)
+    controls, _ = prepare_controls([unit_job(path)], ctx, ControlNetCache(Policy()), width=W, height=H)
+    assert controls is None
+    assert any("FLUX.1-dev's distilled guidance" in w and "skipped" in w for w in ctx.warnings)
+
+
 def test_wrong_family_is_a_user_error_naming_both(files, transformer, tmp_path):
     path, _ = files[1]["instantx"]
     sd_ctx = flux_ctx(transformer, family="sdxl")

@@ -131,6 +131,8 @@ def _flux_fits(cfg: dict, transformer) -> str | None:
     for key, what in (("joint_attention_dim", "text-feature width"), ("pooled_projection_dim", "pooled text width")):
         if int(cfg[key]) != int(getattr(transformer, key)):
             return f"its {what} ({cfg[key]}) differs from the FLUX transformer's ({getattr(transformer, key)})"
+    if cfg["guidance_embeds"] and not transformer.guidance_embeds:
+        return "it reads FLUX.1-dev's distilled guidance, which this checkpoint (FLUX.1-schnell) does not have"
     return None
 
 
