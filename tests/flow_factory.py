@@ -927,3 +927,115 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
     paths["t5xxl"] = models_dir / "text_encoder" / "t5xxl_tiny.safetensors"
     _save(paths["t5xxl"], t5, "")
     return paths
+
+
+# -- FLUX.1 ControlNets ------------------------------------------------------------------------------
+# Tiny ControlNets matching `build_tiny_flux` (2 heads x 32, rope axes (4, 14, 14), T5 width 32, pooled 16):
+# InstantX / Shakker-Labs in diffusers' FluxControlNetModel layout (union: `controlnet_mode_embedder`), and
+# XLabs' own file (x-flux: BFL names, `pos_embed_input`, the conv hint encoder `input_hint_block.{0..14}`).
+# Every weight is random (no zero-initialized output projections), so every path changes the residuals.
+
+def tiny_flux_deeper(layers: int = 3, single_layers: int = 4, *, guidance: bool = True, seed: int = 0):
+    """`build_tiny_flux`'s transformer with more blocks (to see how ControlNet outputs map onto blocks)."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**tiny_flux_config(guidance), "num_layers": layers,
+                                      "num_single_layers": single_layers})
+    _randomize_flux(model, seed)
+    return model.eval()
+
+
+def _randomize_flux(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm_q" in name or "norm_k" in name or "norm_added" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 16
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / fan_in ** 0.5))
+
+
+def tiny_flux_controlnet(*, union: bool = False, xlabs: bool = False, layers: int = 2, single_layers: int = 1,
+                         guidance: bool = True, seed: int = 0):
+    """A diffusers FluxControlNetModel shaped like the tiny FLUX: InstantX-like (`union`: 7 control modes),
+    or XLabs-like (`xlabs`: conv hint encoder, 2x2 patches, no single blocks), random float32 weights."""
+    from diffusers import FluxControlNetModel
+    config = {**tiny_flux_config(guidance), "num_layers": layers, "num_single_layers": 0 if xlabs else single_layers,
+              "num_mode": 7 if union else None}
+    config.pop("out_channels")
+    if xlabs:
+        config.update({"patch_size": 2, "conditioning_embedding_channels": 16})
+    torch.manual_seed(seed)
+    model = FluxControlNetModel(**config)
+    _randomize_flux(model, seed + 1)
+    return model.eval()
+
+
+def write_flux_controlnet_instantx(path: Path, *, union: bool = True, dtype: torch.dtype = torch.float32,
+                                   seed: int = 0, **kw):
+    """An InstantX / Shakker-Labs FLUX ControlNet (diffusers layout) at `path`; returns the float32 module."""
+    from safetensors.torch import save_file
+    model = tiny_flux_controlnet(union=union, seed=seed, **kw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def xlabs_names(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers FluxControlNetModel (XLabs-like) state dict in x-flux's names (test-side inverse mapping)."""
+    sd = dict(sd)
+    out = {}
+
+    def mod(dst, src):
+        for s in ("weight", "bias"):
+            out[f"{dst}.{s}"] = sd.pop(f"{src}.{s}")
+
+    def fuse(dst, srcs):
+        for s in ("weight", "bias"):
+            out[f"{dst}.{s}"] = torch.cat([sd.pop(f"{src}.{s}") for src in srcs])
+
+    mod("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    mod("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    mod("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    mod("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    if config["guidance_embeds"]:
+        mod("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+        mod("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    mod("txt_in", "context_embedder")
+    mod("img_in", "x_embedder")
+    mod("pos_embed_input", "controlnet_x_embedder")
+    for i in range(config["num_layers"]):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        mod(b + "img_mod.lin", d + "norm1.linear")
+        mod(b + "txt_mod.lin", d + "norm1_context.linear")
+        fuse(b + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"])
+        fuse(b + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"])
+        out[b + "img_attn.norm.query_norm.scale"] = sd.pop(d + "attn.norm_q.weight")
+        out[b + "img_attn.norm.key_norm.scale"] = sd.pop(d + "attn.norm_k.weight")
+        out[b + "txt_attn.norm.query_norm.scale"] = sd.pop(d + "attn.norm_added_q.weight")
+        out[b + "txt_attn.norm.key_norm.scale"] = sd.pop(d + "attn.norm_added_k.weight")
+        mod(b + "img_attn.proj", d + "attn.to_out.0")
+        mod(b + "txt_attn.proj", d + "attn.to_add_out")
+        mod(b + "img_mlp.0", d + "ff.net.0.proj")
+        mod(b + "img_mlp.2", d + "ff.net.2")
+        mod(b + "txt_mlp.0", d + "ff_context.net.0.proj")
+        mod(b + "txt_mlp.2", d + "ff_context.net.2")
+        mod(f"controlnet_blocks.{i}", f"controlnet_blocks.{i}")
+    hint = ["conv_in"] + [f"blocks.{j}" for j in range(6)] + ["conv_out"]
+    for j, name in enumerate(hint):
+        mod(f"input_hint_block.{2 * j}", f"input_hint_block.{name}")
+    assert not sd, f"unmapped tensors: {sorted(sd)}"
+    return out
+
+
+def write_flux_controlnet_xlabs(path: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0, **kw):
+    """An XLabs (x-flux) FLUX ControlNet file at `path`; returns the float32 diffusers module it holds."""
+    from safetensors.torch import save_file
+    model = tiny_flux_controlnet(xlabs=True, seed=seed, **kw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = xlabs_names(model.state_dict(), dict(model.config))
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(path))
+    return model

@@ -17,6 +17,17 @@ the shapes from the file's header (`backend.core.tensor_headers`) to list the mo
 checkpoint; the backend loads the weights (`backend.engine.controlnet.model_files`).
 Family: `label_emb`/`add_embedding` -> sdxl; linear `proj_in` -> sd2; conv `proj_in` -> sd1.
 
+FLUX.1 ControlNets (family "flux"):
+- InstantX / Shakker-Labs (diffusers' `FluxControlNetModel` layout, layout "diffusers"): `x_embedder`,
+  `controlnet_x_embedder`, `transformer_blocks.N.*`, `single_transformer_blocks.N.*`, `controlnet_blocks.N`,
+  `controlnet_single_blocks.N`; the union models add `controlnet_mode_embedder` (one row per control mode:
+  `num_mode`). They take the control image as VAE latents.
+- XLabs (x-flux's own file, layout "xlabs"): a small FLUX in Black Forest Labs' names (`img_in`, `txt_in`,
+  `time_in`, `vector_in`, `guidance_in`, `double_blocks.N.*`) plus `controlnet_blocks.N`, `pos_embed_input` and a
+  convolutional hint encoder `input_hint_block.{0,2,..,14}` reading the control image's pixels; loaded as a
+  `FluxControlNetModel` with `conditioning_embedding_channels` 16 and 2x2 patches (`patch_size` 2).
+The config is `FluxControlNetModel`'s kwargs without the rotary axes (the engine derives them from the head size).
+
 Model names are listed as sd-webui-controlnet lists them: `control_v11p_sd15_canny [d14c016b]`,
 the bracket holding A1111's legacy short hash (sha256 of 64 KiB at offset 1 MiB, 8 hex digits).
 """
@@ -66,9 +77,9 @@ class ControlNetFile:
 class ControlNetInfo:
     """What a ControlNet file holds: family, diffusers config, layout and options."""
 
-    family: str  # sd1 | sd2 | sdxl
-    config: dict  # kwargs for diffusers.ControlNetModel
-    layout: str  # "ldm" | "diffusers"
+    family: str  # sd1 | sd2 | sdxl | flux
+    config: dict  # kwargs for diffusers.ControlNetModel (FLUX: FluxControlNetModel, less `axes_dims_rope`)
+    layout: str  # "ldm" | "diffusers" | "xlabs" (FLUX only)
     prefix: str = ""  # where the ControlNet's keys start in the file
     global_average_pooling: bool = False  # shuffle models: control is averaged over the image
     notes: list[str] = field(default_factory=list)
@@ -76,6 +87,11 @@ class ControlNetInfo:
     @property
     def family_name(self) -> str:
         return FAMILY_NAMES.get(self.family, self.family)
+
+    @property
+    def union(self) -> bool:
+        """A FLUX union ControlNet: one model for several control types, told which by a mode number."""
+        return self.config.get("num_mode") is not None
 
 
 def legacy_short_hash(path: Path) -> str:
@@ -225,6 +241,8 @@ def _transformer_layers(depths: list[int], mid_depth: int) -> list[int]:
 def detect_controlnet(state_dict: dict, *, addition_time_embed_dim: int | None = None) -> ControlNetInfo:
     """Read a ControlNet file's architecture from its keys and shapes (original or diffusers layout)."""
     keys = list(state_dict.keys())
+    if is_flux_controlnet(keys):
+        return _detect_flux(state_dict)
     if any(k.startswith("controlnet_cond_embedding.") for k in keys):
         return _detect_diffusers(state_dict, addition_time_embed_dim)
     prefix = LDM_PREFIX if any(k.startswith(LDM_PREFIX + "input_hint_block.") for k in keys) else ""
@@ -239,7 +257,8 @@ def detect_controlnet(state_dict: dict, *, addition_time_embed_dim: int | None =
         else:
             what = f"not a ControlNet ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
         raise UserError(f"Unsupported ControlNet file: it looks like {what}. Easel reads ControlNet 1.0/1.1 files in "
-                        "the original layout and diffusers-format ControlNets for SD 1.x, SD 2.x and SDXL.")
+                        "the original layout and diffusers-format ControlNets for SD 1.x, SD 2.x and SDXL, and FLUX.1 "
+                        "ControlNets of InstantX, Shakker-Labs and XLabs.")
     return _detect_ldm(state_dict, prefix, addition_time_embed_dim)
 
 
@@ -336,6 +355,73 @@ def _config(family, in_channels, block_out, lpb, depths, mid_depth, cross_dim, p
         config.update({"addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
                        "projection_class_embeddings_input_dim": adm_in})
     return config
+
+
+# -- FLUX.1 ControlNets ---------------------------------------------------------------------------
+FLUX_INSTANTX_MARKERS = ("controlnet_x_embedder.weight", "controlnet_blocks.0.weight")
+FLUX_XLABS_MARKERS = ("controlnet_blocks.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight")
+
+
+def is_flux_controlnet(keys) -> bool:
+    keys = set(keys)
+    return all(k in keys for k in FLUX_INSTANTX_MARKERS) or all(k in keys for k in FLUX_XLABS_MARKERS)
+
+
+def _flux_blocks(keys, prefix: str) -> int:
+    return _count(keys, re.escape(prefix) + r"(\d+)\.")
+
+
+def _detect_flux(sd: dict) -> ControlNetInfo:
+    """A FLUX ControlNet's `FluxControlNetModel` kwargs (less the rotary axes) from its shapes."""
+    get = lambda k: _require(sd, k, "")  # noqa: E731
+    if "controlnet_x_embedder.weight" in sd:  # InstantX / Shakker-Labs (diffusers layout)
+        layout = "diffusers"
+        inner, in_channels = get("x_embedder.weight").shape
+        head = _first(sd, r"^(single_)?transformer_blocks\.0\.attn\.norm_q\.weight$")
+        if head is None:
+            raise UserError("The FLUX ControlNet has no transformer blocks (attn.norm_q); it is incomplete.")
+        layers = _flux_blocks(sd, "transformer_blocks.")
+        single = _flux_blocks(sd, "single_transformer_blocks.")
+        joint = get("context_embedder.weight").shape[1]
+        pooled = get("time_text_embed.text_embedder.linear_1.weight").shape[1]
+        guidance = "time_text_embed.guidance_embedder.linear_1.weight" in sd
+        num_mode = int(sd["controlnet_mode_embedder.weight"].shape[0]) if "controlnet_mode_embedder.weight" in sd else None
+        hint = "input_hint_block.conv_out.weight" in sd  # XLabs saved by diffusers
+        n_control, n_single = _flux_blocks(sd, "controlnet_blocks."), _flux_blocks(sd, "controlnet_single_blocks.")
+    else:  # XLabs (BFL names)
+        layout = "xlabs"
+        inner, in_channels = get("img_in.weight").shape
+        head = get("double_blocks.0.img_attn.norm.query_norm.scale")
+        layers, single = _flux_blocks(sd, "double_blocks."), 0
+        joint = get("txt_in.weight").shape[1]
+        pooled = get("vector_in.in_layer.weight").shape[1]
+        guidance = "guidance_in.in_layer.weight" in sd
+        num_mode, hint = None, True
+        n_control, n_single = _flux_blocks(sd, "controlnet_blocks."), 0
+        convs = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_hint_block.") and k.endswith(".weight"))
+        if convs != list(range(0, 16, 2)):
+            raise UserError(f"Unsupported XLabs FLUX ControlNet: its hint encoder has convolutions {convs}, "
+                            "expected x-flux's eight (input_hint_block.0, 2, ..., 14).")
+    head_dim = int(head.shape[0])
+    if int(inner) % head_dim:
+        raise UserError(f"The FLUX ControlNet's width {inner} is not a multiple of its head size {head_dim}.")
+    if n_control != layers or n_single != single:
+        raise UserError(f"The FLUX ControlNet has {n_control}/{n_single} output projections for {layers}/{single} "
+                        "blocks; the file is incomplete or of an unsupported layout.")
+    config = {
+        "patch_size": 2 if hint else 1,
+        "in_channels": int(in_channels),
+        "num_layers": layers,
+        "num_single_layers": single,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": int(inner) // head_dim,
+        "joint_attention_dim": int(joint),
+        "pooled_projection_dim": int(pooled),
+        "guidance_embeds": guidance,
+        "num_mode": num_mode,
+        "conditioning_embedding_channels": 16 if hint else None,
+    }
+    return ControlNetInfo(family="flux", config=config, layout=layout)
 
 
 def _require(sd: dict, key: str, prefix: str):

@@ -24,7 +24,7 @@ API_VERSION = 2  # what sd-webui-controlnet's /controlnet/version answers
 
 
 def checkpoint_family(path: Path) -> str | None:
-    """sd1 / sd2 / sdxl from a checkpoint's key names (header only), or None when unknown."""
+    """sd1 / sd2 / sdxl / flux / sd3 from a checkpoint's key names (header only), or None when unknown."""
     try:
         keys = read_shapes(path).keys()
     except (UserError, OSError) as exc:
@@ -36,6 +36,11 @@ def checkpoint_family(path: Path) -> str | None:
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
+    if any(k.endswith(("double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_mlp.weight"))
+           for k in keys):
+        return "flux"
+    if any(k.endswith("joint_blocks.0.x_block.attn.qkv.weight") for k in keys):
+        return "sd3"
     return None
 
 

@@ -2,7 +2,8 @@
 
 Torch-free. The types are sd-webui-controlnet 1.1.4xx's radio labels, limited to those whose preprocessors are in
 Easel's catalog (`backend.core.preprocessor_catalog`); "All" lists everything. A type's models are the model titles
-whose name contains the type's pattern or one of its aliases, as sd-webui-controlnet matches them.
+whose name contains the type's pattern or one of its aliases, as sd-webui-controlnet matches them; union models
+("union" in the name) belong to every type their control modes cover.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ _DEFAULT_MODULE = {"Canny": "canny", "Depth": "depth_anything", "NormalMap": "no
 # Other words that mark a model file as of the type (besides the lower-cased label).
 _MODEL_ALIASES = {"Segmentation": ("seg",), "NormalMap": ("normal",), "T2I-Adapter": ("t2i_adapter", "t2iadapter", "t2ia"),
                   "Scribble/Sketch": ("scribble", "sketch"), "Tile/Blur": ("tile", "blur"), "OpenPose": ("openpose", "densepose")}
+# Types a union ControlNet (one model for several types, e.g. FLUX.1-dev-ControlNet-Union: a title with "union")
+# serves: those whose preprocessors name one of its control modes.
+_UNION_TYPES = ("Canny", "Depth", "Tile/Blur", "OpenPose")
 # Types whose list also offers the "invert" preprocessor (line drawings on a white background).
 _WITH_INVERT = ("Canny", "Lineart", "Scribble/Sketch", "MLSD")
 
@@ -62,6 +66,8 @@ def model_matches(control_type: str, title: str) -> bool:
     if control_type == "All" or title == "None":
         return True
     name = title.lower()
+    if "union" in name and control_type in _UNION_TYPES:
+        return True
     patterns = (control_type.lower(),) + _MODEL_ALIASES.get(control_type, ())
     return any(p in name for p in patterns)
 

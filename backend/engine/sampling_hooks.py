@@ -8,7 +8,9 @@ so are extensions' (docs/sampling_hooks.md has the points in detail and a worked
 
 Per model call (a sampler may call the model more than once per step):
     unet_inputs(state, call) -> call         change the UNet's input, timestep, text context or extra kwargs
-    residuals(state, call) -> dict | None    extra residuals added inside the UNet (summed over hooks)
+    residuals(state, call) -> dict | None    extra residuals added inside the UNet (summed over hooks); for
+                                             FLUX transformers `controlnet_block_samples` /
+                                             `controlnet_single_block_samples` (`BlockResiduals`)
     combine_cfg(state, cond, uncond, scale, combined) -> combined    the classifier-free guidance mix
     after_denoise(state, x, denoised) -> denoised    the x0 prediction the sampler receives
 Per batch (before its prompts are encoded; `Generation.batches` calls it, not the denoiser):
@@ -20,6 +22,7 @@ Per step and per pass:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -96,7 +99,9 @@ class SamplingHook:
         return call
 
     def residuals(self, state: StepState, call: UNetCall) -> dict | None:
-        """{"down_block_additional_residuals": tuple, "mid_block_additional_residual": tensor}, or None for none."""
+        """{"down_block_additional_residuals": tuple, "mid_block_additional_residual": tensor} (UNets), or
+        {"controlnet_block_samples": BlockResiduals, "controlnet_single_block_samples": BlockResiduals} (FLUX
+        transformers), or None for none."""
         return None
 
     def combine_cfg(self, state: StepState, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
@@ -115,6 +120,67 @@ class SamplingHook:
 
     def after_decode(self, state: StepState, images: list[Image.Image]) -> list[Image.Image]:
         return images
+
+
+# The keyword arguments of diffusers' FluxTransformer2DModel that take per-block residuals (ControlNets).
+BLOCK_RESIDUAL_KEYS = ("controlnet_block_samples", "controlnet_single_block_samples")
+
+
+class BlockResiduals(Sequence):
+    """Residuals for a transformer's blocks, one entry per block: what FLUX ControlNets give
+    `FluxTransformer2DModel` as `controlnet_block_samples` / `controlnet_single_block_samples`.
+
+    Holds each contribution's few tensors and how they map onto the `count` blocks (spread: k tensors each
+    cover ceil(count / k) consecutive blocks, as diffusers maps InstantX's; repeat: block i takes tensor
+    i mod k, as x-flux adds XLabs'); an entry is the sum of the contributions for that block, computed when
+    the transformer reads it, so summing units costs no memory. Its length is `count`, so the transformer maps
+    entry i to block i."""
+
+    def __init__(self, count: int, parts: Sequence[tuple[Sequence[torch.Tensor], bool]] = ()):
+        self.count = int(count)
+        self.parts = [(list(samples), bool(repeat)) for samples, repeat in parts if len(samples)]
+        if not self.parts:
+            raise ValueError("BlockResiduals needs at least one non-empty contribution")
+
+    @classmethod
+    def spread(cls, samples: Sequence[torch.Tensor], count: int, *, repeat: bool = False) -> "BlockResiduals":
+        return cls(count, [(samples, repeat)])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        total = None
+        for samples, repeat in self.parts:
+            n = len(samples)
+            t = samples[index % n] if repeat else samples[min(n - 1, index // math.ceil(self.count / n))]
+            total = t if total is None else total + t
+        return total
+
+    def __add__(self, other) -> "BlockResiduals":
+        if not isinstance(other, BlockResiduals):
+            other = BlockResiduals.spread(list(other), self.count)
+        if other.count != self.count:
+            raise ValueError(f"residuals for {self.count} and {other.count} blocks cannot be summed")
+        return BlockResiduals(self.count, self.parts + other.parts)
+
+    def __radd__(self, other) -> "BlockResiduals":
+        return BlockResiduals.spread(list(other), self.count) + self
+
+
+def add_block_residuals(a, b):
+    """Two hooks' per-block residuals summed (`BlockResiduals`, or plain lists of equal length)."""
+    if isinstance(a, BlockResiduals) or isinstance(b, BlockResiduals):
+        return a + b
+    if len(a) != len(b):
+        raise ValueError(f"per-block residuals of {len(a)} and {len(b)} entries cannot be summed")
+    return [x + y for x, y in zip(a, b)]
 
 
 def _overrides(hook: SamplingHook, point: str) -> bool:
@@ -160,6 +226,7 @@ class HookChain:
     def residuals(self, state: StepState, call: UNetCall) -> dict:
         """The hooks' residuals summed into the UNet's keyword arguments ({} when none gives any)."""
         down, mid = None, None
+        blocks: dict = {}
         for hook in self._by_point["residuals"]:
             extra = hook.residuals(state, call)
             if not extra:
@@ -169,7 +236,10 @@ class HookChain:
                 down = tuple(d) if down is None else tuple(a + b for a, b in zip(down, d))
             if m is not None:
                 mid = m if mid is None else mid + m
-        out = {}
+            for key in BLOCK_RESIDUAL_KEYS:
+                if extra.get(key) is not None:
+                    blocks[key] = extra[key] if key not in blocks else add_block_residuals(blocks[key], extra[key])
+        out = dict(blocks)
         if down is not None:
             out["down_block_additional_residuals"] = down
         if mid is not None:

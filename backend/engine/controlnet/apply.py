@@ -14,9 +14,16 @@ over units, as sd-webui-controlnet does:
   CFG batch only (the unconditional rows get none), which CFG then amplifies;
 - shuffle models (global average pooling): outputs averaged over the image, conditional rows only.
 When no unit is active the UNet runs exactly as without ControlNet.
+
+FLUX.1 ControlNets (`ControlSet.flux_residuals`, `backend.engine.families.flux_controlnet`) run on the
+transformer's call (packed latents, timestep, guidance, pooled and T5 text features, position ids) and give
+`controlnet_block_samples` / `controlnet_single_block_samples`: every output times the unit's weight (no soft
+injection: a transformer has no shallow-to-deep ladder of outputs); "ControlNet is more important" controls the
+conditional rows only. Union models get the unit's control mode.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +52,8 @@ class ActiveControl:
     image_like: bool = False
     hr_map: Image.Image | None = None  # the map for the hires. fix pass, when it differs
     hint_mask: Image.Image | None = None  # inpaint units: white where the hint is -1 (to be repainted)
+    union_mode: int | None = None  # FLUX union ControlNets: the control mode (flux_controlnet.UNION_MODES)
+    encode: Callable | None = None  # FLUX: pixels (1, 3, H, W) in [-1, 1] -> the flow VAE's shifted, scaled latents
     _hints: dict = field(default_factory=dict, repr=False)
 
     def active(self, step: int, total_steps: int, hires: bool) -> bool:
@@ -71,6 +80,15 @@ class ActiveControl:
             self._hints[key] = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype)
         return self._hints[key]
 
+    def flux_control(self, width: int, height: int, device, dtype, hires: bool) -> torch.Tensor:
+        """The control image as this FLUX ControlNet reads it at the pass's size (cached per size)."""
+        from backend.engine.families.flux_controlnet import control_input
+        key = ("flux", width, height, str(device), dtype, hires)
+        if key not in self._hints:
+            hint = self.hint(width, height, device, torch.float32, hires)
+            self._hints[key] = control_input(self.model, hint, self.encode).to(device=device, dtype=dtype)
+        return self._hints[key]
+
     def scales(self, n: int, hires: bool) -> list[float]:
         if self.control_mode != "Balanced" or hires:
             return [self.weight * SOFT_INJECTION_BASE ** float(n - 1 - i) for i in range(n)]
@@ -83,8 +101,12 @@ class ActiveControl:
 class ControlSet:
     """The job's active units; `residuals(...)` gives the UNet's extra keyword arguments for one call."""
 
-    def __init__(self, controls: list[ActiveControl]):
+    def __init__(self, controls: list[ActiveControl], *, family: str = "sd1",
+                 transformer_blocks: tuple[int, int] | None = None, out_dtype: torch.dtype | None = None):
         self.controls = controls
+        self.family = family  # the checkpoint's: "flux" runs `flux_residuals`
+        self.transformer_blocks = transformer_blocks  # FLUX: the transformer's (double, single) block counts
+        self.out_dtype = out_dtype  # FLUX: the dtype the transformer adds the residuals in
         self.calls = 0  # ControlNet forward passes run (all units)
 
     def __bool__(self) -> bool:
@@ -121,3 +143,63 @@ class ControlSet:
         if total is None:
             return {}
         return {"down_block_additional_residuals": tuple(total[:-1]), "mid_block_additional_residual": total[-1]}
+
+    @torch.no_grad()
+    def flux_residuals(self, *, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor, img_ids: torch.Tensor,
+                       txt_ids: torch.Tensor, guidance: torch.Tensor | None, cond_mask: torch.Tensor | None, step: int,
+                       total_steps: int, width: int, height: int, hires: bool = False) -> dict:
+        """{"controlnet_block_samples", "controlnet_single_block_samples"} summed over the active units for one
+        FLUX transformer call, or {} when no unit applies."""
+        from backend.engine.families.flux_controlnet import flux_controlnet_residuals
+        from backend.engine.sampling_hooks import add_block_residuals
+
+        layers, singles = self.transformer_blocks
+        total: dict = {}
+        for c in self.controls:
+            if not c.active(step, total_steps, hires):
+                continue
+            dtype = next(c.model.parameters()).dtype
+            control = c.flux_control(width, height, hidden_states.device, dtype, hires)
+            mask = None
+            if c.cond_only():
+                mask = cond_mask if cond_mask is not None else torch.ones(hidden_states.shape[0])
+            out = flux_controlnet_residuals(
+                c.model, control, hidden_states=hidden_states, timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, img_ids=img_ids,
+                txt_ids=txt_ids, guidance=guidance, mode=c.union_mode, weight=c.weight, row_mask=mask,
+                transformer_layers=layers, transformer_single_layers=singles, out_dtype=self.out_dtype)
+            self.calls += 1
+            for key, value in out.items():
+                total[key] = value if key not in total else add_block_residuals(total[key], value)
+        return total
+
+
+def flux_call_inputs(call, width: int, height: int) -> dict:
+    """The FLUX transformer call's inputs from a hook's `UNetCall`: `sample` the packed latents (B, tokens, 64)
+    (or unpacked (B, 16, h, w), packed here), `timestep` as the transformer gets it, `context` the T5 features;
+    `pooled_projections`, `guidance`, `img_ids`, `txt_ids` under those names in `call.extra` (or in
+    `added_cond_kwargs`); position ids absent are FLUX's (zeros for text, (0, row, column) per 2x2 patch)."""
+    from backend.engine.families.flux_controlnet import image_ids, pack_latents
+
+    def find(name):
+        if call.extra.get(name) is not None:
+            return call.extra[name]
+        return (call.added_cond_kwargs or {}).get(name)
+
+    x = call.sample
+    if x.ndim == 4:
+        h, w = x.shape[-2:]
+        x = pack_latents(x)
+    else:
+        h, w = height // 8, width // 8
+    pooled = find("pooled_projections")
+    if pooled is None:
+        raise ValueError("the FLUX model call carries no pooled_projections for the ControlNet")
+    img_ids, txt_ids = find("img_ids"), find("txt_ids")
+    if img_ids is None:
+        img_ids = image_ids(h, w, device=x.device)
+    if txt_ids is None:
+        txt_ids = torch.zeros(call.context.shape[1], 3, device=x.device)
+    return {"hidden_states": x, "timestep": call.timestep, "encoder_hidden_states": call.context,
+            "pooled_projections": pooled, "guidance": find("guidance"), "img_ids": img_ids, "txt_ids": txt_ids}

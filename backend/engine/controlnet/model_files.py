@@ -92,7 +92,8 @@ def _global_average_pooling(path: Path) -> bool:
 
 
 def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_time_embed_dim: int | None = None):
-    """(diffusers ControlNetModel on the CPU in `dtype`, ControlNetInfo) for a ControlNet file."""
+    """(diffusers ControlNetModel, or FluxControlNetModel for a FLUX ControlNet, on the CPU in `dtype`,
+    ControlNetInfo) for a ControlNet file."""
     from diffusers import ControlNetModel
 
     from backend.engine.model_loader import build_without_weights, few_names, load_weights
@@ -104,6 +105,13 @@ def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32, addition_
         info = detect_controlnet(sd, addition_time_embed_dim=addition_time_embed_dim)
     except UserError as exc:
         raise UserError(f"{path.name}: {exc.message}", status=exc.status) from exc
+    if info.family == "flux":
+        from backend.engine.families.flux_controlnet import load_flux_controlnet
+        try:
+            model = load_flux_controlnet(sd, info, dtype=dtype)
+        except UserError as exc:
+            raise UserError(f"{path.name}: {exc.message}", status=exc.status) from exc
+        return model, info
     if info.layout == "ldm":
         weights, unknown = ldm_controlnet_to_diffusers(sd, info)
     else:

@@ -109,6 +109,8 @@ def fits(info, sd_model) -> str | None:
     if info.family != sd_model.family:
         return (f"it is a {info.family_name} ControlNet and the loaded checkpoint is "
                 f"{FAMILY_NAMES.get(sd_model.family, sd_model.family)}")
+    if info.family == "flux":
+        return _flux_fits(info.config, sd_model.unet.config)
     unet = sd_model.unet.config
     cfg = info.config
     if int(cfg["cross_attention_dim"]) != int(unet.cross_attention_dim):
@@ -117,6 +119,61 @@ def fits(info, sd_model) -> str | None:
             unet.layers_per_block if isinstance(unet.layers_per_block, int) else unet.layers_per_block[0]):
         return "its block layout differs from the checkpoint's UNet"
     return None
+
+
+def _flux_fits(cfg: dict, transformer) -> str | None:
+    width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    own = int(transformer.num_attention_heads) * int(transformer.attention_head_dim)
+    if width != own:
+        return f"its width ({width}) differs from the FLUX transformer's ({own})"
+    if int(cfg["in_channels"]) != int(transformer.in_channels):
+        return f"its input channels ({cfg['in_channels']}) differ from the FLUX transformer's ({transformer.in_channels})"
+    for key, what in (("joint_attention_dim", "text-feature width"), ("pooled_projection_dim", "pooled text width")):
+        if int(cfg[key]) != int(getattr(transformer, key)):
+            return f"its {what} ({cfg[key]}) differs from the FLUX transformer's ({getattr(transformer, key)})"
+    if cfg["guidance_embeds"] and not transformer.guidance_embeds:
+        return "it reads FLUX.1-dev's distilled guidance, which this checkpoint (FLUX.1-schnell) does not have"
+    return None
+
+
+def check_flux_pairing(info, model, what: str, title: str) -> None:
+    """A FLUX ControlNet with a Stable Diffusion checkpoint, or the reverse, is a `UserError` naming both families."""
+    if (info.family == "flux") != (model.family == "flux"):
+        raise UserError(f"{what}: {title} is a {info.family_name} ControlNet and the loaded checkpoint is "
+                        f"{FAMILY_NAMES.get(model.family, model.family)}. Choose a ControlNet made for "
+                        f"{FAMILY_NAMES.get(model.family, model.family)}, or load a "
+                        f"{info.family_name} checkpoint.")
+
+
+def flux_encoder(model, device):
+    """FLUX ControlNets' latent encoder for `model` (a FlowModel): pixels in [-1, 1] -> the flow VAE's mean,
+    shifted and scaled as the transformer's latents are."""
+    import torch
+
+    @torch.no_grad()
+    def encode(pixels):
+        vae = model.vae
+        dtype = next(vae.parameters()).dtype
+        mean = vae.encode(pixels.to(device, dtype), return_dict=False)[0].mean.float()
+        return (mean - float(model.vae_shift_factor)) * float(model.vae_scale_factor)
+    return encode
+
+
+def union_mode_for(info, pre, what: str, title: str) -> int | None:
+    """A FLUX union ControlNet's control mode from the unit's preprocessor (None for other ControlNets)."""
+    if info.family != "flux" or not info.union:
+        return None
+    from backend.engine.families.flux_controlnet import UNION_MODES, union_mode
+    mode = union_mode(pre.name, pre.control_type)
+    if mode is None:
+        raise UserError(f"{what}: {title} is a FLUX union ControlNet, which must be told the control type; the "
+                        f"preprocessor {pre.name!r} names none of its types. Choose a canny, depth_anything, "
+                        f"tile_resample, blur_gaussian or openpose preprocessor (types: "
+                        f"{', '.join(f'{k} {v}' for k, v in UNION_MODES.items())}).")
+    if mode >= int(info.config["num_mode"]):
+        raise UserError(f"{what}: {title} has {info.config['num_mode']} control modes; {pre.control_type} "
+                        f"(mode {mode}) is not among them.")
+    return mode
 
 
 def _png(img: Image.Image) -> bytes:
@@ -171,6 +228,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
             ctx.warnings.append(f"{what}: no ControlNet model is chosen, so the unit does nothing.")
             continue
         reason = None
+        check_flux_pairing(cache.info(Path(job.model_path)), model, what, job.model_title)
         if cache.info(Path(job.model_path)).family != model.family:
             reason = fits(cache.info(Path(job.model_path)), model)
         else:
@@ -180,6 +238,7 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
             ctx.warnings.append(f"{what}: {job.model_title} does not fit this checkpoint: {reason}. The unit was skipped; "
                                 f"choose a ControlNet made for {FAMILY_NAMES.get(model.family, model.family)}.")
             continue
+        mode = union_mode_for(info, pre, what, job.model_title)
         hint_mask = None
         if pre.uses_mask:
             hint_mask = inpaint_mask_for(unit, image, init_mask if unit.image is None else None)
@@ -202,9 +261,16 @@ def prepare_controls(unit_jobs: list[UnitJob], ctx, cache: ControlNetCache, *, w
             guidance_start=unit.guidance_start, guidance_end=unit.guidance_end, control_mode=unit.control_mode,
             resize_mode=unit.resize_mode, hr_option=unit.hr_option if hires_size is not None else "Both",
             global_average_pooling=info.global_average_pooling, image_like=pre.image_like, hr_map=hr_map,
-            hint_mask=hint_mask))
+            hint_mask=hint_mask, union_mode=mode,
+            encode=flux_encoder(model, ctx.policy.device) if model.family == "flux" else None))
     cache.release_except(used_models)
-    return (ControlSet(active) if active else None), maps
+    if not active:
+        return None, maps
+    if model.family == "flux":
+        config = model.unet.config
+        return ControlSet(active, family="flux", transformer_blocks=(int(config.num_layers), int(config.num_single_layers)),
+                          out_dtype=getattr(ctx.policy, "dtype", None)), maps
+    return ControlSet(active, family=model.family), maps
 
 
 def inpaint_mask_for(unit, image: Image.Image, init_mask: Image.Image | None) -> Image.Image | None:

@@ -7,20 +7,26 @@ from pathlib import Path
 
 from backend.core.preprocessor_catalog import ANNOTATORS_FOLDER
 from backend.engine.controlnet.annotators import AnnotatorEnv
-from backend.engine.controlnet.apply import ControlSet
+from backend.engine.controlnet.apply import ControlSet, flux_call_inputs
 from backend.engine.controlnet.preprocessors import run_detect_job
 from backend.engine.controlnet.runtime import ControlNetCache, prepare_controls
 from backend.engine.sampling_hooks import HIRES_PASS, SamplingHook, StepState, UNetCall
 
 
 class ControlNetHook(SamplingHook):
-    """The residuals of the job's active units for each UNet call; in the hires. fix pass the units follow
+    """The residuals of the job's active units for each UNet call (FLUX: transformer call, the per-block
+    `controlnet_block_samples` / `controlnet_single_block_samples`); in the hires. fix pass the units follow
     their hires option ("Both", "Low res only", "High res only")."""
 
     def __init__(self, controls: ControlSet):
         self.controls = controls
 
     def residuals(self, state: StepState, call: UNetCall) -> dict | None:
+        if self.controls.family == "flux":
+            return self.controls.flux_residuals(
+                **flux_call_inputs(call, state.width, state.height), cond_mask=call.cond_mask, step=state.step,
+                total_steps=state.total_steps, width=state.width, height=state.height,
+                hires=state.pass_name == HIRES_PASS) or None
         return self.controls.residuals(
             sample=call.sample, timestep=call.timestep, context=call.context, added_cond_kwargs=call.added_cond_kwargs,
             cond_mask=call.cond_mask, step=state.step, total_steps=state.total_steps, width=state.width,
