@@ -957,12 +957,13 @@ def _randomize_flux(model, seed: int) -> None:
 
 
 def tiny_flux_controlnet(*, union: bool = False, xlabs: bool = False, layers: int = 2, single_layers: int = 1,
-                         guidance: bool = True, seed: int = 0):
+                         guidance: bool = True, seed: int = 0, overrides: dict | None = None):
     """A diffusers FluxControlNetModel shaped like the tiny FLUX: InstantX-like (`union`: 7 control modes),
-    or XLabs-like (`xlabs`: conv hint encoder, 2x2 patches, no single blocks), random float32 weights."""
+    or XLabs-like (`xlabs`: conv hint encoder, 2x2 patches, no single blocks), random float32 weights; `overrides`:
+    config entries that differ (e.g. the text widths of another tiny FLUX)."""
     from diffusers import FluxControlNetModel
     config = {**tiny_flux_config(guidance), "num_layers": layers, "num_single_layers": 0 if xlabs else single_layers,
-              "num_mode": 7 if union else None}
+              "num_mode": 7 if union else None, **(overrides or {})}
     config.pop("out_channels")
     if xlabs:
         config.update({"patch_size": 2, "conditioning_embedding_channels": 16})

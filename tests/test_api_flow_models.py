@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from flow_factory import write_flux_lora_kohya, write_flux_set, write_sd3
+from flow_factory import (CLIP_L_TINY, T5_TINY, write_flux_controlnet_instantx, write_flux_lora_kohya, write_flux_set,
+                          write_sd3)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,9 @@ def flow_models(tmp_path_factory):
             "flux_gguf": write_flux_set(models, name="flux-q8", gguf="Q8_0", seed=0)}
     write_sd3(models / "Stable-diffusion" / "sd35-tiny.safetensors", variant="sd3.5-medium", with_encoders=True)
     write_flux_lora_kohya(models / "Lora" / "flux-style.safetensors", made["flux"]["module"], rank=2, alpha=2.0)
+    write_flux_controlnet_instantx(models / "ControlNet" / "flux-union-tiny.safetensors", union=True, seed=4,
+                                   overrides={"joint_attention_dim": T5_TINY["d_model"],
+                                              "pooled_projection_dim": CLIP_L_TINY["hidden_size"]})
     return data, made
 
 
@@ -52,7 +57,7 @@ def _txt2img(api, checkpoint: str, parts=(), **fields):
     r = api.post("/txt2img", json=body)
     assert r.status_code == 200, r.text
     data = r.json()
-    return _image(data["images"][0]), data["info"]
+    return _image(data["images"][0]), json.loads(data["info"])["infotexts"][0]
 
 
 def test_flux_transformer_with_its_parts(flow_api):
@@ -82,7 +87,7 @@ def test_flux_real_cfg_and_img2img(flow_api):
         "override_settings": {"sd_model_checkpoint": "flux-tiny", "forge_additional_modules": PARTS}})
     assert r.status_code == 200, r.text
     assert _image(r.json()["images"][0]).shape == (64, 64, 3)
-    assert "Denoising strength: 0.5" in r.json()["info"]
+    assert "Denoising strength: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_flux_all_in_one_and_gguf(flow_api):
@@ -119,3 +124,29 @@ def test_sd35_single_file_with_its_encoders(flow_api):
     image, info = _txt2img(flow_api, "sd35-tiny", cfg_scale=4, negative_prompt="ugly")
     assert image.shape == (64, 64, 3) and image.std() > 0
     assert "Model: sd35-tiny" in info and "Distilled CFG Scale" not in info, info
+
+
+def _drawn_png() -> str:
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    for x in range(16, 48):
+        for y in (16, 47):
+            image.putpixel((x, y), (255, 255, 255))
+            image.putpixel((y, x), (255, 255, 255))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_flux_controlnet_union_unit(flow_api):
+    """A FLUX union ControlNet (InstantX layout) in models/ControlNet, used through sd-webui-controlnet's API: canny
+    steers the picture, weight 0 leaves it as without the unit; an SD ControlNet model name for FLUX is refused."""
+    plain, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    unit = {"enabled": True, "image": _drawn_png(), "module": "canny", "model": "flux-union-tiny", "weight": 1.0,
+            "resize_mode": 1, "processor_res": 64, "threshold_a": 100, "threshold_b": 200, "guidance_start": 0.0,
+            "guidance_end": 1.0, "control_mode": 0, "pixel_perfect": False}
+    scripts = {"controlnet": {"args": [unit]}}
+    guided, info = _txt2img(flow_api, "flux-tiny", PARTS, alwayson_scripts=scripts)
+    assert 'ControlNet 0: "Module: canny, Model: flux-union-tiny' in info, info
+    assert np.abs(guided - plain).mean() > 1
+    zero, _ = _txt2img(flow_api, "flux-tiny", PARTS, alwayson_scripts={"controlnet": {"args": [dict(unit, weight=0)]}})
+    assert np.array_equal(zero, plain)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.core.errors import UserError
-from backend.engine.sampling_hooks import UNetCall
+from backend.engine.sampling_hooks import BLOCK_RESIDUAL_KEYS, UNetCall
 
 __all__ = ["pack_latents", "unpack_latents", "flux_image_ids", "FlowModelCall", "SkipLayerGuidance",
            "skip_layer_guidance", "infotext_entries",
@@ -125,7 +125,8 @@ class FlowModelCall:
 
     The sampling hooks see it as a `UNetCall`: `sample` the latent [B, 16, H, W], `timestep` what the transformer
     is given, `context` the text states, `added_cond_kwargs` {"pooled_projections", and for FLUX dev "guidance"}.
-    Hooks that add UNet residuals (an SD ControlNet) have nothing to add them to: refused."""
+    Hooks that add UNet residuals (an SD ControlNet) have nothing to add them to: refused; a FLUX ControlNet's
+    per-block residuals (`sampling_hooks.BLOCK_RESIDUAL_KEYS`) go to the FLUX transformer as its keyword arguments."""
 
     def __init__(self, model, schedule, distilled_cfg_scale: float = 3.5,
                  skip_layer_guidance: SkipLayerGuidance | None = None):
@@ -150,9 +151,13 @@ class FlowModelCall:
                         added_cond_kwargs=added, cond_mask=cond_mask)
         if hooks:
             call = hooks.unet_inputs(state, call)
-            if hooks.residuals(state, call):
-                raise UserError("ControlNet models for SD 1.x/SDXL cannot guide a FLUX or SD3 model: choose a "
-                                "ControlNet made for this model's family, or turn ControlNet off.")
+            residuals = hooks.residuals(state, call)
+            if residuals:
+                if self.family != "flux" or not set(residuals) <= set(BLOCK_RESIDUAL_KEYS):
+                    raise UserError("ControlNet models for SD 1.x/SDXL cannot guide a FLUX or SD3 model: choose a "
+                                    "ControlNet made for this model's family, or turn ControlNet off.")
+                # a FLUX ControlNet's per-block residuals: the transformer's own keyword arguments
+                call = call.with_changes(extra={**call.extra, **residuals})
         velocity = self.velocity(call, dtype)
         denoised = x_in - velocity * sigma_in[:, None, None, None]
         if self.slg is not None and self.slg.active(state.fraction):

@@ -139,8 +139,11 @@ class Generation:
         ctx, options = self.ctx, self.ctx.options
         if getattr(model, "prediction_type", None) == "flow":
             from backend.engine.families.flow_conditioning import FlowConditioner
+            encoder_devices = getattr(ctx.policy, "encoder_devices", None)  # T5-XXL kept on the CPU by the policy
             return FlowConditioner(model, self.device, embeddings=getattr(ctx, "embeddings", None),
-                                   should_stop=ctx.control.interrupted, emphasis=options["emphasis"])
+                                   should_stop=ctx.control.interrupted, emphasis=options["emphasis"],
+                                   max_chunks=int(options["prompt_max_chunks"]),
+                                   encoder_devices=encoder_devices(ctx.loaded) if encoder_devices else None)
         return TextConditioner(model, self.device, self.clip_skip, embeddings=getattr(ctx, "embeddings", None),
                                max_chunks=int(options["prompt_max_chunks"]), should_stop=ctx.control.interrupted,
                                emphasis=options["emphasis"])
