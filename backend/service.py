@@ -24,6 +24,7 @@ from backend.core.image_codec import open_image_bytes  # noqa: F401  (also re-ex
 from backend.core.options import Options
 from backend.core.paths import DataPaths
 from backend.core.schemas import GenerationResult, Img2ImgRequest, Txt2ImgRequest
+from backend.core.unet_layout import MISSING_PARTS_STATUS
 
 log = logging.getLogger("easel")
 
@@ -574,6 +575,10 @@ class EaselService:
             return None
 
         def put_back_on_failure(job: Job) -> None:
+            if getattr(job.error, "status", None) == MISSING_PARTS_STATUS:
+                # a FLUX.1 / SD3 file chosen before its "VAE / Text Encoder" parts: it stays chosen, the message
+                # says what to add, and the next generation loads it with them (Forge's order of choosing)
+                return
             if job.error is not None:
                 log.warning("loading the chosen model failed; the previous choice %s is kept", previous)
                 self.options.update(previous, from_flags=True)  # the value the gate took before: no second check

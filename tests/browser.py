@@ -50,6 +50,16 @@ def pick_dropdown(page, elem: str, text: str) -> None:
         }""",
         arg=[elem, text],
     )
+    # The entry named exactly `text` is clicked when there is one: Enter picks Gradio's "active" entry, which under
+    # load can still point into the list as it was before the filter (X type "Seed" picked for "Steps").
+    exact = page.locator(f"{elem} li[role=option]").filter(has_text=text)
+    exact = [o for o in exact.all() if (o.get_attribute("aria-label") or o.inner_text()).strip() == text]
+    if exact:
+        exact[0].click()
+        page.wait_for_function(
+            """([elem, text]) => document.querySelector(`${elem} input`).value === text
+                && document.querySelectorAll(`${elem} li[role=option]`).length === 0""", arg=[elem, text])
+        return
     box.press("Enter")
     page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")
 

@@ -150,3 +150,18 @@ def test_flux_controlnet_union_unit(flow_api):
     assert np.abs(guided - plain).mean() > 1
     zero, _ = _txt2img(flow_api, "flux-tiny", PARTS, alwayson_scripts={"controlnet": {"args": [dict(unit, weight=0)]}})
     assert np.array_equal(zero, plain)
+
+
+def test_a_flux_file_chosen_before_its_parts_stays_chosen(flow_api):
+    """Forge's order: the transformer-only file chosen first (its load says what is missing, 424, and it stays the
+    choice), then its parts; the next generation loads it with them. Any other load failure puts the old choice back."""
+    flow_api.post("/options", json={"forge_additional_modules": []})
+    r = flow_api.post("/options", json={"sd_model_checkpoint": "flux-tiny"})
+    assert r.status_code == 424, r.text
+    assert "T5-XXL" in r.json()["detail"]
+    assert flow_api.get("/options").json()["sd_model_checkpoint"].startswith("flux-tiny.safetensors")
+    assert flow_api.post("/options", json={"forge_additional_modules": PARTS}).status_code == 200
+    r = flow_api.post("/txt2img", json={"prompt": "a fox", "steps": 1, "width": 64, "height": 64, "cfg_scale": 1})
+    assert r.status_code == 200, r.text
+    assert "Model: flux-tiny" in json.loads(r.json()["info"])["infotexts"][0]
+    flow_api.post("/options", json={"forge_additional_modules": [], "sd_model_checkpoint": "tiny-sd1.safetensors"})

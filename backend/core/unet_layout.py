@@ -15,6 +15,9 @@ HEAD_CHANNELS = 64
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
                 "sdxl_refiner": "SDXL refiner", "flux": "FLUX.1", "sd3": "Stable Diffusion 3"}
 FLOW_FAMILIES = ("flux", "sd3")  # the flow-matching transformers (backend.engine.families), completed by part files
+# The status of "this FLUX.1 / SD3 file needs parts not chosen yet" (424 Failed Dependency): choosing such a checkpoint
+# keeps it selected (its parts are chosen next), where any other load error puts the previous choice back.
+MISSING_PARTS_STATUS = 424
 
 
 def unet_input_levels(sd, n_input: int, what: str = "UNet") -> list[list[int]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.core.errors import UserError
-from backend.core.unet_layout import FAMILY_NAMES
+from backend.core.unet_layout import FAMILY_NAMES, MISSING_PARTS_STATUS
 
 log = logging.getLogger("easel.families")
 
@@ -288,7 +288,7 @@ def load_flow_checkpoint(path: Path, additional: list[Path], *, dtype, vae_dtype
     available = own | {c.part for c in chosen}
     missing = [p for p in REQUIRED_PARTS[family] if p not in available]
     if missing:
-        raise UserError(missing_parts_message(family, path.name, missing))
+        raise UserError(missing_parts_message(family, path.name, missing), status=MISSING_PARTS_STATUS)
 
     replaced = {c.part for c in chosen if c.part in own}  # a chosen part replaces the checkpoint's own
     state_dict = read_model_file(path, exclude_prefixes=_prefixes_of(replaced))
