@@ -53,6 +53,10 @@ def plan_merge(req: MergeRequest, registry: ModelRegistry, folder: Path) -> dict
     discard_pattern(req.discard_weights)  # a bad expression is refused now
 
     labelled = [(label, f) for label, f in (("A", a), ("B", b), ("C", c)) if f is not None]
+    for label, f in labelled:  # quantized blocks are not numbers to add: merge the float files, quantize afterwards
+        if Path(f.path).suffix.lower() == ".gguf":
+            raise UserError(f"{f.name} ({label}) is a GGUF-quantized file; the Checkpoint Merger merges .safetensors "
+                            "and .ckpt checkpoints. Merge the unquantized files, then quantize the result.")
     shapes = {label: _shapes(f) for label, f in labelled}
     families = {label: checkpoint_family(shapes[label]) for label, _f in labelled}
     for label, f in labelled[1:]:

@@ -887,13 +887,13 @@ def quantize_blocks(transformer, *, kind: str = "quantized") -> list[str]:
 
 # -- whole model sets in a models folder, as users lay them out (end-to-end tests through the API) ---------------
 def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool = True, all_in_one: bool = False,
-                   gguf: str | None = None, seed: int = 0) -> dict:
+                   gguf: str | None = None, with_parts: bool = True, seed: int = 0) -> dict:
     """A tiny FLUX.1 whose parts fit each other, as users keep them: the transformer alone in BFL layout in
     models/Stable-diffusion/<name>.safetensors with `ae.safetensors` in models/VAE, `clip_l.safetensors` and
     `t5xxl_tiny.safetensors` in models/text_encoder, the T5 tokenizer where `t5_tokenizer` reads it; or with
     `all_in_one`, everything in the checkpoint under ComfyUI's prefixes; with `gguf` (a quantization type name) the
     transformer as a .gguf file as city96's. Returns the written paths by part and the diffusers transformer
-    ("module", float32) the files hold."""
+    ("module", float32) the files hold. `with_parts=False` writes the transformer file only."""
     from diffusers import FluxTransformer2DModel
     models_dir = Path(models_dir)
     config = {**tiny_flux_config(guidance), "joint_attention_dim": T5_TINY["d_model"],
@@ -905,7 +905,8 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
     vae = flow_vae_ldm(tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159, seed=seed + 1))
     clip_l = _hf_clip_names(build_clip("clip_l", seed + 2).state_dict())
     t5 = {k: v.clone() for k, v in build_t5(seed + 3).state_dict().items() if k != "encoder.embed_tokens.weight"}
-    train_t5_tokenizer(models_dir)
+    if with_parts:
+        train_t5_tokenizer(models_dir)
     ckpt = models_dir / "Stable-diffusion" / f"{name}.{'gguf' if gguf else 'safetensors'}"
     paths = {"checkpoint": ckpt, "module": transformer.eval()}
     if all_in_one:
@@ -920,6 +921,8 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
         write_flux_gguf(ckpt, gguf, tensors=bfl)
     else:
         _save(ckpt, bfl, "")
+    if not with_parts:
+        return paths
     paths["vae"] = models_dir / "VAE" / "ae.safetensors"
     _save(paths["vae"], vae, "")
     paths["clip_l"] = models_dir / "text_encoder" / "clip_l.safetensors"

@@ -23,7 +23,8 @@ def flow_models(tmp_path_factory):
     models = data / "models"
     made = {"flux": write_flux_set(models, name="flux-tiny"),
             "flux_aio": write_flux_set(models, name="flux-aio", all_in_one=True, seed=3),
-            "flux_gguf": write_flux_set(models, name="flux-q8", gguf="Q8_0", seed=0)}
+            "flux_gguf": write_flux_set(models, name="flux-q8", gguf="Q8_0", seed=0, with_parts=False),
+            "flux_b": write_flux_set(models, name="flux-tiny-b", seed=5, with_parts=False)}
     write_sd3(models / "Stable-diffusion" / "sd35-tiny.safetensors", variant="sd3.5-medium", with_encoders=True)
     write_flux_lora_kohya(models / "Lora" / "flux-style.safetensors", made["flux"]["module"], rank=2, alpha=2.0)
     write_flux_controlnet_instantx(models / "ControlNet" / "flux-union-tiny.safetensors", union=True, seed=4,
@@ -165,3 +166,25 @@ def test_a_flux_file_chosen_before_its_parts_stays_chosen(flow_api):
     assert r.status_code == 200, r.text
     assert "Model: flux-tiny" in json.loads(r.json()["info"])["infotexts"][0]
     flow_api.post("/options", json={"forge_additional_modules": [], "sd_model_checkpoint": "tiny-sd1.safetensors"})
+
+
+def test_checkpoint_merger_with_flux(flow_api, flow_models):
+    """The Checkpoint Merger on two FLUX transformers: the weighted sum tensor by tensor; a GGUF file (quantized
+    blocks, no float tensors to add) and an SD checkpoint are refused with a message."""
+    from safetensors.torch import load_file
+
+    _, made = flow_models
+    url = str(flow_api.base_url).split("/sdapi")[0] + "/easel/v1/merge-checkpoints"
+    r = httpx.post(url, json={"primary_model_name": "flux-tiny", "secondary_model_name": "flux-tiny-b",
+                              "multiplier": 0.25, "custom_name": "flux-merged"}, timeout=600)
+    assert r.status_code == 200, r.text
+    merged = load_file(r.json()["path"])
+    a, b = load_file(str(made["flux"]["checkpoint"])), load_file(str(made["flux_b"]["checkpoint"]))
+    key = "double_blocks.0.img_attn.qkv.weight"
+    expected = a[key].float() * 0.75 + b[key].float() * 0.25
+    assert (merged[key].float() - expected).abs().max() < 1e-2  # stored in float16 (the default "save as")
+    for other in ("flux-q8", "tiny-sd1"):
+        r = httpx.post(url, json={"primary_model_name": "flux-tiny", "secondary_model_name": other,
+                                  "multiplier": 0.5, "custom_name": f"bad-{other}"}, timeout=600)
+        assert 400 <= r.status_code < 500, r.text
+        assert ("GGUF" if other == "flux-q8" else "different families") in r.json()["detail"], r.text
