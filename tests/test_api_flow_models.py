@@ -188,3 +188,40 @@ def test_checkpoint_merger_with_flux(flow_api, flow_models):
                                   "multiplier": 0.5, "custom_name": f"bad-{other}"}, timeout=600)
         assert 400 <= r.status_code < 500, r.text
         assert ("GGUF" if other == "flux-q8" else "different families") in r.json()["detail"], r.text
+
+
+def _png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_flux_hires_fix_and_inpaint(flow_api):
+    """Hires. fix (latent and image upscalers) to 96x96, and inpainting: outside the mask the picture is kept."""
+    for upscaler in ("Latent", "Lanczos"):
+        image, info = _txt2img(flow_api, "flux-tiny", PARTS, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
+                               hr_second_pass_steps=1, denoising_strength=0.6)
+        assert image.shape == (96, 96, 3) and f"Hires upscaler: {upscaler}" in info, info
+    base, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    mask = np.zeros((64, 64, 3), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    r = flow_api.post("/img2img", json={
+        "init_images": [_png(base)], "mask": _png(mask), "prompt": "a blue bird", "steps": 2, "cfg_scale": 1,
+        "denoising_strength": 1.0, "width": 64, "height": 64, "seed": 11, "inpainting_fill": 1, "mask_blur": 0,
+        "inpaint_full_res": False,
+        "override_settings": {"sd_model_checkpoint": "flux-tiny", "forge_additional_modules": PARTS}})
+    assert r.status_code == 200, r.text
+    out = _image(r.json()["images"][0])
+    outside = np.ones((64, 64), dtype=bool)
+    outside[12:52, 12:52] = False
+    assert np.abs(out[outside] - base[outside]).mean() < 3  # kept (only the VAE round trip's small changes)
+    assert np.abs(out[24:40, 24:40] - base[24:40, 24:40]).mean() > 3  # repainted
+
+
+def test_flux_lora_on_gguf_weights(flow_api):
+    """The LoRA on a GGUF transformer is added at compute time: it changes the picture and goes away exactly."""
+    base, _ = _txt2img(flow_api, "flux-q8", PARTS)
+    styled, info = _txt2img(flow_api, "flux-q8", PARTS, prompt="a red fox in the snow <lora:flux-style:1>")
+    assert "flux-style" in info and not np.array_equal(base, styled)
+    after, _ = _txt2img(flow_api, "flux-q8", PARTS)
+    assert np.array_equal(base, after)
