@@ -225,3 +225,25 @@ def test_flux_lora_on_gguf_weights(flow_api):
     assert "flux-style" in info and not np.array_equal(base, styled)
     after, _ = _txt2img(flow_api, "flux-q8", PARTS)
     assert np.array_equal(base, after)
+
+
+def test_flux_xyz_plot_over_steps(flow_api):
+    """X/Y/Z plot with a FLUX checkpoint: a grid and one cell per value, each cell's infotext with its steps."""
+    from backend.core.xyz_axes import XYZ_ARG_NAMES, xyz_axes
+
+    steps_axis = next(i for i, a in enumerate(xyz_axes(False)) if a.label == "Steps")
+    args = dict(x_type=steps_axis, x_values="1, 2", x_values_dropdown=[], y_type=0, y_values="", y_values_dropdown=[],
+                z_type=0, z_values="", z_values_dropdown=[], draw_legend=False, include_lone_images=True,
+                include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
+                vary_seeds_z=False, margin_size=0, csv_mode=False)
+    body = {"prompt": "a fox", "steps": 3, "width": 64, "height": 64, "seed": 5, "cfg_scale": 1,
+            "script_name": "X/Y/Z plot", "script_args": [args[n] for n in XYZ_ARG_NAMES],
+            "override_settings": {"sd_model_checkpoint": "flux-tiny", "forge_additional_modules": PARTS}}
+    r = flow_api.post("/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["images"]) == 3  # the grid, then the two cells
+    assert _image(data["images"][0]).shape == (64, 128, 3)
+    texts = json.loads(data["info"])["infotexts"]
+    assert any("Steps: 1," in t for t in texts[1:]) and any("Steps: 2," in t for t in texts[1:]), texts
+    assert all("Distilled CFG Scale: 3.5" in t for t in texts[1:])
