@@ -117,6 +117,21 @@ def hand_over(cmd: list, restart_code: int | None = None) -> int:
         print("Restarting Easel.", flush=True)
 
 
+def run_test_suite(python: Path) -> int:
+    """The whole suite in two runs: the tests without a browser spread over the CPU cores (pytest-xdist, each test
+    file on one worker), then the browser tests one at a time (they wait for what a page shows, which a loaded
+    machine delays past their patience). Nonzero when either fails."""
+    os.chdir(ROOT)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    spread = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    codes = []
+    for selection, extra in (("not browser", spread), ("browser", [])):
+        print(f"== pytest -m '{selection}' {' '.join(extra)}", flush=True)
+        code = subprocess.call([str(python), "-m", "pytest", "-q", "-m", selection, *extra], cwd=ROOT)
+        codes.append(0 if code == 5 else code)  # 5: nothing selected
+    return next((c for c in codes if c), 0)
+
+
 def main() -> int:
     args = parse_args(sys.argv[1:])
     rest = [a for a in sys.argv[1:] if a != "--run-tests"]
@@ -124,7 +139,9 @@ def main() -> int:
         python = prepare_environment(with_tests=True)
         ensure_browser()
         pytest_args = [a for a in rest if a != "--skip-install"]
-        return hand_over([python, "-m", "pytest", "-q", *pytest_args])
+        if pytest_args:  # the user's own selection / options: one pytest run, as given
+            return hand_over([python, "-m", "pytest", "-q", *pytest_args])
+        return run_test_suite(python)
     python = (Path(sys.executable) if args.skip_install or args.skip_prepare_environment
               else prepare_environment(with_tests=False))
     if not (args.skip_install or args.skip_prepare_environment):  # as A1111: with the requirements

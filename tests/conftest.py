@@ -20,6 +20,24 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives a real browser (Playwright); `launch.py --run-tests` runs these "
+                                       "after the others, one at a time")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the browser tests: every test of a test_browser_* file, and the tests elsewhere that open a page."""
+    for item in items:
+        module = getattr(item, "module", None)
+        function = getattr(item, "function", None)
+        if module is None:
+            continue
+        in_browser_file = module.__name__.rpartition(".")[2].startswith("test_browser_")
+        opens_page = function is not None and "browser_page" in function.__code__.co_names
+        if in_browser_file or opens_page:
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD1 / SDXL checkpoints in A1111 layout, written once per test session."""
