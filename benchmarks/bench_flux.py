@@ -364,14 +364,14 @@ def run_child(args) -> dict:
             return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                          img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
         built = {k: len(v) for k, v in kinds.items()}
-        label_blocks = f"{args.double}+{args.single} of 19+38"
+        label_blocks = f"{args.double}+{args.single} of 19+38 blocks"
     build_s = time.perf_counter() - t0
     stored = stored_weight_bytes(model)
     blocks_stored = {k: block_bytes(v) for k, v in kinds.items()}
     stored_full = stored + sum(blocks_stored[k] * (full[k] - built[k]) for k in full if k in kinds)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"  {args.child}: built {label_blocks} blocks in {build_s:.0f} s, {stored / GIB:.2f} GiB of weights",
+    print(f"  {args.child}: built {label_blocks} in {build_s:.0f} s, {stored / GIB:.2f} GiB of weights",
           file=sys.stderr, flush=True)
     measured = time_steps(model, kinds, call, args.steps, sync)
     complete = all(built.get(k, 0) == full[k] for k in full)
@@ -389,11 +389,11 @@ def run_child(args) -> dict:
 
 
 # -- the table ---------------------------------------------------------------------------------------
-def full_model_bytes(fmt: str) -> float:
-    """Stored weight bytes of the whole FLUX.1-dev transformer in `fmt` (counted from the shapes)."""
+def model_bytes(fmt: str, double: int = FLUX_DEV["double"], single: int = FLUX_DEV["single"]) -> float:
+    """Stored weight bytes of a FLUX.1-dev transformer with `double` + `single` blocks in `fmt` (from the shapes)."""
     import gguf
     total = 0.0
-    for shape in flux_bfl_shapes(FLUX_DEV["double"], FLUX_DEV["single"]).values():
+    for shape in flux_bfl_shapes(double, single).values():
         n = math.prod(shape)
         if len(shape) == 1 or fmt == "bf16":
             total += 2 * n
@@ -440,8 +440,7 @@ def main() -> None:
     jobs = list(args.format_list) + ([] if args.skip_sd3 else ["sd3.5-medium"])
     for fmt in jobs:
         if fmt != "sd3.5-medium" and not cuda:
-            built_share = (args.double / FLUX_DEV["double"] + args.single / FLUX_DEV["single"]) / 2
-            need = full_model_bytes(fmt) * built_share * 1.15 + 2 * GIB
+            need = model_bytes(fmt, args.double, args.single) * 1.1 + 2 * GIB
             free = psutil.virtual_memory().available
             if need > free:
                 print(f"  {fmt}: skipped, needs about {need / GIB:.1f} GiB, {free / GIB:.1f} GiB available "
@@ -457,7 +456,7 @@ def main() -> None:
     memory = "peak VRAM GiB" if cuda else "peak RSS GiB"
     print()
     print(f"| model, weights | blocks built | stored weights GiB (built / whole model) | s/step measured | "
-          f"s/step whole model | {memory} (built) | first step s |")
+          f"s/step whole model | {memory} (built / whole model) | first step s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         name = "SD 3.5 Medium, bf16" if r["format"] == "sd3.5-medium" else f"FLUX.1-dev, {r['format']}"
@@ -466,8 +465,11 @@ def main() -> None:
             continue
         whole = f"{r['step_full']:.1f}" + ("" if r["complete"] else " (extrapolated)")
         mem = r["peak_vram_gib"] if cuda else r["peak_rss_gib"]
+        # the whole model's peak: the same working memory beside the whole model's weights
+        mem_whole = f"{mem:.2f}" if r["complete"] else \
+            f"{mem - r['stored_gib'] + r['stored_full_gib']:.1f} (estimated)"
         print(f"| {name} | {r['blocks']} | {r['stored_gib']:.2f} / {r['stored_full_gib']:.2f} | {r['step']:.2f} | "
-              f"{whole} | {mem:.2f} | {r['first_step']:.2f} |")
+              f"{whole} | {mem:.2f} / {mem_whole} | {r['first_step']:.2f} |")
     per_block = ", ".join(f"{r['format']} " + " / ".join(f"{k} {v:.2f} s" for k, v in r["block"].items())
                           for r in rows if "error" not in r)
     print(f"\nper block: {per_block}")
