@@ -20,10 +20,10 @@ identical in size). Those columns say "extrapolated".
 
 Each format runs in a fresh process, so its peak resident memory (or peak VRAM, `--device cuda`) is its own.
 A step is one transformer forward under `torch.inference_mode` in bfloat16: 1024 image tokens (64x64 latent in
-2x2 patches), 512 T5 tokens, batch 1 (real CFG 1, as FLUX dev is run). The first step warms up; with 2 or more
-steps the later ones are averaged. The SD 3.5 Medium row is its real architecture (24 joint blocks, width
-1536, dual attention in the first 13, ~2.5 G parameters) in bf16, 1024 image + 333 text tokens
-(77 CLIP + 256 T5), built at full depth unless `--sd3-layers` says otherwise.
+2x2 patches), 512 T5 tokens, batch 1 (real CFG 1, as FLUX dev is run). The first step warms up; with 2 or
+more steps the fastest of the later ones is given (the least slowed by other load on the machine). The SD 3.5
+Medium row is its real architecture (24 joint blocks, width 1536, dual attention in the first 13, ~2.5 G
+parameters) in bf16, 1024 image + 333 text tokens (77 CLIP + 256 T5), built at full depth unless `--sd3-layers` says otherwise.
 """
 from __future__ import annotations
 
@@ -269,10 +269,11 @@ class BlockClock:
 
 
 def time_steps(model, blocks: dict[str, list], call, steps: int, sync) -> dict:
-    """Run `call(i)` `steps` times; the later steps' mean (all steps when only one), and per-kind block means."""
+    """Run `call(i)` `steps` times. The result is the fastest step after the first (the first warms up; the only
+    one when `steps` is 1), the one least slowed by other load on the machine, with its per-kind block means."""
     import torch
     clock = BlockClock(blocks, sync)
-    step_times, block_means, blocks_total = [], {k: [] for k in blocks}, []
+    runs = []
     with torch.inference_mode():
         for i in range(steps):
             clock.reset()
@@ -280,17 +281,14 @@ def time_steps(model, blocks: dict[str, list], call, steps: int, sync) -> dict:
             t0 = time.perf_counter()
             out = call(i)
             sync()
-            step_times.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             if not torch.isfinite(out.float()).all():
                 raise RuntimeError("the transformer gave non-finite values: the random weights are out of range")
-            for k, v in clock.times.items():
-                block_means[k].append(sum(v) / len(v))
-            blocks_total.append(sum(sum(v) for v in clock.times.values()))
-            print(f"    step {i + 1}/{steps}: {step_times[-1]:.2f} s", file=sys.stderr, flush=True)
-    keep = slice(1, None) if steps > 1 else slice(0, None)
-    mean = lambda xs: sum(xs[keep]) / len(xs[keep])  # noqa: E731
-    return {"step": mean(step_times), "first_step": step_times[0], "blocks_total": mean(blocks_total),
-            "block": {k: mean(v) for k, v in block_means.items()}}
+            runs.append({"step": seconds, "blocks_total": sum(sum(v) for v in clock.times.values()),
+                         "block": {k: sum(v) / len(v) for k, v in clock.times.items()}})
+            print(f"    step {i + 1}/{steps}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    best = min(runs[1:] or runs, key=lambda r: r["step"])
+    return dict(best, first_step=runs[0]["step"], steps=[r["step"] for r in runs])
 
 
 def extrapolate(measured: dict, built: dict[str, int], full: dict[str, int]) -> float:
@@ -377,7 +375,8 @@ def run_child(args) -> dict:
     complete = all(built.get(k, 0) == full[k] for k in full)
     result = {"format": args.child, "blocks": label_blocks, "complete": complete, "tokens": f"{tokens}+{text}",
               "stored_gib": stored / GIB, "stored_full_gib": stored_full / GIB, "step": measured["step"],
-              "first_step": measured["first_step"], "block": measured["block"], "build_s": build_s,
+              "first_step": measured["first_step"], "steps": measured["steps"], "block": measured["block"],
+              "build_s": build_s,
               "step_full": measured["step"] if complete else extrapolate(measured, built, {
                   k: full[k] for k in full if k in kinds}),
               "peak_rss_gib": peak_rss_gib()}
