@@ -23,7 +23,12 @@ A step is one transformer forward under `torch.inference_mode` in bfloat16: 1024
 2x2 patches), 512 T5 tokens, batch 1 (real CFG 1, as FLUX dev is run). The first step warms up; with 2 or
 more steps the fastest of the later ones is given (the least slowed by other load on the machine). The SD 3.5
 Medium row is its real architecture (24 joint blocks, width 1536, dual attention in the first 13, ~2.5 G
-parameters) in bf16, 1024 image + 333 text tokens (77 CLIP + 256 T5), built at full depth unless `--sd3-layers` says otherwise.
+parameters) in bf16, 1024 image + 333 text tokens (77 CLIP + 256 T5), built at full depth unless
+`--sd3-layers` says otherwise.
+
+A first, smaller table times what the quantized formats add to every forward, apart from other load: turning
+one 12288x3072 weight (an MLP projection; the whole model has the equivalent of ~316 of them) into bf16, the
+fastest of a few repetitions, beside a bf16 matmul of that weight with the 1536 tokens of a 512x512 step.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, the physical cores)")
     p.add_argument("--sd3-layers", type=int, default=None, help="SD 3.5 Medium depth built (default 24, the real one)")
     p.add_argument("--skip-sd3", action="store_true", help="leave out the SD 3.5 Medium row")
+    p.add_argument("--skip-dequant", action="store_true", help="leave out the dequantization table")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes on a small CPU: --blocks 1,2 and SD 3.5 Medium at 2 layers, extrapolated")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one format, run in a fresh process
@@ -404,6 +410,42 @@ def model_bytes(fmt: str, double: int = FLUX_DEV["double"], single: int = FLUX_D
     return total
 
 
+def dequant_table(args) -> None:
+    """Seconds to dequantize one 12288x3072 weight to bf16 per format, beside a bf16 matmul with it."""
+    import torch
+
+    from backend.engine.families.quantized import QuantizedLinear
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(2)
+    shape = (FLUX_DEV["mlp"], FLUX_DEV["inner"])
+    tokens = (args.size // 16) ** 2 + args.text_tokens
+    x = torch.randn(tokens, shape[1], generator=generator, device=device, dtype=torch.bfloat16)
+
+    def best(fn, repeat: int = 4) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    with torch.inference_mode():
+        w = random_tensor("w", shape, "bf16", generator, device)
+        matmul = best(lambda: torch.nn.functional.linear(x, w))
+        print(f"| one {shape[0]}x{shape[1]} weight | bytes | dequantize to bf16, s | "
+              f"vs the bf16 matmul ({tokens} tokens, {matmul:.3f} s) |")
+        print("| --- | --- | --- | --- |")
+        print(f"| bf16 | {w.numel() * 2 / 2**20:.0f} MiB | - | - |")
+        for fmt in [f for f in FORMATS if f != "bf16"]:
+            q = QuantizedLinear(random_tensor("w", shape, fmt, generator, device))
+            seconds = best(lambda: q.dequantized_weight(torch.bfloat16))
+            print(f"| {fmt} | {q.weight_bytes / 2**20:.0f} MiB | {seconds:.3f} | +{100 * seconds / matmul:.0f}% |")
+    print(flush=True)
+
+
 def spawn(fmt: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fmt, "--blocks", f"{args.double},{args.single}",
            "--steps", str(args.steps), "--size", str(args.size), "--text-tokens", str(args.text_tokens),
@@ -435,6 +477,8 @@ def main() -> None:
           f"{args.text_tokens} T5 tokens, batch 1, bf16 compute, {args.steps} step(s) per format, "
           f"{args.double} double + {args.single} single blocks built"
           + (" (extrapolated to 19 + 38)" if (args.double, args.single) != (19, 38) else "") + "\n", flush=True)
+    if not args.skip_dequant:
+        dequant_table(args)
     rows = []
     jobs = list(args.format_list) + ([] if args.skip_sd3 else ["sd3.5-medium"])
     for fmt in jobs:
