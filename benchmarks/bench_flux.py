@@ -1,11 +1,13 @@
-"""FLUX.1 benchmark: seconds per step and peak memory of a full-width FLUX.1-dev transformer with random weights,
-stored as bf16, float8_e4m3fn, GGUF Q8_0 and GGUF Q4_0, at 512x512 (and an SD 3.5 Medium row).
+"""FLUX.1 benchmark: s/step and peak memory of FLUX.1-dev in bf16/float8/GGUF (random weights), and SD 3.5 Medium.
+
+The FLUX.1-dev transformer at full width with random weights stored as bf16, float8_e4m3fn, GGUF Q8_0, Q4_0 and
+Q4_K, timed over two or three steps at 512x512, and SD 3.5 Medium's transformer in bf16.
 
     venv/bin/python benchmarks/bench_flux.py --quick              # 1 double + 2 single blocks, extrapolated (minutes)
     venv/bin/python benchmarks/bench_flux.py --blocks 2,4         # any depth at full width, extrapolated to 19 + 38
     venv/bin/python benchmarks/bench_flux.py                      # the whole model (bf16 needs ~24 GiB of RAM)
     venv/bin/python benchmarks/bench_flux.py --device cuda        # on a GPU: peak VRAM instead of RSS
-    venv/bin/python benchmarks/bench_flux.py --formats Q4_0,Q4_K --skip-sd3
+    venv/bin/python benchmarks/bench_flux.py --formats Q4_0,Q4_K --skip-sd3 --steps 3
 
 The transformer is FLUX.1-dev's architecture (width 3072 = 24 heads x 128, 19 double-stream + 38 single-stream
 blocks, T5 context 4096, pooled CLIP 768, distilled-guidance input; ~11.9 G parameters). Its tensors are made
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FORMATS = ("bf16", "float8_e4m3fn", "Q8_0", "Q4_0", "Q4_K")
-DEFAULT_FORMATS = "bf16,float8_e4m3fn,Q8_0,Q4_0"
+DEFAULT_FORMATS = "bf16,float8_e4m3fn,Q8_0,Q4_0,Q4_K"
 FLUX_DEV = {"inner": 3072, "head_dim": 128, "mlp": 4 * 3072, "double": 19, "single": 38, "in_channels": 64,
             "context": 4096, "pooled": 768, "time": 256}
 SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
@@ -506,7 +508,8 @@ def main() -> None:
         if "error" in r:
             print(f"| {name} | {r['error']} | | | | | |")
             continue
-        whole = f"{r['step_full']:.1f}" + ("" if r["complete"] else " (extrapolated)")
+        whole = f"{r['step_full']:.1f}" + ("" if r["complete"] else " (extrapolated)") \
+            + (f" ({r['note']})" if r.get("note") else "")
         mem = r["peak_vram_gib"] if cuda else r["peak_rss_gib"]
         # the whole model's peak: the same working memory beside the whole model's weights
         mem_whole = f"{mem:.2f}" if r["complete"] else \
