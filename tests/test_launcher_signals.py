@@ -45,7 +45,10 @@ def test_signal_to_launcher_stops_the_whole_tree(tmp_path, sig, to_group):
             [sys.executable, str(ROOT / "launch.py"), "--skip-install", "--data-dir", str(tmp_path / "data"),
              "--port", str(port), "--no-download-sd-model"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True)  # its own process group, as a terminal gives a command
+            start_new_session=True,  # its own process group, as a terminal gives a command
+            # and SIGINT's default action, as a terminal gives it: a pytest-xdist worker ignores SIGINT, and an
+            # ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: list[psutil.Process] = []
     try:
         deadline = time.time() + 180
