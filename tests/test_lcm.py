@@ -1,7 +1,7 @@
-"""Distilled models as their authors run them: Easel's "LCM" sampler takes the same steps as diffusers'
-`LCMScheduler` on the same UNet and noise, and an LCM-LoRA in the layouts it is shared in (the released
-`pytorch_lora_weights.safetensors`: kohya-prefixed diffusers module names with alpha; diffusers' `unet.….lora.down`;
-PEFT's `unet.….lora_A`) changes every module it names by the LoRA formula."""
+"""Distilled models as their authors run them: Easel's "LCM" sampler (its Automatic schedule: LCM's timesteps)
+takes the same steps as diffusers' `LCMScheduler` on the same UNet and noise, and an LCM-LoRA in the layouts it is
+shared in (the released `pytorch_lora_weights.safetensors`: kohya-prefixed diffusers module names with alpha;
+diffusers' `unet.….lora.down`; PEFT's `unet.….lora_A`) changes every module it names by the LoRA formula."""
 from __future__ import annotations
 
 import pytest
@@ -41,8 +41,11 @@ def test_the_lcm_sampler_takes_lcmschedulers_steps(sd1):
     model_schedule = schedules.model_schedule(sd1)
     # the same training schedule
     assert torch.allclose(model_schedule.alphas_cumprod.float(), sched.alphas_cumprod, atol=1e-6)
+    # the LCM sampler's Automatic schedule: the scheduler's timesteps
+    sigmas = schedules.get_sigmas("Automatic", STEPS, model_schedule, "LCM")
     ac = sched.alphas_cumprod.double()
-    sigmas = torch.tensor([((1 - ac[t]) / ac[t]).sqrt().item() for t in timesteps] + [0.0], dtype=torch.float32)
+    expected = torch.tensor([((1 - ac[t]) / ac[t]).sqrt().item() for t in timesteps] + [0.0], dtype=torch.float32)
+    assert torch.allclose(sigmas, expected, rtol=1e-6)
 
     conditioner = TextConditioner(sd1, CPU)
     cond = conditioner.encode("a lighthouse at dusk")
@@ -73,6 +76,19 @@ def test_the_lcm_sampler_takes_lcmschedulers_steps(sd1):
         assert (a - b).abs().max().item() < TOLERANCE, (i, (a - b).abs().max().item())
     assert (result - sample).abs().max().item() < TOLERANCE  # the last step returns the x0 prediction itself
     assert not torch.allclose(ours[0], ours[-1], atol=1e-2)  # the steps do something
+
+
+def test_the_lcm_samplers_automatic_schedule_is_lcmschedulers():
+    sched = lcm_scheduler()
+    ms = schedules.DiscreteSchedule.from_betas()
+    for steps in (1, 2, 3, 4, 6, 8, 50):
+        sched.set_timesteps(steps)
+        sigmas = schedules.get_sigmas("Automatic", steps, ms, "LCM")
+        assert len(sigmas) == steps + 1 and sigmas[-1] == 0
+        assert [round(float(ms.sigma_to_t(s))) for s in sigmas[:-1]] == [int(t) for t in sched.timesteps], steps
+    # a schedule the user picks is used as it is; past 50 steps, Automatic is the sampler's uniform one
+    assert torch.equal(schedules.get_sigmas("Karras", 4, ms, "LCM"), schedules.get_sigmas("Karras", 4, ms, "Euler"))
+    assert torch.equal(schedules.get_sigmas("Automatic", 60, ms, "LCM"), schedules.get_sigmas("Uniform", 60, ms, "LCM"))
 
 
 # -- LCM-LoRA ------------------------------------------------------------------------------------------
