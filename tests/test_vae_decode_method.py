@@ -130,6 +130,17 @@ def test_without_networks_or_for_a_flow_model_the_full_vae_is_used(loaded, tiny_
     assert len(ctx.warnings) == 1 and "TAESD was not used" in ctx.warnings[0]
 
 
+def test_a_flow_model_keeps_its_full_vae_with_a_warning(tmp_path, tiny_models, loaded):
+    from types import SimpleNamespace
+    from backend.engine.pipelines.common import taesd_network
+    write_taesd_files(tmp_path)
+    ctx = context(loaded, tiny_models, PreviewDecoders(tmp_path))
+    ctx.loaded = SimpleNamespace(model=SimpleNamespace(family="flux", latent_channels=16))
+    assert taesd_network(ctx, "decoder") is None and taesd_network(ctx, "decoder") is None
+    assert ctx.warnings == ["VAE type for decode: TAESD was not used (TAESD is for SD 1.x/2.x and SDXL models); the "
+                            "full VAE was."]
+
+
 def test_taesd_encodes_for_img2img(loaded, tiny_models, tmp_path, offline):
     write_taesd_files(tmp_path)
     ctx = context(loaded, tiny_models, PreviewDecoders(tmp_path))
@@ -181,3 +192,20 @@ def test_txt2img_and_hires_fix_decode_with_taesd_through_the_api(api, server):
     hires = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     params = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])
     assert hires.size == (96, 96) and params.get("VAE Decoder") == "TAESD" and params.get("VAE Encoder") == "TAESD"
+
+
+def test_img2img_encodes_and_decodes_with_taesd_through_the_api(api, server):
+    write_taesd_files(server.data_dir / "models")
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    body = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "LCM",
+            "cfg_scale": 1, "denoising_strength": 0.5, "init_images": [base64.b64encode(buf.getvalue()).decode()],
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors", "sd_vae_encode_method": "TAESD",
+                                  "sd_vae_decode_method": "TAESD"}}
+    r = api.post("/img2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    params = parse_infotext(info["infotexts"][0])
+    assert params.get("VAE Decoder") == "TAESD" and params.get("VAE Encoder") == "TAESD"
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (64, 64)
