@@ -353,6 +353,10 @@ def infotext_to_request_fields(params: Mapping[str, object]) -> dict[str, Any]:
         overrides["eta_noise_seed_delta"] = ensd
     if params.get("Emphasis"):  # A1111's settings that name themselves in the infotext
         overrides["emphasis"] = str(params["Emphasis"])
+    # "VAE Encoder"/"VAE Decoder": written when not "Full" (reading fills in "Full", as A1111, which is no override)
+    for key, setting in (("VAE Encoder", "sd_vae_encode_method"), ("VAE Decoder", "sd_vae_decode_method")):
+        if params.get(key) == "TAESD":
+            overrides[setting] = "TAESD"
     for key, setting in (("Token merging ratio", "token_merging_ratio"),
                          ("Token merging ratio hr", "token_merging_ratio_hr")):
         ratio = _to_float(params.get(key))

@@ -50,6 +50,13 @@ SETTINGS: list[Setting] = [
     Setting("sd_vae_overrides_per_model_preferences", True, "Selected VAE overrides per-model preferences (a "
             "checkpoint's VAE set in its user metadata, NAME.json, or a NAME.vae.* file beside it)", "Stable Diffusion",
             bool),
+    # A1111's VAE types (backend.engine.pipelines.common: decode_latents, encode_images): TAESD's tiny networks
+    # (SD 1.x/2.x and SDXL; downloaded on first use into models/VAE-taesd) in place of the checkpoint's VAE.
+    Setting("sd_vae_encode_method", "Full", "VAE type for encode (method to encode image to latent: img2img, "
+            "hires. fix; TAESD: faster, rougher; SD 1.x/2.x and SDXL)", "Stable Diffusion", str,
+            choices=("Full", "TAESD")),
+    Setting("sd_vae_decode_method", "Full", "VAE type for decode (method to decode latent to image; TAESD: faster, "
+            "rougher; SD 1.x/2.x and SDXL)", "Stable Diffusion", str, choices=("Full", "TAESD")),
     # Forge's "VAE / Text Encoder" beside the checkpoint: the files that complete a FLUX.1 / SD3 checkpoint (a VAE,
     # CLIP-L, CLIP-G, T5-XXL from models/VAE, models/text_encoder, models/clip), kept as Forge keeps them: full paths
     Setting("forge_additional_modules", [], "VAE / Text Encoder: the parts that complete a FLUX.1 or SD3 checkpoint "

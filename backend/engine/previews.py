@@ -46,6 +46,8 @@ CHEAP_RGB_BIAS = {"flux": (-0.0329, -0.0718, -0.0851), "sd3": (0.2394, 0.2135, 0
 APPROX_NN_FILES = {"sd": "model.pt", "sdxl": "vaeapprox-sdxl.pt"}
 APPROX_NN_URL = "https://github.com/AUTOMATIC1111/stable-diffusion-webui/releases/download/v1.0.0-pre/"
 TAESD_FILES = {"sd": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth"}
+# TAESD's encoders (setting `sd_vae_encode_method`: img2img's and hires. fix's encode), in the same folders.
+TAESD_ENCODER_FILES = {"sd": "taesd_encoder.pth", "sdxl": "taesdxl_encoder.pth"}
 TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/"
 
 
@@ -105,6 +107,18 @@ def taesd_decoder() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def taesd_encoder() -> nn.Sequential:
+    """TAESD's encoder (madebyollin/taesd): a 3x3 convolution from RGB to 64 channels and a block, three stages of a
+    bias-free stride-2 convolution and three blocks, and a convolution to the 4 latent channels. Input: RGB in
+    [0, 1]; output: the latents as the UNet sees them (scaled), at 1/8 of the picture's size. The module indices are
+    the key names of its `.pth` files ("0.weight", "1.conv.0.weight", ... "14.weight")."""
+    layers: list[nn.Module] = [_conv(3, 64), _TAEBlock()]
+    for _ in range(3):
+        layers += [nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), _TAEBlock(), _TAEBlock(), _TAEBlock()]
+    layers += [_conv(64, 4)]
+    return nn.Sequential(*layers)
+
+
 def latent_kind(family: str) -> str:
     """Which preview factors/networks fit a model family's latents: SDXL's, FLUX's, SD3's, or SD1/SD2's (the same
     VAE)."""
@@ -145,7 +159,8 @@ class PreviewDecoders:
     def _find(self, name: str, folders: list[Path]) -> Path | None:
         return next((folder / name for folder in folders if (folder / name).is_file()), None)
 
-    def _fetch(self, name: str, folders: list[Path], url: str) -> Path | None:
+    def _fetch(self, name: str, folders: list[Path], url: str, use: str = "live previews",
+               fallback: str = "previews use Approx cheap") -> Path | None:
         found = self._find(name, folders)
         if found is not None or name in self._unavailable:
             return found
@@ -161,23 +176,27 @@ class PreviewDecoders:
             except UserError as exc:
                 why = exc.message
         self._unavailable.add(name)
-        log.warning("live previews: %s is not in %s and could not be downloaded (%s); previews use Approx cheap. "
-                    "Put %s there to use it.", name, folders[0], why, url)
+        log.warning("%s: %s is not in %s and could not be downloaded (%s); %s. Put %s there to use it.",
+                    use, name, folders[0], why, fallback, url)
         return None
 
-    def network(self, method: str, family: str) -> nn.Module | None:
-        """The loaded network of `method` ("Approx NN" or "TAESD") for `family`, or None when its file is not there
-        and cannot be downloaded."""
+    def network(self, method: str, family: str, use: str = "live previews",
+                fallback: str = "previews use Approx cheap") -> nn.Module | None:
+        """The loaded network of `method` ("Approx NN", "TAESD" or "TAESD encoder") for `family`, or None when its
+        file is not there and cannot be downloaded (one log line says so, naming the `use` and its `fallback`)."""
         kind = latent_kind(family)
         if method == "Approx NN":
             name, folders, url, build = APPROX_NN_FILES[kind], [self.approx_dir], APPROX_NN_URL, VAEApprox
         elif method == "TAESD":
             name, folders, url, build = TAESD_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL, taesd_decoder
+        elif method == "TAESD encoder":
+            name, folders, url, build = (TAESD_ENCODER_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL,
+                                         taesd_encoder)
         else:
             raise ValueError(f"no preview network for {method!r}")
         if name in self._nets:
             return self._nets[name]
-        path = self._fetch(name, folders, url + name)
+        path = self._fetch(name, folders, url + name, use, fallback)
         if path is None:
             return None
         from backend.engine.state_dict_io import read_state_dict
@@ -187,8 +206,8 @@ class PreviewDecoders:
         except (RuntimeError, KeyError, UserError) as exc:
             self._unavailable.add(name)
             reason = exc.message if isinstance(exc, UserError) else (str(exc).splitlines() or [""])[0]
-            log.warning("live previews: %s does not hold the %s network (%s); previews use Approx cheap. Delete it "
-                        "to download it again.", path, method, reason)
+            log.warning("%s: %s does not hold the %s network (%s); %s. Delete it to download it again.",
+                        use, path, method, reason, fallback)
             return None
         self._nets[name] = net.eval()
         return net

@@ -244,6 +244,19 @@ def sigmas_beta(n: int, model_schedule: "DiscreteSchedule", alpha: float = 0.6, 
     return _append_zero(model_schedule.t_to_sigma(t_min + frac * (t_max - t_min)))
 
 
+LCM_ORIGINAL_STEPS = 50  # the timesteps LCM models are distilled on (LCMScheduler's original_inference_steps)
+
+
+def sigmas_lcm(n: int, ms: DiscreteSchedule, original_steps: int = LCM_ORIGINAL_STEPS) -> torch.Tensor:
+    """The noise levels of diffusers' `LCMScheduler` (its authors' sampling of LCM checkpoints and LCM-LoRAs): n of
+    the `original_steps` timesteps the model was distilled on (T/50 * k - 1: 999, 979, ... 19), evenly spread from
+    the top (4 steps: 999, 759, 499, 259), then 0. The "LCM" sampler's Automatic schedule for up to 50 steps."""
+    skip = ms.num_timesteps // original_steps
+    origin = torch.arange(original_steps, 0, -1, dtype=torch.int64) * skip - 1
+    index = torch.floor(torch.linspace(0, original_steps, n + 1, dtype=torch.float64)[:-1]).long()
+    return _append_zero(ms._sigmas64[origin[index]])
+
+
 def _sched_uniform(n: int, ms: DiscreteSchedule) -> torch.Tensor:
     t = torch.linspace(ms.num_timesteps - 1, 0, n, dtype=torch.float64)
     return _append_zero(ms.t_to_sigma(t))
@@ -360,6 +373,9 @@ def get_sigmas(schedule: str | None, steps: int, model_schedule: DiscreteSchedul
     info = sampler if isinstance(sampler, SamplerInfo) else (find_sampler(sampler) if sampler else None)
     sched = find_scheduler(schedule or "automatic")
     if sched.fn is None:
+        if (info is not None and info.name == "LCM" and isinstance(model_schedule, DiscreteSchedule)
+                and steps <= LCM_ORIGINAL_STEPS):
+            return sigmas_lcm(steps, model_schedule).to(torch.float32)  # the LCM timesteps, as LCMScheduler
         sched = find_scheduler(info.default_scheduler if info is not None else "uniform")
     if sched.name == "align_your_steps" and getattr(model_schedule, "prediction_type", None) == "flow":
         raise UserError("The Align Your Steps schedule has noise levels for SD 1.x and SDXL only; FLUX and SD3 "

@@ -330,7 +330,7 @@ def latent_preview(ctx: JobContext, latent: torch.Tensor) -> Image.Image:
     from backend.engine.previews import make_preview
     return make_preview(ctx.options["show_progress_type"], ctx.model.family, latent,
                         latent.shape[-1] * 8, latent.shape[-2] * 8, ctx.previews,
-                        lambda first: decode_latents(ctx, first)[0])
+                        lambda first: decode_latents(ctx, first, method="Full")[0])
 
 
 def run_sampler(ctx: JobContext, sampler_info, denoiser: CFGDenoiser, x: torch.Tensor, sigmas: torch.Tensor,
@@ -487,14 +487,62 @@ def _decode_one(ctx: JobContext, z: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0].float()
 
 
+def taesd_network(ctx: JobContext, part: str) -> torch.nn.Module | None:
+    """TAESD's "decoder" or "encoder" for the job's model (settings `sd_vae_decode_method`/`sd_vae_encode_method`),
+    from the backend process's networks (`backend.engine.previews.PreviewDecoders`: found in models/VAE-taesd or
+    downloaded there on first use). None, with a warning in the job's warnings (once per job), where there is none:
+    a FLUX/SD3 model, no file and no download (offline), no networks (a pipeline run directly); the caller then
+    uses the full VAE, as the job never fails for it."""
+    from backend.engine.previews import TAESD_FILES, latent_kind
+    setting = "VAE type for decode" if part == "decoder" else "VAE type for encode"
+    net, why = None, None
+    if latent_kind(ctx.model.family) not in TAESD_FILES or int(getattr(ctx.model, "latent_channels", 4)) != 4:
+        why = "TAESD is for SD 1.x/2.x and SDXL models"
+    elif ctx.previews is None:
+        why = "no TAESD networks in this run"
+    else:
+        net = ctx.previews.network("TAESD" if part == "decoder" else "TAESD encoder", ctx.model.family,
+                                   use=f"TAESD {part}", fallback="the full VAE is used")
+        if net is None:
+            why = "its file is not in models/VAE-taesd and could not be downloaded (see the log)"
+    if net is None:
+        warning = f"{setting}: TAESD was not used ({why}); the full VAE was."
+        if warning not in ctx.warnings:
+            ctx.warnings.append(warning)
+    return net
+
+
 @torch.no_grad()
-def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
+def _taesd_decode(ctx: JobContext, net: torch.nn.Module, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents as the UNet sees them -> pictures by TAESD's decoder (float32; it gives [0, 1])."""
+    device = ctx.policy.device
+    net.to(device)
+    images = []
+    for i in range(latents.shape[0]):
+        rgb = net(latents[i:i + 1].to(device, torch.float32))[0].clamp(0, 1)
+        arr = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray(arr))
+    ctx.extra_params["VAE Decoder"] = "TAESD"  # A1111's infotext entry (written when not "Full")
+    return images
+
+
+@torch.no_grad()
+def decode_latents(ctx: JobContext, latents: torch.Tensor, method: str | None = None) -> list[Image.Image]:
     """VAE-decode latents to PIL images (tiled for large images, setting `vae_tiling`).
+
+    `method`: "Full" (the checkpoint's VAE) or "TAESD" (TAESD's decoder; the full VAE, with a warning, where there
+    is none: `taesd_network`); None: the job's setting `sd_vae_decode_method` (A1111's "VAE type for decode"), as the
+    final pictures and hires. fix's first pass are decoded. Live previews pass "Full" (their own setting).
 
     A1111's NaN check: when the half-precision VAE produces NaN, the model's VAE is switched to float32
     for good (setting `auto_vae_precision`) and the image decoded again; the infotext says so.
     `--disable-nan-check` turns the check off.
     """
+    method = ctx.options["sd_vae_decode_method"] if method is None else method
+    if method == "TAESD":
+        net = taesd_network(ctx, "decoder")
+        if net is not None:
+            return _taesd_decode(ctx, net, latents)
     model = ctx.model
     policy = ctx.policy
     images = []
@@ -524,9 +572,21 @@ def decode_latents(ctx: JobContext, latents: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def encode_images(ctx: JobContext, images: list[Image.Image]) -> torch.Tensor:
+def encode_images(ctx: JobContext, images: list[Image.Image], method: str = "Full") -> torch.Tensor:
     """PIL images -> scaled latents (the VAE's mean, as A1111 uses for img2img and hires. fix): (mean - shift) * scale,
-    the shift 0 but for the 16-channel VAEs of FLUX and SD3."""
+    the shift 0 but for the 16-channel VAEs of FLUX and SD3.
+
+    `method`: "Full" (the checkpoint's VAE) or "TAESD" (TAESD's encoder, which gives the scaled latents itself; the
+    full VAE, with a warning, where there is none); img2img's and hires. fix's encodes pass the job's setting
+    `sd_vae_encode_method` (A1111's "VAE type for encode"), the inpainting conditioning keeps the full VAE (A1111)."""
+    if method == "TAESD":
+        net = taesd_network(ctx, "encoder")
+        if net is not None:
+            device = ctx.policy.device
+            net.to(device)
+            out = [net((image_to_tensor(img).to(device) + 1) / 2).float() for img in images]  # TAESD takes [0, 1]
+            ctx.extra_params["VAE Encoder"] = "TAESD"
+            return torch.cat(out)
     return torch.cat([encode_tensor(ctx, image_to_tensor(img)) for img in images])
 
 

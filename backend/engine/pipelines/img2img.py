@@ -289,7 +289,7 @@ def _record_params(gen: Generation, req: Img2ImgRequest, mode: int, prepared, fi
 
 def _init_latents(ctx: JobContext, processed: list[Image.Image], req: Img2ImgRequest, mode: int) -> torch.Tensor:
     unique = {id(im): im for im in processed}
-    latents = {key: encode_images(ctx, [im]) for key, im in unique.items()}
+    latents = {key: encode_images(ctx, [im], ctx.options["sd_vae_encode_method"]) for key, im in unique.items()}
     init = torch.cat([latents[id(im)] for im in processed])
     if mode == LATENT_RESIZE and init.shape[-2:] != (req.height // 8, req.width // 8):
         init = F.interpolate(init, size=(req.height // 8, req.width // 8), mode="bilinear", align_corners=False)

@@ -167,7 +167,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                         w8, h8 = max(8, firstpass.width // 8 * 8), max(8, firstpass.height // 8 * 8)
                         picture = (firstpass if (w8, h8) == firstpass.size
                                    else firstpass.resize((w8, h8), Image.Resampling.LANCZOS))
-                        latents = encode_images(ctx, [picture] * len(seeds))
+                        latents = encode_images(ctx, [picture] * len(seeds), options["sd_vae_encode_method"])
                     latents = _upscale_latent(latents, hr_w, hr_h, hr_upscaler)
                     first_model = ctx.model
                     to_hires_model()
@@ -180,7 +180,7 @@ def _run_batches(req: Txt2ImgRequest, ctx: JobContext, gen: Generation, hr_w: in
                         images, stop = first, "interrupted"
                     else:
                         to_hires_model()
-                        latents = encode_images(ctx, upscaled)
+                        latents = encode_images(ctx, upscaled, options["sd_vae_encode_method"])
                 if hires_sampling and stop is None:
                     hr_rng = image_rng(ctx, (ctx.model.latent_channels, hr_h // opt_f, hr_w // opt_f), seeds, subseeds,
                                        req)
