@@ -138,12 +138,11 @@ def few_names(names, n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
-def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, *,
-                 dtype: torch.dtype, device: str | torch.device) -> None:
-    """Strictly put `sd` into `module` (built empty), cast to `dtype` on `device`; damage -> UserError."""
-    expected = set(module.state_dict().keys())
-    sd = _fit_prefix(sd, expected)
-    missing, unexpected = expected - set(sd), set(sd) - expected
+def check_fit(given: dict, expected: dict, what: str, *, also_allowed=frozenset()) -> None:
+    """Refuse (UserError) tensors `given` ({name: tensor or anything with a `.shape`}) that do not fit a module
+    built empty whose tensors are `expected` ({name: shape}): names missing or unexpected (`also_allowed` may be
+    there besides, unchecked), shapes that differ."""
+    missing, unexpected = set(expected) - set(given), set(given) - set(expected) - set(also_allowed)
     if missing or unexpected:
         parts = []
         if missing:
@@ -152,10 +151,18 @@ def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str
             parts.append(f"unexpected {len(unexpected)} tensors: {few_names(unexpected)}")
         raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
                         "The file may be damaged or of an unsupported variant.")
-    expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected_shapes[k])}" for k, v in sd.items() if v.shape != expected_shapes[k]]
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in given.items()
+           if k in expected and tuple(v.shape) != tuple(expected[k])]
     if bad:
         raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
+
+
+def load_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, *,
+                 dtype: torch.dtype, device: str | torch.device) -> None:
+    """Strictly put `sd` into `module` (built empty), cast to `dtype` on `device`; damage -> UserError."""
+    expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
+    sd = _fit_prefix(sd, set(expected_shapes))
+    check_fit(sd, expected_shapes, what)
     converted = {}
     for k in list(sd.keys()):
         v = sd.pop(k)

@@ -279,23 +279,11 @@ def load_quantized_weights(module: nn.Module, state_dict: dict, what: str, *, dt
     """Strictly assign `state_dict` (plain, float8 and GGUF tensors) to `module` built on the meta device:
     quantized linear weights go into `QuantizedLinear`s, every other floating tensor is cast to `dtype`
     on `device` (quantized non-linear tensors, e.g. norm scales, are dequantized). Damage -> UserError."""
-    from backend.engine.model_loader import few_names
+    from backend.engine.model_loader import check_fit, few_names
     state_dict = {k: v for k, v in state_dict.items() if k != SCALED_FP8_MARKER}
     expected = {k: v.shape for k, v in module.state_dict().items()}
     scales = {k for k in state_dict if k.endswith(SCALE_SUFFIXES)}
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected) - scales
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors: {few_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors: {few_names(unexpected)}")
-        raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
-                        "The file may be damaged or of an unsupported variant.")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state_dict.items()
-           if k not in scales and tuple(v.shape) != tuple(expected[k])]
-    if bad:
-        raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
+    check_fit(state_dict, expected, what, also_allowed=scales)
     state_dict = dict(state_dict)
     quantize_linears(module, state_dict, dtype=dtype, device=device)
     stray = [k for k in state_dict if k.endswith(SCALE_SUFFIXES)]

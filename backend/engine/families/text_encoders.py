@@ -31,7 +31,7 @@ import torch
 
 from backend.core.errors import UserError
 from backend.engine.model_detection import describe_unknown, detect_text_encoder
-from backend.engine.model_loader import build_text_encoder, build_without_weights, few_names, load_weights
+from backend.engine.model_loader import build_text_encoder, build_without_weights, check_fit, few_names, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def load_t5xxl(sd: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch
 
     model = build_without_weights(lambda: T5EncoderModel(T5Config(**config)))
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    _check_tensors(sd, expected, "T5-XXL text encoder")
+    check_fit(sd, expected, "T5-XXL text encoder")
     assigned = {}
     for key in list(sd):
         value = sd.pop(key)
@@ -232,21 +232,6 @@ def load_t5xxl(sd: dict[str, torch.Tensor], dtype: torch.dtype, device) -> torch
 def _dequantize(value: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     value = value.to(dtype)
     return value * scale.to(dtype) if scale is not None else value
-
-
-def _check_tensors(sd: dict, expected: dict, what: str) -> None:
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors: {few_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors: {few_names(unexpected)}")
-        raise UserError(f"The {what} weights do not fit the detected architecture ({'; '.join(parts)}). "
-                        "The file may be damaged or of an unsupported variant.")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in sd.items() if v.shape != expected[k]]
-    if bad:
-        raise UserError(f"The {what} weights have unexpected shapes: {few_names(bad, 3)}. The file may be damaged.")
 
 
 class Float8Compute:
