@@ -118,18 +118,13 @@ def hand_over(cmd: list, restart_code: int | None = None) -> int:
 
 
 def run_test_suite(python: Path) -> int:
-    """The whole suite in two runs: the tests without a browser spread over the CPU cores (pytest-xdist, each test
-    file on one worker), then the browser tests one at a time (they wait for what a page shows, which a loaded
-    machine delays past their patience). Nonzero when either fails."""
+    """The whole suite spread over the CPU cores (pytest-xdist): the browser tests as one group on one worker, one
+    after another (they wait for what a page shows; two at once on a small machine delay each other past their
+    patience), every other test file as a unit on the other workers (conftest gives the groups)."""
     os.chdir(ROOT)
     workers = max(1, min(4, os.cpu_count() or 1))
-    spread = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
-    codes = []
-    for selection, extra in (("not browser", spread), ("browser", [])):
-        print(f"== pytest -m '{selection}' {' '.join(extra)}", flush=True)
-        code = subprocess.call([str(python), "-m", "pytest", "-q", "-m", selection, *extra], cwd=ROOT)
-        codes.append(0 if code == 5 else code)  # 5: nothing selected
-    return next((c for c in codes if c), 0)
+    spread = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else []
+    return subprocess.call([str(python), "-m", "pytest", "-q", *spread], cwd=ROOT)
 
 
 def main() -> int:

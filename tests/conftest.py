@@ -26,7 +26,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the browser tests: every test of a test_browser_* file, and the tests elsewhere that open a page."""
+    """Mark the browser tests (every test of a test_browser_* file, and the tests elsewhere that open a page) and
+    give every test its pytest-xdist group: the browser tests one group (one worker runs them one after another,
+    while the other workers run the rest), every other test its file's (a file's module-scoped servers start once)."""
     for item in items:
         module = getattr(item, "module", None)
         function = getattr(item, "function", None)
@@ -36,6 +38,9 @@ def pytest_collection_modifyitems(config, items):
         opens_page = function is not None and "browser_page" in function.__code__.co_names
         if in_browser_file or opens_page:
             item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.xdist_group("browser"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(module.__name__))
 
 
 @pytest.fixture(scope="session")
