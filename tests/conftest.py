@@ -25,6 +25,7 @@ def pytest_configure(config):
                                        "after the others, one at a time")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Mark the browser tests (every test of a test_browser_* file, and the tests elsewhere that open a page) and
     give every test its pytest-xdist group: the browser tests one group (one worker runs them one after another,
