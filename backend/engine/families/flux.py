@@ -142,7 +142,7 @@ def flux_variant(config: dict) -> str:
 
 
 # -- BFL -> diffusers names ------------------------------------------------------------------------
-_RENAMES = [  # (BFL module, diffusers module) for the 1:1 modules
+BFL_RENAMES = [  # (BFL module, diffusers module) for the 1:1 modules
     ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
     ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
     ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
@@ -153,19 +153,65 @@ _RENAMES = [  # (BFL module, diffusers module) for the 1:1 modules
     ("img_in", "x_embedder"),
     ("final_layer.linear", "proj_out"),
 ]
-_DOUBLE_RENAMES = [
+BFL_DOUBLE_RENAMES = [
     ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
     ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
     ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
     ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
 ]
-_DOUBLE_NORMS = [
+BFL_DOUBLE_NORMS = [
     ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"), ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
     ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
     ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
 ]
-_SINGLE_RENAMES = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
-_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+BFL_SINGLE_RENAMES = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
+BFL_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+
+
+class BflRenamer:
+    """Moves tensors from Black Forest Labs' names (`sd`, consumed) to diffusers' (`out`), the fused projections split
+    by rows (plain, float8 or GGUF weights alike), a scaled-fp8 scale (`scales`) following each piece; a tensor that
+    is not there is a `UserError` naming `what` (the FLUX transformer, an XLabs ControlNet)."""
+
+    def __init__(self, sd: dict, what: str, scales: dict | None = None):
+        self.sd, self.what, self.scales = sd, what, scales or {}
+        self.out: dict = {}
+
+    def pop(self, key: str):
+        if key not in self.sd:
+            raise UserError(f"The {self.what} lacks {key}: the file is damaged or incomplete.")
+        return self.sd.pop(key)
+
+    def move(self, src: str, dst: str) -> None:
+        self.out[dst] = self.pop(src)
+
+    def follow_scales(self, src: str, dst: str) -> None:
+        for suffix in SCALE_SUFFIXES:
+            if f"{src}{suffix}" in self.scales:
+                self.out[f"{dst}{suffix}"] = self.scales[f"{src}{suffix}"]
+
+    def move_module(self, src: str, dst: str) -> None:
+        self.move(f"{src}.weight", f"{dst}.weight")
+        self.move(f"{src}.bias", f"{dst}.bias")
+        self.follow_scales(src, dst)
+
+    def split(self, src: str, dsts: list[str], sizes: list[int]) -> None:
+        for suffix in ("weight", "bias"):
+            for dst, piece in zip(dsts, split_rows(self.pop(f"{src}.{suffix}"), sizes)):
+                self.out[f"{dst}.{suffix}"] = piece
+        for dst in dsts:
+            self.follow_scales(src, dst)
+
+    def double_block(self, i: int, inner: int) -> None:
+        """Double block `i`: its 1:1 modules, q/k norms and the two fused qkv projections."""
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for src, dst in BFL_DOUBLE_RENAMES:
+            self.move_module(b + src, d + dst)
+        for src, dst in BFL_DOUBLE_NORMS:
+            self.move(b + src, d + dst)
+        self.split(b + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], [inner] * 3)
+        self.split(b + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"],
+                   [inner] * 3)
 
 
 def bfl_to_diffusers(sd: dict, config: dict) -> dict:
@@ -174,82 +220,44 @@ def bfl_to_diffusers(sd: dict, config: dict) -> dict:
     Leftover names give a `UserError`."""
     sd = {k: v for k, v in sd.items() if k != SCALED_FP8_MARKER}
     scales = {k: sd.pop(k) for k in [k for k in sd if k.endswith(SCALE_SUFFIXES)]}
-    out: dict = {}
-
-    def follow_scales(src: str, dst: str) -> None:
-        for suffix in SCALE_SUFFIXES:
-            if f"{src}{suffix}" in scales:
-                out[f"{dst}{suffix}"] = scales[f"{src}{suffix}"]
+    r = BflRenamer(sd, "FLUX transformer", scales)
     inner = config["attention_head_dim"] * config["num_attention_heads"]
-
-    def move(src: str, dst: str) -> None:
-        if src not in sd:
-            raise UserError(f"The FLUX transformer lacks {src}: the file is damaged or incomplete.")
-        out[dst] = sd.pop(src)
-
-    def move_module(src: str, dst: str) -> None:
-        move(f"{src}.weight", f"{dst}.weight")
-        move(f"{src}.bias", f"{dst}.bias")
-        follow_scales(src, dst)
-
-    def split(src: str, dsts: list[str], sizes: list[int]) -> None:
-        for suffix in ("weight", "bias"):
-            key = f"{src}.{suffix}"
-            if key not in sd:
-                raise UserError(f"The FLUX transformer lacks {key}: the file is damaged or incomplete.")
-            for dst, piece in zip(dsts, split_rows(sd.pop(key), sizes)):
-                out[f"{dst}.{suffix}"] = piece
-        for dst in dsts:
-            follow_scales(src, dst)
-
-    for src, dst in _RENAMES:
+    for src, dst in BFL_RENAMES:
         if src.startswith("guidance_in") and not config["guidance_embeds"]:
             continue
-        move_module(src, dst)
+        r.move_module(src, dst)
     for suffix in ("weight", "bias"):  # BFL's final modulation is (shift, scale); diffusers' (scale, shift)
-        shift, scale = split_rows(_pop(sd, f"final_layer.adaLN_modulation.1.{suffix}"), [inner, inner])
-        out[f"norm_out.linear.{suffix}"] = cat_rows([scale, shift])
-    follow_scales("final_layer.adaLN_modulation.1", "norm_out.linear")
+        shift, scale = split_rows(r.pop(f"final_layer.adaLN_modulation.1.{suffix}"), [inner, inner])
+        r.out[f"norm_out.linear.{suffix}"] = cat_rows([scale, shift])
+    r.follow_scales("final_layer.adaLN_modulation.1", "norm_out.linear")
     for i in range(config["num_layers"]):
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for src, dst in _DOUBLE_RENAMES:
-            move_module(b + src, d + dst)
-        for src, dst in _DOUBLE_NORMS:
-            move(b + src, d + dst)
-        split(b + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], [inner] * 3)
-        split(b + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], [inner] * 3)
+        r.double_block(i, inner)
     for i in range(config["num_single_layers"]):
         b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for src, dst in _SINGLE_RENAMES:
-            move_module(b + src, d + dst)
-        for src, dst in _SINGLE_NORMS:
-            move(b + src, d + dst)
-        split(b + "linear1", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"],
-              [inner, inner, inner, MLP_RATIO * inner])
+        for src, dst in BFL_SINGLE_RENAMES:
+            r.move_module(b + src, d + dst)
+        for src, dst in BFL_SINGLE_NORMS:
+            r.move(b + src, d + dst)
+        r.split(b + "linear1", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"],
+                [inner, inner, inner, MLP_RATIO * inner])
     used = {f"{m}{suffix}" for m in _source_modules(config) for suffix in SCALE_SUFFIXES}
     sd.update({k: v for k, v in scales.items() if k not in used})
     if sd:
         from backend.engine.model_loader import few_names
         raise UserError(f"The FLUX transformer holds {len(sd)} tensors of no known part: {few_names(sd)}. "
                         "The file may be of an unsupported variant.")
-    return out
+    return r.out
 
 
 def _source_modules(config: dict) -> list[str]:
     """The BFL module names of a FLUX transformer with `config` (those a scale may belong to)."""
-    names = [src for src, _ in _RENAMES] + ["final_layer.adaLN_modulation.1"]
+    names = [src for src, _ in BFL_RENAMES] + ["final_layer.adaLN_modulation.1"]
     for i in range(config["num_layers"]):
-        names += [f"double_blocks.{i}.{src}" for src, _ in _DOUBLE_RENAMES]
+        names += [f"double_blocks.{i}.{src}" for src, _ in BFL_DOUBLE_RENAMES]
         names += [f"double_blocks.{i}.img_attn.qkv", f"double_blocks.{i}.txt_attn.qkv"]
     for i in range(config["num_single_layers"]):
-        names += [f"single_blocks.{i}.{src}" for src, _ in _SINGLE_RENAMES] + [f"single_blocks.{i}.linear1"]
+        names += [f"single_blocks.{i}.{src}" for src, _ in BFL_SINGLE_RENAMES] + [f"single_blocks.{i}.linear1"]
     return names
-
-
-def _pop(sd: dict, key: str):
-    if key not in sd:
-        raise UserError(f"The FLUX transformer lacks {key}: the file is damaged or incomplete.")
-    return sd.pop(key)
 
 
 def build_flux_transformer(config: dict):

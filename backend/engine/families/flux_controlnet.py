@@ -23,8 +23,7 @@ from collections.abc import Callable
 import torch
 
 from backend.core.errors import UserError
-from backend.engine.families.flux import _DOUBLE_NORMS, _DOUBLE_RENAMES, _RENAMES, rope_axes
-from backend.engine.families.quantized import split_rows
+from backend.engine.families.flux import BFL_RENAMES, BflRenamer, rope_axes
 from backend.engine.sampling_hooks import BlockResiduals
 
 # The control mode numbers of the FLUX union ControlNets (InstantX/FLUX.1-dev-Controlnet-Union and
@@ -47,44 +46,23 @@ def union_mode(preprocessor: str, control_type: str) -> int | None:
 def xlabs_to_diffusers(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """An XLabs (x-flux) ControlNet's tensors renamed to `FluxControlNetModel`'s; leftovers give a UserError."""
     sd = dict(sd)
-    out: dict[str, torch.Tensor] = {}
+    r = BflRenamer(sd, "XLabs FLUX ControlNet")
     inner = config["attention_head_dim"] * config["num_attention_heads"]
-
-    def move(src: str, dst: str) -> None:
-        if src not in sd:
-            raise UserError(f"The XLabs FLUX ControlNet lacks {src}: the file is damaged or incomplete.")
-        out[dst] = sd.pop(src)
-
-    def move_module(src: str, dst: str) -> None:
-        move(f"{src}.weight", f"{dst}.weight")
-        move(f"{src}.bias", f"{dst}.bias")
-
-    for src, dst in _RENAMES:
+    for src, dst in BFL_RENAMES:
         if src.startswith("final_layer") or (src.startswith("guidance_in") and not config["guidance_embeds"]):
             continue
-        move_module(src, dst)
+        r.move_module(src, dst)
     for i in range(config["num_layers"]):
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for src, dst in _DOUBLE_RENAMES:
-            move_module(b + src, d + dst)
-        for src, dst in _DOUBLE_NORMS:
-            move(b + src, d + dst)
-        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            for suffix in ("weight", "bias"):
-                key = f"{b}{stream}_attn.qkv.{suffix}"
-                if key not in sd:
-                    raise UserError(f"The XLabs FLUX ControlNet lacks {key}: the file is damaged or incomplete.")
-                for name, piece in zip(names, split_rows(sd.pop(key), [inner] * 3)):
-                    out[f"{d}attn.{name}.{suffix}"] = piece
-        move_module(f"controlnet_blocks.{i}", f"controlnet_blocks.{i}")
-    move_module("pos_embed_input", "controlnet_x_embedder")
+        r.double_block(i, inner)
+        r.move_module(f"controlnet_blocks.{i}", f"controlnet_blocks.{i}")
+    r.move_module("pos_embed_input", "controlnet_x_embedder")
     hint = ["conv_in"] + [f"blocks.{j}" for j in range(XLABS_HINT_CONVS - 2)] + ["conv_out"]
     for j, name in enumerate(hint):
-        move_module(f"input_hint_block.{2 * j}", f"input_hint_block.{name}")
+        r.move_module(f"input_hint_block.{2 * j}", f"input_hint_block.{name}")
     if sd:
         from backend.engine.model_loader import few_names
         raise UserError(f"The XLabs FLUX ControlNet holds {len(sd)} tensors of no known part: {few_names(sd)}.")
-    return out
+    return r.out
 
 
 def load_flux_controlnet(sd: dict[str, torch.Tensor], info, *, dtype: torch.dtype = torch.float32,
