@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.engine.families.flux import BFL_DOUBLE_RENAMES, BFL_RENAMES, BFL_SINGLE_RENAMES
+
 
 @dataclass(eq=False)
 class FusedTarget:
@@ -83,14 +85,7 @@ def flux_targets(transformer: torch.nn.Module) -> dict[str, object]:
     """{BFL module name with "_": module or FusedTarget} for a diffusers `FluxTransformer2DModel`."""
     t = transformer
     table: dict[str, object] = {}
-    for bfl, ours in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
-                      ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-                      ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-                      ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-                      ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-                      ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-                      ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-                      ("final_layer.linear", "proj_out")):
+    for bfl, ours in BFL_RENAMES:  # the loader's own table of the 1:1 modules (guidance_in: FLUX dev only)
         _add(table, bfl, _get(t, ours))
     _add(table, "final_layer.adaLN_modulation.1", _halves_swapped(t, "norm_out.linear"))
     for i, _ in enumerate(getattr(t, "transformer_blocks", [])):
@@ -99,10 +94,7 @@ def flux_targets(transformer: torch.nn.Module) -> dict[str, object]:
         _add(table, f"{bfl}.img_attn.qkv", _stacked(t, [f"{ours}.attn.to_q", f"{ours}.attn.to_k", f"{ours}.attn.to_v"]))
         _add(table, f"{bfl}.txt_attn.qkv",
              _stacked(t, [f"{ours}.attn.add_q_proj", f"{ours}.attn.add_k_proj", f"{ours}.attn.add_v_proj"]))
-        for b, o in (("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
-                     ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
-                     ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
-                     ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear")):
+        for b, o in BFL_DOUBLE_RENAMES:
             _add(table, f"{bfl}.{b}", _get(t, f"{ours}.{o}"))
     for i, _ in enumerate(getattr(t, "single_transformer_blocks", [])):
         ours = f"single_transformer_blocks.{i}"
@@ -110,8 +102,8 @@ def flux_targets(transformer: torch.nn.Module) -> dict[str, object]:
         qkv = [f"{ours}.attn.to_q", f"{ours}.attn.to_k", f"{ours}.attn.to_v"]
         _add(table, f"{bfl}.linear1", _stacked(t, qkv + [f"{ours}.proj_mlp"]))
         _add(table, f"{bfl}.attn_qkv", _stacked(t, qkv))  # XLabs' single-block qkv_lora
-        _add(table, f"{bfl}.linear2", _get(t, f"{ours}.proj_out"))
-        _add(table, f"{bfl}.modulation.lin", _get(t, f"{ours}.norm.linear"))
+        for b, o in BFL_SINGLE_RENAMES:  # modulation.lin, linear2
+            _add(table, f"{bfl}.{b}", _get(t, f"{ours}.{o}"))
     return table
 
 
