@@ -142,7 +142,7 @@ class TextConditioner:
     def _hidden(self, encoder, tokens: torch.Tensor, index: int, fixes=()) -> tuple[torch.Tensor, torch.Tensor | None]:
         family = self.model.family
         if fixes:
-            out = self._run_with_embeddings(encoder, tokens, index, fixes)
+            out = run_with_embeddings(encoder, tokens, fixes, lambda emb: self.embeddings.vectors(emb, index))
         else:
             out = encoder(input_ids=tokens, output_hidden_states=True)
         hidden_states = out.hidden_states
@@ -154,22 +154,6 @@ class TextConditioner:
         else:  # sdxl (and its refiner): penultimate layer of each encoder, no final norm
             z = hidden_states[-(self.clip_skip + 1)]
         return z, pooled
-
-    def _run_with_embeddings(self, encoder, tokens: torch.Tensor, index: int, fixes):
-        """Run the encoder with the placeholder tokens' embeddings replaced by the embeddings' vectors."""
-        def put_vectors(_module, _inputs, output):
-            output = output.clone()
-            for offset, embedding in fixes:
-                vec = self.embeddings.vectors(embedding, index).to(output.device, output.dtype)
-                n = min(output.shape[1] - offset - 1, vec.shape[0])
-                output[0, offset + 1:offset + 1 + n] = vec[:n]
-            return output
-
-        handle = _token_embedding(encoder).register_forward_hook(put_vectors)
-        try:
-            return encoder(input_ids=tokens, output_hidden_states=True)
-        finally:
-            handle.remove()
 
     def _encode_chunks(self, per_encoder_chunks: list[list[PromptChunk]], zero: bool) -> Conditioning:
         n_chunks = len(per_encoder_chunks[0])
@@ -240,6 +224,24 @@ class TextConditioner:
         plans = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
         encoded = [[(end, self.encode(text, is_negative)) for end, text in plan] for plan in plans]
         return ScheduledConds(encoded)
+
+
+def run_with_embeddings(encoder, tokens: torch.Tensor, fixes, vectors):
+    """Run a CLIP text encoder on one chunk's `tokens` with the placeholder tokens' embeddings replaced by the
+    textual-inversion vectors (`fixes`: (offset in the chunk, embedding); `vectors(embedding)` -> its [n, D])."""
+    def put_vectors(_module, _inputs, output):
+        output = output.clone()
+        for offset, embedding in fixes:
+            vec = vectors(embedding).to(output.device, output.dtype)
+            n = min(output.shape[1] - offset - 1, vec.shape[0])
+            output[0, offset + 1:offset + 1 + n] = vec[:n]
+        return output
+
+    handle = _token_embedding(encoder).register_forward_hook(put_vectors)
+    try:
+        return encoder(input_ids=tokens, output_hidden_states=True)
+    finally:
+        handle.remove()
 
 
 def _token_embedding(encoder):

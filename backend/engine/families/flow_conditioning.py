@@ -37,7 +37,8 @@ from backend.core import prompt_parser
 from backend.core.errors import JobInterrupted, UserError
 from backend.core.limits import check_chunk_count
 from backend.core.options import EMPHASIS_MODES
-from backend.engine.conditioning import ID_END, Conditioning, PromptChunk, ScheduledConds, tokenize_prompt
+from backend.engine.conditioning import (ID_END, Conditioning, PromptChunk, ScheduledConds, run_with_embeddings,
+                                         tokenize_prompt)
 
 CLIP_CHUNK = 77
 T5_UNIT = {"flux": 256, "sd3": 77}  # tokens per T5 block: FLUX as Forge, SD3 as Stability AI's reference
@@ -163,28 +164,13 @@ class FlowConditioner:
         tokens = torch.tensor([chunk.tokens], device=self._device_of(name))
         index = CLIP_ENCODERS["sd3"].index(name)
         if chunk.fixes and self.embeddings:
-            out = self._run_with_embeddings(encoder, tokens, index, chunk.fixes)
+            out = run_with_embeddings(encoder, tokens, chunk.fixes,
+                                      lambda emb: self.embeddings.vectors(emb, index))
         else:
             out = encoder(input_ids=tokens, output_hidden_states=True)
         pooled = out.text_embeds if name == "clip_g" else out.pooler_output
         hidden = out.hidden_states[-2][0].to(self.device, torch.float32)
         return emphasize(hidden, chunk.multipliers, self.emphasis), pooled[0].to(self.device, torch.float32)
-
-    def _run_with_embeddings(self, encoder, tokens: torch.Tensor, index: int, fixes):
-        def put_vectors(_module, _inputs, output):
-            output = output.clone()
-            for offset, embedding in fixes:
-                vec = self.embeddings.vectors(embedding, index).to(output.device, output.dtype)
-                n = min(output.shape[1] - offset - 1, vec.shape[0])
-                output[0, offset + 1:offset + 1 + n] = vec[:n]
-            return output
-
-        text_model = getattr(encoder, "text_model", encoder)
-        handle = text_model.embeddings.token_embedding.register_forward_hook(put_vectors)
-        try:
-            return encoder(input_ids=tokens, output_hidden_states=True)
-        finally:
-            handle.remove()
 
     def _t5(self, tokens: list[int], multipliers: list[float]) -> torch.Tensor:
         """One T5 pass: last hidden state [len, 4096] with the weights applied, float32 on the conditioning device."""
