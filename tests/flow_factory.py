@@ -379,34 +379,35 @@ def build_tiny_flux(guidance: bool = True, seed: int = 0):
     return model.eval()
 
 
-def diffusers_to_bfl(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """The Black Forest Labs names of a diffusers FLUX state dict (fused qkv / linear1, (shift, scale) order)."""
-    sd = dict(sd)
-    out = {}
-    inner = config["attention_head_dim"] * config["num_attention_heads"]
+class _ToBfl:
+    """Test-side inverse of the loader's renaming: moves a diffusers FLUX state dict's tensors (`sd`, consumed) to
+    Black Forest Labs' names in `out` (`mod`: one module, `fuse`: modules concatenated by rows)."""
 
-    def mod(dst, src):
+    def __init__(self, sd: dict[str, torch.Tensor], config: dict):
+        self.sd, self.config, self.out = dict(sd), config, {}
+
+    def mod(self, dst, src):
         for s in ("weight", "bias"):
-            out[f"{dst}.{s}"] = sd.pop(f"{src}.{s}")
+            self.out[f"{dst}.{s}"] = self.sd.pop(f"{src}.{s}")
 
-    def fuse(dst, srcs):
+    def fuse(self, dst, srcs):
         for s in ("weight", "bias"):
-            out[f"{dst}.{s}"] = torch.cat([sd.pop(f"{src}.{s}") for src in srcs])
+            self.out[f"{dst}.{s}"] = torch.cat([self.sd.pop(f"{src}.{s}") for src in srcs])
 
-    mod("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
-    mod("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    mod("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
-    mod("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
-    if config["guidance_embeds"]:
-        mod("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
-        mod("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
-    mod("txt_in", "context_embedder")
-    mod("img_in", "x_embedder")
-    mod("final_layer.linear", "proj_out")
-    for s in ("weight", "bias"):
-        scale, shift = sd.pop(f"norm_out.linear.{s}").split(inner)
-        out[f"final_layer.adaLN_modulation.1.{s}"] = torch.cat([shift, scale])
-    for i in range(config["num_layers"]):
+    def embedders(self):
+        mod = self.mod
+        mod("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+        mod("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+        mod("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+        mod("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+        if self.config["guidance_embeds"]:
+            mod("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+            mod("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+        mod("txt_in", "context_embedder")
+        mod("img_in", "x_embedder")
+
+    def double_block(self, i: int):
+        mod, fuse, sd, out = self.mod, self.fuse, self.sd, self.out
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         mod(b + "img_mod.lin", d + "norm1.linear")
         mod(b + "txt_mod.lin", d + "norm1_context.linear")
@@ -422,6 +423,20 @@ def diffusers_to_bfl(sd: dict[str, torch.Tensor], config: dict) -> dict[str, tor
         mod(b + "img_mlp.2", d + "ff.net.2")
         mod(b + "txt_mlp.0", d + "ff_context.net.0.proj")
         mod(b + "txt_mlp.2", d + "ff_context.net.2")
+
+
+def diffusers_to_bfl(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The Black Forest Labs names of a diffusers FLUX state dict (fused qkv / linear1, (shift, scale) order)."""
+    to = _ToBfl(sd, config)
+    sd, out, mod, fuse = to.sd, to.out, to.mod, to.fuse
+    inner = config["attention_head_dim"] * config["num_attention_heads"]
+    to.embedders()
+    mod("final_layer.linear", "proj_out")
+    for s in ("weight", "bias"):
+        scale, shift = sd.pop(f"norm_out.linear.{s}").split(inner)
+        out[f"final_layer.adaLN_modulation.1.{s}"] = torch.cat([shift, scale])
+    for i in range(config["num_layers"]):
+        to.double_block(i)
     for i in range(config["num_single_layers"]):
         b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         mod(b + "modulation.lin", d + "norm.linear")
@@ -989,43 +1004,12 @@ def write_flux_controlnet_instantx(path: Path, *, union: bool = True, dtype: tor
 
 def xlabs_names(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """A diffusers FluxControlNetModel (XLabs-like) state dict in x-flux's names (test-side inverse mapping)."""
-    sd = dict(sd)
-    out = {}
-
-    def mod(dst, src):
-        for s in ("weight", "bias"):
-            out[f"{dst}.{s}"] = sd.pop(f"{src}.{s}")
-
-    def fuse(dst, srcs):
-        for s in ("weight", "bias"):
-            out[f"{dst}.{s}"] = torch.cat([sd.pop(f"{src}.{s}") for src in srcs])
-
-    mod("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
-    mod("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    mod("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
-    mod("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
-    if config["guidance_embeds"]:
-        mod("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
-        mod("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
-    mod("txt_in", "context_embedder")
-    mod("img_in", "x_embedder")
+    to = _ToBfl(sd, config)
+    sd, out, mod = to.sd, to.out, to.mod
+    to.embedders()
     mod("pos_embed_input", "controlnet_x_embedder")
     for i in range(config["num_layers"]):
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        mod(b + "img_mod.lin", d + "norm1.linear")
-        mod(b + "txt_mod.lin", d + "norm1_context.linear")
-        fuse(b + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"])
-        fuse(b + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"])
-        out[b + "img_attn.norm.query_norm.scale"] = sd.pop(d + "attn.norm_q.weight")
-        out[b + "img_attn.norm.key_norm.scale"] = sd.pop(d + "attn.norm_k.weight")
-        out[b + "txt_attn.norm.query_norm.scale"] = sd.pop(d + "attn.norm_added_q.weight")
-        out[b + "txt_attn.norm.key_norm.scale"] = sd.pop(d + "attn.norm_added_k.weight")
-        mod(b + "img_attn.proj", d + "attn.to_out.0")
-        mod(b + "txt_attn.proj", d + "attn.to_add_out")
-        mod(b + "img_mlp.0", d + "ff.net.0.proj")
-        mod(b + "img_mlp.2", d + "ff.net.2")
-        mod(b + "txt_mlp.0", d + "ff_context.net.0.proj")
-        mod(b + "txt_mlp.2", d + "ff_context.net.2")
+        to.double_block(i)
         mod(f"controlnet_blocks.{i}", f"controlnet_blocks.{i}")
     hint = ["conv_in"] + [f"blocks.{j}" for j in range(6)] + ["conv_out"]
     for j, name in enumerate(hint):
