@@ -124,7 +124,8 @@ def run_test_suite(python: Path) -> int:
     os.chdir(ROOT)
     workers = max(1, min(4, os.cpu_count() or 1))
     spread = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else []
-    return subprocess.call([str(python), "-m", "pytest", "-q", *spread], cwd=ROOT)
+    # the slowest tests listed at the end: where the suite's time goes, read from any run's log
+    return subprocess.call([str(python), "-m", "pytest", "-q", "--durations=25", *spread], cwd=ROOT)
 
 
 def main() -> int:

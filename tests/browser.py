@@ -28,9 +28,23 @@ def browser_page(url: str):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
             page.goto(url)
+            wait_until_built(page)
             yield page
         finally:
             browser.close()
+
+
+def wait_until_built(page, timeout_ms: int = 240_000) -> None:
+    """Until Gradio has built the page (the txt2img prompt, or a login form, is there). On a loaded machine building
+    the whole UI takes far longer than one step of a test may wait (measured: 30-45 s with the suite running beside
+    it), so the page's first appearance gets its own, longer patience; a page that never builds fails the test's
+    next wait, which names what it looked for."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function("() => !!(document.querySelector('#txt2img_prompt textarea')"
+                               " || document.querySelector('input[type=password]'))", timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pass
 
 
 def pick_dropdown(page, elem: str, text: str) -> None:
@@ -64,9 +78,11 @@ def pick_dropdown(page, elem: str, text: str) -> None:
     page.wait_for_function(f"document.querySelector('{elem} input').value.startsWith('{text}')")
 
 
-def set_sizes(page, steps: int, width: int, height: int, tab: str = "txt2img") -> None:
-    """Type the sampling steps, width and height into a generation tab's number boxes (Enter commits each)."""
-    for name, value in (("steps", steps), ("width", width), ("height", height)):
+def set_sizes(page, steps: int, width: int, height: int, tab: str = "txt2img", batch_count: int | None = None) -> None:
+    """Type the sampling steps, width and height (and the batch count) into a generation tab's number boxes (Enter
+    commits each)."""
+    boxes = (("steps", steps), ("width", width), ("height", height))
+    for name, value in boxes + ((("batch_count", batch_count),) if batch_count is not None else ()):
         box = page.locator(f"#{tab}_{name} input[type=number]")
         box.fill(str(value))
         box.press("Enter")

@@ -2,6 +2,8 @@
 Alt+Enter generate, Esc interrupts, and Generate forever from the right-click menu on Generate."""
 from __future__ import annotations
 
+import httpx
+
 from browser import browser_page, set_sizes
 
 PROMPT = "#txt2img_prompt textarea"
@@ -53,17 +55,20 @@ def test_ctrl_enter_and_alt_enter_generate_and_esc_interrupts(server):
         page.keyboard.press("Alt+Enter")
         page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Steps: 3')",
                                timeout=180_000)
-        # a long job, then Esc (focus outside the prompt): interrupted, the picture as it stood is the answer
-        set_sizes(page, steps=150, width=128, height=128)
+        # a long job (a batch of 100: it cannot end before the key does), then Esc with the focus outside the prompt:
+        # interrupted, the picture as it stood is the answer
+        set_sizes(page, steps=150, width=128, height=128, batch_count=100)
         page.click("#txt2img_generate")
-        page.wait_for_function("/Step ([2-9]|[1-9][0-9]+)\\//.test(document.querySelector('#txt2img_progress').innerText)",
-                               timeout=180_000)
-        page.locator("body").click(position={"x": 5, "y": 5})
-        page.keyboard.press("Escape")
-        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Interrupted')",
-                               timeout=180_000)
-        assert "Steps: 150" in page.inner_text("#txt2img_info")
-
+        try:
+            page.wait_for_function("/Step ([2-9]|[1-9][0-9]+)\\//.test(document.querySelector('#txt2img_progress').innerText)",
+                                   timeout=180_000)
+            page.locator("body").click(position={"x": 5, "y": 5})
+            page.keyboard.press("Escape")
+            page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Interrupted')",
+                                   timeout=180_000)
+            assert "Steps: 150" in page.inner_text("#txt2img_info")
+        finally:  # the server goes on to the next test free, whatever happened here
+            httpx.post(server.url + "/sdapi/v1/interrupt", timeout=30)
 
 def test_generate_forever_from_the_right_click_menu(server):
     with browser_page(server.url) as page:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import httpx
+
 from browser import browser_page, set_sizes
 
 SEED = 4242
@@ -38,30 +40,41 @@ def test_reload_during_a_job_shows_its_progress_then_its_result(server, tmp_path
 
 
 def test_generate_after_a_reattach_shows_only_the_new_job(server):
-    """A new Generate stops following the reattached job: its result never replaces the new one's."""
+    """A new Generate stops following the reattached job: the old job's result, when it comes after the press,
+    never shows (nor replaces the new one's)."""
     with browser_page(server.url) as page:
         page.wait_for_selector("#txt2img_prompt textarea")
         page.fill("#txt2img_prompt textarea", "an old job")
-        set_sizes(page, steps=100, width=256, height=256)
+        # a batch of 100: the old job cannot end by itself before the new Generate (it is interrupted below)
+        set_sizes(page, steps=100, width=256, height=256, batch_count=100)
         page.fill("#txt2img_seed input", "1111")
         page.click("#txt2img_generate")
-        page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=180_000)
-
-        page.reload()
-        page.wait_for_selector("#txt2img_prompt textarea")
-        page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')", timeout=60_000)
-        # record every infotext the page shows from now on
-        page.evaluate("""() => {
-            window.easelInfos = [];
-            const info = document.querySelector('#txt2img_info');
-            new MutationObserver(() => window.easelInfos.push(info.innerText))
-                .observe(info, {childList: true, subtree: true, characterData: true});
-        }""")
-        page.fill("#txt2img_prompt textarea", "a new job")
-        set_sizes(page, steps=2, width=64, height=64)
-        page.fill("#txt2img_seed input", "2222")
-        page.click("#txt2img_generate")
-        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 2222')",
-                               timeout=600_000)
+        try:
+            page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')",
+                                   timeout=180_000)
+            page.reload()
+            page.wait_for_selector("#txt2img_prompt textarea")
+            page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('Step ')",
+                                   timeout=60_000)
+            page.fill("#txt2img_prompt textarea", "a new job")
+            set_sizes(page, steps=2, width=64, height=64)
+            page.fill("#txt2img_seed input", "2222")
+            page.click("#txt2img_generate")
+            # the new job waits behind the old one: the server has taken the press
+            page.wait_for_function("document.querySelector('#txt2img_generate').innerText.includes('Queued')",
+                                   timeout=60_000)
+            # record every infotext the page shows from now on, then end the old job: its result comes now
+            page.evaluate("""() => {
+                window.easelInfos = [];
+                const info = document.querySelector('#txt2img_info');
+                new MutationObserver(() => window.easelInfos.push(info.innerText))
+                    .observe(info, {childList: true, subtree: true, characterData: true});
+            }""")
+            assert httpx.get(server.url + "/sdapi/v1/progress", timeout=30).json()["state"]["job_count"] > 0
+            httpx.post(server.url + "/sdapi/v1/interrupt", timeout=30)
+            page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 2222')",
+                                   timeout=600_000)
+        finally:  # the server goes on to the next test free, whatever happened here
+            httpx.post(server.url + "/sdapi/v1/interrupt", timeout=30)
         shown = page.evaluate("window.easelInfos")
         assert not [text for text in shown if "Seed: 1111" in text], "the reattached job's result was shown too"
