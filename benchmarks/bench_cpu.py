@@ -200,13 +200,13 @@ def main() -> None:
     import psutil
     import torch
 
-    from backend.engine.devices import cpu_bf16_supported, cpu_description
+    from backend.engine.devices import cpu_bf16_supported, cpu_description, cpu_model_name
 
     threads = args.threads or psutil.cpu_count(logical=False) or os.cpu_count()
     torch.set_num_threads(threads)
     from _models import random_checkpoint
     ckpt = random_checkpoint("sd1", args.folder)
-    print(f"CPU: {cpu_description()}, bf16 hardware: {cpu_bf16_supported()}, threads: {threads}, "
+    print(f"CPU: {cpu_model_name()}, {cpu_description()}, bf16 hardware: {cpu_bf16_supported()}, threads: {threads}, "
           f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"SD 1.5 architecture, random weights ({ckpt.name}), {args.size}x{args.size}, {args.steps} steps, "
           f"Euler, CFG 7, batch 1\n", flush=True)

@@ -27,10 +27,8 @@ def pytest_configure(config):
 
 def pytest_terminal_summary(terminalreporter):
     """The machine the suite ran on, at the end of the report (its speed explains the suite's time)."""
-    from backend.engine.devices.cpu import cpu_description
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    terminalreporter.write_line(f"CPU: {model}, {cpu_description()}, {os.cpu_count()} logical CPUs")
+    from backend.engine.devices.cpu import cpu_description, cpu_model_name
+    terminalreporter.write_line(f"CPU: {cpu_model_name()}, {cpu_description()}, {os.cpu_count()} logical CPUs")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -8,17 +8,28 @@ import os
 import torch
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo_field(*keys: str) -> str | None:
+    """The first /proc/cpuinfo line's value for one of `keys` (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
+                if key.strip() in keys:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo_field("flags", "Features") or "").split())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name ("AMD EPYC 9B45", ...), as /proc/cpuinfo or the platform gives it."""
+    import platform
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_bf16_supported() -> bool:
