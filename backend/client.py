@@ -189,7 +189,7 @@ class BackendClient:
     def _make_workers(self) -> list[WorkerHandle]:
         if self.ray_address:
             from backend.workers.ray_actor import RayCluster  # ray is imported only here
-            cluster = RayCluster.connect(self.ray_address)
+            cluster = RayCluster.connect(self.ray_address, self.worker_count)
             return [cluster.worker(f"ray-worker-{i + 1}", i, self._on_event, self._worker_args(i))
                     for i in range(self.worker_count)]
         from backend.workers.local import LocalWorker
@@ -286,7 +286,8 @@ class BackendClient:
         if self._stopping:
             return
         hint = " (killed: perhaps out of memory)" if code in (-9, 137) else ""
-        message = f"The backend process {worker.name} stopped unexpectedly (exit code {code}{hint}) and has been restarted."
+        how = f" (exit code {code}{hint})" if code is not None else ""
+        message = f"The backend process {worker.name} stopped unexpectedly{how} and has been restarted."
         log.error(message)
         with self._lock:
             job, worker.current = worker.current, None
