@@ -285,7 +285,7 @@ class BackendClient:
     def _worker_died(self, worker: WorkerHandle, code) -> None:
         if self._stopping:
             return
-        hint = " (killed: perhaps out of memory)" if code in (-9, 137) else ""
+        hint = ": killed, perhaps out of memory" if code in (-9, 137) else ""
         how = f" (exit code {code}{hint})" if code is not None else ""
         message = f"The backend process {worker.name} stopped unexpectedly{how} and has been restarted."
         log.error(message)
