@@ -1,7 +1,11 @@
 """The backend process: owns torch and the device, runs one job at a time.
 
 It talks to the app process through two queues (jobs in, events out) and two
-shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`.
+shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`; the
+result and error events carry the paths of the checkpoints then loaded
+(`checkpoints`), which the app's queue routes jobs on. With `--backend-workers N`
+there are N such processes (or Ray actors, `backend/workers/ray_actor.py`, which
+run the same `build_state` and `answer_job`); `assign_device` picks each one's device.
 Loaded checkpoints stay in a least-recently-used cache (the active one on the
 device, the others in RAM), so switching back to a cached one reads no file.
 
