@@ -10,7 +10,7 @@ progress's `current_task` or ControlNet's keys): every model keeps extra keys (`
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -56,6 +56,23 @@ class ProgressResponse(ApiResponse):
     textinfo: str | None = Field(default=None, title="Info text", description="Info text used by WebUI.")
     current_task: str | None = Field(default=None, title="Current task",
                                      description="The running job's task id (a request's force_task_id when given)")
+
+
+class WorkerItem(ApiResponse):
+    """One backend worker (Easel's own GET /sdapi/v1/workers)."""
+
+    name: str = Field(title="Name", description="worker-1, worker-2, ... (ray-worker-N for Ray actors)")
+    pid: int | None = Field(default=None, title="Process id", description="its process (None while it starts)")
+    device: str | None = Field(default=None, title="Device", description="the device it owns, as its policy says")
+    state: Literal["starting", "idle", "busy", "dead"] = Field(title="State")
+    jobs_done: int = Field(title="Jobs done", description="jobs it answered (results and errors)")
+    checkpoints: list[str] = Field(title="Checkpoints", description="paths of the checkpoints it has loaded, "
+                                                                    "least recently used first")
+    kind: Literal["local", "ray"] = Field(default="local", title="Kind",
+                                          description="a spawned process on this machine, or a Ray actor")
+    restarts: int = Field(default=0, title="Restarts", description="times it was restarted after dying")
+    job: str | None = Field(default=None, title="Job", description="the id of the job it runs")
+    node: str | None = Field(default=None, title="Node", description="a Ray actor's node IP address")
 
 
 class SamplerItem(ApiResponse):

@@ -89,6 +89,12 @@ def build_router(service: EaselService, dependencies: list | None = None, log_re
             state["current_image"] = None
         return state
 
+    @router.get("/workers", response_model=list[models.WorkerItem])
+    def workers() -> list[dict]:
+        """Easel's own: the backend workers behind the queue (--backend-workers, --ray-address), with their state,
+        jobs done and loaded checkpoints."""
+        return service.client.workers_state()
+
     @router.post("/interrupt")
     def interrupt() -> dict:
         service.interrupt()

@@ -1,9 +1,14 @@
-"""The app process's handle on the backend process.
+"""The app process's handle on the backend workers: one job queue in front of one or several workers.
 
-Jobs from the UI and the API go into one queue here and are sent to the backend
-process one at a time. A reader thread receives its events (progress, results,
-errors). If the backend process dies, the job in flight fails with a clear
-error, a new backend process is started, and the queued jobs go on.
+Jobs from the UI and the API go into one queue here. Each worker (`backend.workers`: a spawned backend process, or
+a Ray actor with `--ray-address`) owns one device and runs one job at a time; `--backend-workers N` starts N. A job
+goes to an idle worker, preferring one that already has the job's checkpoint loaded (`choose_worker`), so that
+switching models is rare. Jobs that change every worker's state (`unload`) go to each worker.
+
+Each worker's events (progress, results, errors, its death) come to one handler (`_on_event`). When a worker dies
+during a job (killed, out of memory, crashed), the job is put back at the head of the queue once, so another worker
+runs it again with the same payload (a fixed seed gives the same image); a second death fails it with a clear
+error. The worker is restarted (dead -> starting -> idle) and the queued jobs go on.
 
 The queue is bounded (`queue_limit`, the `queue_max_jobs` setting): past it,
 `submit` refuses with `QueueFull`. Jobs are kept by id while queued or running
@@ -18,9 +23,7 @@ import base64
 import collections
 import itertools
 import logging
-import multiprocessing as mp
 import math
-import queue
 import secrets
 import threading
 import time
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backend.core.errors import QueueFull, UserError
+from backend.workers.base import DEAD, IDLE, STARTING, WorkerHandle
 
 log = logging.getLogger("easel.client")
 
@@ -68,6 +72,9 @@ class Job:
     listeners: list[Callable[["Job"], None]] = field(default_factory=list)
     # run once when the job ends, before anyone waiting for it wakes (so they see what these did)
     on_end: list[Callable[["Job"], None]] = field(default_factory=list)
+    worker: str | None = None  # the name of the worker that runs (or ran) it
+    runs: int = 0  # how many times a worker took it (2: its first worker died under it)
+    pinned: str | None = None  # the worker it must run on (a part of a job sent to every worker)
 
     @property
     def progress(self) -> float:
@@ -125,121 +132,184 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def _backend_main(*args) -> None:
-    """The backend process's entry point as the app names it: the engine (and torch) is imported there, in the
-    spawned process, never in the app process (which pickles only this function's name)."""
-    from backend.engine.worker import worker_main
-    worker_main(*args)
+# Job kinds that change every worker's state: sent to each worker (the job ends when all have answered).
+BROADCAST_KINDS = frozenset({"unload"})
+MAX_RUNS = 2  # a job whose worker dies under it runs once more; a second death fails it
+
+
+def checkpoint_of(payload: Any) -> str | None:
+    """The path of the checkpoint a job's payload asks for (`EaselService._model_payload`), None for jobs without one."""
+    if not isinstance(payload, dict):
+        return None
+    ckpt = payload.get("checkpoint")
+    path = getattr(ckpt, "path", None) if ckpt is not None else None
+    return str(path) if path is not None else None
+
+
+def choose_worker(job: Job, idle: list[WorkerHandle]) -> WorkerHandle | None:
+    """Cache-aware routing among the idle workers: one that has the job's checkpoint loaded, else one with nothing
+    loaded, else any; the least recently used among equals. A job pinned to a worker (a broadcast's part) waits for
+    that one."""
+    if job.pinned is not None:
+        return next((w for w in idle if w.name == job.pinned), None)
+    if not idle:
+        return None
+    wanted = checkpoint_of(job.payload)
+    for group in ([w for w in idle if wanted is not None and wanted in w.checkpoints],
+                  [w for w in idle if not w.checkpoints], idle):
+        if group:
+            return min(group, key=lambda w: (w.last_used, w.index))
+    return None
 
 
 class BackendClient:
-    def __init__(self, args_dict: dict, start_timeout: float = 600.0, queue_limit: Callable[[], int] | None = None):
+    def __init__(self, args_dict: dict, start_timeout: float = 600.0, queue_limit: Callable[[], int] | None = None,
+                 workers: int | None = None):
         self.args_dict = args_dict
         self.start_timeout = start_timeout
-        self.queue_limit = queue_limit  # how many jobs may wait (not counting the running one); None: no bound
-        self._ctx = mp.get_context("spawn")
+        self.queue_limit = queue_limit  # how many jobs may wait (not counting the running ones); None: no bound
+        self.worker_count = max(1, int(workers if workers is not None else args_dict.get("backend_workers") or 1))
+        self.ray_address = args_dict.get("ray_address") or None
         self._lock = threading.RLock()
         self._pending: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
         self._last: Job | None = None
         self._by_id: dict[str, Job] = {}  # queued, running and recently finished jobs, oldest first
         self._durations: collections.deque[float] = collections.deque(maxlen=8)  # of recent jobs, for Retry-After
         self._ids = itertools.count(1)
         self._stopping = False
-        self.process = None
-        self.pid: int | None = None
-        self.device: str | None = None
-        self.restarts = 0
-        self._interrupt = self._ctx.Value("b", 0)
-        self._skip = self._ctx.Value("b", 0)
+        self.workers: list[WorkerHandle] = []
         self._ready = threading.Event()
         # Called with each finished job (done or failed) before its waiters wake (the service learns from results).
         self.finished_hooks: list[Callable[[Job], None]] = []
 
-    # -- process lifecycle ---------------------------------------------------------------------
+    # -- workers' lifecycle --------------------------------------------------------------------
+    def _worker_args(self, index: int) -> dict:
+        return {**self.args_dict, "worker_index": index, "worker_count": self.worker_count}
+
+    def _make_workers(self) -> list[WorkerHandle]:
+        if self.ray_address:
+            from backend.workers.ray_actor import RayCluster  # ray is imported only here
+            cluster = RayCluster.connect(self.ray_address, self.worker_count)
+            return [cluster.worker(f"ray-worker-{i + 1}", i, self._on_event, self._worker_args(i))
+                    for i in range(self.worker_count)]
+        from backend.workers.local import LocalWorker
+        return [LocalWorker(f"worker-{i + 1}", i, self._on_event, self._worker_args(i)) for i in range(self.worker_count)]
+
     def start(self) -> None:
-        self._jobs = self._ctx.Queue()
-        self._events = self._ctx.Queue()
+        self._stopping = False
         self._ready.clear()
-        self.process = self._ctx.Process(target=_backend_main, name="easel-backend", daemon=True,
-                                         args=(self.args_dict, self._jobs, self._events, self._interrupt, self._skip))
-        self.process.start()
-        if not getattr(self, "_reader", None) or not self._reader.is_alive():
-            self._reader = threading.Thread(target=self._read_events, name="easel-backend-events", daemon=True)
-            self._reader.start()
+        if not self.workers:
+            self.workers = self._make_workers()
+        for worker in self.workers:
+            worker.state = STARTING
+            worker.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
+        """Until one worker is ready (the others join as they come up)."""
         return self._ready.wait(timeout if timeout is not None else self.start_timeout)
 
     def stop(self) -> None:
         self._stopping = True
-        try:
-            self._jobs.put(None)
-        except Exception:
-            pass
-        if self.process is not None:
-            self.process.join(timeout=5)
-            if self.process.is_alive():
-                self.process.kill()
+        for worker in self.workers:
+            worker.stop()
 
     def kill(self) -> None:
-        """End the backend process at once (/sdapi/v1/server-kill): no job finishes, nothing restarts it."""
+        """End the workers at once (/sdapi/v1/server-kill): no job finishes, nothing restarts them."""
         self._stopping = True
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()
+        for worker in self.workers:
+            worker.kill()
 
-    def _restart_after_death(self) -> None:
-        code = self.process.exitcode
+    # compatibility: the first worker's process, pid and device (one worker: the backend process)
+    @property
+    def process(self):
+        return getattr(self.workers[0], "process", None) if self.workers else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.workers[0].pid if self.workers else None
+
+    @property
+    def device(self) -> str | None:
+        return self.workers[0].device if self.workers else None
+
+    @property
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self.workers)
+
+    def workers_state(self) -> list[dict]:
+        """GET /sdapi/v1/workers: each worker's name, pid, device, state, jobs done and loaded checkpoints."""
         with self._lock:
-            job, self._current = self._current, None
-        hint = " (killed: perhaps out of memory)" if code in (-9, 137) else ""
-        message = f"The backend process stopped unexpectedly (exit code {code}{hint}) and has been restarted."
-        log.error(message)
-        if job is not None:
-            self._finish(job, error=BackendError(message + " This job was lost; queued jobs go on."))
-        self.restarts += 1
-        self.start()
+            return [w.describe() for w in self.workers]
 
-    def _read_events(self) -> None:
-        while not self._stopping:
-            try:
-                event = self._events.get(timeout=0.5)
-            except queue.Empty:
-                if self.process is not None and not self.process.is_alive() and not self._stopping:
-                    self._restart_after_death()
-                continue
-            except (EOFError, OSError):
-                if self._stopping:
-                    return
-                time.sleep(0.2)
-                continue
-            kind = event["type"]
-            if kind == "ready":
-                self.pid, self.device = event["pid"], event["device"]
-                self._ready.set()
-                self._dispatch()
-            elif kind == "progress":
-                job = self._current
-                if job and job.job_id == event["job_id"]:
-                    job.step, job.total = event["step"], event["total"]
-                    job.job_no, job.job_count = event["job_no"], event["job_count"]
-                    if event.get("preview"):
-                        job.preview_png = event["preview"]
-                        job.preview_id += 1
-                    for listener in list(job.listeners):
-                        listener(job)
-            elif kind in ("result", "error"):
-                job = self._current
+    # -- events --------------------------------------------------------------------------------
+    def _on_event(self, worker: WorkerHandle, event: dict) -> None:
+        """Every worker's events, from its transport's thread."""
+        kind = event["type"]
+        if kind == "ready":
+            with self._lock:
+                worker.pid, worker.device = event["pid"], event["device"]
+                worker.node = event.get("node")
+                worker.checkpoints = list(event.get("checkpoints", []))
+                worker.state = IDLE
+            log.info("%s ready (pid %s): %s", worker.name, worker.pid, worker.device)
+            self._ready.set()
+            self._dispatch()
+        elif kind == "progress":
+            job = worker.current
+            if job and job.job_id == event["job_id"]:
+                job.step, job.total = event["step"], event["total"]
+                job.job_no, job.job_count = event["job_no"], event["job_count"]
+                if event.get("preview"):
+                    job.preview_png = event["preview"]
+                    job.preview_id += 1
+                for listener in list(job.listeners):
+                    listener(job)
+        elif kind in ("result", "error"):
+            with self._lock:
+                job = worker.current
                 if job is None or job.job_id != event["job_id"]:
-                    continue
-                with self._lock:
-                    self._current = None
-                if kind == "result":
-                    self._finish(job, result=event["result"])
-                else:
-                    err_cls = UserError if event["status"] < 500 else BackendError
-                    self._finish(job, error=err_cls(event["message"], event["status"]))
-                self._dispatch()
+                    return
+                worker.current, worker.state = None, IDLE
+                worker.jobs_done += 1
+                if "checkpoints" in event:
+                    worker.checkpoints = list(event["checkpoints"])
+            if kind == "result":
+                self._finish(job, result=event["result"])
+            else:
+                err_cls = UserError if event["status"] < 500 else BackendError
+                self._finish(job, error=err_cls(event["message"], event["status"]))
+            self._dispatch()
+        elif kind == "dead":
+            self._worker_died(worker, event.get("exitcode"))
+
+    def _worker_died(self, worker: WorkerHandle, code) -> None:
+        if self._stopping:
+            return
+        hint = ": killed, perhaps out of memory" if code in (-9, 137) else ""
+        how = f" (exit code {code}{hint})" if code is not None else ""
+        message = f"The backend process {worker.name} stopped unexpectedly{how} and has been restarted."
+        log.error(message)
+        with self._lock:
+            job, worker.current = worker.current, None
+            worker.state, worker.checkpoints = DEAD, []
+            rerun = job is not None and job.runs < MAX_RUNS and job.pinned is None
+            if rerun:  # back at the head of the queue: the next idle worker runs it again, same payload
+                job.status, job.started = "queued", None
+                job.step = job.total = job.job_no = 0
+                self._pending.appendleft(job)
+        if job is not None and rerun:
+            log.warning("job %s was running on %s: it runs again on another worker", job.job_id, worker.name)
+        elif job is not None:
+            again = " again" if job.runs > 1 else ""
+            self._finish(job, error=BackendError(message + f" This job was lost{again}; queued jobs go on."))
+        worker.restarts += 1
+        worker.state = STARTING
+        try:
+            worker.start()
+        except Exception:  # noqa: BLE001  e.g. the Ray cluster is gone: the worker stays dead, the others go on
+            log.exception("%s could not be restarted", worker.name)
+            worker.state = DEAD
+        self._dispatch()
 
     def _finish(self, job: Job, result: Any = None, error: Exception | None = None) -> None:
         job.result, job.error = result, error
@@ -247,8 +317,9 @@ class BackendClient:
         job.finished = time.time()
         if job.started:
             self._durations.append(job.finished - job.started)
-        self._last = job
-        for hook in list(self.finished_hooks) + list(job.on_end):
+        if job.pinned is None:
+            self._last = job
+        for hook in (list(self.finished_hooks) if job.pinned is None else []) + list(job.on_end):
             try:
                 hook(job)
             except Exception:  # noqa: BLE001  a hook's bug must not lose the job's result
@@ -258,21 +329,36 @@ class BackendClient:
             listener(job)
 
     def _dispatch(self) -> None:
+        """Give queued jobs to idle workers (`choose_worker`), oldest job first."""
+        sends = []
         with self._lock:
-            if self._current is not None or not self._pending or not self._ready.is_set():
-                return
-            job = self._pending.popleft()
-            job.status, job.started = "running", time.time()
-            self._current = job
-            self._interrupt.value = 0
-            self._skip.value = 0
-        self._jobs.put({"job_id": job.job_id, "kind": job.kind, "payload": job.payload})
+            idle = [w for w in self.workers if w.state == IDLE and w.current is None]
+            for job in list(self._pending):
+                if not idle:
+                    break
+                worker = choose_worker(job, idle)
+                if worker is None:
+                    continue
+                self._pending.remove(job)
+                idle.remove(worker)
+                job.status, job.started, job.worker = "running", time.time(), worker.name
+                job.runs += 1
+                worker.took(job)
+                sends.append((worker, {"job_id": job.job_id, "kind": job.kind, "payload": job.payload}))
+        for worker, message in sends:
+            try:
+                worker.send(message)
+            except Exception as exc:  # noqa: BLE001  the transport could not take it (a Ray actor gone)
+                log.error("sending %s to %s failed: %s", message["job_id"], worker.name, exc)
+                self._worker_died(worker, None)
 
     # -- public ---------------------------------------------------------------------------------
     def submit(self, kind: str, payload: dict, listener: Callable[[Job], None] | None = None,
                on_end: Callable[[Job], None] | None = None, task_id: str | None = None) -> Job:
         """Queue a job; `QueueFull` (HTTP 503) when `queue_limit` jobs already wait. `on_end(job)` runs when it
-        ends, before its waiters wake. `task_id`: the id progress reports for it (default: its job id)."""
+        ends, before its waiters wake. `task_id`: the id progress reports for it (default: its job id). A kind in
+        `BROADCAST_KINDS` runs on every worker; its job ends with the first worker's answer once all have answered
+        (the first error, if any)."""
         limit = self.queue_limit() if self.queue_limit else None
         job = Job(job_id=f"job-{next(self._ids)}", kind=kind, payload=payload, on_end=[on_end] if on_end else [],
                   task_id=task_id)
@@ -283,10 +369,32 @@ class BackendClient:
                 retry = self._retry_after()
                 raise QueueFull(f"The queue is full: {len(self._pending)} jobs are waiting, the most this server takes "
                                 f"(setting queue_max_jobs: {limit}). Try again in about {retry} s.", retry_after=retry)
-            self._pending.append(job)
             self._remember(job)
+            if kind in BROADCAST_KINDS and len(self.workers) > 1:
+                self._broadcast(job)
+            else:
+                self._pending.append(job)
         self._dispatch()
         return job
+
+    def _broadcast(self, job: Job) -> None:
+        """`job` as one part per worker, each pinned to its worker; `job` ends when the last part ends."""
+        parts = [Job(job_id=f"{job.job_id}-{w.name}", kind=job.kind, payload=job.payload, pinned=w.name)
+                 for w in self.workers]
+        left = [len(parts)]
+
+        def part_ended(part: Job) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            error = next((p.error for p in parts if p.error is not None), None)
+            self._finish(job, result=None if error else parts[0].result, error=error)
+
+        job.status, job.started = "running", time.time()
+        for part in parts:
+            part.on_end.append(part_ended)
+            self._pending.append(part)
 
     def _retry_after(self) -> int:
         """Seconds until a place in the queue is likely free: about one job's time."""
@@ -319,7 +427,7 @@ class BackendClient:
         with self._lock:
             jobs = [j for j in self._by_id.values() if (j.task_id or j.job_id) == task_id]
             job = jobs[-1] if jobs else None
-            waiting = [j for j in self._pending]
+            waiting = [j for j in self._pending if j.pinned is None]
         if job is None or job.status != "running":
             queued = job is not None and job.status == "queued"
             textinfo = f"In queue: {waiting.index(job) + 1}/{len(waiting)}" if queued and job in waiting else "Waiting..."
@@ -341,27 +449,45 @@ class BackendClient:
             raise job.error
         return job.result
 
-    def interrupt(self) -> None:
+    def _running(self) -> list[tuple[Job, WorkerHandle]]:
+        """The running jobs with their workers, the oldest first."""
         with self._lock:
-            if self._current is not None:
-                self._interrupt.value = 1
+            running = [(w.current, w) for w in self.workers if w.current is not None]
+        return sorted(running, key=lambda pair: pair[0].started or 0.0)
 
-    def skip(self) -> None:
-        with self._lock:
-            if self._current is not None:
-                self._skip.value = 1
+    def _workers_for(self, job_id: str | None) -> list[WorkerHandle]:
+        return [w for job, w in self._running() if job_id is None or job.job_id == job_id]
+
+    def interrupt(self, job_id: str | None = None) -> None:
+        """Stop the job `job_id` on its worker (no id: every running job, as A1111's /sdapi/v1/interrupt)."""
+        for worker in self._workers_for(job_id):
+            worker.interrupt()
+
+    def skip(self, job_id: str | None = None) -> None:
+        """Skip the current batch of the job `job_id` (no id: of every running job)."""
+        for worker in self._workers_for(job_id):
+            worker.skip()
 
     @property
     def current(self) -> Job | None:
-        return self._current
+        """The oldest running job (None when no worker runs one)."""
+        running = self._running()
+        return running[0][0] if running else None
 
     def queued(self) -> int:
         with self._lock:
             return len(self._pending)
 
+    def position(self, job: Job) -> int:
+        """How many queued jobs are ahead of `job` (0 when it is first, or not queued)."""
+        with self._lock:
+            waiting = [j for j in self._pending if j.pinned is None]
+            return waiting.index(job) if job in waiting else 0
+
     def progress_state(self) -> dict:
-        """A1111's /sdapi/v1/progress body."""
-        job = self._current
+        """A1111's /sdapi/v1/progress body, of the oldest running job when several run."""
+        running = self._running()
+        job, worker = running[0] if running else (None, None)
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None, "current_task": None,
                     "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
@@ -373,7 +499,7 @@ class BackendClient:
             "current_image": base64.b64encode(job.preview_png).decode() if job.preview_png else None,
             "textinfo": f"Step {job.step}/{job.total}" if job.total else "Waiting...",
             "current_task": job.task_id or job.job_id,
-            "state": {"skipped": bool(self._skip.value), "interrupted": bool(self._interrupt.value), "stopping_generation": False,
+            "state": {"skipped": worker.skipped, "interrupted": worker.interrupted, "stopping_generation": False,
                       "job": f"Batch {job.job_no + 1} out of {job.job_count}", "job_count": job.job_count,
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
                       "job_no": job.job_no, "sampling_step": job.step - job.job_no * per_job if per_job else job.step,

@@ -56,8 +56,9 @@ class EaselService:
         self.options.add_value_check("forge_additional_modules", self.parts.resolve)
         if args.ckpt:
             self._select_initial_checkpoint(args.ckpt)
+        from backend.core.cmd_args import backend_workers
         self.client = BackendClient({k: v for k, v in vars(args).items() if k != "unknown"},
-                                    queue_limit=lambda: self.options["queue_max_jobs"])
+                                    queue_limit=lambda: self.options["queue_max_jobs"], workers=backend_workers(args))
         self.client.finished_hooks.append(self._note_unloadable_checkpoints)
         from backend.always_on_scripts import AlwaysOnScripts
         from backend.core.native_extensions import load_registry
@@ -465,11 +466,21 @@ class EaselService:
                 raise UserError(f"{what} folder {path} cannot be created: {exc.strerror or exc}.") from exc
         return path
 
-    def interrupt(self) -> None:
-        self.client.interrupt()
+    def interrupt(self, job_ref: dict | None = None) -> None:
+        """Stop the job of `job_ref` ({job_id, key}, the UI tab's own) on the worker that runs it; without one
+        (A1111's /sdapi/v1/interrupt), every running job."""
+        self.client.interrupt(self._job_id_of(job_ref))
 
-    def skip(self) -> None:
-        self.client.skip()
+    def skip(self, job_ref: dict | None = None) -> None:
+        """Skip the current batch of `job_ref`'s job (without one: of every running job)."""
+        self.client.skip(self._job_id_of(job_ref))
+
+    def _job_id_of(self, job_ref) -> str | None:
+        if isinstance(job_ref, dict) and job_ref.get("job_id"):
+            job = self.client.find_job(job_ref.get("job_id", ""), job_ref.get("key", ""))
+            if job is not None:
+                return job.job_id
+        return None
 
     def submit_memory(self) -> Job:
         """The backend's memory report (A1111's /sdapi/v1/memory body)."""

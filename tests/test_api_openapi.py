@@ -37,6 +37,7 @@ ROUTES = {
     ("get", "/sdapi/v1/scripts"): (None, "ScriptsList"),
     ("get", "/sdapi/v1/script-info"): (None, "[ScriptInfo]"),
     ("get", "/sdapi/v1/extensions"): (None, "[ExtensionItem]"),
+    ("get", "/sdapi/v1/workers"): (None, "[WorkerItem]"),  # Easel's own
 }
 JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
               "null": type(None)}

@@ -23,7 +23,7 @@ from backend.core.errors import UserError
 from backend.service import EaselService
 
 from backend.exposure import exposure_reasons
-from ui.progress import info_html, progress_html, wait_with_updates
+from ui.progress import info_html, progress_html, wait_with_updates, workers_html
 
 NO_JOB: dict = {}  # the browser's job reference once the result is shown (Gradio does not store a None)
 
@@ -160,6 +160,7 @@ def results_column(service: EaselService, tab: str) -> dict:
         r["send_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{tab}_send_to_inpaint")
         r["send_extras"] = gr.Button("Send to extras", size="sm", elem_id=f"{tab}_send_to_extras")
     r["info"] = gr.HTML(elem_id=f"{tab}_info")
+    r["workers"] = gr.HTML(elem_id=f"{tab}_workers")  # the backend workers while a job waits or runs (several only)
     r["last_seed"] = gr.State(-1)
     r["infotexts"] = gr.State([])
     r["images"] = gr.State([])  # the PIL images shown, for Send to
@@ -172,7 +173,7 @@ def results_column(service: EaselService, tab: str) -> dict:
 
 # What a generation event updates, by name (`result_outputs`), and how a step of it is written (`frame`).
 RESULT_PARTS = ("gallery", "progress", "preview", "info", "last_seed", "infotexts", "images", "job_ref",
-                "generate", "interrupt", "skip", "status")
+                "generate", "interrupt", "skip", "status", "workers")
 
 
 def result_outputs(r: dict) -> list:
@@ -201,9 +202,15 @@ def idle() -> dict:
             "gallery": gr.update(visible=True), "progress": ""}
 
 
+def workers_line(client) -> str:
+    """The workers' table while a job waits or runs, when there are several (one worker: nothing to show)."""
+    workers = client.workers_state()
+    return workers_html(workers) if len(workers) > 1 else ""
+
+
 def busy_label(job: Job, client) -> str:
     if job.status == "queued":
-        ahead = client.queued()
+        ahead = client.position(job)
         return f"Queued ({ahead} ahead)" if ahead else "Queued"
     if job.total:
         return f"Running {int(job.progress * 100)}%"
@@ -249,7 +256,7 @@ async def stream_job(service: EaselService, start: Callable[[], Job]):
     except (UserError, BackendError) as exc:
         yield error_frame(exc.message)
         return
-    yield frame(progress=progress_html(job, service.client.queued()), status="",
+    yield frame(progress=progress_html(job, service.client.position(job)), status="",
                 job_ref={"job_id": job.job_id, "key": job.watch_key}, **busy(busy_label(job, service.client)))
     async for update in follow_job(service, job):
         yield update
@@ -278,7 +285,7 @@ async def follow_job(service: EaselService, job: Job, still_wanted: Callable[[],
     async for progress, img in wait_with_updates(job, service.client):
         if not still_wanted():
             return
-        parts = {"progress": progress, **busy(busy_label(job, service.client))}
+        parts = {"progress": progress, "workers": workers_line(service.client), **busy(busy_label(job, service.client))}
         if img is not None:
             parts.update(preview=gr.update(value=img, visible=True), gallery=gr.update(visible=False))
         yield frame(**parts)
@@ -316,8 +323,9 @@ def wire_results(service: EaselService, r: dict, buttons: dict, c: dict, run: Ca
     buttons["generate"].click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
     c["prompt"].submit(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
     reattach_on_load(service, r, presses)
-    buttons["interrupt"].click(lambda: service.interrupt(), queue=False)
-    buttons["skip"].click(lambda: service.skip(), queue=False)
+    # the tab's own job, on the worker that runs it (the page's job reference; none: every running job)
+    buttons["interrupt"].click(lambda ref: service.interrupt(ref), inputs=[r["job_ref"]], queue=False)
+    buttons["skip"].click(lambda ref: service.skip(ref), inputs=[r["job_ref"]], queue=False)
     buttons["clear_prompt"].click(lambda: ("", ""), outputs=[c["prompt"], c["negative_prompt"]], queue=False)
     buttons["random_seed"].click(lambda: -1, outputs=[c["seed"]], queue=False)
     buttons["reuse_seed"].click(lambda s: s, inputs=[r["last_seed"]], outputs=[c["seed"]], queue=False)

@@ -29,6 +29,21 @@ def preview_image(job: Job) -> Image.Image | None:
     return Image.open(io.BytesIO(job.preview_png))
 
 
+def workers_html(workers: list[dict]) -> str:
+    """The backend workers as a small table (the data of GET /sdapi/v1/workers): name, state, device, jobs done,
+    loaded checkpoints."""
+    if not workers:
+        return '<div class="easel-workers">No backend worker.</div>'
+    rows = []
+    for w in workers:
+        ckpts = ", ".join(c.replace("\\", "/").rsplit("/", 1)[-1] for c in w.get("checkpoints", [])) or "-"
+        rows.append(f'<tr class="easel-worker-{html.escape(w["state"])}"><td>{html.escape(w["name"])}</td>'
+                    f'<td>{html.escape(w["state"])}</td><td>{html.escape(str(w.get("device") or "-"))}</td>'
+                    f'<td>{w.get("pid") or "-"}</td><td>{w.get("jobs_done", 0)}</td><td>{html.escape(ckpts)}</td></tr>')
+    return ('<table class="easel-workers"><thead><tr><th>Worker</th><th>State</th><th>Device</th><th>pid</th>'
+            '<th>Jobs done</th><th>Checkpoints loaded</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+
+
 def info_html(text: str, error: bool = False) -> str:
     cls = "easel-error" if error else "easel-infotext"
     body = html.escape(text).replace("\n", "<br>")
@@ -43,4 +58,4 @@ async def wait_with_updates(job: Job, client, interval: float = 0.4):
         if job.preview_id != last_preview:
             last_preview = job.preview_id
             preview = preview_image(job)
-        yield progress_html(job, client.queued()), preview
+        yield progress_html(job, client.position(job)), preview

@@ -17,6 +17,21 @@ USE_CPU_CHOICES = ("all", "sd", "interrogate", "gfpgan", "esrgan", "codeformer")
 RESTART_EXIT_CODE = 3
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def backend_workers(args: argparse.Namespace) -> int:
+    """How many backend workers: --backend-workers, else one per --device-id entry, else one."""
+    if getattr(args, "backend_workers", None):
+        return int(args.backend_workers)
+    ids = [part for part in str(getattr(args, "device_id", "") or "").split(",") if part.strip()]
+    return max(1, len(ids))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch.py",
@@ -89,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--upcast-sampling", action="store_true")
     mem.add_argument("--opt-channelslast", action="store_true", help="channels-last memory format for the UNet and VAE")
     mem.add_argument("--disable-nan-check", action="store_true", help="do not check the VAE output for NaN")
-    mem.add_argument("--device-id", default=None, help="CUDA device index to use")
+    mem.add_argument("--device-id", default=None,
+                     help="CUDA device index to use, or a list of them (0,1): one per backend worker, in turn")
+    mem.add_argument("--backend-workers", type=_positive_int, default=None, metavar="N",
+                     help="backend worker processes behind the one job queue, each owning one device (default: one, "
+                          "or one per --device-id entry; with several GPUs and no --device-id worker i takes GPU i; "
+                          "on the CPU the physical cores are split between them)")
+    mem.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="run the backend workers as Ray actors on the cluster at ADDR ('auto' or HOST:PORT), "
+                          "--backend-workers of them (needs the ray package)")
     mem.add_argument("--xformers", action="store_true", help="xformers attention when the package is installed")
     mem.add_argument("--force-enable-xformers", action="store_true", help="same as --xformers")
     mem.add_argument("--opt-sdp-attention", action="store_true", help="PyTorch SDPA attention (the default)")

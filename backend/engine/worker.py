@@ -1,7 +1,11 @@
 """The backend process: owns torch and the device, runs one job at a time.
 
 It talks to the app process through two queues (jobs in, events out) and two
-shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`.
+shared flags (interrupt, skip). Events: `ready`, `progress`, `result`, `error`; the
+result and error events carry the paths of the checkpoints then loaded
+(`checkpoints`), which the app's queue routes jobs on. With `--backend-workers N`
+there are N such processes (or Ray actors, `backend/workers/ray_actor.py`, which
+run the same `build_state` and `answer_job`); `assign_device` picks each one's device.
 Loaded checkpoints stay in a least-recently-used cache (the active one on the
 device, the others in RAM), so switching back to a cached one reads no file.
 
@@ -820,30 +824,51 @@ def memory_report(device=None) -> dict:
     return {"ram": ram, "cuda": cuda}
 
 
-def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> None:
-    """Entry point of the backend process."""
-    import signal
-    # Ctrl+C in a terminal reaches the whole process group: the app process stops this one itself (service.stop()).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=args_dict.get("loglevel", "INFO").upper(),
-                        format="%(asctime)s backend %(levelname)s %(name)s: %(message)s")
+def assign_device(args: argparse.Namespace) -> None:
+    """This worker's device among the pool's (`--backend-workers`): worker `worker_index` of `worker_count` takes the
+    `--device-id` list's entry of its index (`0,1`, round robin), else, with several CUDA devices visible, the device
+    of its index; one worker and a single `--device-id` keep the flag as it is."""
+    index, count = int(getattr(args, "worker_index", 0) or 0), int(getattr(args, "worker_count", 1) or 1)
+    ids = [part.strip() for part in str(getattr(args, "device_id", "") or "").split(",") if part.strip()]
+    if ids:
+        args.device_id = ids[index % len(ids)]
+        return
+    import torch
+    if count > 1 and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        args.device_id = str(index % torch.cuda.device_count())
+
+
+def cpu_threads(worker_count: int) -> int:
+    """torch threads of a CPU worker: the physical cores split between the pool's workers, at least one (torch
+    defaults to one thread per logical CPU; SMT siblings only slow the matrix kernels down)."""
+    import psutil
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, physical // max(1, worker_count))
+
+
+def loaded_checkpoints(state: WorkerState) -> list[str]:
+    """The paths of the checkpoints in the worker's cache, least recently used first (what the pool routes on)."""
+    return [str(key[0]) for key in state.cache.models]
+
+
+def build_state(args_dict: dict) -> WorkerState:
+    """Everything a worker keeps from job to job, for the device `assign_device` chose (a backend process, a Ray
+    actor)."""
     import torch
 
     from backend.checkpoints import HashCache
     from backend.engine.devices import DevicePolicy
-    from backend.core.errors import UserError
     from backend.core.paths import DataPaths
 
     args = argparse.Namespace(**args_dict)
+    assign_device(args)
     torch.set_grad_enabled(False)
     paths = DataPaths.from_args(args)
     policy = DevicePolicy.from_args(args)
-    if policy.device.type == "cpu":
-        # torch defaults to one thread per logical CPU; SMT siblings only slow the matrix kernels down.
-        import psutil
-        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical:
-            torch.set_num_threads(physical)
+    if policy.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = cpu_threads(int(getattr(args, "worker_count", 1) or 1))
+        if torch.get_num_threads() > threads or int(getattr(args, "worker_count", 1) or 1) > 1:
+            torch.set_num_threads(threads)
     hashes = HashCache(paths.cache_dir / "hashes.json")
     from backend.engine.always_on import add_extension_tables
     add_extension_tables(paths.data_dir)  # the engine parts of the extensions in DATA_DIR/extensions
@@ -851,31 +876,52 @@ def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> Non
     from backend.engine.postprocess.runtime import PostprocessRuntime
     from backend.engine.interrogate.runtime import InterrogateRuntime
     from backend.engine.previews import PreviewDecoders
-    state = WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes, paths.models_dir), vae=VaeSwitcher(),
-                        scripts=ScriptRuntimes(policy, paths.models_dir),
-                        postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths),
-                        previews=PreviewDecoders(paths.models_dir),
-                        interrogate=InterrogateRuntime.from_args(paths, args))
+    return WorkerState(policy=policy, hashes=hashes, cache=ModelCache(policy, hashes, paths.models_dir), vae=VaeSwitcher(),
+                       scripts=ScriptRuntimes(policy, paths.models_dir),
+                       postprocess=PostprocessRuntime(paths, args), networks=NetworkRuntime.from_paths(paths),
+                       previews=PreviewDecoders(paths.models_dir),
+                       interrogate=InterrogateRuntime.from_args(paths, args))
+
+
+def answer_job(msg: dict, state: WorkerState, control: JobControl) -> dict:
+    """Run one job message ({job_id, kind, payload}) -> its `result` or `error` event, with the checkpoints then
+    loaded (`checkpoints`)."""
+    import torch
+
+    from backend.core.errors import UserError
+
+    job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]
+    try:
+        result = run_job(kind, payload, state, control)
+        event = {"type": "result", "job_id": job_id, "result": result}
+    except UserError as exc:
+        event = {"type": "error", "job_id": job_id, "message": exc.message, "status": exc.status}
+    except Exception as exc:  # a bug or a resource problem: log it whole, report it short
+        log.error("job %s (%s) failed:\n%s", job_id, kind, traceback.format_exc())
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            message = f"Out of memory while running {kind}: {exc}. Try a smaller size or batch, or --medvram/--lowvram."
+        event = {"type": "error", "job_id": job_id, "message": message, "status": 500}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    event["checkpoints"] = loaded_checkpoints(state)
+    return event
+
+
+def worker_main(args_dict: dict, jobs, events, interrupt_flag, skip_flag) -> None:
+    """Entry point of the backend process (one per `--backend-workers`)."""
+    import signal
+    # Ctrl+C in a terminal reaches the whole process group: the app process stops this one itself (service.stop()).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args_dict.get("loglevel", "INFO").upper(),
+                        format="%(asctime)s backend %(levelname)s %(name)s: %(message)s")
+    state = build_state(args_dict)
     flags = SharedFlags(interrupt_flag, skip_flag)
-    log.info("backend ready (pid %d): %s", os.getpid(), policy.describe())
-    events.put({"type": "ready", "pid": os.getpid(), "device": policy.describe()})
+    log.info("backend ready (pid %d): %s", os.getpid(), state.policy.describe())
+    events.put({"type": "ready", "pid": os.getpid(), "device": state.policy.describe(), "checkpoints": []})
     while True:
         msg = next_message(jobs, app_process_alive)
         if msg is None:
             break
-        job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]
-        control = WorkerJobControl(job_id, events, flags)
-        try:
-            result = run_job(kind, payload, state, control)
-            events.put({"type": "result", "job_id": job_id, "result": result})
-        except UserError as exc:
-            events.put({"type": "error", "job_id": job_id, "message": exc.message, "status": exc.status})
-        except Exception as exc:  # a bug or a resource problem: log it whole, report it short
-            log.error("job %s (%s) failed:\n%s", job_id, kind, traceback.format_exc())
-            message = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-                message = f"Out of memory while running {kind}: {exc}. Try a smaller size or batch, or --medvram/--lowvram."
-            events.put({"type": "error", "job_id": job_id, "message": message, "status": 500})
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        events.put(answer_job(msg, state, WorkerJobControl(msg["job_id"], events, flags)))
