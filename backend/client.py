@@ -75,6 +75,8 @@ class Job:
     worker: str | None = None  # the name of the worker that runs (or ran) it
     runs: int = 0  # how many times a worker took it (2: its first worker died under it)
     pinned: str | None = None  # the worker it must run on (a part of a job sent to every worker)
+    # seeds Python's `random` in the worker for this job: a re-run resolves random seeds (-1) to the same ones
+    entropy: int = field(default_factory=lambda: secrets.randbits(64))
 
     @property
     def progress(self) -> float:
@@ -344,7 +346,8 @@ class BackendClient:
                 job.status, job.started, job.worker = "running", time.time(), worker.name
                 job.runs += 1
                 worker.took(job)
-                sends.append((worker, {"job_id": job.job_id, "kind": job.kind, "payload": job.payload}))
+                sends.append((worker, {"job_id": job.job_id, "kind": job.kind, "payload": job.payload,
+                                       "entropy": job.entropy}))
         for worker, message in sends:
             try:
                 worker.send(message)

@@ -113,11 +113,14 @@ def test_a_job_whose_worker_dies_runs_again_once_then_fails(pool):
     job = pool.submit("txt2img", ckpt("a.safetensors"))
     behind = [pool.submit("txt2img", ckpt("a.safetensors")) for _ in range(2)]
     assert job.worker == "worker-1"
+    first_entropy = w1.sent[-1]["entropy"]
     w1.sink(w1, {"type": "dead", "exitcode": -9})
     assert w1.restarts == 1 and w1.starts == 2  # restarted (the fake is ready at once)
     # the others busy, the restarted worker takes the same job again (at the head of the queue)
     assert job.status == "running" and job.runs == 2 and w1.sent[-1]["job_id"] == job.job_id
     assert w1.sent[-1]["payload"] is job.payload  # the same payload: the same seed
+    # and the same random state for the seeds the worker draws (-1): the same picture for random seeds too
+    assert w1.sent[-1]["entropy"] == first_entropy and behind[0].entropy != first_entropy
     assert [b.status for b in behind] == ["running", "running"]  # the queued jobs went on
     w1.sink(w1, {"type": "dead", "exitcode": -9})
     assert job.done.is_set() and isinstance(job.error, BackendError)
@@ -157,3 +160,17 @@ def test_model_files_are_listed_and_replaced_by_the_nodes_copies(tmp_path):
     assert moved["checkpoint"].path == Path(local) and moved["checkpoint"].name == "a.safetensors"
     assert moved["vae"] is v and moved["checkpoint_fallbacks"] == [(b, None)] and moved["other"] == 1
     assert payload["checkpoint"] is a  # the app's payload is not changed
+
+
+def test_a_jobs_entropy_fixes_the_random_seeds_the_worker_draws(monkeypatch):
+    """The worker seeds Python's `random` with the job's entropy before running it: seed -1 resolves the same way
+    on each run of the job (the re-run after a worker's death), differently for different jobs."""
+    import backend.engine.worker as worker_module
+    from backend.engine.rng import fix_seed
+
+    drawn = []  # the engine replaced by one that records what seed -1 resolves to
+    monkeypatch.setattr(worker_module, "run_job", lambda kind, payload, state, control: drawn.append(fix_seed(-1)) or {})
+    monkeypatch.setattr(worker_module, "loaded_checkpoints", lambda state: [])
+    for entropy in (11, 11, 12):
+        worker_module.answer_job({"job_id": "j", "kind": "txt2img", "payload": {}, "entropy": entropy}, None, None)
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]

@@ -18,6 +18,7 @@ import argparse
 import gc
 import logging
 import os
+import random
 import time
 import traceback
 from collections import OrderedDict
@@ -891,6 +892,10 @@ def answer_job(msg: dict, state: WorkerState, control: JobControl) -> dict:
     from backend.core.errors import UserError
 
     job_id, kind, payload = msg["job_id"], msg["kind"], msg["payload"]
+    if msg.get("entropy") is not None:
+        # Python's `random` (random seeds: -1) from a value the app chose for this job, so that a job run again on
+        # another worker after its first one died draws the same seeds and makes the same picture
+        random.seed(msg["entropy"])
     try:
         result = run_job(kind, payload, state, control)
         event = {"type": "result", "job_id": job_id, "result": result}
