@@ -26,16 +26,9 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+from backend.engine.devices.cpu import cpu_model_name  # noqa: E402
 
 
 def free_port() -> int:
@@ -109,7 +102,7 @@ def main() -> int:
         one_round(root, args.timeout, args.pycache)
     rounds = [one_round(root, args.timeout, args.pycache) for _ in range(max(1, args.rounds))]
     med = {k: statistics.median(r[k] for r in rounds) for k in ("ready_s", "app_cpu_s", "app_rss_mib", "backend_rss_mib")}
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
+    print(f"CPU: {cpu_model_name()} ({os.cpu_count()} logical cores)")
     print(f"checkout: {root}")
     print(f"rounds: {len(rounds)} (median), after {args.warmup} warm-up start(s)")
     each = ", ".join(f"{r['ready_s']:.1f}" for r in rounds)

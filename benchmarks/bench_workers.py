@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,21 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_app_process import free_port  # noqa: E402  (benchmarks/ is on the path as the script's folder)
+from backend.engine.devices.cpu import cpu_model_name  # noqa: E402
 
 
 def checkpoint(full: bool, folder: Path) -> Path:
@@ -198,7 +184,7 @@ def main() -> int:
     args.steps = args.steps or (10 if args.full else 20)
     args.size = args.size or (512 if args.full else 128)
     ckpt = checkpoint(args.full, Path(args.models))
-    print(f"CPU: {cpu_model()} ({psutil.cpu_count(logical=False)} physical cores, {psutil.cpu_count()} logical)")
+    print(f"CPU: {cpu_model_name()} ({psutil.cpu_count(logical=False)} physical cores, {psutil.cpu_count()} logical)")
     print(f"model: {'full-size SD 1.5 (random weights)' if args.full else 'tiny SD 1.x'}; {args.jobs} jobs of "
           f"{args.size}x{args.size}, {args.steps} steps, Euler")
     for workers in (int(n) for n in args.workers.split(",")):
