@@ -174,3 +174,30 @@ def test_a_jobs_entropy_fixes_the_random_seeds_the_worker_draws(monkeypatch):
     for entropy in (11, 11, 12):
         worker_module.answer_job({"job_id": "j", "kind": "txt2img", "payload": {}, "entropy": entropy}, None, None)
     assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
+
+
+def test_how_many_workers_by_default(monkeypatch, tmp_path):
+    """--backend-workers wins; else one per --device-id entry; else one per visible NVIDIA GPU (CUDA_VISIBLE_DEVICES,
+    else `nvidia-smi -L`), except on the CPU or a Ray cluster; else one."""
+    from backend.core.cmd_args import backend_workers, build_parser
+
+    def count(*flags):
+        return backend_workers(build_parser().parse_args(list(flags)))
+
+    fake_smi = tmp_path / "nvidia-smi"  # lists three GPUs, as the real one does
+    fake_smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: a)'\necho 'GPU 1: NVIDIA H100 (UUID: b)'\n"
+                        "echo 'GPU 2: NVIDIA H100 (UUID: c)'\n")
+    fake_smi.chmod(0o755)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert count() == 3
+    assert count("--backend-workers", "2") == 2
+    assert count("--device-id", "0,1") == 2 and count("--device-id", "1") == 1
+    assert count("--use-cpu", "all") == 1 and count("--ray-address", "auto") == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert count() == 1  # no GPU visible: one worker (on the CPU)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert count() == 1  # no nvidia-smi: no NVIDIA GPU

@@ -25,11 +25,43 @@ def _positive_int(text: str) -> int:
 
 
 def backend_workers(args: argparse.Namespace) -> int:
-    """How many backend workers: --backend-workers, else one per --device-id entry, else one."""
+    """How many backend workers: --backend-workers, else one per --device-id entry, else one per visible NVIDIA GPU
+    (the model on the GPU: not with `--use-cpu all|sd`, nor on a Ray cluster, whose GPUs Ray counts), else one."""
     if getattr(args, "backend_workers", None):
         return int(args.backend_workers)
     ids = [part for part in str(getattr(args, "device_id", "") or "").split(",") if part.strip()]
-    return max(1, len(ids))
+    if ids:
+        return len(ids)
+    if getattr(args, "ray_address", None) or {"all", "sd"} & set(getattr(args, "use_cpu", None) or []):
+        return 1
+    return max(1, visible_gpu_count())
+
+
+def visible_gpu_count() -> int:
+    """The NVIDIA GPUs this process may use, found without importing torch (the app process never does):
+    CUDA_VISIBLE_DEVICES when it is set, else the GPUs `nvidia-smi -L` lists; 0 where there is neither."""
+    import os
+    import shutil
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [part.strip() for part in visible.split(",") if part.strip()]
+        # CUDA stops at the first invalid entry ("-1" hides every GPU)
+        count = 0
+        for entry in entries:
+            if entry.startswith("-"):
+                break
+            count += 1
+        return count
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--device-id", default=None,
                      help="CUDA device index to use, or a list of them (0,1): one per backend worker, in turn")
     mem.add_argument("--backend-workers", type=_positive_int, default=None, metavar="N",
-                     help="backend worker processes behind the one job queue, each owning one device (default: one, "
-                          "or one per --device-id entry; with several GPUs and no --device-id worker i takes GPU i; "
-                          "on the CPU the physical cores are split between them)")
+                     help="backend worker processes behind the one job queue, each owning one device (default: one per "
+                          "--device-id entry, else one per visible NVIDIA GPU, worker i on GPU i; one with --use-cpu "
+                          "all/sd or no GPU; on the CPU the physical cores are split between them)")
     mem.add_argument("--ray-address", default=None, metavar="ADDR",
                      help="run the backend workers as Ray actors on the cluster at ADDR ('auto' or HOST:PORT), "
                           "--backend-workers of them (needs the ray package)")
