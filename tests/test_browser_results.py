@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import zipfile
 
+import httpx
+
 from browser import browser_page, set_sizes
 
 
@@ -19,18 +21,22 @@ def test_busy_state_live_preview_in_the_gallery_then_the_result(server):
         assert not visible(page, "#txt2img_interrupt") and not visible(page, "#txt2img_skip")
         assert not visible(page, "#txt2img_preview")  # no empty preview box taking room
         page.fill("#txt2img_prompt textarea", "a long walk")
-        set_sizes(page, steps=80, width=128, height=128)
+        # a batch of 100: the job cannot end by itself while the test looks at its busy state (it is interrupted)
+        set_sizes(page, steps=80, width=128, height=128, batch_count=100)
         page.click("#txt2img_generate")
-        # while it runs: Generate tells the state, Interrupt and Skip are there, the preview replaces the gallery
-        page.wait_for_function("/Running|Queued/.test(document.querySelector('#txt2img_generate').innerText)",
-                               timeout=120_000)
-        page.wait_for_selector("#txt2img_interrupt", state="visible")
-        assert visible(page, "#txt2img_skip")
-        page.wait_for_selector("#txt2img_preview img", state="visible", timeout=180_000)
-        assert not visible(page, "#txt2img_gallery")
-        page.click("#txt2img_interrupt")
-        page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Interrupted')",
-                               timeout=180_000)
+        try:
+            # while it runs: Generate tells the state, Interrupt and Skip are there, the preview replaces the gallery
+            page.wait_for_function("/Running|Queued/.test(document.querySelector('#txt2img_generate').innerText)",
+                                   timeout=120_000)
+            page.wait_for_selector("#txt2img_interrupt", state="visible")
+            assert visible(page, "#txt2img_skip")
+            page.wait_for_selector("#txt2img_preview img", state="visible", timeout=180_000)
+            assert not visible(page, "#txt2img_gallery")
+            page.click("#txt2img_interrupt")
+            page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Interrupted')",
+                                   timeout=180_000)
+        finally:  # the server goes on to the next test free, whatever happened here
+            httpx.post(server.url + "/sdapi/v1/interrupt", timeout=30)
         page.wait_for_function("document.querySelector('#txt2img_generate').innerText.trim() === 'Generate'")
         page.wait_for_selector("#txt2img_gallery img", state="visible")
         assert not visible(page, "#txt2img_preview") and not visible(page, "#txt2img_interrupt")
