@@ -103,7 +103,10 @@ def test_every_sampler_runs(api):
         results[name] = run(sampler_name=name, scheduler=schedule)
         assert np.array_equal(results[name], run(sampler_name=name, scheduler=schedule)), f"{name} is not reproducible"
         if name != "Euler":
-            assert np.abs(results[name] - euler).mean() > 0.5, f"{name} gave Euler's picture"
+            # every run is bit-reproducible (above), so Euler run under another name would give exactly Euler's
+            # pixels; how far a sampler lands from Euler depends on the CPU's float rounding (LMS at 4 steps on the
+            # tiny model: mean 0.46 of 255 on an AVX2 CPU, above 0.5 on AVX512), so no distance is asked for
+            assert not np.array_equal(results[name], euler), f"{name} gave Euler's picture"
     for i, a in enumerate(required):
         for b in required[i + 1:]:
             assert not np.array_equal(results[a], results[b]), f"{a} and {b} gave the same picture"
