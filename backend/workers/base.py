@@ -18,7 +18,7 @@ class WorkerHandle:
     """One worker: the pool's record of it (state, current job, loaded checkpoints) and the transport's methods.
 
     Transports implement `start` (start it; a `ready` event follows, or `dead`), `send` (one job message
-    {job_id, kind, payload}; its `progress` events and then one `result` or `error` event follow, or `dead`),
+    {job_id, kind, payload, entropy}; its `progress` events and then one `result` or `error` event follow, or `dead`),
     `interrupt`/`skip`/`clear_flags` (the running job's stop flags), `stop` (end it, waiting a little) and `kill`
     (end it at once). Every event reaches `sink(worker, event)`, from the transport's own threads; a `dead` event
     ({"type": "dead", "exitcode"}) says the worker is gone (killed, out of memory, crashed)."""
