@@ -145,12 +145,17 @@ def test_every_masked_content_mode_runs(api):
         outs[fill] = px(out)
         assert np.array_equal(outs[fill][far], px(init)[far]), name  # pixels away from the mask are kept
         assert np.abs(outs[fill][inside] - px(init)[inside]).mean() > 5, name  # the masked area was repainted
-    # each mode starts the masked area from something else, so each paints it differently
+    # each mode starts the masked area from something else, so each paints it differently. A run is bit-reproducible
+    # (the same request again gives the same pixels), so any difference comes from the mode; how large it is depends
+    # on the tiny random model and on the CPU's float paths ("fill" vs "original": 0.98 on an AVX2 CPU, over 2 on
+    # AVX512 ones), so the test asks for a difference, not for a size of one.
+    again = px(images_of(api.post("/img2img", json=body(init, mask=b64(mask), mask_blur=2, inpainting_fill=1,
+                                                         inpaint_full_res=False, steps=2)))[0])
+    assert np.array_equal(again, outs[1])
     for a in names:
         for b in names:
             if a < b:
-                diff = np.abs(outs[a][inside] - outs[b][inside]).mean()
-                assert diff > 2, (names[a], names[b], diff)
+                assert not np.array_equal(outs[a][inside], outs[b][inside]), (names[a], names[b])
 
 
 def test_soft_inpainting_blends_the_edge_and_keeps_the_rest(api):

@@ -27,8 +27,12 @@ def _open_settings(page) -> None:
 
 def _apply(page, expect: str) -> None:
     """Press Apply and wait for its answer (`expect`: a text the answer before it did not hold)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     page.click("#settings_submit")
-    page.wait_for_function(f"document.querySelector('#settings_result').innerText.includes({expect!r})")
+    try:
+        page.wait_for_function(f"document.querySelector('#settings_result').innerText.includes({expect!r})")
+    except PlaywrightTimeout:  # name what Apply answered instead
+        raise AssertionError(f"Apply answered {page.inner_text('#settings_result')!r}, not {expect!r}") from None
 
 
 def _slider_value(page, key: str) -> str:

@@ -12,7 +12,9 @@ from conftest import Server
 
 LIMIT = 100  # queue_max_jobs for the test
 BULK = 110  # concurrent txt2img requests: one runs, LIMIT wait, the rest are refused
-ANSWER_WITHIN_S = 3.0  # a wide margin: an idle server answers these in milliseconds
+# "At once" without a clock (a timed test fails on a busy machine): a call answers while the queue is still full,
+# the jobs ahead of it done by then: at most the one running when it was sent (each job runs for many seconds).
+AT_MOST_DONE_MEANWHILE = 1
 
 
 def slow_job(i: int) -> dict:
@@ -21,19 +23,22 @@ def slow_job(i: int) -> dict:
             "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "tiny-sd1.safetensors"}}
 
 
-def timed(call) -> tuple[httpx.Response, float]:
-    start = time.monotonic()
-    response = call()
-    return response, time.monotonic() - start
-
-
 def test_full_queue_answers_at_once_and_refuses_past_its_bound(tmp_path, tiny_models):
     srv = Server(tmp_path / "data", models={"sd1": tiny_models["sd1"]})
     answers: queue.Queue = queue.Queue()
+    completed: list[int] = []  # the jobs that ended with their picture
+
+    def answered_at_once(call) -> httpx.Response:
+        before = len(completed)
+        response = call()
+        assert len(completed) - before <= AT_MOST_DONE_MEANWHILE, "the call waited for the queued jobs"
+        return response
 
     def submit(i: int) -> None:
         try:
             r = httpx.post(srv.url + "/sdapi/v1/txt2img", json=slow_job(i), timeout=600)
+            if r.status_code == 200:
+                completed.append(i)
             answers.put((r.status_code, r.headers, r.text))
         except httpx.HTTPError as exc:  # the server is stopped at the end with requests still waiting
             answers.put((None, {}, str(exc)))
@@ -65,15 +70,15 @@ def test_full_queue_answers_at_once_and_refuses_past_its_bound(tmp_path, tiny_mo
             assert "queue is full" in body["detail"] and "queue_max_jobs" in body["detail"]
 
             # With the queue full, the server still answers at once.
-            r, took = timed(lambda: api.get("/progress"))
-            assert r.status_code == 200 and took < ANSWER_WITHIN_S, f"GET /progress took {took:.1f} s"
+            r = answered_at_once(lambda: api.get("/progress"))
+            assert r.status_code == 200
             assert r.json()["current_task"], "no job is running although the queue is full"
-            r, took = timed(lambda: httpx.get(srv.url + "/", timeout=60))
-            assert r.status_code == 200 and took < ANSWER_WITHIN_S, f"the UI page took {took:.1f} s"
-            r, took = timed(lambda: api.post("/interrupt"))
-            assert r.status_code == 200 and took < ANSWER_WITHIN_S, f"POST /interrupt took {took:.1f} s"
-            r, took = timed(lambda: api.get("/progress", params={"skip_current_image": True}))
-            assert r.status_code == 200 and took < ANSWER_WITHIN_S, f"GET /progress took {took:.1f} s"
+            r = answered_at_once(lambda: httpx.get(srv.url + "/", timeout=60))
+            assert r.status_code == 200
+            r = answered_at_once(lambda: api.post("/interrupt"))
+            assert r.status_code == 200
+            r = answered_at_once(lambda: api.get("/progress", params={"skip_current_image": True}))
+            assert r.status_code == 200
     finally:
         srv.stop()  # the jobs still queued are dropped with the server
         for t in threads:
