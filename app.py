@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         from ui.theme import theme_head
         from backend.extensions import page_head
         demo = build_ui(service)
+        from starlette.middleware import Middleware
         demo.queue(default_concurrency_limit=None)
         logins = _logins(args)
         app, local_url, share_url = demo.launch(
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             auth=logins or None, ssl_keyfile=args.tls_keyfile, ssl_certfile=args.tls_certfile,
             root_path=args.subpath, inbrowser=args.autolaunch, css=CSS + icons.css(), head=theme_head(args.theme) + icons.head() + page_scripts.head() + page_head(service.extensions.enabled()), quiet=True,
             max_file_size=service.options["upload_max_file_size_mb"] * 2**20,
-            app_kwargs={"middleware": guards + (api_middleware(args) if args.api else []),
+            app_kwargs={"middleware": guards + (api_middleware(args) if args.api else [])
+                        + [Middleware(demo.easel_live_page.middleware)],  # each page served as the server is now
                         # the API's docs, as with --nowebui (Gradio turns them off by default)
                         **({"docs_url": "/docs", "redoc_url": "/redoc"} if args.api else {})},
             # Gradio's start-up self-check (one HEAD of the page, 3 s timeout, meant for notebooks that cannot reach

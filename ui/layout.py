@@ -14,6 +14,7 @@ from backend.service import DEFAULT_MODEL_NAME, DEFAULT_MODEL_URL, EaselService
 from ui import (extension_parts, extensions, extra_networks, extras, img2img, model_parts, page_scripts, pnginfo,
                 quicksettings, send_to, settings_tab, txt2img, ui_config)
 from ui import checkpoint_merger
+from ui.live_page import LivePage
 
 CSS = """
 .easel-progress { position: relative; height: 24px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
@@ -31,6 +32,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
     from ui import extension_tabs
     added_tabs = extension_tabs.collect(service)  # extensions' on_ui_tabs: their own Blocks, made before the page's
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+        live = demo.easel_live_page = LivePage(demo, subpath=getattr(service.args, "subpath", None) or "")
         quick = quicksettings.build(service, _current_title(service))  # the settings quicksettings_list names
         checkpoint, refresh, vae = quick.components["sd_model_checkpoint"], quick.refresh, quick.components["sd_vae"]
         checkpoint_request = extra_networks.checkpoint_request()  # a checkpoint card's click
@@ -68,7 +70,7 @@ def build_ui(service: EaselService) -> gr.Blocks:
 
         refresh.click(on_refresh, outputs=[checkpoint, vae, notice, quick.modules], queue=False)
         model_parts.wire(service, quick.modules, notice)  # "VAE / Text Encoder": stored through the settings gate
-        demo.load(lambda: model_parts.choices_update(service), outputs=[quick.modules], queue=False)
+        live.on_page_load(lambda: [model_parts.choices_update(service)], outputs=[quick.modules])
 
         # The quick settings and the Settings tab's fields for the same settings, with what that tab loaded.
         quick_outputs = [notice, checkpoint, vae, settings.components["sd_model_checkpoint"],
@@ -108,9 +110,10 @@ def build_ui(service: EaselService) -> gr.Blocks:
                      gr.update(choices=service.vae_choices(), value=service.options["sd_vae"])]
                     + [gr.update(value=clip_skip) for _ in clip_skips] + settings.refreshed(service))
 
-        demo.load(on_page_load, outputs=[checkpoint, vae] + clip_skips + settings.outputs(), queue=False)
+        # in the page's config as it is served, not as page-load events (ui/live_page.py says why)
+        live.on_page_load(on_page_load, outputs=[checkpoint, vae] + clip_skips + settings.outputs())
         quicksettings.wire(quick, service, settings, notice)
-        demo.load(lambda: quick.on_page_load(service), outputs=quick.outputs(), queue=False)
+        live.on_page_load(lambda: quick.on_page_load(service), outputs=quick.outputs())
         demo.load(extensions_refresh, outputs=extensions_outputs, queue=False)
 
         def on_load():

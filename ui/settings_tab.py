@@ -26,7 +26,7 @@ EXTENSIONS_TAB_SETTINGS = ("disable_all_extensions",)
 @dataclass
 class SettingsTab:
     components: dict[str, gr.components.Component]  # by setting key, in the order of the page
-    loaded: gr.State  # {key: value} as the page last read them from the server
+    loaded: gr.JSON  # {key: value} as the page last read them from the server (hidden)
     defaults: tuple[gr.Button, gr.Button, gr.HTML]  # the Defaults section's View changes, Apply, and their answer
 
     def outputs(self) -> list:
@@ -141,6 +141,10 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         reload = gr.Button("Reload UI", elem_id="settings_restart_gradio")
     result = gr.HTML(elem_id="settings_result")
+    # what the page's fields showed when it was served (ui/live_page.py keeps both current for each new page): a
+    # hidden field made before them, so a config copied while it changes has this snapshot no newer than the fields
+    loaded = gr.JSON(initial, visible="hidden", elem_id="settings_loaded")  # in the page (a field Gradio does not
+    # render drops the updates the quick settings send it), not shown
     sections: dict[str, list] = {}
     for s in service.options.settings():  # Easel's own, then the extensions' (easel_extension.py, on_ui_settings)
         if shown_in_tab(s):
@@ -168,7 +172,7 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
                     save = gr.Button("Apply", variant="primary", elem_id="settings_defaults_apply")
                 defaults_result = gr.HTML(elem_id="settings_defaults_result")
     # the buttons' events need every control of the tabs: ui/layout.py wires them (ui_config.wire_defaults)
-    tab = SettingsTab(components=components, loaded=gr.State(initial), defaults=(view, save, defaults_result))
+    tab = SettingsTab(components=components, loaded=loaded, defaults=(view, save, defaults_result))
     quick_keys = [key for key in components if key in quick]
 
     def on_apply(loaded: dict, *values):
