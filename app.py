@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         from ui import icons, page_scripts
         from ui.theme import theme_head
         from backend.extensions import page_head
-        demo = build_ui(service)
         from starlette.middleware import Middleware
+        demo = build_ui(service)
         demo.queue(default_concurrency_limit=None)
         logins = _logins(args)
         app, local_url, share_url = demo.launch(

@@ -8,8 +8,8 @@ with a walk of the whole component tree. Page-load events with the Settings tab'
 fields made every later click of the page cost seconds of CPU (measured: opening an accordion 6 s on an idle
 2-core machine, 0.8 s without them). Served in the config, the same values cost the page nothing.
 
-`LivePage.on_page_load(fn, outputs)` takes what a `demo.load` would (`fn` returns one value or `gr.update(...)` per
-output); `middleware(app)` refreshes the config before `GET /` and `GET /config`, one page at a time, so a page gets
+`LivePage.on_page_load(fn, outputs)` takes what a `demo.load` would (`fn` returns a list: one value or
+`gr.update(...)` per output); `middleware(app)` refreshes the config before `GET /` and `GET /config`, one page at a time, so a page gets
 the fields and the Settings tab's snapshot of them (`settings_tab.SettingsTab.loaded`) from the same moment.
 """
 from __future__ import annotations
@@ -41,10 +41,7 @@ class LivePage:
             return
         entries = {entry["id"]: entry for entry in config["components"]}
         for fn, outputs in self.loaders:
-            values = fn()
-            if len(outputs) == 1 and not isinstance(values, (list, tuple)):
-                values = [values]
-            for component, value in zip(outputs, values):
+            for component, value in zip(outputs, fn()):
                 entry = entries.get(component._id)
                 if entry is not None:
                     _apply(component, entry, value)

@@ -141,10 +141,9 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         reload = gr.Button("Reload UI", elem_id="settings_restart_gradio")
     result = gr.HTML(elem_id="settings_result")
-    # what the page's fields showed when it was served (ui/live_page.py keeps both current for each new page): a
-    # hidden field made before them, so a config copied while it changes has this snapshot no newer than the fields
-    loaded = gr.JSON(initial, visible="hidden", elem_id="settings_loaded")  # in the page (a field Gradio does not
-    # render drops the updates the quick settings send it), not shown
+    # what the page's fields showed when it was served (ui/live_page.py keeps both current for each new page);
+    # "hidden", not visible=False: a field Gradio does not render drops the updates the quick settings send it
+    loaded = gr.JSON(initial, visible="hidden", elem_id="settings_loaded")
     sections: dict[str, list] = {}
     for s in service.options.settings():  # Easel's own, then the extensions' (easel_extension.py, on_ui_settings)
         if shown_in_tab(s):
