@@ -60,6 +60,16 @@ def changed(loaded: dict[str, Any], shown: dict[str, Any], settings: list[Settin
             if key not in loaded or not _same(by_key[key], value, loaded[key])}
 
 
+def to_store(loaded: dict[str, Any], shown: dict[str, Any], current: dict[str, Any],
+             settings: list[Setting] | None = None) -> dict[str, Any]:
+    """What Apply stores: the user's changes (`changed` since the page loaded) less those the server already holds
+    (`current`), so its answer counts the settings it changed, as A1111's does (a quick setting changed on this
+    page updates the tab's field a moment before what it loaded)."""
+    by_key = {s.key: s for s in (settings or SETTINGS)}
+    return {key: value for key, value in changed(loaded, shown, settings).items()
+            if key not in current or not _same(by_key[key], value, current[key])}
+
+
 def _same(setting: Setting, a: Any, b: Any) -> bool:
     try:
         return coerce(setting, a) == coerce(setting, b)
@@ -175,7 +185,8 @@ def build(service: EaselService, quick: dict[str, gr.components.Component]) -> S
     quick_keys = [key for key in components if key in quick]
 
     def on_apply(loaded: dict, *values):
-        changes = changed(loaded, dict(zip(components, values)), service.options.settings())
+        changes = to_store(loaded, dict(zip(components, values)), current_values(service),
+                           service.options.settings())
         keep = [gr.update() for _ in tab.outputs()] + [gr.update() for _ in quick_keys]
         if not changes:
             return ["Nothing changed."] + keep
