@@ -249,14 +249,14 @@ CN_AXES = [f"[ControlNet] {n}" for n in ("Enabled", "Model", "Weight", "Guidance
 def test_controlnet_axes_follow_a1111s_axes(api):
     """The ControlNet extension adds its axes after A1111's (whose indices stay), in both tabs."""
     for info in (i for i in api.get("/script-info").json() if i["name"] == "x/y/z plot"):
-        builtin = [a.label for a in xyz_axes(info["is_img2img"])]
+        builtin = [a.label for a in xyz_axes(info["is_img2img"])]  # A1111's, then Forge's Distilled CFG Scale
         for arg in (info["args"][0], info["args"][3], info["args"][6]):  # X, Y and Z type
-            assert arg["choices"] == builtin + CN_AXES
+            assert arg["choices"] == builtin[:-1] + CN_AXES + ["Distilled CFG Scale"]
 
 
 def test_controlnet_weight_axis_makes_each_cell_with_its_weight(api, server):
     unit = _canny_unit(server)
-    weight_axis = len(T) + CN_AXES.index("[ControlNet] Weight")
+    weight_axis = T["Size"] + 1 + CN_AXES.index("[ControlNet] Weight")  # right after A1111's list
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(weight_axis, "0, 0.5, 1.5"),
                                       alwayson_scripts={"controlnet": {"args": [unit]}}))
     images, info = answer(r)
@@ -285,7 +285,7 @@ def test_controlnet_weight_axis_makes_each_cell_with_its_weight(api, server):
 
 def test_controlnet_axis_values_the_extension_refuses_are_422(api, server):
     unit = _canny_unit(server)
-    weight_axis = len(T) + CN_AXES.index("[ControlNet] Weight")
+    weight_axis = T["Size"] + 1 + CN_AXES.index("[ControlNet] Weight")  # right after A1111's list
     r = api.post("/txt2img", json=txt(script_name="X/Y/Z plot", script_args=xyz_args(weight_axis, "1, 3"),
                                       alwayson_scripts={"controlnet": {"args": [unit]}}))
     assert r.status_code == 422 and "[ControlNet] Weight" in r.text and "3.0" in r.text and "weight" in r.text

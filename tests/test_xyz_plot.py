@@ -52,18 +52,23 @@ def test_axis_indices_are_a1111s_for_each_tab():
     assert txt[:12] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale",
                         "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name"]
     assert txt.index("Schedule type") == 17 and txt.index("Clip skip") == 24 and txt.index("VAE") == 29
-    assert txt.index("Denoising") == 25 and txt.index("Hires upscaler") == 28 and txt[-1] == "Size"
+    assert txt.index("Denoising") == 25 and txt.index("Hires upscaler") == 28 and txt[-2] == "Size"
     img = [a.label for a in xyz_axes(True)]
     assert img[:11] == ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale",
                         "Prompt S/R", "Prompt order", "Sampler", "Checkpoint name"]
     assert "Hires steps" not in img and "Cond. Image Mask Weight" in img and "Cond. Image Mask Weight" not in txt
-    assert len(txt) == 42 and len(img) == 41
+    assert txt[-1] == img[-1] == "Distilled CFG Scale"  # Forge's, after A1111's list
+    assert len(txt) == 43 and len(img) == 42
+    # an extension's axis keeps the index it has in A1111 (right after Size); Forge's comes after it
+    from backend.core.xyz_axes import FLOAT, AxisType
+    with_ext = [a.label for a in xyz_axes(False, (AxisType("[ControlNet] Weight", FLOAT, script="controlnet"),))]
+    assert with_ext[41:] == ["Size", "[ControlNet] Weight", "Distilled CFG Scale"]
 
 
 def test_unsupported_axis_is_refused_by_name_not_shifted():
     with pytest.raises(UserError) as err:
-        parse_xyz_args(args(T["Negative Guidance minimum sigma"], "0-1"), req())
-    assert "Negative Guidance minimum sigma" in err.value.message and "not supported in Easel" in err.value.message
+        parse_xyz_args(args(T["Schedule rho"], "0-1"), req())
+    assert "Schedule rho" in err.value.message and "not supported in Easel" in err.value.message
     assert 400 <= err.value.status < 500
     with pytest.raises(UserError, match="not an axis index"):
         parse_xyz_args(args(99, "1"), req())
@@ -404,10 +409,10 @@ def test_extension_axes_follow_a1111s_and_change_the_units():
         "Enabled", "Model", "Weight", "Guidance Start", "Guidance End", "Control Mode", "Resize Mode", "Preprocessor",
         "Pre Resolution", "Pre Threshold A", "Pre Threshold B")]  # sd-webui-controlnet's order
     for img2img in (False, True):
-        axes = xyz_axes(img2img, extra)
-        assert axes[:len(xyz_axes(img2img))] == xyz_axes(img2img)  # A1111's indices unchanged
+        axes, a1111 = xyz_axes(img2img, extra), xyz_axes(img2img)[:-1]  # less Forge's Distilled CFG Scale
+        assert axes[:len(a1111)] == a1111 and axes[len(a1111):-1] == list(extra)  # A1111's indices unchanged
         assert xyz_arg_specs(img2img, extra)[0].choices == tuple(a.label for a in axes)
-    n = len(xyz_axes(False))
+    n = T["Size"] + 1  # the first extension axis: right after A1111's list
     units = [{"enabled": True, "weight": 1.0, "model": "x"}, {"enabled": False, "weight": 1.0}]
     base = req(alwayson_scripts={"controlnet": {"args": units}})
     plan = parse_xyz_args(args(n + 2, "0-1 (+0.5)", n + 5, "controlnet is more important, Balanced",
@@ -440,7 +445,7 @@ def test_extension_axes_follow_a1111s_and_change_the_units():
 
 def test_extension_axis_cells_get_their_variant_of_the_scripts(tmp_path):
     extra = _cn_axes()
-    n = len(xyz_axes(False))
+    n = T["Size"] + 1  # the first extension axis: right after A1111's list
     plan = parse_xyz_args(args(n + 2, "0, 1", T["Steps"], "1, 2"), req(), extra_axes=extra)
     gen = FakeGenerate()
     calls = []
@@ -466,3 +471,24 @@ def test_rng_source_axis_sets_the_setting_per_cell():
     assert cell.override_settings["randn_source"] == "NV"
     with pytest.raises(UserError, match="X axis \\(RNG source\\).*'TPU'"):
         parse_xyz_args(args(T["RNG source"], "TPU"), req())
+
+
+def test_ngms_token_merging_and_distilled_cfg_axes_set_their_field_or_setting_per_cell():
+    from backend.core.xyz_axes import cell_request
+    ngms = parse_xyz_args(args(T["Negative Guidance minimum sigma"], "0, 1.5"), req()).x
+    assert cell_request(req(), [(ngms.type, 1.5, ngms.values)]).s_min_uncond == 1.5
+    tome = parse_xyz_args(args(T["Token merging ratio"], "0-0.5 [2]"), req()).x
+    assert tome.values == (0.0, 0.5)
+    assert cell_request(req(), [(tome.type, 0.5, tome.values)]).override_settings == {"token_merging_ratio": 0.5}
+    tome_hr = parse_xyz_args(args(T["Token merging ratio high-res"], "0.3"), req()).x
+    assert cell_request(req(), [(tome_hr.type, 0.3, tome_hr.values)]).override_settings == {"token_merging_ratio_hr": 0.3}
+    guidance = parse_xyz_args(args(T["Distilled CFG Scale"], "2.5, 3.5"), req()).x
+    assert cell_request(req(), [(guidance.type, 2.5, guidance.values)]).distilled_cfg_scale == 2.5
+    i2i = Img2ImgRequest(prompt="x", init_images=["x"], width=64, height=64)
+    guidance = parse_xyz_args(args(I["Distilled CFG Scale"], "5"), i2i, is_img2img=True).x
+    assert cell_request(i2i, [(guidance.type, 5.0, guidance.values)]).distilled_cfg_scale == 5.0
+    # each value passes the request's and the settings' checks before the first image
+    with pytest.raises(UserError, match="X axis \\(Token merging ratio\\).*is refused"):
+        parse_xyz_args(args(T["Token merging ratio"], "0.5, 2"), req())
+    with pytest.raises(UserError, match="X axis \\(Distilled CFG Scale\\).*is refused"):
+        parse_xyz_args(args(T["Distilled CFG Scale"], "3, 200"), req())

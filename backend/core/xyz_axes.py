@@ -92,9 +92,7 @@ def _no(label: str, kind: str, reason: str, *, tab: str | None = None, choices: 
     return AxisType(label, kind, tab=tab, choices=choices, unsupported=reason)
 
 
-_NGMS = "skipping the negative prompt at low sigmas is not implemented"
 _SCHED_OPT = "the schedule's sigma range and rho settings are not implemented"
-_NO_TOME = "token merging is not implemented"
 
 # AUTOMATIC1111 1.10's axis_options, in its order (txt2img-only and img2img-only entries marked by `tab`).
 AXES: tuple[AxisType, ...] = (
@@ -113,7 +111,7 @@ AXES: tuple[AxisType, ...] = (
     AxisType("Hires sampler", TEXT, field="hr_sampler_name", tab="txt2img", choices=SAMPLER),
     AxisType("Sampler", TEXT, field="sampler_name", tab="img2img", choices=SAMPLER, legend=VALUE_ONLY),
     AxisType("Checkpoint name", TEXT, setting="sd_model_checkpoint", cost=1.0, choices=CHECKPOINT, legend=BASENAME),
-    _no("Negative Guidance minimum sigma", FLOAT, _NGMS),
+    AxisType("Negative Guidance minimum sigma", FLOAT, field="s_min_uncond"),
     AxisType("Sigma Churn", FLOAT, field="s_churn"),
     AxisType("Sigma min", FLOAT, field="s_tmin"),
     AxisType("Sigma max", FLOAT, field="s_tmax"),
@@ -136,8 +134,8 @@ AXES: tuple[AxisType, ...] = (
     AxisType("Styles", TEXT, field="styles", choices=STYLES),
     _no("UniPC Order", INT, "the UniPC order setting is not implemented"),
     AxisType("Face restore", TEXT, field="restore_faces", choices=None, legend=VALUE_ONLY),
-    _no("Token merging ratio", FLOAT, _NO_TOME),
-    _no("Token merging ratio high-res", FLOAT, _NO_TOME),
+    AxisType("Token merging ratio", FLOAT, setting="token_merging_ratio"),
+    AxisType("Token merging ratio high-res", FLOAT, setting="token_merging_ratio_hr"),
     _no("Always discard next-to-last sigma", TEXT, "the always-discard-next-to-last-sigma setting is not implemented",
         choices=BOOLEAN),
     _no("SGM noise multiplier", TEXT, "the SGM noise multiplier setting is not implemented", choices=BOOLEAN),
@@ -148,12 +146,18 @@ AXES: tuple[AxisType, ...] = (
     AxisType("Size", TEXT, field="size"),
 )
 
+# Forge's, for FLUX dev: Forge lists it after CFG Scale; here it follows A1111's list and the extensions' axes, so
+# the indices A1111's clients send (ControlNet's axes included) keep their meaning.
+FORGE_AXES: tuple[AxisType, ...] = (
+    AxisType("Distilled CFG Scale", FLOAT, field="distilled_cfg_scale"),
+)
+
 
 def xyz_axes(is_img2img: bool, extra: Sequence[AxisType] = ()) -> list[AxisType]:
     """The axis list of a tab, in A1111's order: the `*_type` indices of `script_args` point into it. `extra`: the
-    enabled extensions' axes, after the built-in ones (so those keep their indices)."""
+    enabled extensions' axes, after A1111's (so those keep their indices); then Forge's."""
     tab = "img2img" if is_img2img else "txt2img"
-    return [a for a in (*AXES, *extra) if a.tab is None or a.tab == tab]
+    return [a for a in (*AXES, *extra, *FORGE_AXES) if a.tab is None or a.tab == tab]
 
 
 # Positional script_args, in the order of A1111 1.10's ui() components.
