@@ -11,6 +11,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flow_factory import (CLIP_L_TINY, T5_TINY, write_flux_controlnet_instantx, write_flux_lora_kohya, write_flux_set,
@@ -30,6 +31,10 @@ def flow_models(tmp_path_factory):
     write_flux_controlnet_instantx(models / "ControlNet" / "flux-union-tiny.safetensors", union=True, seed=4,
                                    overrides={"joint_attention_dim": T5_TINY["d_model"],
                                               "pooled_projection_dim": CLIP_L_TINY["hidden_size"]})
+    from backend.engine.previews import taesd_decoder
+    (models / "VAE-taesd").mkdir()
+    torch.manual_seed(2)
+    torch.save(taesd_decoder(16).state_dict(), models / "VAE-taesd" / "taef1_decoder.pth")  # random, its layout
     return data, made
 
 
@@ -73,6 +78,22 @@ def test_flux_transformer_with_its_parts(flow_api):
     assert np.array_equal(image, again)
     other, info2 = _txt2img(flow_api, "flux-tiny", PARTS, distilled_cfg_scale=9.0)
     assert "Distilled CFG Scale: 9" in info2 and not np.array_equal(image, other)
+
+
+def test_flux_final_decode_by_taef1(flow_api):
+    """"VAE type for decode: TAESD" with a FLUX model: taef1's decoder from models/VAE-taesd, A1111's infotext entry."""
+    full, info = _txt2img(flow_api, "flux-tiny", PARTS)
+    body = {"prompt": "a red fox in the snow", "steps": 2, "width": 64, "height": 64, "seed": 7, "cfg_scale": 1,
+            "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "flux-tiny",
+                                                           "forge_additional_modules": PARTS,
+                                                           "sd_vae_decode_method": "TAESD"}}
+    r = flow_api.post("/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    taesd, taesd_info = _image(data["images"][0]), json.loads(data["info"])["infotexts"][0]
+    assert "VAE Decoder: TAESD" in taesd_info and "VAE Decoder" not in info
+    assert taesd.shape == full.shape and not np.array_equal(taesd, full)
+    assert not json.loads(data["info"]).get("warnings")
 
 
 def test_flux_real_cfg_and_img2img(flow_api):

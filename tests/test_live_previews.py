@@ -73,6 +73,27 @@ def test_each_method_makes_a_picture_of_the_pass_size(tmp_path, family):
     assert not torch.equal(cheap_rgb(latent[0], family), cheap_rgb(latent[0], other))
 
 
+@pytest.mark.parametrize("family, name", [("flux", "taef1_decoder.pth"), ("sd3", "taesd3_decoder.pth")])
+def test_flux_and_sd3_previews_use_their_16_channel_taesd(tmp_path, family, name):
+    folder = tmp_path / "VAE-taesd"
+    folder.mkdir()
+    torch.manual_seed(1)
+    net = taesd_decoder(16)
+    assert net.state_dict()["1.weight"].shape == (64, 16, 3, 3)  # taef1/taesd3: the first convolution reads 16
+    torch.save(net.state_dict(), folder / name)
+    decoders = PreviewDecoders(tmp_path, allow_download=False)
+    latent = torch.randn(1, 16, 6, 5)
+    img = make_preview("TAESD", family, latent, 40, 48, decoders, full=None)
+    with torch.no_grad():
+        expected = to_picture(net.eval()(latent)[0] * 2 - 1, 40, 48)  # every channel read, [0, 1] -> [-1, 1]
+    assert np.array_equal(np.asarray(img), np.asarray(expected))
+    assert not np.array_equal(np.asarray(img), np.asarray(to_picture(cheap_rgb(latent[0], family), 40, 48)))
+    # no Approx NN is published for them: Approx cheap, and nothing is looked for
+    approx = make_preview("Approx NN", family, latent, 40, 48, decoders, full=None)
+    assert np.array_equal(np.asarray(approx), np.asarray(to_picture(cheap_rgb(latent[0], family), 40, 48)))
+    assert list(decoders._nets) == [name]
+
+
 def test_a_missing_file_offline_falls_back_to_approx_cheap_with_one_log_line(tmp_path, monkeypatch, caplog):
     import backend.downloads as downloads
     asked = []

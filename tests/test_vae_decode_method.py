@@ -130,15 +130,27 @@ def test_without_networks_or_for_a_flow_model_the_full_vae_is_used(loaded, tiny_
     assert len(ctx.warnings) == 1 and "TAESD was not used" in ctx.warnings[0]
 
 
-def test_a_flow_model_keeps_its_full_vae_with_a_warning(tmp_path, tiny_models, loaded):
+@pytest.mark.parametrize("family, stem", [("flux", "taef1"), ("sd3", "taesd3")])
+def test_a_flow_model_uses_its_16_channel_taesd(tmp_path, tiny_models, loaded, offline, family, stem):
     from types import SimpleNamespace
     from backend.engine.pipelines.common import taesd_network
-    write_taesd_files(tmp_path)
+    folder = tmp_path / "VAE-taesd"
+    folder.mkdir()
+    torch.save(taesd_decoder(16).state_dict(), folder / f"{stem}_decoder.pth")
+    torch.save(taesd_encoder(16).state_dict(), folder / f"{stem}_encoder.pth")
     ctx = context(loaded, tiny_models, PreviewDecoders(tmp_path))
-    ctx.loaded = SimpleNamespace(model=SimpleNamespace(family="flux", latent_channels=16))
-    assert taesd_network(ctx, "decoder") is None and taesd_network(ctx, "decoder") is None
-    assert ctx.warnings == ["VAE type for decode: TAESD was not used (TAESD is for SD 1.x/2.x and SDXL models); the "
-                            "full VAE was."]
+    ctx.loaded = SimpleNamespace(model=SimpleNamespace(family=family, latent_channels=16))
+    decoder, encoder = taesd_network(ctx, "decoder"), taesd_network(ctx, "encoder")
+    latents = torch.randn(2, 16, 4, 3)
+    with torch.no_grad():
+        assert decoder(latents).shape == (2, 3, 32, 24) and encoder(decoder(latents)).shape == (2, 16, 4, 3)
+    assert ctx.warnings == [] and offline == []
+    # without the files (and offline): the full VAE, with the warning naming why
+    bare = context(loaded, tiny_models, PreviewDecoders(tmp_path / "empty"))
+    bare.loaded = SimpleNamespace(model=SimpleNamespace(family=family, latent_channels=16))
+    assert taesd_network(bare, "decoder") is None
+    assert offline == [previews.TAESD_URL + f"{stem}_decoder.pth"]
+    assert len(bare.warnings) == 1 and "not in models/VAE-taesd" in bare.warnings[0]
 
 
 def test_taesd_encodes_for_img2img(loaded, tiny_models, tmp_path, offline):

@@ -1,11 +1,12 @@
 """Live previews of the image being sampled, by the method of the setting `show_progress_type` (A1111's):
 
 - "Approx cheap": a linear map of the latent channels to RGB (no file; SD1/SD2, SDXL and the 16 channels of FLUX and
-  SD3 have their own factors). FLUX and SD3 have no "Approx NN"/"TAESD" network here: they use this one.
+  SD3 have their own factors).
 - "Approx NN": A1111's VAE approximation, a small convolutional network (`models/VAE-approx/model.pt` for SD1/SD2,
-  `vaeapprox-sdxl.pt` for SDXL), giving a picture twice the latent's size.
-- "TAESD": the tiny autoencoder's decoder (madebyollin/taesd: `taesd_decoder.pth`, `taesdxl_decoder.pth`, in
-  `models/VAE-taesd` as A1111 keeps them, or `models/VAE-approx`), the full size.
+  `vaeapprox-sdxl.pt` for SDXL), giving a picture twice the latent's size. FLUX and SD3 have none: "Approx cheap".
+- "TAESD": the tiny autoencoder's decoder (madebyollin/taesd: `taesd_decoder.pth`, `taesdxl_decoder.pth`, and for
+  the 16-channel latents `taef1_decoder.pth` (FLUX) and `taesd3_decoder.pth` (SD3), as Forge and ComfyUI use them;
+  in `models/VAE-taesd` as A1111 keeps them, or `models/VAE-approx`), the full size.
 - "Full": the checkpoint's VAE.
 
 The network files are downloaded on first use (a progress bar in the console); when a file is missing and cannot be
@@ -45,9 +46,13 @@ CHEAP_RGB["sd3"] = (
 CHEAP_RGB_BIAS = {"flux": (-0.0329, -0.0718, -0.0851), "sd3": (0.2394, 0.2135, 0.1925)}
 APPROX_NN_FILES = {"sd": "model.pt", "sdxl": "vaeapprox-sdxl.pt"}
 APPROX_NN_URL = "https://github.com/AUTOMATIC1111/stable-diffusion-webui/releases/download/v1.0.0-pre/"
-TAESD_FILES = {"sd": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth"}
+TAESD_FILES = {"sd": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth", "flux": "taef1_decoder.pth",
+               "sd3": "taesd3_decoder.pth"}
 # TAESD's encoders (setting `sd_vae_encode_method`: img2img's and hires. fix's encode), in the same folders.
-TAESD_ENCODER_FILES = {"sd": "taesd_encoder.pth", "sdxl": "taesdxl_encoder.pth"}
+TAESD_ENCODER_FILES = {"sd": "taesd_encoder.pth", "sdxl": "taesdxl_encoder.pth", "flux": "taef1_encoder.pth",
+                       "sd3": "taesd3_encoder.pth"}
+# the latent channels of each kind's latents (TAESD's first decoder / last encoder convolution)
+LATENT_CHANNELS = {"sd": 4, "sdxl": 4, "flux": 16, "sd3": 16}
 TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/"
 
 
@@ -95,27 +100,28 @@ def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
 
 
-def taesd_decoder() -> nn.Sequential:
+def taesd_decoder(latent_channels: int = 4) -> nn.Sequential:
     """TAESD's decoder (madebyollin/taesd): clamp, a 3x3 convolution to 64 channels, then three stages of three
     blocks each followed by a 2x upsampling and a bias-free convolution, a last block and a convolution to RGB.
-    Input: the latents as the UNet sees them; output: RGB in [0, 1] at 8x the latent's size. The module indices
-    are the key names of its `.pth` files ("1.weight", "3.conv.0.weight", ...)."""
-    layers: list[nn.Module] = [_Clamp(), _conv(4, 64), nn.ReLU()]
+    Input: the latents as the UNet (or FLUX's / SD3's transformer) sees them, 4 or 16 channels; output: RGB in
+    [0, 1] at 8x the latent's size. The module indices are the key names of its `.pth` files ("1.weight",
+    "3.conv.0.weight", ...)."""
+    layers: list[nn.Module] = [_Clamp(), _conv(latent_channels, 64), nn.ReLU()]
     for _ in range(3):
         layers += [_TAEBlock(), _TAEBlock(), _TAEBlock(), nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]
     layers += [_TAEBlock(), _conv(64, 3)]
     return nn.Sequential(*layers)
 
 
-def taesd_encoder() -> nn.Sequential:
+def taesd_encoder(latent_channels: int = 4) -> nn.Sequential:
     """TAESD's encoder (madebyollin/taesd): a 3x3 convolution from RGB to 64 channels and a block, three stages of a
-    bias-free stride-2 convolution and three blocks, and a convolution to the 4 latent channels. Input: RGB in
+    bias-free stride-2 convolution and three blocks, and a convolution to the 4 (16) latent channels. Input: RGB in
     [0, 1]; output: the latents as the UNet sees them (scaled), at 1/8 of the picture's size. The module indices are
     the key names of its `.pth` files ("0.weight", "1.conv.0.weight", ... "14.weight")."""
     layers: list[nn.Module] = [_conv(3, 64), _TAEBlock()]
     for _ in range(3):
         layers += [nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), _TAEBlock(), _TAEBlock(), _TAEBlock()]
-    layers += [_conv(64, 4)]
+    layers += [_conv(64, latent_channels)]
     return nn.Sequential(*layers)
 
 
@@ -185,13 +191,16 @@ class PreviewDecoders:
         """The loaded network of `method` ("Approx NN", "TAESD" or "TAESD encoder") for `family`, or None when its
         file is not there and cannot be downloaded (one log line says so, naming the `use` and its `fallback`)."""
         kind = latent_kind(family)
+        if method == "Approx NN" and kind not in APPROX_NN_FILES:
+            return None  # FLUX, SD3: none published
         if method == "Approx NN":
             name, folders, url, build = APPROX_NN_FILES[kind], [self.approx_dir], APPROX_NN_URL, VAEApprox
         elif method == "TAESD":
-            name, folders, url, build = TAESD_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL, taesd_decoder
+            name, folders, url = TAESD_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL
+            build = lambda: taesd_decoder(LATENT_CHANNELS[kind])  # noqa: E731
         elif method == "TAESD encoder":
-            name, folders, url, build = (TAESD_ENCODER_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL,
-                                         taesd_encoder)
+            name, folders, url = TAESD_ENCODER_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL
+            build = lambda: taesd_encoder(LATENT_CHANNELS[kind])  # noqa: E731
         else:
             raise ValueError(f"no preview network for {method!r}")
         if name in self._nets:
@@ -219,7 +228,8 @@ class PreviewDecoders:
         if net is None:
             return None
         net.to(latent.device)
-        out = net(latent[None, :4].float())[0]
+        channels = LATENT_CHANNELS[latent_kind(family)]
+        out = net(latent[None, :channels].float())[0]
         return out * 2 - 1 if method == "TAESD" else out  # TAESD decodes to [0, 1]
 
 
@@ -232,8 +242,8 @@ def make_preview(method: str, family: str, latent: torch.Tensor, width: int, hei
         img = full(latent[:1])
         return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
     rgb = None
-    if method in ("Approx NN", "TAESD") and decoders is not None and latent_kind(family) in APPROX_NN_FILES:
-        rgb = decoders.rgb(method, family, latent[0])
+    if method in ("Approx NN", "TAESD") and decoders is not None:
+        rgb = decoders.rgb(method, family, latent[0])  # None: no network for this family, or no file
     if rgb is None:
         rgb = cheap_rgb(latent[0], family)
     return to_picture(rgb, width, height)

@@ -490,14 +490,14 @@ def _decode_one(ctx: JobContext, z: torch.Tensor) -> torch.Tensor:
 def taesd_network(ctx: JobContext, part: str) -> torch.nn.Module | None:
     """TAESD's "decoder" or "encoder" for the job's model (settings `sd_vae_decode_method`/`sd_vae_encode_method`),
     from the backend process's networks (`backend.engine.previews.PreviewDecoders`: found in models/VAE-taesd or
-    downloaded there on first use). None, with a warning in the job's warnings (once per job), where there is none:
-    a FLUX/SD3 model, no file and no download (offline), no networks (a pipeline run directly); the caller then
-    uses the full VAE, as the job never fails for it."""
-    from backend.engine.previews import TAESD_FILES, latent_kind
+    downloaded there on first use; FLUX's and SD3's are taef1 and taesd3). None, with a warning in the job's warnings
+    (once per job), where there is none: no file and no download (offline), no networks (a pipeline run directly);
+    the caller then uses the full VAE, as the job never fails for it."""
+    from backend.engine.previews import LATENT_CHANNELS, latent_kind
     setting = "VAE type for decode" if part == "decoder" else "VAE type for encode"
     net, why = None, None
-    if latent_kind(ctx.model.family) not in TAESD_FILES or int(getattr(ctx.model, "latent_channels", 4)) != 4:
-        why = "TAESD is for SD 1.x/2.x and SDXL models"
+    if int(getattr(ctx.model, "latent_channels", 4)) != LATENT_CHANNELS[latent_kind(ctx.model.family)]:
+        why = "no TAESD fits this model's latents"
     elif ctx.previews is None:
         why = "no TAESD networks in this run"
     else:
