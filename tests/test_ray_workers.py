@@ -146,3 +146,21 @@ def test_jobs_run_on_ray_actors_and_a_killed_actors_job_runs_again(ray_server):
     assert np.array_equal(pixels(answer["r"]), pixels(reference))  # run again on the other actor: same picture
     again = wait_idle(api)[victim["name"]]  # a new actor in its place
     assert again["pid"] != victim["pid"] and again["restarts"] == victim["restarts"] + 1, (victim, again)
+
+
+def test_an_idle_actor_that_dies_is_replaced_before_any_job_needs_it(ray_server):
+    srv, api = ray_server
+    before = wait_idle(api)
+    victim = before["ray-worker-1"]
+    os.kill(victim["pid"], signal.SIGKILL)  # no job running or sent
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        now = {w["name"]: w for w in api.get("/workers").json()}
+        if now["ray-worker-1"]["restarts"] == victim["restarts"] + 1 and now["ray-worker-1"]["state"] == "idle":
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"the dead idle actor was not replaced: {api.get('/workers').json()}")
+    assert now["ray-worker-1"]["pid"] != victim["pid"]
+    assert now["ray-worker-2"] == before["ray-worker-2"]  # the other one untouched
+    assert sum(w["jobs_done"] for w in now.values()) == sum(w["jobs_done"] for w in before.values())

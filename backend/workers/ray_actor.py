@@ -5,7 +5,8 @@ Each actor holds the same `WorkerState` as a backend process and runs jobs with 
 reach it while a job runs. A job is a streaming-generator call (`run`): its progress events (with previews) stream
 back as they come, and its last object is the `result`/`error` event. An actor that dies (its process killed, out
 of memory, its node gone) raises `RayActorError` in the app's iteration: the transport reports it `dead`, and the
-pool runs the job again once and starts a new actor.
+pool runs the job again once and starts a new actor. An idle actor's death is seen at once too: each ready actor
+holds one call that only ends with the actor (`watch`).
 
 Model files: the payload's paths are used as they are when the node sees them (a `--ckpt-dir` on storage every
 node mounts). When a node lacks a checkpoint, VAE or "VAE / Text Encoder" part, the app reads the file once and
@@ -33,7 +34,7 @@ from backend.workers.base import EventSink, WorkerHandle
 log = logging.getLogger("easel.ray")
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: on every node at the same path
-ACTOR_CONCURRENCY = 4  # a job, interrupt/skip and the file transfers at the same time
+ACTOR_CONCURRENCY = 5  # a job, interrupt/skip, the file transfers and the watch call at the same time
 
 
 # -- the payload's model files (used on both sides; torch-free) --------------------------------------------------
@@ -113,6 +114,10 @@ class EaselActor:
         self.copies[path] = str(target)
         return str(target)
 
+    def watch(self) -> None:
+        """Never returns: the app's call fails when this actor dies, busy or idle."""
+        threading.Event().wait()
+
     def interrupt(self) -> None:
         self.flags.interrupt_flag.value = 1
 
@@ -187,6 +192,8 @@ class RayWorker(WorkerHandle):
         self.args_dict = {**args_dict, "device_id": None, "worker_index": 0, "worker_count": 1}
         self.cluster = cluster
         self.actor = None
+        self._death_lock = threading.Lock()
+        self._reported_dead = None  # the actor whose death was reported (once, by whichever call saw it first)
 
     def start(self) -> None:
         ray = self.cluster.ray
@@ -197,15 +204,31 @@ class RayWorker(WorkerHandle):
         self.actor = actor = self.cluster.actor_class.options(max_concurrency=ACTOR_CONCURRENCY, max_restarts=0,
                                                               **resources).remote(self.args_dict)
 
-        def wait_ready() -> None:
+        def wait_ready_then_watch() -> None:
             try:
-                self.sink(self, ray.get(actor.hello.remote()))
+                hello = ray.get(actor.hello.remote())
             except Exception as exc:  # noqa: BLE001  RayActorError: it died while starting
                 log.error("%s did not start: %s", self.name, exc)
+                self._died(actor)
+                return
+            watch = actor.watch.remote()  # asked before the pool hears of it, so a death after `ready` ends it
+            self.sink(self, hello)
+            try:
+                ray.get(watch)
+            except Exception as exc:  # noqa: BLE001  RayActorError: it died (or was killed by us: not reported)
                 if self.actor is actor:
-                    self.sink(self, {"type": "dead", "exitcode": None})
+                    log.error("%s died: %s", self.name, exc)
+                self._died(actor)
 
-        threading.Thread(target=wait_ready, name=f"easel-{self.name}-start", daemon=True).start()
+        threading.Thread(target=wait_ready_then_watch, name=f"easel-{self.name}-watch", daemon=True).start()
+
+    def _died(self, actor) -> None:
+        """Report `actor`'s death to the pool once, if it is still this worker's actor (not one it stopped)."""
+        with self._death_lock:
+            if self.actor is not actor or self._reported_dead is actor:
+                return
+            self._reported_dead = actor
+        self.sink(self, {"type": "dead", "exitcode": None})
 
     def send(self, message: dict) -> None:
         threading.Thread(target=self._run, args=(self.actor, message), name=f"easel-{self.name}-job",
@@ -220,7 +243,7 @@ class RayWorker(WorkerHandle):
                 self.sink(self, ray.get(ref))
         except (RayActorError, WorkerCrashedError) as exc:
             log.error("%s died during %s: %s", self.name, message["job_id"], exc)
-            self.sink(self, {"type": "dead", "exitcode": None})
+            self._died(actor)
         except Exception as exc:  # noqa: BLE001  a failure of the call itself (not the job's, which is an event)
             log.exception("%s could not run %s", self.name, message["job_id"])
             self.sink(self, {"type": "error", "job_id": message["job_id"], "status": 500,
