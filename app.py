@@ -145,15 +145,24 @@ def main(argv: list[str] | None = None) -> int:
             app = create_api_app(service, args, guards, throttle, server_commands)
             extensions_app_started(service, None, app)
             log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
-            server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile,
-                                                   ssl_certfile=args.tls_certfile, root_path=args.subpath or "",
-                                                   log_level="warning"))
+            import threading
+
+            class Server(uvicorn.Server):
+                def handle_exit(self, sig, frame) -> None:
+                    # Ctrl+C / SIGTERM: uvicorn waits for the requests in progress, so their jobs end first (503)
+                    threading.Thread(target=service.stop, name="easel-stop", daemon=True).start()
+                    super().handle_exit(sig, frame)
+
+            server = Server(uvicorn.Config(app, host=host, port=args.port, ssl_keyfile=args.tls_keyfile,
+                                           ssl_certfile=args.tls_certfile, root_path=args.subpath or "",
+                                           log_level="warning"))
 
             def stop_on_command() -> None:  # a posted stop/restart ends uvicorn's loop in this (main) thread
                 nonlocal command
                 command = server_commands.wait(lambda: not server.should_exit)
+                if command is not None:
+                    service.stop()  # the jobs in progress answer 503 first (uvicorn waits for them)
                 server.should_exit = True
-            import threading
             threading.Thread(target=stop_on_command, name="easel-server-commands", daemon=True).start()
             server.run()
             return RESTART_EXIT_CODE if command == "restart" else 0
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Running on public URL: {share_url}", flush=True)
         command = server_commands.wait(lambda: demo.is_running)  # None: Ctrl+C or SIGTERM
         log.info("%s: closing the web server.", {"stop": "Stopping", "restart": "Restarting"}.get(command, "Stopping"))
+        # the jobs still queued or running end first (503: shutting down), so their requests are answered while the
+        # web server still serves; then it closes (it lets answers in progress finish)
+        service.stop()
         demo.close()
         from gradio.tunneling import CURRENT_TUNNELS  # the share link's tunnel (what demo.block_thread closed)
         for tunnel in CURRENT_TUNNELS:
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        service.stop()
+        service.stop()  # again is harmless: the workers are gone already
     return RESTART_EXIT_CODE if command == "restart" else 0
 
 

@@ -211,7 +211,22 @@ class BackendClient:
         return self._ready.wait(timeout if timeout is not None else self.start_timeout)
 
     def stop(self) -> None:
-        self._stopping = True
+        """End the workers. The jobs still queued or running fail at once with a 503 saying the server is shutting
+        down (their requests answer instead of waiting for a worker that will not come back); a running job is
+        interrupted first, so its worker ends cleanly."""
+        with self._lock:
+            self._stopping = True
+            unfinished = list(self._pending)
+            self._pending.clear()
+            busy = [w for w in self.workers if w.current is not None]
+            for worker in busy:
+                unfinished.append(worker.current)
+                worker.current = None
+        for worker in busy:
+            worker.interrupt()
+        for job in unfinished:
+            self._finish(job, error=BackendError("The server is shutting down: this job did not finish. Send it "
+                                                 "again once the server is back.", 503))
         for worker in self.workers:
             worker.stop()
 

@@ -201,3 +201,17 @@ def test_how_many_workers_by_default(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert count() == 1  # no nvidia-smi: no NVIDIA GPU
+
+
+def test_stopping_answers_the_queued_and_running_jobs_with_a_503(pool):
+    w1, w2, w3 = pool.workers
+    running = [pool.submit("txt2img", ckpt(f"{n}.safetensors")) for n in "abc"]
+    queued = pool.submit("txt2img", ckpt("a.safetensors"))
+    assert [j.status for j in running] == ["running"] * 3 and queued.status == "queued"
+    pool.stop()
+    for job in running + [queued]:  # their requests answer now, not when a worker that will not return would
+        assert job.done.is_set() and isinstance(job.error, BackendError), job.status
+        assert job.error.status == 503 and "shutting down" in job.error.message
+    assert [w.interrupts for w in pool.workers] == [1, 1, 1]  # the running jobs stop, so the workers end cleanly
+    w1.answer()  # an interrupted job's late answer changes nothing
+    assert running[0].error.status == 503 and all(w["job"] is None for w in pool.workers_state())
