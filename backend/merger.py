@@ -58,6 +58,10 @@ def plan_merge(req: MergeRequest, registry: ModelRegistry, folder: Path) -> dict
             raise UserError(f"{f.name} ({label}) is a GGUF-quantized file; the Checkpoint Merger merges .safetensors "
                             "and .ckpt checkpoints. Merge the unquantized files, then quantize the result.")
     shapes = {label: _shapes(f) for label, f in labelled}
+    for label, f in labelled:  # bitsandbytes 4-bit codes (Forge's bnb-nf4 files) are not numbers to add either
+        if any(".quant_state.bitsandbytes__" in key for key in shapes[label]):
+            raise UserError(f"{f.name} ({label}) is a bitsandbytes NF4 file; the Checkpoint Merger merges unquantized "
+                            "checkpoints. Merge the unquantized files, then quantize the result.")
     families = {label: checkpoint_family(shapes[label]) for label, _f in labelled}
     for label, f in labelled[1:]:
         if families[label] != families["A"]:

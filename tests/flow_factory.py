@@ -546,23 +546,74 @@ def gguf_dequantized(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_flux_nf4(path: Path) -> Path:
-    """A file laid out as bitsandbytes NF4 FLUX files are (Forge's flux1-dev-bnb-nf4): packed uint8 weights with
-    `.absmax`, `.quant_map` and `.quant_state.bitsandbytes__nf4` tensors beside them (values random)."""
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+            1.0)  # bitsandbytes' NF4 code book (its quant_map)
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, nested: bool = True) -> dict:
+    """`weight` as bitsandbytes stores an NF4 weight (`QuantState.as_dict(packed=True)` beside the packed codes):
+    {"": packed (n/2, 1) uint8, ".absmax", ".quant_map", [".nested_absmax", ".nested_quant_map"],
+    ".quant_state.bitsandbytes__nf4"}, the scales doubly quantized (8-bit codes, a nested scale per 256) when
+    `nested`. Written here from the format, independently of Easel's reader."""
+    import json
+    flat = weight.float().reshape(-1)
+    blocks = flat.reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-8)
+    code = torch.tensor(NF4_CODE)
+    codes = ((blocks / absmax[:, None])[..., None] - code).abs().argmin(dim=-1).reshape(-1).to(torch.uint8)
+    packed = (codes[0::2] << 4 | codes[1::2]).reshape(-1, 1)
+    info = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "bfloat16", "shape": list(weight.shape)}
+    out = {"": packed, ".quant_map": code}
+    if nested:
+        offset = absmax.mean()
+        centred = absmax - offset
+        nested_map = torch.linspace(-1, 1, 256)
+        nested_absmax = torch.stack([c.abs().max().clamp_min(1e-8) for c in centred.split(256)])
+        scale = nested_absmax[torch.arange(centred.numel()) // 256]
+        out[".absmax"] = ((centred / scale)[:, None] - nested_map).abs().argmin(dim=1).to(torch.uint8)
+        out[".nested_absmax"], out[".nested_quant_map"] = nested_absmax, nested_map
+        info.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset))
+    else:
+        out[".absmax"] = absmax
+    out[".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+    return out
+
+
+def nf4_dequantize(stored: dict) -> torch.Tensor:
+    """The values an NF4 weight written by `nf4_quantize` stands for (numpy, element by element in blocks)."""
+    import json
+
+    import numpy as np
+    info = json.loads(bytes(stored[".quant_state.bitsandbytes__nf4"].tolist()).decode())
+    packed = stored[""].numpy().reshape(-1)
+    codes = np.empty(packed.size * 2, dtype=np.int64)
+    codes[0::2], codes[1::2] = packed >> 4, packed & 15
+    absmax = stored[".absmax"].numpy()
+    if ".nested_absmax" in stored:
+        nested = stored[".nested_absmax"].numpy()
+        absmax = np.array([stored[".nested_quant_map"].numpy()[c] * nested[i // info["nested_blocksize"]]
+                           for i, c in enumerate(absmax)]) + info["nested_offset"]
+    values = stored[".quant_map"].numpy()[codes] * np.repeat(absmax, info["blocksize"])
+    return torch.from_numpy(values.astype(np.float32)).reshape(info["shape"])
+
+
+def write_flux_nf4(path: Path, nested: bool = True) -> tuple[Path, dict]:
+    """A tiny FLUX.1 transformer laid out as Forge's bitsandbytes NF4 files (flux1-dev-bnb-nf4-v2): the linear
+    weights NF4 (`nf4_quantize`), the rest bfloat16, under `model.diffusion_model.`. Returns the path and the BFL
+    state dict of the values the NF4 weights stand for (`nf4_dequantize`)."""
     from safetensors.torch import save_file
-    sd = {}
+    sd, values = {}, {}
     for name, tensor in tiny_flux_bfl(True).items():
-        if tensor.ndim == 2:
-            n = tensor.numel()
-            sd[name] = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8)
-            sd[name + ".absmax"] = torch.rand(n // 64)
-            sd[name + ".quant_map"] = torch.linspace(-1, 1, 16)
-            sd[name + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+        if tensor.ndim == 2 and tensor.numel() % 64 == 0:
+            stored = nf4_quantize(tensor, nested=nested)
+            sd.update({name + suffix: v for suffix, v in stored.items()})
+            values[name] = nf4_dequantize(stored)  # float32, as Easel computes them
         else:
-            sd[name] = tensor.to(torch.bfloat16)
-    sd = {"model.diffusion_model." + k: v for k, v in sd.items()}
-    save_file(sd, str(path))
-    return Path(path)
+            sd[name] = values[name] = tensor.to(torch.bfloat16)
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(path))
+    return Path(path), values
 
 
 # -- SAMPLING: FlowModel objects built directly (random weights), and a stand-in text conditioner ----------------
@@ -902,13 +953,14 @@ def quantize_blocks(transformer, *, kind: str = "quantized") -> list[str]:
 
 # -- whole model sets in a models folder, as users lay them out (end-to-end tests through the API) ---------------
 def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool = True, all_in_one: bool = False,
-                   gguf: str | None = None, with_parts: bool = True, seed: int = 0) -> dict:
+                   gguf: str | None = None, nf4: bool = False, with_parts: bool = True, seed: int = 0) -> dict:
     """A tiny FLUX.1 whose parts fit each other, as users keep them: the transformer alone in BFL layout in
     models/Stable-diffusion/<name>.safetensors with `ae.safetensors` in models/VAE, `clip_l.safetensors` and
     `t5xxl_tiny.safetensors` in models/text_encoder, the T5 tokenizer where `t5_tokenizer` reads it; or with
     `all_in_one`, everything in the checkpoint under ComfyUI's prefixes; with `gguf` (a quantization type name) the
-    transformer as a .gguf file as city96's. Returns the written paths by part and the diffusers transformer
-    ("module", float32) the files hold. `with_parts=False` writes the transformer file only."""
+    transformer as a .gguf file as city96's; with `nf4` its linear weights as Forge's bnb-nf4 files hold them (under
+    `model.diffusion_model.`). Returns the written paths by part and the diffusers transformer ("module", float32)
+    the files hold (before any quantization). `with_parts=False` writes the transformer file only."""
     from diffusers import FluxTransformer2DModel
     models_dir = Path(models_dir)
     config = {**tiny_flux_config(guidance), "joint_attention_dim": T5_TINY["d_model"],
@@ -934,6 +986,14 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
     if gguf:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         write_flux_gguf(ckpt, gguf, tensors=bfl)
+    elif nf4:
+        stored = {}
+        for key, tensor in bfl.items():
+            if tensor.ndim == 2 and tensor.numel() % 64 == 0:
+                stored.update({key + suffix: v for suffix, v in nf4_quantize(tensor).items()})
+            else:
+                stored[key] = tensor.to(torch.bfloat16)
+        _save(ckpt, stored, "model.diffusion_model.")
     else:
         _save(ckpt, bfl, "")
     if not with_parts:

@@ -25,7 +25,8 @@ def flow_models(tmp_path_factory):
     made = {"flux": write_flux_set(models, name="flux-tiny"),
             "flux_aio": write_flux_set(models, name="flux-aio", all_in_one=True, seed=3),
             "flux_gguf": write_flux_set(models, name="flux-q8", gguf="Q8_0", seed=0, with_parts=False),
-            "flux_b": write_flux_set(models, name="flux-tiny-b", seed=5, with_parts=False)}
+            "flux_b": write_flux_set(models, name="flux-tiny-b", seed=5, with_parts=False),
+            "flux_nf4": write_flux_set(models, name="flux-nf4", nf4=True, seed=0, with_parts=False)}
     write_sd3(models / "Stable-diffusion" / "sd35-tiny.safetensors", variant="sd3.5-medium", with_encoders=True)
     write_flux_lora_kohya(models / "Lora" / "flux-style.safetensors", made["flux"]["module"], rank=2, alpha=2.0)
     write_flux_controlnet_instantx(models / "ControlNet" / "flux-union-tiny.safetensors", union=True, seed=4,
@@ -94,6 +95,17 @@ def test_flux_final_decode_by_taef1(flow_api):
     assert "VAE Decoder: TAESD" in taesd_info and "VAE Decoder" not in info
     assert taesd.shape == full.shape and not np.array_equal(taesd, full)
     assert not json.loads(data["info"]).get("warnings")
+
+
+def test_flux_nf4_file_as_forge_distributes_it(flow_api):
+    """Forge's bitsandbytes NF4 layout (flux-tiny's transformer at 4 bits), completed with the same parts: a picture
+    near flux-tiny's (nearer than another transformer's), on the CPU, without bitsandbytes."""
+    nf4, info = _txt2img(flow_api, "flux-nf4", PARTS)
+    assert "Model: flux-nf4" in info and "Distilled CFG Scale: 3.5" in info
+    full, _ = _txt2img(flow_api, "flux-tiny", PARTS)
+    other, _ = _txt2img(flow_api, "flux-tiny-b", PARTS)
+    assert not np.array_equal(nf4, full)  # 4 bits are not the weights themselves
+    assert np.abs(nf4 - full).mean() < np.abs(other - full).mean()
 
 
 def test_flux_real_cfg_and_img2img(flow_api):
@@ -204,11 +216,11 @@ def test_checkpoint_merger_with_flux(flow_api, flow_models):
     key = "double_blocks.0.img_attn.qkv.weight"
     expected = a[key].float() * 0.75 + b[key].float() * 0.25
     assert (merged[key].float() - expected).abs().max() < 1e-2  # stored in float16 (the default "save as")
-    for other in ("flux-q8", "tiny-sd1"):
+    for other, why in (("flux-q8", "GGUF"), ("flux-nf4", "NF4"), ("tiny-sd1", "different families")):
         r = httpx.post(url, json={"primary_model_name": "flux-tiny", "secondary_model_name": other,
                                   "multiplier": 0.5, "custom_name": f"bad-{other}"}, timeout=600)
         assert 400 <= r.status_code < 500, r.text
-        assert ("GGUF" if other == "flux-q8" else "different families") in r.json()["detail"], r.text
+        assert why in r.json()["detail"], r.text
 
 
 def _png(array: np.ndarray) -> str:
@@ -239,12 +251,14 @@ def test_flux_hires_fix_and_inpaint(flow_api):
     assert np.abs(out[24:40, 24:40] - base[24:40, 24:40]).mean() > 3  # repainted
 
 
-def test_flux_lora_on_gguf_weights(flow_api):
-    """The LoRA on a GGUF transformer is added at compute time: it changes the picture and goes away exactly."""
-    base, _ = _txt2img(flow_api, "flux-q8", PARTS)
-    styled, info = _txt2img(flow_api, "flux-q8", PARTS, prompt="a red fox in the snow <lora:flux-style:1>")
+@pytest.mark.parametrize("checkpoint", ["flux-q8", "flux-nf4"], ids=["GGUF", "NF4"])
+def test_flux_lora_on_quantized_weights(flow_api, checkpoint):
+    """The LoRA on a GGUF or NF4 transformer is added at compute time: it changes the picture and goes away
+    exactly."""
+    base, _ = _txt2img(flow_api, checkpoint, PARTS)
+    styled, info = _txt2img(flow_api, checkpoint, PARTS, prompt="a red fox in the snow <lora:flux-style:1>")
     assert "flux-style" in info and not np.array_equal(base, styled)
-    after, _ = _txt2img(flow_api, "flux-q8", PARTS)
+    after, _ = _txt2img(flow_api, checkpoint, PARTS)
     assert np.array_equal(base, after)
 
 

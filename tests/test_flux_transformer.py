@@ -1,8 +1,9 @@
 """FLUX.1 transformers from the files people share: BFL layout (alone, with all-in-one prefixes, diffusers
-names), float8, GGUF (city96's layout, Q8_0 / Q4_0 / Q5_1 / K-quants), and bitsandbytes NF4 refused with a
-message. Each loaded model is compared numerically with a diffusers FluxTransformer2DModel built directly
+names), float8, GGUF (city96's layout, Q8_0 / Q4_0 / Q5_1 / K-quants), and bitsandbytes NF4 (Forge's bnb-nf4). Each loaded model is compared numerically with a diffusers FluxTransformer2DModel built directly
 from the same weights."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -13,8 +14,9 @@ from safetensors.torch import load_file
 
 from backend.core.errors import UserError
 from backend.engine.families.flux import flux_config, flux_variant, is_flux, load_flux_transformer, rope_axes
-from backend.engine.families.quantized import (GGUFWeight, QuantizedLinear, is_nf4, quantize_linears, read_gguf,
-                                               split_rows, stored_weight_bytes)
+from backend.engine.families.quantized import (GGUFWeight, NF4Weight, QuantizedLinear, cat_rows, is_nf4,
+                                               quantize_linears, read_gguf, read_nf4_weights, split_rows,
+                                               stored_weight_bytes)
 from flow_factory import (build_tiny_flux, diffusers_to_bfl, gguf_dequantized, random_kquant_rows, scaled_fp8_bfl,
                           tiny_flux_bfl, tiny_flux_config, write_flux_bfl, write_flux_gguf, write_flux_nf4)
 
@@ -300,12 +302,55 @@ def test_gguf_bf16_tensors_and_bad_file(tmp_path):
 
 
 # -- bitsandbytes NF4 --------------------------------------------------------------------------------
-def test_nf4_file_is_refused_with_the_alternatives(tmp_path):
-    sd = load_file(str(write_flux_nf4(tmp_path / "flux1-dev-bnb-nf4-v2.safetensors")))
-    assert is_flux(sd.keys()) and is_nf4(sd.keys())
-    assert not is_nf4(tiny_flux_bfl().keys())
+def test_nf4_reads_as_bitsandbytes_dequantizes():
+    """A weight bitsandbytes 0.50.2 quantized on the CPU (NF4, blocks of 64, doubly quantized scales), saved as its
+    QuantState.as_dict(packed=True) with bitsandbytes' own dequantize_4bit result beside it: Easel's reader gives the
+    same values, bit for bit, without bitsandbytes."""
+    sd = load_file(str(Path(__file__).parent / "data" / "nf4_bnb_known_answer.safetensors"))
+    expected = sd.pop("expected.layer.weight")
+    assert is_nf4(sd.keys())
+    weight = read_nf4_weights(sd)["layer.weight"]
+    assert isinstance(weight, NF4Weight) and weight.shape == (6, 256) and weight.nbytes < expected.numel()
+    assert torch.equal(weight.dequantize(torch.bfloat16), expected)
+    # rows split and joined again stay NF4 and keep their values
+    top, bottom = split_rows(weight, [2, 4])
+    assert isinstance(top, NF4Weight) and torch.equal(top.dequantize(torch.bfloat16), expected[:2])
+    assert torch.equal(cat_rows([top, bottom]).dequantize(torch.bfloat16), expected)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quantized scales", "float32 scales"])
+def test_nf4_file_loads_and_computes_with_its_values(tmp_path, nested):
+    path, values = write_flux_nf4(tmp_path / "flux1-dev-bnb-nf4-v2.safetensors", nested=nested)
+    sd = load_file(str(path))
+    assert is_flux(sd.keys()) and is_nf4(sd.keys()) and not is_nf4(tiny_flux_bfl().keys())
+    model = load_flux_transformer(sd, dtype=torch.float32, device="cpu")
+    swapped = [n for n in linear_names(model) if isinstance(model.get_submodule(n), QuantizedLinear)]
+    assert swapped and all(model.get_submodule(n).qtype == "nf4" for n in swapped)
+    k = model.get_submodule("transformer_blocks.0.attn.to_k")  # the fused qkv split by rows, still NF4
+    assert isinstance(k, QuantizedLinear) and k.qtype == "nf4"
+    torch.testing.assert_close(k.dequantized_weight(torch.float32),
+                               values["double_blocks.0.img_attn.qkv.weight"].float()[64:128])
+    assert k.weight_bytes < k.in_features * k.out_features  # about half a byte per weight, plus its scales
+    model.to(torch.bfloat16)  # its codes, scales and code book are not widened or rounded
+    assert k.qweight.dtype == torch.uint8 and k.nf4_absmax.dtype == k.nf4_code.dtype == torch.float32
+    model.float()
+    inputs = flux_inputs(tiny_flux_config())
+    out = run(model, inputs)
+    exact = run(reference_from_bfl(values), inputs)  # the values the file stands for, placed independently
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    assert relative_error(out, run(build_tiny_flux(), inputs)) < 0.25  # 4 bits: near the unquantized model
+
+
+def test_fp4_and_damaged_nf4_files_are_refused_with_the_alternatives(tmp_path):
+    path, _ = write_flux_nf4(tmp_path / "flux1-dev-bnb-nf4-v2.safetensors")
+    sd = load_file(str(path))
+    state = next(k for k in sd if k.endswith(".quant_state.bitsandbytes__nf4"))
+    fp4 = dict(sd)
+    fp4[state.replace("nf4", "fp4")] = fp4.pop(state)
     with pytest.raises(UserError) as info:
-        load_flux_transformer(sd, dtype=torch.bfloat16, device="cpu")
-    message = info.value.message
-    assert "NF4" in message and "CUDA" in message and "bitsandbytes" in message
-    assert "GGUF" in message and "fp8" in message
+        load_flux_transformer(fp4, dtype=torch.bfloat16, device="cpu")
+    assert "FP4" in info.value.message and "GGUF" in info.value.message and "fp8" in info.value.message
+    damaged = dict(sd)
+    damaged[state.removesuffix(".quant_state.bitsandbytes__nf4") + ".absmax"] = torch.zeros(3)
+    with pytest.raises(UserError, match="damaged"):
+        load_flux_transformer(damaged, dtype=torch.bfloat16, device="cpu")

@@ -19,7 +19,7 @@ import torch
 
 from backend.core.errors import UserError
 from backend.engine.families.quantized import (SCALE_SUFFIXES, SCALED_FP8_MARKER, cat_rows, load_quantized_weights,
-                                               refuse_nf4, split_rows)
+                                               read_nf4_weights, split_rows)
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.",)
@@ -272,7 +272,7 @@ def load_flux_transformer(state_dict: dict, *, dtype: torch.dtype, device: str |
     """A diffusers `FluxTransformer2DModel` from FLUX transformer tensors (BFL or diffusers names, prefixes
     allowed; plain, float8 or GGUF weights). Float8 and GGUF linear weights stay stored as they are
     (`QuantizedLinear`, computed in the input's dtype); the rest is cast to `dtype` on `device`."""
-    refuse_nf4(state_dict.keys(), "This FLUX model", device)
+    state_dict = read_nf4_weights(state_dict, "This FLUX model")  # Forge's bnb-nf4 files: NF4Weight
     layout, sd = transformer_state_dict(state_dict)
     config = _config(layout, sd)
     if layout == "bfl":

@@ -11,8 +11,11 @@ Community FLUX/SD3 files come quantized to fit 8-12 GB cards:
   ComfyUI's "scaled" float8 files (`t5xxl_fp8_e4m3fn_scaled.safetensors`, a `scaled_fp8` marker tensor)
   store a per-weight factor `<module>.scale_weight` (and `.scale_input`, used only by fp8 matmul kernels):
   the weight is `float8 value * scale_weight`.
-- bitsandbytes NF4 (`flux1-dev-bnb-nf4-v2.safetensors`): needs CUDA kernels from bitsandbytes; refused
-  with a message (`nf4_message`) pointing at GGUF Q4 or fp8 files instead.
+- bitsandbytes NF4 (`flux1-dev-bnb-nf4-v2.safetensors`, Forge's): 4-bit codes, two per byte, into a 16-value code
+  book, one float32 scale (absmax) per block of 64 values, the scales themselves stored as 8-bit codes with a
+  nested scale per 256 of them and an offset (bitsandbytes' "compress_statistics"). Read as `NF4Weight` and
+  dequantized here, in torch, on any device: no bitsandbytes and no CUDA needed. bitsandbytes FP4 files are
+  refused with a message (`nf4_message`) pointing at GGUF Q4 or fp8 files instead.
 
 `QuantizedLinear` holds such a weight (as uint8 bytes, so `module.to(dtype)` never widens it) and
 dequantizes it to the input's dtype in each forward; `quantize_linears` swaps a module's `nn.Linear`s
@@ -87,6 +90,8 @@ class GGUFWeight:
     def to(self, device) -> "GGUFWeight":
         return GGUFWeight(self.raw.to(device), self.qtype, self.shape)
 
+    splits_by_rows = True  # its blocks run along the last dimension
+
     def rows(self, start: int, stop: int) -> "GGUFWeight":
         """Rows `start:stop` of the first dimension, still quantized."""
         return GGUFWeight(self.raw[start:stop], self.qtype, (stop - start, *self.shape[1:]))
@@ -111,6 +116,8 @@ class GGUFWeight:
 
 def cat_rows(parts: list) -> "GGUFWeight | torch.Tensor":
     """Concatenate along the first dimension: GGUF weights (of one type) stay quantized, float8 stays float8."""
+    if isinstance(parts[0], NF4Weight):
+        return NF4Weight.cat_rows(parts)
     if isinstance(parts[0], GGUFWeight):
         if len({p.qtype for p in parts}) != 1:
             raise UserError("A fused GGUF weight mixes quantization types: the file is damaged.")
@@ -126,11 +133,11 @@ def split_rows(t, sizes: list[int]) -> list:
     if sum(sizes) != t.shape[0]:
         raise UserError(f"A fused weight has {t.shape[0]} rows where {sum(sizes)} were expected: "
                         "the file is damaged or of an unsupported variant.")
-    if isinstance(t, GGUFWeight) and t.ndim == 1:  # a quantized 1-D tensor: its blocks run along the split
-        t = t.dequantize(torch.float32)
+    if isinstance(t, (GGUFWeight, NF4Weight)) and (t.ndim == 1 or not t.splits_by_rows):
+        t = t.dequantize(torch.float32)  # its blocks do not end with the rows
     out, start = [], 0
     for n in sizes:
-        out.append(t.rows(start, start + n) if isinstance(t, GGUFWeight) else t[start:start + n])
+        out.append(t.rows(start, start + n) if isinstance(t, (GGUFWeight, NF4Weight)) else t[start:start + n])
         start += n
     return out
 
@@ -173,13 +180,13 @@ def read_gguf(path: Path) -> dict:
 
 # -- float8 / quantized linear layers --------------------------------------------------------------
 def is_quantized(t) -> bool:
-    """A GGUF weight or a float8 tensor (weights that `QuantizedLinear` keeps in their stored form)."""
-    return isinstance(t, GGUFWeight) or (isinstance(t, torch.Tensor) and t.dtype in FLOAT8_DTYPES)
+    """A GGUF or NF4 weight or a float8 tensor (weights that `QuantizedLinear` keeps in their stored form)."""
+    return isinstance(t, (GGUFWeight, NF4Weight)) or (isinstance(t, torch.Tensor) and t.dtype in FLOAT8_DTYPES)
 
 
 def dequantize(t, dtype: torch.dtype) -> torch.Tensor:
     """Any weight as a plain `dtype` tensor."""
-    if isinstance(t, GGUFWeight):
+    if isinstance(t, (GGUFWeight, NF4Weight)):
         return t.dequantize(dtype)
     return t.to(dtype)
 
@@ -195,16 +202,25 @@ class QuantizedLinear(nn.Module):
         if weight.ndim != 2:
             raise UserError(f"A quantized linear weight must have 2 dimensions, not shape {tuple(weight.shape)}.")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.register_buffer("nf4_absmax", None)  # NF4's float32 scales and code book (see _apply)
+        self.register_buffer("nf4_code", None)
+        self._nf4_blocksize = 0
         if isinstance(weight, GGUFWeight):
             self.qtype = weight.qtype.name
             self._gguf_type = weight.qtype
             self.register_buffer("qweight", weight.raw)
+        elif isinstance(weight, NF4Weight):
+            self.qtype = "nf4"
+            self._nf4_blocksize = weight.blocksize
+            self.register_buffer("qweight", weight.packed)
+            self.register_buffer("nf4_absmax", weight.absmax)
+            self.register_buffer("nf4_code", weight.code)
         elif isinstance(weight, torch.Tensor) and weight.dtype in FLOAT8_DTYPES:
             self.qtype = str(weight.dtype).removeprefix("torch.")
             self._float8_dtype = weight.dtype
             self.register_buffer("qweight", weight.contiguous().view(torch.uint8))
         else:
-            raise TypeError(f"QuantizedLinear needs a GGUF or float8 weight, not {type(weight).__name__}")
+            raise TypeError(f"QuantizedLinear needs a GGUF, NF4 or float8 weight, not {type(weight).__name__}")
         if scale is not None:
             if not isinstance(weight, torch.Tensor) or scale.numel() != 1:
                 raise UserError("A weight scale (scale_weight) must be one number beside a float8 weight.")
@@ -213,17 +229,21 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def _apply(self, fn, recurse=True):
-        scale = self.weight_scale
+        kept = {name: getattr(self, name) for name in ("weight_scale", "nf4_absmax", "nf4_code")}
         result = super()._apply(fn, recurse)
-        if scale is not None:  # follow the device, never the dtype
-            self.weight_scale = scale.to(self.qweight.device)
+        for name, value in kept.items():  # float32 scales follow the device, never the dtype
+            if value is not None:
+                setattr(self, name, value.to(self.qweight.device))
         return result
 
     @property
     def weight_bytes(self) -> int:
-        return self.qweight.numel()
+        return self.qweight.numel() + (self.nf4_absmax.numel() * 4 if self.nf4_absmax is not None else 0)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.nf4_code is not None:
+            return NF4Weight(self.qweight, self.nf4_absmax, self.nf4_code, self._nf4_blocksize,
+                             (self.out_features, self.in_features)).dequantize(dtype)
         if hasattr(self, "_gguf_type"):
             return GGUFWeight(self.qweight, self._gguf_type, (self.out_features, self.in_features)).dequantize(dtype)
         weight = self.qweight.view(self._float8_dtype)
@@ -319,22 +339,125 @@ def stored_weight_bytes(module: nn.Module) -> int:
 
 
 # -- bitsandbytes NF4 ------------------------------------------------------------------------------
+class NF4Weight:
+    """A bitsandbytes NF4 tensor: `packed` uint8 codes, two per byte (the first value in the high four bits), indices
+    into the 16-value code book `code`; `absmax` the float32 scale of each block of `blocksize` values (in the
+    tensor's row-major order); `shape` its logical shape. Row slices and row concatenations stay quantized when each
+    row is whole blocks (`splits_by_rows`)."""
+
+    __slots__ = ("packed", "absmax", "code", "blocksize", "shape")
+    type_name = "nf4"
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape):
+        self.shape = torch.Size(shape)
+        self.blocksize = int(blocksize)
+        numel = self.shape.numel()
+        if self.blocksize <= 0 or packed.numel() != (numel + 1) // 2 or code.numel() != 16 \
+                or absmax.numel() != -(-numel // self.blocksize):
+            raise UserError(f"An NF4 tensor of shape {tuple(self.shape)} does not match its stored codes and scales: "
+                            f"the file is damaged.")
+        self.packed = packed.reshape(-1).view(torch.uint8)
+        self.absmax, self.code = absmax.reshape(-1).float(), code.reshape(-1).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.absmax.numel() * 4
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def splits_by_rows(self) -> bool:
+        row = self.shape[1:].numel() if self.ndim > 1 else 0
+        return row > 0 and row % self.blocksize == 0 and row % 2 == 0
+
+    def to(self, device) -> "NF4Weight":
+        return NF4Weight(self.packed.to(device), self.absmax.to(device), self.code.to(device), self.blocksize,
+                         self.shape)
+
+    def rows(self, start: int, stop: int) -> "NF4Weight":
+        row = self.shape[1:].numel()
+        return NF4Weight(self.packed[start * row // 2:stop * row // 2],
+                         self.absmax[start * row // self.blocksize:stop * row // self.blocksize], self.code,
+                         self.blocksize, (stop - start, *self.shape[1:]))
+
+    @staticmethod
+    def cat_rows(parts: list["NF4Weight"]) -> "NF4Weight":
+        first = parts[0]
+        if any(p.blocksize != first.blocksize or p.shape[1:] != first.shape[1:] or not p.splits_by_rows
+               or not torch.equal(p.code, first.code) for p in parts):
+            return torch.cat([p.dequantize(torch.float32) for p in parts])  # not one NF4 tensor: plain values
+        return NF4Weight(torch.cat([p.packed for p in parts]), torch.cat([p.absmax for p in parts]), first.code,
+                         first.blocksize, (sum(p.shape[0] for p in parts), *first.shape[1:]))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(-1)[:self.numel()]
+        values = self.code[codes.long()]
+        blocks = -(-values.numel() // self.blocksize)
+        values = torch.nn.functional.pad(values, (0, blocks * self.blocksize - values.numel()))
+        values = (values.reshape(blocks, self.blocksize) * self.absmax[:, None]).reshape(-1)[:self.numel()]
+        return values.reshape(self.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}, device={self.device})"
+
+
+_NF4_STATE = ".quant_state.bitsandbytes__"
+
+
 def is_nf4(keys) -> bool:
-    """A bitsandbytes NF4 file (Forge's `flux1-dev-bnb-nf4`): per-weight `.absmax`, `.quant_map` and
+    """A bitsandbytes 4-bit file (Forge's `flux1-dev-bnb-nf4`): per-weight `.absmax`, `.quant_map` and
     `.quant_state.bitsandbytes__nf4` tensors."""
     keys = list(keys)
-    if any(k.endswith(".quant_state.bitsandbytes__nf4") for k in keys):
+    if any(_NF4_STATE in k for k in keys):
         return True
     return any(k.endswith(".absmax") for k in keys) and any(k.endswith(".quant_map") for k in keys)
 
 
 def nf4_message(file_name: str = "This model", device: str | torch.device | None = None) -> str:
     where = f" (this backend runs on {torch.device(device).type})" if device is not None else ""
-    return (f"{file_name} is a bitsandbytes NF4 file. NF4 weights can only be computed on an NVIDIA GPU (CUDA) "
-            f"with the bitsandbytes package, which Easel does not use{where}. {NF4_HINT}")
+    return (f"{file_name} is a bitsandbytes 4-bit file whose weights Easel cannot read{where}. {NF4_HINT}")
 
 
-def refuse_nf4(keys, file_name: str = "This model", device: str | torch.device | None = None) -> None:
-    """Raise the NF4 `UserError` when `keys` are those of a bitsandbytes NF4 file."""
-    if is_nf4(keys):
-        raise UserError(nf4_message(file_name, device))
+def read_nf4_weights(state_dict: dict, file_name: str = "This model") -> dict:
+    """`state_dict` with each bitsandbytes NF4 weight (`<name>` packed codes beside `<name>.absmax`,
+    `<name>.quant_map`, the nested scale tensors and `<name>.quant_state.bitsandbytes__nf4`, bitsandbytes'
+    `QuantState.as_dict(packed=True)`) as one `NF4Weight` under `<name>`; other tensors as they are. FP4 files and
+    damaged states are refused (UserError)."""
+    import json
+    states = [k for k in state_dict if _NF4_STATE in k]
+    if not states:
+        if is_nf4(state_dict.keys()):
+            raise UserError(nf4_message(file_name) + " (its 4-bit weights have no quant_state tensors)")
+        return state_dict
+    out = dict(state_dict)
+    for key in states:
+        name, _, kind = key.partition(_NF4_STATE)
+        if kind != "nf4":
+            raise UserError(nf4_message(file_name) + f" ({kind.upper()} weights; Easel reads NF4 ones)")
+        try:
+            info = json.loads(bytes(out.pop(key).to(torch.uint8).tolist()).decode("utf-8"))
+            packed, absmax, code = out.pop(name), out.pop(name + ".absmax"), out.pop(name + ".quant_map")
+            if name + ".nested_absmax" in out:  # compress_statistics: the scales are 8-bit codes themselves
+                nested_absmax, nested_code = out.pop(name + ".nested_absmax"), out.pop(name + ".nested_quant_map")
+                nested_block = int(info["nested_blocksize"])
+                index = torch.arange(absmax.numel()) // nested_block
+                absmax = nested_code.float()[absmax.long().reshape(-1)] * nested_absmax.float().reshape(-1)[index]
+                absmax = absmax + float(info["nested_offset"])
+            weight = NF4Weight(packed, absmax.float(), code, int(info["blocksize"]), info["shape"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise UserError(f"{file_name}: the NF4 weight {name} cannot be read ({type(exc).__name__}: {exc}); "
+                            f"the file may be damaged.") from None
+        dtype = getattr(torch, str(info.get("dtype", "bfloat16")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise UserError(f"{file_name}: the NF4 weight {name} names an unknown dtype {info.get('dtype')!r}.")
+        out[name] = weight
+    return out
