@@ -603,17 +603,23 @@ def write_flux_nf4(path: Path, nested: bool = True) -> tuple[Path, dict]:
     """A tiny FLUX.1 transformer laid out as Forge's bitsandbytes NF4 files (flux1-dev-bnb-nf4-v2): the linear
     weights NF4 (`nf4_quantize`), the rest bfloat16, under `model.diffusion_model.`. Returns the path and the BFL
     state dict of the values the NF4 weights stand for (`nf4_dequantize`)."""
-    from safetensors.torch import save_file
+    sd, values = nf4_state_dict(tiny_flux_bfl(True), nested=nested)
+    _save(path, sd, "model.diffusion_model.")
+    return Path(path), values
+
+
+def nf4_state_dict(bfl: dict, nested: bool = True) -> tuple[dict, dict]:
+    """A BFL state dict as Forge's bnb-nf4 files store it (the linear weights NF4, the rest bfloat16), and the values
+    it stands for (the NF4 weights' float32 values by `nf4_dequantize`, as Easel computes them)."""
     sd, values = {}, {}
-    for name, tensor in tiny_flux_bfl(True).items():
+    for name, tensor in bfl.items():
         if tensor.ndim == 2 and tensor.numel() % 64 == 0:
             stored = nf4_quantize(tensor, nested=nested)
             sd.update({name + suffix: v for suffix, v in stored.items()})
-            values[name] = nf4_dequantize(stored)  # float32, as Easel computes them
+            values[name] = nf4_dequantize(stored)
         else:
             sd[name] = values[name] = tensor.to(torch.bfloat16)
-    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(path))
-    return Path(path), values
+    return sd, values
 
 
 # -- SAMPLING: FlowModel objects built directly (random weights), and a stand-in text conditioner ----------------
@@ -987,13 +993,7 @@ def write_flux_set(models_dir: Path, *, name: str = "flux-tiny", guidance: bool 
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         write_flux_gguf(ckpt, gguf, tensors=bfl)
     elif nf4:
-        stored = {}
-        for key, tensor in bfl.items():
-            if tensor.ndim == 2 and tensor.numel() % 64 == 0:
-                stored.update({key + suffix: v for suffix, v in nf4_quantize(tensor).items()})
-            else:
-                stored[key] = tensor.to(torch.bfloat16)
-        _save(ckpt, stored, "model.diffusion_model.")
+        _save(ckpt, nf4_state_dict(bfl)[0], "model.diffusion_model.")
     else:
         _save(ckpt, bfl, "")
     if not with_parts:

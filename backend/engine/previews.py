@@ -191,9 +191,9 @@ class PreviewDecoders:
         """The loaded network of `method` ("Approx NN", "TAESD" or "TAESD encoder") for `family`, or None when its
         file is not there and cannot be downloaded (one log line says so, naming the `use` and its `fallback`)."""
         kind = latent_kind(family)
-        if method == "Approx NN" and kind not in APPROX_NN_FILES:
-            return None  # FLUX, SD3: none published
         if method == "Approx NN":
+            if kind not in APPROX_NN_FILES:
+                return None  # FLUX, SD3: none published
             name, folders, url, build = APPROX_NN_FILES[kind], [self.approx_dir], APPROX_NN_URL, VAEApprox
         elif method == "TAESD":
             name, folders, url = TAESD_FILES[kind], [self.taesd_dir, self.approx_dir], TAESD_URL

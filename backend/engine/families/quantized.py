@@ -90,7 +90,10 @@ class GGUFWeight:
     def to(self, device) -> "GGUFWeight":
         return GGUFWeight(self.raw.to(device), self.qtype, self.shape)
 
-    splits_by_rows = True  # its blocks run along the last dimension
+    @property
+    def splits_by_rows(self) -> bool:
+        """Its blocks run along the last dimension: whole rows of a 2-D (or more) weight."""
+        return self.ndim > 1
 
     def rows(self, start: int, stop: int) -> "GGUFWeight":
         """Rows `start:stop` of the first dimension, still quantized."""
@@ -133,11 +136,11 @@ def split_rows(t, sizes: list[int]) -> list:
     if sum(sizes) != t.shape[0]:
         raise UserError(f"A fused weight has {t.shape[0]} rows where {sum(sizes)} were expected: "
                         "the file is damaged or of an unsupported variant.")
-    if isinstance(t, (GGUFWeight, NF4Weight)) and (t.ndim == 1 or not t.splits_by_rows):
+    if isinstance(t, BLOCK_WEIGHTS) and not t.splits_by_rows:
         t = t.dequantize(torch.float32)  # its blocks do not end with the rows
     out, start = [], 0
     for n in sizes:
-        out.append(t.rows(start, start + n) if isinstance(t, (GGUFWeight, NF4Weight)) else t[start:start + n])
+        out.append(t.rows(start, start + n) if isinstance(t, BLOCK_WEIGHTS) else t[start:start + n])
         start += n
     return out
 
@@ -181,12 +184,12 @@ def read_gguf(path: Path) -> dict:
 # -- float8 / quantized linear layers --------------------------------------------------------------
 def is_quantized(t) -> bool:
     """A GGUF or NF4 weight or a float8 tensor (weights that `QuantizedLinear` keeps in their stored form)."""
-    return isinstance(t, (GGUFWeight, NF4Weight)) or (isinstance(t, torch.Tensor) and t.dtype in FLOAT8_DTYPES)
+    return isinstance(t, BLOCK_WEIGHTS) or (isinstance(t, torch.Tensor) and t.dtype in FLOAT8_DTYPES)
 
 
 def dequantize(t, dtype: torch.dtype) -> torch.Tensor:
     """Any weight as a plain `dtype` tensor."""
-    if isinstance(t, (GGUFWeight, NF4Weight)):
+    if isinstance(t, BLOCK_WEIGHTS):
         return t.dequantize(dtype)
     return t.to(dtype)
 
@@ -390,7 +393,7 @@ class NF4Weight:
                          self.blocksize, (stop - start, *self.shape[1:]))
 
     @staticmethod
-    def cat_rows(parts: list["NF4Weight"]) -> "NF4Weight":
+    def cat_rows(parts: list["NF4Weight"]) -> "NF4Weight | torch.Tensor":
         first = parts[0]
         if any(p.blocksize != first.blocksize or p.shape[1:] != first.shape[1:] or not p.splits_by_rows
                or not torch.equal(p.code, first.code) for p in parts):
@@ -410,6 +413,10 @@ class NF4Weight:
         return f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}, device={self.device})"
 
 
+# the quantized weights stored in blocks (not torch tensors): dequantize(), rows(), splits_by_rows
+BLOCK_WEIGHTS = (GGUFWeight, NF4Weight)
+
+
 _NF4_STATE = ".quant_state.bitsandbytes__"
 
 
@@ -422,9 +429,8 @@ def is_nf4(keys) -> bool:
     return any(k.endswith(".absmax") for k in keys) and any(k.endswith(".quant_map") for k in keys)
 
 
-def nf4_message(file_name: str = "This model", device: str | torch.device | None = None) -> str:
-    where = f" (this backend runs on {torch.device(device).type})" if device is not None else ""
-    return (f"{file_name} is a bitsandbytes 4-bit file whose weights Easel cannot read{where}. {NF4_HINT}")
+def nf4_message(file_name: str = "This model") -> str:
+    return f"{file_name} is a bitsandbytes 4-bit file whose weights Easel cannot read. {NF4_HINT}"
 
 
 def read_nf4_weights(state_dict: dict, file_name: str = "This model") -> dict:
